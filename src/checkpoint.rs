@@ -1,0 +1,1442 @@
+//! Crash-safe storage of a run folder.
+//!
+//! A run folder holds `config.json`, the three checkpoint files named in [`FILES`] and
+//! `metrics.jsonl`. This module knows nothing about models: a checkpoint is three maps of named
+//! tensors (generator, discriminator, optimizer) plus a step number.
+//!
+//! # Save protocol
+//!
+//! Every save writes all three files with the same `save_id` in their safetensors metadata
+//! (together with `step`, `format` = [`FORMAT`], the save time and a checksum of the tensor
+//! data). The files are written to `<name>.tmp` and fsynced; then, role by role, the current
+//! `<name>` is renamed to `<name>.prev` and `<name>.tmp` is renamed to `<name>`, with a directory
+//! fsync after each rename. At every instant, for every role, the newest complete set is
+//! present as `<name>` or `<name>.prev`, so a crash can cost the save in progress but never
+//! the last good checkpoint.
+//!
+//! A crash can leave a mixed state (say `generator.safetensors` from the new save,
+//! everything else from the old one). The next save therefore first works out which complete
+//! set [`load_latest`] would return, and only rotates a `<name>` into `<name>.prev` when
+//! `<name>` belongs to that set; a `<name>` from an unfinished save is simply replaced, so the
+//! good copy in `<name>.prev` survives.
+//!
+//! # Load
+//!
+//! [`load_latest`] considers `<name>` and `<name>.prev` for each role (never `.tmp`), skips
+//! files that are missing, truncated or corrupt (the checksum catches flipped bits in tensor
+//! data), groups the rest by `save_id` and returns the newest step whose three files are all
+//! present and readable.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::SafeTensors;
+use safetensors::tensor::Metadata;
+
+use crate::error::{Error, Result};
+
+/// The three checkpoint files of a run folder, in role order.
+pub const FILES: [&str; 3] = [
+    "generator.safetensors",
+    "discriminator.safetensors",
+    "optimizer.safetensors",
+];
+/// Index of the generator in [`FILES`] and in [`CheckpointSet::files`].
+pub const GENERATOR: usize = 0;
+/// Index of the discriminator in [`FILES`] and in [`CheckpointSet::files`].
+pub const DISCRIMINATOR: usize = 1;
+/// Index of the optimizer state in [`FILES`] and in [`CheckpointSet::files`].
+pub const OPTIMIZER: usize = 2;
+
+/// Value of the `format` metadata key written into every checkpoint file.
+pub const FORMAT: &str = "ganscope-1";
+/// The run configuration file (write it with [`write_atomic`]).
+pub const CONFIG_FILE: &str = "config.json";
+/// The metrics log: one JSON object per line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Suffix of the backup copy of the previous save.
+pub const PREV_SUFFIX: &str = ".prev";
+/// Suffix of a file being written; never read back.
+pub const TMP_SUFFIX: &str = ".tmp";
+
+/// Metadata keys written into every checkpoint file.
+pub const KEY_STEP: &str = "step";
+pub const KEY_SAVE_ID: &str = "save_id";
+pub const KEY_FORMAT: &str = "format";
+pub const KEY_SAVED_AT: &str = "saved_at_ns";
+pub const KEY_DATA_HASH: &str = "data_hash";
+
+/// Safetensors refuses headers larger than this; so do we, before allocating.
+const MAX_HEADER: u64 = 100_000_000;
+const HASH_PLACEHOLDER: &str = "0000000000000000";
+
+/// One complete checkpoint, as returned by [`load_latest`].
+#[derive(Debug, Clone)]
+pub struct CheckpointSet {
+    pub step: u64,
+    /// Identifier shared by the three files of one save.
+    pub save_id: String,
+    /// Tensors of each role, indexed like [`FILES`].
+    pub files: [HashMap<String, Tensor>; 3],
+    /// Safetensors metadata of each file (`step`, `save_id`, `format`, ...).
+    pub metadata: [HashMap<String, String>; 3],
+    /// The file each role was read from (`<name>` or `<name>.prev`); use these in error messages.
+    pub paths: [PathBuf; 3],
+    /// Human-readable remarks about what was skipped (corrupt files, newer incomplete saves).
+    /// Empty in the normal case; worth logging when not.
+    pub notes: Vec<String>,
+}
+
+/// Path of the current file of a role.
+pub fn file_path(dir: &Path, role: usize) -> PathBuf {
+    dir.join(FILES[role])
+}
+
+fn suffixed(dir: &Path, role: usize, suffix: &str) -> PathBuf {
+    dir.join(format!("{}{suffix}", FILES[role]))
+}
+
+/// Sibling `<file name><suffix>` of `path`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Low-level file operations
+// ---------------------------------------------------------------------------------------------
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| {
+        Error::io(
+            from,
+            std::io::Error::new(e.kind(), format!("cannot rename to {}: {e}", to.display())),
+        )
+    })
+}
+
+/// Make renames and file creations in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Replace `path` with `bytes` atomically: write `<path>.tmp`, fsync it, rename it over `path`
+/// and fsync the directory. Readers see either the old or the new contents, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling(path, TMP_SUFFIX);
+    write_synced(&tmp, bytes)?;
+    rename(&tmp, path)?;
+    sync_dir(parent_dir(path))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksum
+// ---------------------------------------------------------------------------------------------
+
+/// 64-bit checksum of the tensor data. Every step is a bijection of the state, so any change
+/// confined to one 8-byte word is always detected; this guards against bit rot and torn
+/// writes, not against deliberate tampering.
+fn data_hash(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mix = |h: u64, w: u64| (h.rotate_left(23) ^ w).wrapping_mul(K);
+    let mut h = 0x243F_6A88_85A3_08D3 ^ (bytes.len() as u64).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        h = mix(
+            h,
+            u64::from_le_bytes(<[u8; 8]>::try_from(c).unwrap_or_default()),
+        );
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut buf = [0u8; 8];
+        buf[..rest.len()].copy_from_slice(rest);
+        h = mix(h, u64::from_le_bytes(buf));
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    h ^ (h >> 33)
+}
+
+fn header_len(bytes: &[u8]) -> Option<usize> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let n = usize::try_from(n).ok()?;
+    (n.checked_add(8)? <= bytes.len()).then_some(n)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Save
+// ---------------------------------------------------------------------------------------------
+
+fn new_save_id(step: u64, saved_at: u128) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{step}-{saved_at}-{}-{n}", std::process::id())
+}
+
+/// Serialise one role's tensors with the checkpoint metadata and the data checksum.
+fn serialize_file(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut cpu = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        // candle's `View` impl unwraps its conversion: rule out every way it can fail first.
+        if matches!(
+            t.dtype(),
+            DType::F6E2M3 | DType::F6E3M2 | DType::F4 | DType::F8E8M0
+        ) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "cannot save tensor `{name}`: dtype {:?} is not supported in checkpoints",
+                    t.dtype()
+                ),
+            ));
+        }
+        cpu.push((name.as_str(), t.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    let mut meta = meta.clone();
+    meta.insert(KEY_DATA_HASH.to_string(), HASH_PLACEHOLDER.to_string());
+    let mut bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (*n, t)), Some(meta))
+        .map_err(|e| Error::bad_file(path, format!("cannot serialise checkpoint: {e}")))?;
+
+    // Patch the checksum of the data section into the (fixed-width) placeholder.
+    let internal = |msg: &str| Error::bad_file(path, format!("internal error: {msg}"));
+    let n = header_len(&bytes).ok_or_else(|| internal("serialised header is malformed"))?;
+    let pattern = format!("\"{KEY_DATA_HASH}\":\"{HASH_PLACEHOLDER}\"");
+    let header = &bytes[8..8 + n];
+    let at = find(header, pattern.as_bytes())
+        .ok_or_else(|| internal("checksum placeholder not found in the header"))?;
+    if find(&header[at + 1..], pattern.as_bytes()).is_some() {
+        return Err(internal("checksum placeholder is ambiguous"));
+    }
+    let digits = format!("{:016x}", data_hash(&bytes[8 + n..]));
+    let start = 8 + at + pattern.len() - 1 - HASH_PLACEHOLDER.len();
+    bytes[start..start + HASH_PLACEHOLDER.len()].copy_from_slice(digits.as_bytes());
+    Ok(bytes)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Counts filesystem operations for fault injection.
+struct Ops {
+    crash_after: Option<usize>,
+    done: usize,
+}
+
+impl Ops {
+    /// Whether the next operation may run; counts it if so.
+    fn go(&mut self) -> bool {
+        match self.crash_after {
+            Some(limit) if self.done >= limit => false,
+            _ => {
+                self.done += 1;
+                true
+            }
+        }
+    }
+    fn crashed(&self) -> Error {
+        Error::Msg(format!(
+            "simulated crash after {} filesystem operations",
+            self.done
+        ))
+    }
+}
+
+/// Save a checkpoint: `files` are the generator, discriminator and optimizer tensors, in the
+/// order of [`FILES`]. Crash-safe: see the module docs. Creates `dir` if needed.
+pub fn save(dir: &Path, step: u64, files: [&HashMap<String, Tensor>; 3]) -> Result<()> {
+    save_impl(dir, step, files, None)
+}
+
+/// Test-only fault injection: like [`save`], but stops (as if the process died) after
+/// `crash_after` filesystem operations. Operations are: each `.tmp` write+fsync (3), and each
+/// rename (up to 6). If the crash hits a `.tmp` write, half of that file is written first, like
+/// a torn write. Returns `Ok(())` only if the save ran to completion.
+#[doc(hidden)]
+pub fn save_with_crash(
+    dir: &Path,
+    step: u64,
+    files: [&HashMap<String, Tensor>; 3],
+    crash_after: usize,
+) -> Result<()> {
+    save_impl(dir, step, files, Some(crash_after))
+}
+
+fn save_impl(
+    dir: &Path,
+    step: u64,
+    files: [&HashMap<String, Tensor>; 3],
+    crash_after: Option<usize>,
+) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let saved_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let meta = HashMap::from([
+        (KEY_STEP.to_string(), step.to_string()),
+        (KEY_SAVE_ID.to_string(), new_save_id(step, saved_at)),
+        (KEY_FORMAT.to_string(), FORMAT.to_string()),
+        (KEY_SAVED_AT.to_string(), saved_at.to_string()),
+    ]);
+    let mut blobs = Vec::with_capacity(3);
+    for (role, tensors) in files.iter().enumerate() {
+        blobs.push(serialize_file(&file_path(dir, role), tensors, &meta)?);
+    }
+
+    // The set that must survive this save: the one `load_latest` would pick right now.
+    let keep = resolve(dir, None).chosen.map(|c| c.paths);
+
+    let mut ops = Ops {
+        crash_after,
+        done: 0,
+    };
+    for (role, bytes) in blobs.iter().enumerate() {
+        let tmp = suffixed(dir, role, TMP_SUFFIX);
+        if !ops.go() {
+            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&bytes[..bytes.len() / 2])
+                .map_err(|e| Error::io(&tmp, e))?;
+            return Err(ops.crashed());
+        }
+        write_synced(&tmp, bytes)?;
+    }
+    sync_dir(dir)?;
+
+    for role in 0..3 {
+        let cur = file_path(dir, role);
+        let prev = suffixed(dir, role, PREV_SUFFIX);
+        let tmp = suffixed(dir, role, TMP_SUFFIX);
+        let rotate = match &keep {
+            // Rotate only the survivor's file; anything else in `<name>` is from an unfinished
+            // save or corrupt, and then the survivor's copy of this role is `<name>.prev`.
+            Some(paths) => paths[role] == cur,
+            // Nothing complete to protect: plain rotation.
+            None => fs::symlink_metadata(&cur).is_ok(),
+        };
+        if rotate {
+            if !ops.go() {
+                return Err(ops.crashed());
+            }
+            rename(&cur, &prev)?;
+            sync_dir(dir)?;
+        }
+        if !ops.go() {
+            return Err(ops.crashed());
+        }
+        rename(&tmp, &cur)?;
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Header {
+    step: u64,
+    save_id: String,
+    saved_at: u128,
+}
+
+enum Probe {
+    Missing,
+    Invalid(String),
+    Valid(Header),
+}
+
+/// Read and validate only the header of a checkpoint file (cheap): structure, total length,
+/// and the ganscope metadata.
+fn probe(path: &Path) -> Probe {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Missing,
+        Err(e) => return Probe::Invalid(format!("cannot open: {e}")),
+    };
+    match probe_header(&mut f) {
+        Ok(h) => Probe::Valid(h),
+        Err(msg) => Probe::Invalid(msg),
+    }
+}
+
+fn probe_header(f: &mut File) -> std::result::Result<Header, String> {
+    let len = f.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    if len < 8 {
+        return Err(format!(
+            "truncated: {len} bytes, shorter than a safetensors header"
+        ));
+    }
+    let mut nb = [0u8; 8];
+    f.read_exact(&mut nb)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let n = u64::from_le_bytes(nb);
+    if n > MAX_HEADER {
+        return Err(format!(
+            "corrupt: header length {n} is not plausible (not a safetensors file?)"
+        ));
+    }
+    if 8 + n > len {
+        return Err(format!(
+            "truncated: the header needs {n} bytes but the file has only {len}"
+        ));
+    }
+    let mut hb = vec![0u8; n as usize];
+    f.read_exact(&mut hb)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let text = std::str::from_utf8(&hb).map_err(|_| "corrupt: header is not UTF-8".to_string())?;
+    let meta: Metadata = serde_json::from_str(text).map_err(|e| format!("corrupt header: {e}"))?;
+    let expected = (meta.data_len() as u64).saturating_add(8 + n);
+    if expected != len {
+        return Err(if len < expected {
+            format!("truncated: {len} bytes, the header describes {expected}")
+        } else {
+            format!("corrupt: {len} bytes, the header describes only {expected}")
+        });
+    }
+    check_meta(meta.metadata().as_ref())
+}
+
+fn check_meta(meta: Option<&HashMap<String, String>>) -> std::result::Result<Header, String> {
+    let Some(meta) = meta else {
+        return Err("not a ganscope checkpoint (no metadata)".to_string());
+    };
+    match meta.get(KEY_FORMAT) {
+        Some(f) if f == FORMAT => {}
+        Some(f) => {
+            return Err(format!(
+                "unsupported checkpoint format `{f}` (want `{FORMAT}`)"
+            ));
+        }
+        None => return Err("not a ganscope checkpoint (no `format` metadata)".to_string()),
+    }
+    let step = meta
+        .get(KEY_STEP)
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| "corrupt metadata: missing or invalid `step`".to_string())?;
+    let save_id = meta
+        .get(KEY_SAVE_ID)
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .ok_or_else(|| "corrupt metadata: missing `save_id`".to_string())?;
+    let saved_at = meta
+        .get(KEY_SAVED_AT)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(Header {
+        step,
+        save_id,
+        saved_at,
+    })
+}
+
+/// Metadata and tensors of one verified file.
+type Verified = (HashMap<String, String>, HashMap<String, Tensor>);
+
+/// Fully read and verify one file (structure, metadata, checksum) and, given a device, load
+/// its tensors (without a device the tensor map is empty).
+fn read_verified(
+    path: &Path,
+    want: &Header,
+    device: Option<&Device>,
+) -> std::result::Result<Verified, String> {
+    let bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let (n, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| format!("corrupt: {e}"))?;
+    let got = check_meta(meta.metadata().as_ref())?;
+    if got.save_id != want.save_id || got.step != want.step {
+        return Err("changed while being read".to_string());
+    }
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let stored = meta
+        .get(KEY_DATA_HASH)
+        .ok_or_else(|| "corrupt metadata: missing `data_hash`".to_string())?;
+    let computed = format!("{:016x}", data_hash(&bytes[8 + n..]));
+    if *stored != computed {
+        return Err(format!(
+            "corrupt: tensor data checksum {computed} does not match the stored {stored}"
+        ));
+    }
+    let tensors = match device {
+        Some(device) => candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| format!("cannot load tensors: {e}"))?,
+        None => HashMap::new(),
+    };
+    Ok((meta, tensors))
+}
+
+struct Candidate {
+    role: usize,
+    path: PathBuf,
+    is_prev: bool,
+    header: Header,
+}
+
+struct Group {
+    step: u64,
+    saved_at: u128,
+    save_id: String,
+    slots: [Option<usize>; 3],
+}
+
+impl Group {
+    /// The candidate indices of the three roles, if all are present.
+    fn complete(&self) -> Option<[usize; 3]> {
+        match self.slots {
+            [Some(a), Some(b), Some(c)] => Some([a, b, c]),
+            _ => None,
+        }
+    }
+}
+
+struct Chosen {
+    step: u64,
+    save_id: String,
+    paths: [PathBuf; 3],
+    metadata: [HashMap<String, String>; 3],
+    /// Empty maps unless a device was given.
+    tensors: [HashMap<String, Tensor>; 3],
+}
+
+struct Resolution {
+    chosen: Option<Chosen>,
+    /// Status of each of the six candidate files, in role order: file name and what is wrong
+    /// (`None` for a file that is fine).
+    status: Vec<(String, Option<String>)>,
+    /// Incomplete saves newer than the chosen one (or all of them if nothing was chosen).
+    incomplete: Vec<String>,
+}
+
+/// Group candidates by save, newest first.
+fn group(cands: &[Candidate]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, c) in cands.iter().enumerate() {
+        let k = match groups.iter().position(|g| g.save_id == c.header.save_id) {
+            Some(k) => k,
+            None => {
+                groups.push(Group {
+                    step: c.header.step,
+                    saved_at: c.header.saved_at,
+                    save_id: c.header.save_id.clone(),
+                    slots: [None; 3],
+                });
+                groups.len() - 1
+            }
+        };
+        let g = &mut groups[k];
+        if c.header.step != g.step {
+            continue; // same id, different step: not a save we wrote; ignore the stray
+        }
+        // Prefer `<name>` over `<name>.prev` when both carry the same save.
+        match g.slots[c.role] {
+            Some(j) if !cands[j].is_prev => {}
+            _ => g.slots[c.role] = Some(i),
+        }
+    }
+    groups.sort_by(|a, b| (b.step, b.saved_at, &b.save_id).cmp(&(a.step, a.saved_at, &a.save_id)));
+    groups
+}
+
+fn describe_group(g: &Group) -> String {
+    let has: Vec<&str> = (0..3)
+        .filter(|&r| g.slots[r].is_some())
+        .map(|r| FILES[r])
+        .collect();
+    let lacks: Vec<&str> = (0..3)
+        .filter(|&r| g.slots[r].is_none())
+        .map(|r| FILES[r])
+        .collect();
+    format!(
+        "save `{}` (step {}) has {} but lacks {}",
+        g.save_id,
+        g.step,
+        has.join(", "),
+        lacks.join(", ")
+    )
+}
+
+/// Find the newest complete, verified set. With a device, also loads its tensors.
+fn resolve(dir: &Path, device: Option<&Device>) -> Resolution {
+    let mut status = Vec::with_capacity(6);
+    let mut cands = Vec::with_capacity(6);
+    for (role, file) in FILES.iter().enumerate() {
+        for is_prev in [false, true] {
+            let suffix = if is_prev { PREV_SUFFIX } else { "" };
+            let path = suffixed(dir, role, suffix);
+            let name = format!("{file}{suffix}");
+            match probe(&path) {
+                Probe::Missing => status.push((name, Some("missing".to_string()))),
+                Probe::Invalid(msg) => status.push((name, Some(msg))),
+                Probe::Valid(header) => {
+                    status.push((name, None));
+                    cands.push(Candidate {
+                        role,
+                        path,
+                        is_prev,
+                        header,
+                    });
+                }
+            }
+        }
+    }
+
+    loop {
+        let groups = group(&cands);
+        let Some((pos, idx)) = groups
+            .iter()
+            .enumerate()
+            .find_map(|(pos, g)| g.complete().map(|idx| (pos, idx)))
+        else {
+            let incomplete = groups.iter().map(describe_group).collect();
+            return Resolution {
+                chosen: None,
+                status,
+                incomplete,
+            };
+        };
+        let mut loaded: [(HashMap<String, String>, HashMap<String, Tensor>); 3] =
+            Default::default();
+        let mut failed = None;
+        for (slot, &i) in loaded.iter_mut().zip(&idx) {
+            match read_verified(&cands[i].path, &cands[i].header, device) {
+                Ok(l) => *slot = l,
+                Err(msg) => {
+                    failed = Some((i, msg));
+                    break;
+                }
+            }
+        }
+        if let Some((i, msg)) = failed {
+            let c = cands.remove(i);
+            status[c.role * 2 + usize::from(c.is_prev)].1 = Some(msg);
+            continue;
+        }
+        let best = &groups[pos];
+        let [l0, l1, l2] = loaded;
+        return Resolution {
+            chosen: Some(Chosen {
+                step: best.step,
+                save_id: best.save_id.clone(),
+                paths: idx.map(|i| cands[i].path.clone()),
+                metadata: [l0.0, l1.0, l2.0],
+                tensors: [l0.1, l1.1, l2.1],
+            }),
+            status,
+            incomplete: groups[..pos].iter().map(describe_group).collect(),
+        };
+    }
+}
+
+/// Load the newest complete checkpoint in `dir` onto `device`.
+///
+/// Fails with [`Error::NoCheckpoint`], describing every candidate file, if there is none.
+pub fn load_latest(dir: &Path, device: &Device) -> Result<CheckpointSet> {
+    let res = resolve(dir, Some(device));
+    let Some(chosen) = res.chosen else {
+        return Err(Error::NoCheckpoint {
+            dir: dir.to_path_buf(),
+            msg: failure_message(&res.status, &res.incomplete),
+        });
+    };
+    let mut notes: Vec<String> = res
+        .status
+        .iter()
+        .filter_map(|(name, msg)| {
+            let msg = msg.as_deref()?;
+            // A missing backup is normal (first save), a missing current file is not.
+            (!(msg == "missing" && name.ends_with(PREV_SUFFIX)))
+                .then(|| format!("skipped {name}: {msg}"))
+        })
+        .collect();
+    notes.extend(
+        res.incomplete
+            .iter()
+            .map(|g| format!("ignored newer incomplete {g}")),
+    );
+    Ok(CheckpointSet {
+        step: chosen.step,
+        save_id: chosen.save_id,
+        files: chosen.tensors,
+        metadata: chosen.metadata,
+        paths: chosen.paths,
+        notes,
+    })
+}
+
+fn failure_message(status: &[(String, Option<String>)], incomplete: &[String]) -> String {
+    if status.iter().all(|(_, m)| m.as_deref() == Some("missing")) {
+        return format!(
+            "none of {} (or their {PREV_SUFFIX} backups) exist",
+            FILES.join(", ")
+        );
+    }
+    let mut parts: Vec<String> = status
+        .iter()
+        .map(|(name, msg)| match msg {
+            Some(m) => format!("{name}: {m}"),
+            None => format!("{name}: readable"),
+        })
+        .collect();
+    if !incomplete.is_empty() {
+        parts.push(format!("incomplete saves: {}", incomplete.join("; ")));
+    }
+    parts.join("; ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape checks
+// ---------------------------------------------------------------------------------------------
+
+/// Check that `found` (read from `path`) holds exactly the `expected` tensors with the
+/// expected shapes. Reports the first missing tensor or shape mismatch in `expected` order,
+/// then any tensors that the model does not have.
+pub fn check_shapes(
+    path: &Path,
+    expected: &[(String, Vec<usize>)],
+    found: &HashMap<String, Tensor>,
+) -> Result<()> {
+    for (name, shape) in expected {
+        let Some(t) = found.get(name) else {
+            return Err(Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            });
+        };
+        if t.dims() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                expected: shape.clone(),
+                found: t.dims().to_vec(),
+            });
+        }
+    }
+    let mut extra: Vec<&str> = found
+        .keys()
+        .filter(|k| !expected.iter().any(|(n, _)| n == *k))
+        .map(String::as_str)
+        .collect();
+    if !extra.is_empty() {
+        extra.sort_unstable();
+        const SHOWN: usize = 10;
+        let mut list = extra
+            .iter()
+            .take(SHOWN)
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if extra.len() > SHOWN {
+            list.push_str(&format!(" and {} more", extra.len() - SHOWN));
+        }
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "{} unexpected tensor(s) that the model built from the config does not have: {list}",
+                extra.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+fn metrics_path(dir: &Path) -> PathBuf {
+    dir.join(METRICS_FILE)
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn trim(line: &[u8]) -> &[u8] {
+    line.trim_ascii()
+}
+
+/// Append one JSON value as a line to `metrics.jsonl` (created if missing). If the file ends
+/// in a torn line from a crash, that fragment is cut off first so it cannot swallow the new
+/// line. The line is handed to the OS but not fsynced.
+pub fn append_metrics(dir: &Path, line: &serde_json::Value) -> Result<()> {
+    let path = metrics_path(dir);
+    let mut text = serde_json::to_string(line)
+        .map_err(|e| Error::bad_file(&path, format!("cannot serialise metrics line: {e}")))?;
+    text.push('\n');
+    let io = |e| Error::io(&path, e);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1)).map_err(io)?;
+        f.read_exact(&mut last).map_err(io)?;
+        if last[0] != b'\n' {
+            let data = fs::read(&path).map_err(io)?;
+            let start = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            if serde_json::from_slice::<serde_json::Value>(trim(&data[start..])).is_ok() {
+                f.write_all(b"\n").map_err(io)?;
+            } else {
+                f.set_len(start as u64).map_err(io)?;
+            }
+        }
+    }
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.flush().map_err(io)
+}
+
+/// Read `metrics.jsonl` (empty if missing). Also returns how many lines were skipped: a last
+/// line that does not parse (torn by a crash, or being written right now) is skipped; an
+/// unparsable line elsewhere is an error naming its line number.
+pub fn read_metrics_counted(dir: &Path) -> Result<(Vec<serde_json::Value>, usize)> {
+    let path = metrics_path(dir);
+    let Some(data) = read_optional(&path)? else {
+        return Ok((Vec::new(), 0));
+    };
+    let lines: Vec<(usize, &[u8])> = data
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, l)| (i + 1, trim(l)))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    let mut values = Vec::with_capacity(lines.len());
+    let mut skipped = 0;
+    for (k, (lineno, line)) in lines.iter().enumerate() {
+        match serde_json::from_slice(line) {
+            Ok(v) => values.push(v),
+            Err(_) if k + 1 == lines.len() => skipped += 1,
+            Err(e) => {
+                return Err(Error::bad_file(
+                    &path,
+                    format!("line {lineno}: invalid JSON: {e}"),
+                ));
+            }
+        }
+    }
+    Ok((values, skipped))
+}
+
+/// [`read_metrics_counted`] without the count.
+pub fn read_metrics(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    read_metrics_counted(dir).map(|(v, _)| v)
+}
+
+/// Atomically rewrite `metrics.jsonl` keeping only the lines with `"step" <= step` (call on
+/// resume from a checkpoint at `step`, so the steps trained after it are not logged twice).
+/// Lines without a numeric `"step"` are kept if they come before the first line past `step`.
+/// Unparsable lines are dropped; returns how many. A missing file is not an error.
+pub fn truncate_metrics_after(dir: &Path, step: u64) -> Result<usize> {
+    let path = metrics_path(dir);
+    let Some(data) = read_optional(&path)? else {
+        return Ok(0);
+    };
+    let mut out = Vec::with_capacity(data.len());
+    let mut malformed = 0;
+    let mut past = false;
+    for line in data.split(|&b| b == b'\n').map(trim) {
+        if line.is_empty() {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            malformed += 1;
+            continue;
+        };
+        let keep = match v.get("step").and_then(serde_json::Value::as_u64) {
+            Some(s) if s <= step => true,
+            Some(_) => {
+                past = true;
+                false
+            }
+            None => !past,
+        };
+        if keep {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+    }
+    if out != data {
+        write_atomic(&path, &out)?;
+    }
+    Ok(malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    type Set = [HashMap<String, Tensor>; 3];
+
+    fn cpu() -> Device {
+        Device::Cpu
+    }
+
+    /// Three files with f32 (incl. NaN, -0, inf, subnormal), f64, i64 and u8 tensors.
+    fn make_set(seed: u32) -> Set {
+        let d = cpu();
+        let s = seed as f32;
+        let f32s = vec![
+            s,
+            -0.0,
+            f32::NAN,
+            f32::from_bits(0x7FC0_1234),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE / 3.0,
+            1.0 / 3.0 + s,
+        ];
+        let f64s: Vec<f64> = (0..6)
+            .map(|i| f64::from(seed) * 1e-300 + f64::from(i) / 7.0)
+            .collect();
+        let i64s = vec![i64::MIN, -1, 0, i64::from(seed), i64::MAX];
+        let u8s: Vec<u8> = (0..12).map(|i| (i * 37 + seed) as u8).collect();
+        let g = HashMap::from([
+            (
+                "net.0.weight".to_string(),
+                Tensor::from_vec(f32s.clone(), (2, 4), &d).unwrap(),
+            ),
+            (
+                "net.0.bias".to_string(),
+                Tensor::from_vec(f64s.clone(), 6, &d).unwrap(),
+            ),
+            ("scalar".to_string(), Tensor::new(s, &d).unwrap()),
+            (
+                "empty".to_string(),
+                Tensor::zeros((0, 3), DType::F32, &d).unwrap(),
+            ),
+        ]);
+        let dis = HashMap::from([
+            ("w".to_string(), Tensor::from_vec(f64s, (3, 2), &d).unwrap()),
+            ("labels".to_string(), Tensor::from_vec(i64s, 5, &d).unwrap()),
+            (
+                "bytes".to_string(),
+                Tensor::from_vec(u8s.clone(), (2, 2, 3), &d).unwrap(),
+            ),
+        ]);
+        let opt = HashMap::from([
+            (
+                "adam.m.net.0.weight".to_string(),
+                Tensor::from_vec(f32s, (4, 2), &d).unwrap(),
+            ),
+            ("rng".to_string(), Tensor::from_vec(u8s, 12, &d).unwrap()),
+            (
+                "step".to_string(),
+                Tensor::new(&[i64::from(seed)], &d).unwrap(),
+            ),
+        ]);
+        [g, dis, opt]
+    }
+
+    fn refs(set: &Set) -> [&HashMap<String, Tensor>; 3] {
+        [&set[0], &set[1], &set[2]]
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    fn raw(t: &Tensor) -> (DType, Vec<usize>, Vec<u8>) {
+        let f = t.flatten_all().unwrap();
+        let bytes: Vec<u8> = match t.dtype() {
+            DType::F32 => f
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::F64 => f
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::I64 => f
+                .to_vec1::<i64>()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::U8 => f.to_vec1::<u8>().unwrap(),
+            other => panic!("unexpected dtype {other:?}"),
+        };
+        (t.dtype(), t.dims().to_vec(), bytes)
+    }
+
+    fn assert_same(got: &Set, want: &Set) {
+        for role in 0..3 {
+            let mut a: Vec<_> = got[role].keys().collect();
+            let mut b: Vec<_> = want[role].keys().collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "tensor names of {}", FILES[role]);
+            for (name, t) in &want[role] {
+                assert_eq!(raw(&got[role][name]), raw(t), "{} / {name}", FILES[role]);
+            }
+        }
+    }
+
+    fn dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn round_trip_is_bit_identical() {
+        let d = dir();
+        let set = make_set(1);
+        save(d.path(), 42, refs(&set)).unwrap();
+        let got = load_latest(d.path(), &cpu()).unwrap();
+        assert_eq!(got.step, 42);
+        assert_same(&got.files, &set);
+        assert!(got.notes.is_empty(), "{:?}", got.notes);
+        for (role, file) in FILES.iter().enumerate() {
+            assert_eq!(got.paths[role], d.path().join(file));
+            let m = &got.metadata[role];
+            assert_eq!(m[KEY_STEP], "42");
+            assert_eq!(m[KEY_FORMAT], FORMAT);
+            assert_eq!(m[KEY_SAVE_ID], got.save_id);
+            assert_eq!(m[KEY_DATA_HASH].len(), 16);
+            assert_ne!(m[KEY_DATA_HASH], HASH_PLACEHOLDER);
+        }
+        // Plain safetensors readers can open the files too.
+        let plain = candle_core::safetensors::load(d.path().join(FILES[1]), &cpu()).unwrap();
+        assert_eq!(raw(&plain["labels"]), raw(&set[1]["labels"]));
+    }
+
+    #[test]
+    fn second_save_wins_and_first_becomes_prev() {
+        let d = dir();
+        let (a, b) = (make_set(1), make_set(2));
+        save(d.path(), 10, refs(&a)).unwrap();
+        save(d.path(), 20, refs(&b)).unwrap();
+        let got = load_latest(d.path(), &cpu()).unwrap();
+        assert_eq!(got.step, 20);
+        assert_same(&got.files, &b);
+        for role in 0..3 {
+            assert!(suffixed(d.path(), role, PREV_SUFFIX).exists());
+            assert!(!suffixed(d.path(), role, TMP_SUFFIX).exists());
+        }
+        // Only the three files, their backups, nothing else at the top level.
+        let mut names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = FILES
+            .iter()
+            .flat_map(|f| [f.to_string(), format!("{f}{PREV_SUFFIX}")])
+            .collect();
+        want.sort();
+        assert_eq!(names, want);
+    }
+
+    /// Run `save_with_crash` at every crash point; returns the number of operations of a
+    /// complete save.
+    fn crash_everywhere(
+        setup: impl Fn(&Path),
+        step: u64,
+        new: &Set,
+        check: impl Fn(&Path, bool),
+    ) -> usize {
+        for k in 0.. {
+            let d = dir();
+            setup(d.path());
+            let res = save_with_crash(d.path(), step, refs(new), k);
+            check(d.path(), res.is_ok());
+            if res.is_ok() {
+                return k;
+            }
+            assert!(res.unwrap_err().to_string().contains("simulated crash"));
+            assert!(k < 20, "save never completes");
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn crash_at_every_point_of_second_save_never_mixes() {
+        let (a, b) = (make_set(1), make_set(2));
+        let ops = crash_everywhere(
+            |p| save(p, 10, refs(&a)).unwrap(),
+            20,
+            &b,
+            |p, done| {
+                let got = load_latest(p, &cpu()).unwrap();
+                if done {
+                    assert_eq!(got.step, 20);
+                    assert_same(&got.files, &b);
+                } else {
+                    assert_eq!(got.step, 10);
+                    assert_same(&got.files, &a);
+                }
+            },
+        );
+        assert_eq!(ops, 3 + 6);
+    }
+
+    #[test]
+    fn crash_during_first_save_leaves_no_checkpoint_or_the_whole_one() {
+        let a = make_set(1);
+        let ops = crash_everywhere(
+            |_| {},
+            10,
+            &a,
+            |p, done| match load_latest(p, &cpu()) {
+                Ok(got) => {
+                    assert!(done);
+                    assert_same(&got.files, &a);
+                }
+                Err(Error::NoCheckpoint { .. }) => assert!(!done),
+                Err(e) => panic!("{e}"),
+            },
+        );
+        assert_eq!(ops, 3 + 3);
+    }
+
+    #[test]
+    fn crash_after_crash_keeps_the_last_good_set() {
+        let (a, b, c, e) = (make_set(1), make_set(2), make_set(3), make_set(4));
+        for k1 in 0..9 {
+            // First crash, during save 2: set `a` is still the latest.
+            let setup = |p: &Path| {
+                save(p, 10, refs(&a)).unwrap();
+                assert!(save_with_crash(p, 20, refs(&b), k1).is_err());
+            };
+            crash_everywhere(setup, 30, &c, |p, done| {
+                let got = load_latest(p, &cpu()).unwrap();
+                if done {
+                    assert_eq!(got.step, 30, "k1={k1}");
+                    assert_same(&got.files, &c);
+                } else {
+                    assert_eq!(got.step, 10, "k1={k1}");
+                    assert_same(&got.files, &a);
+                }
+                // And the folder recovers fully with the next save.
+                save(p, 40, refs(&e)).unwrap();
+                let got = load_latest(p, &cpu()).unwrap();
+                assert_eq!(got.step, 40);
+                assert_same(&got.files, &e);
+            });
+        }
+    }
+
+    #[test]
+    fn tmp_files_are_never_loaded() {
+        let d = dir();
+        let (a, b) = (make_set(1), make_set(2));
+        save(d.path(), 10, refs(&a)).unwrap();
+        // All three tmp files complete, no rename done.
+        assert!(save_with_crash(d.path(), 20, refs(&b), 3).is_err());
+        for role in 0..3 {
+            assert!(suffixed(d.path(), role, TMP_SUFFIX).exists());
+        }
+        assert_eq!(load_latest(d.path(), &cpu()).unwrap().step, 10);
+    }
+
+    #[test]
+    fn truncated_current_file_falls_back_to_prev_set() {
+        let d = dir();
+        let (a, b, c) = (make_set(1), make_set(2), make_set(3));
+        save(d.path(), 10, refs(&a)).unwrap();
+        save(d.path(), 20, refs(&b)).unwrap();
+        let g = d.path().join(FILES[GENERATOR]);
+        let len = fs::metadata(&g).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&g)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let got = load_latest(d.path(), &cpu()).unwrap();
+        assert_eq!(got.step, 10);
+        assert_same(&got.files, &a);
+        assert!(
+            got.paths
+                .iter()
+                .all(|p| p.to_string_lossy().ends_with(PREV_SUFFIX))
+        );
+        let notes = got.notes.join("\n");
+        assert!(
+            notes.contains("generator.safetensors: truncated"),
+            "{notes}"
+        );
+        assert!(notes.contains("incomplete"), "{notes}");
+
+        // A save over this state keeps `a` safe at every crash point...
+        let setup = |p: &Path| {
+            for entry in fs::read_dir(d.path()).unwrap() {
+                let entry = entry.unwrap();
+                fs::copy(entry.path(), p.join(entry.file_name())).unwrap();
+            }
+        };
+        crash_everywhere(setup, 30, &c, |p, done| {
+            let got = load_latest(p, &cpu()).unwrap();
+            if done {
+                assert_same(&got.files, &c);
+            } else {
+                assert_eq!(got.step, 10);
+                assert_same(&got.files, &a);
+            }
+        });
+    }
+
+    #[test]
+    fn flipped_bit_in_tensor_data_is_detected() {
+        let d = dir();
+        let (a, b) = (make_set(1), make_set(2));
+        save(d.path(), 10, refs(&a)).unwrap();
+        save(d.path(), 20, refs(&b)).unwrap();
+        let p = d.path().join(FILES[DISCRIMINATOR]);
+        let mut bytes = fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10;
+        fs::write(&p, &bytes).unwrap();
+        let got = load_latest(d.path(), &cpu()).unwrap();
+        assert_eq!(got.step, 10);
+        assert_same(&got.files, &a);
+        assert!(
+            got.notes
+                .join("\n")
+                .contains("discriminator.safetensors: corrupt: tensor data checksum")
+        );
+    }
+
+    #[test]
+    fn garbage_everywhere_is_a_no_checkpoint_error_naming_the_files() {
+        let d = dir();
+        let empty = load_latest(d.path(), &cpu()).unwrap_err();
+        assert!(matches!(empty, Error::NoCheckpoint { .. }));
+        assert!(
+            empty.to_string().contains("generator.safetensors"),
+            "{empty}"
+        );
+
+        let mut huge = 5_000u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let mut bad_json = 4u64.to_le_bytes().to_vec();
+        bad_json.extend_from_slice(b"{]}x");
+        let mut non_utf8 = 2u64.to_le_bytes().to_vec();
+        non_utf8.extend_from_slice(&[0xFF, 0xFE]);
+        let plain = {
+            let t = HashMap::from([("x".to_string(), Tensor::new(&[1f32, 2.], &cpu()).unwrap())]);
+            safetensors::serialize(&t, None).unwrap()
+        };
+        let garbage: [&[u8]; 6] = [
+            b"",
+            b"hello",
+            &u64::MAX.to_le_bytes(),
+            &huge,
+            &bad_json,
+            &non_utf8,
+        ];
+        let cases: Vec<&[u8]> = garbage.iter().copied().chain([plain.as_slice()]).collect();
+        for (i, junk) in cases.iter().enumerate() {
+            for role in 0..3 {
+                fs::write(file_path(d.path(), role), junk).unwrap();
+                fs::write(
+                    suffixed(d.path(), role, PREV_SUFFIX),
+                    cases[(i + 1) % cases.len()],
+                )
+                .unwrap();
+            }
+            let err = load_latest(d.path(), &cpu()).unwrap_err();
+            assert!(matches!(err, Error::NoCheckpoint { .. }), "{err}");
+            let msg = err.to_string();
+            for f in FILES {
+                assert!(msg.contains(&format!("{f}:")), "{msg}");
+                assert!(msg.contains(&format!("{f}{PREV_SUFFIX}:")), "{msg}");
+            }
+        }
+        // The foreign-but-valid safetensors file is recognised as such.
+        fs::write(file_path(d.path(), 0), &plain).unwrap();
+        let msg = load_latest(d.path(), &cpu()).unwrap_err().to_string();
+        assert!(msg.contains("not a ganscope checkpoint"), "{msg}");
+        // A save over garbage works.
+        let a = make_set(1);
+        save(d.path(), 5, refs(&a)).unwrap();
+        assert_same(&load_latest(d.path(), &cpu()).unwrap().files, &a);
+    }
+
+    #[test]
+    fn incomplete_sets_are_described() {
+        let d = dir();
+        let (a, b) = (make_set(1), make_set(2));
+        save(d.path(), 10, refs(&a)).unwrap();
+        save(d.path(), 20, refs(&b)).unwrap();
+        for role in 0..3 {
+            fs::remove_file(suffixed(d.path(), role, PREV_SUFFIX)).unwrap();
+        }
+        fs::remove_file(file_path(d.path(), OPTIMIZER)).unwrap();
+        let msg = load_latest(d.path(), &cpu()).unwrap_err().to_string();
+        assert!(msg.contains("optimizer.safetensors: missing"), "{msg}");
+        assert!(msg.contains("(step 20) has generator.safetensors, discriminator.safetensors but lacks optimizer.safetensors"), "{msg}");
+    }
+
+    #[test]
+    fn check_shapes_names_tensor_and_shapes() {
+        let d = cpu();
+        let p = Path::new("run/generator.safetensors");
+        let found = HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::zeros((2, 3), DType::F32, &d).unwrap(),
+            ),
+            ("b".to_string(), Tensor::zeros(4, DType::F32, &d).unwrap()),
+        ]);
+        let exp = |v: &[(&str, &[usize])]| -> Vec<(String, Vec<usize>)> {
+            v.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect()
+        };
+        check_shapes(p, &exp(&[("a", &[2, 3]), ("b", &[4])]), &found).unwrap();
+
+        let err =
+            check_shapes(p, &exp(&[("a", &[2, 3]), ("b", &[4]), ("c", &[1])]), &found).unwrap_err();
+        assert!(matches!(&err, Error::MissingTensor { name, .. } if name == "c"));
+        assert!(
+            err.to_string().contains("generator.safetensors") && err.to_string().contains("`c`")
+        );
+
+        let err = check_shapes(p, &exp(&[("a", &[3, 2]), ("b", &[4])]), &found).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, Error::ShapeMismatch { name, expected, found, .. }
+            if name == "a" && expected == &[3, 2] && found == &[2, 3])
+        );
+        assert!(
+            msg.contains("`a`") && msg.contains("[2, 3]") && msg.contains("[3, 2]"),
+            "{msg}"
+        );
+
+        let err = check_shapes(p, &exp(&[("a", &[2, 3])]), &found).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BadFile { .. }));
+        assert!(
+            msg.contains("`b`") && msg.contains("generator.safetensors"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_tmp() {
+        let d = dir();
+        let p = d.path().join(CONFIG_FILE);
+        write_atomic(&p, b"{\"a\":1}").unwrap();
+        write_atomic(&p, b"{\"a\":2}").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"{\"a\":2}");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn metrics_append_read_and_truncate() {
+        let d = dir();
+        let p = d.path();
+        assert!(read_metrics(p).unwrap().is_empty());
+        assert_eq!(truncate_metrics_after(p, 3).unwrap(), 0);
+        for s in 1..=5u64 {
+            append_metrics(p, &json!({"step": s, "d_loss": 0.5})).unwrap();
+        }
+        append_metrics(p, &json!({"event": "late"})).unwrap();
+        // A torn last line, as left by a crash.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(p.join(METRICS_FILE))
+            .unwrap();
+        f.write_all(b"{\"step\": 6, \"d_lo").unwrap();
+        drop(f);
+        let (v, skipped) = read_metrics_counted(p).unwrap();
+        assert_eq!((v.len(), skipped), (6, 1));
+        assert_eq!(v[4]["step"], 5);
+
+        assert_eq!(truncate_metrics_after(p, 3).unwrap(), 1);
+        let v = read_metrics(p).unwrap();
+        let steps: Vec<u64> = v.iter().map(|x| x["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [1, 2, 3]);
+        assert!(!p.join(format!("{METRICS_FILE}{TMP_SUFFIX}")).exists());
+        // Idempotent.
+        assert_eq!(truncate_metrics_after(p, 3).unwrap(), 0);
+
+        // Appending after a torn line drops the fragment instead of gluing to it.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(p.join(METRICS_FILE))
+            .unwrap();
+        f.write_all(b"{\"step\": 4, \"d_").unwrap();
+        drop(f);
+        append_metrics(p, &json!({"step": 4})).unwrap();
+        let (v, skipped) = read_metrics_counted(p).unwrap();
+        assert_eq!((v.len(), skipped), (4, 0));
+        // ...but a complete last line without a newline is kept.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(p.join(METRICS_FILE))
+            .unwrap();
+        f.write_all(b"{\"step\": 5}").unwrap();
+        drop(f);
+        append_metrics(p, &json!({"step": 6})).unwrap();
+        assert_eq!(read_metrics(p).unwrap().len(), 6);
+
+        // Garbage in the middle is an error naming the line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(p.join(METRICS_FILE))
+            .unwrap();
+        f.write_all(b"not json\n{\"step\": 7}\n").unwrap();
+        drop(f);
+        let msg = read_metrics(p).unwrap_err().to_string();
+        assert!(
+            msg.contains("metrics.jsonl") && msg.contains("line 7"),
+            "{msg}"
+        );
+        // ...which truncation drops and counts.
+        assert_eq!(truncate_metrics_after(p, 100).unwrap(), 1);
+        assert_eq!(read_metrics(p).unwrap().len(), 7);
+    }
+
+    #[test]
+    fn hash_detects_single_word_changes() {
+        let base: Vec<u8> = (0..100u8).collect();
+        let h = data_hash(&base);
+        for i in 0..base.len() {
+            let mut m = base.clone();
+            m[i] ^= 1;
+            assert_ne!(data_hash(&m), h, "byte {i}");
+        }
+        assert_ne!(data_hash(&base[..99]), h);
+        assert_ne!(data_hash(&[]), data_hash(&[0]));
+    }
+}

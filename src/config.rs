@@ -1,0 +1,472 @@
+//! The one configuration tree of a run. Serialised as `config.json` beside every checkpoint;
+//! named presets are constructors here, CLI flags override fields of a preset.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::ConditionKind;
+use crate::error::{Error, Result};
+
+/// Which dataset a run reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataKind {
+    Mnist,
+    FashionMnist,
+    Iclevr,
+    Cifar10,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataConfig {
+    pub kind: DataKind,
+    /// Where the data lives; `None` searches the usual places.
+    pub path: Option<PathBuf>,
+    /// Use only the first N images (quick runs).
+    pub limit: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            kind: DataKind::Mnist,
+            path: None,
+            limit: None,
+        }
+    }
+}
+
+/// Network family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// Radford et al. 2016: (transposed) strided convolutions, BatchNorm.
+    Dcgan,
+    /// Residual up/down blocks (Miyato et al. 2018, Zhang et al. 2019), conditional BatchNorm in G.
+    Resnet,
+}
+
+/// How the condition vector enters the networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Conditioning {
+    /// Unconditional (K must be 0).
+    None,
+    /// c into G (concatenated to z for DCGAN, conditional BN for ResNet) and into D as an
+    /// extra input plane projected by a linear layer ("type 1").
+    Concat,
+    /// c into G only; D never sees it ("type 2": instructive failure, G may ignore c).
+    GOnly,
+    /// c into G; D has an auxiliary head predicting c (Odena et al. 2017). `label_input`
+    /// additionally feeds c into D as an input plane.
+    Acgan,
+    /// Projection discriminator (Miyato & Koyama 2018): D's logit gets <embed(c), phi(x)>.
+    Projection,
+}
+
+/// Normalisation in the discriminator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DNorm {
+    Batch,
+    Layer,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Square image side: 28, 32 or 64.
+    pub image_size: usize,
+    /// 1 (grey) or 3 (RGB).
+    pub channels: usize,
+    /// K, the length of the condition vector (0 for unconditional).
+    pub num_conditions: usize,
+    pub condition_kind: ConditionKind,
+    /// Names of the K condition entries (class or label names), filled from the dataset.
+    pub label_names: Vec<String>,
+    pub conditioning: Conditioning,
+    /// ACGAN only: also feed c into D as an input plane.
+    pub label_input: bool,
+    pub z_dim: usize,
+    /// DCGAN G: width of the linear projection of c concatenated to z.
+    pub cond_embed: usize,
+    /// Base channel width of G (its last hidden layer).
+    pub g_ch: usize,
+    /// Base channel width of D (its first layer).
+    pub d_ch: usize,
+    pub g_spectral_norm: bool,
+    pub d_spectral_norm: bool,
+    /// Resolution (side in pixels) of the feature map that gets a self-attention block in G
+    /// and in D; `None` for no attention.
+    pub attention: Option<usize>,
+    pub d_norm: DNorm,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            arch: Arch::Dcgan,
+            image_size: 28,
+            channels: 1,
+            num_conditions: 0,
+            condition_kind: ConditionKind::None,
+            label_names: vec![],
+            conditioning: Conditioning::None,
+            label_input: false,
+            z_dim: 100,
+            cond_embed: 50,
+            g_ch: 64,
+            d_ch: 64,
+            g_spectral_norm: false,
+            d_spectral_norm: false,
+            attention: None,
+            d_norm: DNorm::Batch,
+        }
+    }
+}
+
+/// Adversarial objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Goodfellow et al. 2014 with the non-saturating G loss (BCE with logits).
+    Bce,
+    /// Arjovsky et al. 2017: critic weights clipped to [-clip, clip].
+    Wgan,
+    /// Gulrajani et al. 2017: gradient penalty on interpolates.
+    WganGp,
+    /// Lim & Ye 2017 / Miyato et al. 2018.
+    Hinge,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LossConfig {
+    pub kind: LossKind,
+    /// WGAN-GP lambda.
+    pub gp_lambda: f64,
+    /// WGAN weight-clipping bound.
+    pub clip: f64,
+    /// R1 (Mescheder et al. 2018) weight gamma: adds gamma/2 E||grad_x D(x_real)||^2; 0 = off.
+    pub r1_gamma: f64,
+    /// ACGAN auxiliary classification loss weight.
+    pub aux_weight: f64,
+    /// Discriminator steps per generator step.
+    pub n_critic: usize,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            kind: LossKind::Bce,
+            gp_lambda: 10.0,
+            clip: 0.01,
+            r1_gamma: 0.0,
+            aux_weight: 1.0,
+            n_critic: 1,
+        }
+    }
+}
+
+/// Adam settings; separate learning rates for G and D (TTUR, Heusel et al. 2017).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OptimConfig {
+    pub lr_g: f64,
+    pub lr_d: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr_g: 2e-4,
+            lr_d: 2e-4,
+            beta1: 0.5,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Name of the preset this config started from.
+    pub preset: String,
+    /// The one seed behind init, noise, label sampling and shuffling.
+    pub seed: u64,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+    pub batch_size: usize,
+    /// Target number of generator steps.
+    pub steps: u64,
+    /// Write a sample grid every N steps (0 = never).
+    pub sample_every: u64,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// Append a metrics line every N steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            preset: "custom".into(),
+            seed: 0,
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig::default(),
+            batch_size: 64,
+            steps: 5000,
+            sample_every: 500,
+            checkpoint_every: 1000,
+            log_every: 50,
+        }
+    }
+}
+
+/// One line per preset, for `ganscope presets`.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("mnist-dcgan", "unconditional DCGAN on MNIST 28x28, BCE (seed 001)"),
+    ("mnist-cdcgan", "conditional DCGAN on MNIST, class concatenated to z and to D's input"),
+    ("fmnist-cwgan-gp", "conditional WGAN-GP on Fashion-MNIST, layer-norm critic, n_critic 5 (seed 001)"),
+    ("iclevr-cdcgan", "cDCGAN on i-CLEVR 64x64, 24 multi-hot labels, BCE"),
+    ("iclevr-wgan-gp", "conditional WGAN-GP on i-CLEVR 64x64 (seed 000)"),
+    ("iclevr-acgan", "ACGAN with label input on i-CLEVR 64x64, BCE auxiliary head (seed 002)"),
+    ("iclevr-sagan", "SAGAN on i-CLEVR 64x64: SN in G and D, attention at 32, hinge, TTUR (seed 004)"),
+    ("iclevr-projection", "ResNet cBN G + projection D with SN on i-CLEVR 64x64, hinge (seed 003)"),
+    ("cifar10-sagan", "SAGAN on CIFAR-10 32x32, projection D, attention at 16, hinge, TTUR (seed 004)"),
+];
+
+impl TrainConfig {
+    /// Look a preset up by name.
+    pub fn preset(name: &str) -> Result<Self> {
+        let cfg = match name {
+            "mnist-dcgan" => Self::mnist_dcgan(),
+            "mnist-cdcgan" => Self::mnist_cdcgan(),
+            "fmnist-cwgan-gp" => Self::fmnist_cwgan_gp(),
+            "iclevr-cdcgan" => Self::iclevr_cdcgan(),
+            "iclevr-wgan-gp" => Self::iclevr_wgan_gp(),
+            "iclevr-acgan" => Self::iclevr_acgan(),
+            "iclevr-sagan" => Self::iclevr_sagan(),
+            "iclevr-projection" => Self::iclevr_projection(),
+            "cifar10-sagan" => Self::cifar10_sagan(),
+            _ => {
+                let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                return Err(Error::Config(format!(
+                    "unknown preset `{name}` (known: {})",
+                    names.join(", ")
+                )));
+            }
+        };
+        Ok(cfg)
+    }
+
+    fn named(name: &str) -> Self {
+        Self {
+            preset: name.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn mnist_dcgan() -> Self {
+        Self::named("mnist-dcgan")
+    }
+
+    pub fn mnist_cdcgan() -> Self {
+        let mut c = Self::named("mnist-cdcgan");
+        c.model.num_conditions = 10;
+        c.model.condition_kind = ConditionKind::OneHot;
+        c.model.conditioning = Conditioning::Concat;
+        c
+    }
+
+    pub fn fmnist_cwgan_gp() -> Self {
+        let mut c = Self::mnist_cdcgan();
+        c.preset = "fmnist-cwgan-gp".into();
+        c.data.kind = DataKind::FashionMnist;
+        c.model.d_norm = DNorm::Layer;
+        c.loss.kind = LossKind::WganGp;
+        c.loss.n_critic = 5;
+        c.optim = OptimConfig {
+            lr_g: 1e-4,
+            lr_d: 1e-4,
+            beta1: 0.5,
+            beta2: 0.9,
+            ..OptimConfig::default()
+        };
+        c
+    }
+
+    fn iclevr64(name: &str) -> Self {
+        let mut c = Self::named(name);
+        c.data.kind = DataKind::Iclevr;
+        c.model.image_size = 64;
+        c.model.channels = 3;
+        c.model.num_conditions = 24;
+        c.model.condition_kind = ConditionKind::MultiHot;
+        c.model.conditioning = Conditioning::Concat;
+        c.model.cond_embed = 100;
+        c.steps = 20_000;
+        c
+    }
+
+    pub fn iclevr_cdcgan() -> Self {
+        Self::iclevr64("iclevr-cdcgan")
+    }
+
+    pub fn iclevr_wgan_gp() -> Self {
+        let mut c = Self::iclevr64("iclevr-wgan-gp");
+        c.model.d_norm = DNorm::Layer;
+        c.loss.kind = LossKind::WganGp;
+        c.loss.n_critic = 5;
+        c.optim.lr_g = 1e-4;
+        c.optim.lr_d = 1e-4;
+        c.optim.beta1 = 0.0;
+        c.optim.beta2 = 0.9;
+        c
+    }
+
+    pub fn iclevr_acgan() -> Self {
+        let mut c = Self::iclevr64("iclevr-acgan");
+        c.model.conditioning = Conditioning::Acgan;
+        c.model.label_input = true;
+        c.loss.aux_weight = 1.0;
+        c
+    }
+
+    fn sagan_common(mut c: Self) -> Self {
+        c.model.arch = Arch::Resnet;
+        c.model.conditioning = Conditioning::Projection;
+        c.model.d_norm = DNorm::None;
+        c.model.d_spectral_norm = true;
+        c.loss.kind = LossKind::Hinge;
+        c.optim = OptimConfig {
+            lr_g: 1e-4,
+            lr_d: 4e-4,
+            beta1: 0.0,
+            beta2: 0.9,
+            ..OptimConfig::default()
+        };
+        c
+    }
+
+    pub fn iclevr_sagan() -> Self {
+        let mut c = Self::sagan_common(Self::iclevr64("iclevr-sagan"));
+        c.model.g_spectral_norm = true;
+        c.model.attention = Some(32);
+        c.model.g_ch = 32;
+        c.model.d_ch = 32;
+        c
+    }
+
+    pub fn iclevr_projection() -> Self {
+        let mut c = Self::sagan_common(Self::iclevr64("iclevr-projection"));
+        c.model.g_ch = 32;
+        c.model.d_ch = 32;
+        c.optim.lr_g = 2e-4;
+        c.optim.lr_d = 2e-4;
+        c
+    }
+
+    pub fn cifar10_sagan() -> Self {
+        let mut c = Self::sagan_common(Self::named("cifar10-sagan"));
+        c.data.kind = DataKind::Cifar10;
+        c.model.image_size = 32;
+        c.model.channels = 3;
+        c.model.num_conditions = 10;
+        c.model.condition_kind = ConditionKind::OneHot;
+        c.model.g_spectral_norm = true;
+        c.model.attention = Some(16);
+        c.model.g_ch = 64;
+        c.model.d_ch = 64;
+        c.steps = 50_000;
+        c
+    }
+
+    /// Reject combinations the engine cannot build, with a reason.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        if ![28, 32, 64].contains(&m.image_size) {
+            return Err(Error::Config(format!(
+                "image_size {} is not supported (28, 32 or 64)",
+                m.image_size
+            )));
+        }
+        if m.channels != 1 && m.channels != 3 {
+            return Err(Error::Config(format!("channels must be 1 or 3, not {}", m.channels)));
+        }
+        let uncond = m.conditioning == Conditioning::None;
+        if uncond != (m.num_conditions == 0) {
+            return Err(Error::Config(format!(
+                "conditioning `{:?}` with num_conditions = {}: use conditioning none exactly when K = 0",
+                m.conditioning, m.num_conditions
+            )));
+        }
+        if (m.num_conditions == 0) != (m.condition_kind == ConditionKind::None) {
+            return Err(Error::Config(
+                "condition_kind must be none exactly when num_conditions = 0".into(),
+            ));
+        }
+        if let Some(r) = m.attention {
+            if r < 4 || r > m.image_size / 2 || !r.is_power_of_two() && r != 7 && r != 14 {
+                return Err(Error::Config(format!(
+                    "attention resolution {r} is not a feature-map size of a {0}x{0} model",
+                    m.image_size
+                )));
+            }
+        }
+        if self.loss.kind == LossKind::WganGp && m.d_norm == DNorm::Batch {
+            return Err(Error::Config(
+                "WGAN-GP with a BatchNorm critic: the penalty assumes independent samples; use d_norm layer or none".into(),
+            ));
+        }
+        if self.batch_size == 0 || self.loss.n_critic == 0 || m.z_dim == 0 {
+            return Err(Error::Config("batch_size, n_critic and z_dim must be > 0".into()));
+        }
+        if !m.label_names.is_empty() && m.label_names.len() != m.num_conditions {
+            return Err(Error::Config(format!(
+                "{} label names for K = {}",
+                m.label_names.len(),
+                m.num_conditions
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_round_trip() {
+        for (name, _) in PRESETS {
+            let c = TrainConfig::preset(name).unwrap();
+            assert_eq!(&c.preset, name);
+            c.validate().unwrap();
+            let s = serde_json::to_string_pretty(&c).unwrap();
+            let back: TrainConfig = serde_json::from_str(&s).unwrap();
+            assert_eq!(back, c);
+        }
+        assert!(TrainConfig::preset("nope").is_err());
+    }
+
+    #[test]
+    fn missing_fields_take_defaults() {
+        let c: TrainConfig = serde_json::from_str(r#"{"seed": 3, "model": {"z_dim": 8}}"#).unwrap();
+        assert_eq!(c.seed, 3);
+        assert_eq!(c.model.z_dim, 8);
+        assert_eq!(c.model.g_ch, ModelConfig::default().g_ch);
+    }
+}

@@ -1,0 +1,148 @@
+//! Datasets: everything the trainer reads real images and their conditions from.
+//!
+//! Images are held once in memory as u8 (CHW per image) and converted to f32 in [-1, 1]
+//! per batch. Conditions are vectors of length K: one-hot for class datasets, multi-hot for
+//! multi-label sets, empty (K = 0) for unconditional data.
+
+pub mod idx;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::images::from_u8;
+
+/// How a dataset's condition vector is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConditionKind {
+    /// No condition (K = 0).
+    None,
+    /// Exactly one class per image (MNIST, Fashion-MNIST, CIFAR-10).
+    OneHot,
+    /// Any subset of labels per image (i-CLEVR objects, cartoon attributes).
+    MultiHot,
+}
+
+/// A source of real training images with their condition vectors.
+pub trait Dataset: Send + Sync {
+    /// Number of images.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// (channels, height, width) of every image.
+    fn image_shape(&self) -> (usize, usize, usize);
+    /// Names of the K condition entries (class names or label names); empty when K = 0.
+    fn label_names(&self) -> &[String];
+    fn condition_kind(&self) -> ConditionKind;
+    /// Image `i` as CHW bytes.
+    fn image_u8(&self, i: usize) -> &[u8];
+    /// The condition vector of image `i` (length K; 0/1 entries).
+    fn condition(&self, i: usize) -> Vec<f32>;
+
+    /// K, the length of a condition vector.
+    fn num_conditions(&self) -> usize {
+        self.label_names().len()
+    }
+
+    /// Images `indices` as a (B, C, H, W) tensor in [-1, 1] and their conditions as (B, K).
+    fn batch(&self, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        let (c, h, w) = self.image_shape();
+        let k = self.num_conditions();
+        let mut px = Vec::with_capacity(indices.len() * c * h * w);
+        let mut cond = Vec::with_capacity(indices.len() * k);
+        for &i in indices {
+            if i >= self.len() {
+                return Err(Error::Msg(format!(
+                    "batch index {i} out of range (dataset of {})",
+                    self.len()
+                )));
+            }
+            px.extend(self.image_u8(i).iter().map(|&v| from_u8(v)));
+            cond.extend(self.condition(i));
+        }
+        let b = indices.len();
+        let images = Tensor::from_vec(px, (b, c, h, w), device)?;
+        let conds = Tensor::from_vec(cond, (b, k), device)?;
+        Ok((images, conds))
+    }
+}
+
+/// The in-memory dataset every loader produces.
+#[derive(Debug, Clone)]
+pub struct InMemoryDataset {
+    /// Human-readable origin (path or generator), used in messages.
+    pub source: String,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// All images, CHW each, concatenated.
+    pub pixels: Vec<u8>,
+    pub kind: ConditionKind,
+    pub label_names: Vec<String>,
+    /// Per image: the indices of its active labels (one for one-hot, any number for multi-hot).
+    pub labels: Vec<Vec<u16>>,
+}
+
+impl InMemoryDataset {
+    /// Keep only the first `n` images (for quick runs and tests).
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(self.labels.len());
+        self.pixels.truncate(n * self.channels * self.height * self.width);
+        self.labels.truncate(n);
+    }
+}
+
+impl Dataset for InMemoryDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn image_shape(&self) -> (usize, usize, usize) {
+        (self.channels, self.height, self.width)
+    }
+    fn label_names(&self) -> &[String] {
+        match self.kind {
+            ConditionKind::None => &[],
+            _ => &self.label_names,
+        }
+    }
+    fn condition_kind(&self) -> ConditionKind {
+        self.kind
+    }
+    fn image_u8(&self, i: usize) -> &[u8] {
+        let l = self.channels * self.height * self.width;
+        &self.pixels[i * l..(i + 1) * l]
+    }
+    fn condition(&self, i: usize) -> Vec<f32> {
+        let mut v = vec![0.0; self.num_conditions()];
+        if self.kind != ConditionKind::None {
+            for &l in &self.labels[i] {
+                v[l as usize] = 1.0;
+            }
+        }
+        v
+    }
+}
+
+/// Open the dataset a run config names (training split).
+pub fn open(cfg: &crate::config::DataConfig) -> Result<InMemoryDataset> {
+    use crate::config::DataKind;
+    let mut ds = match cfg.kind {
+        DataKind::Mnist => idx::load_mnist(idx::MnistVariant::Mnist, cfg.path.as_deref(), idx::Split::Train)?,
+        DataKind::FashionMnist => {
+            idx::load_mnist(idx::MnistVariant::FashionMnist, cfg.path.as_deref(), idx::Split::Train)?
+        }
+        DataKind::Iclevr | DataKind::Cifar10 => {
+            return Err(Error::Config(format!(
+                "the {:?} loader is not written yet (tracked in the datasets issue); \
+                 presets on MNIST and Fashion-MNIST train today",
+                cfg.kind
+            )));
+        }
+    };
+    if let Some(n) = cfg.limit {
+        ds.truncate(n);
+    }
+    Ok(ds)
+}

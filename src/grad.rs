@@ -1,0 +1,79 @@
+//! Exact second-order gradients for gradient penalties (WGAN-GP, R1).
+//!
+//! candle 0.11 detaches every intermediate gradient during `backward` unless the environment
+//! variable `CANDLE_GRAD_DO_NOT_DETACH` is set before a thread's first backward (it is read
+//! once per thread). Detached gradients make d(penalty)/d(weights) silently wrong. The engine
+//! therefore sets the variable itself ([`enable_exact_second_order`], called by the binary's
+//! `main`, by every trainer and by every penalty) and *verifies* it on a tiny probe in the
+//! calling thread, returning an error instead of an inexact penalty.
+
+use std::cell::Cell;
+use std::sync::Once;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+static SET_ENV: Once = Once::new();
+
+thread_local! {
+    static VERIFIED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Make candle keep gradient graphs (needed for gradients of gradients) and check that it
+/// does in this thread. Cheap after the first call in a thread.
+pub fn enable_exact_second_order() -> Result<()> {
+    SET_ENV.call_once(|| {
+        // SAFETY: called before the engine starts its own threads (the binary calls it first
+        // thing in main); the value is only ever set, never removed, and set to the same value.
+        unsafe { std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1") };
+    });
+    if VERIFIED.with(|v| v.get()) {
+        return Ok(());
+    }
+    // Probe: y = x^3 at x = 2; dy/dx = 3x^2 = 12; d(dy/dx)/dx = 6x = 12.
+    let x = Var::new(2.0f64, &Device::Cpu)?;
+    let y = x.as_tensor().powf(3.0)?;
+    let g = y
+        .backward()?
+        .get(x.as_tensor())
+        .cloned()
+        .ok_or_else(|| Error::Msg("gradient probe: no first-order gradient".into()))?;
+    let g2 = g.backward()?.get(x.as_tensor()).cloned();
+    let ok = match g2 {
+        Some(t) => (t.to_scalar::<f64>()? - 12.0).abs() < 1e-9,
+        None => false,
+    };
+    if !ok {
+        return Err(Error::Msg(
+            "candle detaches gradients in this thread (CANDLE_GRAD_DO_NOT_DETACH was read before \
+             ganscope could set it), so a gradient penalty would be silently wrong; start the \
+             process with CANDLE_GRAD_DO_NOT_DETACH=1"
+                .into(),
+        ));
+    }
+    VERIFIED.with(|v| v.set(true));
+    Ok(())
+}
+
+/// Per-sample squared L2 norm over all but the first dimension: (B, ...) -> (B,).
+pub fn per_sample_sq_norm(g: &Tensor) -> Result<Tensor> {
+    Ok(g.sqr()?.flatten_from(1)?.sum(1)?)
+}
+
+/// Gradient of `sum(f(x))` with respect to `x`, kept differentiable: `f` gets a fresh leaf
+/// variable holding the values of `x` and returns a per-sample output. Also returns f's output.
+pub fn input_gradient<F>(x: &Tensor, f: F) -> Result<(Tensor, Tensor)>
+where
+    F: FnOnce(&Tensor) -> Result<Tensor>,
+{
+    enable_exact_second_order()?;
+    let xv = Var::from_tensor(&x.detach())?;
+    let out = f(xv.as_tensor())?;
+    let grads = out.sum_all()?.backward()?;
+    let g = grads
+        .get(xv.as_tensor())
+        .cloned()
+        .ok_or_else(|| Error::Msg("the critic output does not depend on its input".into()))?;
+    Ok((g, out))
+}

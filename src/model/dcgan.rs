@@ -1,0 +1,247 @@
+//! DCGAN generator and discriminator (Radford, Metz & Chintala, "Unsupervised Representation
+//! Learning with Deep Convolutional Generative Adversarial Networks", ICLR 2016), with the
+//! conditioning variants of the course reports: c concatenated to z in G; in D an extra input
+//! plane, an auxiliary classifier head (ACGAN, Odena et al. 2017) or a projection term.
+//!
+//! Sizes: 64 -> feature maps 4, 8, 16, 32; 32 -> 4, 8, 16; 28 -> 7, 14.
+
+use candle_core::{D, Tensor};
+
+use crate::config::{Conditioning, DNorm, ModelConfig};
+use crate::error::Result;
+use crate::model::layers::{
+    BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention, WeightInit,
+    leaky_relu,
+};
+use crate::model::{CondPlane, DOut, base_size, num_resamples};
+use crate::params::Vb;
+
+/// One upsampling stage of G: ConvT(k4, s2, p1) -> BN -> ReLU.
+#[derive(Debug, Clone)]
+pub struct GenBlock {
+    conv: ConvTranspose2d,
+    bn: BatchNorm,
+}
+
+impl GenBlock {
+    fn new(cin: usize, cout: usize, opts: LayerOpts, vb: Vb) -> Result<Self> {
+        Ok(Self {
+            conv: ConvTranspose2d::new(cin, cout, 4, 2, 1, opts, vb.pp("conv"))?,
+            bn: BatchNorm::new(cout, true, vb.pp("bn"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.bn.forward(&self.conv.forward(x, train)?, train)?.relu()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DcganGenerator {
+    /// K -> cond_embed, concatenated to z.
+    cond_embed: Option<Linear>,
+    /// (z + e, 1, 1) -> (C0, s0, s0): a ConvT with kernel s0.
+    input: ConvTranspose2d,
+    input_bn: BatchNorm,
+    blocks: Vec<GenBlock>,
+    /// Self-attention after the block whose output has side `attention`.
+    attention: Option<(usize, SelfAttention)>,
+    /// Last ConvT to the image channels, then tanh.
+    out: ConvTranspose2d,
+}
+
+impl DcganGenerator {
+    pub fn new(cfg: &ModelConfig, vb: Vb) -> Result<Self> {
+        let opts = LayerOpts {
+            bias: false,
+            spectral_norm: cfg.g_spectral_norm,
+            init: WeightInit::Dcgan,
+        };
+        let s0 = base_size(cfg.image_size);
+        let n_up = num_resamples(cfg.image_size);
+        let ch = |level: usize| cfg.g_ch << (n_up - 1 - level); // level 0 .. n_up-1
+        let k = cfg.num_conditions;
+        let cond_embed = if k > 0 {
+            Some(Linear::new(
+                k,
+                cfg.cond_embed,
+                LayerOpts { bias: true, ..opts },
+                vb.pp("cond_embed"),
+            )?)
+        } else {
+            None
+        };
+        let zin = cfg.z_dim + if k > 0 { cfg.cond_embed } else { 0 };
+        let input = ConvTranspose2d::new(zin, ch(0), s0, 1, 0, opts, vb.pp("input"))?;
+        let input_bn = BatchNorm::new(ch(0), true, vb.pp("input_bn"))?;
+        let mut blocks = Vec::new();
+        let mut attention = None;
+        for level in 1..n_up {
+            blocks.push(GenBlock::new(ch(level - 1), ch(level), opts, vb.pp("blocks").pp(level - 1))?);
+            if cfg.attention == Some(s0 << level) {
+                attention = Some((level - 1, SelfAttention::new(ch(level), opts, vb.pp("attention"))?));
+            }
+        }
+        let out = ConvTranspose2d::new(ch(n_up - 1), cfg.channels, 4, 2, 1, opts, vb.pp("out"))?;
+        Ok(Self {
+            cond_embed,
+            input,
+            input_bn,
+            blocks,
+            attention,
+            out,
+        })
+    }
+
+    /// z: (B, Z), c: (B, K) -> (B, C, H, W) in [-1, 1]
+    pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        let zc = match &self.cond_embed {
+            Some(l) => Tensor::cat(&[z, &l.forward(c, train)?], 1)?, // (B, Z + E)
+            None => z.clone(),
+        };
+        let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
+        let mut h = self
+            .input_bn
+            .forward(&self.input.forward(&x, train)?, train)?
+            .relu()?; // (B, C0, s0, s0)
+        for (i, b) in self.blocks.iter().enumerate() {
+            h = b.forward(&h, train)?;
+            if let Some((j, a)) = &self.attention {
+                if *j == i {
+                    h = a.forward(&h, train)?;
+                }
+            }
+        }
+        Ok(self.out.forward(&h, train)?.tanh()?) // (B, C, H, W)
+    }
+}
+
+/// The normalisation of a discriminator block.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Batch(BatchNorm),
+    Layer(LayerNorm),
+    None,
+}
+
+impl Norm {
+    fn new(kind: DNorm, c: usize, vb: Vb) -> Result<Self> {
+        Ok(match kind {
+            DNorm::Batch => Norm::Batch(BatchNorm::new(c, true, vb)?),
+            DNorm::Layer => Norm::Layer(LayerNorm::new(c, vb)?),
+            DNorm::None => Norm::None,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Norm::Batch(b) => b.forward(x, train),
+            Norm::Layer(l) => l.forward(x),
+            Norm::None => Ok(x.clone()),
+        }
+    }
+}
+
+/// One downsampling stage of D: Conv(k4, s2, p1) -> norm -> LeakyReLU(0.2).
+#[derive(Debug, Clone)]
+pub struct DiscBlock {
+    conv: Conv2d,
+    norm: Norm,
+}
+
+impl DiscBlock {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        leaky_relu(&self.norm.forward(&self.conv.forward(x, train)?, train)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DcganDiscriminator {
+    cond_plane: Option<CondPlane>,
+    blocks: Vec<DiscBlock>,
+    attention: Option<(usize, SelfAttention)>,
+    /// Conv with kernel s0 to one logit.
+    out: Conv2d,
+    /// Projection: K -> C_last, inner product with the spatially summed features.
+    embed: Option<Linear>,
+    /// ACGAN: flattened features -> K logits.
+    aux: Option<Linear>,
+}
+
+impl DcganDiscriminator {
+    pub fn new(cfg: &ModelConfig, vb: Vb) -> Result<Self> {
+        let opts = LayerOpts {
+            bias: cfg.d_norm == DNorm::None,
+            spectral_norm: cfg.d_spectral_norm,
+            init: WeightInit::Dcgan,
+        };
+        let s0 = base_size(cfg.image_size);
+        let n_down = num_resamples(cfg.image_size);
+        let ch = |level: usize| cfg.d_ch << level;
+        let k = cfg.num_conditions;
+        let cond_plane = CondPlane::maybe_new(cfg, opts, vb.pp("cond_plane"))?;
+        let mut cin = cfg.channels + usize::from(cond_plane.is_some());
+        let mut blocks = Vec::new();
+        let mut attention = None;
+        for level in 0..n_down {
+            let vbb = vb.pp("blocks").pp(level);
+            let conv = Conv2d::new(cin, ch(level), 4, 2, 1, opts, vbb.pp("conv"))?;
+            let norm = if level == 0 {
+                Norm::None
+            } else {
+                Norm::new(cfg.d_norm, ch(level), vbb.pp("norm"))?
+            };
+            blocks.push(DiscBlock { conv, norm });
+            cin = ch(level);
+            if cfg.attention == Some(cfg.image_size >> (level + 1)) {
+                attention = Some((level, SelfAttention::new(cin, opts, vb.pp("attention"))?));
+            }
+        }
+        let out = Conv2d::new(cin, 1, s0, 1, 0, opts, vb.pp("out"))?;
+        let embed = if cfg.conditioning == Conditioning::Projection {
+            Some(Linear::new(k, cin, LayerOpts { bias: false, ..opts }, vb.pp("embed"))?)
+        } else {
+            None
+        };
+        let aux = if cfg.conditioning == Conditioning::Acgan {
+            Some(Linear::new(cin * s0 * s0, k, LayerOpts { bias: true, ..opts }, vb.pp("aux"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cond_plane,
+            blocks,
+            attention,
+            out,
+            embed,
+            aux,
+        })
+    }
+
+    /// x: (B, C, H, W), c: (B, K)
+    pub fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<DOut> {
+        let mut h = match &self.cond_plane {
+            Some(p) => p.concat(x, c, train)?, // (B, C + 1, H, W)
+            None => x.clone(),
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            h = b.forward(&h, train)?;
+            if let Some((j, a)) = &self.attention {
+                if *j == i {
+                    h = a.forward(&h, train)?;
+                }
+            }
+        }
+        // h: (B, C_last, s0, s0)
+        let mut logits = self.out.forward(&h, train)?.flatten_all()?; // (B,)
+        if let Some(e) = &self.embed {
+            let phi = h.sum((2, 3))?; // (B, C_last)
+            logits = (logits + (e.forward(c, train)? * phi)?.sum(D::Minus1)?)?;
+        }
+        let aux = match &self.aux {
+            Some(a) => Some(a.forward(&h.flatten_from(1)?, train)?), // (B, K)
+            None => None,
+        };
+        Ok(DOut { logits, aux })
+    }
+}

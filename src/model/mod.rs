@@ -1,0 +1,224 @@
+//! Networks: one file per family ([`dcgan`], [`resnet`]), shared blocks in [`layers`].
+//!
+//! [`Generator`] and [`Discriminator`] wrap a family's network with its config; they are what
+//! the trainer, the CLI and the explorer use.
+
+pub mod dcgan;
+pub mod layers;
+pub mod resnet;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Arch, Conditioning, ModelConfig};
+use crate::error::{Error, Result};
+use crate::images::Images;
+use crate::model::layers::{LayerOpts, Linear};
+use crate::params::{ParamStore, Vb};
+use crate::rng::Rng;
+
+/// Side of the smallest feature map: 7 for 28-pixel images, 4 otherwise.
+pub fn base_size(image_size: usize) -> usize {
+    if image_size % 7 == 0 { 7 } else { 4 }
+}
+
+/// Number of 2x resampling stages between the base feature map and the image.
+pub fn num_resamples(image_size: usize) -> usize {
+    (image_size / base_size(image_size)).trailing_zeros() as usize
+}
+
+/// What a discriminator says about a batch.
+#[derive(Debug, Clone)]
+pub struct DOut {
+    /// Realness logits (or critic values), (B,).
+    pub logits: Tensor,
+    /// ACGAN auxiliary condition logits, (B, K).
+    pub aux: Option<Tensor>,
+}
+
+/// The condition projected by a linear layer to one extra input plane of D.
+#[derive(Debug, Clone)]
+pub struct CondPlane {
+    linear: Linear,
+    size: usize,
+}
+
+impl CondPlane {
+    /// Present for `concat`, and for `acgan` with `label_input`.
+    pub fn maybe_new(cfg: &ModelConfig, opts: LayerOpts, vb: Vb) -> Result<Option<Self>> {
+        let wanted = match cfg.conditioning {
+            Conditioning::Concat => true,
+            Conditioning::Acgan => cfg.label_input,
+            _ => false,
+        };
+        if !wanted || cfg.num_conditions == 0 {
+            return Ok(None);
+        }
+        let s = cfg.image_size;
+        let opts = LayerOpts { bias: true, ..opts };
+        Ok(Some(Self {
+            linear: Linear::new(cfg.num_conditions, s * s, opts, vb.pp("linear"))?,
+            size: s,
+        }))
+    }
+
+    /// x: (B, C, H, W), c: (B, K) -> (B, C + 1, H, W)
+    pub fn concat(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let plane = self
+            .linear
+            .forward(c, train)?
+            .reshape((b, 1, self.size, self.size))?;
+        Ok(Tensor::cat(&[x, &plane], 1)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum GenNet {
+    Dcgan(dcgan::DcganGenerator),
+    Resnet(resnet::ResnetGenerator),
+}
+
+/// A generator with its config and parameters.
+#[derive(Debug, Clone)]
+pub struct Generator {
+    net: GenNet,
+    pub cfg: ModelConfig,
+    pub store: ParamStore,
+}
+
+/// Tensor prefix of generator parameters.
+pub const GEN_PREFIX: &str = "gen";
+/// Tensor prefix of discriminator parameters.
+pub const DISC_PREFIX: &str = "disc";
+
+impl Generator {
+    /// Build with fresh weights drawn from `rng`.
+    pub fn new(cfg: &ModelConfig, rng: Rng, dtype: DType, device: &Device) -> Result<Self> {
+        let store = ParamStore::new(rng, dtype, device);
+        let vb = store.root(GEN_PREFIX);
+        let net = match cfg.arch {
+            Arch::Dcgan => GenNet::Dcgan(dcgan::DcganGenerator::new(cfg, vb)?),
+            Arch::Resnet => GenNet::Resnet(resnet::ResnetGenerator::new(cfg, vb)?),
+        };
+        Ok(Self {
+            net,
+            cfg: cfg.clone(),
+            store,
+        })
+    }
+
+    /// z: (B, Z), c: (B, K) -> images (B, C, H, W) in [-1, 1]. `train` selects batch
+    /// statistics (and updates running ones) vs running statistics.
+    pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.net {
+            GenNet::Dcgan(g) => g.forward(z, c, train),
+            GenNet::Resnet(g) => g.forward(z, c, train),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        self.store.device()
+    }
+
+    /// The latent vector image `i` of a `generate(.., seed)` call uses.
+    pub fn latent(&self, seed: u64, i: usize) -> Vec<f32> {
+        latent(self.cfg.z_dim, seed.wrapping_add(i as u64))
+    }
+
+    /// `n` images in eval mode. `conditions` holds one K-vector per image, or a single one
+    /// used for all, or nothing when K = 0. Image i uses the latent `latent(seed, i)`.
+    pub fn generate(&self, n: usize, conditions: &[Vec<f32>], seed: u64) -> Result<Images> {
+        let z: Vec<Vec<f32>> = (0..n).map(|i| self.latent(seed, i)).collect();
+        let conds: Vec<Vec<f32>> = match conditions.len() {
+            0 => vec![vec![]; n],
+            1 => vec![conditions[0].clone(); n],
+            l if l == n => conditions.to_vec(),
+            l => {
+                return Err(Error::Msg(format!(
+                    "generate: {l} condition vectors for {n} images (give 1 or {n})"
+                )));
+            }
+        };
+        self.generate_from(&z, &conds)
+    }
+
+    /// Images for explicit latents and conditions (one each per image), in eval mode.
+    pub fn generate_from(&self, z: &[Vec<f32>], conditions: &[Vec<f32>]) -> Result<Images> {
+        let n = z.len();
+        let (zd, k) = (self.cfg.z_dim, self.cfg.num_conditions);
+        if conditions.len() != n {
+            return Err(Error::Msg(format!("{} conditions for {n} latents", conditions.len())));
+        }
+        if let Some(bad) = z.iter().find(|v| v.len() != zd) {
+            return Err(Error::Msg(format!("latent of length {} (z_dim is {zd})", bad.len())));
+        }
+        if let Some(bad) = conditions.iter().find(|v| v.len() != k) {
+            return Err(Error::Msg(format!(
+                "condition vector of length {} (the model has K = {k})",
+                bad.len()
+            )));
+        }
+        if n == 0 {
+            let m = &self.cfg;
+            return Ok(Images {
+                n: 0,
+                channels: m.channels,
+                height: m.image_size,
+                width: m.image_size,
+                data: vec![],
+            });
+        }
+        let dev = self.device();
+        let dt = self.store.dtype();
+        let zt = Tensor::from_vec(z.concat(), (n, zd), dev)?.to_dtype(dt)?;
+        let ct = Tensor::from_vec(conditions.concat(), (n, k), dev)?.to_dtype(dt)?;
+        Images::from_tensor(&self.forward(&zt, &ct, false)?)
+    }
+}
+
+/// Standard-normal latent of length `z_dim` for a seed.
+pub fn latent(z_dim: usize, seed: u64) -> Vec<f32> {
+    Rng::stream(seed, "latent")
+        .normal_vec(z_dim)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum DiscNet {
+    Dcgan(dcgan::DcganDiscriminator),
+    Resnet(resnet::ResnetDiscriminator),
+}
+
+/// A discriminator (critic) with its config and parameters.
+#[derive(Debug, Clone)]
+pub struct Discriminator {
+    net: DiscNet,
+    pub cfg: ModelConfig,
+    pub store: ParamStore,
+}
+
+impl Discriminator {
+    pub fn new(cfg: &ModelConfig, rng: Rng, dtype: DType, device: &Device) -> Result<Self> {
+        let store = ParamStore::new(rng, dtype, device);
+        let vb = store.root(DISC_PREFIX);
+        let net = match cfg.arch {
+            Arch::Dcgan => DiscNet::Dcgan(dcgan::DcganDiscriminator::new(cfg, vb)?),
+            Arch::Resnet => DiscNet::Resnet(resnet::ResnetDiscriminator::new(cfg, vb)?),
+        };
+        Ok(Self {
+            net,
+            cfg: cfg.clone(),
+            store,
+        })
+    }
+
+    /// x: (B, C, H, W), c: (B, K)
+    pub fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<DOut> {
+        match &self.net {
+            DiscNet::Dcgan(d) => d.forward(x, c, train),
+            DiscNet::Resnet(d) => d.forward(x, c, train),
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Adversarial losses, penalties and the ACGAN auxiliary loss. All return scalar tensors.
+//!
+//! - BCE: Goodfellow et al. 2014; G uses the non-saturating form -log D(G(z)).
+//! - WGAN: Arjovsky et al. 2017 (weight clipping is applied by the trainer).
+//! - WGAN-GP: Gulrajani et al. 2017, lambda E[(||grad D(x_hat)||_2 - 1)^2].
+//! - Hinge: Lim & Ye 2017; Miyato et al. 2018.
+//! - R1: Mescheder et al. 2018, (gamma/2) E[||grad D(x_real)||^2].
+
+use candle_core::{D, Tensor};
+
+use crate::config::LossKind;
+use crate::data::ConditionKind;
+use crate::error::Result;
+use crate::grad::{input_gradient, per_sample_sq_norm};
+use crate::model::layers::softplus;
+
+/// Discriminator adversarial loss from logits on real and fake, each (B,).
+pub fn d_loss(kind: LossKind, real: &Tensor, fake: &Tensor) -> Result<Tensor> {
+    Ok(match kind {
+        // -log sigmoid(r) - log(1 - sigmoid(f)) = softplus(-r) + softplus(f)
+        LossKind::Bce => (softplus(&real.neg()?)?.mean_all()? + softplus(fake)?.mean_all()?)?,
+        LossKind::Wgan | LossKind::WganGp => (fake.mean_all()? - real.mean_all()?)?,
+        LossKind::Hinge => (real.neg()?.affine(1.0, 1.0)?.relu()?.mean_all()?
+            + fake.affine(1.0, 1.0)?.relu()?.mean_all()?)?,
+    })
+}
+
+/// Generator adversarial loss from D's logits on fakes (B,).
+pub fn g_loss(kind: LossKind, fake: &Tensor) -> Result<Tensor> {
+    Ok(match kind {
+        LossKind::Bce => softplus(&fake.neg()?)?.mean_all()?,
+        LossKind::Wgan | LossKind::WganGp | LossKind::Hinge => fake.mean_all()?.neg()?,
+    })
+}
+
+/// Stable binary cross-entropy with logits, mean over all entries:
+/// max(x, 0) - x t + log(1 + exp(-|x|)).
+pub fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    Ok((softplus(x)? - (x * t)?)?.mean_all()?)
+}
+
+/// ACGAN auxiliary loss: BCE over labels for multi-hot conditions, softmax cross-entropy for
+/// one-hot ones. logits, target: (B, K).
+pub fn aux_loss(kind: ConditionKind, logits: &Tensor, target: &Tensor) -> Result<Tensor> {
+    Ok(match kind {
+        ConditionKind::OneHot => {
+            let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+            (logp * target)?.sum(D::Minus1)?.mean_all()?.neg()?
+        }
+        _ => bce_with_logits(logits, target)?,
+    })
+}
+
+/// WGAN-GP penalty E[(||grad_x critic(x_hat)||_2 - 1)^2] at x_hat = eps real + (1 - eps) fake,
+/// with `eps` of shape (B, 1, 1, 1). `critic` maps images to per-sample values (B,).
+/// Differentiable with respect to the critic's weights (exact second order).
+pub fn gradient_penalty<F>(real: &Tensor, fake: &Tensor, eps: &Tensor, critic: F) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor) -> Result<Tensor>,
+{
+    let x_hat = (real.broadcast_mul(eps)? + fake.broadcast_mul(&eps.affine(-1.0, 1.0)?)?)?;
+    let (g, _) = input_gradient(&x_hat, critic)?;
+    // A tiny epsilon keeps the square root differentiable at a zero gradient.
+    let norm = per_sample_sq_norm(&g)?.affine(1.0, 1e-12)?.sqrt()?; // (B,)
+    Ok(norm.affine(1.0, -1.0)?.sqr()?.mean_all()?)
+}
+
+/// R1 penalty E[||grad_x critic(x_real)||^2] (multiply by gamma / 2 outside).
+pub fn r1_penalty<F>(real: &Tensor, critic: F) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor) -> Result<Tensor>,
+{
+    let (g, _) = input_gradient(real, critic)?;
+    Ok(per_sample_sq_norm(&g)?.mean_all()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: &[f64]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+    fn s(x: Tensor) -> f64 {
+        x.to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn losses_match_hand_values() {
+        let r = t(&[2.0, -1.0]);
+        let f = t(&[0.5, -3.0]);
+        let sp = |x: f64| (1.0 + x.exp()).ln();
+        // BCE D: mean(softplus(-r)) + mean(softplus(f))
+        let want = (sp(-2.0) + sp(1.0)) / 2.0 + (sp(0.5) + sp(-3.0)) / 2.0;
+        assert!((s(d_loss(LossKind::Bce, &r, &f).unwrap()) - want).abs() < 1e-12);
+        // Hinge D: mean(relu(1 - r)) + mean(relu(1 + f)) = (0 + 2)/2 + (1.5 + 0)/2 = 1.75
+        assert!((s(d_loss(LossKind::Hinge, &r, &f).unwrap()) - 1.75).abs() < 1e-12);
+        // WGAN: mean(f) - mean(r) = -1.25 - 0.5 = -1.75
+        assert!((s(d_loss(LossKind::WganGp, &r, &f).unwrap()) + 1.75).abs() < 1e-12);
+        // G non-saturating: mean(softplus(-f))
+        let want = (sp(-0.5) + sp(3.0)) / 2.0;
+        assert!((s(g_loss(LossKind::Bce, &f).unwrap()) - want).abs() < 1e-12);
+        // Stable at huge logits (the naive log(sigmoid) form gives inf here).
+        let big = t(&[1000.0, -1000.0]);
+        let v = s(bce_with_logits(&big, &t(&[0.0, 1.0])).unwrap());
+        assert!((v - 1000.0).abs() < 1e-9, "{v}");
+    }
+
+    #[test]
+    fn aux_cross_entropy() {
+        // logits (0, ln 3) target class 1: p1 = 3/4 -> CE = -ln(0.75)
+        let l = Tensor::new(&[[0.0f64, 3f64.ln()]], &Device::Cpu).unwrap();
+        let tgt = Tensor::new(&[[0.0f64, 1.0]], &Device::Cpu).unwrap();
+        let v = s(aux_loss(ConditionKind::OneHot, &l, &tgt).unwrap());
+        assert!((v + 0.75f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn penalty_of_linear_critic() {
+        // critic(x) = sum(w * x) has gradient w everywhere: GP = (||w|| - 1)^2, R1 = ||w||^2.
+        let w = Tensor::new(&[[[[3.0f64, 4.0]]]], &Device::Cpu).unwrap(); // ||w|| = 5
+        let real = Tensor::new(&[[[[1.0f64, 2.0]]], [[[0.0, 1.0]]]], &Device::Cpu).unwrap();
+        let fake = real.affine(-1.0, 0.0).unwrap();
+        let eps = Tensor::new(&[0.3f64, 0.9], &Device::Cpu).unwrap().reshape((2, 1, 1, 1)).unwrap();
+        let critic = |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_mul(&w)?.flatten_from(1)?.sum(1)?) };
+        let gp = s(gradient_penalty(&real, &fake, &eps, critic).unwrap());
+        assert!((gp - 16.0).abs() < 1e-9, "{gp}");
+        let r1 = s(r1_penalty(&real, critic).unwrap());
+        assert!((r1 - 25.0).abs() < 1e-9, "{r1}");
+    }
+}

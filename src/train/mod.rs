@@ -1,0 +1,478 @@
+//! The training engine: one [`Trainer`] owns G, D, their optimizers, the data stream and the
+//! random state, and advances them step by step. Everything it does is determined by the
+//! config's seed, and everything it holds is saved in a checkpoint, so that a resumed run
+//! continues bit for bit.
+
+pub mod adam;
+pub mod loss;
+pub mod run;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::config::{Conditioning, LossKind, TrainConfig};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::model::{Discriminator, Generator};
+use crate::rng::Rng;
+use adam::Adam;
+
+/// Numbers from one training step (one or more D updates, then one G update).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub d_loss: f64,
+    pub g_loss: f64,
+    /// Mean D logit (critic value) on the last real and fake batches.
+    pub d_real: f64,
+    pub d_fake: f64,
+    /// Fraction of real logits > 0 and of fake logits < 0 (D's "accuracy"; 0.5 is ideal).
+    pub d_acc_real: f64,
+    pub d_acc_fake: f64,
+    /// Gradient penalty (WGAN-GP) before multiplying by lambda.
+    pub gp: Option<f64>,
+    /// R1 penalty before multiplying by gamma / 2.
+    pub r1: Option<f64>,
+    /// ACGAN auxiliary losses.
+    pub aux_d: Option<f64>,
+    pub aux_g: Option<f64>,
+}
+
+/// Which networks a single step updates (the explorer's "step D / step G / step both").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    DOnly,
+    GOnly,
+    Both,
+}
+
+/// Walks the dataset in epochs, each in an order drawn from (seed, epoch).
+#[derive(Debug, Clone)]
+struct Sampler {
+    seed: u64,
+    n: usize,
+    epoch: u64,
+    cursor: usize,
+    perm: Vec<usize>,
+}
+
+impl Sampler {
+    fn new(seed: u64, n: usize) -> Self {
+        let mut s = Self {
+            seed,
+            n,
+            epoch: 0,
+            cursor: 0,
+            perm: vec![],
+        };
+        s.reshuffle();
+        s
+    }
+
+    fn reshuffle(&mut self) {
+        self.perm = (0..self.n).collect();
+        Rng::stream(self.seed.wrapping_add(self.epoch.wrapping_mul(0x9E37_79B9)), "shuffle")
+            .shuffle(&mut self.perm);
+    }
+
+    /// The next `b` indices; a last partial batch of an epoch is skipped.
+    fn next(&mut self, b: usize) -> Vec<usize> {
+        if self.cursor + b > self.n {
+            self.epoch += 1;
+            self.cursor = 0;
+            self.reshuffle();
+        }
+        let out = self.perm[self.cursor..self.cursor + b].to_vec();
+        self.cursor += b;
+        out
+    }
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub generator: Generator,
+    pub discriminator: Discriminator,
+    opt_g: Adam,
+    opt_d: Adam,
+    /// Noise, condition sampling and GP interpolation weights.
+    rng: Rng,
+    sampler: Sampler,
+    /// Generator steps taken.
+    pub step: u64,
+    data: Arc<dyn Dataset>,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Trainer({} at step {})", self.cfg.preset, self.step)
+    }
+}
+
+/// Bit-cast u64 values into an i64 tensor (safetensors has no u64 in candle).
+fn u64_tensor(v: &[u64], dev: &Device) -> Result<Tensor> {
+    let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+    Ok(Tensor::new(v.as_slice(), dev)?)
+}
+
+fn tensor_u64(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|x| x as u64).collect())
+}
+
+impl Trainer {
+    /// A fresh run: networks initialised from the config's seed.
+    pub fn new(cfg: TrainConfig, data: Arc<dyn Dataset>, device: &Device) -> Result<Self> {
+        Self::with_dtype(cfg, data, device, DType::F32)
+    }
+
+    /// As [`Trainer::new`] with a chosen float type (tests use f64).
+    pub fn with_dtype(mut cfg: TrainConfig, data: Arc<dyn Dataset>, device: &Device, dtype: DType) -> Result<Self> {
+        crate::grad::enable_exact_second_order()?;
+        cfg.validate()?;
+        check_data(&cfg, data.as_ref())?;
+        if cfg.model.num_conditions > 0 && cfg.model.label_names.is_empty() {
+            cfg.model.label_names = data.label_names().to_vec();
+        }
+        let m = &cfg.model;
+        let generator = Generator::new(m, Rng::stream(cfg.seed, "init.gen"), dtype, device)?;
+        let discriminator = Discriminator::new(m, Rng::stream(cfg.seed, "init.disc"), dtype, device)?;
+        let o = &cfg.optim;
+        let opt_g = Adam::new(generator.store.trainable(), o.lr_g, o.beta1, o.beta2, o.eps)?;
+        let opt_d = Adam::new(discriminator.store.trainable(), o.lr_d, o.beta1, o.beta2, o.eps)?;
+        let sampler = Sampler::new(cfg.seed, data.len());
+        Ok(Self {
+            rng: Rng::stream(cfg.seed, "train"),
+            cfg,
+            generator,
+            discriminator,
+            opt_g,
+            opt_d,
+            sampler,
+            step: 0,
+            data,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn data(&self) -> &Arc<dyn Dataset> {
+        &self.data
+    }
+
+    /// Change learning rates mid-run (kept in the config that the next checkpoint writes).
+    pub fn set_learning_rates(&mut self, lr_g: f64, lr_d: f64) {
+        self.cfg.optim.lr_g = lr_g;
+        self.cfg.optim.lr_d = lr_d;
+        self.opt_g.lr = lr_g;
+        self.opt_d.lr = lr_d;
+    }
+
+    fn noise(&mut self, b: usize) -> Result<Tensor> {
+        let z = self.rng.normal_vec(b * self.cfg.model.z_dim);
+        Ok(Tensor::from_vec(z, (b, self.cfg.model.z_dim), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Conditions for a generator batch, drawn from the data's own label distribution.
+    fn sample_conditions(&mut self, b: usize) -> Result<Tensor> {
+        let k = self.cfg.model.num_conditions;
+        if k == 0 {
+            return Ok(Tensor::zeros((b, 0), self.dtype, &self.device)?);
+        }
+        let mut v = Vec::with_capacity(b * k);
+        for _ in 0..b {
+            let i = self.rng.below(self.data.len());
+            v.extend(self.data.condition(i));
+        }
+        Ok(Tensor::from_vec(v, (b, k), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn real_batch(&mut self) -> Result<(Tensor, Tensor)> {
+        let idx = self.sampler.next(self.cfg.batch_size);
+        let (x, c) = self.data.batch(&idx, &self.device)?;
+        let c = if self.cfg.model.num_conditions == 0 {
+            Tensor::zeros((idx.len(), 0), self.dtype, &self.device)?
+        } else {
+            c.to_dtype(self.dtype)?
+        };
+        Ok((x.to_dtype(self.dtype)?, c))
+    }
+
+    /// One discriminator update on a fresh real batch and fakes for its conditions.
+    pub fn d_step(&mut self) -> Result<StepStats> {
+        let b = self.cfg.batch_size;
+        let (real, c) = self.real_batch()?;
+        let z = self.noise(b)?;
+        let fake = self.generator.forward(&z, &c, true)?.detach();
+        let out_r = self.discriminator.forward(&real, &c, true)?;
+        let out_f = self.discriminator.forward(&fake, &c, true)?;
+        let lk = self.cfg.loss.kind;
+        let mut total = loss::d_loss(lk, &out_r.logits, &out_f.logits)?;
+        let mut st = StepStats {
+            step: self.step,
+            d_real: out_r.logits.mean_all()?.to_dtype(DType::F64)?.to_scalar()?,
+            d_fake: out_f.logits.mean_all()?.to_dtype(DType::F64)?.to_scalar()?,
+            d_acc_real: frac_positive(&out_r.logits)?,
+            d_acc_fake: 1.0 - frac_positive(&out_f.logits)?,
+            ..Default::default()
+        };
+        if lk == LossKind::WganGp {
+            let e: Vec<f64> = (0..b).map(|_| self.rng.uniform()).collect();
+            let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
+            let disc = &self.discriminator;
+            let gp = loss::gradient_penalty(&real, &fake, &eps, |x| Ok(disc.forward(x, &c, true)?.logits))?;
+            st.gp = Some(scalar(&gp)?);
+            total = (total + gp.affine(self.cfg.loss.gp_lambda, 0.0)?)?;
+        }
+        if self.cfg.loss.r1_gamma > 0.0 {
+            let disc = &self.discriminator;
+            let r1 = loss::r1_penalty(&real, |x| Ok(disc.forward(x, &c, true)?.logits))?;
+            st.r1 = Some(scalar(&r1)?);
+            total = (total + r1.affine(self.cfg.loss.r1_gamma / 2.0, 0.0)?)?;
+        }
+        if let (Some(ar), Some(af)) = (&out_r.aux, &out_f.aux) {
+            let ck = self.cfg.model.condition_kind;
+            let aux = (loss::aux_loss(ck, ar, &c)? + loss::aux_loss(ck, af, &c)?)?;
+            st.aux_d = Some(scalar(&aux)?);
+            total = (total + aux.affine(self.cfg.loss.aux_weight, 0.0)?)?;
+        }
+        st.d_loss = scalar(&total)?;
+        check_finite("D loss", st.d_loss, self.step)?;
+        let grads = total.backward()?;
+        self.opt_d.step(&grads)?;
+        if lk == LossKind::Wgan {
+            let c = self.cfg.loss.clip;
+            for (_, v) in self.discriminator.store.trainable() {
+                v.set(&v.as_tensor().clamp(-c, c)?)?;
+            }
+        }
+        Ok(st)
+    }
+
+    /// One generator update; returns (G loss, auxiliary loss).
+    pub fn g_step(&mut self) -> Result<(f64, Option<f64>)> {
+        let b = self.cfg.batch_size;
+        let c = self.sample_conditions(b)?;
+        let z = self.noise(b)?;
+        let fake = self.generator.forward(&z, &c, true)?;
+        let out = self.discriminator.forward(&fake, &c, true)?;
+        let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
+        let mut aux_v = None;
+        if let Some(a) = &out.aux {
+            let aux = loss::aux_loss(self.cfg.model.condition_kind, a, &c)?;
+            aux_v = Some(scalar(&aux)?);
+            total = (total + aux.affine(self.cfg.loss.aux_weight, 0.0)?)?;
+        }
+        let g = scalar(&total)?;
+        check_finite("G loss", g, self.step)?;
+        let grads = total.backward()?;
+        self.opt_g.step(&grads)?;
+        Ok((g, aux_v))
+    }
+
+    /// n_critic D updates then one G update; advances the step counter.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        self.step_kind(StepKind::Both)
+    }
+
+    /// A single step of the chosen kind. D-only steps do not advance the G step counter.
+    pub fn step_kind(&mut self, kind: StepKind) -> Result<StepStats> {
+        let mut st = StepStats {
+            step: self.step,
+            ..Default::default()
+        };
+        if kind != StepKind::GOnly {
+            let n = if kind == StepKind::Both { self.cfg.loss.n_critic } else { 1 };
+            for _ in 0..n {
+                st = self.d_step()?;
+            }
+        }
+        if kind != StepKind::DOnly {
+            let (g, aux) = self.g_step()?;
+            st.g_loss = g;
+            st.aux_g = aux;
+            self.step += 1;
+        }
+        st.step = self.step;
+        Ok(st)
+    }
+
+    /// Everything besides the network weights that a resume needs.
+    fn optimizer_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut t = self.opt_g.state("opt_g")?;
+        t.extend(self.opt_d.state("opt_d")?);
+        t.extend(self.generator.store.state_tensors());
+        t.extend(self.discriminator.store.state_tensors());
+        let dev = &Device::Cpu;
+        t.insert("trainer.step".into(), u64_tensor(&[self.step], dev)?);
+        t.insert("trainer.rng".into(), u64_tensor(&self.rng.state(), dev)?);
+        t.insert(
+            "trainer.sampler".into(),
+            u64_tensor(&[self.sampler.epoch, self.sampler.cursor as u64, self.sampler.n as u64], dev)?,
+        );
+        Ok(t)
+    }
+
+    /// Write `config.json` and a crash-safe checkpoint of the current state into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        checkpoint::write_atomic(&dir.join("config.json"), &json)?;
+        let g = self.generator.store.model_tensors();
+        let d = self.discriminator.store.model_tensors();
+        let o = self.optimizer_tensors()?;
+        checkpoint::save(dir, self.step, [&g, &d, &o])
+    }
+
+    /// Rebuild a run from `dir` (its `config.json` and newest complete checkpoint).
+    pub fn resume(dir: &Path, data: Arc<dyn Dataset>, device: &Device) -> Result<Self> {
+        let cfg = read_config(dir)?;
+        Self::resume_with(dir, cfg, data, device)
+    }
+
+    /// Resume with a config that may differ from the saved one in non-structural fields
+    /// (steps, learning rates, intervals).
+    pub fn resume_with(dir: &Path, cfg: TrainConfig, data: Arc<dyn Dataset>, device: &Device) -> Result<Self> {
+        let mut t = Self::new(cfg, data, device)?;
+        t.load_checkpoint(dir)?;
+        Ok(t)
+    }
+
+    /// Load the newest complete checkpoint from `dir` into this trainer. Nothing changes
+    /// unless every tensor matches the model's names and shapes.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let set = checkpoint::load_latest(dir, &self.device)?;
+        let [gp, dp, op] = set.paths.clone();
+        let [g, d, o] = &set.files;
+        // Validate everything before touching anything.
+        checkpoint::check_shapes(&gp, &self.generator.store.shapes(true), g)?;
+        checkpoint::check_shapes(&dp, &self.discriminator.store.shapes(true), d)?;
+        let mut opt_g = Adam::new(self.generator.store.trainable(), 0.0, 0.0, 0.0, 0.0)?;
+        let mut opt_d = Adam::new(self.discriminator.store.trainable(), 0.0, 0.0, 0.0, 0.0)?;
+        opt_g.load_state("opt_g", o, &op)?;
+        opt_d.load_state("opt_d", o, &op)?;
+        let pick = |prefix: &str| -> HashMap<String, Tensor> {
+            o.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let g_state = pick("gen.");
+        let d_state = pick("disc.");
+        checkpoint::check_shapes(&op, &self.generator.store.shapes(false), &g_state)?;
+        checkpoint::check_shapes(&op, &self.discriminator.store.shapes(false), &d_state)?;
+        let get = |name: &str, len: usize| -> Result<Vec<u64>> {
+            let t = o
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor { path: op.clone(), name: name.into() })?;
+            let v = tensor_u64(t)?;
+            if v.len() != len {
+                return Err(Error::ShapeMismatch {
+                    path: op.clone(),
+                    name: name.into(),
+                    expected: vec![len],
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(v)
+        };
+        let step = get("trainer.step", 1)?[0];
+        let rng = get("trainer.rng", 4)?;
+        let smp = get("trainer.sampler", 3)?;
+        if smp[2] as usize != self.data.len() {
+            return Err(Error::bad_file(
+                &op,
+                format!(
+                    "the checkpoint was trained on {} images, the dataset given has {}",
+                    smp[2],
+                    self.data.len()
+                ),
+            ));
+        }
+        // All checks passed: commit.
+        self.generator.store.load(&gp, g, true)?;
+        self.discriminator.store.load(&dp, d, true)?;
+        self.generator.store.load(&op, &g_state, false)?;
+        self.discriminator.store.load(&op, &d_state, false)?;
+        let o = &self.cfg.optim;
+        for (opt, mut new, lr) in [(&mut self.opt_g, opt_g, o.lr_g), (&mut self.opt_d, opt_d, o.lr_d)] {
+            (new.lr, new.beta1, new.beta2, new.eps) = (lr, o.beta1, o.beta2, o.eps);
+            *opt = new;
+        }
+        self.step = step;
+        self.rng = Rng::from_state([rng[0], rng[1], rng[2], rng[3]]);
+        self.sampler.epoch = smp[0];
+        self.sampler.reshuffle();
+        self.sampler.cursor = smp[1] as usize;
+        Ok(())
+    }
+}
+
+/// Read and parse `dir/config.json`.
+pub fn read_config(dir: &Path) -> Result<TrainConfig> {
+    let p = dir.join("config.json");
+    let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+    let cfg: TrainConfig = serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&p, e.to_string()))?;
+    cfg.validate().map_err(|e| Error::bad_file(&p, e.to_string()))?;
+    Ok(cfg)
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn frac_positive(t: &Tensor) -> Result<f64> {
+    let n = t.elem_count().max(1) as f64;
+    Ok(t.gt(0.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / n)
+}
+
+fn check_finite(what: &str, v: f64, step: u64) -> Result<()> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Msg(format!("{what} became {v} at step {step}; the weights were not updated")))
+    }
+}
+
+/// The dataset must match what the model was configured for.
+pub fn check_data(cfg: &TrainConfig, data: &dyn Dataset) -> Result<()> {
+    let m = &cfg.model;
+    let (c, h, w) = data.image_shape();
+    if (c, h, w) != (m.channels, m.image_size, m.image_size) {
+        return Err(Error::Config(format!(
+            "the dataset has {c}x{h}x{w} images, the model expects {}x{}x{}",
+            m.channels, m.image_size, m.image_size
+        )));
+    }
+    let k = data.num_conditions();
+    if m.conditioning != Conditioning::None && k != m.num_conditions {
+        return Err(Error::Config(format!(
+            "the dataset has {k} labels, the model expects K = {}",
+            m.num_conditions
+        )));
+    }
+    if !m.label_names.is_empty() && m.num_conditions > 0 && m.label_names != data.label_names() {
+        return Err(Error::Config(format!(
+            "the dataset's labels ({}) are not the model's ({})",
+            data.label_names().join(", "),
+            m.label_names.join(", ")
+        )));
+    }
+    if data.len() < cfg.batch_size {
+        return Err(Error::Config(format!(
+            "the dataset has {} images, fewer than one batch of {}",
+            data.len(),
+            cfg.batch_size
+        )));
+    }
+    Ok(())
+}

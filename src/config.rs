@@ -237,15 +237,42 @@ impl Default for TrainConfig {
 
 /// One line per preset, for `ganscope presets`.
 pub const PRESETS: &[(&str, &str)] = &[
-    ("mnist-dcgan", "unconditional DCGAN on MNIST 28x28, BCE (seed 001)"),
-    ("mnist-cdcgan", "conditional DCGAN on MNIST, class concatenated to z and to D's input"),
-    ("fmnist-cwgan-gp", "conditional WGAN-GP on Fashion-MNIST, layer-norm critic, n_critic 5 (seed 001)"),
-    ("iclevr-cdcgan", "cDCGAN on i-CLEVR 64x64, 24 multi-hot labels, BCE"),
-    ("iclevr-wgan-gp", "conditional WGAN-GP on i-CLEVR 64x64 (seed 000)"),
-    ("iclevr-acgan", "ACGAN with label input on i-CLEVR 64x64, BCE auxiliary head (seed 002)"),
-    ("iclevr-sagan", "SAGAN on i-CLEVR 64x64: SN in G and D, attention at 32, hinge, TTUR (seed 004)"),
-    ("iclevr-projection", "ResNet cBN G + projection D with SN on i-CLEVR 64x64, hinge (seed 003)"),
-    ("cifar10-sagan", "SAGAN on CIFAR-10 32x32, projection D, attention at 16, hinge, TTUR (seed 004)"),
+    (
+        "mnist-dcgan",
+        "unconditional DCGAN on MNIST 28x28, BCE (seed 001)",
+    ),
+    (
+        "mnist-cdcgan",
+        "conditional DCGAN on MNIST, class concatenated to z and to D's input",
+    ),
+    (
+        "fmnist-cwgan-gp",
+        "conditional WGAN-GP on Fashion-MNIST, layer-norm critic, n_critic 5 (seed 001)",
+    ),
+    (
+        "iclevr-cdcgan",
+        "cDCGAN on i-CLEVR 64x64, 24 multi-hot labels, BCE",
+    ),
+    (
+        "iclevr-wgan-gp",
+        "conditional WGAN-GP on i-CLEVR 64x64 (seed 000)",
+    ),
+    (
+        "iclevr-acgan",
+        "ACGAN with label input on i-CLEVR 64x64, BCE auxiliary head (seed 002)",
+    ),
+    (
+        "iclevr-sagan",
+        "SAGAN on i-CLEVR 64x64: SN in G and D, attention at 32, hinge, TTUR (seed 004)",
+    ),
+    (
+        "iclevr-projection",
+        "ResNet cBN G + projection D with SN on i-CLEVR 64x64, hinge (seed 003)",
+    ),
+    (
+        "cifar10-sagan",
+        "SAGAN on CIFAR-10 32x32, projection D, attention at 16, hinge, TTUR (seed 004)",
+    ),
 ];
 
 impl TrainConfig {
@@ -404,7 +431,10 @@ impl TrainConfig {
             )));
         }
         if m.channels != 1 && m.channels != 3 {
-            return Err(Error::Config(format!("channels must be 1 or 3, not {}", m.channels)));
+            return Err(Error::Config(format!(
+                "channels must be 1 or 3, not {}",
+                m.channels
+            )));
         }
         let uncond = m.conditioning == Conditioning::None;
         if uncond != (m.num_conditions == 0) {
@@ -419,9 +449,14 @@ impl TrainConfig {
             ));
         }
         if let Some(r) = m.attention {
-            if r < 4 || r > m.image_size / 2 || !r.is_power_of_two() && r != 7 && r != 14 {
+            // Inner feature-map sides shared by G and D (not the base map, not the image).
+            let s0 = crate::model::base_size(m.image_size);
+            let sides: Vec<usize> = (1..crate::model::num_resamples(m.image_size))
+                .map(|l| s0 << l)
+                .collect();
+            if !sides.contains(&r) {
                 return Err(Error::Config(format!(
-                    "attention resolution {r} is not a feature-map size of a {0}x{0} model",
+                    "attention at {r}x{r}: a {0}x{0} model has inner feature maps of side {sides:?}",
                     m.image_size
                 )));
             }
@@ -432,7 +467,9 @@ impl TrainConfig {
             ));
         }
         if self.batch_size == 0 || self.loss.n_critic == 0 || m.z_dim == 0 {
-            return Err(Error::Config("batch_size, n_critic and z_dim must be > 0".into()));
+            return Err(Error::Config(
+                "batch_size, n_critic and z_dim must be > 0".into(),
+            ));
         }
         if !m.label_names.is_empty() && m.label_names.len() != m.num_conditions {
             return Err(Error::Config(format!(

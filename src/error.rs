@@ -16,7 +16,9 @@ pub enum Error {
     #[error("{path}: {msg}")]
     BadFile { path: PathBuf, msg: String },
     /// A tensor in a checkpoint does not match the tensor the configured model expects.
-    #[error("{path}: tensor `{name}` has shape {found:?}, but the model built from the config expects {expected:?}")]
+    #[error(
+        "{path}: tensor `{name}` has shape {found:?}, but the model built from the config expects {expected:?}"
+    )]
     ShapeMismatch {
         path: PathBuf,
         name: String,

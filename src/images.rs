@@ -57,7 +57,10 @@ impl Images {
     /// [-1, 1] maps to [0, 255] with clamping.
     pub fn rgb8(&self, i: usize) -> Result<Vec<u8>> {
         if i >= self.n {
-            return Err(Error::Msg(format!("image {i} out of range (batch of {})", self.n)));
+            return Err(Error::Msg(format!(
+                "image {i} out of range (batch of {})",
+                self.n
+            )));
         }
         if self.channels != 1 && self.channels != 3 {
             return Err(Error::Msg(format!(

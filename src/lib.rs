@@ -9,8 +9,8 @@ pub mod images;
 
 pub use error::{Error, Result};
 pub mod config;
-pub mod model;
 pub mod grad;
+pub mod model;
 pub mod params;
 pub mod rng;
 pub mod train;

@@ -1,5 +1,6 @@
 //! `ganscope`: the desktop explorer (no arguments) and the headless CLI.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +15,11 @@ use ganscope::export::sheet::save_png;
 use ganscope::train::{Trainer, read_config, run};
 
 #[derive(Parser)]
-#[command(name = "ganscope", version, about = "Explore and train conditional GANs")]
+#[command(
+    name = "ganscope",
+    version,
+    about = "Explore and train conditional GANs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -35,6 +40,9 @@ struct TrainArgs {
     /// Preset name (see `ganscope presets`); ignored with --resume.
     #[arg(long, default_value = "mnist-cdcgan")]
     preset: String,
+    /// Start from a full config.json instead of a preset (flags still override it).
+    #[arg(long, conflicts_with = "resume")]
+    config: Option<PathBuf>,
     /// Dataset path (directory or file); by default the usual places are searched.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -157,8 +165,20 @@ fn train(a: TrainArgs) -> Result<()> {
     let (mut cfg, out) = match &a.resume {
         Some(dir) => (read_config(dir)?, dir.clone()),
         None => {
-            let cfg = TrainConfig::preset(&a.preset)?;
-            let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&a.preset));
+            let cfg = match &a.config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let cfg: TrainConfig = serde_json::from_str(&text)
+                        .with_context(|| format!("parsing {}", p.display()))?;
+                    cfg
+                }
+                None => TrainConfig::preset(&a.preset)?,
+            };
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.preset));
             if has_checkpoint(&out) {
                 bail!(
                     "{} already holds a checkpoint: continue it with --resume {0}, or choose another --out",
@@ -237,10 +257,14 @@ fn train(a: TrainArgs) -> Result<()> {
     let target = cfg.steps;
     let pb = ProgressBar::new(target);
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_position(trainer.step);
+    // Without a terminal the bar is hidden (and so is its println): log plain lines instead.
+    let tty = std::io::stderr().is_terminal();
     run::train_until(&mut trainer, &out, target, |p| {
         pb.set_position(p.stats.step);
         pb.set_message(format!(
@@ -248,7 +272,7 @@ fn train(a: TrainArgs) -> Result<()> {
             p.images_per_s, p.stats.d_loss, p.stats.g_loss, p.stats.d_real, p.stats.d_fake
         ));
         if p.stats.step % 100 == 0 || p.stats.step == p.target {
-            pb.println(format!(
+            let line = format!(
                 "step {:>6}  {:.1} s  {:.0} img/s  D {:.4}  G {:.4}  D(x) {:+.3}  D(G(z)) {:+.3}{}",
                 p.stats.step,
                 p.elapsed_s,
@@ -257,8 +281,16 @@ fn train(a: TrainArgs) -> Result<()> {
                 p.stats.g_loss,
                 p.stats.d_real,
                 p.stats.d_fake,
-                p.stats.gp.map(|g| format!("  GP {g:.3}")).unwrap_or_default()
-            ));
+                p.stats
+                    .gp
+                    .map(|g| format!("  GP {g:.3}"))
+                    .unwrap_or_default()
+            );
+            if tty {
+                pb.println(line);
+            } else {
+                eprintln!("{line}");
+            }
         }
     })?;
     pb.finish();
@@ -281,7 +313,10 @@ fn parse_condition(names: &[String], items: &[String], one_hot: bool) -> Result<
         }
     }
     if one_hot && items.len() != 1 {
-        bail!("this model takes exactly one class per condition, got {}", items.len());
+        bail!(
+            "this model takes exactly one class per condition, got {}",
+            items.len()
+        );
     }
     Ok(v)
 }
@@ -290,7 +325,12 @@ fn sample(a: SampleArgs) -> Result<()> {
     let dev = device(&a.device)?;
     let cfg = read_config(&a.run)?;
     let m = &cfg.model;
-    let g = ganscope::model::Generator::new(m, ganscope::rng::Rng::new(0), candle_core::DType::F32, &dev)?;
+    let g = ganscope::model::Generator::new(
+        m,
+        ganscope::rng::Rng::new(0),
+        candle_core::DType::F32,
+        &dev,
+    )?;
     let set = ganscope::checkpoint::load_latest(&a.run, &dev)?;
     g.store.load(&set.paths[0], &set.files[0], true)?;
     let names = &m.label_names;
@@ -298,9 +338,10 @@ fn sample(a: SampleArgs) -> Result<()> {
     // Each condition as a list of label names (or class ids).
     let mut wanted: Vec<Vec<String>> = Vec::new();
     if let Some(p) = &a.conditions {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let list: Vec<serde_json::Value> =
-            serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected a JSON list", p.display()))?;
         for item in &list {
             wanted.push(match item {
                 serde_json::Value::Array(xs) => xs.iter().map(json_label).collect(),

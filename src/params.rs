@@ -115,7 +115,9 @@ impl ParamStore {
                 v.iter_mut().for_each(|x| *x = mean + std * *x);
                 v
             }
-            Init::Uniform { lo, hi } => (0..n).map(|_| lo + (hi - lo) * inner.rng.uniform()).collect(),
+            Init::Uniform { lo, hi } => (0..n)
+                .map(|_| lo + (hi - lo) * inner.rng.uniform())
+                .collect(),
         };
         let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
         let var = Var::from_tensor(&t)?;
@@ -240,7 +242,8 @@ impl Vb {
 
     /// A saved tensor without gradient (e.g. running mean).
     pub fn buffer(&self, name: &str, shape: &[usize], init: Init) -> Result<Var> {
-        self.store.create(self.full(name), shape, init, Kind::Buffer)
+        self.store
+            .create(self.full(name), shape, init, Kind::Buffer)
     }
 
     /// Optimizer-side state (e.g. spectral-norm u).

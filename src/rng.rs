@@ -117,7 +117,10 @@ mod tests {
         let mut b = Rng::from_state(saved);
         let y: Vec<u64> = (0..5).map(|_| b.next_u64()).collect();
         assert_eq!(x, y);
-        assert_ne!(Rng::stream(7, "a").next_u64(), Rng::stream(7, "b").next_u64());
+        assert_ne!(
+            Rng::stream(7, "a").next_u64(),
+            Rng::stream(7, "b").next_u64()
+        );
     }
 
     #[test]

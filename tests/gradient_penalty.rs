@@ -13,7 +13,11 @@ use ganscope::train::loss::{gradient_penalty, r1_penalty};
 
 fn tensor(rng: &mut Rng, shape: &[usize], std: f64, mean: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = rng.normal_vec(n).into_iter().map(|x| mean + std * x).collect();
+    let v: Vec<f64> = rng
+        .normal_vec(n)
+        .into_iter()
+        .map(|x| mean + std * x)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -40,12 +44,21 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "dcgan critic, layer norm, condition plane (fmnist-cwgan-gp)",
-            cfg: onehot(ModelConfig { d_norm: DNorm::Layer, ..base.clone() }, Conditioning::Concat),
+            cfg: onehot(
+                ModelConfig {
+                    d_norm: DNorm::Layer,
+                    ..base.clone()
+                },
+                Conditioning::Concat,
+            ),
             train: true,
         },
         Case {
             name: "dcgan critic, BatchNorm (train mode), unconditional",
-            cfg: ModelConfig { d_norm: DNorm::Batch, ..base.clone() },
+            cfg: ModelConfig {
+                d_norm: DNorm::Batch,
+                ..base.clone()
+            },
             train: true,
         },
         Case {
@@ -110,7 +123,11 @@ fn check(case: &Case, which: &str) -> f64 {
     for (name, var) in d.store.trainable() {
         let dims = var.dims().to_vec();
         let t = if dims.len() == 1 {
-            let mean = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+            let mean = if name.ends_with("norm.weight") {
+                1.0
+            } else {
+                0.0
+            };
             tensor(&mut rng, &dims, 0.5, mean)
         } else {
             let fan_in: usize = dims[1..].iter().product();
@@ -122,11 +139,17 @@ fn check(case: &Case, which: &str) -> f64 {
     let (c, s) = (m.channels, m.image_size);
     let real = tensor(&mut rng, &[b, c, s, s], 0.5, 0.0);
     let fake = tensor(&mut rng, &[b, c, s, s], 0.5, 0.0);
-    let eps = Tensor::new(&[0.2f64, 0.5, 0.9], &dev).unwrap().reshape((b, 1, 1, 1)).unwrap();
-    let cond = Tensor::new(&[[1.0f64, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], &dev)
+    let eps = Tensor::new(&[0.2f64, 0.5, 0.9], &dev)
         .unwrap()
-        .narrow(1, 0, m.num_conditions)
+        .reshape((b, 1, 1, 1))
         .unwrap();
+    let cond = Tensor::new(
+        &[[1.0f64, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]],
+        &dev,
+    )
+    .unwrap()
+    .narrow(1, 0, m.num_conditions)
+    .unwrap();
     let train = case.train;
     let penalty = || -> Tensor {
         let critic = |x: &Tensor| Ok(d.forward(x, &cond, train)?.logits);
@@ -148,18 +171,27 @@ fn check(case: &Case, which: &str) -> f64 {
             Some(g) => g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
             None => vec![0.0; var.elem_count()],
         };
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         // Three entries per tensor: the largest-gradient one and two random ones.
-        let argmax = (0..g.len()).max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs())).unwrap();
+        let argmax = (0..g.len())
+            .max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs()))
+            .unwrap();
         for idx in [argmax, rng.below(g.len()), rng.below(g.len())] {
             let eval = |delta: f64| -> f64 {
                 let mut v = orig.clone();
                 v[idx] += delta;
-                var.set(&Tensor::from_vec(v, var.dims(), &dev).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.dims(), &dev).unwrap())
+                    .unwrap();
                 penalty().to_scalar::<f64>().unwrap()
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(orig.clone(), var.dims(), &dev).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(orig.clone(), var.dims(), &dev).unwrap())
+                .unwrap();
             let e = rel_err(g[idx], fd);
             assert!(
                 e < 1e-4,
@@ -171,7 +203,10 @@ fn check(case: &Case, which: &str) -> f64 {
             checked += 1;
         }
     }
-    eprintln!("{} / {which}: {checked} entries, worst rel err {worst:.2e}", case.name);
+    eprintln!(
+        "{} / {which}: {checked} entries, worst rel err {worst:.2e}",
+        case.name
+    );
     assert!(checked > 0);
     // The penalty really depends on the weights (a constant would pass trivially).
     assert!(p.to_scalar::<f64>().unwrap() > 0.0);

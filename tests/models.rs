@@ -21,14 +21,28 @@ fn every_preset_builds_with_the_right_shapes() {
         let c = Tensor::zeros((b, m.num_conditions), DType::F32, &dev).unwrap();
         for train in [true, false] {
             let x = g.forward(&z, &c, train).unwrap();
-            assert_eq!(x.dims(), &[b, m.channels, m.image_size, m.image_size], "{name} G");
-            let mx = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(
+                x.dims(),
+                &[b, m.channels, m.image_size, m.image_size],
+                "{name} G"
+            );
+            let mx = x
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(mx <= 1.0, "{name}: tanh output out of range ({mx})");
             let out = d.forward(&x, &c, train).unwrap();
             assert_eq!(out.logits.dims(), &[b], "{name} D logits");
             match m.conditioning {
                 ganscope::config::Conditioning::Acgan => {
-                    assert_eq!(out.aux.unwrap().dims(), &[b, m.num_conditions], "{name} aux")
+                    assert_eq!(
+                        out.aux.unwrap().dims(),
+                        &[b, m.num_conditions],
+                        "{name} aux"
+                    )
                 }
                 _ => assert!(out.aux.is_none()),
             }
@@ -63,6 +77,16 @@ fn tensor_names_follow_fields_and_pytorch_layouts() {
     let cfg = TrainConfig::preset("iclevr-sagan").unwrap();
     let g = Generator::new(&cfg.model, Rng::new(1), DType::F32, &dev).unwrap();
     assert!(g.store.model_tensors().contains_key("gen.attention.gamma"));
+    let d = Discriminator::new(&cfg.model, Rng::new(2), DType::F32, &dev).unwrap();
+    assert!(d.store.model_tensors().contains_key("disc.attention.gamma"));
+    let mut bad = cfg.clone();
+    bad.model.attention = Some(64);
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("[8, 16, 32]")
+    );
     // Spectral-norm vectors are optimizer-side state, one u per weight's output dimension.
     let st = g.store.state_tensors();
     assert_eq!(st["gen.blocks.0.conv1.sn.u"].dims(), &[256]);
@@ -76,7 +100,13 @@ fn same_seed_same_weights_different_seed_different_weights() {
     let b = Generator::new(&cfg.model, Rng::stream(5, "init.gen"), DType::F32, &dev).unwrap();
     let c = Generator::new(&cfg.model, Rng::stream(6, "init.gen"), DType::F32, &dev).unwrap();
     let key = "gen.blocks.0.conv.weight";
-    let v = |g: &Generator| g.store.model_tensors()[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = |g: &Generator| {
+        g.store.model_tensors()[key]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(v(&a), v(&b));
     assert_ne!(v(&a), v(&c));
     // generate() is a pure function of (weights, conditions, seed).

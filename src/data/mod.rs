@@ -89,7 +89,8 @@ impl InMemoryDataset {
     /// Keep only the first `n` images (for quick runs and tests).
     pub fn truncate(&mut self, n: usize) {
         let n = n.min(self.labels.len());
-        self.pixels.truncate(n * self.channels * self.height * self.width);
+        self.pixels
+            .truncate(n * self.channels * self.height * self.width);
         self.labels.truncate(n);
     }
 }
@@ -129,10 +130,16 @@ impl Dataset for InMemoryDataset {
 pub fn open(cfg: &crate::config::DataConfig) -> Result<InMemoryDataset> {
     use crate::config::DataKind;
     let mut ds = match cfg.kind {
-        DataKind::Mnist => idx::load_mnist(idx::MnistVariant::Mnist, cfg.path.as_deref(), idx::Split::Train)?,
-        DataKind::FashionMnist => {
-            idx::load_mnist(idx::MnistVariant::FashionMnist, cfg.path.as_deref(), idx::Split::Train)?
-        }
+        DataKind::Mnist => idx::load_mnist(
+            idx::MnistVariant::Mnist,
+            cfg.path.as_deref(),
+            idx::Split::Train,
+        )?,
+        DataKind::FashionMnist => idx::load_mnist(
+            idx::MnistVariant::FashionMnist,
+            cfg.path.as_deref(),
+            idx::Split::Train,
+        )?,
         DataKind::Iclevr | DataKind::Cifar10 => {
             return Err(Error::Config(format!(
                 "the {:?} loader is not written yet (tracked in the datasets issue); \

@@ -13,7 +13,7 @@ use crate::model::layers::{
     BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention, WeightInit,
     leaky_relu,
 };
-use crate::model::{CondPlane, DOut, base_size, num_resamples};
+use crate::model::{CondPlane, DOut, attend_after, base_size, num_resamples};
 use crate::params::Vb;
 
 /// One upsampling stage of G: ConvT(k4, s2, p1) -> BN -> ReLU.
@@ -32,7 +32,10 @@ impl GenBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.bn.forward(&self.conv.forward(x, train)?, train)?.relu()?)
+        Ok(self
+            .bn
+            .forward(&self.conv.forward(x, train)?, train)?
+            .relu()?)
     }
 }
 
@@ -77,9 +80,17 @@ impl DcganGenerator {
         let mut blocks = Vec::new();
         let mut attention = None;
         for level in 1..n_up {
-            blocks.push(GenBlock::new(ch(level - 1), ch(level), opts, vb.pp("blocks").pp(level - 1))?);
+            blocks.push(GenBlock::new(
+                ch(level - 1),
+                ch(level),
+                opts,
+                vb.pp("blocks").pp(level - 1),
+            )?);
             if cfg.attention == Some(s0 << level) {
-                attention = Some((level - 1, SelfAttention::new(ch(level), opts, vb.pp("attention"))?));
+                attention = Some((
+                    level - 1,
+                    SelfAttention::new(ch(level), opts, vb.pp("attention"))?,
+                ));
             }
         }
         let out = ConvTranspose2d::new(ch(n_up - 1), cfg.channels, 4, 2, 1, opts, vb.pp("out"))?;
@@ -106,11 +117,7 @@ impl DcganGenerator {
             .relu()?; // (B, C0, s0, s0)
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
-            if let Some((j, a)) = &self.attention {
-                if *j == i {
-                    h = a.forward(&h, train)?;
-                }
-            }
+            h = attend_after(&self.attention, i, h, train)?;
         }
         Ok(self.out.forward(&h, train)?.tanh()?) // (B, C, H, W)
     }
@@ -199,12 +206,25 @@ impl DcganDiscriminator {
         }
         let out = Conv2d::new(cin, 1, s0, 1, 0, opts, vb.pp("out"))?;
         let embed = if cfg.conditioning == Conditioning::Projection {
-            Some(Linear::new(k, cin, LayerOpts { bias: false, ..opts }, vb.pp("embed"))?)
+            Some(Linear::new(
+                k,
+                cin,
+                LayerOpts {
+                    bias: false,
+                    ..opts
+                },
+                vb.pp("embed"),
+            )?)
         } else {
             None
         };
         let aux = if cfg.conditioning == Conditioning::Acgan {
-            Some(Linear::new(cin * s0 * s0, k, LayerOpts { bias: true, ..opts }, vb.pp("aux"))?)
+            Some(Linear::new(
+                cin * s0 * s0,
+                k,
+                LayerOpts { bias: true, ..opts },
+                vb.pp("aux"),
+            )?)
         } else {
             None
         };
@@ -226,11 +246,7 @@ impl DcganDiscriminator {
         };
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
-            if let Some((j, a)) = &self.attention {
-                if *j == i {
-                    h = a.forward(&h, train)?;
-                }
-            }
+            h = attend_after(&self.attention, i, h, train)?;
         }
         // h: (B, C_last, s0, s0)
         let mut logits = self.out.forward(&h, train)?.flatten_all()?; // (B,)

@@ -58,7 +58,14 @@ fn l2_normalize(v: &Tensor) -> Result<Tensor> {
 impl SpectralNorm {
     /// `rows`: the first dimension of the weight viewed as a matrix.
     pub fn new(rows: usize, vb: Vb) -> Result<Self> {
-        let u = vb.state("u", &[rows], Init::Normal { mean: 0.0, std: 1.0 })?;
+        let u = vb.state(
+            "u",
+            &[rows],
+            Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+        )?;
         u.set(&l2_normalize(u.as_tensor())?)?;
         Ok(Self { u })
     }
@@ -193,7 +200,11 @@ impl ConvTranspose2d {
             Some(sn) => {
                 // PyTorch normalises ConvTranspose along dim 1 (output channels).
                 let o = self.weight.dim(1)?;
-                let w_mat = self.weight.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
+                let w_mat = self
+                    .weight
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((o, ()))?;
                 sn.apply(&self.weight, &w_mat, train)?
             }
             None => self.weight.clone(),
@@ -263,7 +274,14 @@ impl BatchNorm {
     pub fn new(c: usize, affine: bool, vb: Vb) -> Result<Self> {
         let (weight, bias) = if affine {
             (
-                Some(vb.param("weight", &[c], Init::Normal { mean: 1.0, std: 0.02 })?),
+                Some(vb.param(
+                    "weight",
+                    &[c],
+                    Init::Normal {
+                        mean: 1.0,
+                        std: 0.02,
+                    },
+                )?),
                 Some(vb.param("bias", &[c], Init::Const(0.0))?),
             )
         } else {
@@ -286,13 +304,20 @@ impl BatchNorm {
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim((0, 2, 3))?; // biased, (1, C, 1, 1)
             let y = xc.broadcast_div(&var.affine(1.0, BN_EPS)?.sqrt()?)?;
-            let unbias = if n > 1 { n as f64 / (n - 1) as f64 } else { 1.0 };
+            let unbias = if n > 1 {
+                n as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
             let rm = self.running_mean.as_tensor();
             let rv = self.running_var.as_tensor();
             let new_rm = (rm.affine(1.0 - BN_MOMENTUM, 0.0)?
                 + mean.detach().flatten_all()?.affine(BN_MOMENTUM, 0.0)?)?;
             let new_rv = (rv.affine(1.0 - BN_MOMENTUM, 0.0)?
-                + var.detach().flatten_all()?.affine(BN_MOMENTUM * unbias, 0.0)?)?;
+                + var
+                    .detach()
+                    .flatten_all()?
+                    .affine(BN_MOMENTUM * unbias, 0.0)?)?;
             self.running_mean.set(&new_rm)?;
             self.running_var.set(&new_rv)?;
             Ok(y)
@@ -343,7 +368,10 @@ impl CondBatchNorm {
                 beta: None,
             });
         }
-        let lin = LayerOpts { bias: false, ..opts };
+        let lin = LayerOpts {
+            bias: false,
+            ..opts
+        };
         Ok(Self {
             bn: BatchNorm::new(c, false, vb.pp("bn"))?,
             gamma: Some(Linear::new(k, c, lin, vb.pp("gamma"))?),
@@ -356,7 +384,11 @@ impl CondBatchNorm {
         let y = self.bn.forward(x, train)?;
         match (&self.gamma, &self.beta) {
             (Some(g), Some(b)) => {
-                let gamma = g.forward(cond, train)?.affine(1.0, 1.0)?.unsqueeze(2)?.unsqueeze(3)?;
+                let gamma = g
+                    .forward(cond, train)?
+                    .affine(1.0, 1.0)?
+                    .unsqueeze(2)?
+                    .unsqueeze(3)?;
                 let beta = b.forward(cond, train)?.unsqueeze(2)?.unsqueeze(3)?;
                 Ok(y.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
             }
@@ -388,8 +420,7 @@ impl LayerNorm {
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim((1, 2, 3))?;
         let y = xc.broadcast_div(&var.affine(1.0, BN_EPS)?.sqrt()?)?;
-        Ok(y
-            .broadcast_mul(&self.weight.reshape((1, (), 1, 1))?)?
+        Ok(y.broadcast_mul(&self.weight.reshape((1, (), 1, 1))?)?
             .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
 }
@@ -408,7 +439,10 @@ impl SelfAttention {
     pub fn new(c: usize, opts: LayerOpts, vb: Vb) -> Result<Self> {
         let ck = (c / 8).max(1);
         let cv = (c / 2).max(1);
-        let o = LayerOpts { bias: false, ..opts };
+        let o = LayerOpts {
+            bias: false,
+            ..opts
+        };
         Ok(Self {
             query: Conv2d::new(c, ck, 1, 1, 0, o, vb.pp("query"))?,
             key: Conv2d::new(c, ck, 1, 1, 0, o, vb.pp("key"))?,
@@ -449,9 +483,7 @@ pub fn upsample2(x: &Tensor) -> Result<Tensor> {
 /// 2x2 average pooling with stride 2 (H and W must be even).
 pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?
-        .mean(5)?
-        .mean(3)?)
+    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.mean(5)?.mean(3)?)
 }
 
 /// Stable log(1 + exp(x)) = max(x, 0) + log(1 + exp(-|x|)).

@@ -18,12 +18,25 @@ use crate::rng::Rng;
 
 /// Side of the smallest feature map: 7 for 28-pixel images, 4 otherwise.
 pub fn base_size(image_size: usize) -> usize {
-    if image_size % 7 == 0 { 7 } else { 4 }
+    if image_size.is_multiple_of(7) { 7 } else { 4 }
 }
 
 /// Number of 2x resampling stages between the base feature map and the image.
 pub fn num_resamples(image_size: usize) -> usize {
     (image_size / base_size(image_size)).trailing_zeros() as usize
+}
+
+/// Apply `attention` to `h` if it sits after block `i`.
+pub(crate) fn attend_after(
+    attention: &Option<(usize, layers::SelfAttention)>,
+    i: usize,
+    h: Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    match attention {
+        Some((j, a)) if *j == i => a.forward(&h, train),
+        _ => Ok(h),
+    }
 }
 
 /// What a discriminator says about a batch.
@@ -147,10 +160,16 @@ impl Generator {
         let n = z.len();
         let (zd, k) = (self.cfg.z_dim, self.cfg.num_conditions);
         if conditions.len() != n {
-            return Err(Error::Msg(format!("{} conditions for {n} latents", conditions.len())));
+            return Err(Error::Msg(format!(
+                "{} conditions for {n} latents",
+                conditions.len()
+            )));
         }
         if let Some(bad) = z.iter().find(|v| v.len() != zd) {
-            return Err(Error::Msg(format!("latent of length {} (z_dim is {zd})", bad.len())));
+            return Err(Error::Msg(format!(
+                "latent of length {} (z_dim is {zd})",
+                bad.len()
+            )));
         }
         if let Some(bad) = conditions.iter().find(|v| v.len() != k) {
             return Err(Error::Msg(format!(

@@ -14,7 +14,7 @@ use crate::model::layers::{
     BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, SelfAttention, WeightInit, avg_pool2,
     upsample2,
 };
-use crate::model::{CondPlane, DOut, base_size, num_resamples};
+use crate::model::{CondPlane, DOut, attend_after, base_size, num_resamples};
 use crate::params::Vb;
 
 /// G block: cBN -> ReLU -> up -> conv3x3 -> cBN -> ReLU -> conv3x3, plus up -> conv1x1 shortcut.
@@ -42,7 +42,9 @@ impl ResBlockUp {
     fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
         let h = upsample2(&self.bn1.forward(x, c, train)?.relu()?)?;
         let h = self.conv1.forward(&h, train)?;
-        let h = self.conv2.forward(&self.bn2.forward(&h, c, train)?.relu()?, train)?;
+        let h = self
+            .conv2
+            .forward(&self.bn2.forward(&h, c, train)?.relu()?, train)?;
         let s = self.shortcut.forward(&upsample2(x)?, train)?;
         Ok((h + s)?)
     }
@@ -81,9 +83,18 @@ impl ResnetGenerator {
         let mut blocks = Vec::new();
         let mut attention = None;
         for level in 1..=n {
-            blocks.push(ResBlockUp::new(ch(level - 1), ch(level), k, opts, vb.pp("blocks").pp(level - 1))?);
+            blocks.push(ResBlockUp::new(
+                ch(level - 1),
+                ch(level),
+                k,
+                opts,
+                vb.pp("blocks").pp(level - 1),
+            )?);
             if cfg.attention == Some(s0 << level) {
-                attention = Some((level - 1, SelfAttention::new(ch(level), opts, vb.pp("attention"))?));
+                attention = Some((
+                    level - 1,
+                    SelfAttention::new(ch(level), opts, vb.pp("attention"))?,
+                ));
             }
         }
         Ok(Self {
@@ -106,11 +117,7 @@ impl ResnetGenerator {
             .reshape((b, self.c0, self.s0, self.s0))?; // (B, C0, s0, s0)
         for (i, blk) in self.blocks.iter().enumerate() {
             h = blk.forward(&h, c, train)?;
-            if let Some((j, a)) = &self.attention {
-                if *j == i {
-                    h = a.forward(&h, train)?;
-                }
-            }
+            h = attend_after(&self.attention, i, h, train)?;
         }
         let h = self.out_bn.forward(&h, train)?.relu()?;
         Ok(self.out.forward(&h, train)?.tanh()?)
@@ -130,7 +137,14 @@ pub struct ResBlockDown {
 }
 
 impl ResBlockDown {
-    fn new(cin: usize, cout: usize, down: bool, first: bool, opts: LayerOpts, vb: Vb) -> Result<Self> {
+    fn new(
+        cin: usize,
+        cout: usize,
+        down: bool,
+        first: bool,
+        opts: LayerOpts,
+        vb: Vb,
+    ) -> Result<Self> {
         let shortcut = if cin != cout || down {
             Some(Conv2d::new(cin, cout, 1, 1, 0, opts, vb.pp("shortcut"))?)
         } else {
@@ -195,14 +209,29 @@ impl ResnetDiscriminator {
         for level in 0..=n {
             let down = level < n;
             let cout = ch(level.min(n - 1));
-            blocks.push(ResBlockDown::new(cin, cout, down, level == 0, opts, vb.pp("blocks").pp(level))?);
+            blocks.push(ResBlockDown::new(
+                cin,
+                cout,
+                down,
+                level == 0,
+                opts,
+                vb.pp("blocks").pp(level),
+            )?);
             cin = cout;
             if down && cfg.attention == Some(cfg.image_size >> (level + 1)) {
                 attention = Some((level, SelfAttention::new(cin, opts, vb.pp("attention"))?));
             }
         }
         let embed = if cfg.conditioning == Conditioning::Projection {
-            Some(Linear::new(k, cin, LayerOpts { bias: false, ..opts }, vb.pp("embed"))?)
+            Some(Linear::new(
+                k,
+                cin,
+                LayerOpts {
+                    bias: false,
+                    ..opts
+                },
+                vb.pp("embed"),
+            )?)
         } else {
             None
         };
@@ -229,11 +258,7 @@ impl ResnetDiscriminator {
         };
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
-            if let Some((j, a)) = &self.attention {
-                if *j == i {
-                    h = a.forward(&h, train)?;
-                }
-            }
+            h = attend_after(&self.attention, i, h, train)?;
         }
         let phi = h.relu()?.sum((2, 3))?; // (B, C)
         let mut logits = self.linear.forward(&phi, train)?.squeeze(1)?; // (B,)

@@ -22,7 +22,13 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(vars: Vec<(String, Var)>, lr: f64, beta1: f64, beta2: f64, eps: f64) -> Result<Self> {
+    pub fn new(
+        vars: Vec<(String, Var)>,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    ) -> Result<Self> {
         let m = vars
             .iter()
             .map(|(_, v)| v.as_tensor().zeros_like())
@@ -73,13 +79,22 @@ impl Adam {
             out.insert(format!("{prefix}.m.{name}"), self.m[i].clone());
             out.insert(format!("{prefix}.v.{name}"), self.v[i].clone());
         }
-        let dev = self.m.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self
+            .m
+            .first()
+            .map(|t| t.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         out.insert(format!("{prefix}.t"), Tensor::new(&[self.t as i64], &dev)?);
         Ok(out)
     }
 
     /// Restore what [`Adam::state`] wrote; `path` is only used in error messages.
-    pub fn load_state(&mut self, prefix: &str, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<()> {
         let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
         for (name, var) in &self.vars {
             for k in ["m", "v"] {
@@ -96,8 +111,12 @@ impl Adam {
         let dtype = self.m.first().map(|t| t.dtype()).unwrap_or(DType::F32);
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let dev = var.device();
-            self.m[i] = mine[&format!("{prefix}.m.{name}")].to_device(dev)?.to_dtype(dtype)?;
-            self.v[i] = mine[&format!("{prefix}.v.{name}")].to_device(dev)?.to_dtype(dtype)?;
+            self.m[i] = mine[&format!("{prefix}.m.{name}")]
+                .to_device(dev)?
+                .to_dtype(dtype)?;
+            self.v[i] = mine[&format!("{prefix}.v.{name}")]
+                .to_device(dev)?
+                .to_dtype(dtype)?;
         }
         let t = mine[&format!("{prefix}.t")]
             .to_dtype(DType::I64)?

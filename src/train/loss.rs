@@ -20,8 +20,10 @@ pub fn d_loss(kind: LossKind, real: &Tensor, fake: &Tensor) -> Result<Tensor> {
         // -log sigmoid(r) - log(1 - sigmoid(f)) = softplus(-r) + softplus(f)
         LossKind::Bce => (softplus(&real.neg()?)?.mean_all()? + softplus(fake)?.mean_all()?)?,
         LossKind::Wgan | LossKind::WganGp => (fake.mean_all()? - real.mean_all()?)?,
-        LossKind::Hinge => (real.neg()?.affine(1.0, 1.0)?.relu()?.mean_all()?
-            + fake.affine(1.0, 1.0)?.relu()?.mean_all()?)?,
+        LossKind::Hinge => {
+            (real.neg()?.affine(1.0, 1.0)?.relu()?.mean_all()?
+                + fake.affine(1.0, 1.0)?.relu()?.mean_all()?)?
+        }
     })
 }
 
@@ -122,8 +124,12 @@ mod tests {
         let w = Tensor::new(&[[[[3.0f64, 4.0]]]], &Device::Cpu).unwrap(); // ||w|| = 5
         let real = Tensor::new(&[[[[1.0f64, 2.0]]], [[[0.0, 1.0]]]], &Device::Cpu).unwrap();
         let fake = real.affine(-1.0, 0.0).unwrap();
-        let eps = Tensor::new(&[0.3f64, 0.9], &Device::Cpu).unwrap().reshape((2, 1, 1, 1)).unwrap();
-        let critic = |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_mul(&w)?.flatten_from(1)?.sum(1)?) };
+        let eps = Tensor::new(&[0.3f64, 0.9], &Device::Cpu)
+            .unwrap()
+            .reshape((2, 1, 1, 1))
+            .unwrap();
+        let critic =
+            |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_mul(&w)?.flatten_from(1)?.sum(1)?) };
         let gp = s(gradient_penalty(&real, &fake, &eps, critic).unwrap());
         assert!((gp - 16.0).abs() < 1e-9, "{gp}");
         let r1 = s(r1_penalty(&real, critic).unwrap());

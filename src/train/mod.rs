@@ -76,8 +76,11 @@ impl Sampler {
 
     fn reshuffle(&mut self) {
         self.perm = (0..self.n).collect();
-        Rng::stream(self.seed.wrapping_add(self.epoch.wrapping_mul(0x9E37_79B9)), "shuffle")
-            .shuffle(&mut self.perm);
+        Rng::stream(
+            self.seed.wrapping_add(self.epoch.wrapping_mul(0x9E37_79B9)),
+            "shuffle",
+        )
+        .shuffle(&mut self.perm);
     }
 
     /// The next `b` indices; a last partial batch of an epoch is skipped.
@@ -122,7 +125,11 @@ fn u64_tensor(v: &[u64], dev: &Device) -> Result<Tensor> {
 }
 
 fn tensor_u64(t: &Tensor) -> Result<Vec<u64>> {
-    Ok(t.to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|x| x as u64).collect())
+    Ok(t.to_dtype(DType::I64)?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|x| x as u64)
+        .collect())
 }
 
 impl Trainer {
@@ -132,7 +139,12 @@ impl Trainer {
     }
 
     /// As [`Trainer::new`] with a chosen float type (tests use f64).
-    pub fn with_dtype(mut cfg: TrainConfig, data: Arc<dyn Dataset>, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn with_dtype(
+        mut cfg: TrainConfig,
+        data: Arc<dyn Dataset>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         crate::grad::enable_exact_second_order()?;
         cfg.validate()?;
         check_data(&cfg, data.as_ref())?;
@@ -141,10 +153,17 @@ impl Trainer {
         }
         let m = &cfg.model;
         let generator = Generator::new(m, Rng::stream(cfg.seed, "init.gen"), dtype, device)?;
-        let discriminator = Discriminator::new(m, Rng::stream(cfg.seed, "init.disc"), dtype, device)?;
+        let discriminator =
+            Discriminator::new(m, Rng::stream(cfg.seed, "init.disc"), dtype, device)?;
         let o = &cfg.optim;
         let opt_g = Adam::new(generator.store.trainable(), o.lr_g, o.beta1, o.beta2, o.eps)?;
-        let opt_d = Adam::new(discriminator.store.trainable(), o.lr_d, o.beta1, o.beta2, o.eps)?;
+        let opt_d = Adam::new(
+            discriminator.store.trainable(),
+            o.lr_d,
+            o.beta1,
+            o.beta2,
+            o.eps,
+        )?;
         let sampler = Sampler::new(cfg.seed, data.len());
         Ok(Self {
             rng: Rng::stream(cfg.seed, "train"),
@@ -229,7 +248,9 @@ impl Trainer {
             let e: Vec<f64> = (0..b).map(|_| self.rng.uniform()).collect();
             let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
             let disc = &self.discriminator;
-            let gp = loss::gradient_penalty(&real, &fake, &eps, |x| Ok(disc.forward(x, &c, true)?.logits))?;
+            let gp = loss::gradient_penalty(&real, &fake, &eps, |x| {
+                Ok(disc.forward(x, &c, true)?.logits)
+            })?;
             st.gp = Some(scalar(&gp)?);
             total = (total + gp.affine(self.cfg.loss.gp_lambda, 0.0)?)?;
         }
@@ -291,7 +312,11 @@ impl Trainer {
             ..Default::default()
         };
         if kind != StepKind::GOnly {
-            let n = if kind == StepKind::Both { self.cfg.loss.n_critic } else { 1 };
+            let n = if kind == StepKind::Both {
+                self.cfg.loss.n_critic
+            } else {
+                1
+            };
             for _ in 0..n {
                 st = self.d_step()?;
             }
@@ -317,7 +342,14 @@ impl Trainer {
         t.insert("trainer.rng".into(), u64_tensor(&self.rng.state(), dev)?);
         t.insert(
             "trainer.sampler".into(),
-            u64_tensor(&[self.sampler.epoch, self.sampler.cursor as u64, self.sampler.n as u64], dev)?,
+            u64_tensor(
+                &[
+                    self.sampler.epoch,
+                    self.sampler.cursor as u64,
+                    self.sampler.n as u64,
+                ],
+                dev,
+            )?,
         );
         Ok(t)
     }
@@ -341,7 +373,12 @@ impl Trainer {
 
     /// Resume with a config that may differ from the saved one in non-structural fields
     /// (steps, learning rates, intervals).
-    pub fn resume_with(dir: &Path, cfg: TrainConfig, data: Arc<dyn Dataset>, device: &Device) -> Result<Self> {
+    pub fn resume_with(
+        dir: &Path,
+        cfg: TrainConfig,
+        data: Arc<dyn Dataset>,
+        device: &Device,
+    ) -> Result<Self> {
         let mut t = Self::new(cfg, data, device)?;
         t.load_checkpoint(dir)?;
         Ok(t)
@@ -371,9 +408,10 @@ impl Trainer {
         checkpoint::check_shapes(&op, &self.generator.store.shapes(false), &g_state)?;
         checkpoint::check_shapes(&op, &self.discriminator.store.shapes(false), &d_state)?;
         let get = |name: &str, len: usize| -> Result<Vec<u64>> {
-            let t = o
-                .get(name)
-                .ok_or_else(|| Error::MissingTensor { path: op.clone(), name: name.into() })?;
+            let t = o.get(name).ok_or_else(|| Error::MissingTensor {
+                path: op.clone(),
+                name: name.into(),
+            })?;
             let v = tensor_u64(t)?;
             if v.len() != len {
                 return Err(Error::ShapeMismatch {
@@ -404,7 +442,10 @@ impl Trainer {
         self.generator.store.load(&op, &g_state, false)?;
         self.discriminator.store.load(&op, &d_state, false)?;
         let o = &self.cfg.optim;
-        for (opt, mut new, lr) in [(&mut self.opt_g, opt_g, o.lr_g), (&mut self.opt_d, opt_d, o.lr_d)] {
+        for (opt, mut new, lr) in [
+            (&mut self.opt_g, opt_g, o.lr_g),
+            (&mut self.opt_d, opt_d, o.lr_d),
+        ] {
             (new.lr, new.beta1, new.beta2, new.eps) = (lr, o.beta1, o.beta2, o.eps);
             *opt = new;
         }
@@ -421,8 +462,10 @@ impl Trainer {
 pub fn read_config(dir: &Path) -> Result<TrainConfig> {
     let p = dir.join("config.json");
     let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-    let cfg: TrainConfig = serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&p, e.to_string()))?;
-    cfg.validate().map_err(|e| Error::bad_file(&p, e.to_string()))?;
+    let cfg: TrainConfig =
+        serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&p, e.to_string()))?;
+    cfg.validate()
+        .map_err(|e| Error::bad_file(&p, e.to_string()))?;
     Ok(cfg)
 }
 
@@ -432,14 +475,20 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 fn frac_positive(t: &Tensor) -> Result<f64> {
     let n = t.elem_count().max(1) as f64;
-    Ok(t.gt(0.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? / n)
+    Ok(t.gt(0.0)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        / n)
 }
 
 fn check_finite(what: &str, v: f64, step: u64) -> Result<()> {
     if v.is_finite() {
         Ok(())
     } else {
-        Err(Error::Msg(format!("{what} became {v} at step {step}; the weights were not updated")))
+        Err(Error::Msg(format!(
+            "{what} became {v} at step {step}; the weights were not updated"
+        )))
     }
 }
 

@@ -54,7 +54,13 @@ pub fn wall_rows(data: &dyn Dataset, k: usize, max_rows: usize) -> Vec<(String, 
 }
 
 /// A captioned grid: one row per condition, column j drawn from latent `latent(seed, j)`.
-pub fn render_rows(generator: &Generator, rows: &[(String, Vec<f32>)], cols: usize, seed: u64, scale: u32) -> Result<RgbImage> {
+pub fn render_rows(
+    generator: &Generator,
+    rows: &[(String, Vec<f32>)],
+    cols: usize,
+    seed: u64,
+    scale: u32,
+) -> Result<RgbImage> {
     let mut z = Vec::with_capacity(rows.len() * cols);
     let mut conds = Vec::with_capacity(rows.len() * cols);
     for (_, c) in rows {
@@ -69,7 +75,11 @@ pub fn render_rows(generator: &Generator, rows: &[(String, Vec<f32>)], cols: usi
         rows: rows.len(),
         cols,
         scale,
-        row_captions: if captioned { rows.iter().map(|r| r.0.clone()).collect() } else { vec![] },
+        row_captions: if captioned {
+            rows.iter().map(|r| r.0.clone()).collect()
+        } else {
+            vec![]
+        },
         ..SheetLayout::default()
     };
     sample_sheet(&images, &layout)
@@ -93,7 +103,12 @@ pub const WALL_SEED: u64 = 1234;
 /// Train until `trainer.step == target`, writing into `out`: a metrics line every
 /// `log_every` steps, `samples/step_NNNNNN.png` every `sample_every`, a checkpoint every
 /// `checkpoint_every` and at the end.
-pub fn train_until(trainer: &mut Trainer, out: &Path, target: u64, mut on_step: impl FnMut(&Progress)) -> Result<()> {
+pub fn train_until(
+    trainer: &mut Trainer,
+    out: &Path,
+    target: u64,
+    mut on_step: impl FnMut(&Progress),
+) -> Result<()> {
     let t0 = Instant::now();
     let start = trainer.step;
     let cfg = trainer.cfg.clone();
@@ -105,18 +120,22 @@ pub fn train_until(trainer: &mut Trainer, out: &Path, target: u64, mut on_step: 
         let elapsed = t0.elapsed().as_secs_f64();
         let images_per_s = (s - start) as f64 * images_per_step / elapsed.max(1e-9);
         let mut wrote = None;
-        if cfg.log_every > 0 && s % cfg.log_every == 0 {
-            let mut line = serde_json::to_value(&stats).map_err(|e| crate::Error::Msg(e.to_string()))?;
+        if cfg.log_every > 0 && s.is_multiple_of(cfg.log_every) {
+            let mut line =
+                serde_json::to_value(&stats).map_err(|e| crate::Error::Msg(e.to_string()))?;
             line["elapsed_s"] = elapsed.into();
             line["images_per_s"] = images_per_s.into();
             checkpoint::append_metrics(out, &line)?;
         }
-        if cfg.sample_every > 0 && (s % cfg.sample_every == 0 || s == target) {
+        if cfg.sample_every > 0 && (s.is_multiple_of(cfg.sample_every) || s == target) {
             let path = out.join("samples").join(format!("step_{s:06}.png"));
-            save_png(&render_rows(&trainer.generator, &rows, 8, WALL_SEED, 2)?, &path)?;
+            save_png(
+                &render_rows(&trainer.generator, &rows, 8, WALL_SEED, 2)?,
+                &path,
+            )?;
             wrote = Some(path);
         }
-        if (cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) || s == target {
+        if (cfg.checkpoint_every > 0 && s.is_multiple_of(cfg.checkpoint_every)) || s == target {
             trainer.save(out)?;
             wrote = Some(out.to_path_buf());
         }

@@ -5,9 +5,18 @@ use ganscope::data::{ConditionKind, InMemoryDataset};
 use ganscope::rng::Rng;
 
 /// A small random dataset with the given geometry and labels drawn from `kind`.
-pub fn random_dataset(n: usize, channels: usize, size: usize, k: usize, kind: ConditionKind, seed: u64) -> InMemoryDataset {
+pub fn random_dataset(
+    n: usize,
+    channels: usize,
+    size: usize,
+    k: usize,
+    kind: ConditionKind,
+    seed: u64,
+) -> InMemoryDataset {
     let mut rng = Rng::new(seed);
-    let pixels = (0..n * channels * size * size).map(|_| rng.below(256) as u8).collect();
+    let pixels = (0..n * channels * size * size)
+        .map(|_| rng.below(256) as u8)
+        .collect();
     let labels = (0..n)
         .map(|_| match kind {
             ConditionKind::None => vec![],

@@ -1,0 +1,369 @@
+//! Checkpoints: exact resume (in process and in a fresh process), crash safety at the trainer
+//! level, and clear errors that change nothing when a checkpoint does not fit the model.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use ganscope::config::{Arch, Conditioning, DNorm, LossKind, TrainConfig};
+use ganscope::data::{ConditionKind, Dataset};
+use ganscope::train::Trainer;
+
+fn tiny(mut c: TrainConfig) -> TrainConfig {
+    c.model.g_ch = 4;
+    c.model.d_ch = 4;
+    c.model.z_dim = 8;
+    c.model.cond_embed = 4;
+    c.batch_size = 8;
+    c.seed = 77;
+    c
+}
+
+/// Configs covering BN running stats, Adam moments, SN vectors, attention, GP, R1, ACGAN.
+fn configs() -> Vec<TrainConfig> {
+    let mut sagan = tiny(TrainConfig::cifar10_sagan());
+    sagan.model.attention = Some(8);
+    sagan.loss.r1_gamma = 1.0;
+    let mut wgan = tiny(TrainConfig::fmnist_cwgan_gp());
+    wgan.loss.n_critic = 2;
+    let mut acgan = tiny(TrainConfig::mnist_cdcgan());
+    acgan.model.conditioning = Conditioning::Acgan;
+    acgan.model.label_input = true;
+    acgan.loss.kind = LossKind::Hinge;
+    let mut clip = tiny(TrainConfig::mnist_dcgan());
+    clip.loss.kind = LossKind::Wgan;
+    clip.model.d_norm = DNorm::None;
+    vec![tiny(TrainConfig::mnist_cdcgan()), wgan, sagan, acgan, clip]
+}
+
+fn data_for(c: &TrainConfig) -> Arc<dyn Dataset> {
+    let m = &c.model;
+    let (k, kind) = match m.condition_kind {
+        ConditionKind::None => (10, ConditionKind::OneHot), // unconditional model on labelled data
+        kind => (m.num_conditions, kind),
+    };
+    Arc::new(common::random_dataset(
+        20,
+        m.channels,
+        m.image_size,
+        k,
+        kind,
+        5,
+    ))
+}
+
+fn weights(t: &Trainer) -> HashMap<String, Vec<u32>> {
+    let mut all = t.generator.store.model_tensors();
+    all.extend(t.discriminator.store.model_tensors());
+    all.extend(t.generator.store.state_tensors());
+    all.extend(t.discriminator.store.state_tensors());
+    all.into_iter()
+        .map(|(k, v)| {
+            let bits = v
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            (k, bits)
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bit_identical_in_process() {
+    let dev = Device::Cpu;
+    for cfg in configs() {
+        let name = format!(
+            "{:?}/{:?}/{:?}",
+            cfg.model.arch, cfg.model.conditioning, cfg.loss.kind
+        );
+        let data = data_for(&cfg);
+        // 20 images, batch 8: epochs end every 2 D steps, so the resume crosses reshuffles.
+        let mut straight = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+        for _ in 0..5 {
+            straight.train_step().unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+        for _ in 0..3 {
+            first.train_step().unwrap();
+        }
+        first.save(dir.path()).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(dir.path(), data.clone(), &dev).unwrap();
+        assert_eq!(resumed.step, 3, "{name}");
+        for _ in 0..2 {
+            resumed.train_step().unwrap();
+        }
+        let (a, b) = (weights(&straight), weights(&resumed));
+        assert_eq!(a.len(), b.len());
+        for (k, v) in &a {
+            assert!(v == &b[k], "{name}: {k} differs after resume");
+        }
+        // And training really changed the weights (a frozen model would pass trivially).
+        let fresh = weights(&Trainer::new(cfg.clone(), data.clone(), &dev).unwrap());
+        let changed = a.iter().filter(|(k, v)| fresh[*k] != **v).count();
+        assert!(
+            changed * 2 > a.len(),
+            "{name}: only {changed}/{} tensors changed",
+            a.len()
+        );
+    }
+}
+
+fn safetensors_bits(path: &Path) -> HashMap<String, Vec<u32>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, t): &(String, Tensor)| t.dtype() == candle_core::DType::F32)
+        .map(|(k, t)| {
+            (
+                k,
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bit_identical_across_processes() {
+    let Some(shared) = common::shared_data() else {
+        eprintln!("skipped: ../shared/data not present");
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let mut cfg = tiny(TrainConfig::fmnist_cwgan_gp());
+    cfg.model.arch = Arch::Resnet;
+    cfg.model.d_spectral_norm = true;
+    cfg.model.attention = Some(14);
+    cfg.model.d_norm = DNorm::None;
+    cfg.model.conditioning = Conditioning::Projection;
+    cfg.loss.n_critic = 2;
+    cfg.data.path = Some(shared.join("fashion-mnist"));
+    cfg.data.limit = Some(40);
+    cfg.sample_every = 0;
+    cfg.checkpoint_every = 0;
+    cfg.log_every = 1;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg_path = tmp.path().join("tiny.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let c = cfg_path.to_str().unwrap();
+    run(&[
+        "train",
+        "--config",
+        c,
+        "--device",
+        "cpu",
+        "--steps",
+        "5",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    run(&[
+        "train",
+        "--config",
+        c,
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    run(&[
+        "train",
+        "--resume",
+        b.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--steps",
+        "5",
+    ]);
+    for f in ganscope::checkpoint::FILES {
+        let (x, y) = (safetensors_bits(&a.join(f)), safetensors_bits(&b.join(f)));
+        assert!(!x.is_empty());
+        assert_eq!(
+            x, y,
+            "{f} differs between 5 straight steps and 3 + resume + 2"
+        );
+    }
+    // metrics.jsonl has one line per step in both runs.
+    let lines = |d: &Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(lines(&a), 5);
+    assert_eq!(lines(&b), 5);
+
+    // `sample` draws a captioned sheet from the run: 2 conditions x 4 samples.
+    let sheet = tmp.path().join("sheet.png");
+    run(&[
+        "sample",
+        "--run",
+        b.to_str().unwrap(),
+        "--labels",
+        "Bag",
+        "--class",
+        "0",
+        "--n",
+        "4",
+    ]
+    .iter()
+    .chain(&[
+        "--scale",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        sheet.to_str().unwrap(),
+    ])
+    .copied()
+    .collect::<Vec<_>>());
+    let img = image::open(&sheet).unwrap().to_rgb8();
+    assert!(
+        img.width() > 4 * 28 && img.height() > 2 * 28,
+        "{:?}",
+        img.dimensions()
+    );
+    let out = Command::new(bin)
+        .args([
+            "sample",
+            "--run",
+            b.to_str().unwrap(),
+            "--labels",
+            "purple unicorn",
+            "--device",
+            "cpu",
+        ])
+        .args(["--out", tmp.path().join("x.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown label `purple unicorn`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_written_checkpoint_is_ignored_and_the_previous_one_loads() {
+    let dev = Device::Cpu;
+    let cfg = tiny(TrainConfig::mnist_cdcgan());
+    let data = data_for(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+    t.train_step().unwrap();
+    t.save(dir.path()).unwrap();
+    let at_step1 = weights(&t);
+    t.train_step().unwrap();
+    t.save(dir.path()).unwrap();
+    // Simulate a crash that left the newest generator file half written.
+    let g = dir.path().join("generator.safetensors");
+    let bytes = std::fs::read(&g).unwrap();
+    std::fs::write(&g, &bytes[..bytes.len() / 2]).unwrap();
+    let back = Trainer::resume(dir.path(), data, &dev).unwrap();
+    assert_eq!(back.step, 1);
+    assert_eq!(weights(&back), at_step1);
+}
+
+#[test]
+fn mismatched_checkpoint_names_tensor_and_shapes_and_changes_nothing() {
+    let dev = Device::Cpu;
+    let cfg = tiny(TrainConfig::mnist_cdcgan());
+    let data = data_for(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+    t.train_step().unwrap();
+    t.save(dir.path()).unwrap();
+    let mut wider = cfg.clone();
+    wider.model.g_ch = 8;
+    let mut other = Trainer::new(wider, data, &dev).unwrap();
+    let before = weights(&other);
+    let err = other.load_checkpoint(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("generator.safetensors"), "{err}");
+    assert!(err.contains("gen.") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("[8,") || err.contains("[16,") || err.contains("8]"),
+        "{err}"
+    );
+    assert_eq!(
+        weights(&other),
+        before,
+        "a failed load must not change the model"
+    );
+    assert_eq!(other.step, 0);
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("train-images-idx3-ubyte");
+    std::fs::write(
+        &bad,
+        [0u8, 0, 8, 3, 0, 0, 0, 5, 0, 0, 0, 28, 0, 0, 0, 28, 1, 2, 3],
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("train-labels-idx1-ubyte"),
+        [0u8, 0, 8, 1, 0, 0, 0, 5, 1, 2, 3, 4, 5],
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .args([
+            "train",
+            "--data",
+            tmp.path().to_str().unwrap(),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .args(["--out", tmp.path().join("run").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains("bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let out = Command::new(bin)
+        .args(["train", "--preset", "nope"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown preset `nope`") && err.contains("mnist-cdcgan"),
+        "{err}"
+    );
+}

@@ -14,3 +14,4 @@ pub mod model;
 pub mod params;
 pub mod rng;
 pub mod train;
+pub mod eval;

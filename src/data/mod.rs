@@ -4,7 +4,11 @@
 //! per batch. Conditions are vectors of length K: one-hot for class datasets, multi-hot for
 //! multi-label sets, empty (K = 0) for unconditional data.
 
+pub mod cifar;
+pub mod folder;
+pub mod iclevr;
 pub mod idx;
+pub mod render;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

@@ -68,7 +68,11 @@ impl DcganGenerator {
             Some(Linear::new(
                 k,
                 cfg.cond_embed,
-                LayerOpts { bias: true, ..opts },
+                LayerOpts {
+                    bias: true,
+                    init: WeightInit::Embedding,
+                    ..opts
+                },
                 vb.pp("cond_embed"),
             )?)
         } else {

@@ -22,6 +22,10 @@ pub enum WeightInit {
     Dcgan,
     /// Glorot uniform (SNGAN / projection-discriminator code).
     Xavier,
+    /// N(0, 1), like an embedding table (`nn.Embedding`): for layers that read a one-hot or
+    /// multi-hot condition, so that the condition reaches the network at the scale of z or of
+    /// the image from the first step instead of being drowned out at N(0, 0.02).
+    Embedding,
 }
 
 impl WeightInit {
@@ -32,6 +36,10 @@ impl WeightInit {
                 std: 0.02,
             },
             WeightInit::Xavier => Init::xavier(fan_in, fan_out),
+            WeightInit::Embedding => Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
         }
     }
 }

@@ -3,6 +3,7 @@
 //! [`Generator`] and [`Discriminator`] wrap a family's network with its config; they are what
 //! the trainer, the CLI and the explorer use.
 
+pub mod conv;
 pub mod dcgan;
 pub mod layers;
 pub mod resnet;
@@ -67,7 +68,11 @@ impl CondPlane {
             return Ok(None);
         }
         let s = cfg.image_size;
-        let opts = LayerOpts { bias: true, ..opts };
+        let opts = LayerOpts {
+            bias: true,
+            init: layers::WeightInit::Embedding,
+            ..opts
+        };
         Ok(Some(Self {
             linear: Linear::new(cfg.num_conditions, s * s, opts, vb.pp("linear"))?,
             size: s,

@@ -1,0 +1,379 @@
+//! The evaluator: a ResNet-18-style classifier (He et al., "Deep Residual Learning for Image
+//! Recognition", CVPR 2016; the CIFAR variant with a 3x3 stem and no max-pool, four stages of
+//! two basic blocks) that scores generated images. Multi-label data (i-CLEVR) gets K sigmoid
+//! outputs, class data a K-way softmax. Its pooled features feed the domain-feature Fréchet
+//! distance and the diagnostics.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{check_shapes, write_atomic};
+use crate::data::{ConditionKind, Dataset};
+use crate::error::{Error, Result};
+use crate::eval::metrics::{TopK, topk_accuracy};
+use crate::images::from_u8;
+use crate::model::layers::{BatchNorm, Conv2d, LayerOpts, Linear, WeightInit};
+use crate::params::{ParamStore, Vb};
+use crate::rng::Rng;
+use crate::train::adam::Adam;
+use crate::train::loss::aux_loss;
+
+/// Everything that defines an evaluator and how it was trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvaluatorConfig {
+    pub image_size: usize,
+    pub channels: usize,
+    pub kind: ConditionKind,
+    pub label_names: Vec<String>,
+    /// Channels of the first stage (ResNet-18 uses 64; 16 keeps CPU training quick).
+    pub width: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Fraction of the data held out (the last images) to measure accuracy.
+    pub holdout: f64,
+    /// Augmentation: random translation by up to this many pixels (edge-replicated).
+    pub max_shift: usize,
+    /// Augmentation: random horizontal flips (label-preserving for i-CLEVR, not for digits).
+    pub hflip: bool,
+}
+
+impl Default for EvaluatorConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            channels: 3,
+            kind: ConditionKind::MultiHot,
+            label_names: vec![],
+            width: 16,
+            epochs: 5,
+            batch_size: 64,
+            lr: 1e-3,
+            seed: 0,
+            holdout: 0.1,
+            max_shift: 4,
+            hflip: true,
+        }
+    }
+}
+
+impl EvaluatorConfig {
+    /// Defaults for a dataset: its geometry and labels; flips only for multi-label scenes.
+    pub fn for_data(data: &dyn Dataset) -> Self {
+        let (c, h, _) = data.image_shape();
+        let kind = data.condition_kind();
+        Self {
+            image_size: h,
+            channels: c,
+            kind,
+            label_names: data.label_names().to_vec(),
+            hflip: kind == ConditionKind::MultiHot,
+            max_shift: if h <= 32 { 2 } else { 4 },
+            ..Self::default()
+        }
+    }
+}
+
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    shortcut: Option<(Conv2d, BatchNorm)>,
+}
+
+impl BasicBlock {
+    fn new(cin: usize, cout: usize, stride: usize, vb: Vb) -> Result<Self> {
+        let o = LayerOpts {
+            bias: false,
+            spectral_norm: false,
+            init: WeightInit::Xavier,
+        };
+        let shortcut = if stride != 1 || cin != cout {
+            Some((
+                Conv2d::new(cin, cout, 1, stride, 0, o, vb.pp("shortcut").pp("conv"))?,
+                BatchNorm::new(cout, true, vb.pp("shortcut").pp("bn"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: Conv2d::new(cin, cout, 3, stride, 1, o, vb.pp("conv1"))?,
+            bn1: BatchNorm::new(cout, true, vb.pp("bn1"))?,
+            conv2: Conv2d::new(cout, cout, 3, 1, 1, o, vb.pp("conv2"))?,
+            bn2: BatchNorm::new(cout, true, vb.pp("bn2"))?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x, train)?, train)?.relu()?;
+        let h = self.bn2.forward(&self.conv2.forward(&h, train)?, train)?;
+        let s = match &self.shortcut {
+            Some((c, b)) => b.forward(&c.forward(x, train)?, train)?,
+            None => x.clone(),
+        };
+        Ok((h + s)?.relu()?)
+    }
+}
+
+/// The evaluator network with its config and weights.
+pub struct Classifier {
+    stem: Conv2d,
+    stem_bn: BatchNorm,
+    blocks: Vec<BasicBlock>,
+    head: Linear,
+    pub cfg: EvaluatorConfig,
+    pub store: ParamStore,
+}
+
+/// File names of a saved evaluator.
+pub const CONFIG_FILE: &str = "evaluator.json";
+pub const WEIGHTS_FILE: &str = "evaluator.safetensors";
+
+impl Classifier {
+    pub fn new(cfg: &EvaluatorConfig, device: &Device) -> Result<Self> {
+        let k = cfg.label_names.len();
+        if k == 0 {
+            return Err(Error::Config("an evaluator needs labels (K > 0)".into()));
+        }
+        let store = ParamStore::new(Rng::stream(cfg.seed, "init.eval"), DType::F32, device);
+        let vb = store.root("eval");
+        let o = LayerOpts {
+            bias: false,
+            spectral_norm: false,
+            init: WeightInit::Xavier,
+        };
+        let w = cfg.width;
+        // 64x64 inputs start with a stride-2 stem (as cheap as a 32x32 input afterwards).
+        let stem_stride = if cfg.image_size >= 64 { 2 } else { 1 };
+        let stem = Conv2d::new(cfg.channels, w, 3, stem_stride, 1, o, vb.pp("stem"))?;
+        let stem_bn = BatchNorm::new(w, true, vb.pp("stem_bn"))?;
+        let mut blocks = Vec::new();
+        let mut cin = w;
+        for stage in 0..4 {
+            let cout = w << stage;
+            for i in 0..2 {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(cin, cout, stride, vb.pp("blocks").pp(blocks.len()))?);
+                cin = cout;
+            }
+        }
+        let head = Linear::new(cin, k, LayerOpts { bias: true, ..o }, vb.pp("head"))?;
+        Ok(Self {
+            stem,
+            stem_bn,
+            blocks,
+            head,
+            cfg: cfg.clone(),
+            store,
+        })
+    }
+
+    /// Dimension of the pooled feature vector.
+    pub fn feature_dim(&self) -> usize {
+        self.cfg.width * 8
+    }
+
+    /// x: (B, C, H, W) in [-1, 1] -> (logits (B, K), pooled features (B, 8w)).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let mut h = self.stem_bn.forward(&self.stem.forward(x, train)?, train)?.relu()?;
+        for b in &self.blocks {
+            h = b.forward(&h, train)?;
+        }
+        let feats = h.mean((2, 3))?; // (B, 8w)
+        Ok((self.head.forward(&feats, train)?, feats))
+    }
+
+    /// Per-image label probabilities (sigmoid or softmax) and features, in eval mode,
+    /// processed in chunks of 256.
+    pub fn predict(&self, x: &Tensor) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let n = x.dim(0)?;
+        let (mut probs, mut feats) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut i = 0;
+        while i < n {
+            let m = 256.min(n - i);
+            let (logits, f) = self.forward(&x.narrow(0, i, m)?, false)?;
+            let p = match self.cfg.kind {
+                ConditionKind::OneHot => candle_nn::ops::softmax(&logits, D::Minus1)?,
+                _ => candle_nn::ops::sigmoid(&logits)?,
+            };
+            probs.extend(p.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+            feats.extend(f.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+            i += m;
+        }
+        Ok((probs, feats))
+    }
+
+    /// Save `evaluator.json` and `evaluator.safetensors` into `dir` (atomic writes).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        write_atomic(&dir.join(CONFIG_FILE), &json)?;
+        let tensors: HashMap<String, Tensor> = self
+            .store
+            .model_tensors()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let path = dir.join(WEIGHTS_FILE);
+        let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), None)
+            .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+        write_atomic(&path, &bytes)
+    }
+
+    /// Load an evaluator saved by [`Classifier::save`].
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cp = dir.join(CONFIG_FILE);
+        let text = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
+        let cfg: EvaluatorConfig =
+            serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
+        let c = Self::new(&cfg, device)?;
+        let wp = dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&wp).map_err(|e| Error::io(&wp, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::bad_file(&wp, e.to_string()))?;
+        check_shapes(&wp, &c.store.shapes(true), &tensors)?;
+        c.store.load(&wp, &tensors, true)?;
+        Ok(c)
+    }
+}
+
+/// Images `idx` of `data` as a batch, optionally augmented (shift, flip) with `rng`.
+fn batch(data: &dyn Dataset, idx: &[usize], cfg: &EvaluatorConfig, rng: Option<&mut Rng>, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let (c, h, w) = data.image_shape();
+    let k = data.num_conditions();
+    let mut px = Vec::with_capacity(idx.len() * c * h * w);
+    let mut cond = Vec::with_capacity(idx.len() * k);
+    let mut rng = rng;
+    for &i in idx {
+        let img = data.image_u8(i);
+        let (dx, dy, flip) = match rng.as_deref_mut() {
+            Some(r) => {
+                let s = cfg.max_shift as i64;
+                let span = (2 * s + 1) as usize;
+                (r.below(span) as i64 - s, r.below(span) as i64 - s, cfg.hflip && r.below(2) == 1)
+            }
+            None => (0, 0, false),
+        };
+        for ch in 0..c {
+            for y in 0..h as i64 {
+                let sy = (y - dy).clamp(0, h as i64 - 1) as usize;
+                for x in 0..w as i64 {
+                    let xx = if flip { w as i64 - 1 - x } else { x };
+                    let sx = (xx - dx).clamp(0, w as i64 - 1) as usize;
+                    px.push(from_u8(img[(ch * h + sy) * w + sx]));
+                }
+            }
+        }
+        cond.extend(data.condition(i));
+    }
+    Ok((
+        Tensor::from_vec(px, (idx.len(), c, h, w), dev)?,
+        Tensor::from_vec(cond, (idx.len(), k), dev)?,
+    ))
+}
+
+/// Label ids of image `i` (the active entries of its condition vector).
+pub fn label_ids(data: &dyn Dataset, i: usize) -> Vec<u16> {
+    data.condition(i)
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v > 0.5)
+        .map(|(j, _)| j as u16)
+        .collect()
+}
+
+/// Top-k accuracy (course scoring) of `model` on images `idx` of `data`.
+pub fn score_on(model: &Classifier, data: &dyn Dataset, idx: &[usize]) -> Result<TopK> {
+    let dev = model.store.device().clone();
+    let mut scores = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(256) {
+        let (x, _) = batch(data, chunk, &model.cfg, None, &dev)?;
+        scores.extend(model.predict(&x)?.0);
+    }
+    let truth: Vec<Vec<u16>> = idx.iter().map(|&i| label_ids(data, i)).collect();
+    topk_accuracy(&scores, &truth)
+}
+
+/// Progress of evaluator training.
+#[derive(Debug, Clone)]
+pub struct EvalProgress {
+    pub epoch: usize,
+    pub step: usize,
+    pub steps_per_epoch: usize,
+    pub loss: f64,
+    /// Held-out top-k accuracy, at the end of each epoch.
+    pub holdout_accuracy: Option<f64>,
+}
+
+/// Train an evaluator on `data`, holding out the last `cfg.holdout` fraction; returns the
+/// model and its held-out score.
+pub fn train_evaluator(
+    cfg: &EvaluatorConfig,
+    data: &dyn Dataset,
+    device: &Device,
+    mut progress: impl FnMut(&EvalProgress),
+) -> Result<(Classifier, TopK)> {
+    let model = Classifier::new(cfg, device)?;
+    let n = data.len();
+    let n_hold = ((n as f64) * cfg.holdout).round() as usize;
+    let n_train = n - n_hold;
+    if n_train < cfg.batch_size || n_hold == 0 {
+        return Err(Error::Config(format!(
+            "{n} images are too few to train on batches of {} and hold out {:.0}%",
+            cfg.batch_size,
+            cfg.holdout * 100.0
+        )));
+    }
+    let hold: Vec<usize> = (n_train..n).collect();
+    let mut opt = Adam::new(model.store.trainable(), cfg.lr, 0.9, 0.999, 1e-8)?;
+    let mut rng = Rng::stream(cfg.seed, "eval.train");
+    let steps_per_epoch = n_train / cfg.batch_size;
+    let mut last = None;
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..n_train).collect();
+        rng.shuffle(&mut order);
+        // Cosine decay of the learning rate over all epochs.
+        for step in 0..steps_per_epoch {
+            let t = (epoch * steps_per_epoch + step) as f64 / (cfg.epochs * steps_per_epoch) as f64;
+            opt.lr = cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+            let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
+            let (x, y) = batch(data, idx, cfg, Some(&mut rng), device)?;
+            let (logits, _) = model.forward(&x, true)?;
+            let loss = aux_loss(cfg.kind, &logits, &y)?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                return Err(Error::Msg(format!("evaluator loss became {lv} at epoch {epoch} step {step}")));
+            }
+            progress(&EvalProgress {
+                epoch,
+                step,
+                steps_per_epoch,
+                loss: lv,
+                holdout_accuracy: None,
+            });
+        }
+        let acc = score_on(&model, data, &hold)?;
+        progress(&EvalProgress {
+            epoch,
+            step: steps_per_epoch,
+            steps_per_epoch,
+            loss: f64::NAN,
+            holdout_accuracy: Some(acc.accuracy()),
+        });
+        last = Some(acc);
+    }
+    let acc = match last {
+        Some(a) => a,
+        None => score_on(&model, data, &hold)?,
+    };
+    Ok((model, acc))
+}

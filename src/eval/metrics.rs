@@ -1,0 +1,282 @@
+//! Scores for conditional generators, computed from an evaluator's outputs.
+//!
+//! - [`topk_accuracy`]: the i-CLEVR course metric. For an image with k true objects take the
+//!   k highest-scoring labels and count how many are true; accuracy = all hits / all labels
+//!   over the whole set (micro-averaged: one hit is 1/72 on test.json, 1/84 on new_test.json).
+//!   For one-hot conditions this is ordinary top-1 accuracy.
+//! - [`frechet_distance`]: Fréchet distance between Gaussians fitted to two feature sets
+//!   (Heusel et al. 2017's formula). On evaluator features it is a *domain-feature FD*, not FID
+//!   (which is defined on Inception-v3 pool features).
+
+use crate::error::{Error, Result};
+
+/// Hits and label counts of the course's top-k scoring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopK {
+    pub hits: usize,
+    pub labels: usize,
+    /// Per label: (times it was a true label, times it was among the top k).
+    pub per_label: Vec<(usize, usize)>,
+}
+
+impl TopK {
+    pub fn accuracy(&self) -> f64 {
+        if self.labels == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.labels as f64
+        }
+    }
+
+    /// Hit rate of label `i` (None if it never occurred).
+    pub fn label_rate(&self, i: usize) -> Option<f64> {
+        let (n, h) = self.per_label[i];
+        (n > 0).then(|| h as f64 / n as f64)
+    }
+}
+
+/// `scores`: one row of K scores per image; `truth`: the true label ids of each image.
+pub fn topk_accuracy(scores: &[Vec<f32>], truth: &[Vec<u16>]) -> Result<TopK> {
+    if scores.len() != truth.len() {
+        return Err(Error::Msg(format!(
+            "{} score rows for {} label sets",
+            scores.len(),
+            truth.len()
+        )));
+    }
+    let k_all = scores.first().map_or(0, Vec::len);
+    let mut out = TopK {
+        hits: 0,
+        labels: 0,
+        per_label: vec![(0, 0); k_all],
+    };
+    for (s, t) in scores.iter().zip(truth) {
+        if s.len() != k_all {
+            return Err(Error::Msg("score rows of different lengths".into()));
+        }
+        if let Some(&bad) = t.iter().find(|&&l| l as usize >= k_all) {
+            return Err(Error::Msg(format!("label id {bad} out of range (K = {k_all})")));
+        }
+        let k = t.len();
+        // Indices of the k highest scores (ties broken by the lower index, like torch.topk
+        // on distinct values; NaN ranks lowest).
+        let mut idx: Vec<usize> = (0..k_all).collect();
+        idx.sort_by(|&a, &b| {
+            let (x, y) = (s[a], s[b]);
+            y.partial_cmp(&x)
+                .unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
+                .then(a.cmp(&b))
+        });
+        let top = &idx[..k.min(k_all)];
+        for &l in t {
+            out.per_label[l as usize].0 += 1;
+            if top.contains(&(l as usize)) {
+                out.per_label[l as usize].1 += 1;
+                out.hits += 1;
+            }
+        }
+        out.labels += k;
+    }
+    Ok(out)
+}
+
+/// Mean and sample covariance (divided by n - 1) of rows of equal length.
+pub fn mean_cov(feats: &[Vec<f32>]) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+    let n = feats.len();
+    if n < 2 {
+        return Err(Error::Msg(format!("need at least 2 feature vectors, got {n}")));
+    }
+    let d = feats[0].len();
+    let mut mu = vec![0.0; d];
+    for f in feats {
+        for (m, &v) in mu.iter_mut().zip(f) {
+            *m += v as f64;
+        }
+    }
+    mu.iter_mut().for_each(|m| *m /= n as f64);
+    let mut cov = vec![vec![0.0; d]; d];
+    let mut c = vec![0.0; d];
+    for f in feats {
+        for i in 0..d {
+            c[i] = f[i] as f64 - mu[i];
+        }
+        for i in 0..d {
+            for j in i..d {
+                cov[i][j] += c[i] * c[j];
+            }
+        }
+    }
+    for i in 0..d {
+        for j in i..d {
+            cov[i][j] /= (n - 1) as f64;
+            cov[j][i] = cov[i][j];
+        }
+    }
+    Ok((mu, cov))
+}
+
+/// Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations:
+/// returns (eigenvalues, eigenvectors as columns).
+pub fn sym_eigen(a: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let n = a.len();
+    let mut a: Vec<Vec<f64>> = a.to_vec();
+    let mut v = vec![vec![0.0; n]; n];
+    for (i, row) in v.iter_mut().enumerate() {
+        row[i] = 1.0;
+    }
+    for _sweep in 0..100 {
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i][j] * a[i][j])
+            .sum();
+        let scale: f64 = (0..n).map(|i| a[i][i] * a[i][i]).sum::<f64>().max(1e-300);
+        if off <= 1e-24 * scale {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                if a[p][q].abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let t = if theta == 0.0 { 1.0 } else { t };
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for k in 0..n {
+                    let (akp, akq) = (a[k][p], a[k][q]);
+                    a[k][p] = c * akp - s * akq;
+                    a[k][q] = s * akp + c * akq;
+                }
+                for k in 0..n {
+                    let (apk, aqk) = (a[p][k], a[q][k]);
+                    a[p][k] = c * apk - s * aqk;
+                    a[q][k] = s * apk + c * aqk;
+                }
+                for row in v.iter_mut() {
+                    let (vkp, vkq) = (row[p], row[q]);
+                    row[p] = c * vkp - s * vkq;
+                    row[q] = s * vkp + c * vkq;
+                }
+            }
+        }
+    }
+    ((0..n).map(|i| a[i][i]).collect(), v)
+}
+
+/// Square root of a symmetric positive semi-definite matrix (negative eigenvalues from
+/// round-off are clamped to 0).
+pub fn sqrtm_psd(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (w, v) = sym_eigen(a);
+    let n = a.len();
+    let mut out = vec![vec![0.0; n]; n];
+    for (k, &wk) in w.iter().enumerate() {
+        let s = wk.max(0.0).sqrt();
+        for i in 0..n {
+            let vik = v[i][k] * s;
+            for j in 0..n {
+                out[i][j] += vik * v[j][k];
+            }
+        }
+    }
+    out
+}
+
+fn matmul(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let n = a.len();
+    let m = b[0].len();
+    let mut out = vec![vec![0.0; m]; n];
+    for i in 0..n {
+        for (k, bk) in b.iter().enumerate() {
+            let aik = a[i][k];
+            for j in 0..m {
+                out[i][j] += aik * bk[j];
+            }
+        }
+    }
+    out
+}
+
+/// Fréchet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) between
+/// Gaussians fitted to two feature sets. Uses the symmetric form, so only PSD square roots
+/// are needed.
+pub fn frechet_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> Result<f64> {
+    let (m1, s1) = mean_cov(a)?;
+    let (m2, s2) = mean_cov(b)?;
+    if m1.len() != m2.len() {
+        return Err(Error::Msg("feature sets of different dimension".into()));
+    }
+    let r1 = sqrtm_psd(&s1);
+    let inner = matmul(&matmul(&r1, &s2), &r1);
+    // Symmetrise against round-off before the square root.
+    let n = inner.len();
+    let sym: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..n).map(|j| 0.5 * (inner[i][j] + inner[j][i])).collect())
+        .collect();
+    let cross = sqrtm_psd(&sym);
+    let mean_term: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y) * (x - y)).sum();
+    let tr: f64 = (0..n).map(|i| s1[i][i] + s2[i][i] - 2.0 * cross[i][i]).sum();
+    Ok((mean_term + tr).max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn course_topk_arithmetic_by_hand() {
+        // Three images, K = 4, 1 + 2 + 3 = 6 labels in total.
+        // img0 truth {2}: top-1 = 2 -> 1 hit.
+        // img1 truth {0, 1}: scores rank 3 > 0 > 1 > 2, top-2 = {3, 0} -> 1 hit (0).
+        // img2 truth {1, 2, 3}: top-3 = {0, 1, 3} -> 2 hits (1, 3).
+        // accuracy = (1 + 1 + 2) / 6 = 0.6667 (micro-averaged, not the mean of 1, 0.5, 0.67).
+        let scores = vec![
+            vec![0.1, 0.2, 0.9, 0.3],
+            vec![0.8, 0.5, 0.1, 0.95],
+            vec![0.9, 0.7, 0.2, 0.6],
+        ];
+        let truth = vec![vec![2], vec![0, 1], vec![1, 2, 3]];
+        let r = topk_accuracy(&scores, &truth).unwrap();
+        assert_eq!((r.hits, r.labels), (4, 6));
+        assert!((r.accuracy() - 4.0 / 6.0).abs() < 1e-12);
+        // Per label: 0 true once, hit once; 1 twice, hit once (img2); 2 twice, hit once (img0);
+        // 3 once, hit once.
+        assert_eq!(r.per_label, vec![(1, 1), (2, 1), (2, 1), (1, 1)]);
+        assert_eq!(r.label_rate(1), Some(0.5));
+        // test.json has 72 labels: one hit more or less moves accuracy by 1/72.
+        assert!(topk_accuracy(&scores, &truth[..2]).is_err());
+        assert!(topk_accuracy(&[vec![0.0; 2]], &[vec![5]]).is_err());
+    }
+
+    #[test]
+    fn eigen_and_sqrt() {
+        let a = vec![vec![4.0, 1.0, 0.0], vec![1.0, 3.0, 0.5], vec![0.0, 0.5, 2.0]];
+        let r = sqrtm_psd(&a);
+        let back = matmul(&r, &r);
+        for i in 0..3 {
+            for j in 0..3 {
+                assert!((back[i][j] - a[i][j]).abs() < 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn frechet_of_known_gaussians() {
+        // Same samples shifted by (3, 4): FD = |shift|^2 = 25 exactly (covariances equal).
+        let mut rng = crate::rng::Rng::new(1);
+        let a: Vec<Vec<f32>> = (0..500)
+            .map(|_| rng.normal_vec(2).into_iter().map(|v| v as f32).collect())
+            .collect();
+        let b: Vec<Vec<f32>> = a.iter().map(|v| vec![v[0] + 3.0, v[1] + 4.0]).collect();
+        assert!((frechet_distance(&a, &b).unwrap() - 25.0).abs() < 1e-3);
+        assert!(frechet_distance(&a, &a).unwrap() < 1e-6);
+        // Scaled by 2 (1-D view): FD = (s1 - s2)^2 summed over dims for commuting covariances:
+        // sum_i (sigma_i - 2 sigma_i)^2 = sum_i sigma_i^2 = tr(S1).
+        let c: Vec<Vec<f32>> = a.iter().map(|v| vec![2.0 * v[0], 2.0 * v[1]]).collect();
+        let (mu, s1) = mean_cov(&a).unwrap();
+        // plus the mean term |mu - 2 mu|^2 = |mu|^2
+        let want = s1[0][0] + s1[1][1] + mu[0] * mu[0] + mu[1] * mu[1];
+        let got = frechet_distance(&a, &c).unwrap();
+        assert!((got - want).abs() < 1e-6 * want.max(1.0) + 1e-4, "{got} vs {want}");
+    }
+}

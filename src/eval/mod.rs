@@ -1,0 +1,4 @@
+//! Scoring generators: the evaluator classifier and the metrics computed from it.
+
+pub mod classifier;
+pub mod metrics;

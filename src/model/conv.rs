@@ -1,0 +1,1246 @@
+//! Fast CPU 2-D convolutions: im2col / col2im around one gemm, as candle custom ops.
+//!
+//! candle 0.11 runs conv2d on the CPU as im2col + gemm, but conv_transpose2d as a direct loop,
+//! and that loop also computes the input gradient of every conv2d. [`conv2d`] and
+//! [`conv_transpose2d`] here run both through the `gemm` crate. Their backward passes are built
+//! from the same three custom ops (conv2d, conv_transpose2d with an output padding, and the
+//! weight gradient), each with a backward of its own made of these ops again, so gradients of
+//! gradients (WGAN-GP, R1) stay exact. A gradient is only computed for an argument that
+//! candle tracks (a variable or something computed from one): the input gradient of the first
+//! conv of a discriminator fed real images is skipped.
+//!
+//! Off the CPU, for dtypes other than f32/f64, or for non-square kernels, both fall back to
+//! candle's own ops, so CUDA/Metal keep working.
+//!
+//! Index conventions shared by all three ops ("image side" and "column side"): with stride s,
+//! padding p and a K x K kernel, column position (oh, ow) of an output channel sees image
+//! pixel (oh * s - p + kh, ow * s - p + kw) through kernel tap (kh, kw).
+//! - conv2d: image = input x (B, C, H, W), columns = output (B, O, OH, OW);
+//!   y_b = W (O, C K K) @ im2col(x_b).
+//! - conv_transpose2d: columns = input x (B, Cin, H, W), image = output (B, Cout, OH, OW);
+//!   y_b = col2im(W^T (Cout K K, Cin) @ x_b).
+//! - weight gradient of conv2d: dW (O, C K K) = sum_b g_b (O, OH OW) @ im2col(x_b)^T.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// 2-D convolution, x (B, C, H, W), w (O, C, K, K) OIHW -> (B, O, OH, OW), with
+/// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if fast_path(x, w) {
+        conv2d_op(x, w, stride, padding)
+    } else {
+        x.conv2d(w, padding, stride, 1, 1)
+    }
+}
+
+/// 2-D transposed convolution, x (B, Cin, H, W), w (Cin, Cout, K, K) -> (B, Cout, OH, OW),
+/// with OH = (H - 1) stride - 2 padding + K. Same result as
+/// `x.conv_transpose2d(w, padding, 0, stride, 1)`.
+pub fn conv_transpose2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if fast_path(x, w) {
+        conv_transpose2d_op(x, w, stride, padding, (0, 0))
+    } else {
+        x.conv_transpose2d(w, padding, 0, stride, 1)
+    }
+}
+
+/// Whether the custom ops handle these arguments (else candle's ops do).
+fn fast_path(x: &Tensor, w: &Tensor) -> bool {
+    let dims = w.dims();
+    x.device().is_cpu()
+        && w.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+        && x.rank() == 4
+        && dims.len() == 4
+        && dims[2] == dims[3]
+}
+
+fn conv2d_op(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { s, p })
+}
+
+/// `op`: output padding (rows, columns), each below the stride.
+fn conv_transpose2d_op(
+    x: &Tensor,
+    w: &Tensor,
+    s: usize,
+    p: usize,
+    op: (usize, usize),
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvT2dOp {
+            s,
+            p,
+            oph: op.0,
+            opw: op.1,
+        },
+    )
+}
+
+/// Gradient of conv2d(x, w) with respect to w (O, C, k, k), given g = d loss / d output.
+fn weight_grad_op(x: &Tensor, g: &Tensor, s: usize, p: usize, k: usize) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&g.contiguous()?, WeightGradOp { s, p, k })
+}
+
+/// Output padding that makes conv_transpose2d map a conv2d output of size `out` back to an
+/// image of size `img` (the part of the image no window reaches when the stride does not
+/// divide `img + 2p - k`).
+fn output_padding(img: usize, out: usize, k: usize, s: usize, p: usize) -> Result<usize> {
+    match (img + 2 * p).checked_sub(k + (out - 1) * s) {
+        Some(r) if r < s => Ok(r),
+        _ => bail!("conv: image size {img} does not match output size {out} (k {k}, s {s}, p {p})"),
+    }
+}
+
+/// conv2d: (x, w) -> y.
+#[derive(Debug, Clone, Copy)]
+struct Conv2dOp {
+    s: usize,
+    p: usize,
+}
+
+/// conv_transpose2d with output padding: (x, w) -> y.
+#[derive(Debug, Clone, Copy)]
+struct ConvT2dOp {
+    s: usize,
+    p: usize,
+    oph: usize,
+    opw: usize,
+}
+
+/// Weight gradient of conv2d: (x, g) -> dw (O, C, k, k).
+#[derive(Debug, Clone, Copy)]
+struct WeightGradOp {
+    s: usize,
+    p: usize,
+    k: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ganscope-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch(self, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Self { s, p } = *self;
+        let k = w.dim(2)?;
+        let gx = if x.track_op() {
+            let (_, _, h, wd) = x.dims4()?;
+            let (_, _, oh, ow) = g.dims4()?;
+            let op = (
+                output_padding(h, oh, k, s, p)?,
+                output_padding(wd, ow, k, s, p)?,
+            );
+            Some(conv_transpose2d_op(g, w, s, p, op)?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(weight_grad_op(x, g, s, p, k)?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp2 for ConvT2dOp {
+    fn name(&self) -> &'static str {
+        "ganscope-conv-transpose2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch(self, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (s, p) = (self.s, self.p);
+        // x sits on the column side, g (the output's gradient) on the image side.
+        let gx = if x.track_op() {
+            Some(conv2d_op(g, w, s, p)?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(weight_grad_op(g, x, s, p, w.dim(2)?)?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp2 for WeightGradOp {
+    fn name(&self) -> &'static str {
+        "ganscope-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch(self, s1, l1, s2, l2)
+    }
+
+    /// dw[o,c,kh,kw] = sum g[b,o,oh,ow] x[b,c,oh s-p+kh,ow s-p+kw] is bilinear in (x, g):
+    /// d/dx is conv_transpose2d(g, gdw) (gdw read as (O, C, k, k) = (Cin, Cout, k, k)), with
+    /// the output padding that restores x's size; d/dg is conv2d(x, gdw).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        gdw: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Self { s, p, k } = *self;
+        let gx = if x.track_op() {
+            let (_, _, h, wd) = x.dims4()?;
+            let (_, _, oh, ow) = g.dims4()?;
+            let op = (
+                output_padding(h, oh, k, s, p)?,
+                output_padding(wd, ow, k, s, p)?,
+            );
+            Some(conv_transpose2d_op(g, gdw, s, p, op)?)
+        } else {
+            None
+        };
+        let gg = if g.track_op() {
+            Some(conv2d_op(x, gdw, s, p)?)
+        } else {
+            None
+        };
+        Ok((gx, gg))
+    }
+}
+
+/// Sizes of one convolution, in image-side / column-side terms (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Geom {
+    b: usize,
+    /// Image side: channels, height, width.
+    c: usize,
+    h: usize,
+    w: usize,
+    /// Column side: channels, height, width.
+    o: usize,
+    oh: usize,
+    ow: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+impl Geom {
+    /// Rows of the im2col matrix.
+    fn ckk(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    /// Column positions per sample.
+    fn l(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Image elements per sample.
+    fn img(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    /// Column-side elements per sample.
+    fn col(&self) -> usize {
+        self.o * self.l()
+    }
+    /// Samples per im2col buffer, so that the buffer stays within the budget.
+    fn chunk<T>(&self) -> usize {
+        let per_sample = (self.ckk() * self.l() * std::mem::size_of::<T>()).max(1);
+        (cols_budget_bytes() / per_sample).clamp(1, self.b.max(1))
+    }
+}
+
+/// Largest im2col buffer (bytes) before the batch is processed in chunks.
+const COLS_BUDGET_BYTES: usize = 32 << 20;
+
+fn cols_budget_bytes() -> usize {
+    #[cfg(test)]
+    if let Some(b) = tests::BUDGET.with(|c| c.get()) {
+        return b;
+    }
+    COLS_BUDGET_BYTES
+}
+
+fn conv_out(n: usize, k: usize, s: usize, p: usize) -> Result<usize> {
+    if s == 0 || k == 0 {
+        bail!("conv: stride {s}, kernel {k}");
+    }
+    match (n + 2 * p).checked_sub(k) {
+        Some(r) => Ok(r / s + 1),
+        None => bail!("conv: kernel {k} larger than the padded input {n} + 2 * {p}"),
+    }
+}
+
+fn conv_t_out(n: usize, k: usize, s: usize, p: usize, op: usize) -> Result<usize> {
+    if s == 0 {
+        bail!("conv_transpose: stride 0");
+    }
+    if op >= s {
+        bail!("conv_transpose: output padding {op} must be below the stride {s}");
+    }
+    if n == 0 || k == 0 {
+        bail!("conv_transpose: empty input or kernel");
+    }
+    match ((n - 1) * s + k + op).checked_sub(2 * p) {
+        Some(o) if o > 0 => Ok(o),
+        _ => bail!("conv_transpose: padding {p} leaves an empty output"),
+    }
+}
+
+fn dims4(d: &[usize], what: &str) -> Result<[usize; 4]> {
+    match d {
+        &[a, b, c, e] => Ok([a, b, c, e]),
+        _ => bail!("{what}: expected a rank-4 tensor, got shape {d:?}"),
+    }
+}
+
+/// What each op does with its two (contiguous) arguments.
+trait Kernel {
+    const NAME: &'static str;
+    fn geom(&self, a: &[usize], b: &[usize]) -> Result<Geom>;
+    fn out_shape(&self, g: &Geom) -> Shape;
+    fn run<T: WithDType>(&self, g: &Geom, a: &[T], b: &[T]) -> Vec<T>;
+}
+
+impl Kernel for Conv2dOp {
+    const NAME: &'static str = "ganscope-conv2d";
+    fn geom(&self, a: &[usize], b: &[usize]) -> Result<Geom> {
+        let [bs, c, h, w] = dims4(a, Self::NAME)?;
+        let [o, c2, k, k2] = dims4(b, Self::NAME)?;
+        if c2 != c || k2 != k {
+            bail!("{}: input {a:?} and kernel {b:?} do not fit", Self::NAME);
+        }
+        Ok(Geom {
+            b: bs,
+            c,
+            h,
+            w,
+            o,
+            oh: conv_out(h, k, self.s, self.p)?,
+            ow: conv_out(w, k, self.s, self.p)?,
+            k,
+            s: self.s,
+            p: self.p,
+        })
+    }
+    fn out_shape(&self, g: &Geom) -> Shape {
+        (g.b, g.o, g.oh, g.ow).into()
+    }
+    fn run<T: WithDType>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+        conv2d_fwd(g, x, w)
+    }
+}
+
+impl Kernel for ConvT2dOp {
+    const NAME: &'static str = "ganscope-conv-transpose2d";
+    fn geom(&self, a: &[usize], b: &[usize]) -> Result<Geom> {
+        let [bs, ci, h, w] = dims4(a, Self::NAME)?;
+        let [ci2, co, k, k2] = dims4(b, Self::NAME)?;
+        if ci2 != ci || k2 != k {
+            bail!("{}: input {a:?} and kernel {b:?} do not fit", Self::NAME);
+        }
+        Ok(Geom {
+            b: bs,
+            c: co,
+            h: conv_t_out(h, k, self.s, self.p, self.oph)?,
+            w: conv_t_out(w, k, self.s, self.p, self.opw)?,
+            o: ci,
+            oh: h,
+            ow: w,
+            k,
+            s: self.s,
+            p: self.p,
+        })
+    }
+    fn out_shape(&self, g: &Geom) -> Shape {
+        (g.b, g.c, g.h, g.w).into()
+    }
+    fn run<T: WithDType>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+        conv_t_fwd(g, x, w)
+    }
+}
+
+impl Kernel for WeightGradOp {
+    const NAME: &'static str = "ganscope-conv2d-weight-grad";
+    fn geom(&self, a: &[usize], b: &[usize]) -> Result<Geom> {
+        let [bs, c, h, w] = dims4(a, Self::NAME)?;
+        let [bs2, o, oh, ow] = dims4(b, Self::NAME)?;
+        let (k, s, p) = (self.k, self.s, self.p);
+        if bs2 != bs || conv_out(h, k, s, p)? != oh || conv_out(w, k, s, p)? != ow {
+            bail!(
+                "{}: input {a:?} and output gradient {b:?} do not fit (k {k}, s {s}, p {p})",
+                Self::NAME
+            );
+        }
+        Ok(Geom {
+            b: bs,
+            c,
+            h,
+            w,
+            o,
+            oh,
+            ow,
+            k,
+            s,
+            p,
+        })
+    }
+    fn out_shape(&self, g: &Geom) -> Shape {
+        (g.o, g.c, g.k, g.k).into()
+    }
+    fn run<T: WithDType>(&self, g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+        weight_grad(g, x, gy)
+    }
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: non-contiguous argument"),
+    }
+}
+
+fn dispatch<K: Kernel>(
+    op: &K,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = op.geom(l1.dims(), l2.dims())?;
+    let shape = op.out_shape(&g);
+    let storage = match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(op.run(&g, contiguous(a, l1, K::NAME)?, contiguous(b, l2, K::NAME)?))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(op.run(&g, contiguous(a, l1, K::NAME)?, contiguous(b, l2, K::NAME)?))
+        }
+        _ => bail!(
+            "{}: expected two f32 or two f64 tensors, got {:?} and {:?}",
+            K::NAME,
+            s1.dtype(),
+            s2.dtype()
+        ),
+    };
+    Ok((storage, shape))
+}
+
+fn zeros<T: WithDType>(n: usize) -> Vec<T> {
+    vec![T::from_f64(0.0); n]
+}
+
+/// conv2d forward: x (B, C, H, W), w (O, C K K) -> y (B, O, OH, OW).
+fn conv2d_fwd<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (ckk, l) = (g.ckk(), g.l());
+    let mut y = zeros(g.b * g.col());
+    let bc = g.chunk::<T>();
+    let mut cols = zeros(ckk * bc * l);
+    let mut tmp = if bc > 1 { zeros(g.o * bc * l) } else { vec![] };
+    for b0 in (0..g.b).step_by(bc) {
+        let nb = bc.min(g.b - b0);
+        let n = nb * l;
+        let cols = &mut cols[..ckk * n];
+        im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
+        let yc = &mut y[b0 * g.col()..(b0 + nb) * g.col()];
+        if nb == 1 {
+            matmul(g.o, n, ckk, yc, (n, 1), false, w, (ckk, 1), cols, (n, 1));
+        } else {
+            let tmp = &mut tmp[..g.o * n];
+            matmul(g.o, n, ckk, tmp, (n, 1), false, w, (ckk, 1), cols, (n, 1));
+            channel_to_batch_major(tmp, nb, g.o, l, yc);
+        }
+    }
+    y
+}
+
+/// conv_transpose2d forward: x (B, O, OH, OW) on the column side, w (O, C K K) ->
+/// y (B, C, H, W) on the image side.
+fn conv_t_fwd<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (ckk, l) = (g.ckk(), g.l());
+    let mut y = zeros(g.b * g.img());
+    let bc = g.chunk::<T>();
+    let mut cols = zeros(ckk * bc * l);
+    let mut xp = if bc > 1 { zeros(g.o * bc * l) } else { vec![] };
+    for b0 in (0..g.b).step_by(bc) {
+        let nb = bc.min(g.b - b0);
+        let n = nb * l;
+        let cols = &mut cols[..ckk * n];
+        let xc = &x[b0 * g.col()..(b0 + nb) * g.col()];
+        let rhs: &[T] = if nb == 1 {
+            xc
+        } else {
+            let xp = &mut xp[..g.o * n];
+            batch_to_channel_major(xc, nb, g.o, l, xp);
+            xp
+        };
+        // cols (C K K, n) = w^T @ rhs, w stored (O, C K K).
+        matmul(ckk, n, g.o, cols, (n, 1), false, w, (1, ckk), rhs, (n, 1));
+        col2im(g, nb, cols, &mut y[b0 * g.img()..(b0 + nb) * g.img()]);
+    }
+    y
+}
+
+/// conv2d weight gradient: x (B, C, H, W), gy (B, O, OH, OW) -> dw (O, C K K).
+fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+    let (ckk, l) = (g.ckk(), g.l());
+    let mut dw = zeros(g.o * ckk);
+    let bc = g.chunk::<T>();
+    let mut cols = zeros(ckk * bc * l);
+    let mut gp = if bc > 1 { zeros(g.o * bc * l) } else { vec![] };
+    for b0 in (0..g.b).step_by(bc) {
+        let nb = bc.min(g.b - b0);
+        let n = nb * l;
+        let cols = &mut cols[..ckk * n];
+        im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
+        let gc = &gy[b0 * g.col()..(b0 + nb) * g.col()];
+        let lhs: &[T] = if nb == 1 {
+            gc
+        } else {
+            let gp = &mut gp[..g.o * n];
+            batch_to_channel_major(gc, nb, g.o, l, gp);
+            gp
+        };
+        // dw (O, C K K) += lhs (O, n) @ cols^T (n, C K K).
+        matmul(
+            g.o,
+            ckk,
+            n,
+            &mut dw,
+            (ckk, 1),
+            b0 > 0,
+            lhs,
+            (n, 1),
+            cols,
+            (1, n),
+        );
+    }
+    dw
+}
+
+/// Column positions `o` in [0, n_out) whose tap `kk` lands inside the image:
+/// 0 <= o s + kk - p < n_img.
+fn valid_range(kk: usize, p: usize, s: usize, n_img: usize, n_out: usize) -> (usize, usize) {
+    let lo = if kk >= p { 0 } else { (p - kk).div_ceil(s) };
+    let hi = if n_img + p > kk {
+        n_out.min((n_img + p - kk - 1) / s + 1)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// im2col of `nb` samples: img (nb, C, H, W) -> cols (C K K, nb OH OW), every entry written.
+fn im2col<T: WithDType>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
+    let (k, s, p, l) = (g.k, g.s, g.p, g.l());
+    let n = nb * l;
+    let zero = T::from_f64(0.0);
+    cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+        let (hlo, hhi) = valid_range(kh, p, s, g.h, g.oh);
+        let (wlo, whi) = valid_range(kw, p, s, g.w, g.ow);
+        for b in 0..nb {
+            let plane = &img[(b * g.c + c) * g.h * g.w..][..g.h * g.w];
+            let dst = &mut row[b * l..(b + 1) * l];
+            dst[..hlo * g.ow].fill(zero);
+            dst[hhi * g.ow..].fill(zero);
+            for oh in hlo..hhi {
+                let src = &plane[(oh * s + kh - p) * g.w..][..g.w];
+                let d = &mut dst[oh * g.ow..(oh + 1) * g.ow];
+                d[..wlo].fill(zero);
+                d[whi..].fill(zero);
+                if wlo < whi {
+                    let j0 = wlo * s + kw - p;
+                    if s == 1 {
+                        d[wlo..whi].copy_from_slice(&src[j0..j0 + (whi - wlo)]);
+                    } else {
+                        for (dv, sv) in d[wlo..whi].iter_mut().zip(src[j0..].iter().step_by(s)) {
+                            *dv = *sv;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W) (zeroed).
+fn col2im<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+    let (k, s, p, l) = (g.k, g.s, g.p, g.l());
+    let n = nb * l;
+    let hw = g.h * g.w;
+    img.par_chunks_mut(hw)
+        .with_min_len((4096 / hw.max(1)).max(1))
+        .enumerate()
+        .for_each(|(idx, plane)| {
+            let (b, c) = (idx / g.c, idx % g.c);
+            for kh in 0..k {
+                let (hlo, hhi) = valid_range(kh, p, s, g.h, g.oh);
+                for kw in 0..k {
+                    let (wlo, whi) = valid_range(kw, p, s, g.w, g.ow);
+                    if wlo >= whi {
+                        continue;
+                    }
+                    let row = &cols[((c * k + kh) * k + kw) * n + b * l..][..l];
+                    for oh in hlo..hhi {
+                        let src = &row[oh * g.ow + wlo..oh * g.ow + whi];
+                        let j0 = wlo * s + kw - p;
+                        let dst = &mut plane[(oh * s + kh - p) * g.w + j0..];
+                        if s == 1 {
+                            for (dv, sv) in dst.iter_mut().zip(src) {
+                                *dv += *sv;
+                            }
+                        } else {
+                            for (dv, sv) in dst.iter_mut().step_by(s).zip(src) {
+                                *dv += *sv;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// (nb, m, l) -> (m, nb l).
+fn batch_to_channel_major<T: WithDType>(src: &[T], nb: usize, m: usize, l: usize, dst: &mut [T]) {
+    dst.par_chunks_mut(nb * l).enumerate().for_each(|(i, row)| {
+        for b in 0..nb {
+            row[b * l..(b + 1) * l].copy_from_slice(&src[(b * m + i) * l..][..l]);
+        }
+    });
+}
+
+/// (m, nb l) -> (nb, m, l).
+fn channel_to_batch_major<T: WithDType>(src: &[T], nb: usize, m: usize, l: usize, dst: &mut [T]) {
+    dst.par_chunks_mut(l)
+        .with_min_len((4096 / l.max(1)).max(1))
+        .enumerate()
+        .for_each(|(idx, d)| {
+            let (b, i) = (idx / m, idx % m);
+            d.copy_from_slice(&src[(i * nb + b) * l..][..l]);
+        });
+}
+
+/// Index one past the last element a (rows, cols) matrix with strides (rs, cs) touches.
+fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// dst (m, n) = lhs (m, k) @ rhs (k, n), or dst += that with `accumulate`; strides are
+/// (row, column) in elements.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_s: (usize, usize),
+    accumulate: bool,
+    lhs: &[T],
+    lhs_s: (usize, usize),
+    rhs: &[T],
+    rhs_s: (usize, usize),
+) {
+    assert!(matches!(T::DTYPE, DType::F32 | DType::F64));
+    assert!(extent(m, n, dst_s) <= dst.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_s.0 + j * dst_s.1] = T::from_f64(0.0);
+                }
+            }
+        }
+        return;
+    }
+    assert!(extent(m, k, lhs_s) <= lhs.len());
+    assert!(extent(k, n, rhs_s) <= rhs.len());
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 17 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let one = T::from_f64(1.0);
+    // SAFETY: the assertions above keep every element gemm reads or writes inside the
+    // slices; dst is borrowed mutably, so it cannot alias lhs or rhs; T is f32 or f64.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_s.1 as isize,
+            dst_s.0 as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_s.1 as isize,
+            lhs_s.0 as isize,
+            rhs.as_ptr(),
+            rhs_s.1 as isize,
+            rhs_s.0 as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::time::Instant;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::rng::Rng;
+
+    thread_local! {
+        /// Overrides the im2col budget in this thread (to exercise batch chunking).
+        pub(super) static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    fn randn(rng: &mut Rng, dims: &[usize], dtype: DType) -> Tensor {
+        let n = dims.iter().product();
+        Tensor::from_vec(rng.normal_vec(n), dims, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// max |a - b| / max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let b = b
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        diff / scale
+    }
+
+    fn tol(dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => 1e-5,
+            _ => 1e-12,
+        }
+    }
+
+    /// (B, C, H, W, O, K, stride, padding) for conv2d.
+    const CONV: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+        (2, 3, 8, 8, 4, 3, 1, 1),
+        (2, 3, 8, 8, 4, 3, 2, 1),   // 8 + 2 - 3 odd: 4x4, last row unused
+        (3, 2, 28, 28, 4, 4, 2, 1), // 28 -> 14
+        (2, 4, 14, 14, 3, 4, 2, 1), // 14 -> 7
+        (2, 3, 7, 7, 2, 7, 1, 0),   // 7 -> 1
+        (2, 3, 4, 4, 2, 4, 1, 0),   // 4 -> 1
+        (2, 5, 6, 6, 3, 1, 1, 0),   // 1x1
+        (2, 2, 6, 6, 3, 1, 2, 0),   // 1x1 stride 2, 6 -> 3
+        (2, 3, 10, 9, 4, 3, 2, 0),  // non-square
+        (1, 2, 9, 9, 3, 4, 2, 0),   // 9 -> 3, (9 - 4) odd
+        (2, 3, 5, 5, 2, 3, 1, 1),
+        (1, 1, 1, 1, 3, 1, 1, 0), // 1x1 spatial
+    ];
+
+    /// (B, Cin, H, W, Cout, K, stride, padding) for conv_transpose2d.
+    const CONV_T: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+        (3, 8, 1, 1, 4, 4, 1, 0),   // DCGAN's first layer, 1 -> 4
+        (3, 8, 1, 1, 4, 7, 1, 0),   // 1 -> 7
+        (2, 6, 7, 7, 4, 4, 2, 1),   // 7 -> 14
+        (2, 4, 14, 14, 1, 4, 2, 1), // 14 -> 28
+        (2, 3, 5, 6, 4, 3, 1, 1),   // same size, non-square
+        (2, 3, 4, 4, 2, 3, 2, 1),   // 4 -> 7
+        (2, 3, 5, 5, 2, 1, 1, 0),   // 1x1
+        (2, 3, 4, 4, 2, 3, 2, 0),   // 4 -> 9
+        (2, 3, 4, 5, 2, 2, 2, 0),   // 4x5 -> 8x10
+        (2, 3, 3, 3, 2, 5, 3, 2),   // stride 3
+    ];
+
+    #[test]
+    fn forward_matches_candle() {
+        let mut rng = Rng::new(1);
+        for dtype in [DType::F32, DType::F64] {
+            let mut worst = (0.0f64, 0.0f64);
+            for &(b, c, h, w, o, k, s, p) in CONV {
+                let x = randn(&mut rng, &[b, c, h, w], dtype);
+                let wt = randn(&mut rng, &[o, c, k, k], dtype);
+                let r = rel(
+                    &conv2d(&x, &wt, s, p).unwrap(),
+                    &x.conv2d(&wt, p, s, 1, 1).unwrap(),
+                );
+                assert!(
+                    r < tol(dtype),
+                    "conv2d {dtype:?} {:?}: {r:e}",
+                    (b, c, h, w, o, k)
+                );
+                worst.0 = worst.0.max(r);
+            }
+            for &(b, c, h, w, o, k, s, p) in CONV_T {
+                let x = randn(&mut rng, &[b, c, h, w], dtype);
+                let wt = randn(&mut rng, &[c, o, k, k], dtype);
+                let r = rel(
+                    &conv_transpose2d(&x, &wt, s, p).unwrap(),
+                    &x.conv_transpose2d(&wt, p, 0, s, 1).unwrap(),
+                );
+                assert!(
+                    r < tol(dtype),
+                    "conv_t {dtype:?} {:?}: {r:e}",
+                    (b, c, h, w, o, k)
+                );
+                worst.1 = worst.1.max(r);
+            }
+            // Output padding (only reachable through backward) against candle's.
+            for (op, s) in [(1, 2), (1, 3), (2, 3)] {
+                let x = randn(&mut rng, &[2, 3, 4, 5], dtype);
+                let wt = randn(&mut rng, &[3, 2, 3, 3], dtype);
+                let r = rel(
+                    &conv_transpose2d_op(&x, &wt, s, 1, (op, op)).unwrap(),
+                    &x.conv_transpose2d(&wt, 1, op, s, 1).unwrap(),
+                );
+                assert!(r < tol(dtype), "conv_t output padding {op}: {r:e}");
+                worst.1 = worst.1.max(r);
+            }
+            eprintln!(
+                "forward {dtype:?}: worst rel err conv2d {:.1e}, conv_transpose2d {:.1e}",
+                worst.0, worst.1
+            );
+        }
+    }
+
+    #[test]
+    fn batch_chunking_gives_the_same_result() {
+        let mut rng = Rng::new(2);
+        let x = randn(&mut rng, &[5, 3, 9, 9], DType::F64);
+        let w = randn(&mut rng, &[4, 3, 3, 3], DType::F64);
+        let wt = randn(&mut rng, &[3, 4, 4, 4], DType::F64);
+        let run = || {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = conv2d(xv.as_tensor(), &w, 2, 1).unwrap();
+            let z = conv_transpose2d(xv.as_tensor(), &wt, 2, 1).unwrap();
+            let gx = (y.sqr().unwrap().sum_all().unwrap() + z.sum_all().unwrap())
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(xv.as_tensor())
+                .unwrap()
+                .clone();
+            let gw = weight_grad_op(&x, &y, 2, 1, 3).unwrap();
+            [y, z, gx, gw]
+        };
+        let whole = run();
+        // im2col bytes per sample: 27 rows x 25 columns for conv2d (and its input and weight
+        // gradients), 64 x 81 for conv_transpose2d (and its gradients). Budgets for chunks of
+        // 1 and 2 (conv2d), then 2 and 3 (conv_transpose2d), the last chunk a remainder.
+        for budget in [1, 2]
+            .map(|n| n * 27 * 25 * 8)
+            .into_iter()
+            .chain([2, 3].map(|n| n * 64 * 81 * 8))
+        {
+            BUDGET.with(|c| c.set(Some(budget)));
+            let chunked = run();
+            BUDGET.with(|c| c.set(None));
+            for (a, b) in chunked.iter().zip(&whole) {
+                assert!(rel(a, b) < 1e-14, "budget {budget}: {:e}", rel(a, b));
+            }
+        }
+    }
+
+    /// candle's conv2d, made to give the right input gradient for non-square images: its
+    /// backward takes the output padding of the height for the width as well, so pad the
+    /// image with zeros (which leaves the output alone) until both agree.
+    fn reference_conv2d(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Tensor {
+        let (_, _, h, wd) = x.dims4().unwrap();
+        let k = w.dim(2).unwrap();
+        let (rh, rw) = ((h + 2 * p - k) % s, (wd + 2 * p - k) % s);
+        let x = if rh > rw {
+            x.pad_with_zeros(3, 0, rh - rw).unwrap()
+        } else {
+            x.pad_with_zeros(2, 0, rw - rh).unwrap()
+        };
+        x.conv2d(w, p, s, 1, 1).unwrap()
+    }
+
+    #[test]
+    fn first_order_gradients_match_candle() {
+        let mut rng = Rng::new(3);
+        for dtype in [DType::F32, DType::F64] {
+            let mut worst = 0.0f64;
+            let cases = CONV
+                .iter()
+                .map(|&c| (false, c))
+                .chain(CONV_T.iter().map(|&c| (true, c)));
+            for (transposed, (b, c, h, w, o, k, s, p)) in cases {
+                let x = Var::from_tensor(&randn(&mut rng, &[b, c, h, w], dtype)).unwrap();
+                let wdims = if transposed {
+                    [c, o, k, k]
+                } else {
+                    [o, c, k, k]
+                };
+                let wt = Var::from_tensor(&randn(&mut rng, &wdims, dtype)).unwrap();
+                let (xt, wtt) = (x.as_tensor(), wt.as_tensor());
+                let (ours, theirs) = if transposed {
+                    (
+                        conv_transpose2d(xt, wtt, s, p).unwrap(),
+                        xt.conv_transpose2d(wtt, p, 0, s, 1).unwrap(),
+                    )
+                } else {
+                    (
+                        conv2d(xt, wtt, s, p).unwrap(),
+                        reference_conv2d(xt, wtt, s, p),
+                    )
+                };
+                let r = randn(&mut rng, ours.dims(), dtype);
+                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (theirs * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for v in [xt, wtt] {
+                    let e = rel(g1.get(v).unwrap(), g2.get(v).unwrap());
+                    assert!(
+                        e < tol(dtype),
+                        "{dtype:?} transposed {transposed} {:?}: {e:e}",
+                        (b, c, h, w, o, k, s, p)
+                    );
+                    worst = worst.max(e);
+                }
+            }
+            eprintln!("first-order gradients {dtype:?}: worst rel err {worst:.1e}");
+        }
+    }
+
+    #[test]
+    fn untracked_input_gets_no_gradient() {
+        let mut rng = Rng::new(4);
+        let x = randn(&mut rng, &[2, 3, 8, 8], DType::F64);
+        let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 4, 4], DType::F64)).unwrap();
+        let y = conv2d(&x, w.as_tensor(), 2, 1).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        let want = x
+            .conv2d(w.as_tensor(), 1, 2, 1, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let e = rel(
+            g.get(w.as_tensor()).unwrap(),
+            want.get(w.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-12, "{e:e}");
+    }
+
+    #[test]
+    fn other_dtypes_fall_back_to_candle() {
+        let mut rng = Rng::new(5);
+        let x = randn(&mut rng, &[2, 3, 6, 6], DType::F16);
+        let w = randn(&mut rng, &[4, 3, 3, 3], DType::F16);
+        let wt = randn(&mut rng, &[3, 4, 3, 3], DType::F16);
+        let a = conv2d(&x, &w, 1, 1).unwrap();
+        assert_eq!(rel(&a, &x.conv2d(&w, 1, 1, 1, 1).unwrap()), 0.0);
+        let a = conv_transpose2d(&x, &wt, 2, 1).unwrap();
+        assert_eq!(rel(&a, &x.conv_transpose2d(&wt, 1, 0, 2, 1).unwrap()), 0.0);
+        // Mismatched dtypes are an error, not a panic.
+        let w64 = w.to_dtype(DType::F64).unwrap();
+        assert!(conv2d(&x.to_dtype(DType::F32).unwrap(), &w64, 1, 1).is_err());
+        // So are mismatched channels.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        assert!(conv2d(&x64, &randn(&mut rng, &[4, 2, 3, 3], DType::F64), 1, 1).is_err());
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Layer {
+        Conv,
+        ConvT,
+    }
+
+    type Net = (
+        [usize; 4],
+        (Layer, [usize; 4], usize, usize),
+        (Layer, [usize; 4], usize, usize),
+    );
+
+    fn apply(layer: Layer, x: &Tensor, w: &Tensor, s: usize, p: usize, ours: bool) -> Tensor {
+        match (layer, ours) {
+            (Layer::Conv, true) => conv2d(x, w, s, p).unwrap(),
+            (Layer::ConvT, true) => conv_transpose2d(x, w, s, p).unwrap(),
+            (Layer::Conv, false) => x.conv2d(w, p, s, 1, 1).unwrap(),
+            (Layer::ConvT, false) => x.conv_transpose2d(w, p, 0, s, 1).unwrap(),
+        }
+    }
+
+    /// sum((d sum(r * f(x)) / dx)^2) for f = layer2(leaky_relu(layer1(x))).
+    fn penalty(net: &Net, x: &Tensor, w: [&Tensor; 2], r: &Tensor, ours: bool) -> Tensor {
+        let (_, (l1, _, s1, p1), (l2, _, s2, p2)) = *net;
+        let xv = Var::from_tensor(x).unwrap();
+        let h = apply(l1, xv.as_tensor(), w[0], s1, p1, ours);
+        let h = h.maximum(&(&h * 0.2).unwrap()).unwrap();
+        let y = apply(l2, &h, w[1], s2, p2, ours);
+        let out = (y * r).unwrap().sum_all().unwrap();
+        let g = out.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+        g.sqr().unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn double_backward_matches_finite_differences() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let nets: [Net; 3] = [
+            // conv2d (8 -> 4, uncovered last row) -> conv_transpose2d (4 -> 8)
+            (
+                [2, 2, 8, 8],
+                (Layer::Conv, [3, 2, 3, 3], 2, 1),
+                (Layer::ConvT, [3, 2, 4, 4], 2, 1),
+            ),
+            // conv2d (9 -> 9) -> conv2d (9 -> 3, uncovered last row)
+            (
+                [2, 2, 9, 9],
+                (Layer::Conv, [4, 2, 3, 3], 1, 1),
+                (Layer::Conv, [1, 4, 4, 4], 2, 0),
+            ),
+            // conv_transpose2d (3 -> 6) -> conv2d (6 -> 3)
+            (
+                [2, 3, 3, 3],
+                (Layer::ConvT, [3, 4, 4, 4], 2, 1),
+                (Layer::Conv, [2, 4, 3, 3], 2, 1),
+            ),
+        ];
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(6);
+        let h = 1e-4;
+        for net in &nets {
+            let x = randn(&mut rng, &net.0, DType::F64);
+            let w1 = Var::from_tensor(&randn(&mut rng, &(net.1).1, DType::F64)).unwrap();
+            let w2 = Var::from_tensor(&randn(&mut rng, &(net.2).1, DType::F64)).unwrap();
+            let ws = [w1.as_tensor(), w2.as_tensor()];
+            // Output shape, for r.
+            let y0 = {
+                let h0 = apply((net.1).0, &x, ws[0], (net.1).2, (net.1).3, false);
+                apply((net.2).0, &h0, ws[1], (net.2).2, (net.2).3, false)
+            };
+            let r = randn(&mut rng, y0.dims(), DType::F64);
+            let pen = penalty(net, &x, ws, &r, true);
+            let grads = pen.backward().unwrap();
+            let theirs = penalty(net, &x, ws, &r, false).backward().unwrap();
+            let mut worst_fd = 0.0f64;
+            let mut worst_candle = 0.0f64;
+            for var in [&w1, &w2] {
+                let g = grads
+                    .get(var.as_tensor())
+                    .expect("no gradient for a weight");
+                worst_candle = worst_candle.max(rel(g, theirs.get(var.as_tensor()).unwrap()));
+                let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let orig = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                for idx in 0..orig.len() {
+                    let eval = |d: f64| {
+                        let mut v = orig.clone();
+                        v[idx] += d;
+                        var.set(&Tensor::from_vec(v, var.dims(), &dev).unwrap())
+                            .unwrap();
+                        penalty(net, &x, ws, &r, true).to_scalar::<f64>().unwrap()
+                    };
+                    let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                    let e = (g[idx] - fd).abs() / g[idx].abs().max(fd.abs()).max(1e-3 * scale);
+                    assert!(
+                        e < 1e-6,
+                        "{net:?} [{idx}]: analytic {} vs finite difference {fd} ({e:e})",
+                        g[idx]
+                    );
+                    worst_fd = worst_fd.max(e);
+                }
+                var.set(&Tensor::from_vec(orig, var.dims(), &dev).unwrap())
+                    .unwrap();
+            }
+            assert!(worst_candle < 1e-12, "vs candle: {worst_candle:e}");
+            eprintln!(
+                "double backward {:?}/{:?}: worst rel err vs finite differences {worst_fd:.1e}, \
+                 vs candle's ops {worst_candle:.1e}",
+                (net.1).0,
+                (net.2).0
+            );
+        }
+    }
+
+    /// Median wall time of `f` over `n` runs after one warm-up, in ms.
+    fn time_ms(n: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        let mut t: Vec<f64> = (0..n)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[n / 2]
+    }
+
+    /// `cargo test --release --lib model::conv -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench() {
+        let mut rng = Rng::new(7);
+        let f = DType::F32;
+        let n = 7;
+        println!("threads: {}", rayon::current_num_threads());
+        let layers = [
+            ("convT 128->64 7->14", [64, 128, 7, 7], [128, 64, 4, 4]),
+            ("convT 64->1 14->28", [64, 64, 14, 14], [64, 1, 4, 4]),
+            (
+                "convT 100->256 1->7 (k7)",
+                [64, 100, 1, 1],
+                [100, 256, 7, 7],
+            ),
+        ];
+        for (name, xd, wd) in layers {
+            let (s, p) = if xd[2] == 1 { (1, 0) } else { (2, 1) };
+            let x = randn(&mut rng, &xd, f);
+            let w = randn(&mut rng, &wd, f);
+            let tc = time_ms(n, || {
+                x.conv_transpose2d(&w, p, 0, s, 1).unwrap();
+            });
+            let to = time_ms(n, || {
+                conv_transpose2d(&x, &w, s, p).unwrap();
+            });
+            println!(
+                "{name}, batch 64: candle {tc:.2} ms, ours {to:.2} ms ({:.1}x)",
+                tc / to
+            );
+        }
+        // DCGAN-28 without norms: G = convT(128->64, 7->14), lrelu, convT(64->1, 14->28),
+        // tanh; D = conv(1->64, 28->14), lrelu, conv(64->128, 14->7), lrelu, sum.
+        let h0 = Var::from_tensor(&randn(&mut rng, &[64, 128, 7, 7], f)).unwrap();
+        let real = randn(&mut rng, &[64, 1, 28, 28], f);
+        let mk = |rng: &mut Rng, d: &[usize]| {
+            Var::from_tensor(&(randn(rng, d, f) * 0.05).unwrap()).unwrap()
+        };
+        let (g1, g2) = (mk(&mut rng, &[128, 64, 4, 4]), mk(&mut rng, &[64, 1, 4, 4]));
+        let (d1, d2) = (mk(&mut rng, &[64, 1, 4, 4]), mk(&mut rng, &[128, 64, 4, 4]));
+        let lrelu = |t: Tensor| t.maximum(&(&t * 0.2).unwrap()).unwrap();
+        let disc = |x: &Tensor, ours: bool| -> Tensor {
+            let h = if ours {
+                conv2d(x, d1.as_tensor(), 2, 1).unwrap()
+            } else {
+                x.conv2d(d1.as_tensor(), 1, 2, 1, 1).unwrap()
+            };
+            let h = lrelu(h);
+            let h = if ours {
+                conv2d(&h, d2.as_tensor(), 2, 1).unwrap()
+            } else {
+                h.conv2d(d2.as_tensor(), 1, 2, 1, 1).unwrap()
+            };
+            lrelu(h).sum_all().unwrap()
+        };
+        let gen_step = |ours: bool| {
+            let h = if ours {
+                conv_transpose2d(h0.as_tensor(), g1.as_tensor(), 2, 1).unwrap()
+            } else {
+                h0.as_tensor()
+                    .conv_transpose2d(g1.as_tensor(), 1, 0, 2, 1)
+                    .unwrap()
+            };
+            let h = lrelu(h);
+            let img = if ours {
+                conv_transpose2d(&h, g2.as_tensor(), 2, 1).unwrap()
+            } else {
+                h.conv_transpose2d(g2.as_tensor(), 1, 0, 2, 1).unwrap()
+            };
+            disc(&img.tanh().unwrap(), ours).backward().unwrap();
+        };
+        let d_real_step = |ours: bool| {
+            disc(&real, ours).backward().unwrap();
+        };
+        for (name, step) in [
+            (
+                "G forward+backward through D (all tracked)",
+                &gen_step as &dyn Fn(bool),
+            ),
+            (
+                "D forward+backward on real images",
+                &d_real_step as &dyn Fn(bool),
+            ),
+        ] {
+            let tc = time_ms(n, || step(false));
+            let to = time_ms(n, || step(true));
+            println!(
+                "DCGAN-28 {name}, batch 64: candle {tc:.1} ms, ours {to:.1} ms ({:.1}x)",
+                tc / to
+            );
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The evaluator learns a task with a known answer, round-trips through its files, and
+//! rejects weights that do not fit its config.
+
+use candle_core::{Device, Tensor};
+use ganscope::data::{ConditionKind, Dataset, InMemoryDataset};
+use ganscope::eval::classifier::{Classifier, EvaluatorConfig, train_evaluator};
+use ganscope::rng::Rng;
+
+/// 16x16 grey images; class i = quadrant i is bright (plus noise). Multi-hot variant:
+/// any non-empty subset of quadrants is bright and the labels are that subset.
+fn quadrants(n: usize, multi: bool) -> InMemoryDataset {
+    let mut rng = Rng::new(3);
+    let s = 16;
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for _ in 0..n {
+        let set: Vec<u16> = if multi {
+            let m = 1 + rng.below(15);
+            (0..4).filter(|q| m & (1 << q) != 0).collect()
+        } else {
+            vec![rng.below(4) as u16]
+        };
+        for y in 0..s {
+            for x in 0..s {
+                let q = (y / 8) * 2 + x / 8;
+                let base = if set.contains(&(q as u16)) { 200 } else { 40 };
+                pixels.push((base + rng.below(40)) as u8);
+            }
+        }
+        labels.push(set);
+    }
+    InMemoryDataset {
+        source: "quadrants".into(),
+        channels: 1,
+        height: s,
+        width: s,
+        pixels,
+        kind: if multi { ConditionKind::MultiHot } else { ConditionKind::OneHot },
+        label_names: (0..4).map(|q| format!("q{q}")).collect(),
+        labels,
+    }
+}
+
+#[test]
+fn learns_known_tasks_and_round_trips() {
+    let dev = Device::Cpu;
+    for multi in [false, true] {
+        let data = quadrants(640, multi);
+        let cfg = EvaluatorConfig {
+            width: 4,
+            epochs: 3,
+            batch_size: 32,
+            max_shift: 1,
+            hflip: false,
+            ..EvaluatorConfig::for_data(&data)
+        };
+        let (model, acc) = train_evaluator(&cfg, &data, &dev, |_| {}).unwrap();
+        assert!(acc.accuracy() > 0.95, "multi={multi}: held-out accuracy {}", acc.accuracy());
+        let dir = tempfile::tempdir().unwrap();
+        model.save(dir.path()).unwrap();
+        let back = Classifier::load(dir.path(), &dev).unwrap();
+        let (x, _) = data.batch(&[0, 1, 2], &dev).unwrap();
+        assert_eq!(model.predict(&x).unwrap(), back.predict(&x).unwrap());
+        assert_eq!(back.predict(&x).unwrap().1[0].len(), model.feature_dim());
+    }
+}
+
+#[test]
+fn load_rejects_weights_of_another_shape() {
+    let dev = Device::Cpu;
+    let data = quadrants(64, false);
+    let cfg = EvaluatorConfig { width: 4, ..EvaluatorConfig::for_data(&data) };
+    let dir = tempfile::tempdir().unwrap();
+    Classifier::new(&cfg, &dev).unwrap().save(dir.path()).unwrap();
+    let wider = EvaluatorConfig { width: 8, ..cfg };
+    std::fs::write(dir.path().join("evaluator.json"), serde_json::to_vec(&wider).unwrap()).unwrap();
+    let err = Classifier::load(dir.path(), &dev).err().unwrap().to_string();
+    assert!(err.contains("evaluator.safetensors") && err.contains("shape"), "{err}");
+    std::fs::write(dir.path().join("evaluator.json"), b"{ not json").unwrap();
+    let err = Classifier::load(dir.path(), &dev).err().unwrap().to_string();
+    assert!(err.contains("evaluator.json"), "{err}");
+    let _ = Tensor::zeros(1, candle_core::DType::F32, &dev);
+}

@@ -217,8 +217,8 @@ fn check_size(path: &Path, len: u64) -> Result<()> {
         ));
     }
     let rec = RECORD_LEN as u64;
-    if len % rec != 0 {
-        let hint = if len % CIFAR100_RECORD_LEN == 0 {
+    if !len.is_multiple_of(rec) {
+        let hint = if len.is_multiple_of(CIFAR100_RECORD_LEN) {
             format!(
                 " (it is a multiple of {CIFAR100_RECORD_LEN}: this looks like a CIFAR-100 \
                  batch, which is not supported)"

@@ -102,7 +102,13 @@ fn read_into(path: &Path, size: u32, context: &str, out: &mut [u8]) -> Result<()
         return Err(bad(msg));
     }
     let reader = ImageReader::open(path)
-        .map_err(|e| bad(format!("cannot open image: {e}")))?
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                bad("image not found".to_string())
+            } else {
+                bad(format!("cannot open image: {e}"))
+            }
+        })?
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read image: {e}")))?;
     match reader.format() {
@@ -1076,7 +1082,7 @@ mod tests {
         err_mentions(
             load_attribute_folder(d.path(), 4),
             &missing,
-            &["cannot open", "line 5", &txt_s],
+            &["image not found", "line 5", &txt_s],
         );
         // Undecodable.
         write(d.path(), "images/cs3.png", b"\x89PNG\r\n\x1a\ntruncated");

@@ -21,6 +21,9 @@
 //!   y_b = col2im(W^T (Cout K K, Cin) @ x_b).
 //! - weight gradient of conv2d: dW (O, C K K) = sum_b g_b (O, OH OW) @ im2col(x_b)^T.
 
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use gemm::Parallelism;
@@ -93,7 +96,10 @@ fn weight_grad_op(x: &Tensor, g: &Tensor, s: usize, p: usize, k: usize) -> Resul
 /// image of size `img` (the part of the image no window reaches when the stride does not
 /// divide `img + 2p - k`).
 fn output_padding(img: usize, out: usize, k: usize, s: usize, p: usize) -> Result<usize> {
-    match (img + 2 * p).checked_sub(k + (out - 1) * s) {
+    match out
+        .checked_sub(1)
+        .and_then(|o| (img + 2 * p).checked_sub(k + o * s))
+    {
         Some(r) if r < s => Ok(r),
         _ => bail!("conv: image size {img} does not match output size {out} (k {k}, s {s}, p {p})"),
     }
@@ -292,8 +298,10 @@ impl Geom {
     }
 }
 
-/// Largest im2col buffer (bytes) before the batch is processed in chunks.
-const COLS_BUDGET_BYTES: usize = 32 << 20;
+/// Largest im2col buffer (bytes) before the batch is processed in chunks. Measured on the
+/// DCGAN-28 layers (2 threads): 1 to 32 MiB all ran within noise of each other, 512 KiB was
+/// 10-20% slower (gemm calls too small); 4 MiB keeps the scratch pool small.
+const COLS_BUDGET_BYTES: usize = 4 << 20;
 
 fn cols_budget_bytes() -> usize {
     #[cfg(test)]
@@ -341,7 +349,7 @@ trait Kernel {
     const NAME: &'static str;
     fn geom(&self, a: &[usize], b: &[usize]) -> Result<Geom>;
     fn out_shape(&self, g: &Geom) -> Shape;
-    fn run<T: WithDType>(&self, g: &Geom, a: &[T], b: &[T]) -> Vec<T>;
+    fn run<T: Elem>(&self, g: &Geom, a: &[T], b: &[T]) -> Vec<T>;
 }
 
 impl Kernel for Conv2dOp {
@@ -368,7 +376,7 @@ impl Kernel for Conv2dOp {
     fn out_shape(&self, g: &Geom) -> Shape {
         (g.b, g.o, g.oh, g.ow).into()
     }
-    fn run<T: WithDType>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    fn run<T: Elem>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         conv2d_fwd(g, x, w)
     }
 }
@@ -397,7 +405,7 @@ impl Kernel for ConvT2dOp {
     fn out_shape(&self, g: &Geom) -> Shape {
         (g.b, g.c, g.h, g.w).into()
     }
-    fn run<T: WithDType>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    fn run<T: Elem>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         conv_t_fwd(g, x, w)
     }
 }
@@ -430,7 +438,7 @@ impl Kernel for WeightGradOp {
     fn out_shape(&self, g: &Geom) -> Shape {
         (g.o, g.c, g.k, g.k).into()
     }
-    fn run<T: WithDType>(&self, g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+    fn run<T: Elem>(&self, g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
         weight_grad(g, x, gy)
     }
 }
@@ -451,7 +459,15 @@ fn dispatch<K: Kernel>(
 ) -> Result<(CpuStorage, Shape)> {
     let g = op.geom(l1.dims(), l2.dims())?;
     let shape = op.out_shape(&g);
+    // Empty batch or channels: a zero (or empty) result, without the kernels.
+    let empty = g.b == 0 || g.c == 0 || g.o == 0;
     let storage = match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) if empty => {
+            CpuStorage::F32(zeros(shape.elem_count()))
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_)) if empty => {
+            CpuStorage::F64(zeros(shape.elem_count()))
+        }
         (CpuStorage::F32(a), CpuStorage::F32(b)) => {
             CpuStorage::F32(op.run(&g, contiguous(a, l1, K::NAME)?, contiguous(b, l2, K::NAME)?))
         }
@@ -472,23 +488,122 @@ fn zeros<T: WithDType>(n: usize) -> Vec<T> {
     vec![T::from_f64(0.0); n]
 }
 
+/// f32 and f64, each with a per-thread pool of scratch buffers: fresh multi-megabyte
+/// allocations come back from the kernel as zeroed pages, a cost comparable to the copy that
+/// fills them.
+trait Elem: WithDType {
+    fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
+}
+
+thread_local! {
+    static POOL_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static POOL_F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Elem for f32 {
+    fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+        &POOL_F32
+    }
+}
+
+impl Elem for f64 {
+    fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+        &POOL_F64
+    }
+}
+
+/// Buffers the pool keeps per thread and dtype, and the largest it keeps (bytes).
+const POOL_BUFFERS: usize = 2;
+const POOL_MAX_BYTES: usize = 32 << 20;
+
+/// A scratch buffer of at least `n` elements with unspecified contents, back to the pool
+/// when dropped.
+struct Scratch<T: Elem>(Vec<T>);
+
+impl<T: Elem> Scratch<T> {
+    fn new(n: usize) -> Self {
+        let mut v = T::pool()
+            .try_with(|p| p.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if v.len() < n {
+            v.resize(n, T::from_f64(0.0));
+        }
+        Self(v)
+    }
+
+    fn get(&mut self, n: usize) -> &mut [T] {
+        &mut self.0[..n]
+    }
+}
+
+impl<T: Elem> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.len() * std::mem::size_of::<T>() <= POOL_MAX_BYTES {
+            let _ = T::pool().try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_BUFFERS {
+                    p.push(v);
+                }
+            });
+        }
+    }
+}
+
+impl Geom {
+    /// The window covers the whole image once (the first layer of a DCGAN generator, the
+    /// last of its discriminator): im2col is the identity on each sample's (C, K, K) block.
+    fn dense(&self) -> bool {
+        self.l() == 1 && self.p == 0 && self.h == self.k && self.w == self.k
+    }
+
+    /// 1x1 kernel, stride 1, no padding: im2col is the identity on each sample's (C, H W).
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.s == 1 && self.p == 0
+    }
+}
+
 /// conv2d forward: x (B, C, H, W), w (O, C K K) -> y (B, O, OH, OW).
-fn conv2d_fwd<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
     let mut y = zeros(g.b * g.col());
+    if g.dense() {
+        // y (B, O) = x (B, C K K) @ w^T.
+        matmul(
+            g.b,
+            g.o,
+            ckk,
+            &mut y,
+            (g.o, 1),
+            false,
+            x,
+            (ckk, 1),
+            w,
+            (1, ckk),
+        );
+        return y;
+    }
+    if g.pointwise() {
+        for (yb, xb) in y.chunks_mut(g.col()).zip(x.chunks(g.img())) {
+            matmul(g.o, l, ckk, yb, (l, 1), false, w, (ckk, 1), xb, (l, 1));
+        }
+        return y;
+    }
     let bc = g.chunk::<T>();
-    let mut cols = zeros(ckk * bc * l);
-    let mut tmp = if bc > 1 { zeros(g.o * bc * l) } else { vec![] };
+    let mut cols = Scratch::new(ckk * bc * l);
+    let mut tmp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
-        let cols = &mut cols[..ckk * n];
+        let cols = cols.get(ckk * n);
         im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
         let yc = &mut y[b0 * g.col()..(b0 + nb) * g.col()];
         if nb == 1 {
             matmul(g.o, n, ckk, yc, (n, 1), false, w, (ckk, 1), cols, (n, 1));
         } else {
-            let tmp = &mut tmp[..g.o * n];
+            let tmp = tmp.get(g.o * n);
             matmul(g.o, n, ckk, tmp, (n, 1), false, w, (ckk, 1), cols, (n, 1));
             channel_to_batch_major(tmp, nb, g.o, l, yc);
         }
@@ -498,21 +613,43 @@ fn conv2d_fwd<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// conv_transpose2d forward: x (B, O, OH, OW) on the column side, w (O, C K K) ->
 /// y (B, C, H, W) on the image side.
-fn conv_t_fwd<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+fn conv_t_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
     let mut y = zeros(g.b * g.img());
+    if g.dense() {
+        // y (B, C K K) = x (B, O) @ w (O, C K K).
+        matmul(
+            g.b,
+            ckk,
+            g.o,
+            &mut y,
+            (ckk, 1),
+            false,
+            x,
+            (g.o, 1),
+            w,
+            (ckk, 1),
+        );
+        return y;
+    }
+    if g.pointwise() {
+        for (yb, xb) in y.chunks_mut(g.img()).zip(x.chunks(g.col())) {
+            matmul(ckk, l, g.o, yb, (l, 1), false, w, (1, ckk), xb, (l, 1));
+        }
+        return y;
+    }
     let bc = g.chunk::<T>();
-    let mut cols = zeros(ckk * bc * l);
-    let mut xp = if bc > 1 { zeros(g.o * bc * l) } else { vec![] };
+    let mut cols = Scratch::new(ckk * bc * l);
+    let mut xp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
-        let cols = &mut cols[..ckk * n];
+        let cols = cols.get(ckk * n);
         let xc = &x[b0 * g.col()..(b0 + nb) * g.col()];
         let rhs: &[T] = if nb == 1 {
             xc
         } else {
-            let xp = &mut xp[..g.o * n];
+            let xp = xp.get(g.o * n);
             batch_to_channel_major(xc, nb, g.o, l, xp);
             xp
         };
@@ -524,22 +661,56 @@ fn conv_t_fwd<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 }
 
 /// conv2d weight gradient: x (B, C, H, W), gy (B, O, OH, OW) -> dw (O, C K K).
-fn weight_grad<T: WithDType>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
     let mut dw = zeros(g.o * ckk);
+    if g.dense() {
+        // dw (O, C K K) = gy^T (O, B) @ x (B, C K K).
+        matmul(
+            g.o,
+            ckk,
+            g.b,
+            &mut dw,
+            (ckk, 1),
+            false,
+            gy,
+            (1, g.o),
+            x,
+            (ckk, 1),
+        );
+        return dw;
+    }
+    if g.pointwise() {
+        for (b, (xb, gb)) in x.chunks(g.img()).zip(gy.chunks(g.col())).enumerate() {
+            // dw (O, C) += gy_b (O, L) @ x_b^T (L, C).
+            matmul(
+                g.o,
+                ckk,
+                l,
+                &mut dw,
+                (ckk, 1),
+                b > 0,
+                gb,
+                (l, 1),
+                xb,
+                (1, l),
+            );
+        }
+        return dw;
+    }
     let bc = g.chunk::<T>();
-    let mut cols = zeros(ckk * bc * l);
-    let mut gp = if bc > 1 { zeros(g.o * bc * l) } else { vec![] };
+    let mut cols = Scratch::new(ckk * bc * l);
+    let mut gp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
-        let cols = &mut cols[..ckk * n];
+        let cols = cols.get(ckk * n);
         im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
         let gc = &gy[b0 * g.col()..(b0 + nb) * g.col()];
         let lhs: &[T] = if nb == 1 {
             gc
         } else {
-            let gp = &mut gp[..g.o * n];
+            let gp = gp.get(g.o * n);
             batch_to_channel_major(gc, nb, g.o, l, gp);
             gp
         };
@@ -794,7 +965,9 @@ mod tests {
     }
 
     /// (B, C, H, W, O, K, stride, padding) for conv2d.
-    const CONV: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    const CONV: &[Case] = &[
         (2, 3, 8, 8, 4, 3, 1, 1),
         (2, 3, 8, 8, 4, 3, 2, 1),   // 8 + 2 - 3 odd: 4x4, last row unused
         (3, 2, 28, 28, 4, 4, 2, 1), // 28 -> 14
@@ -807,10 +980,12 @@ mod tests {
         (1, 2, 9, 9, 3, 4, 2, 0),   // 9 -> 3, (9 - 4) odd
         (2, 3, 5, 5, 2, 3, 1, 1),
         (1, 1, 1, 1, 3, 1, 1, 0), // 1x1 spatial
+        (2, 3, 2, 2, 4, 4, 1, 1), // 2 -> 1 through padding
+        (2, 3, 4, 4, 2, 4, 2, 0), // 4 -> 1, stride 2
     ];
 
     /// (B, Cin, H, W, Cout, K, stride, padding) for conv_transpose2d.
-    const CONV_T: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    const CONV_T: &[Case] = &[
         (3, 8, 1, 1, 4, 4, 1, 0),   // DCGAN's first layer, 1 -> 4
         (3, 8, 1, 1, 4, 7, 1, 0),   // 1 -> 7
         (2, 6, 7, 7, 4, 4, 2, 1),   // 7 -> 14
@@ -821,6 +996,7 @@ mod tests {
         (2, 3, 4, 4, 2, 3, 2, 0),   // 4 -> 9
         (2, 3, 4, 5, 2, 2, 2, 0),   // 4x5 -> 8x10
         (2, 3, 3, 3, 2, 5, 3, 2),   // stride 3
+        (2, 3, 1, 1, 2, 4, 1, 1),   // 1 -> 2 through padding
     ];
 
     #[test]
@@ -1013,6 +1189,28 @@ mod tests {
         // Mismatched dtypes are an error, not a panic.
         let w64 = w.to_dtype(DType::F64).unwrap();
         assert!(conv2d(&x.to_dtype(DType::F32).unwrap(), &w64, 1, 1).is_err());
+        // Empty batches and channels give zeros of the right shape.
+        let e = Tensor::zeros((0, 3, 6, 6), DType::F64, &Device::Cpu).unwrap();
+        let w64 = randn(&mut rng, &[4, 3, 3, 3], DType::F64);
+        assert_eq!(conv2d(&e, &w64, 1, 1).unwrap().dims(), &[0, 4, 6, 6]);
+        let e = Tensor::zeros((2, 0, 6, 6), DType::F64, &Device::Cpu).unwrap();
+        let w0 = Tensor::zeros((4, 0, 3, 3), DType::F64, &Device::Cpu).unwrap();
+        let y = conv2d(&e, &w0, 1, 1).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 6, 6]);
+        assert_eq!(
+            y.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            0.0
+        );
+        let wt0 = Tensor::zeros((0, 4, 3, 3), DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            conv_transpose2d(&e, &wt0, 2, 1).unwrap().dims(),
+            &[2, 4, 11, 11]
+        );
         // So are mismatched channels.
         let x64 = x.to_dtype(DType::F64).unwrap();
         assert!(conv2d(&x64, &randn(&mut rng, &[4, 2, 3, 3], DType::F64), 1, 1).is_err());
@@ -1039,97 +1237,150 @@ mod tests {
         }
     }
 
-    /// sum((d sum(r * f(x)) / dx)^2) for f = layer2(leaky_relu(layer1(x))).
-    fn penalty(net: &Net, x: &Tensor, w: [&Tensor; 2], r: &Tensor, ours: bool) -> Tensor {
+    /// r * f(x) summed, for f = layer2(leaky_relu(layer1(x))).
+    fn net_out(net: &Net, x: &Tensor, w: [&Tensor; 2], r: &Tensor, ours: bool) -> Tensor {
         let (_, (l1, _, s1, p1), (l2, _, s2, p2)) = *net;
-        let xv = Var::from_tensor(x).unwrap();
-        let h = apply(l1, xv.as_tensor(), w[0], s1, p1, ours);
+        let h = apply(l1, x, w[0], s1, p1, ours);
         let h = h.maximum(&(&h * 0.2).unwrap()).unwrap();
         let y = apply(l2, &h, w[1], s2, p2, ours);
-        let out = (y * r).unwrap().sum_all().unwrap();
-        let g = out.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
-        g.sqr().unwrap().sum_all().unwrap()
+        (y * r).unwrap().sum_all().unwrap()
     }
 
+    /// Checks d pen / d v for every entry of every var against central finite differences
+    /// (`pen(true)`, our ops) and against candle's analytic gradient (`pen(false)`, candle's
+    /// ops); returns the worst relative errors. Entries are compared relative to the larger
+    /// of the two values, floored at 1e-3 of the largest gradient entry of that var.
+    fn check_penalty(label: &str, vars: &[&Var], pen: &dyn Fn(bool) -> Tensor) -> (f64, f64) {
+        let dev = Device::Cpu;
+        let h = 1e-4;
+        let grads = pen(true).backward().unwrap();
+        let theirs = pen(false).backward().unwrap();
+        let mut worst_fd = 0.0f64;
+        let mut worst_candle = 0.0f64;
+        for var in vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{label}: no gradient"));
+            worst_candle = worst_candle.max(rel(g, theirs.get(var.as_tensor()).unwrap()));
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let orig = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for idx in 0..orig.len() {
+                let eval = |d: f64| {
+                    let mut v = orig.clone();
+                    v[idx] += d;
+                    var.set(&Tensor::from_vec(v, var.dims(), &dev).unwrap())
+                        .unwrap();
+                    pen(true).to_scalar::<f64>().unwrap()
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                let e = (g[idx] - fd).abs() / g[idx].abs().max(fd.abs()).max(1e-3 * scale);
+                assert!(
+                    e < 1e-6,
+                    "{label} [{idx}]: analytic {} vs finite difference {fd} ({e:e})",
+                    g[idx]
+                );
+                worst_fd = worst_fd.max(e);
+            }
+            var.set(&Tensor::from_vec(orig, var.dims(), &dev).unwrap())
+                .unwrap();
+        }
+        (worst_fd, worst_candle)
+    }
+
+    const NETS: [Net; 3] = [
+        // conv2d (8 -> 4, uncovered last row) -> conv_transpose2d (4 -> 8)
+        (
+            [2, 2, 8, 8],
+            (Layer::Conv, [3, 2, 3, 3], 2, 1),
+            (Layer::ConvT, [3, 2, 4, 4], 2, 1),
+        ),
+        // conv2d (9 -> 9) -> conv2d (9 -> 3, uncovered last row)
+        (
+            [2, 2, 9, 9],
+            (Layer::Conv, [4, 2, 3, 3], 1, 1),
+            (Layer::Conv, [1, 4, 4, 4], 2, 0),
+        ),
+        // conv_transpose2d (3 -> 6) -> conv2d (6 -> 3)
+        (
+            [2, 3, 3, 3],
+            (Layer::ConvT, [3, 4, 4, 4], 2, 1),
+            (Layer::Conv, [2, 4, 3, 3], 2, 1),
+        ),
+    ];
+
+    /// Random input, weights and output weights r for a net.
+    fn setup(net: &Net, rng: &mut Rng) -> (Var, Var, Var, Tensor) {
+        let f = DType::F64;
+        let x = Var::from_tensor(&randn(rng, &net.0, f)).unwrap();
+        let w1 = Var::from_tensor(&randn(rng, &(net.1).1, f)).unwrap();
+        let w2 = Var::from_tensor(&randn(rng, &(net.2).1, f)).unwrap();
+        let y = {
+            let h = apply((net.1).0, x.as_tensor(), &w1, (net.1).2, (net.1).3, false);
+            apply((net.2).0, &h, &w2, (net.2).2, (net.2).3, false)
+        };
+        let r = randn(rng, y.dims(), f);
+        (x, w1, w2, r)
+    }
+
+    /// Gradient penalty as in WGAN-GP / R1: sum((d sum(r f(x)) / dx)^2), differentiated with
+    /// respect to the weights.
     #[test]
     fn double_backward_matches_finite_differences() {
         crate::grad::enable_exact_second_order().unwrap();
-        let nets: [Net; 3] = [
-            // conv2d (8 -> 4, uncovered last row) -> conv_transpose2d (4 -> 8)
-            (
-                [2, 2, 8, 8],
-                (Layer::Conv, [3, 2, 3, 3], 2, 1),
-                (Layer::ConvT, [3, 2, 4, 4], 2, 1),
-            ),
-            // conv2d (9 -> 9) -> conv2d (9 -> 3, uncovered last row)
-            (
-                [2, 2, 9, 9],
-                (Layer::Conv, [4, 2, 3, 3], 1, 1),
-                (Layer::Conv, [1, 4, 4, 4], 2, 0),
-            ),
-            // conv_transpose2d (3 -> 6) -> conv2d (6 -> 3)
-            (
-                [2, 3, 3, 3],
-                (Layer::ConvT, [3, 4, 4, 4], 2, 1),
-                (Layer::Conv, [2, 4, 3, 3], 2, 1),
-            ),
-        ];
-        let dev = Device::Cpu;
         let mut rng = Rng::new(6);
-        let h = 1e-4;
-        for net in &nets {
-            let x = randn(&mut rng, &net.0, DType::F64);
-            let w1 = Var::from_tensor(&randn(&mut rng, &(net.1).1, DType::F64)).unwrap();
-            let w2 = Var::from_tensor(&randn(&mut rng, &(net.2).1, DType::F64)).unwrap();
-            let ws = [w1.as_tensor(), w2.as_tensor()];
-            // Output shape, for r.
-            let y0 = {
-                let h0 = apply((net.1).0, &x, ws[0], (net.1).2, (net.1).3, false);
-                apply((net.2).0, &h0, ws[1], (net.2).2, (net.2).3, false)
+        for net in &NETS {
+            let (x, w1, w2, r) = setup(net, &mut rng);
+            let x = x.as_tensor().detach();
+            let pen = |ours: bool| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let out = net_out(net, xv.as_tensor(), [&w1, &w2], &r, ours);
+                let g = out.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+                g.sqr().unwrap().sum_all().unwrap()
             };
-            let r = randn(&mut rng, y0.dims(), DType::F64);
-            let pen = penalty(net, &x, ws, &r, true);
-            let grads = pen.backward().unwrap();
-            let theirs = penalty(net, &x, ws, &r, false).backward().unwrap();
-            let mut worst_fd = 0.0f64;
-            let mut worst_candle = 0.0f64;
-            for var in [&w1, &w2] {
-                let g = grads
-                    .get(var.as_tensor())
-                    .expect("no gradient for a weight");
-                worst_candle = worst_candle.max(rel(g, theirs.get(var.as_tensor()).unwrap()));
-                let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                let orig = var
-                    .as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-                let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                for idx in 0..orig.len() {
-                    let eval = |d: f64| {
-                        let mut v = orig.clone();
-                        v[idx] += d;
-                        var.set(&Tensor::from_vec(v, var.dims(), &dev).unwrap())
-                            .unwrap();
-                        penalty(net, &x, ws, &r, true).to_scalar::<f64>().unwrap()
-                    };
-                    let fd = (eval(h) - eval(-h)) / (2.0 * h);
-                    let e = (g[idx] - fd).abs() / g[idx].abs().max(fd.abs()).max(1e-3 * scale);
-                    assert!(
-                        e < 1e-6,
-                        "{net:?} [{idx}]: analytic {} vs finite difference {fd} ({e:e})",
-                        g[idx]
-                    );
-                    worst_fd = worst_fd.max(e);
-                }
-                var.set(&Tensor::from_vec(orig, var.dims(), &dev).unwrap())
-                    .unwrap();
-            }
-            assert!(worst_candle < 1e-12, "vs candle: {worst_candle:e}");
+            let label = format!("input-gradient penalty {net:?}");
+            let (fd, candle) = check_penalty(&label, &[&w1, &w2], &pen);
+            assert!(candle < 1e-12, "{label} vs candle: {candle:e}");
             eprintln!(
-                "double backward {:?}/{:?}: worst rel err vs finite differences {worst_fd:.1e}, \
-                 vs candle's ops {worst_candle:.1e}",
+                "input-gradient penalty {:?}/{:?}: worst rel err vs finite differences {fd:.1e}, \
+                 vs candle's ops {candle:.1e}",
+                (net.1).0,
+                (net.2).0
+            );
+        }
+    }
+
+    /// A penalty on the weight gradients and the input gradient together, differentiated with
+    /// respect to the weights and the input: runs the backward of the weight-gradient op.
+    #[test]
+    fn weight_gradient_double_backward_matches_finite_differences() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(8);
+        for net in &NETS {
+            let (x, w1, w2, r) = setup(net, &mut rng);
+            let pen = |ours: bool| {
+                let out = net_out(net, x.as_tensor(), [&w1, &w2], &r, ours);
+                let g = out.backward().unwrap();
+                let sq = |v: &Var| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                ((sq(&w1) + sq(&w2)).unwrap() + sq(&x)).unwrap()
+            };
+            let label = format!("weight-gradient penalty {net:?}");
+            let (fd, candle) = check_penalty(&label, &[&w1, &w2, &x], &pen);
+            eprintln!(
+                "weight-gradient penalty {:?}/{:?}: worst rel err vs finite differences {fd:.1e}, \
+                 vs candle's ops {candle:.1e}",
                 (net.1).0,
                 (net.2).0
             );
@@ -1150,6 +1401,9 @@ mod tests {
         t[n / 2]
     }
 
+    /// A timed pass: name, candle's version, ours.
+    type Pass<'a> = (&'static str, Box<dyn Fn() + 'a>, Box<dyn Fn() + 'a>);
+
     /// `cargo test --release --lib model::conv -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -1158,29 +1412,138 @@ mod tests {
         let f = DType::F32;
         let n = 7;
         println!("threads: {}", rayon::current_num_threads());
+        // The gemm ceiling under the current load: one matmul as large as the big layers.
+        let (a, b) = (
+            randn(&mut rng, &[128, 1024], f),
+            randn(&mut rng, &[1024, 3136], f),
+        );
+        let t = time_ms(n, || drop(a.matmul(&b).unwrap()));
+        println!(
+            "plain matmul 128x1024 @ 1024x3136 (0.82 GFLOP): {t:.2} ms ({:.0} GFLOP/s)",
+            0.822 / t * 1e3
+        );
+        // Per pass: (name, transposed, x dims, w dims, stride, padding), batch 64.
         let layers = [
-            ("convT 128->64 7->14", [64, 128, 7, 7], [128, 64, 4, 4]),
-            ("convT 64->1 14->28", [64, 64, 14, 14], [64, 1, 4, 4]),
             (
-                "convT 100->256 1->7 (k7)",
+                "G convT 100->256 1->7 k7",
+                true,
                 [64, 100, 1, 1],
                 [100, 256, 7, 7],
+                1,
+                0,
+            ),
+            (
+                "G convT 128->64 7->14",
+                true,
+                [64, 128, 7, 7],
+                [128, 64, 4, 4],
+                2,
+                1,
+            ),
+            (
+                "G convT 64->1 14->28",
+                true,
+                [64, 64, 14, 14],
+                [64, 1, 4, 4],
+                2,
+                1,
+            ),
+            (
+                "D conv 1->64 28->14",
+                false,
+                [64, 1, 28, 28],
+                [64, 1, 4, 4],
+                2,
+                1,
+            ),
+            (
+                "D conv 64->128 14->7",
+                false,
+                [64, 64, 14, 14],
+                [128, 64, 4, 4],
+                2,
+                1,
             ),
         ];
-        for (name, xd, wd) in layers {
-            let (s, p) = if xd[2] == 1 { (1, 0) } else { (2, 1) };
+        for (name, transposed, xd, wd, s, p) in layers {
             let x = randn(&mut rng, &xd, f);
             let w = randn(&mut rng, &wd, f);
-            let tc = time_ms(n, || {
-                x.conv_transpose2d(&w, p, 0, s, 1).unwrap();
-            });
-            let to = time_ms(n, || {
-                conv_transpose2d(&x, &w, s, p).unwrap();
-            });
-            println!(
-                "{name}, batch 64: candle {tc:.2} ms, ours {to:.2} ms ({:.1}x)",
-                tc / to
-            );
+            let k = wd[2];
+            let y = if transposed {
+                conv_transpose2d(&x, &w, s, p).unwrap()
+            } else {
+                conv2d(&x, &w, s, p).unwrap()
+            };
+            let gy = randn(&mut rng, y.dims(), f);
+            // MACs: column-side elements x image channels x k^2.
+            let (cols, img_c) = if transposed {
+                (x.elem_count(), wd[1])
+            } else {
+                (y.elem_count(), xd[1])
+            };
+            let gflop = 2.0 * (cols * img_c * k * k) as f64 / 1e9;
+            let op =
+                output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p).unwrap();
+            // candle's passes as its backprop runs them.
+            let candle_wgrad = |img: &Tensor, cols: &Tensor| {
+                img.transpose(0, 1)
+                    .unwrap()
+                    .conv2d(&cols.transpose(0, 1).unwrap(), p, 1, s, 1)
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .narrow(2, 0, k)
+                    .unwrap()
+                    .narrow(3, 0, k)
+                    .unwrap()
+            };
+            let passes: [Pass; 3] = if transposed {
+                [
+                    (
+                        "forward",
+                        Box::new(|| drop(x.conv_transpose2d(&w, p, 0, s, 1).unwrap())),
+                        Box::new(|| drop(conv_transpose2d(&x, &w, s, p).unwrap())),
+                    ),
+                    (
+                        "grad input",
+                        Box::new(|| drop(gy.conv2d(&w, p, s, 1, 1).unwrap())),
+                        Box::new(|| drop(conv2d(&gy, &w, s, p).unwrap())),
+                    ),
+                    (
+                        "grad weight",
+                        Box::new(|| drop(candle_wgrad(&gy, &x).transpose(0, 1).unwrap())),
+                        Box::new(|| drop(weight_grad_op(&gy, &x, s, p, k).unwrap())),
+                    ),
+                ]
+            } else {
+                [
+                    (
+                        "forward",
+                        Box::new(|| drop(x.conv2d(&w, p, s, 1, 1).unwrap())),
+                        Box::new(|| drop(conv2d(&x, &w, s, p).unwrap())),
+                    ),
+                    (
+                        "grad input",
+                        Box::new(|| drop(gy.conv_transpose2d(&w, p, op, s, 1).unwrap())),
+                        Box::new(|| drop(conv_transpose2d_op(&gy, &w, s, p, (op, op)).unwrap())),
+                    ),
+                    (
+                        "grad weight",
+                        Box::new(|| drop(candle_wgrad(&x, &gy))),
+                        Box::new(|| drop(weight_grad_op(&x, &gy, s, p, k).unwrap())),
+                    ),
+                ]
+            };
+            for (pass, theirs, ours) in &passes {
+                let tc = time_ms(n, theirs);
+                let to = time_ms(n, ours);
+                println!(
+                    "{name} {pass}, batch 64 ({gflop:.2} GFLOP): candle {tc:.2} ms, ours {to:.2} ms \
+                     ({:.1}x, {:.0} GFLOP/s)",
+                    tc / to,
+                    gflop / to * 1e3
+                );
+            }
         }
         // DCGAN-28 without norms: G = convT(128->64, 7->14), lrelu, convT(64->1, 14->28),
         // tanh; D = conv(1->64, 28->14), lrelu, conv(64->128, 14->7), lrelu, sum.

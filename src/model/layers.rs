@@ -150,7 +150,7 @@ impl Conv2d {
             }
             None => self.weight.clone(),
         };
-        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?; // (B, O, H', W')
+        let y = crate::model::conv::conv2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,
@@ -217,7 +217,7 @@ impl ConvTranspose2d {
             }
             None => self.weight.clone(),
         };
-        let y = x.conv_transpose2d(&w, self.padding, 0, self.stride, 1)?; // (B, O, H', W')
+        let y = crate::model::conv::conv_transpose2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,

@@ -14,8 +14,14 @@ use crate::error::{Error, Result};
 pub enum DataKind {
     Mnist,
     FashionMnist,
+    /// i-CLEVR folder; without a path, the synthetic i-CLEVR renderer (embedded default).
     Iclevr,
+    /// CIFAR-10 binary batches.
     Cifar10,
+    /// One subfolder of PNGs per class.
+    ClassFolder,
+    /// Images with a multi-label attribute list (`cartoon_attr.txt` layout).
+    Attributes,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +32,8 @@ pub struct DataConfig {
     pub path: Option<PathBuf>,
     /// Use only the first N images (quick runs).
     pub limit: Option<usize>,
+    /// Seed of the synthetic i-CLEVR renderer (used when kind is iclevr and path is none).
+    pub synthetic_seed: u64,
 }
 
 impl Default for DataConfig {
@@ -34,6 +42,7 @@ impl Default for DataConfig {
             kind: DataKind::Mnist,
             path: None,
             limit: None,
+            synthetic_seed: 0,
         }
     }
 }

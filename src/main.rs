@@ -38,6 +38,31 @@ enum Command {
     Evaluator(EvaluatorCommand),
     /// Score a run's generator with an evaluator (course top-k accuracy, domain-feature FD).
     Eval(EvalArgs),
+    /// Generate datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Render a synthetic i-CLEVR folder (PNGs + train.json + objects.json).
+    Iclevr(IclevrArgs),
+}
+
+#[derive(clap::Args)]
+struct IclevrArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of scenes; each gives three images (_0, _1, _2 with 1, 2, 3 objects).
+    #[arg(long, default_value_t = data::SYNTHETIC_SCENES)]
+    n_scenes: usize,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Render exactly the label sets of this train.json (e.g. the real one) instead of sampling.
+    #[arg(long)]
+    train_json: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +86,9 @@ struct EvaluatorTrainArgs {
     width: Option<usize>,
     #[arg(long)]
     limit: Option<usize>,
+    /// Image side for formats that are resized (i-CLEVR, image folders).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -185,6 +213,7 @@ fn main() {
         Some(Command::Sample(a)) => sample(a),
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),
         Some(Command::Eval(a)) => eval(a),
+        Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -279,7 +308,7 @@ fn train(a: TrainArgs) -> Result<()> {
         cfg.checkpoint_every = v;
     }
     let t = std::time::Instant::now();
-    let ds = data::open(&cfg.data).context("opening the dataset")?;
+    let ds = data::open(&cfg.data, cfg.model.image_size).context("opening the dataset")?;
     eprintln!(
         "data: {} images {:?} from {} ({:.2} s)",
         ds.len(),
@@ -449,18 +478,20 @@ fn json_label(v: &serde_json::Value) -> String {
 
 fn data_kind(name: &str) -> Result<ganscope::config::DataKind> {
     serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| anyhow::anyhow!("unknown dataset kind `{name}` (mnist, fashion-mnist, iclevr, cifar10)"))
+        .map_err(|_| anyhow::anyhow!("unknown dataset kind `{name}` (mnist, fashion-mnist, iclevr, cifar10, class-folder, attributes)"))
 }
 
 fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     use ganscope::eval::classifier::{EvaluatorConfig, train_evaluator};
     let dev = device(&a.device)?;
+    let kind = data_kind(&a.kind)?;
     let dc = ganscope::config::DataConfig {
-        kind: data_kind(&a.kind)?,
+        kind,
         path: a.data.clone(),
         limit: a.limit,
+        ..Default::default()
     };
-    let ds = data::open(&dc).context("opening the dataset")?;
+    let ds = data::open(&dc, a.size).context("opening the dataset")?;
     let mut cfg = EvaluatorConfig::for_data(&ds);
     if let Some(e) = a.epochs {
         cfg.epochs = e;
@@ -593,7 +624,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if let Some(p) = &a.data {
         dc.path = Some(p.clone());
     }
-    match data::open(&dc) {
+    match data::open(&dc, m.image_size) {
         Ok(ds) => {
             let n = a.n_real.min(ds.len());
             let mut idx: Vec<usize> = (0..ds.len()).collect();
@@ -608,5 +639,24 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
         Err(e) => println!("domain-feature FD skipped: cannot open the real data ({e})"),
     }
+    Ok(())
+}
+
+fn render_iclevr(a: IclevrArgs) -> Result<()> {
+    use ganscope::data::{iclevr, render};
+    let labels = match &a.train_json {
+        Some(p) => Some(iclevr::read_train_labels(p, &iclevr::default_object_names())?),
+        None => None,
+    };
+    let t0 = std::time::Instant::now();
+    let n = render::write_iclevr_folder(&a.out, a.n_scenes, a.size, a.seed, labels.as_deref())?;
+    let s = t0.elapsed().as_secs_f64();
+    println!(
+        "wrote {n} images ({}x{}) to {} in {s:.1} s ({:.0} images/s, rendering and PNG encoding)",
+        a.size,
+        a.size,
+        a.out.display(),
+        n as f64 / s
+    );
     Ok(())
 }

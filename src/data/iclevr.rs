@@ -204,12 +204,22 @@ pub fn load_iclevr(dir: &Path, size: usize) -> Result<InMemoryDataset> {
     } else {
         vec![dir.to_path_buf()]
     };
-    let locate = |file: &str| -> PathBuf {
+    let locate = |file: &str| -> Result<PathBuf> {
         image_dirs
             .iter()
             .map(|d| d.join(file))
             .find(|p| p.is_file())
-            .unwrap_or_else(|| dir.join(file))
+            .ok_or_else(|| {
+                let looked: Vec<String> =
+                    image_dirs.iter().map(|d| d.display().to_string()).collect();
+                Error::bad_file(
+                    dir.join(file),
+                    format!(
+                        "image listed in train.json not found (looked in {})",
+                        looked.join(" and ")
+                    ),
+                )
+            })
     };
 
     let len = 3 * size * size;
@@ -224,7 +234,7 @@ pub fn load_iclevr(dir: &Path, size: usize) -> Result<InMemoryDataset> {
                 let locate = &locate;
                 s.spawn(move || -> Result<()> {
                     for ((file, _), img) in ents.iter().zip(out.chunks_mut(len)) {
-                        decode_into(&locate(file), size, img)?;
+                        decode_into(&locate(file)?, size, img)?;
                     }
                     Ok(())
                 })
@@ -476,11 +486,59 @@ mod tests {
         // Missing.
         fs::remove_file(&victim).unwrap();
         let e = err_string(load_iclevr(d, 4));
-        assert!(e.contains("CLEVR_train_000000_1.png"), "{e}");
+        assert!(
+            e.contains("CLEVR_train_000000_1.png") && e.contains("not found"),
+            "{e}"
+        );
 
         // Missing train.json.
         fs::remove_file(d.join("train.json")).unwrap();
         let e = err_string(load_iclevr(d, 4));
         assert!(e.contains("train.json"), "{e}");
+    }
+
+    /// Loader throughput on 320x240 frames like the real ones:
+    /// `cargo test --release --lib data::iclevr::tests::bench_load -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_load() {
+        use crate::data::render::{RenderOptions, render_frame, sample_scene};
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        fs::create_dir(d.join("images")).unwrap();
+        let mut pngs = Vec::new();
+        for k in 0..12u16 {
+            let mut rng = crate::rng::Rng::new(k as u64);
+            let objects = sample_scene(&mut rng, &[k, k + 8, (k + 3) % 8 + 16]);
+            let chw = render_frame(&objects, 320, 240, RenderOptions::default());
+            let hw = 320 * 240;
+            let img = image::RgbImage::from_fn(320, 240, |x, y| {
+                let o = (y * 320 + x) as usize;
+                image::Rgb([chw[o], chw[hw + o], chw[2 * hw + o]])
+            });
+            let mut v = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+                .unwrap();
+            pngs.push(v);
+        }
+        let n = 1500;
+        let mut train = serde_json::Map::new();
+        for i in 0..n {
+            let f = format!("CLEVR_train_{:06}_{}.png", i / 3, i % 3);
+            write(&d.join("images"), &f, &pngs[i % pngs.len()]);
+            train.insert(f, serde_json::json!(["red cube"]));
+        }
+        write(d, "train.json", &serde_json::to_vec(&train).unwrap());
+        let t = std::time::Instant::now();
+        let ds = load_iclevr(d, 64).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        assert_eq!(ds.len(), n);
+        eprintln!(
+            "{n} PNGs of 320x240 -> 64x64 on {} threads: {s:.2} s = {:.0} images/s \
+             (18009 would take {:.0} s)",
+            worker_threads(),
+            n as f64 / s,
+            18009.0 * s / n as f64
+        );
     }
 }

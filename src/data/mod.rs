@@ -130,27 +130,34 @@ impl Dataset for InMemoryDataset {
     }
 }
 
-/// Open the dataset a run config names (training split).
-pub fn open(cfg: &crate::config::DataConfig) -> Result<InMemoryDataset> {
+/// Scenes in the embedded synthetic i-CLEVR default: as many as the real set has
+/// (6003 scenes x 3 steps = 18009 images).
+pub const SYNTHETIC_SCENES: usize = 6003;
+
+/// Open the dataset a run config names (training split) at the model's image side `size`
+/// (used where the format allows resizing: i-CLEVR and image folders).
+pub fn open(cfg: &crate::config::DataConfig, size: usize) -> Result<InMemoryDataset> {
     use crate::config::DataKind;
+    let path = cfg.path.as_deref();
+    let need_path = |what: &str| {
+        path.ok_or_else(|| Error::Config(format!("the {what} dataset needs a path (--data)")))
+    };
     let mut ds = match cfg.kind {
-        DataKind::Mnist => idx::load_mnist(
-            idx::MnistVariant::Mnist,
-            cfg.path.as_deref(),
-            idx::Split::Train,
-        )?,
-        DataKind::FashionMnist => idx::load_mnist(
-            idx::MnistVariant::FashionMnist,
-            cfg.path.as_deref(),
-            idx::Split::Train,
-        )?,
-        DataKind::Iclevr | DataKind::Cifar10 => {
-            return Err(Error::Config(format!(
-                "the {:?} loader is not written yet (tracked in the datasets issue); \
-                 presets on MNIST and Fashion-MNIST train today",
-                cfg.kind
-            )));
+        DataKind::Mnist => idx::load_mnist(idx::MnistVariant::Mnist, path, idx::Split::Train)?,
+        DataKind::FashionMnist => {
+            idx::load_mnist(idx::MnistVariant::FashionMnist, path, idx::Split::Train)?
         }
+        DataKind::Cifar10 => cifar::load_cifar10(need_path("CIFAR-10")?, true)?,
+        DataKind::ClassFolder => folder::load_class_folder(need_path("class-folder")?, size)?,
+        DataKind::Attributes => folder::load_attribute_folder(need_path("attribute")?, size)?,
+        DataKind::Iclevr => match path {
+            Some(p) => iclevr::load_iclevr(p, size)?,
+            None => {
+                // The embedded default: rendered in memory, no download.
+                let scenes = cfg.limit.map_or(SYNTHETIC_SCENES, |n| n.div_ceil(render::STEPS));
+                render::synthetic_dataset(scenes, size, cfg.synthetic_seed, None)
+            }
+        },
     };
     if let Some(n) = cfg.limit {
         ds.truncate(n);

@@ -499,14 +499,32 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     if let Some(w) = a.width {
         cfg.width = w;
     }
-    eprintln!("evaluator: {} images {:?} from {}, {:?}", ds.len(), ds.image_shape(), ds.source, cfg);
+    eprintln!(
+        "evaluator: {} images {:?} from {}, {:?}",
+        ds.len(),
+        ds.image_shape(),
+        ds.source,
+        cfg
+    );
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let (model, acc) = train_evaluator(&cfg, &ds, &dev, |p| {
         if let Some(h) = p.holdout_accuracy {
-            eprintln!("epoch {} held-out top-k accuracy {:.4} ({:.0} s)", p.epoch + 1, h, t0.elapsed().as_secs_f64());
+            eprintln!(
+                "epoch {} held-out top-k accuracy {:.4} ({:.0} s)",
+                p.epoch + 1,
+                h,
+                t0.elapsed().as_secs_f64()
+            );
         } else if p.step % 50 == 0 && (tty || p.step % 200 == 0) {
-            eprintln!("epoch {} step {}/{} loss {:.4} ({:.0} s)", p.epoch + 1, p.step, p.steps_per_epoch, p.loss, t0.elapsed().as_secs_f64());
+            eprintln!(
+                "epoch {} step {}/{} loss {:.4} ({:.0} s)",
+                p.epoch + 1,
+                p.step,
+                p.steps_per_epoch,
+                p.loss,
+                t0.elapsed().as_secs_f64()
+            );
         }
     })?;
     model.save(&a.out)?;
@@ -537,7 +555,11 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
         secs = t0.elapsed().as_secs_f64(),
     );
     ganscope::checkpoint::write_atomic(&a.out.join("CARD.md"), card.as_bytes())?;
-    println!("held-out accuracy {:.4}; saved to {}", acc.accuracy(), a.out.display());
+    println!(
+        "held-out accuracy {:.4}; saved to {}",
+        acc.accuracy(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -547,28 +569,47 @@ fn eval(a: EvalArgs) -> Result<()> {
     let dev = device(&a.device)?;
     let cfg = read_config(&a.run)?;
     let m = &cfg.model;
-    let g = ganscope::model::Generator::new(m, ganscope::rng::Rng::new(0), candle_core::DType::F32, &dev)?;
+    let g = ganscope::model::Generator::new(
+        m,
+        ganscope::rng::Rng::new(0),
+        candle_core::DType::F32,
+        &dev,
+    )?;
     let set = ganscope::checkpoint::load_latest(&a.run, &dev)?;
     g.store.load(&set.paths[0], &set.files[0], true)?;
     let ev_dir = a.evaluator.clone().unwrap_or_else(|| {
-        let kind = serde_json::to_value(cfg.data.kind).ok().and_then(|v| v.as_str().map(String::from));
+        let kind = serde_json::to_value(cfg.data.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from));
         PathBuf::from("checkpoints").join(format!("evaluator-{}", kind.unwrap_or_default()))
     });
-    let ev = Classifier::load(&ev_dir, &dev).with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
-    if ev.cfg.image_size != m.image_size || ev.cfg.channels != m.channels || ev.cfg.label_names != m.label_names {
+    let ev = Classifier::load(&ev_dir, &dev)
+        .with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
+    if ev.cfg.image_size != m.image_size
+        || ev.cfg.channels != m.channels
+        || ev.cfg.label_names != m.label_names
+    {
         bail!(
             "the evaluator in {} is for {}x{}x{} images with labels [{}], the run makes {}x{}x{} with [{}]",
-            ev_dir.display(), ev.cfg.channels, ev.cfg.image_size, ev.cfg.image_size, ev.cfg.label_names.join(", "),
-            m.channels, m.image_size, m.image_size, m.label_names.join(", ")
+            ev_dir.display(),
+            ev.cfg.channels,
+            ev.cfg.image_size,
+            ev.cfg.image_size,
+            ev.cfg.label_names.join(", "),
+            m.channels,
+            m.image_size,
+            m.image_size,
+            m.label_names.join(", ")
         );
     }
     let names = &m.label_names;
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
     let mut lists: Vec<(String, Vec<Vec<String>>)> = Vec::new();
     for p in &a.conditions {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let list: Vec<serde_json::Value> =
-            serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected a JSON list", p.display()))?;
         let items = list
             .iter()
             .map(|item| match item {
@@ -582,7 +623,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         if !one_hot {
             bail!("give --conditions (e.g. test.json) for a multi-label model");
         }
-        let all: Vec<Vec<String>> = (0..m.num_conditions).flat_map(|i| vec![vec![i.to_string()]; 10]).collect();
+        let all: Vec<Vec<String>> = (0..m.num_conditions)
+            .flat_map(|i| vec![vec![i.to_string()]; 10])
+            .collect();
         lists.push(("every class x 10".into(), all));
     }
     let mut gen_feats = Vec::new();
@@ -590,11 +633,19 @@ fn eval(a: EvalArgs) -> Result<()> {
         let conds: Vec<Vec<f32>> = items
             .iter()
             .enumerate()
-            .map(|(i, it)| parse_condition(names, it, one_hot).with_context(|| format!("{name}: entry {i}")))
+            .map(|(i, it)| {
+                parse_condition(names, it, one_hot).with_context(|| format!("{name}: entry {i}"))
+            })
             .collect::<Result<_>>()?;
         let truth: Vec<Vec<u16>> = conds
             .iter()
-            .map(|c| c.iter().enumerate().filter(|(_, v)| **v > 0.5).map(|(j, _)| j as u16).collect())
+            .map(|c| {
+                c.iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v > 0.5)
+                    .map(|(j, _)| j as u16)
+                    .collect()
+            })
             .collect();
         let mut accs = Vec::new();
         let mut per_label = vec![(0usize, 0usize); names.len()];
@@ -610,8 +661,14 @@ fn eval(a: EvalArgs) -> Result<()> {
             gen_feats.extend(feats);
         }
         let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-        let sd = (accs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (accs.len().max(2) - 1) as f64).sqrt();
-        println!("{name}: top-k accuracy {mean:.4} +- {sd:.4} over {} seeds ({} labels each)", a.seeds, truth.iter().map(Vec::len).sum::<usize>());
+        let sd = (accs.iter().map(|x| (x - mean).powi(2)).sum::<f64>()
+            / (accs.len().max(2) - 1) as f64)
+            .sqrt();
+        println!(
+            "{name}: top-k accuracy {mean:.4} +- {sd:.4} over {} seeds ({} labels each)",
+            a.seeds,
+            truth.iter().map(Vec::len).sum::<usize>()
+        );
         let rates: Vec<String> = per_label
             .iter()
             .zip(names)
@@ -645,7 +702,10 @@ fn eval(a: EvalArgs) -> Result<()> {
 fn render_iclevr(a: IclevrArgs) -> Result<()> {
     use ganscope::data::{iclevr, render};
     let labels = match &a.train_json {
-        Some(p) => Some(iclevr::read_train_labels(p, &iclevr::default_object_names())?),
+        Some(p) => Some(iclevr::read_train_labels(
+            p,
+            &iclevr::default_object_names(),
+        )?),
         None => None,
     };
     let t0 = std::time::Instant::now();

@@ -35,7 +35,11 @@ fn quadrants(n: usize, multi: bool) -> InMemoryDataset {
         height: s,
         width: s,
         pixels,
-        kind: if multi { ConditionKind::MultiHot } else { ConditionKind::OneHot },
+        kind: if multi {
+            ConditionKind::MultiHot
+        } else {
+            ConditionKind::OneHot
+        },
         label_names: (0..4).map(|q| format!("q{q}")).collect(),
         labels,
     }
@@ -55,7 +59,11 @@ fn learns_known_tasks_and_round_trips() {
             ..EvaluatorConfig::for_data(&data)
         };
         let (model, acc) = train_evaluator(&cfg, &data, &dev, |_| {}).unwrap();
-        assert!(acc.accuracy() > 0.95, "multi={multi}: held-out accuracy {}", acc.accuracy());
+        assert!(
+            acc.accuracy() > 0.95,
+            "multi={multi}: held-out accuracy {}",
+            acc.accuracy()
+        );
         let dir = tempfile::tempdir().unwrap();
         model.save(dir.path()).unwrap();
         let back = Classifier::load(dir.path(), &dev).unwrap();
@@ -69,15 +77,34 @@ fn learns_known_tasks_and_round_trips() {
 fn load_rejects_weights_of_another_shape() {
     let dev = Device::Cpu;
     let data = quadrants(64, false);
-    let cfg = EvaluatorConfig { width: 4, ..EvaluatorConfig::for_data(&data) };
+    let cfg = EvaluatorConfig {
+        width: 4,
+        ..EvaluatorConfig::for_data(&data)
+    };
     let dir = tempfile::tempdir().unwrap();
-    Classifier::new(&cfg, &dev).unwrap().save(dir.path()).unwrap();
+    Classifier::new(&cfg, &dev)
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
     let wider = EvaluatorConfig { width: 8, ..cfg };
-    std::fs::write(dir.path().join("evaluator.json"), serde_json::to_vec(&wider).unwrap()).unwrap();
-    let err = Classifier::load(dir.path(), &dev).err().unwrap().to_string();
-    assert!(err.contains("evaluator.safetensors") && err.contains("shape"), "{err}");
+    std::fs::write(
+        dir.path().join("evaluator.json"),
+        serde_json::to_vec(&wider).unwrap(),
+    )
+    .unwrap();
+    let err = Classifier::load(dir.path(), &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("evaluator.safetensors") && err.contains("shape"),
+        "{err}"
+    );
     std::fs::write(dir.path().join("evaluator.json"), b"{ not json").unwrap();
-    let err = Classifier::load(dir.path(), &dev).err().unwrap().to_string();
+    let err = Classifier::load(dir.path(), &dev)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("evaluator.json"), "{err}");
     let _ = Tensor::zeros(1, candle_core::DType::F32, &dev);
 }

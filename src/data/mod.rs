@@ -154,7 +154,9 @@ pub fn open(cfg: &crate::config::DataConfig, size: usize) -> Result<InMemoryData
             Some(p) => iclevr::load_iclevr(p, size)?,
             None => {
                 // The embedded default: rendered in memory, no download.
-                let scenes = cfg.limit.map_or(SYNTHETIC_SCENES, |n| n.div_ceil(render::STEPS));
+                let scenes = cfg
+                    .limit
+                    .map_or(SYNTHETIC_SCENES, |n| n.div_ceil(render::STEPS));
                 render::synthetic_dataset(scenes, size, cfg.synthetic_seed, None)
             }
         },

@@ -112,7 +112,10 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x, train)?, train)?.relu()?;
+        let h = self
+            .bn1
+            .forward(&self.conv1.forward(x, train)?, train)?
+            .relu()?;
         let h = self.bn2.forward(&self.conv2.forward(&h, train)?, train)?;
         let s = match &self.shortcut {
             Some((c, b)) => b.forward(&c.forward(x, train)?, train)?,
@@ -121,6 +124,9 @@ impl BasicBlock {
         Ok((h + s)?.relu()?)
     }
 }
+
+/// One f32 vector per image.
+pub type Rows = Vec<Vec<f32>>;
 
 /// The evaluator network with its config and weights.
 pub struct Classifier {
@@ -160,7 +166,12 @@ impl Classifier {
             let cout = w << stage;
             for i in 0..2 {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                blocks.push(BasicBlock::new(cin, cout, stride, vb.pp("blocks").pp(blocks.len()))?);
+                blocks.push(BasicBlock::new(
+                    cin,
+                    cout,
+                    stride,
+                    vb.pp("blocks").pp(blocks.len()),
+                )?);
                 cin = cout;
             }
         }
@@ -182,7 +193,10 @@ impl Classifier {
 
     /// x: (B, C, H, W) in [-1, 1] -> (logits (B, K), pooled features (B, 8w)).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        let mut h = self.stem_bn.forward(&self.stem.forward(x, train)?, train)?.relu()?;
+        let mut h = self
+            .stem_bn
+            .forward(&self.stem.forward(x, train)?, train)?
+            .relu()?;
         for b in &self.blocks {
             h = b.forward(&h, train)?;
         }
@@ -192,7 +206,7 @@ impl Classifier {
 
     /// Per-image label probabilities (sigmoid or softmax) and features, in eval mode,
     /// processed in chunks of 256.
-    pub fn predict(&self, x: &Tensor) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    pub fn predict(&self, x: &Tensor) -> Result<(Rows, Rows)> {
         let n = x.dim(0)?;
         let (mut probs, mut feats) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut i = 0;
@@ -245,7 +259,13 @@ impl Classifier {
 }
 
 /// Images `idx` of `data` as a batch, optionally augmented (shift, flip) with `rng`.
-fn batch(data: &dyn Dataset, idx: &[usize], cfg: &EvaluatorConfig, rng: Option<&mut Rng>, dev: &Device) -> Result<(Tensor, Tensor)> {
+fn batch(
+    data: &dyn Dataset,
+    idx: &[usize],
+    cfg: &EvaluatorConfig,
+    rng: Option<&mut Rng>,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let (c, h, w) = data.image_shape();
     let k = data.num_conditions();
     let mut px = Vec::with_capacity(idx.len() * c * h * w);
@@ -257,7 +277,11 @@ fn batch(data: &dyn Dataset, idx: &[usize], cfg: &EvaluatorConfig, rng: Option<&
             Some(r) => {
                 let s = cfg.max_shift as i64;
                 let span = (2 * s + 1) as usize;
-                (r.below(span) as i64 - s, r.below(span) as i64 - s, cfg.hflip && r.below(2) == 1)
+                (
+                    r.below(span) as i64 - s,
+                    r.below(span) as i64 - s,
+                    cfg.hflip && r.below(2) == 1,
+                )
             }
             None => (0, 0, false),
         };
@@ -351,7 +375,9 @@ pub fn train_evaluator(
             opt.step(&grads)?;
             let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
-                return Err(Error::Msg(format!("evaluator loss became {lv} at epoch {epoch} step {step}")));
+                return Err(Error::Msg(format!(
+                    "evaluator loss became {lv} at epoch {epoch} step {step}"
+                )));
             }
             progress(&EvalProgress {
                 epoch,

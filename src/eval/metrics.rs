@@ -8,6 +8,9 @@
 //!   (Heusel et al. 2017's formula). On evaluator features it is a *domain-feature FD*, not FID
 //!   (which is defined on Inception-v3 pool features).
 
+// Dense matrix code reads best with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
 use crate::error::{Error, Result};
 
 /// Hits and label counts of the course's top-k scoring.
@@ -55,7 +58,9 @@ pub fn topk_accuracy(scores: &[Vec<f32>], truth: &[Vec<u16>]) -> Result<TopK> {
             return Err(Error::Msg("score rows of different lengths".into()));
         }
         if let Some(&bad) = t.iter().find(|&&l| l as usize >= k_all) {
-            return Err(Error::Msg(format!("label id {bad} out of range (K = {k_all})")));
+            return Err(Error::Msg(format!(
+                "label id {bad} out of range (K = {k_all})"
+            )));
         }
         let k = t.len();
         // Indices of the k highest scores (ties broken by the lower index, like torch.topk
@@ -84,7 +89,9 @@ pub fn topk_accuracy(scores: &[Vec<f32>], truth: &[Vec<u16>]) -> Result<TopK> {
 pub fn mean_cov(feats: &[Vec<f32>]) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let n = feats.len();
     if n < 2 {
-        return Err(Error::Msg(format!("need at least 2 feature vectors, got {n}")));
+        return Err(Error::Msg(format!(
+            "need at least 2 feature vectors, got {n}"
+        )));
     }
     let d = feats[0].len();
     let mut mu = vec![0.0; d];
@@ -215,7 +222,9 @@ pub fn frechet_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> Result<f64> {
         .collect();
     let cross = sqrtm_psd(&sym);
     let mean_term: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y) * (x - y)).sum();
-    let tr: f64 = (0..n).map(|i| s1[i][i] + s2[i][i] - 2.0 * cross[i][i]).sum();
+    let tr: f64 = (0..n)
+        .map(|i| s1[i][i] + s2[i][i] - 2.0 * cross[i][i])
+        .sum();
     Ok((mean_term + tr).max(0.0))
 }
 
@@ -250,7 +259,11 @@ mod tests {
 
     #[test]
     fn eigen_and_sqrt() {
-        let a = vec![vec![4.0, 1.0, 0.0], vec![1.0, 3.0, 0.5], vec![0.0, 0.5, 2.0]];
+        let a = vec![
+            vec![4.0, 1.0, 0.0],
+            vec![1.0, 3.0, 0.5],
+            vec![0.0, 0.5, 2.0],
+        ];
         let r = sqrtm_psd(&a);
         let back = matmul(&r, &r);
         for i in 0..3 {
@@ -277,6 +290,9 @@ mod tests {
         // plus the mean term |mu - 2 mu|^2 = |mu|^2
         let want = s1[0][0] + s1[1][1] + mu[0] * mu[0] + mu[1] * mu[1];
         let got = frechet_distance(&a, &c).unwrap();
-        assert!((got - want).abs() < 1e-6 * want.max(1.0) + 1e-4, "{got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-6 * want.max(1.0) + 1e-4,
+            "{got} vs {want}"
+        );
     }
 }

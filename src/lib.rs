@@ -15,3 +15,4 @@ pub mod model;
 pub mod params;
 pub mod rng;
 pub mod train;
+pub mod diagnostics;

@@ -63,6 +63,9 @@ struct IclevrArgs {
     /// Render exactly the label sets of this train.json (e.g. the real one) instead of sampling.
     #[arg(long)]
     train_json: Option<PathBuf>,
+    /// Also write a captioned contact sheet of the first 24 images (8 scenes x 3 steps).
+    #[arg(long)]
+    sheet: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -718,5 +721,28 @@ fn render_iclevr(a: IclevrArgs) -> Result<()> {
         a.out.display(),
         n as f64 / s
     );
+    if let Some(p) = &a.sheet {
+        use ganscope::data::Dataset;
+        let ds = render::synthetic_dataset(8, a.size, a.seed, labels.as_deref());
+        let n = ds.len().min(24);
+        let idx: Vec<usize> = (0..n).collect();
+        let (x, _) = ds.batch(&idx, &Device::Cpu)?;
+        let imgs = ganscope::images::Images::from_tensor(&x)?;
+        // One row per scene (its three steps), captioned with the full scene's objects.
+        let rows = n / 3;
+        let layout = ganscope::export::sheet::SheetLayout {
+            rows,
+            cols: 3,
+            scale: 2,
+            row_captions: (0..rows)
+                .map(|r| ganscope::train::run::caption(&ds.condition(r * 3 + 2), ds.label_names()))
+                .collect(),
+            col_captions: vec!["_0".into(), "_1".into(), "_2".into()],
+            title: Some(format!("synthetic i-CLEVR, seed {}", a.seed)),
+            ..Default::default()
+        };
+        save_png(&ganscope::export::sheet::sample_sheet(&imgs, &layout)?, p)?;
+        println!("wrote {}", p.display());
+    }
     Ok(())
 }

@@ -75,7 +75,12 @@ impl From<&StepStats> for StepPoint {
             ("d_real".to_string(), s.d_real),
             ("d_fake".to_string(), s.d_fake),
         ];
-        for (name, v) in [("gp", s.gp), ("r1", s.r1), ("aux_d", s.aux_d), ("aux_g", s.aux_g)] {
+        for (name, v) in [
+            ("gp", s.gp),
+            ("r1", s.r1),
+            ("aux_d", s.aux_d),
+            ("aux_g", s.aux_g),
+        ] {
             if let Some(v) = v {
                 other.push((name.to_string(), v));
             }
@@ -131,13 +136,31 @@ impl MeasurePoint {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AlarmKind {
-    NonFinite { names: Vec<String> },
-    DAccuracyPinned { mean_accuracy: f64, window: usize },
-    GLossFlat { variance: f64, window: usize },
-    ModesLost { class_coverage: f64 },
-    CoverageLow { coverage: f64, baseline: f64 },
-    NdbHigh { ndb_fraction: f64 },
-    DiversityLow { conditions: Vec<Option<u16>>, min_ratio: Option<f64> },
+    NonFinite {
+        names: Vec<String>,
+    },
+    DAccuracyPinned {
+        mean_accuracy: f64,
+        window: usize,
+    },
+    GLossFlat {
+        variance: f64,
+        window: usize,
+    },
+    ModesLost {
+        class_coverage: f64,
+    },
+    CoverageLow {
+        coverage: f64,
+        baseline: f64,
+    },
+    NdbHigh {
+        ndb_fraction: f64,
+    },
+    DiversityLow {
+        conditions: Vec<Option<u16>>,
+        min_ratio: Option<f64>,
+    },
 }
 
 impl AlarmKind {
@@ -350,12 +373,11 @@ impl AlarmMonitor {
             .ndb_fraction
             .filter(|&v| v > c.max_ndb_fraction)
             .map(|v| AlarmKind::NdbHigh { ndb_fraction: v });
-        let div = (c.diversity && !m.diversity_flagged.is_empty()).then(|| {
-            AlarmKind::DiversityLow {
+        let div =
+            (c.diversity && !m.diversity_flagged.is_empty()).then(|| AlarmKind::DiversityLow {
                 conditions: m.diversity_flagged.clone(),
                 min_ratio: m.diversity_min_ratio,
-            }
-        });
+            });
         let mut out = vec![];
         self.edge(3, modes, m.step, &mut out);
         self.edge(4, cov, m.step, &mut out);
@@ -577,9 +599,18 @@ mod tests {
         };
         let a = m.push_measures(&bad);
         assert_eq!(a.len(), 4, "{a:?}");
-        assert!(a.iter().all(|x| x.step == 200 && x.message.contains("step 200")));
+        assert!(
+            a.iter()
+                .all(|x| x.step == 200 && x.message.contains("step 200"))
+        );
         assert!(a[3].message.contains("label 3"));
-        assert!(m.push_measures(&MeasurePoint { step: 300, ..bad.clone() }).is_empty());
+        assert!(
+            m.push_measures(&MeasurePoint {
+                step: 300,
+                ..bad.clone()
+            })
+            .is_empty()
+        );
         assert!(m.push_measures(&good).is_empty());
         assert_eq!(m.push_measures(&bad).len(), 4);
     }

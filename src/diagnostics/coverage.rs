@@ -236,7 +236,7 @@ pub fn label_hits(probs: &[Vec<f32>], conditions: &[Vec<u16>]) -> Result<LabelHi
         heat_map: None,
     };
     let k = out.rate.len();
-    if k > 0 && k % 8 == 0 {
+    if k > 0 && k.is_multiple_of(8) {
         out.heat_map = Some(out.grid(8));
     }
     Ok(out)
@@ -324,7 +324,10 @@ mod tests {
         assert!((h.accuracy - 2.0 / 3.0).abs() < 1e-12);
         let g = h.heat_map.unwrap();
         assert_eq!((g.len(), g[0].len()), (3, 8));
-        assert_eq!((g[0][1], g[1][1], g[2][1]), (Some(1.0), Some(1.0), Some(0.0)));
+        assert_eq!(
+            (g[0][1], g[1][1], g[2][1]),
+            (Some(1.0), Some(1.0), Some(0.0))
+        );
         assert_eq!(g[0][0], None);
     }
 

@@ -32,7 +32,9 @@ pub(crate) fn check_rows(rows: &[Vec<f32>], what: &str) -> Result<usize> {
         .map(Vec::len)
         .ok_or_else(|| Error::Msg(format!("{what}: no feature vectors")))?;
     if d == 0 {
-        return Err(Error::Msg(format!("{what}: feature vectors of dimension 0")));
+        return Err(Error::Msg(format!(
+            "{what}: feature vectors of dimension 0"
+        )));
     }
     for (i, r) in rows.iter().enumerate() {
         if r.len() != d {
@@ -92,7 +94,7 @@ impl Mat {
     }
 
     pub fn from_data(data: Vec<f32>, d: usize) -> Self {
-        assert!(d > 0 && data.len() % d == 0);
+        assert!(d > 0 && data.len().is_multiple_of(d));
         let sq = data.chunks_exact(d).map(sq_norm).collect();
         Self {
             n: data.len() / d,
@@ -207,14 +209,28 @@ pub(crate) fn nearest(a: &Mat, b: &Mat) -> Vec<(usize, f32)> {
 /// itself excluded; equal to the (k+1)-th smallest distance with the point included, as in
 /// the reference implementations). Needs `m.n > k >= 1`.
 pub(crate) fn knn_radii_sq(m: &Mat, k: usize) -> Vec<f32> {
-    assert!(k >= 1 && m.n > k);
-    let mut out = Vec::with_capacity(m.n);
+    knn_radii_sq2(m, k, k).0
+}
+
+/// [`knn_radii_sq`] for two values of k from one distance pass.
+pub(crate) fn knn_radii_sq2(m: &Mat, ka: usize, kb: usize) -> (Vec<f32>, Vec<f32>) {
+    let (lo, hi) = (ka.min(kb), ka.max(kb));
+    assert!(lo >= 1 && m.n > hi);
+    let (mut r_lo, mut r_hi) = (Vec::with_capacity(m.n), Vec::with_capacity(m.n));
     for_each_row(m, m, |i, row| {
         row[i] = f32::INFINITY;
-        let (_, v, _) = row.select_nth_unstable_by(k - 1, f32::total_cmp);
-        out.push(*v);
+        let (below, v, _) = row.select_nth_unstable_by(hi - 1, f32::total_cmp);
+        r_hi.push(*v);
+        if lo < hi {
+            // The lo-th smallest is among the hi - 1 values below the hi-th.
+            let (_, w, _) = below.select_nth_unstable_by(lo - 1, f32::total_cmp);
+            r_lo.push(*w);
+        }
     });
-    out
+    if lo == hi {
+        r_lo = r_hi.clone();
+    }
+    if ka <= kb { (r_lo, r_hi) } else { (r_hi, r_lo) }
 }
 
 /// Exact Euclidean distance of two feature vectors (f64 accumulation).
@@ -264,7 +280,10 @@ mod tests {
             seen += 1;
             for (j, &v) in row.iter().enumerate() {
                 let want = exact_distance(&a[i], &b[j]).powi(2);
-                assert!((v as f64 - want).abs() < 1e-4 * want.max(1.0), "{v} vs {want}");
+                assert!(
+                    (v as f64 - want).abs() < 1e-4 * want.max(1.0),
+                    "{v} vs {want}"
+                );
             }
         });
         assert_eq!(seen, 300);
@@ -291,6 +310,13 @@ mod tests {
         for (g, w) in r.iter().zip(want) {
             assert!((g - w).abs() < 1e-4, "{r:?}");
         }
+        // k = 1 (nearest other point): 1, 1, 4, 16; both from one pass, in either order.
+        let (a, b) = knn_radii_sq2(&m, 2, 1);
+        assert_eq!(a, r);
+        for (g, w) in b.iter().zip([1.0, 1.0, 4.0, 16.0]) {
+            assert!((g - w).abs() < 1e-4, "{b:?}");
+        }
+        assert_eq!(knn_radii_sq2(&m, 1, 2), (b, a));
     }
 
     #[test]

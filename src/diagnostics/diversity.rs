@@ -91,7 +91,7 @@ fn groups(conditions: &[Vec<u16>], n: usize, num_classes: usize) -> Result<Vec<V
                         "diversity: label id {l} out of range (K = {num_classes})"
                     )));
                 }
-                if !g[l + 1].last().is_some_and(|&last| last == i) {
+                if g[l + 1].last() != Some(&i) {
                     g[l + 1].push(i);
                 }
             }
@@ -198,9 +198,11 @@ mod tests {
         // exactly class 1 is flagged at threshold 0.5. The "all" group mixes classes, so
         // its ratio stays near 1 (the collapse is invisible there), not flagged.
         let mut rng = Rng::new(9);
-        let mu = |c: usize| -> Vec<f32> { (0..8).map(|i| if i == c { 6.0 } else { 0.0 }).collect() };
+        let mu =
+            |c: usize| -> Vec<f32> { (0..8).map(|i| if i == c { 6.0 } else { 0.0 }).collect() };
         let mut sample = |c: usize, s: f32| -> Vec<f32> {
-            mu(c).iter()
+            mu(c)
+                .iter()
                 .zip(rng.normal_vec(8))
                 .map(|(m, z)| m + s * z as f32)
                 .collect()

@@ -30,7 +30,12 @@ pub fn kmeans(features: &[Vec<f32>], k: usize, max_iter: usize, seed: u64) -> Re
     dist::check_rows(features, "k-means input")?;
     let center = dist::mean(features);
     let x = Mat::centered(features, &center, "k-means input")?;
-    let fit = kmeans_mat(&x, k, max_iter, &mut Rng::stream(seed, "diagnostics.kmeans"))?;
+    let fit = kmeans_mat(
+        &x,
+        k,
+        max_iter,
+        &mut Rng::stream(seed, "diagnostics.kmeans"),
+    )?;
     let centroids = (0..k)
         .map(|c| {
             fit.centroids
@@ -181,7 +186,12 @@ pub(crate) mod tests {
         for _ in 0..per {
             for (c, m) in means.iter().enumerate() {
                 let z = rng.normal_vec(m.len());
-                x.push(m.iter().zip(z).map(|(&a, b)| a + sigma * b as f32).collect());
+                x.push(
+                    m.iter()
+                        .zip(z)
+                        .map(|(&a, b)| a + sigma * b as f32)
+                        .collect(),
+                );
                 y.push(c);
             }
         }
@@ -212,7 +222,7 @@ pub(crate) mod tests {
         let (x, y) = clusters(&mut rng, &means, 100, 0.5);
         let fit = kmeans(&x, 6, 100, 3).unwrap();
         assert!(fit.converged);
-        let mut bin_of = vec![None; 6];
+        let mut bin_of = [None; 6];
         for (&c, &b) in y.iter().zip(&fit.assignments) {
             match bin_of[c] {
                 None => bin_of[c] = Some(b),

@@ -36,7 +36,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-pub use alarms::{Alarm, AlarmConfig, AlarmKind, AlarmMonitor, MeasurePoint, SnapshotRing, StepPoint};
+pub use alarms::{
+    Alarm, AlarmConfig, AlarmKind, AlarmMonitor, MeasurePoint, SnapshotRing, StepPoint,
+};
 pub use closest::{ClosestPair, closest_pairs};
 pub use coverage::{ClassCoverage, Confusion, LabelHits, class_coverage, confusion, label_hits};
 pub use diversity::{Diversity, GroupDiversity, intra_condition_diversity};
@@ -99,7 +101,10 @@ impl DiagnosticsConfig {
             return bad(format!("ndb_bins = {} (need >= 2)", self.ndb_bins));
         }
         if !(self.ndb_alpha > 0.0 && self.ndb_alpha < 1.0) {
-            return bad(format!("ndb_alpha = {} (need 0 < alpha < 1)", self.ndb_alpha));
+            return bad(format!(
+                "ndb_alpha = {} (need 0 < alpha < 1)",
+                self.ndb_alpha
+            ));
         }
         if self.pr_k == 0 || self.dc_k == 0 {
             return bad("pr_k and dc_k must be >= 1".into());
@@ -107,7 +112,7 @@ impl DiagnosticsConfig {
         if !(self.coverage_min_share >= 0.0 && self.kl_pseudo_count > 0.0) {
             return bad("coverage_min_share must be >= 0 and kl_pseudo_count > 0".into());
         }
-        if !(self.diversity_flag_ratio >= 0.0) {
+        if self.diversity_flag_ratio.is_nan() || self.diversity_flag_ratio < 0.0 {
             return bad("diversity_flag_ratio must be >= 0".into());
         }
         Ok(())
@@ -352,7 +357,10 @@ impl Diagnostics {
     pub fn check(&self, g: Generated<'_>) -> Result<DiagnosticsReport> {
         let t0 = Instant::now();
         let n = g.features.len();
-        for (what, len) in [("score rows", g.probs.len()), ("condition sets", g.conditions.len())] {
+        for (what, len) in [
+            ("score rows", g.probs.len()),
+            ("condition sets", g.conditions.len()),
+        ] {
             if len != 0 && len != n {
                 return Err(Error::Msg(format!(
                     "diagnostics: {len} {what} for {n} generated features"

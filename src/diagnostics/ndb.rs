@@ -127,7 +127,10 @@ impl NdbBins {
     /// Bin (nearest centroid) of each feature vector.
     pub fn assign(&self, features: &[Vec<f32>]) -> Result<Vec<usize>> {
         let m = Mat::centered(features, &self.center, "NDB features")?;
-        Ok(dist::nearest(&m, &self.cmat).into_iter().map(|p| p.0).collect())
+        Ok(dist::nearest(&m, &self.cmat)
+            .into_iter()
+            .map(|p| p.0)
+            .collect())
     }
 
     /// Bin counts of `features`.
@@ -230,8 +233,7 @@ pub fn erfc(x: f64) -> f64 {
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
                             + t * (-1.135_203_98
-                                + t * (1.488_515_87
-                                    + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let r = t * poly.exp();
     if x >= 0.0 { r } else { 2.0 - r }
 }

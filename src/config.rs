@@ -224,6 +224,8 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Append a metrics line every N steps.
     pub log_every: u64,
+    /// Live diagnostics and alarms.
+    pub monitor: crate::train::monitor::MonitorConfig,
 }
 
 impl Default for TrainConfig {
@@ -240,6 +242,7 @@ impl Default for TrainConfig {
             sample_every: 500,
             checkpoint_every: 1000,
             log_every: 50,
+            monitor: Default::default(),
         }
     }
 }

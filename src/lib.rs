@@ -9,10 +9,10 @@ pub mod images;
 
 pub use error::{Error, Result};
 pub mod config;
+pub mod diagnostics;
 pub mod eval;
 pub mod grad;
 pub mod model;
 pub mod params;
 pub mod rng;
 pub mod train;
-pub mod diagnostics;

@@ -158,6 +158,12 @@ struct TrainArgs {
     /// Run folder (default runs/<preset>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run the mode-collapse diagnostics every N steps (needs an evaluator).
+    #[arg(long)]
+    diagnostics_every: Option<u64>,
+    /// Evaluator folder for the diagnostics (default checkpoints/evaluator-<dataset>).
+    #[arg(long)]
+    evaluator: Option<PathBuf>,
     /// Continue the run in this folder (its config.json; flags override steps, rates, intervals).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -310,6 +316,12 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(v) = a.checkpoint_every {
         cfg.checkpoint_every = v;
     }
+    if let Some(v) = a.diagnostics_every {
+        cfg.monitor.every = v;
+    }
+    if let Some(p) = &a.evaluator {
+        cfg.monitor.evaluator = Some(p.clone());
+    }
     let t = std::time::Instant::now();
     let ds = data::open(&cfg.data, cfg.model.image_size).context("opening the dataset")?;
     eprintln!(
@@ -359,6 +371,38 @@ fn train(a: TrainArgs) -> Result<()> {
             "{:.0} img/s  D {:.3}  G {:.3}  D(x) {:+.2}  D(G(z)) {:+.2}",
             p.images_per_s, p.stats.d_loss, p.stats.g_loss, p.stats.d_real, p.stats.d_fake
         ));
+        for a in &p.alarms {
+            if tty {
+                pb.println(format!("ALARM {}", a.message));
+            } else {
+                eprintln!("ALARM {}", a.message);
+            }
+        }
+        if let Some(c) = &p.check {
+            let r = &c.report;
+            let line = format!(
+                "diagnostics at step {} ({:.2} s): NDB {}/{} (real-vs-real {}), precision {:.2} recall {:.2} density {:.2} coverage {:.2} (real-vs-real coverage {:.2}){}",
+                c.step,
+                c.seconds,
+                r.ndb.n_significant,
+                r.ndb.k,
+                r.ndb_baseline.n_significant,
+                r.prdc.precision,
+                r.prdc.recall,
+                r.prdc.density,
+                r.prdc.coverage,
+                r.prdc_baseline.coverage,
+                r.class_coverage
+                    .as_ref()
+                    .map(|cc| format!(", modes {}/{}", cc.modes_covered, cc.modes_present))
+                    .unwrap_or_default()
+            );
+            if tty {
+                pb.println(line);
+            } else {
+                eprintln!("{line}");
+            }
+        }
         if p.stats.step % 100 == 0 || p.stats.step == p.target {
             let line = format!(
                 "step {:>6}  {:.1} s  {:.0} img/s  D {:.4}  G {:.4}  D(x) {:+.3}  D(G(z)) {:+.3}{}",

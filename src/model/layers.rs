@@ -265,7 +265,8 @@ impl Linear {
 
 /// Batch normalisation over (B, H, W) per channel; accepts (B, C) or (B, C, H, W).
 /// Train mode uses batch statistics and updates the running ones (momentum 0.1, unbiased
-/// running variance, as PyTorch); eval mode uses the running statistics.
+/// running variance, as PyTorch); eval mode uses the running statistics. Train mode runs the
+/// fused op of [`crate::model::fused_bn`] (affine part included), exact under double backward.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight: Option<Tensor>,
@@ -307,28 +308,7 @@ impl BatchNorm {
     fn normalize(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = x.dim(1)?;
         if train {
-            let n = x.elem_count() / c;
-            let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?; // biased, (1, C, 1, 1)
-            let y = xc.broadcast_div(&var.affine(1.0, BN_EPS)?.sqrt()?)?;
-            let unbias = if n > 1 {
-                n as f64 / (n - 1) as f64
-            } else {
-                1.0
-            };
-            let rm = self.running_mean.as_tensor();
-            let rv = self.running_var.as_tensor();
-            let new_rm = (rm.affine(1.0 - BN_MOMENTUM, 0.0)?
-                + mean.detach().flatten_all()?.affine(BN_MOMENTUM, 0.0)?)?;
-            let new_rv = (rv.affine(1.0 - BN_MOMENTUM, 0.0)?
-                + var
-                    .detach()
-                    .flatten_all()?
-                    .affine(BN_MOMENTUM * unbias, 0.0)?)?;
-            self.running_mean.set(&new_rm)?;
-            self.running_var.set(&new_rv)?;
-            Ok(y)
+            self.train_forward(x, None, None)
         } else {
             let mean = self.running_mean.as_tensor().reshape((1, c, 1, 1))?;
             let std = self
@@ -341,6 +321,32 @@ impl BatchNorm {
         }
     }
 
+    /// Train mode: the fused batch-norm op (batch statistics, with the affine part when
+    /// given; exact under double backward), then the running-statistics update.
+    fn train_forward(
+        &self,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let n = x.elem_count() / c;
+        let (y, mean, var) = crate::model::fused_bn::batch_norm_train(x, gamma, beta, BN_EPS)?;
+        let unbias = if n > 1 {
+            n as f64 / (n - 1) as f64
+        } else {
+            1.0
+        };
+        let rm = self.running_mean.as_tensor();
+        let rv = self.running_var.as_tensor();
+        let new_rm = (rm.affine(1.0 - BN_MOMENTUM, 0.0)? + mean.affine(BN_MOMENTUM, 0.0)?)?;
+        let new_rv =
+            (rv.affine(1.0 - BN_MOMENTUM, 0.0)? + var.affine(BN_MOMENTUM * unbias, 0.0)?)?;
+        self.running_mean.set(&new_rm)?;
+        self.running_var.set(&new_rv)?;
+        Ok(y)
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let x4 = if dims.len() == 2 {
@@ -348,12 +354,15 @@ impl BatchNorm {
         } else {
             x.clone()
         };
-        let mut y = self.normalize(&x4, train)?;
-        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
-            y = y
+        let y = match (&self.weight, &self.bias) {
+            // The affine part fused into the op.
+            (Some(w), Some(b)) if train => self.train_forward(&x4, Some(w), Some(b))?,
+            (Some(w), Some(b)) => self
+                .normalize(&x4, train)?
                 .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
-                .broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        }
+                .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            _ => self.normalize(&x4, train)?,
+        };
         Ok(y.reshape(dims)?)
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod conv;
 pub mod dcgan;
+pub mod fused_bn;
 pub mod layers;
 pub mod resnet;
 

@@ -5,6 +5,7 @@
 
 pub mod adam;
 pub mod loss;
+pub mod monitor;
 pub mod run;
 
 use std::collections::HashMap;

@@ -8,9 +8,11 @@ use image::RgbImage;
 
 use crate::checkpoint;
 use crate::data::{ConditionKind, Dataset};
+use crate::diagnostics::Alarm;
 use crate::error::Result;
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
 use crate::model::Generator;
+use crate::train::monitor::{Check, Monitor};
 use crate::train::{StepStats, Trainer};
 
 /// Caption for a condition vector: the names of its active labels.
@@ -95,6 +97,10 @@ pub struct Progress {
     pub elapsed_s: f64,
     /// A file written at this step (sample grid or checkpoint), if any.
     pub wrote: Option<PathBuf>,
+    /// Alarms raised at this step.
+    pub alarms: Vec<Alarm>,
+    /// The diagnostics check run at this step, if any.
+    pub check: Option<Check>,
 }
 
 /// Noise seed of the fixed sample grid.
@@ -109,14 +115,34 @@ pub fn train_until(
     target: u64,
     mut on_step: impl FnMut(&Progress),
 ) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let t0 = Instant::now();
     let start = trainer.step;
     let cfg = trainer.cfg.clone();
     let rows = wall_rows(trainer.data().as_ref(), cfg.model.num_conditions, 8);
     let images_per_step = (cfg.batch_size * cfg.loss.n_critic) as f64;
+    let mut monitor = Monitor::new(&cfg, trainer.data().as_ref(), trainer.device())?;
+    let mut since_check = Instant::now();
     while trainer.step < target {
         let stats = trainer.train_step()?;
         let s = trainer.step;
+        let mut alarms = monitor.on_step(&stats);
+        let mut check = None;
+        if monitor.due(s) {
+            let train_s = since_check.elapsed().as_secs_f64();
+            let (c, more) = monitor.check(s, &trainer.generator, trainer.data().as_ref())?;
+            let mut line = serde_json::json!({ "step": s, "diagnostics": &c });
+            // Share of wall time the check took relative to the training since the last one.
+            line["diagnostics_share"] = (c.seconds / (c.seconds + train_s)).into();
+            checkpoint::append_metrics(out, &line)?;
+            alarms.extend(more);
+            check = Some(c);
+            since_check = Instant::now();
+        }
+        for a in &alarms {
+            let line = serde_json::json!({ "step": s, "alarm": a });
+            checkpoint::append_metrics(out, &line)?;
+        }
         let elapsed = t0.elapsed().as_secs_f64();
         let images_per_s = (s - start) as f64 * images_per_step / elapsed.max(1e-9);
         let mut wrote = None;
@@ -145,6 +171,8 @@ pub fn train_until(
             images_per_s,
             elapsed_s: elapsed,
             wrote,
+            alarms,
+            check,
         });
     }
     Ok(())

@@ -1,0 +1,1001 @@
+//! Fused train-mode batch normalisation as candle custom ops.
+//!
+//! Built from basic candle ops, a train-mode BatchNorm is about ten passes over the
+//! activations forward and twenty backward. [`batch_norm_train`] does it in two forward
+//! (per-channel sums, then the output) and two backward (per-channel sums of dy and
+//! dy * (x - mean), then dx), each parallelised with rayon and accumulated in f64.
+//!
+//! Per channel, over the N = B H W elements of that channel:
+//! - forward: xhat = (x - mean) * r with r = 1 / sqrt(var + eps) (biased variance), and
+//!   y = gamma * xhat + beta;
+//! - backward: dx = gamma r (dy - mean(dy) - xhat mean(dy xhat)), dgamma = sum(dy xhat),
+//!   dbeta = sum(dy).
+//!
+//! Gradients of gradients (WGAN-GP, R1 with a BatchNorm critic) are exact: the backward op's
+//! own backward is the vector-Jacobian product of the formulas above, derived by hand (see
+//! [`BnBwdOp`]) and written with basic differentiable candle ops, so every further order
+//! stays exact too.
+//!
+//! Sums run in a fixed order per channel (eight f64 lanes), so results do not depend on the
+//! number of threads and training stays bit-reproducible. Off the CPU and for dtypes other than
+//! f32/f64 everything falls back to the same math written with basic candle ops
+//! ([`batch_norm_train_basic`]).
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use rayon::prelude::*;
+
+/// Train-mode batch normalisation of x (B, C, ...) over every dimension but the channel one
+/// (dimension 1): y = (x - mean) / sqrt(var + eps) * gamma + beta, with gamma and beta of shape
+/// (C) (absent: 1 and 0). Returns y (the shape of x), and the batch mean and biased batch
+/// variance, shape (C), detached, for the running statistics.
+///
+/// Differentiable to any order with respect to x, gamma and beta.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = channels(x, gamma, beta)?;
+    if !fast_path(x, gamma, beta) {
+        return batch_norm_train_basic(x, gamma, beta, eps);
+    }
+    let (dt, dev) = (x.dtype(), x.device());
+    let per_channel = |t: Option<&Tensor>, fill: f64| -> Result<Tensor> {
+        match t {
+            Some(t) if t.dims() == [c] => t.contiguous(),
+            Some(t) => t.reshape(c)?.contiguous(),
+            None => Tensor::full(fill, c, dev)?.to_dtype(dt),
+        }
+    };
+    let gamma = per_channel(gamma, 1.0)?;
+    let beta = per_channel(beta, 0.0)?;
+    let x = x.contiguous()?;
+    let slot = Arc::new(OnceLock::new());
+    let y = x.apply_op3(
+        &gamma,
+        &beta,
+        BnOp {
+            eps,
+            stats: slot.clone(),
+        },
+    )?;
+    let stats = slot
+        .get()
+        .ok_or_else(|| candle_core::Error::Msg("fused BatchNorm: no batch statistics".into()))?;
+    let mean = Tensor::from_slice(&stats.mean, c, dev)?.to_dtype(dt)?;
+    let var = Tensor::from_slice(&stats.var, c, dev)?.to_dtype(dt)?;
+    Ok((y, mean, var))
+}
+
+/// The same as [`batch_norm_train`], written with basic candle ops (the fallback off the CPU
+/// and for other dtypes; the reference in tests and benchmarks).
+pub fn batch_norm_train_basic(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = channels(x, gamma, beta)?;
+    let g = Geom::of(x.dims())?;
+    let x3 = x.reshape((g.b, c, g.s))?;
+    let mean = x3.mean_keepdim((0, 2))?; // (1, C, 1)
+    let xc = x3.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim((0, 2))?; // biased
+    let mut y = xc.broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
+    if let Some(w) = gamma {
+        y = y.broadcast_mul(&w.reshape((1, c, 1))?)?;
+    }
+    if let Some(b) = beta {
+        y = y.broadcast_add(&b.reshape((1, c, 1))?)?;
+    }
+    Ok((
+        y.reshape(x.dims())?,
+        mean.flatten_all()?.detach(),
+        var.flatten_all()?.detach(),
+    ))
+}
+
+/// Number of channels, after checking the shapes.
+fn channels(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>) -> Result<usize> {
+    if x.rank() < 2 {
+        bail!(
+            "batch_norm_train: expected (B, C, ...) input, got shape {:?}",
+            x.dims()
+        );
+    }
+    let c = x.dim(1)?;
+    for (what, t) in [("gamma", gamma), ("beta", beta)] {
+        if let Some(t) = t
+            && t.elem_count() != c
+        {
+            bail!(
+                "batch_norm_train: {what} of shape {:?} for {c} channels",
+                t.dims()
+            );
+        }
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Benchmarks: run the basic-op implementation instead (this thread only).
+    static FORCE_BASIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the custom ops handle these arguments (else basic candle ops do).
+fn fast_path(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>) -> bool {
+    #[cfg(test)]
+    if FORCE_BASIC.with(|f| f.get()) {
+        return false;
+    }
+    let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
+    matches!(x.dtype(), DType::F32 | DType::F64)
+        && ok(x)
+        && gamma.is_none_or(ok)
+        && beta.is_none_or(ok)
+}
+
+/// Per-channel batch statistics, in f64.
+#[derive(Debug)]
+struct Stats {
+    mean: Vec<f64>,
+    /// Biased variance.
+    var: Vec<f64>,
+    /// 1 / sqrt(var + eps).
+    invstd: Vec<f64>,
+}
+
+/// Sizes: x viewed as (b, c, s).
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    c: usize,
+    s: usize,
+}
+
+impl Geom {
+    fn of(dims: &[usize]) -> Result<Self> {
+        if dims.len() < 2 {
+            bail!("batch_norm_train: expected (B, C, ...) input, got shape {dims:?}");
+        }
+        Ok(Self {
+            b: dims[0],
+            c: dims[1],
+            s: dims[2..].iter().product(),
+        })
+    }
+
+    /// Elements per channel.
+    fn n(&self) -> usize {
+        self.b * self.s
+    }
+
+    fn len(&self) -> usize {
+        self.b * self.c * self.s
+    }
+
+    /// Sample `b`'s plane of channel `c`.
+    fn plane<'a, T>(&self, v: &'a [T], b: usize, c: usize) -> &'a [T] {
+        &v[(b * self.c + c) * self.s..][..self.s]
+    }
+}
+
+/// Elements per rayon task, at least (smaller tasks cost more to schedule than to run).
+const MIN_TASK: usize = 16 << 10;
+
+/// Forward: (x, gamma, beta) -> y; stores the batch statistics in `stats`.
+struct BnOp {
+    eps: f64,
+    stats: Arc<OnceLock<Arc<Stats>>>,
+}
+
+/// First-order backward: (x, gamma, dy) -> [dx (flattened), dgamma (C), dbeta (C)], one
+/// vector of B C H W + 2 C elements (a custom op has a single output), with the batch
+/// statistics of the forward pass (functions of x, recomputed by its own backward).
+///
+/// Its backward, the VJP with cotangents (u, a, b) of (dx, dgamma, dbeta), per channel, with
+/// means and sums over the channel's N elements, S_d = sum(dy xhat) (= dgamma),
+/// S_u = sum(u xhat) and U0 = sum(u (dy - mean(dy))). Writing L = <u, dx> + a dgamma +
+/// b dbeta as a function of (r, xhat, dy, gamma),
+/// L = gamma r U0 - gamma r S_u S_d / N + a S_d + b sum(dy), and using
+/// dr/dx = -r^2 xhat / N and the VJP of xhat, v -> r (v - mean(v) - xhat mean(v xhat)):
+/// - d/d dy = gamma r (u - mean(u) - xhat S_u / N) + a xhat + b;
+/// - d/d gamma = r (U0 - S_u S_d / N);
+/// - d/dx = -(gamma r^2 S_d / N) (u - mean(u)) + (a r - gamma r^2 S_u / N) (dy - mean(dy))
+///   + ((gamma r^2 / N) (3 S_u S_d / N - U0) - a r S_d / N) xhat.
+struct BnBwdOp {
+    eps: f64,
+    stats: Arc<Stats>,
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: non-contiguous argument"),
+    }
+}
+
+/// The three arguments of an op as slices of one float type.
+fn args3<'a, T: WithDType>(what: &str, s: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [T]; 3]> {
+    let one = |(st, l): (&'a CpuStorage, &Layout)| -> Result<&'a [T]> {
+        contiguous(T::cpu_storage_as_slice(st)?, l, what)
+    };
+    Ok([one(s[0])?, one(s[1])?, one(s[2])?])
+}
+
+fn check_args(what: &str, g: &Geom, l2: &Layout, l3: &Layout, third: usize) -> Result<()> {
+    if l2.shape().elem_count() != g.c || l3.shape().elem_count() != third {
+        bail!(
+            "{what}: arguments of shapes {:?}, {:?} for an input with {} channels",
+            l2.dims(),
+            l3.dims(),
+            g.c
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp3 for BnOp {
+    fn name(&self) -> &'static str {
+        "ganscope-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let g = Geom::of(l1.dims())?;
+        check_args(name, &g, l2, l3, g.c)?;
+        let a = [(s1, l1), (s2, l2), (s3, l3)];
+        let (storage, stats) = match s1.dtype() {
+            DType::F32 => {
+                let [x, w, b] = args3::<f32>(name, a)?;
+                let (y, st) = forward(g, x, w, b, self.eps);
+                (CpuStorage::F32(y), st)
+            }
+            DType::F64 => {
+                let [x, w, b] = args3::<f64>(name, a)?;
+                let (y, st) = forward(g, x, w, b, self.eps);
+                (CpuStorage::F64(y), st)
+            }
+            dt => bail!("{name}: unsupported dtype {dt:?}"),
+        };
+        // A fresh op per call: the slot is empty.
+        let _ = self.stats.set(Arc::new(stats));
+        Ok((storage, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (nx, ng, nb) = (x.track_op(), gamma.track_op(), beta.track_op());
+        if !(nx || ng || nb) {
+            return Ok((None, None, None));
+        }
+        let stats = self.stats.get().cloned().ok_or_else(|| {
+            candle_core::Error::Msg("fused BatchNorm: backward before forward".into())
+        })?;
+        let p = x.apply_op3(
+            gamma,
+            &dy.contiguous()?,
+            BnBwdOp {
+                eps: self.eps,
+                stats,
+            },
+        )?;
+        let (m, c) = (x.elem_count(), gamma.elem_count());
+        let gx = nx.then(|| p.narrow(0, 0, m)?.reshape(x.dims()));
+        let gg = ng.then(|| p.narrow(0, m, c));
+        let gb = nb.then(|| p.narrow(0, m + c, c));
+        Ok((gx.transpose()?, gg.transpose()?, gb.transpose()?))
+    }
+}
+
+impl CustomOp3 for BnBwdOp {
+    fn name(&self) -> &'static str {
+        "ganscope-batch-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let g = Geom::of(l1.dims())?;
+        check_args(name, &g, l2, l3, g.len())?;
+        if self.stats.mean.len() != g.c {
+            bail!("{name}: statistics of {} channels", self.stats.mean.len());
+        }
+        let a = [(s1, l1), (s2, l2), (s3, l3)];
+        let storage = match s1.dtype() {
+            DType::F32 => {
+                let [x, w, dy] = args3::<f32>(name, a)?;
+                CpuStorage::F32(backward(g, x, w, dy, &self.stats))
+            }
+            DType::F64 => {
+                let [x, w, dy] = args3::<f64>(name, a)?;
+                CpuStorage::F64(backward(g, x, w, dy, &self.stats))
+            }
+            dt => bail!("{name}: unsupported dtype {dt:?}"),
+        };
+        Ok((storage, Shape::from(g.len() + 2 * g.c)))
+    }
+
+    /// The VJP in the op's docs, from basic ops (so itself differentiable).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        dy: &Tensor,
+        _p: &Tensor,
+        gp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (nx, ng, nd) = (x.track_op(), gamma.track_op(), dy.track_op());
+        if !(nx || ng || nd) {
+            return Ok((None, None, None));
+        }
+        let g = Geom::of(x.dims())?;
+        let (c, m) = (g.c, g.len());
+        let n = g.n() as f64;
+        let sh = (g.b, c, g.s);
+        let csum = |t: &Tensor| t.sum_keepdim((0, 2)); // (1, C, 1)
+        let x3 = x.reshape(sh)?;
+        let dy3 = dy.reshape(sh)?;
+        let u = gp.narrow(0, 0, m)?.reshape(sh)?;
+        let a = gp.narrow(0, m, c)?.reshape((1, c, 1))?;
+        let b = gp.narrow(0, m + c, c)?.reshape((1, c, 1))?;
+        let gm = gamma.reshape((1, c, 1))?;
+
+        let mean = (csum(&x3)? / n)?;
+        let xc = x3.broadcast_sub(&mean)?;
+        let var = (csum(&xc.sqr()?)? / n)?;
+        let r = var.affine(1.0, self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&r)?;
+        let mdy = (csum(&dy3)? / n)?;
+        let s_d = csum(&(&dy3 * &xhat)?)?;
+        let mu = (csum(&u)? / n)?;
+        let s_u = csum(&(&u * &xhat)?)?;
+        let gr = (&gm * &r)?;
+        let gr2 = (&gr * &r)?;
+        let su_sd_n = ((&s_u * &s_d)? / n)?;
+
+        let gx = if nx || ng {
+            let u0 = (csum(&(&u * &dy3)?)? - ((&mu * &mdy)? * n)?)?;
+            let gx = if nx {
+                let ar = (&a * &r)?;
+                let k_u = ((&gr2 * &s_d)? * (-1.0 / n))?;
+                let k_dy = (&ar - ((&gr2 * &s_u)? / n)?)?;
+                let k_xhat = (((&gr2 / n)? * ((&su_sd_n * 3.0)? - &u0)?)? - ((&ar * &s_d)? / n)?)?;
+                let t = u.broadcast_sub(&mu)?.broadcast_mul(&k_u)?;
+                let t = (t + dy3.broadcast_sub(&mdy)?.broadcast_mul(&k_dy)?)?;
+                Some((t + xhat.broadcast_mul(&k_xhat)?)?.reshape(x.dims())?)
+            } else {
+                None
+            };
+            let gg = if ng {
+                Some((&r * (&u0 - &su_sd_n)?)?.reshape(gamma.dims())?)
+            } else {
+                None
+            };
+            (gx, gg)
+        } else {
+            (None, None)
+        };
+        let gdy = if nd {
+            let t = u
+                .broadcast_sub(&mu)?
+                .broadcast_sub(&xhat.broadcast_mul(&(&s_u / n)?)?)?
+                .broadcast_mul(&gr)?;
+            let t = (t + xhat.broadcast_mul(&a)?)?.broadcast_add(&b)?;
+            Some(t.reshape(dy.dims())?)
+        } else {
+            None
+        };
+        Ok((gx.0, gx.1, gdy))
+    }
+}
+
+/// f32 / f64 with conversions the compiler inlines (candle's `WithDType` ones live in
+/// another crate and are not marked inline).
+trait Float: WithDType {
+    fn to64(self) -> f64;
+    fn from64(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn to64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    #[inline(always)]
+    fn to64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from64(v: f64) -> Self {
+        v
+    }
+}
+
+/// Independent accumulators per sum: the compiler may not reorder float additions, so one
+/// accumulator would serialise every loop on the add latency; eight lanes vectorise.
+const LANES: usize = 8;
+type Acc = [f64; LANES];
+
+/// Sum of the lanes, in a fixed order.
+fn total(a: &Acc) -> f64 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// s1 += sum(f(a_i, b_i).0), s2 += sum(f(a_i, b_i).1), lane by lane.
+#[inline(always)]
+fn accumulate2<T: Float>(
+    a: &[T],
+    b: &[T],
+    s1: &mut Acc,
+    s2: &mut Acc,
+    f: impl Fn(f64, f64) -> (f64, f64),
+) {
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (pa, pb) in ca.zip(cb) {
+        for i in 0..LANES {
+            let (v1, v2) = f(pa[i].to64(), pb[i].to64());
+            s1[i] += v1;
+            s2[i] += v2;
+        }
+    }
+    for (i, (&va, &vb)) in ra.iter().zip(rb).enumerate() {
+        let (v1, v2) = f(va.to64(), vb.to64());
+        s1[i] += v1;
+        s2[i] += v2;
+    }
+}
+
+/// Per channel c (in parallel, each in a fixed order), the two sums of f(a, b) over the
+/// channel's elements.
+fn channel_sums<T: Float, F: Fn(f64, f64) -> (f64, f64)>(
+    g: Geom,
+    a: &[T],
+    b: &[T],
+    f: impl Fn(usize) -> F + Sync,
+) -> Vec<(f64, f64)> {
+    let min = MIN_TASK.div_ceil(g.n().max(1));
+    (0..g.c)
+        .into_par_iter()
+        .with_min_len(min)
+        .map(|c| {
+            let fc = f(c);
+            let (mut s1, mut s2) = ([0.0; LANES], [0.0; LANES]);
+            for i in 0..g.b {
+                accumulate2(g.plane(a, i, c), g.plane(b, i, c), &mut s1, &mut s2, &fc);
+            }
+            (total(&s1), total(&s2))
+        })
+        .collect()
+}
+
+/// out[e] = f(channel of e, index of e) for every element, in parallel over planes.
+fn write_planes<T: Float>(g: Geom, out: &mut [T], f: impl Fn(usize, &mut [T], usize) + Sync) {
+    if out.is_empty() || g.s == 0 {
+        return;
+    }
+    let min = MIN_TASK.div_ceil(g.s);
+    out.par_chunks_mut(g.s)
+        .enumerate()
+        .with_min_len(min)
+        .for_each(|(p, o)| f(p % g.c, o, p * g.s));
+}
+
+fn forward<T: Float>(g: Geom, x: &[T], gamma: &[T], beta: &[T], eps: f64) -> (Vec<T>, Stats) {
+    let n = g.n();
+    // Shifted sums (by the channel's first element) keep E[x^2] - E[x]^2 accurate when the
+    // mean is large compared with the spread.
+    let shift: Vec<f64> = (0..g.c)
+        .map(|c| if n > 0 { x[c * g.s].to64() } else { 0.0 })
+        .collect();
+    let sums = channel_sums(g, x, x, |c| {
+        let k = shift[c];
+        move |v: f64, _: f64| {
+            let d = v - k;
+            (d, d * d)
+        }
+    });
+    let nf = n as f64;
+    let (mut mean, mut var, mut invstd) = (vec![0.0; g.c], vec![0.0; g.c], vec![0.0; g.c]);
+    for c in 0..g.c {
+        let (m1, m2) = (sums[c].0 / nf, sums[c].1 / nf);
+        mean[c] = shift[c] + m1;
+        var[c] = if n > 0 {
+            (m2 - m1 * m1).max(0.0)
+        } else {
+            f64::NAN
+        };
+        invstd[c] = 1.0 / (var[c] + eps).sqrt();
+    }
+    // y = (x - mean) k + beta, k = gamma r.
+    let coef: Vec<(f64, f64, f64)> = (0..g.c)
+        .map(|c| (mean[c], gamma[c].to64() * invstd[c], beta[c].to64()))
+        .collect();
+    let mut y = vec![T::from64(0.0); g.len()];
+    write_planes(g, &mut y, |c, o, at| {
+        let (m, k, b) = coef[c];
+        for (o, &v) in o.iter_mut().zip(&x[at..]) {
+            *o = T::from64((v.to64() - m) * k + b);
+        }
+    });
+    (y, Stats { mean, var, invstd })
+}
+
+fn backward<T: Float>(g: Geom, x: &[T], gamma: &[T], dy: &[T], st: &Stats) -> Vec<T> {
+    let sums = channel_sums(g, dy, x, |c| {
+        let m = st.mean[c];
+        move |d: f64, v: f64| (d, d * (v - m))
+    });
+    let nf = g.n() as f64;
+    let m = g.len();
+    let mut out = vec![T::from64(0.0); m + 2 * g.c];
+    let (dx, rest) = out.split_at_mut(m);
+    // dx = gamma r (dy - sdy / N) - gamma r^3 sdyx / N (x - mean), with sdy = sum(dy),
+    // sdyx = sum(dy (x - mean)); dgamma = r sdyx, dbeta = sdy.
+    let coef: Vec<(f64, f64, f64, f64)> = (0..g.c)
+        .map(|c| {
+            let (sdy, sdyx) = sums[c];
+            let r = st.invstd[c];
+            let gr = gamma[c].to64() * r;
+            (st.mean[c], gr, -gr * sdy / nf, -gr * r * r * sdyx / nf)
+        })
+        .collect();
+    write_planes(g, dx, |c, o, at| {
+        let (mean, k_dy, k0, k_x) = coef[c];
+        for ((o, &d), &v) in o.iter_mut().zip(&dy[at..]).zip(&x[at..]) {
+            *o = T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean));
+        }
+    });
+    for c in 0..g.c {
+        let (sdy, sdyx) = sums[c];
+        rest[c] = T::from64(st.invstd[c] * sdyx);
+        rest[g.c + c] = T::from64(sdy);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::rng::Rng;
+
+    const EPS: f64 = 1e-5;
+
+    fn randn(rng: &mut Rng, dims: &[usize], mean: f64, std: f64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f64> = rng
+            .normal_vec(n)
+            .into_iter()
+            .map(|v| mean + std * v)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn vec64(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// max |a - b| / max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (vec64(a), vec64(b));
+        assert_eq!(a.len(), b.len());
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        let s = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
+        d / s.max(1e-300)
+    }
+
+    type Bn =
+        fn(&Tensor, Option<&Tensor>, Option<&Tensor>, f64) -> Result<(Tensor, Tensor, Tensor)>;
+
+    struct Case {
+        dims: Vec<usize>,
+        affine: bool,
+    }
+
+    fn cases() -> Vec<Case> {
+        let c = |dims: &[usize], affine| Case {
+            dims: dims.to_vec(),
+            affine,
+        };
+        vec![
+            c(&[4, 3, 5, 7], true),
+            c(&[4, 3, 5, 7], false),
+            c(&[2, 1, 3, 3], true),   // C = 1
+            c(&[16, 8, 1, 1], true),  // BN1d as (B, C, 1, 1)
+            c(&[16, 8], true),        // BN1d as (B, C)
+            c(&[1, 5, 1, 1], true),   // N = 1: var = 0
+            c(&[3, 2, 4, 9], false),  // planes not a multiple of the lanes
+            c(&[8, 2, 64, 64], true), // large B H W
+        ]
+    }
+
+    /// y, mean, var and the gradients of sum(r * y + q * y^2) w.r.t. x, gamma, beta.
+    fn run(bn: Bn, x: &Tensor, gb: Option<(&Tensor, &Tensor)>, r: &Tensor) -> Vec<Tensor> {
+        let xv = Var::from_tensor(x).unwrap();
+        let vars = gb.map(|(g, b)| (Var::from_tensor(g).unwrap(), Var::from_tensor(b).unwrap()));
+        let (y, mean, var) = bn(
+            xv.as_tensor(),
+            vars.as_ref().map(|v| v.0.as_tensor()),
+            vars.as_ref().map(|v| v.1.as_tensor()),
+            EPS,
+        )
+        .unwrap();
+        let loss = ((&y * r).unwrap() + (y.sqr().unwrap() * 0.3).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut out = vec![y, mean, var, grads.get(xv.as_tensor()).unwrap().clone()];
+        if let Some((g, b)) = &vars {
+            out.push(grads.get(g.as_tensor()).unwrap().clone());
+            out.push(grads.get(b.as_tensor()).unwrap().clone());
+        }
+        out
+    }
+
+    const NAMES: [&str; 6] = ["y", "mean", "var", "dx", "dgamma", "dbeta"];
+
+    /// Forward, statistics and first-order gradients against the basic ops: in f64 against
+    /// f64, in f32 against the basic ops run in f64 on the same (f32-representable) values.
+    #[test]
+    fn matches_basic_ops_first_order() {
+        let mut rng = Rng::new(5);
+        for case in cases() {
+            let d = &case.dims;
+            let c = d[1];
+            let x = randn(&mut rng, d, 3.0, 2.0);
+            let r = randn(&mut rng, d, 0.0, 1.0);
+            let g = randn(&mut rng, &[c], 1.0, 0.5);
+            let b = randn(&mut rng, &[c], 0.0, 0.5);
+            let gb = case.affine.then_some((&g, &b));
+            let want = run(batch_norm_train_basic, &x, gb, &r);
+            let got = run(batch_norm_train, &x, gb, &r);
+            for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+                let e = rel(a, w);
+                eprintln!(
+                    "f64 {d:?} affine {}: {} rel err {e:.1e}",
+                    case.affine, NAMES[i]
+                );
+                assert!(e < 1e-12, "f64 {d:?}: {} rel err {e:.2e}", NAMES[i]);
+            }
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let (x32, r32, g32, b32) = (f(&x), f(&r), f(&g), f(&b));
+            let up = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let (g32u, b32u) = (up(&g32), up(&b32));
+            let want = run(
+                batch_norm_train_basic,
+                &up(&x32),
+                case.affine.then_some((&g32u, &b32u)),
+                &up(&r32),
+            );
+            let got = run(
+                batch_norm_train,
+                &x32,
+                case.affine.then_some((&g32, &b32)),
+                &r32,
+            );
+            let basic32 = run(
+                batch_norm_train_basic,
+                &x32,
+                case.affine.then_some((&g32, &b32)),
+                &r32,
+            );
+            for (i, ((a, w), b32)) in got.iter().zip(&want).zip(&basic32).enumerate() {
+                assert_eq!(a.dtype(), DType::F32);
+                let (e, eb) = (rel(a, w), rel(b32, w));
+                eprintln!(
+                    "f32 {d:?} affine {}: {} rel err {e:.1e} (basic ops in f32: {eb:.1e})",
+                    case.affine, NAMES[i]
+                );
+                assert!(e < 1e-5, "f32 {d:?}: {} rel err {e:.2e}", NAMES[i]);
+            }
+        }
+    }
+
+    /// Non-contiguous input, and the error for mismatched shapes.
+    #[test]
+    fn strided_input_and_bad_shapes() {
+        let mut rng = Rng::new(6);
+        let x = randn(&mut rng, &[3, 5, 4, 2], 0.0, 1.0);
+        let xt = x.transpose(0, 1).unwrap(); // (5, 3, 4, 2), strided
+        let (a, ..) = batch_norm_train(&xt, None, None, EPS).unwrap();
+        let (b, ..) = batch_norm_train_basic(&xt, None, None, EPS).unwrap();
+        assert!(rel(&a, &b) < 1e-12);
+        let g = randn(&mut rng, &[4], 1.0, 0.1);
+        assert!(batch_norm_train(&x, Some(&g), None, EPS).is_err());
+        assert!(batch_norm_train(&x.flatten_all().unwrap(), None, None, EPS).is_err());
+    }
+
+    /// The function and the inputs of a second-order check: the penalty
+    /// P = sum(gx^2) + 0.7 sum(ggamma^2) + sum(w * gbeta), where (gx, ggamma, gbeta) are the
+    /// gradients of sum(r * y + 0.3 y^2) (so dy depends on x, gamma and beta too).
+    struct Second {
+        x: Tensor,
+        g: Tensor,
+        b: Tensor,
+        r: Tensor,
+        w: Tensor,
+        affine: bool,
+    }
+
+    impl Second {
+        fn new(rng: &mut Rng, dims: &[usize], affine: bool) -> Self {
+            let c = dims[1];
+            Self {
+                x: randn(rng, dims, 0.5, 1.5),
+                g: randn(rng, &[c], 1.0, 0.5),
+                b: randn(rng, &[c], 0.0, 0.5),
+                r: randn(rng, dims, 0.0, 1.0),
+                w: randn(rng, &[c], 0.0, 1.0),
+                affine,
+            }
+        }
+
+        /// P and (if `grad`) dP/d(x, gamma, beta) (zeros for those P does not reach).
+        fn penalty(
+            &self,
+            bn: Bn,
+            x: &Tensor,
+            g: &Tensor,
+            b: &Tensor,
+            grad: bool,
+        ) -> (f64, Vec<Tensor>) {
+            let (xv, gv, bv) = (
+                Var::from_tensor(x).unwrap(),
+                Var::from_tensor(g).unwrap(),
+                Var::from_tensor(b).unwrap(),
+            );
+            let (y, ..) = if self.affine {
+                bn(
+                    xv.as_tensor(),
+                    Some(gv.as_tensor()),
+                    Some(bv.as_tensor()),
+                    EPS,
+                )
+            } else {
+                bn(xv.as_tensor(), None, None, EPS)
+            }
+            .unwrap();
+            let l = ((&y * &self.r).unwrap() + (y.sqr().unwrap() * 0.3).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g1 = l.backward().unwrap();
+            let mut p = g1
+                .get(xv.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            if self.affine {
+                let gg = g1.get(gv.as_tensor()).unwrap();
+                let gb = g1.get(bv.as_tensor()).unwrap();
+                p = (p + (gg.sqr().unwrap().sum_all().unwrap() * 0.7).unwrap()).unwrap();
+                p = (p + (gb * &self.w).unwrap().sum_all().unwrap()).unwrap();
+            }
+            let pv = p.to_scalar::<f64>().unwrap();
+            if !grad {
+                return (pv, vec![]);
+            }
+            let g2 = p.backward().unwrap();
+            let get = |v: &Var| match g2.get(v.as_tensor()) {
+                Some(t) => t.clone(),
+                None => v.as_tensor().zeros_like().unwrap(),
+            };
+            (pv, vec![get(&xv), get(&gv), get(&bv)])
+        }
+    }
+
+    /// Gradients of a gradient penalty through the fused op: against central finite
+    /// differences and against double backward through the basic ops, in f64.
+    #[test]
+    fn double_backward_matches_finite_differences() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(7);
+        for (dims, affine) in [
+            (vec![3, 2, 2, 3], true),
+            (vec![3, 2, 2, 3], false),
+            (vec![6, 3], true),
+            (vec![2, 1, 3, 2], true),
+        ] {
+            let s = Second::new(&mut rng, &dims, affine);
+            let (p, grads) = s.penalty(batch_norm_train, &s.x, &s.g, &s.b, true);
+            let (pb, basic) = s.penalty(batch_norm_train_basic, &s.x, &s.g, &s.b, true);
+            assert!((p - pb).abs() <= 1e-12 * pb.abs(), "{p} vs {pb}");
+            let h = 1e-5;
+            for (k, name) in ["x", "gamma", "beta"].iter().enumerate() {
+                if !affine && k > 0 {
+                    continue;
+                }
+                let orig = vec64([&s.x, &s.g, &s.b][k]);
+                let fd: Vec<f64> = (0..orig.len())
+                    .map(|i| {
+                        let at = |d: f64| {
+                            let mut v = orig.clone();
+                            v[i] += d;
+                            let t = Tensor::from_vec(v, [&s.x, &s.g, &s.b][k].dims(), &Device::Cpu)
+                                .unwrap();
+                            let (x, g, b) = match k {
+                                0 => (&t, &s.g, &s.b),
+                                1 => (&s.x, &t, &s.b),
+                                _ => (&s.x, &s.g, &t),
+                            };
+                            s.penalty(batch_norm_train, x, g, b, false).0
+                        };
+                        (at(h) - at(-h)) / (2.0 * h)
+                    })
+                    .collect();
+                let fd = Tensor::from_vec(fd, [&s.x, &s.g, &s.b][k].dims(), &Device::Cpu).unwrap();
+                let (e_fd, e_basic) = (rel(&grads[k], &fd), rel(&grads[k], &basic[k]));
+                eprintln!(
+                    "double backward {dims:?} affine {affine}: dP/d{name} rel err {e_fd:.1e} vs \
+                     finite differences, {e_basic:.1e} vs basic ops"
+                );
+                assert!(
+                    e_fd < 1e-6,
+                    "{dims:?} dP/d{name}: {e_fd:.2e} vs finite differences"
+                );
+                assert!(
+                    e_basic < 1e-10,
+                    "{dims:?} dP/d{name}: {e_basic:.2e} vs basic ops"
+                );
+            }
+        }
+    }
+
+    fn time_ms(n: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        let mut best = f64::INFINITY;
+        for _ in 0..n {
+            let t = Instant::now();
+            f();
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        best
+    }
+
+    /// BN forward + backward, basic ops vs fused, and one evaluator training step.
+    /// `cargo test --release --lib model::fused_bn::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench() {
+        let mut rng = Rng::new(8);
+        for dims in [[64, 16, 32, 32], [64, 128, 7, 7]] {
+            let c = dims[1];
+            let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            let x = Var::from_tensor(&f(randn(&mut rng, &dims, 0.0, 1.0))).unwrap();
+            let g = Var::from_tensor(&f(randn(&mut rng, &[c], 1.0, 0.1))).unwrap();
+            let b = Var::from_tensor(&f(randn(&mut rng, &[c], 0.0, 0.1))).unwrap();
+            let r = f(randn(&mut rng, &dims, 0.0, 1.0));
+            // The layer as it was: normalise with basic ops, then the affine with broadcasts.
+            let old = || {
+                let (y, ..) = batch_norm_train_basic(x.as_tensor(), None, None, EPS).unwrap();
+                let y = y
+                    .broadcast_mul(&g.as_tensor().reshape((1, c, 1, 1)).unwrap())
+                    .unwrap()
+                    .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1)).unwrap())
+                    .unwrap();
+                (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            };
+            let fused = |fwd_only: bool| {
+                let (y, ..) =
+                    batch_norm_train(x.as_tensor(), Some(g.as_tensor()), Some(b.as_tensor()), EPS)
+                        .unwrap();
+                if !fwd_only {
+                    (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                }
+            };
+            let basic_fwd = || {
+                let (y, ..) = batch_norm_train_basic(x.as_tensor(), None, None, EPS).unwrap();
+                drop(
+                    y.broadcast_mul(&g.as_tensor().reshape((1, c, 1, 1)).unwrap())
+                        .unwrap()
+                        .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1)).unwrap())
+                        .unwrap(),
+                );
+            };
+            let n = 20;
+            let (tb, tf) = (time_ms(n, basic_fwd), time_ms(n, || fused(true)));
+            let (tbb, tfb) = (time_ms(n, old), time_ms(n, || fused(false)));
+            println!(
+                "BN {dims:?} f32: forward basic {tb:.2} ms, fused {tf:.2} ms ({:.1}x); \
+                 forward + backward (incl. loss) basic {tbb:.2} ms, fused {tfb:.2} ms ({:.1}x)",
+                tb / tf,
+                tbb / tfb
+            );
+        }
+        evaluator_step();
+    }
+
+    fn evaluator_step() {
+        use crate::eval::classifier::{Classifier, EvaluatorConfig};
+        use crate::train::adam::Adam;
+        use crate::train::loss::aux_loss;
+        let cfg = EvaluatorConfig {
+            label_names: (0..24).map(|i| format!("l{i}")).collect(),
+            ..EvaluatorConfig::default()
+        };
+        let dev = Device::Cpu;
+        let model = Classifier::new(&cfg, &dev).unwrap();
+        let mut opt = Adam::new(model.store.trainable(), 1e-3, 0.9, 0.999, 1e-8).unwrap();
+        let mut rng = Rng::new(9);
+        let s = cfg.image_size;
+        let x = randn(&mut rng, &[cfg.batch_size, cfg.channels, s, s], 0.0, 0.5)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let y = Tensor::from_vec(
+            (0..cfg.batch_size * 24)
+                .map(|_| if rng.uniform() < 0.1 { 1.0f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            (cfg.batch_size, 24),
+            &dev,
+        )
+        .unwrap();
+        let mut step = || {
+            let (logits, _) = model.forward(&x, true).unwrap();
+            let loss = aux_loss(cfg.kind, &logits, &y).unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        };
+        let mut t = [0.0; 2];
+        for (i, basic) in [true, false].into_iter().enumerate() {
+            FORCE_BASIC.with(|f| f.set(basic));
+            t[i] = time_ms(5, &mut step);
+        }
+        FORCE_BASIC.with(|f| f.set(false));
+        println!(
+            "evaluator training step (EvaluatorConfig::default(), 64x64x3, batch 64, f32): \
+             BatchNorm on basic ops {:.0} ms, fused {:.0} ms ({:.2}x)",
+            t[0],
+            t[1],
+            t[0] / t[1]
+        );
+    }
+}

@@ -555,7 +555,7 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     );
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let (model, acc) = train_evaluator(&cfg, &ds, &dev, |p| {
+    let (model, acc) = train_evaluator(&cfg, &ds, &dev, Some(&a.out), |p| {
         if let Some(h) = p.holdout_accuracy {
             eprintln!(
                 "epoch {} held-out top-k accuracy {:.4} ({:.0} s)",

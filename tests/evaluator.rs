@@ -1,9 +1,9 @@
 //! The evaluator learns a task with a known answer, round-trips through its files, and
 //! rejects weights that do not fit its config.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use ganscope::data::{ConditionKind, Dataset, InMemoryDataset};
-use ganscope::eval::classifier::{Classifier, EvaluatorConfig, train_evaluator};
+use ganscope::eval::classifier::{Classifier, EvaluatorConfig, STATE_FILE, train_evaluator};
 use ganscope::rng::Rng;
 
 /// 16x16 grey images; class i = quadrant i is bright (plus noise). Multi-hot variant:
@@ -58,7 +58,7 @@ fn learns_known_tasks_and_round_trips() {
             hflip: false,
             ..EvaluatorConfig::for_data(&data)
         };
-        let (model, acc) = train_evaluator(&cfg, &data, &dev, |_| {}).unwrap();
+        let (model, acc) = train_evaluator(&cfg, &data, &dev, None, |_| {}).unwrap();
         assert!(
             acc.accuracy() > 0.95,
             "multi={multi}: held-out accuracy {}",
@@ -106,5 +106,44 @@ fn load_rejects_weights_of_another_shape() {
         .unwrap()
         .to_string();
     assert!(err.contains("evaluator.json"), "{err}");
-    let _ = Tensor::zeros(1, candle_core::DType::F32, &dev);
+}
+
+#[test]
+fn training_resumes_exactly_after_an_interruption() {
+    let dev = Device::Cpu;
+    let data = quadrants(160, true);
+    let cfg = EvaluatorConfig {
+        width: 4,
+        epochs: 3,
+        batch_size: 32,
+        max_shift: 1,
+        ..EvaluatorConfig::for_data(&data)
+    };
+    // A full 3-epoch run, keeping a copy of its state file as it was after epoch 1.
+    let full = tempfile::tempdir().unwrap();
+    let mut snapshot = None;
+    let (a, _) = train_evaluator(&cfg, &data, &dev, Some(full.path()), |p| {
+        if p.holdout_accuracy.is_some() && p.epoch == 0 {
+            snapshot = Some(std::fs::read(full.path().join(STATE_FILE)).unwrap());
+        }
+    })
+    .unwrap();
+    // "Crash" after epoch 1: a folder with only that state, then train again to 3 epochs.
+    let resumed = tempfile::tempdir().unwrap();
+    std::fs::write(resumed.path().join(STATE_FILE), snapshot.unwrap()).unwrap();
+    std::fs::copy(full.path().join("evaluator.json"), resumed.path().join("evaluator.json")).unwrap();
+    let mut epochs_run = vec![];
+    let (b, _) = train_evaluator(&cfg, &data, &dev, Some(resumed.path()), |p| {
+        if p.holdout_accuracy.is_some() {
+            epochs_run.push(p.epoch)
+        }
+    })
+    .unwrap();
+    assert_eq!(epochs_run, vec![1, 2], "only the missing epochs run");
+    let (x, _) = data.batch(&[0, 1, 2, 3], &dev).unwrap();
+    assert_eq!(a.predict(&x).unwrap(), b.predict(&x).unwrap(), "bit-identical after resume");
+    // A different config in the same folder is refused rather than mixed.
+    let other = EvaluatorConfig { width: 8, ..cfg };
+    let err = train_evaluator(&other, &data, &dev, Some(resumed.path()), |_| {}).err().unwrap();
+    assert!(err.to_string().contains("another config"), "{err}");
 }

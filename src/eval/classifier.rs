@@ -336,12 +336,60 @@ pub struct EvalProgress {
     pub holdout_accuracy: Option<f64>,
 }
 
+/// Training state saved after every epoch (weights, Adam moments, epochs done), so a long
+/// evaluator training resumes exactly where it stopped.
+pub const STATE_FILE: &str = "evaluator_state.safetensors";
+
+fn save_state(dir: &Path, model: &Classifier, opt: &Adam, epochs_done: usize) -> Result<()> {
+    let mut t = model.store.model_tensors();
+    t.extend(opt.state("opt")?);
+    t.insert(
+        "epochs_done".into(),
+        Tensor::new(&[epochs_done as i64], &Device::Cpu)?,
+    );
+    let t: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let path = dir.join(STATE_FILE);
+    let bytes = safetensors::serialize(t.iter().map(|(k, v)| (k.clone(), v)), None)
+        .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+    write_atomic(&path, &bytes)
+}
+
+/// Restore what [`save_state`] wrote; returns the number of epochs already done.
+fn load_state(dir: &Path, model: &Classifier, opt: &mut Adam) -> Result<usize> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let t = candle_core::safetensors::load_buffer(&bytes, model.store.device())
+        .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+    let weights: HashMap<String, Tensor> = t
+        .iter()
+        .filter(|(k, _)| k.starts_with("eval."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    check_shapes(&path, &model.store.shapes(true), &weights)?;
+    opt.load_state("opt", &t, &path)?;
+    let done = t
+        .get("epochs_done")
+        .ok_or_else(|| Error::MissingTensor {
+            path: path.clone(),
+            name: "epochs_done".into(),
+        })?
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?;
+    model.store.load(&path, &weights, true)?;
+    Ok(done.first().copied().unwrap_or(0).max(0) as usize)
+}
+
 /// Train an evaluator on `data`, holding out the last `cfg.holdout` fraction; returns the
-/// model and its held-out score.
+/// model and its held-out score. With `dir`, the training state is saved there after every
+/// epoch, and a state already there (same config) is resumed exactly.
 pub fn train_evaluator(
     cfg: &EvaluatorConfig,
     data: &dyn Dataset,
     device: &Device,
+    dir: Option<&Path>,
     mut progress: impl FnMut(&EvalProgress),
 ) -> Result<(Classifier, TopK)> {
     let model = Classifier::new(cfg, device)?;
@@ -357,10 +405,31 @@ pub fn train_evaluator(
     }
     let hold: Vec<usize> = (n_train..n).collect();
     let mut opt = Adam::new(model.store.trainable(), cfg.lr, 0.9, 0.999, 1e-8)?;
-    let mut rng = Rng::stream(cfg.seed, "eval.train");
+    let mut first_epoch = 0;
+    if let Some(d) = dir {
+        if d.join(STATE_FILE).exists() {
+            let cp = d.join(CONFIG_FILE);
+            let text = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
+            let saved: EvaluatorConfig =
+                serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
+            let same = EvaluatorConfig {
+                epochs: cfg.epochs,
+                ..saved
+            } == *cfg;
+            if !same {
+                return Err(Error::Config(format!(
+                    "{} holds an evaluator trained with another config; use another folder",
+                    d.display()
+                )));
+            }
+            first_epoch = load_state(d, &model, &mut opt)?;
+        }
+    }
     let steps_per_epoch = n_train / cfg.batch_size;
     let mut last = None;
-    for epoch in 0..cfg.epochs {
+    for epoch in first_epoch..cfg.epochs {
+        // Order and augmentation of an epoch depend only on (seed, epoch): resumable.
+        let mut rng = Rng::stream(cfg.seed.wrapping_add(epoch as u64), "eval.epoch");
         let mut order: Vec<usize> = (0..n_train).collect();
         rng.shuffle(&mut order);
         // Cosine decay of the learning rate over all epochs.
@@ -388,6 +457,10 @@ pub fn train_evaluator(
             });
         }
         let acc = score_on(&model, data, &hold)?;
+        if let Some(d) = dir {
+            model.save(d)?;
+            save_state(d, &model, &opt, epoch + 1)?;
+        }
         progress(&EvalProgress {
             epoch,
             step: steps_per_epoch,

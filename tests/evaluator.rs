@@ -131,7 +131,11 @@ fn training_resumes_exactly_after_an_interruption() {
     // "Crash" after epoch 1: a folder with only that state, then train again to 3 epochs.
     let resumed = tempfile::tempdir().unwrap();
     std::fs::write(resumed.path().join(STATE_FILE), snapshot.unwrap()).unwrap();
-    std::fs::copy(full.path().join("evaluator.json"), resumed.path().join("evaluator.json")).unwrap();
+    std::fs::copy(
+        full.path().join("evaluator.json"),
+        resumed.path().join("evaluator.json"),
+    )
+    .unwrap();
     let mut epochs_run = vec![];
     let (b, _) = train_evaluator(&cfg, &data, &dev, Some(resumed.path()), |p| {
         if p.holdout_accuracy.is_some() {
@@ -141,9 +145,15 @@ fn training_resumes_exactly_after_an_interruption() {
     .unwrap();
     assert_eq!(epochs_run, vec![1, 2], "only the missing epochs run");
     let (x, _) = data.batch(&[0, 1, 2, 3], &dev).unwrap();
-    assert_eq!(a.predict(&x).unwrap(), b.predict(&x).unwrap(), "bit-identical after resume");
+    assert_eq!(
+        a.predict(&x).unwrap(),
+        b.predict(&x).unwrap(),
+        "bit-identical after resume"
+    );
     // A different config in the same folder is refused rather than mixed.
     let other = EvaluatorConfig { width: 8, ..cfg };
-    let err = train_evaluator(&other, &data, &dev, Some(resumed.path()), |_| {}).err().unwrap();
+    let err = train_evaluator(&other, &data, &dev, Some(resumed.path()), |_| {})
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("another config"), "{err}");
 }

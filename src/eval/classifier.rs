@@ -406,24 +406,24 @@ pub fn train_evaluator(
     let hold: Vec<usize> = (n_train..n).collect();
     let mut opt = Adam::new(model.store.trainable(), cfg.lr, 0.9, 0.999, 1e-8)?;
     let mut first_epoch = 0;
-    if let Some(d) = dir {
-        if d.join(STATE_FILE).exists() {
-            let cp = d.join(CONFIG_FILE);
-            let text = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
-            let saved: EvaluatorConfig =
-                serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
-            let same = EvaluatorConfig {
-                epochs: cfg.epochs,
-                ..saved
-            } == *cfg;
-            if !same {
-                return Err(Error::Config(format!(
-                    "{} holds an evaluator trained with another config; use another folder",
-                    d.display()
-                )));
-            }
-            first_epoch = load_state(d, &model, &mut opt)?;
+    if let Some(d) = dir
+        && d.join(STATE_FILE).exists()
+    {
+        let cp = d.join(CONFIG_FILE);
+        let text = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
+        let saved: EvaluatorConfig =
+            serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
+        let same = EvaluatorConfig {
+            epochs: cfg.epochs,
+            ..saved
+        } == *cfg;
+        if !same {
+            return Err(Error::Config(format!(
+                "{} holds an evaluator trained with another config; use another folder",
+                d.display()
+            )));
         }
+        first_epoch = load_state(d, &model, &mut opt)?;
     }
     let steps_per_epoch = n_train / cfg.batch_size;
     let mut last = None;

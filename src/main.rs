@@ -455,16 +455,8 @@ fn parse_condition(names: &[String], items: &[String], one_hot: bool) -> Result<
 
 fn sample(a: SampleArgs) -> Result<()> {
     let dev = device(&a.device)?;
-    let cfg = read_config(&a.run)?;
+    let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
     let m = &cfg.model;
-    let g = ganscope::model::Generator::new(
-        m,
-        ganscope::rng::Rng::new(0),
-        candle_core::DType::F32,
-        &dev,
-    )?;
-    let set = ganscope::checkpoint::load_latest(&a.run, &dev)?;
-    g.store.load(&set.paths[0], &set.files[0], true)?;
     let names = &m.label_names;
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
     // Each condition as a list of label names (or class ids).
@@ -511,7 +503,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         a.out.display(),
         rows.len(),
         a.n,
-        set.step
+        step
     );
     Ok(())
 }
@@ -614,16 +606,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     use ganscope::eval::classifier::Classifier;
     use ganscope::eval::metrics::{frechet_distance, topk_accuracy};
     let dev = device(&a.device)?;
-    let cfg = read_config(&a.run)?;
+    let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    println!("{} at step {step}", a.run.display());
     let m = &cfg.model;
-    let g = ganscope::model::Generator::new(
-        m,
-        ganscope::rng::Rng::new(0),
-        candle_core::DType::F32,
-        &dev,
-    )?;
-    let set = ganscope::checkpoint::load_latest(&a.run, &dev)?;
-    g.store.load(&set.paths[0], &set.files[0], true)?;
     let ev_dir = a.evaluator.clone().unwrap_or_else(|| {
         let kind = serde_json::to_value(cfg.data.kind)
             .ok()

@@ -288,6 +288,7 @@ pub fn load_cifar10(path: &Path, train: bool) -> Result<InMemoryDataset> {
 mod tests {
     use super::*;
     use crate::data::Dataset;
+    use crate::data::test_util::{err_mentions, write};
 
     const PLANE: usize = SIDE * SIDE;
 
@@ -310,28 +311,6 @@ mod tests {
                 record((first_label + i8) % 10, 10 + i8, 20 + i8, 30 + i8)
             })
             .collect()
-    }
-
-    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = dir.join(name);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, bytes).unwrap();
-        p
-    }
-
-    /// Err's message, asserting it names `path` and contains every one of `needles`.
-    fn err_mentions<T: std::fmt::Debug>(r: Result<T>, path: &Path, needles: &[&str]) -> String {
-        let msg = r.expect_err("expected an error").to_string();
-        eprintln!("{msg}");
-        assert!(
-            msg.contains(&path.display().to_string()),
-            "error does not name {}: {msg}",
-            path.display()
-        );
-        for n in needles {
-            assert!(msg.contains(n), "error lacks `{n}`: {msg}");
-        }
-        msg
     }
 
     #[test]

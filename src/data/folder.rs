@@ -620,6 +620,7 @@ pub fn load_attribute_folder(path: &Path, size: usize) -> Result<InMemoryDataset
 mod tests {
     use super::*;
     use crate::data::Dataset;
+    use crate::data::test_util::{err_mentions, write};
     use image::{GrayImage, Luma, Rgba, RgbaImage};
 
     fn png(dir: &Path, name: &str, w: u32, h: u32, rgb: [u8; 3]) -> PathBuf {
@@ -629,28 +630,6 @@ mod tests {
             .save_with_format(&p, ImageFormat::Png)
             .unwrap();
         p
-    }
-
-    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = dir.join(name);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, bytes).unwrap();
-        p
-    }
-
-    /// Err's message, asserting it names `path` and contains every one of `needles`.
-    fn err_mentions<T: std::fmt::Debug>(r: Result<T>, path: &Path, needles: &[&str]) -> String {
-        let msg = r.expect_err("expected an error").to_string();
-        eprintln!("{msg}");
-        assert!(
-            msg.contains(&path.display().to_string()),
-            "error does not name {}: {msg}",
-            path.display()
-        );
-        for n in needles {
-            assert!(msg.contains(n), "error lacks `{n}`: {msg}");
-        }
-        msg
     }
 
     /// Image `i` of `ds` is the constant colour `rgb`.

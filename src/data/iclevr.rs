@@ -269,6 +269,7 @@ pub fn load_iclevr(dir: &Path, size: usize) -> Result<InMemoryDataset> {
 mod tests {
     use super::*;
     use crate::data::Dataset;
+    use crate::data::test_util::write;
 
     fn shared() -> Option<PathBuf> {
         let p = PathBuf::from(concat!(
@@ -285,12 +286,6 @@ mod tests {
 
     fn err_string<T: std::fmt::Debug>(r: Result<T>) -> String {
         r.expect_err("expected an error").to_string()
-    }
-
-    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = dir.join(name);
-        fs::write(&p, bytes).unwrap();
-        p
     }
 
     fn png_bytes(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 4]) -> Vec<u8> {

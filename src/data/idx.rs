@@ -608,6 +608,7 @@ pub fn load_mnist(
 mod tests {
     use super::*;
     use crate::data::Dataset;
+    use crate::data::test_util::{err_mentions, write};
     use flate2::Compression;
     use flate2::write::GzEncoder;
     use std::io::Write;
@@ -647,28 +648,6 @@ mod tests {
         v.extend((labels.len() as u32).to_be_bytes());
         v.extend(labels);
         v
-    }
-
-    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, bytes).unwrap();
-        p
-    }
-
-    /// Err's message, asserting it names `path` and contains every one of `needles`.
-    fn err_mentions<T: fmt::Debug>(r: Result<T>, path: &Path, needles: &[&str]) -> String {
-        let msg = r.expect_err("expected an error").to_string();
-        eprintln!("{msg}");
-        assert!(
-            msg.contains(&path.display().to_string()),
-            "error does not name {}: {msg}",
-            path.display()
-        );
-        for n in needles {
-            assert!(msg.contains(n), "error lacks `{n}`: {msg}");
-        }
-        msg
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod folder;
 pub mod iclevr;
 pub mod idx;
 pub mod render;
+#[cfg(test)]
+pub(crate) mod test_util;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

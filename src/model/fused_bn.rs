@@ -951,6 +951,41 @@ mod tests {
                 tb / tf,
                 tbb / tfb
             );
+            // What the loss and candle's gradient bookkeeping cost around the op, and the
+            // fused backward kernel alone.
+            let loss_only = time_ms(n, || {
+                (x.as_tensor() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            });
+            let (_, mean, var) = batch_norm_train(x.as_tensor(), None, None, EPS).unwrap();
+            let stats = Arc::new(Stats {
+                invstd: vec64(&var).iter().map(|v| 1.0 / (v + EPS).sqrt()).collect(),
+                mean: vec64(&mean),
+                var: vec64(&var),
+            });
+            let xd = x.as_tensor().detach();
+            let gd = g.as_tensor().detach();
+            let bwd_op = time_ms(n, || {
+                drop(
+                    xd.apply_op3(
+                        &gd,
+                        &r,
+                        BnBwdOp {
+                            eps: EPS,
+                            stats: stats.clone(),
+                        },
+                    )
+                    .unwrap(),
+                )
+            });
+            println!(
+                "  of which: loss + backward bookkeeping alone (y = x) {loss_only:.2} ms, fused \
+                 backward op alone {bwd_op:.2} ms"
+            );
         }
         evaluator_step();
     }

@@ -459,6 +459,16 @@ impl Trainer {
     }
 }
 
+/// The generator of a run folder (its config and newest complete checkpoint), for sampling
+/// and scoring; returns it with the run's config and the checkpoint's step.
+pub fn load_generator(dir: &Path, device: &Device) -> Result<(Generator, TrainConfig, u64)> {
+    let cfg = read_config(dir)?;
+    let g = Generator::new(&cfg.model, Rng::new(0), DType::F32, device)?;
+    let set = checkpoint::load_latest(dir, device)?;
+    g.store.load(&set.paths[0], &set.files[0], true)?;
+    Ok((g, cfg, set.step))
+}
+
 /// Read and parse `dir/config.json`.
 pub fn read_config(dir: &Path) -> Result<TrainConfig> {
     let p = dir.join("config.json");

@@ -570,11 +570,12 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     let card = format!(
         "# Evaluator: {kind}\n\nCommand: `ganscope evaluator train --kind {kind} --out {out}{extra}`\n\n\
          Data: {n} images from `{src}`; the last {hold:.0}% held out.\n\n\
-         Held-out top-k accuracy (course scoring): **{acc:.4}** ({hits}/{labels} labels).\n\n\
+         Held-out accuracy (course top-k scoring; top-1 for class data): **{acc:.4}** ({hits}/{labels} labels).\n\n\
          Network: ResNet-18-style, width {w}, {params} parameters; {epochs} epochs, {secs:.0} s.\n",
         kind = a.kind,
         out = a.out.display(),
         extra = [
+            a.data.as_ref().map(|d| format!(" --data {}", d.display())),
             a.epochs.map(|e| format!(" --epochs {e}")),
             a.width.map(|w| format!(" --width {w}")),
             a.limit.map(|l| format!(" --limit {l}")),

@@ -5,7 +5,7 @@
 //!
 //! Sizes: 64 -> feature maps 4, 8, 16, 32; 32 -> 4, 8, 16; 28 -> 7, 14.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::config::{Conditioning, DNorm, ModelConfig};
 use crate::error::Result;
@@ -13,7 +13,7 @@ use crate::model::layers::{
     BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention, WeightInit,
     leaky_relu,
 };
-use crate::model::{CondPlane, DOut, attend_after, base_size, num_resamples};
+use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
 
 /// One upsampling stage of G: ConvT(k4, s2, p1) -> BN -> ReLU.
@@ -174,7 +174,7 @@ pub struct DcganDiscriminator {
     /// Conv with kernel s0 to one logit.
     out: Conv2d,
     /// Projection: K -> C_last, inner product with the spatially summed features.
-    embed: Option<Linear>,
+    embed: Option<Projection>,
     /// ACGAN: flattened features -> K logits.
     aux: Option<Linear>,
 }
@@ -209,19 +209,7 @@ impl DcganDiscriminator {
             }
         }
         let out = Conv2d::new(cin, 1, s0, 1, 0, opts, vb.pp("out"))?;
-        let embed = if cfg.conditioning == Conditioning::Projection {
-            Some(Linear::new(
-                k,
-                cin,
-                LayerOpts {
-                    bias: false,
-                    ..opts
-                },
-                vb.pp("embed"),
-            )?)
-        } else {
-            None
-        };
+        let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
         let aux = if cfg.conditioning == Conditioning::Acgan {
             Some(Linear::new(
                 cin * s0 * s0,
@@ -255,8 +243,7 @@ impl DcganDiscriminator {
         // h: (B, C_last, s0, s0)
         let mut logits = self.out.forward(&h, train)?.flatten_all()?; // (B,)
         if let Some(e) = &self.embed {
-            let phi = h.sum((2, 3))?; // (B, C_last)
-            logits = (logits + (e.forward(c, train)? * phi)?.sum(D::Minus1)?)?;
+            logits = e.add(&logits, &h.sum((2, 3))?, c, train)?; // phi: (B, C_last)
         }
         let aux = match &self.aux {
             Some(a) => Some(a.forward(&h.flatten_from(1)?, train)?), // (B, K)

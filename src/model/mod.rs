@@ -91,6 +91,40 @@ impl CondPlane {
     }
 }
 
+/// The projection discriminator's condition term <embed(c), phi(x)> (Miyato & Koyama 2018),
+/// added to D's logit; `phi` are D's spatially pooled features.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    embed: Linear,
+}
+
+impl Projection {
+    /// Present for `projection` conditioning; `vb` names the embedding (`disc.embed.weight`).
+    pub fn maybe_new(
+        cfg: &ModelConfig,
+        features: usize,
+        opts: LayerOpts,
+        vb: Vb,
+    ) -> Result<Option<Self>> {
+        if cfg.conditioning != Conditioning::Projection {
+            return Ok(None);
+        }
+        let opts = LayerOpts {
+            bias: false,
+            ..opts
+        };
+        Ok(Some(Self {
+            embed: Linear::new(cfg.num_conditions, features, opts, vb)?,
+        }))
+    }
+
+    /// logits (B,) + sum(embed(c) * phi, 1), with phi (B, C) and c (B, K).
+    pub fn add(&self, logits: &Tensor, phi: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        let term = (self.embed.forward(c, train)? * phi)?.sum(candle_core::D::Minus1)?;
+        Ok((logits + term)?)
+    }
+}
+
 #[derive(Debug, Clone)]
 enum GenNet {
     Dcgan(dcgan::DcganGenerator),

@@ -6,7 +6,7 @@
 //! - Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019 (attention,
 //!   SN in G as well, TTUR, hinge loss).
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::config::{Conditioning, ModelConfig};
 use crate::error::Result;
@@ -14,7 +14,7 @@ use crate::model::layers::{
     BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, SelfAttention, WeightInit, avg_pool2,
     upsample2,
 };
-use crate::model::{CondPlane, DOut, attend_after, base_size, num_resamples};
+use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
 
 /// G block: cBN -> ReLU -> up -> conv3x3 -> cBN -> ReLU -> conv3x3, plus up -> conv1x1 shortcut.
@@ -186,7 +186,7 @@ pub struct ResnetDiscriminator {
     /// Pooled features -> one logit.
     linear: Linear,
     /// Projection: K -> C, inner product with the pooled features.
-    embed: Option<Linear>,
+    embed: Option<Projection>,
     /// ACGAN: pooled features -> K logits.
     aux: Option<Linear>,
 }
@@ -222,19 +222,7 @@ impl ResnetDiscriminator {
                 attention = Some((level, SelfAttention::new(cin, opts, vb.pp("attention"))?));
             }
         }
-        let embed = if cfg.conditioning == Conditioning::Projection {
-            Some(Linear::new(
-                k,
-                cin,
-                LayerOpts {
-                    bias: false,
-                    ..opts
-                },
-                vb.pp("embed"),
-            )?)
-        } else {
-            None
-        };
+        let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
         let aux = if cfg.conditioning == Conditioning::Acgan {
             Some(Linear::new(cin, k, opts, vb.pp("aux"))?)
         } else {
@@ -263,7 +251,7 @@ impl ResnetDiscriminator {
         let phi = h.relu()?.sum((2, 3))?; // (B, C)
         let mut logits = self.linear.forward(&phi, train)?.squeeze(1)?; // (B,)
         if let Some(e) = &self.embed {
-            logits = (logits + (e.forward(c, train)? * &phi)?.sum(D::Minus1)?)?;
+            logits = e.add(&logits, &phi, c, train)?;
         }
         let aux = match &self.aux {
             Some(a) => Some(a.forward(&phi, train)?),

@@ -198,6 +198,7 @@ struct SampleArgs {
 }
 
 fn main() {
+    ganscope::tune_allocator();
     // Gradient penalties need candle's gradient graphs kept: set before any thread starts.
     if let Err(e) = ganscope::grad::enable_exact_second_order() {
         eprintln!("error: {e}");

@@ -611,31 +611,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
     println!("{} at step {step}", a.run.display());
     let m = &cfg.model;
-    let ev_dir = a.evaluator.clone().unwrap_or_else(|| {
-        let kind = serde_json::to_value(cfg.data.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from));
-        PathBuf::from("checkpoints").join(format!("evaluator-{}", kind.unwrap_or_default()))
-    });
+    let ev_dir = a
+        .evaluator
+        .clone()
+        .unwrap_or_else(|| cfg.monitor.evaluator_dir(&cfg));
     let ev = Classifier::load(&ev_dir, &dev)
         .with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
-    if ev.cfg.image_size != m.image_size
-        || ev.cfg.channels != m.channels
-        || ev.cfg.label_names != m.label_names
-    {
-        bail!(
-            "the evaluator in {} is for {}x{}x{} images with labels [{}], the run makes {}x{}x{} with [{}]",
-            ev_dir.display(),
-            ev.cfg.channels,
-            ev.cfg.image_size,
-            ev.cfg.image_size,
-            ev.cfg.label_names.join(", "),
-            m.channels,
-            m.image_size,
-            m.image_size,
-            m.label_names.join(", ")
-        );
-    }
+    ev.check_fits(&ev_dir, m.channels, m.image_size, &m.label_names)?;
     let names = &m.label_names;
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
     let mut lists: Vec<(String, Vec<Vec<String>>)> = Vec::new();

@@ -224,6 +224,30 @@ impl Classifier {
         Ok((probs, feats))
     }
 
+    /// Error unless this evaluator reads `channels` x `size` x `size` images with exactly
+    /// these labels (`dir` names the evaluator in the message).
+    pub fn check_fits(
+        &self,
+        dir: &Path,
+        channels: usize,
+        size: usize,
+        labels: &[String],
+    ) -> Result<()> {
+        let c = &self.cfg;
+        if (c.channels, c.image_size) == (channels, size) && c.label_names == labels {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "the evaluator in {} is for {}x{}x{} images with labels [{}], not {channels}x{size}x{size} with [{}]",
+            dir.display(),
+            c.channels,
+            c.image_size,
+            c.image_size,
+            c.label_names.join(", "),
+            labels.join(", ")
+        )))
+    }
+
     /// Save `evaluator.json` and `evaluator.safetensors` into `dir` (atomic writes).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

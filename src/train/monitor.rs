@@ -104,19 +104,7 @@ impl Monitor {
         let dir = cfg.monitor.evaluator_dir(cfg);
         let ev = Classifier::load(&dir, device)?;
         let (c, h, _) = data.image_shape();
-        if (ev.cfg.channels, ev.cfg.image_size) != (c, h)
-            || ev.cfg.label_names != data.label_names()
-        {
-            return Err(Error::Config(format!(
-                "the evaluator in {} is for {}x{}x{} images with labels [{}], the data has {c}x{h}x{h} with [{}]",
-                dir.display(),
-                ev.cfg.channels,
-                ev.cfg.image_size,
-                ev.cfg.image_size,
-                ev.cfg.label_names.join(", "),
-                data.label_names().join(", ")
-            )));
-        }
+        ev.check_fits(&dir, c, h, data.label_names())?;
         let n = cfg.monitor.n_real.min(data.len());
         let mut idx: Vec<usize> = (0..data.len()).collect();
         Rng::stream(cfg.seed, "monitor.real").shuffle(&mut idx);

@@ -1,9 +1,11 @@
 //! ganscope: a conditional-GAN engine (models, losses, trainer, checkpoints, data) built on
 //! candle, shared by the desktop explorer and the headless CLI.
 
+pub mod app;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod explore;
 pub mod export;
 pub mod images;
 

@@ -183,6 +183,9 @@ struct SampleArgs {
     /// Comma-separated label names, e.g. "red cube,blue sphere".
     #[arg(long)]
     labels: Option<String>,
+    /// A latent JSON copied from the explorer ("Copy latent"): draws exactly that image.
+    #[arg(long)]
+    latent: Option<PathBuf>,
     /// Samples per condition (columns).
     #[arg(long, default_value_t = 8)]
     n: usize,
@@ -206,13 +209,8 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        None => {
-            println!(
-                "The desktop explorer is not built yet (tracked in the explorer issue).\n\
-                 Headless commands work today: try `ganscope presets` or `ganscope train --help`."
-            );
-            Ok(())
-        }
+        None => ganscope::app::run_native()
+            .map_err(|e| anyhow::anyhow!("could not open the explorer window: {e}")),
         Some(Command::Presets) => {
             for (name, desc) in PRESETS {
                 println!("{name:<20} {desc}");
@@ -457,6 +455,19 @@ fn parse_condition(names: &[String], items: &[String], one_hot: bool) -> Result<
 fn sample(a: SampleArgs) -> Result<()> {
     let dev = device(&a.device)?;
     let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    if let Some(p) = &a.latent {
+        let spec = ganscope::explore::LatentSpec::read(p)?;
+        spec.check(&g, &p.display().to_string())?;
+        let images = g.generate_from(&[spec.z.clone()], &[spec.condition.clone()])?;
+        let layout = ganscope::export::sheet::SheetLayout::grid(1, 1).with_scale(a.scale);
+        save_png(&ganscope::export::sheet::sample_sheet(&images, &layout)?, &a.out)?;
+        eprintln!(
+            "wrote {} (the latent of {}, weights of step {step})",
+            a.out.display(),
+            p.display()
+        );
+        return Ok(());
+    }
     let m = &cfg.model;
     let names = &m.label_names;
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;

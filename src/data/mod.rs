@@ -168,3 +168,65 @@ pub fn open(cfg: &crate::config::DataConfig, size: usize) -> Result<InMemoryData
     }
     Ok(ds)
 }
+
+/// Guess the dataset kind of a folder or file (for drag and drop and "Open dataset"):
+/// i-CLEVR (`objects.json`), attribute folders (`cartoon_attr.txt`), CIFAR-10 binary batches,
+/// MNIST / Fashion-MNIST IDX files (Fashion when the path says so, or a torchvision
+/// `FashionMNIST/` root), or one subfolder of images per class.
+pub fn detect_kind(path: &std::path::Path) -> Option<crate::config::DataKind> {
+    use crate::config::DataKind;
+    let lower = path.display().to_string().to_lowercase();
+    let mnist_kind = |p: &str| {
+        if p.contains("fashion") {
+            DataKind::FashionMnist
+        } else {
+            DataKind::Mnist
+        }
+    };
+    if path.is_file() {
+        let name = path.file_name()?.to_string_lossy().to_lowercase();
+        if name.ends_with(".bin") {
+            return Some(DataKind::Cifar10);
+        }
+        if name.contains("idx") {
+            return Some(mnist_kind(&lower));
+        }
+        if name == "objects.json" || name == "train.json" {
+            return Some(DataKind::Iclevr);
+        }
+        return None;
+    }
+    if !path.is_dir() {
+        return None;
+    }
+    let has = |n: &str| path.join(n).exists();
+    if has("objects.json") {
+        return Some(DataKind::Iclevr);
+    }
+    if has("cartoon_attr.txt") {
+        return Some(DataKind::Attributes);
+    }
+    if has("data_batch_1.bin") || has("cifar-10-batches-bin") {
+        return Some(DataKind::Cifar10);
+    }
+    if has("FashionMNIST") {
+        return Some(DataKind::FashionMnist);
+    }
+    if has("MNIST") {
+        return Some(DataKind::Mnist);
+    }
+    let entries: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if entries.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("idx3-ubyte"))
+    }) {
+        return Some(mnist_kind(&lower));
+    }
+    if entries.iter().filter(|p| p.is_dir()).count() >= 2 {
+        return Some(DataKind::ClassFolder);
+    }
+    None
+}

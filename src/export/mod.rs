@@ -1,1 +1,2 @@
 pub mod sheet;
+pub mod gif;

@@ -95,6 +95,12 @@ impl SheetLayout {
         }
     }
 
+    /// The same layout at another integer zoom.
+    pub fn with_scale(mut self, scale: u32) -> Self {
+        self.scale = scale;
+        self
+    }
+
     /// A near-square layout for `n` images (see [`grid_dims`]).
     pub fn for_count(n: usize) -> Self {
         let (rows, cols) = grid_dims(n);

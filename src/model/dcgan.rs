@@ -109,6 +109,20 @@ impl DcganGenerator {
     }
 
     /// z: (B, Z), c: (B, K) -> (B, C, H, W) in [-1, 1]
+    /// The first feature layer's output in eval mode, flattened: (B, C0 * s0 * s0).
+    pub fn first_features(&self, z: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let zc = match &self.cond_embed {
+            Some(l) => Tensor::cat(&[z, &l.forward(c, false)?], 1)?, // (B, Z + E)
+            None => z.clone(),
+        };
+        let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
+        let h = self
+            .input_bn
+            .forward(&self.input.forward(&x, false)?, false)?
+            .relu()?; // (B, C0, s0, s0)
+        Ok(h.flatten_from(1)?)
+    }
+
     pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
         let zc = match &self.cond_embed {
             Some(l) => Tensor::cat(&[z, &l.forward(c, train)?], 1)?, // (B, Z + E)

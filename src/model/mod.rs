@@ -169,6 +169,14 @@ impl Generator {
         }
     }
 
+    /// Activations of G's first feature layer (eval mode), (B, F): what GANSpace's PCA reads.
+    pub fn first_features(&self, z: &Tensor, c: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            GenNet::Dcgan(g) => g.first_features(z, c),
+            GenNet::Resnet(g) => g.first_features(z),
+        }
+    }
+
     pub fn device(&self) -> &Device {
         self.store.device()
     }

@@ -7,9 +7,10 @@ pub mod adam;
 pub mod loss;
 pub mod monitor;
 pub mod run;
+pub mod worker;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -187,6 +188,11 @@ impl Trainer {
 
     pub fn data(&self) -> &Arc<dyn Dataset> {
         &self.data
+    }
+
+    /// Current (G, D) learning rates.
+    pub fn learning_rates(&self) -> (f64, f64) {
+        (self.opt_g.lr, self.opt_d.lr)
     }
 
     /// Change learning rates mid-run (kept in the config that the next checkpoint writes).
@@ -389,8 +395,53 @@ impl Trainer {
     /// unless every tensor matches the model's names and shapes.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let set = checkpoint::load_latest(dir, &self.device)?;
-        let [gp, dp, op] = set.paths.clone();
-        let [g, d, o] = &set.files;
+        self.load_tensors(&set.paths, &set.files)
+    }
+
+    /// An in-memory copy of the whole training state (weights, optimizer moments, SN vectors,
+    /// step, random streams), for restoring after a NaN without touching the disk.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let deep = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
+            m.into_iter()
+                .map(|(k, v)| Ok((k, v.copy()?)))
+                .collect()
+        };
+        Ok(Snapshot {
+            step: self.step,
+            files: [
+                deep(self.generator.store.model_tensors())?,
+                deep(self.discriminator.store.model_tensors())?,
+                deep(self.optimizer_tensors()?)?,
+            ],
+        })
+    }
+
+    /// Return to a [`Trainer::snapshot`].
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        let p = PathBuf::from(format!("<in-memory snapshot of step {}>", snap.step));
+        self.load_tensors(&[p.clone(), p.clone(), p], &snap.files)
+    }
+
+    /// True when every weight of G and D is finite.
+    pub fn weights_finite(&self) -> Result<bool> {
+        for store in [&self.generator.store, &self.discriminator.store] {
+            for (_, t) in store.model_tensors() {
+                let s = t.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !s.is_finite() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn load_tensors(
+        &mut self,
+        paths: &[PathBuf; 3],
+        files: &[HashMap<String, Tensor>; 3],
+    ) -> Result<()> {
+        let [gp, dp, op] = paths.clone();
+        let [g, d, o] = files;
         // Validate everything before touching anything.
         checkpoint::check_shapes(&gp, &self.generator.store.shapes(true), g)?;
         checkpoint::check_shapes(&dp, &self.discriminator.store.shapes(true), d)?;
@@ -457,6 +508,13 @@ impl Trainer {
         self.sampler.cursor = smp[1] as usize;
         Ok(())
     }
+}
+
+/// A deep in-memory copy of a trainer's state ([`Trainer::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub step: u64,
+    files: [HashMap<String, Tensor>; 3],
 }
 
 /// The generator of a run folder (its config and newest complete checkpoint), for sampling

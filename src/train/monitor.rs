@@ -71,6 +71,18 @@ pub struct Check {
     /// Wall time of the whole check (generation + evaluator + measures).
     pub seconds: f64,
     pub report: DiagnosticsReport,
+    /// Pictures for the explorer (not written to metrics.jsonl).
+    #[serde(skip)]
+    pub gallery: Gallery,
+}
+
+/// The images behind a check's indices: each NDB bin's centre (the real image nearest to
+/// it), and the closest generated and real pairs, two images per pair.
+#[derive(Debug, Clone, Default)]
+pub struct Gallery {
+    pub ndb_centres: Option<Images>,
+    pub closest_generated: Option<Images>,
+    pub closest_real: Option<Images>,
 }
 
 /// Evaluator, real-side state and alarm rules of one run.
@@ -80,6 +92,8 @@ pub struct Monitor {
     k: usize,
     evaluator: Option<(Classifier, Diagnostics)>,
     alarms: AlarmMonitor,
+    /// Dataset indices of the real features given to the diagnostics' fit.
+    real_idx: Vec<usize>,
 }
 
 impl Monitor {
@@ -91,6 +105,7 @@ impl Monitor {
             k: cfg.model.num_conditions,
             evaluator: None,
             alarms: AlarmMonitor::new(cfg.monitor.diagnostics.alarms.clone()),
+            real_idx: vec![],
         }
     }
 
@@ -121,12 +136,33 @@ impl Monitor {
         };
         let diag = Diagnostics::fit(cfg.monitor.diagnostics.clone(), spec, &feats, &labels)?;
         m.evaluator = Some((ev, diag));
+        m.real_idx = idx;
         Ok(m)
     }
 
     /// Alarm rules on one step's statistics.
     pub fn on_step(&mut self, stats: &StepStats) -> Vec<Alarm> {
         self.alarms.push_step(&StepPoint::from(stats))
+    }
+
+    /// Real images for indices into the real features of the fit.
+    fn real_images(
+        &self,
+        data: &dyn Dataset,
+        idx: &[usize],
+        dev: &Device,
+    ) -> Result<Option<Images>> {
+        let ids: Vec<usize> = idx.iter().filter_map(|&i| self.real_idx.get(i).copied()).collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let (x, _) = data.batch(&ids, dev)?;
+        Ok(Some(Images::from_tensor(&x)?))
+    }
+
+    /// Forget the alarm rules' recent history (after a restore).
+    pub fn reset_alarms(&mut self) {
+        self.alarms.reset();
     }
 
     /// Whether a check is due after `step`.
@@ -152,6 +188,8 @@ impl Monitor {
         let mut feats = Vec::with_capacity(n);
         let mut probs = Vec::with_capacity(n);
         let mut conds = Vec::with_capacity(n);
+        let mut generated: Vec<f32> = Vec::new();
+        let mut shape = (0, 0, 0);
         let dev = generator.device().clone();
         let mut done = 0;
         while done < n {
@@ -180,6 +218,8 @@ impl Monitor {
             }
             let imgs: Images = generator.generate_from(&z, &c)?;
             let (p, f) = ev.predict(&imgs.to_tensor(&dev)?)?;
+            shape = (imgs.channels, imgs.height, imgs.width);
+            generated.extend_from_slice(&imgs.data);
             probs.extend(p);
             feats.extend(f);
             done += m;
@@ -190,11 +230,44 @@ impl Monitor {
             conditions: &conds,
         })?;
         let alarms = self.alarms.push_measures(&report.measure_point(step));
+        let (ch, h, w) = shape;
+        let len = ch * h * w;
+        let pick_generated = |idx: &mut dyn Iterator<Item = usize>| -> Images {
+            let mut data = Vec::new();
+            let mut k = 0;
+            for i in idx {
+                data.extend_from_slice(&generated[i * len..(i + 1) * len]);
+                k += 1;
+            }
+            Images {
+                n: k,
+                channels: ch,
+                height: h,
+                width: w,
+                data,
+            }
+        };
+        let gallery = Gallery {
+            ndb_centres: self.real_images(data, &report.ndb_bin_images, &dev)?,
+            closest_generated: Some(pick_generated(
+                &mut report.closest_generated.iter().flat_map(|p| [p.i, p.j]),
+            )),
+            closest_real: self.real_images(
+                data,
+                &report
+                    .closest_real
+                    .iter()
+                    .flat_map(|p| [p.i, p.j])
+                    .collect::<Vec<_>>(),
+                &dev,
+            )?,
+        };
         Ok((
             Check {
                 step,
                 seconds: t0.elapsed().as_secs_f64(),
                 report,
+                gallery,
             },
             alarms,
         ))

@@ -1,0 +1,112 @@
+//! Native file dialogs behind a small trait: rfd on a background thread (a zenity dialog
+//! blocks until dismissed; with no portal and no zenity rfd answers `None` at once, the same
+//! as a cancel), and a no-op implementation for tests. Every dialog has a path text field
+//! beside it in the UI, so a missing dialog backend never blocks the user.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+
+use super::GanscopeApp;
+
+/// What a pending dialog's answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    OpenDataset,
+    OpenCheckpoint,
+    SaveCheckpoint,
+    ExportFolder,
+    ConditionList,
+}
+
+pub trait Dialogs: Send {
+    /// Ask for a folder; the answer (None = cancelled or no dialog backend) arrives later.
+    fn pick_folder(&self, title: &str) -> Receiver<Option<PathBuf>>;
+    fn pick_file(&self, title: &str) -> Receiver<Option<PathBuf>>;
+}
+
+pub struct RfdDialogs;
+
+impl Dialogs for RfdDialogs {
+    fn pick_folder(&self, title: &str) -> Receiver<Option<PathBuf>> {
+        let (tx, rx) = mpsc::channel();
+        let title = title.to_string();
+        std::thread::spawn(move || {
+            let _ = tx.send(rfd::FileDialog::new().set_title(title).pick_folder());
+        });
+        rx
+    }
+
+    fn pick_file(&self, title: &str) -> Receiver<Option<PathBuf>> {
+        let (tx, rx) = mpsc::channel();
+        let title = title.to_string();
+        std::thread::spawn(move || {
+            let _ = tx.send(rfd::FileDialog::new().set_title(title).pick_file());
+        });
+        rx
+    }
+}
+
+/// Answers every dialog with `None` (tests; headless use).
+pub struct NoDialogs;
+
+impl Dialogs for NoDialogs {
+    fn pick_folder(&self, _: &str) -> Receiver<Option<PathBuf>> {
+        let (tx, rx) = mpsc::channel();
+        let _ = tx.send(None);
+        rx
+    }
+
+    fn pick_file(&self, _: &str) -> Receiver<Option<PathBuf>> {
+        self.pick_folder("")
+    }
+}
+
+impl GanscopeApp {
+    pub(crate) fn ask(&mut self, purpose: Purpose, folder: bool, title: &str) {
+        let rx = if folder {
+            self.dialogs.pick_folder(title)
+        } else {
+            self.dialogs.pick_file(title)
+        };
+        self.pending_dialog = Some((purpose, rx));
+    }
+
+    /// Apply a dialog's answer when it arrives.
+    pub(crate) fn poll_dialog(&mut self) {
+        let Some((purpose, rx)) = &self.pending_dialog else {
+            return;
+        };
+        let purpose = *purpose;
+        let answer = match rx.try_recv() {
+            Ok(a) => a,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => None,
+        };
+        self.pending_dialog = None;
+        let Some(path) = answer else {
+            self.push_log(
+                "no path chosen (cancelled, or no file dialog available here: type the path \
+                 into the field instead)"
+                    .into(),
+            );
+            return;
+        };
+        let text = path.display().to_string();
+        match purpose {
+            Purpose::OpenDataset => self.open_dataset(&path),
+            Purpose::OpenCheckpoint => {
+                self.settings.checkpoint_path = text;
+                self.start_session(Some(path), false);
+            }
+            Purpose::SaveCheckpoint => {
+                self.settings.checkpoint_path = text;
+                self.send(crate::train::worker::Command::Save(path));
+            }
+            Purpose::ExportFolder => self.settings.export_path = text,
+            Purpose::ConditionList => {
+                self.composer.list_path = text;
+                self.load_condition_list();
+            }
+        }
+    }
+}

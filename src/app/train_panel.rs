@@ -1,0 +1,252 @@
+//! The training panel: preset, data, device, run / pause / single steps, learning rates,
+//! n_critic, target step with progress and ETA, NaN policy, checkpoints.
+
+use std::path::PathBuf;
+
+use super::GanscopeApp;
+use super::dialogs::Purpose;
+use crate::config::PRESETS;
+use crate::train::StepKind;
+use crate::train::worker::{Command, NanPolicy, RunState};
+
+impl GanscopeApp {
+    pub(crate) fn train_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Training");
+        egui::Grid::new("train_setup").num_columns(2).show(ui, |ui| {
+            ui.label("Preset");
+            egui::ComboBox::from_id_salt("preset")
+                .selected_text(self.settings.preset.clone())
+                .width(170.0)
+                .show_ui(ui, |ui| {
+                    for (name, about) in PRESETS {
+                        ui.selectable_value(&mut self.settings.preset, name.to_string(), *name)
+                            .on_hover_text(*about);
+                    }
+                });
+            ui.end_row();
+            ui.label("Device");
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(self.settings.device.clone())
+                .show_ui(ui, |ui| {
+                    for d in ["auto", "cpu", "cuda", "metal"] {
+                        ui.selectable_value(&mut self.settings.device, d.to_string(), d);
+                    }
+                });
+            ui.end_row();
+            ui.label("Data");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.settings.data_path)
+                    .hint_text("built-in / usual place")
+                    .desired_width(170.0),
+            );
+            ui.end_row();
+        });
+        ui.horizontal(|ui| {
+            if ui
+                .button("Open dataset…")
+                .on_hover_text("a folder or file; you can also drop a folder onto the window")
+                .clicked()
+            {
+                self.ask(Purpose::OpenDataset, true, "Open a dataset folder");
+            }
+            if ui.button("Built-in data").clicked() {
+                self.settings.data_path.clear();
+            }
+        });
+        ui.horizontal(|ui| {
+            if ui
+                .button("Start")
+                .on_hover_text("a new run of the preset on the data above (from scratch)")
+                .clicked()
+            {
+                self.start_session(None, true);
+            }
+            if ui
+                .add_enabled(self.session.is_some(), egui::Button::new("Stop"))
+                .clicked()
+            {
+                self.session = None;
+                self.run_state = RunState::Stopped;
+                self.push_log("stopped (the last step finishes in the background)".into());
+            }
+        });
+        ui.separator();
+        let live = self.session.is_some() && self.run_state != RunState::Loading;
+        ui.add_enabled_ui(live, |ui| {
+            ui.horizontal(|ui| {
+                if self.run_state == RunState::Running {
+                    if ui.button("Pause").clicked() {
+                        self.send(Command::Pause);
+                    }
+                } else if ui.button("Resume").clicked() {
+                    self.send(Command::Run);
+                }
+                ui.label("Step:");
+                if ui.button("D").on_hover_text("one discriminator update").clicked() {
+                    self.send(Command::Step(StepKind::DOnly));
+                }
+                if ui.button("G").on_hover_text("one generator update").clicked() {
+                    self.send(Command::Step(StepKind::GOnly));
+                }
+                if ui
+                    .button("Both")
+                    .on_hover_text("n_critic D updates, then one G update")
+                    .clicked()
+                {
+                    self.send(Command::Step(StepKind::Both));
+                }
+            });
+            egui::Grid::new("train_knobs").num_columns(2).show(ui, |ui| {
+                ui.label("LR G");
+                ui.add(
+                    egui::DragValue::new(&mut self.lr_edit.0)
+                        .speed(1e-6)
+                        .range(1e-7..=1e-1)
+                        .custom_formatter(|v, _| format!("{v:.2e}")),
+                );
+                ui.end_row();
+                ui.label("LR D");
+                ui.add(
+                    egui::DragValue::new(&mut self.lr_edit.1)
+                        .speed(1e-6)
+                        .range(1e-7..=1e-1)
+                        .custom_formatter(|v, _| format!("{v:.2e}")),
+                );
+                ui.end_row();
+                ui.label("n_critic");
+                ui.add(egui::DragValue::new(&mut self.n_critic_edit).range(1..=20));
+                ui.end_row();
+            });
+            ui.horizontal(|ui| {
+                if ui.button("Apply").clicked() {
+                    let (g, d) = self.lr_edit;
+                    self.send(Command::SetLearningRates { g, d });
+                    self.send(Command::SetNCritic(self.n_critic_edit));
+                }
+                if ui
+                    .button("D LR x10")
+                    .on_hover_text("push the run towards collapse (to watch the alarms)")
+                    .clicked()
+                {
+                    self.lr_edit.1 *= 10.0;
+                    let (g, d) = self.lr_edit;
+                    self.send(Command::SetLearningRates { g, d });
+                }
+            });
+            egui::Grid::new("train_targets").num_columns(2).show(ui, |ui| {
+                ui.label("Target step");
+                let t = ui.add(egui::DragValue::new(&mut self.settings.target).speed(10));
+                if t.changed() {
+                    self.send(Command::SetTarget(self.settings.target));
+                }
+                ui.end_row();
+                ui.label("Wall every");
+                let w = ui.add(
+                    egui::DragValue::new(&mut self.settings.wall_every)
+                        .range(1..=1000)
+                        .suffix(" steps"),
+                );
+                if w.changed() {
+                    self.send(Command::SetWallEvery(self.settings.wall_every));
+                }
+                ui.end_row();
+                ui.label("Diagnostics every");
+                ui.add(
+                    egui::DragValue::new(&mut self.settings.diagnostics_every)
+                        .range(0..=100_000)
+                        .suffix(" steps"),
+                )
+                .on_hover_text("takes effect at the next Start; 0 = off");
+                ui.end_row();
+                ui.label("On NaN/Inf");
+                let before = self.settings.nan_policy;
+                egui::ComboBox::from_id_salt("nan_policy")
+                    .selected_text(match self.settings.nan_policy {
+                        NanPolicy::RestorePause => "restore + pause",
+                        NanPolicy::RestoreLowerLr => "restore + halve LR",
+                    })
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(
+                            &mut self.settings.nan_policy,
+                            NanPolicy::RestorePause,
+                            "restore + pause",
+                        );
+                        ui.selectable_value(
+                            &mut self.settings.nan_policy,
+                            NanPolicy::RestoreLowerLr,
+                            "restore + halve LR",
+                        );
+                    });
+                if before != self.settings.nan_policy {
+                    self.send(Command::SetNanPolicy(self.settings.nan_policy));
+                }
+                ui.end_row();
+            });
+            if ui
+                .small_button("Inject NaN")
+                .on_hover_text("poison one G weight to see the NaN guard restore the run")
+                .clicked()
+            {
+                self.send(Command::InjectNan);
+            }
+        });
+        self.progress_ui(ui);
+        ui.separator();
+        ui.label("Checkpoint folder");
+        ui.add(
+            egui::TextEdit::singleline(&mut self.settings.checkpoint_path).desired_width(240.0),
+        );
+        ui.horizontal(|ui| {
+            if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
+                let p = PathBuf::from(self.settings.checkpoint_path.trim());
+                self.send(Command::Save(p));
+            }
+            if ui.button("Open").on_hover_text("open the run folder above").clicked() {
+                let p = PathBuf::from(self.settings.checkpoint_path.trim());
+                self.start_session(Some(p), false);
+            }
+            if ui.button("Browse…").clicked() {
+                self.ask(Purpose::OpenCheckpoint, true, "Open a run folder");
+            }
+        });
+    }
+
+    fn progress_ui(&mut self, ui: &mut egui::Ui) {
+        let Some(last) = self.history.last() else {
+            return;
+        };
+        let step = last.stats.step;
+        let target = self.settings.target;
+        ui.label(format!(
+            "Step {step} · {:.0} img/s · {:.0} s elapsed",
+            last.images_per_s, last.elapsed_s
+        ));
+        if target > step {
+            // ETA from the mean of the last 20 steps.
+            let recent: Vec<f64> = self
+                .history
+                .iter()
+                .rev()
+                .take(20)
+                .map(|s| s.step_seconds)
+                .collect();
+            let per = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
+            let eta = (target - step) as f64 * per;
+            ui.add(
+                egui::ProgressBar::new(step as f32 / target as f32)
+                    .text(format!("{step}/{target} · ETA {}", fmt_duration(eta))),
+            );
+        }
+    }
+}
+
+pub fn fmt_duration(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}

@@ -1,0 +1,212 @@
+//! The explorer driven through egui_kittest (wgpu software rendering, no display needed):
+//! composer toggles, a latent slider, pause / resume, exports, snapshots of the main panels.
+//! Needs a Vulkan or GL software driver (Mesa's lavapipe / llvmpipe; `.ci/run` installs it).
+
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::{Queryable, Role};
+use ganscope::app::{AppOptions, GanscopeApp, NoDialogs, Settings, Tab};
+use ganscope::train::worker::RunState;
+
+const SIZE: [f32; 2] = [1280.0, 860.0];
+
+fn settings() -> Settings {
+    Settings {
+        // A fresh run of the default preset (not the shipped checkpoint), no diagnostics.
+        launched_before: true,
+        diagnostics_every: 0,
+        wall_every: 1,
+        ..Settings::default()
+    }
+}
+
+fn harness(s: Settings, run: bool) -> Harness<'static, GanscopeApp> {
+    ganscope::grad::enable_exact_second_order().unwrap();
+    Harness::builder()
+        .with_size(SIZE)
+        .wgpu()
+        .build_eframe(move |cc| {
+            GanscopeApp::with_options(
+                cc,
+                AppOptions {
+                    autostart: true,
+                    run,
+                    dialogs: Box::new(NoDialogs),
+                    settings: Some(s),
+                    checkpoints: ganscope::app::checkpoints_dir(),
+                    show_timings: false,
+                },
+            )
+        })
+}
+
+/// Step the harness (real time passing) until `done` holds.
+fn wait_for(h: &mut Harness<'_, GanscopeApp>, what: &str, done: impl Fn(&GanscopeApp) -> bool) {
+    let t0 = Instant::now();
+    while !done(h.state()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}; log: {:?}; error: {:?}",
+            h.state().log,
+            h.state().error
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        h.step();
+    }
+    h.step();
+}
+
+fn ready(h: &mut Harness<'_, GanscopeApp>) {
+    wait_for(h, "the session and the first wall", |a| {
+        a.info.is_some() && !a.frames.is_empty() && a.run_state != RunState::Loading
+    });
+}
+
+fn active_labels(a: &GanscopeApp) -> Vec<String> {
+    a.composer
+        .cond
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v > 0.5)
+        .map(|(i, _)| a.composer.names[i].clone())
+        .collect()
+}
+
+#[test]
+fn composer_ticks_labels_and_refuses_a_fourth_object() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    assert_eq!(active_labels(h.state()), vec!["gray cube"]);
+    h.get_by_label("red sphere").click();
+    h.run_steps(2);
+    h.get_by_label("blue cylinder").click();
+    h.run_steps(2);
+    assert_eq!(
+        active_labels(h.state()),
+        vec!["gray cube", "red sphere", "blue cylinder"]
+    );
+    h.get_by_label("green cube").click();
+    h.run_steps(2);
+    assert_eq!(active_labels(h.state()).len(), 3, "a 4th object is refused");
+    h.get_by_label_contains("at most 3 objects");
+    // Unticking works, then the 4th fits.
+    h.get_by_label("gray cube").click();
+    h.run_steps(2);
+    h.get_by_label("green cube").click();
+    h.run_steps(2);
+    assert_eq!(
+        active_labels(h.state()),
+        vec!["red sphere", "blue cylinder", "green cube"]
+    );
+}
+
+#[test]
+fn latent_slider_changes_the_image() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    h.get_by_label("Explore").click();
+    wait_for(&mut h, "the first latent image", |a| a.latent.image.is_some());
+    let before = h.state().latent.image.clone().unwrap();
+    let z0 = h.state().latent.dims[0];
+    let rect = h.get_by_role_and_label(Role::Slider, "z[0]").rect();
+    // Click near the right end of the rail: z[0] jumps to about +2.7.
+    let p = egui::pos2(rect.left() + rect.width() * 0.05 + 2.0, rect.center().y);
+    let p = if z0 < 0.0 {
+        egui::pos2(rect.right() - 4.0, rect.center().y)
+    } else {
+        p
+    };
+    h.hover_at(p);
+    h.step();
+    h.drag_at(p);
+    h.step();
+    h.drop_at(p);
+    h.step();
+    let z1 = h.state().latent.dims[0];
+    assert!((z1 - z0).abs() > 1.0, "slider moved z[0] from {z0} to {z1}");
+    wait_for(&mut h, "the re-rendered image", |a| {
+        a.latent.image.as_ref().is_some_and(|im| im.data != before.data)
+    });
+    let after = h.state().latent.image.clone().unwrap();
+    let diff: f32 = before
+        .data
+        .iter()
+        .zip(&after.data)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / before.data.len() as f32;
+    assert!(diff > 1e-3, "mean abs change {diff}");
+    assert!(!h.state().timings.slider_to_image_ms.is_empty());
+}
+
+#[test]
+fn pause_resume_and_single_steps() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    assert_eq!(h.state().run_state, RunState::Paused);
+    let step0 = h.state().history.last().map_or(0, |s| s.stats.step);
+    h.get_by_label("Both").click();
+    wait_for(&mut h, "one step", |a| {
+        a.history.last().is_some_and(|s| s.stats.step == step0 + 1)
+    });
+    h.get_by_label("Resume").click();
+    wait_for(&mut h, "training", |a| a.run_state == RunState::Running);
+    wait_for(&mut h, "three more steps", |a| {
+        a.history.last().is_some_and(|s| s.stats.step >= step0 + 4)
+    });
+    h.get_by_label("Pause").click();
+    wait_for(&mut h, "paused", |a| a.run_state == RunState::Paused);
+    let s = h.state().history.last().unwrap().stats.step;
+    std::thread::sleep(Duration::from_millis(800));
+    h.run_steps(3);
+    assert_eq!(h.state().history.last().unwrap().stats.step, s, "no steps while paused");
+    assert!(h.state().frames.len() >= 2, "the wall was re-rendered");
+}
+
+#[test]
+fn export_sheet_and_history_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Settings {
+        export_path: dir.path().display().to_string(),
+        export_scale: 2,
+        ..settings()
+    };
+    let mut h = harness(s, false);
+    ready(&mut h);
+    h.get_by_label("Wall as PNG").click();
+    h.run_steps(2);
+    let msg = h.state().export_message.clone().unwrap_or_default();
+    assert!(msg.starts_with("wrote "), "{msg}");
+    let path = std::path::PathBuf::from(msg.trim_start_matches("wrote "));
+    let img = image::open(&path).unwrap().to_rgb8();
+    let f = h.state().frames.back().unwrap().clone();
+    // 8 seeds of 32 px at scale 2 plus padding and a caption column: wider than 8 * 64.
+    assert!(img.width() > (f.cols * f.images.width * 2) as u32, "{}", img.width());
+    assert!(img.height() >= (f.rows * f.images.height * 2) as u32);
+    h.get_by_label("Wall history as GIF").click();
+    h.run_steps(2);
+    let msg = h.state().export_message.clone().unwrap_or_default();
+    assert!(msg.ends_with(".gif"), "{msg}");
+    let gif = std::path::PathBuf::from(msg.trim_start_matches("wrote "));
+    assert!(image::open(&gif).is_ok());
+}
+
+#[test]
+fn snapshots_of_the_main_panels() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    // The initial (untrained) wall is deterministic: seed 0 weights, fixed noise.
+    h.state_mut().settings.tab = Tab::Wall;
+    h.run_steps(3);
+    h.snapshot("explorer_wall");
+    h.get_by_label("Explore").click();
+    wait_for(&mut h, "the latent image", |a| {
+        a.latent.image.is_some() && a.interp.strip.is_some()
+    });
+    h.run_steps(3);
+    h.snapshot("explorer_explore");
+    h.get_by_label("Diagnostics").click();
+    h.run_steps(3);
+    h.snapshot("explorer_diagnostics");
+}

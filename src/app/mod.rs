@@ -172,6 +172,8 @@ pub struct Timings {
     pub forward_ms: Option<f64>,
     /// UI frame build times (ms), last 120.
     pub frame_ms: VecDeque<f64>,
+    /// Whole-frame CPU times as eframe measures them (ms), last 120.
+    pub frame_cpu_ms: VecDeque<f64>,
 }
 
 pub struct GanscopeApp {
@@ -538,10 +540,18 @@ impl GanscopeApp {
                 ui.separator();
                 ui.label(format!("slider→image {ms:.1} ms"));
             }
+            let mean = |v: &VecDeque<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
             if !t.frame_ms.is_empty() {
-                let mean = t.frame_ms.iter().sum::<f64>() / t.frame_ms.len() as f64;
                 ui.separator();
-                ui.label(format!("UI frame {mean:.1} ms"));
+                ui.label(format!("UI build {:.1} ms", mean(&t.frame_ms)));
+            }
+            if !t.frame_cpu_ms.is_empty() {
+                let max = t.frame_cpu_ms.iter().cloned().fold(0.0, f64::max);
+                ui.separator();
+                ui.label(format!(
+                    "frame CPU {:.1} ms (max {max:.1})",
+                    mean(&t.frame_cpu_ms)
+                ));
             }
         });
     }
@@ -629,8 +639,15 @@ pub fn pick_device(name: &str) -> std::result::Result<Device, String> {
 }
 
 impl eframe::App for GanscopeApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let t0 = Instant::now();
+        // eframe's measure of the previous frame (UI + tessellation + paint submission).
+        if let Some(cpu) = frame.info().cpu_usage {
+            if self.timings.frame_cpu_ms.len() >= 120 {
+                self.timings.frame_cpu_ms.pop_front();
+            }
+            self.timings.frame_cpu_ms.push_back(cpu as f64 * 1e3);
+        }
         self.poll();
         self.poll_dialog();
         self.handle_dropped_files(ui);

@@ -1,6 +1,7 @@
 //! ganscope: a conditional-GAN engine (models, losses, trainer, checkpoints, data) built on
 //! candle, shared by the desktop explorer and the headless CLI.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

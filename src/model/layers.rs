@@ -10,10 +10,34 @@
 //! Networks", ICLR 2018. Self-attention: Zhang et al., "Self-Attention Generative Adversarial
 //! Networks", ICML 2019. Conditional BatchNorm: de Vries et al. 2017 / Miyato & Koyama 2018.
 
+use std::cell::Cell;
+
 use candle_core::{D, Tensor, Var};
 
 use crate::error::Result;
 use crate::params::{Init, Vb};
+
+thread_local! {
+    static FORWARD_FLOPS: Cell<f64> = const { Cell::new(0.0) };
+}
+
+/// Floating-point operations of the forward passes run on this thread since the last
+/// [`reset_forward_flops`]: 2 per multiply-accumulate of every convolution, transposed
+/// convolution, linear layer and attention product (`2 B O OH OW C K K` for a conv,
+/// `2 B Cin H W Cout K K` for a transposed conv, `2 B in out` for a linear layer). Normalisation,
+/// activations, biases and spectral-norm power iterations are not counted. For benchmarks.
+pub fn forward_flops() -> f64 {
+    FORWARD_FLOPS.with(|c| c.get())
+}
+
+/// Set the counter of [`forward_flops`] to zero.
+pub fn reset_forward_flops() {
+    FORWARD_FLOPS.with(|c| c.set(0.0));
+}
+
+fn count_flops(f: usize) {
+    FORWARD_FLOPS.with(|c| c.set(c.get() + 2.0 * f as f64));
+}
 
 /// How fresh weights are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,6 +175,7 @@ impl Conv2d {
             None => self.weight.clone(),
         };
         let y = crate::model::conv::conv2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
+        count_flops(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,
@@ -218,6 +243,7 @@ impl ConvTranspose2d {
             None => self.weight.clone(),
         };
         let y = crate::model::conv::conv_transpose2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
+        count_flops(x.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,
@@ -256,6 +282,7 @@ impl Linear {
             None => self.weight.clone(),
         };
         let y = x.matmul(&w.t()?)?;
+        count_flops(x.elem_count() * w.dim(0)?);
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -479,6 +506,7 @@ impl SelfAttention {
         let logits = q.transpose(1, 2)?.contiguous()?.matmul(&k)?; // (B, N, N)
         let attn = candle_nn::ops::softmax(&logits, D::Minus1)?; // rows sum to 1
         let o = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, Cv, N)
+        count_flops(b * n * n * (q.dim(1)? + v.dim(1)?));
         let o = self.out.forward(&o.reshape((b, (), h, w))?, train)?; // (B, C, H, W)
         Ok(x.add(&o.broadcast_mul(&self.gamma)?)?)
     }

@@ -731,8 +731,10 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     };
     let dev = Device::Cpu;
     let sgemm = sgemm_gflops(2048, threads);
+    let elementwise = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
     println!(
-        "device cpu, {threads} threads, avx512f {}, sgemm 2048^3: {sgemm:.1} GFLOP/s",
+        "device cpu, {threads} threads (candle elementwise: CANDLE_NUM_THREADS={elementwise}), \
+         avx512f {}, sgemm 2048^3: {sgemm:.1} GFLOP/s",
         avx512()
     );
     println!("bench sgemm n=2048 threads={threads} gflops={sgemm:.1}");

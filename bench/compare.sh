@@ -5,7 +5,9 @@
 #
 # Usage: bench/compare.sh [--model M] [--batch B] [--iters N] [--warmup W] [--threads T]
 # Environment: PYTHON (default ~/torchvenv/bin/python), GANSCOPE (default
-# target/release/ganscope, built with `cargo build --release` if missing).
+# target/release/ganscope, built with `cargo build --release` if missing), OMP_WAIT_POLICY
+# for PyTorch (default PASSIVE: with the default active spin-waiting, PyTorch's OpenMP threads
+# lose up to 4.5x on a machine whose cores are shared with other work; see bench/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/torchvenv/bin/python}
@@ -24,7 +26,8 @@ echo "== $(date -u +%FT%TZ) $(uname -n), load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== ganscope: $GANSCOPE bench ${args[*]}"
 "$GANSCOPE" bench "${args[@]}" | tee "$out/ganscope.txt"
 echo "== load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== pytorch: $PYTHON bench/torch_bench.py ${args[*]}"
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+echo "== pytorch: OMP_WAIT_POLICY=$OMP_WAIT_POLICY $PYTHON bench/torch_bench.py ${args[*]}"
 "$PYTHON" bench/torch_bench.py "${args[@]}" | tee "$out/torch.txt"
 echo "== load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

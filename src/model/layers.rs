@@ -542,11 +542,96 @@ impl SelfAttention {
         let k = self.key.forward(x, train)?.reshape((b, (), n))?; // (B, Ck, N)
         let v = self.value.forward(x, train)?.reshape((b, (), n))?; // (B, Cv, N)
         let logits = q.transpose(1, 2)?.contiguous()?.matmul(&k)?; // (B, N, N)
-        let attn = candle_nn::ops::softmax(&logits, D::Minus1)?; // rows sum to 1
+        let attn = softmax_last(&logits)?; // rows sum to 1
         let o = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, Cv, N)
         count_flops(b * n * n * (q.dim(1)? + v.dim(1)?));
         let o = self.out.forward(&o.reshape((b, (), h, w))?, train)?; // (B, C, H, W)
         Ok(x.add(&o.broadcast_mul(&param(&self.gamma))?)?)
+    }
+}
+
+/// Softmax over the last dimension. On the CPU (f32, f64) one fused op ([`SoftmaxLast`]) whose
+/// backward is built from candle ops on its own output (so differentiable again); elsewhere
+/// candle's generic `softmax` (which [`softmax_last_basic`] is).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
+        Ok(x.contiguous()?.apply_op1(SoftmaxLast)?)
+    } else {
+        softmax_last_basic(x)
+    }
+}
+
+/// candle's generic softmax over the last dimension (the fallback and the tests' reference).
+pub fn softmax_last_basic(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Fused softmax over the last dimension of a contiguous CPU tensor: one pass per row
+/// (max, exp, sum, scale) instead of five whole-tensor ops. Backward:
+/// dx = y * (g - sum(g * y)), from candle ops on y = the op's output.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "ganscope-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: WithDType + num_float::Exp>(x: &[T], n: usize) -> Vec<T> {
+            let mut out = x.to_vec();
+            if n == 0 {
+                return out;
+            }
+            for row in out.chunks_mut(n) {
+                let mut m = row[0];
+                for &v in row.iter() {
+                    if v > m {
+                        m = v;
+                    }
+                }
+                let mut sum = T::from_f64(0.0);
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp_();
+                    sum += *v;
+                }
+                let r = T::from_f64(1.0) / sum;
+                for v in row.iter_mut() {
+                    *v *= r;
+                }
+            }
+            out
+        }
+        let name = self.name();
+        let n = *l.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(f(cpu_slice::<f32>(s, l, name)?, n)),
+            CpuStorage::F64(_) => CpuStorage::F64(f(cpu_slice::<f64>(s, l, name)?, n)),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let s = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((g.broadcast_sub(&s)? * y)?))
+    }
+}
+
+mod num_float {
+    /// exp for the two float types the fused ops take.
+    pub trait Exp {
+        fn exp_(self) -> Self;
+    }
+    impl Exp for f32 {
+        fn exp_(self) -> Self {
+            self.exp()
+        }
+    }
+    impl Exp for f64 {
+        fn exp_(self) -> Self {
+            self.exp()
+        }
     }
 }
 
@@ -804,6 +889,47 @@ mod tests {
             if let (Some(p), Some(q)) = (&a.4, &b.4) {
                 assert!(rel_err(p, q) < 1e-5, "transposed {shape:?}");
             }
+        }
+    }
+
+    /// The fused softmax against candle's on random shapes, f32: values, gradients and
+    /// gradients of gradients agree to 1e-5 relative.
+    #[test]
+    fn fused_softmax_matches_candle_ops() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(12);
+        for _ in 0..20 {
+            let shape = random_shape(&mut rng);
+            let x0 = random(&mut rng, &shape).affine(3.0, 0.0).unwrap();
+            let r0 = random(&mut rng, &shape);
+            let s0 = random(&mut rng, &shape);
+            let mut outs = Vec::new();
+            for fused in [true, false] {
+                let x = Var::from_tensor(&x0).unwrap();
+                let r = Var::from_tensor(&r0).unwrap();
+                let y = if fused {
+                    softmax_last(x.as_tensor()).unwrap()
+                } else {
+                    softmax_last_basic(x.as_tensor()).unwrap()
+                };
+                let grads = (&y * r.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gx = grads.get(x.as_tensor()).unwrap().clone();
+                let h = (gx.sqr().unwrap() * &s0).unwrap().sum_all().unwrap();
+                let g2 = h.backward().unwrap();
+                let gr2 = g2.get(r.as_tensor()).unwrap().clone();
+                let gx2 = g2.get(x.as_tensor()).unwrap().clone();
+                outs.push((y, gx, gr2, gx2));
+            }
+            let (a, b) = (&outs[0], &outs[1]);
+            assert!(rel_err(&a.0, &b.0) < 1e-5, "values {shape:?}");
+            assert!(rel_err(&a.1, &b.1) < 1e-5, "gradients {shape:?}");
+            assert!(rel_err(&a.2, &b.2) < 1e-5, "second order (r) {shape:?}");
+            assert!(rel_err(&a.3, &b.3) < 1e-5, "second order (x) {shape:?}");
         }
     }
 

@@ -41,6 +41,26 @@ enum Command {
     /// Generate datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Time training iterations on the CPU (dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// One of dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan (all when omitted).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Worker threads (default: the machine's).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -222,6 +242,15 @@ fn main() {
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
+        Some(Command::Bench(a)) => ganscope::bench::run(&ganscope::bench::BenchOptions {
+            model: a.model,
+            batch: a.batch,
+            iters: a.iters,
+            warmup: a.warmup,
+            threads: a.threads,
+        })
+        .map(|_| ())
+        .map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,10 +10,67 @@
 //! Networks", ICLR 2018. Self-attention: Zhang et al., "Self-Attention Generative Adversarial
 //! Networks", ICML 2019. Conditional BatchNorm: de Vries et al. 2017 / Miyato & Koyama 2018.
 
-use candle_core::{D, Tensor, Var};
+use std::cell::Cell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Shape, Tensor, Var, WithDType,
+};
 
 use crate::error::Result;
 use crate::params::{Init, Vb};
+
+thread_local! {
+    static FORWARD_FLOPS: Cell<f64> = const { Cell::new(0.0) };
+}
+
+/// Floating-point operations of the forward passes run on this thread since the last
+/// [`reset_forward_flops`]: 2 per multiply-accumulate of every convolution, transposed
+/// convolution, linear layer and attention product (`2 B O OH OW C K K` for a conv,
+/// `2 B Cin H W Cout K K` for a transposed conv, `2 B in out` for a linear layer). Normalisation,
+/// activations, biases and spectral-norm power iterations are not counted. For benchmarks.
+pub fn forward_flops() -> f64 {
+    FORWARD_FLOPS.with(|c| c.get())
+}
+
+/// Set the counter of [`forward_flops`] to zero.
+pub fn reset_forward_flops() {
+    FORWARD_FLOPS.with(|c| c.set(0.0));
+}
+
+thread_local! {
+    static FROZEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with the parameters of every layer of this module read as constants: a pass
+/// made inside gives gradients for its input (and for anything upstream of it) but none for
+/// those parameters, which saves their weight gradients in a backward that only needs the
+/// input's (the generator step through the discriminator). Values, batch statistics,
+/// running statistics and spectral-norm updates are as without it; gradients that are computed
+/// are unchanged.
+pub fn with_frozen_params<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FROZEN.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FROZEN.with(|c| c.replace(true)));
+    f()
+}
+
+/// A layer's parameter as a pass should see it (detached inside [`with_frozen_params`]).
+fn param(t: &Tensor) -> Tensor {
+    if FROZEN.with(|c| c.get()) {
+        t.detach()
+    } else {
+        t.clone()
+    }
+}
+
+fn count_flops(f: usize) {
+    FORWARD_FLOPS.with(|c| c.set(c.get() + 2.0 * f as f64));
+}
 
 /// How fresh weights are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -143,16 +200,18 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let weight = param(&self.weight);
         let w = match &self.sn {
             Some(sn) => {
-                let o = self.weight.dim(0)?;
-                sn.apply(&self.weight, &self.weight.reshape((o, ()))?, train)?
+                let o = weight.dim(0)?;
+                sn.apply(&weight, &weight.reshape((o, ()))?, train)?
             }
-            None => self.weight.clone(),
+            None => weight,
         };
         let y = crate::model::conv::conv2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
+        count_flops(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            Some(b) => y.broadcast_add(&param(b).reshape((1, (), 1, 1))?)?,
             None => y,
         })
     }
@@ -204,22 +263,20 @@ impl ConvTranspose2d {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let weight = param(&self.weight);
         let w = match &self.sn {
             Some(sn) => {
                 // PyTorch normalises ConvTranspose along dim 1 (output channels).
-                let o = self.weight.dim(1)?;
-                let w_mat = self
-                    .weight
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((o, ()))?;
-                sn.apply(&self.weight, &w_mat, train)?
+                let o = weight.dim(1)?;
+                let w_mat = weight.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
+                sn.apply(&weight, &w_mat, train)?
             }
-            None => self.weight.clone(),
+            None => weight,
         };
         let y = crate::model::conv::conv_transpose2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
+        count_flops(x.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            Some(b) => y.broadcast_add(&param(b).reshape((1, (), 1, 1))?)?,
             None => y,
         })
     }
@@ -251,13 +308,15 @@ impl Linear {
 
     /// x: (B, in) -> (B, out)
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let weight = param(&self.weight);
         let w = match &self.sn {
-            Some(sn) => sn.apply(&self.weight, &self.weight, train)?,
-            None => self.weight.clone(),
+            Some(sn) => sn.apply(&weight, &weight, train)?,
+            None => weight,
         };
         let y = x.matmul(&w.t()?)?;
+        count_flops(x.elem_count() * w.dim(0)?);
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&param(b))?,
             None => y,
         })
     }
@@ -354,7 +413,11 @@ impl BatchNorm {
         } else {
             x.clone()
         };
-        let y = match (&self.weight, &self.bias) {
+        let (weight, bias) = (
+            self.weight.as_ref().map(param),
+            self.bias.as_ref().map(param),
+        );
+        let y = match (&weight, &bias) {
             // The affine part fused into the op.
             (Some(w), Some(b)) if train => self.train_forward(&x4, Some(w), Some(b))?,
             (Some(w), Some(b)) => self
@@ -437,8 +500,10 @@ impl LayerNorm {
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim((1, 2, 3))?;
         let y = xc.broadcast_div(&var.affine(1.0, BN_EPS)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.weight.reshape((1, (), 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+        Ok(
+            y.broadcast_mul(&param(&self.weight).reshape((1, (), 1, 1))?)?
+                .broadcast_add(&param(&self.bias).reshape((1, (), 1, 1))?)?,
+        )
     }
 }
 
@@ -477,16 +542,230 @@ impl SelfAttention {
         let k = self.key.forward(x, train)?.reshape((b, (), n))?; // (B, Ck, N)
         let v = self.value.forward(x, train)?.reshape((b, (), n))?; // (B, Cv, N)
         let logits = q.transpose(1, 2)?.contiguous()?.matmul(&k)?; // (B, N, N)
-        let attn = candle_nn::ops::softmax(&logits, D::Minus1)?; // rows sum to 1
+        let attn = softmax_last(&logits)?; // rows sum to 1
         let o = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, Cv, N)
+        count_flops(b * n * n * (q.dim(1)? + v.dim(1)?));
         let o = self.out.forward(&o.reshape((b, (), h, w))?, train)?; // (B, C, H, W)
-        Ok(x.add(&o.broadcast_mul(&self.gamma)?)?)
+        Ok(x.add(&o.broadcast_mul(&param(&self.gamma))?)?)
     }
 }
 
-/// Leaky ReLU with slope 0.2 for negative inputs, as max(x, 0.2 x).
+/// Softmax over the last dimension. On the CPU (f32, f64) one fused op ([`SoftmaxLast`]) whose
+/// backward is built from candle ops on its own output (so differentiable again); elsewhere
+/// candle's generic `softmax` (which [`softmax_last_basic`] is).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
+        Ok(x.contiguous()?.apply_op1(SoftmaxLast)?)
+    } else {
+        softmax_last_basic(x)
+    }
+}
+
+/// candle's generic softmax over the last dimension (the fallback and the tests' reference).
+pub fn softmax_last_basic(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Fused softmax over the last dimension of a contiguous CPU tensor: one pass per row
+/// (max, exp, sum, scale) instead of five whole-tensor ops. Backward:
+/// dx = y * (g - sum(g * y)), from candle ops on y = the op's output.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "ganscope-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: WithDType + num_float::Exp>(x: &[T], n: usize) -> Vec<T> {
+            let mut out = x.to_vec();
+            if n == 0 {
+                return out;
+            }
+            for row in out.chunks_mut(n) {
+                let mut m = row[0];
+                for &v in row.iter() {
+                    if v > m {
+                        m = v;
+                    }
+                }
+                let mut sum = T::from_f64(0.0);
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp_();
+                    sum += *v;
+                }
+                let r = T::from_f64(1.0) / sum;
+                for v in row.iter_mut() {
+                    *v *= r;
+                }
+            }
+            out
+        }
+        let name = self.name();
+        let n = *l.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(f(cpu_slice::<f32>(s, l, name)?, n)),
+            CpuStorage::F64(_) => CpuStorage::F64(f(cpu_slice::<f64>(s, l, name)?, n)),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let s = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((g.broadcast_sub(&s)? * y)?))
+    }
+}
+
+mod num_float {
+    /// exp for the two float types the fused ops take.
+    pub trait Exp {
+        fn exp_(self) -> Self;
+    }
+    impl Exp for f32 {
+        fn exp_(self) -> Self {
+            self.exp()
+        }
+    }
+    impl Exp for f64 {
+        fn exp_(self) -> Self {
+            self.exp()
+        }
+    }
+}
+
+/// Leaky ReLU with slope 0.2 for negative inputs: max(x, 0.2 x). On the CPU (f32, f64) one
+/// fused op ([`LeakyRelu`]) with the same values and gradients as [`leaky_relu_basic`],
+/// elsewhere that basic form.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        Ok(x.contiguous()?.apply_op1(LeakyRelu)?)
+    } else {
+        leaky_relu_basic(x)
+    }
+}
+
+/// Leaky ReLU as max(x, 0.2 x) from candle ops (the fallback and the tests' reference).
+pub fn leaky_relu_basic(x: &Tensor) -> Result<Tensor> {
     Ok(x.maximum(&x.affine(0.2, 0.0)?)?)
+}
+
+const LEAKY_SLOPE: f64 = 0.2;
+
+/// The derivative of max(x, 0.2 x) as candle's `maximum` backward defines it: 1 for x > 0,
+/// 0.2 for x < 0, and at a tie (x = 0) half of each, 0.6.
+fn leaky_slope<T: WithDType>(x: T) -> T {
+    let z = T::from_f64(0.0);
+    if x > z {
+        T::from_f64(1.0)
+    } else if x < z {
+        T::from_f64(LEAKY_SLOPE)
+    } else {
+        T::from_f64(0.5 * (1.0 + LEAKY_SLOPE))
+    }
+}
+
+/// Fused leaky ReLU: one pass forward; backward is [`LeakyReluBwd`], itself differentiable,
+/// so the op can sit under a gradient penalty. Takes a contiguous CPU tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct LeakyRelu;
+
+/// (x, g) -> g * slope(x) with slope as in [`leaky_slope`]: the leaky ReLU's input gradient.
+/// Linear in g (its gradient there is this op again); its gradient in x is zero.
+#[derive(Debug, Clone, Copy)]
+pub struct LeakyReluBwd;
+
+fn cpu_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let v = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: the input is not contiguous"),
+    }
+}
+
+impl CustomOp1 for LeakyRelu {
+    fn name(&self) -> &'static str {
+        "ganscope-leaky-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: WithDType>(x: &[T]) -> Vec<T> {
+            let (a, z) = (T::from_f64(LEAKY_SLOPE), T::from_f64(0.0));
+            x.iter().map(|&v| if v > z { v } else { v * a }).collect()
+        }
+        let name = self.name();
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(f(cpu_slice::<f32>(s, l, name)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(f(cpu_slice::<f64>(s, l, name)?)),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&g.contiguous()?, LeakyReluBwd)?))
+    }
+}
+
+impl CustomOp2 for LeakyReluBwd {
+    fn name(&self) -> &'static str {
+        "ganscope-leaky-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: WithDType>(x: &[T], g: &[T]) -> Vec<T> {
+            x.iter().zip(g).map(|(&x, &g)| g * leaky_slope(x)).collect()
+        }
+        let name = self.name();
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{name}: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(f(
+                cpu_slice::<f32>(s1, l1, name)?,
+                cpu_slice::<f32>(s2, l2, name)?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(f(
+                cpu_slice::<f64>(s1, l1, name)?,
+                cpu_slice::<f64>(s2, l2, name)?,
+            )),
+            _ => candle_core::bail!("{name}: unsupported dtypes {:?}", (s1.dtype(), s2.dtype())),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        gg: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Every input that needs a gradient must get one (zeros for x), or candle's backward
+        // fails with "grad not populated".
+        let gx = if x.track_op() {
+            Some(x.zeros_like()?)
+        } else {
+            None
+        };
+        let gg = if g.track_op() {
+            Some(x.apply_op2(&gg.contiguous()?, LeakyReluBwd)?)
+        } else {
+            None
+        };
+        Ok((gx, gg))
+    }
 }
 
 /// Nearest-neighbour 2x upsampling from reshape + broadcast (differentiable twice).
@@ -508,4 +787,187 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     let pos = x.relu()?;
     let tail = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
     Ok((pos + tail)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn random(rng: &mut Rng, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    fn random_shape(rng: &mut Rng) -> Vec<usize> {
+        (0..1 + rng.below(4)).map(|_| 1 + rng.below(9)).collect()
+    }
+
+    /// max |a - b| / max(|b|, 1e-30) over all entries (0 when both are all zero).
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let d = (&a - &b).unwrap().abs().unwrap().max(0).unwrap();
+        let s = b.abs().unwrap().max(0).unwrap();
+        let (d, s) = (d.to_scalar::<f64>().unwrap(), s.to_scalar::<f64>().unwrap());
+        if d == 0.0 { 0.0 } else { d / s.max(1e-30) }
+    }
+
+    /// The fused leaky ReLU against max(x, 0.2 x) on random shapes, f32: values, gradients
+    /// and gradients of gradients (what a gradient penalty takes) agree to 1e-5 relative.
+    #[test]
+    fn fused_leaky_relu_matches_candle_ops() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(11);
+        for _ in 0..20 {
+            let shape = random_shape(&mut rng);
+            let mut x0 = random(&mut rng, &shape);
+            if shape.iter().product::<usize>() > 2 {
+                // Exact zeros (the tie of max) and a non-contiguous view as well.
+                let z = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+                x0 = Tensor::cat(
+                    &[
+                        &z,
+                        &x0.flatten_all()
+                            .unwrap()
+                            .narrow(0, 1, x0.elem_count() - 1)
+                            .unwrap(),
+                    ],
+                    0,
+                )
+                .unwrap()
+                .reshape(shape.as_slice())
+                .unwrap();
+            }
+            let r0 = random(&mut rng, &shape);
+            let s0 = random(&mut rng, &shape);
+            let mut outs = Vec::new();
+            for fused in [true, false] {
+                let x = Var::from_tensor(&x0).unwrap();
+                let r = Var::from_tensor(&r0).unwrap();
+                let f = |t: &Tensor| {
+                    if fused {
+                        leaky_relu(t).unwrap()
+                    } else {
+                        leaky_relu_basic(t).unwrap()
+                    }
+                };
+                let y = f(x.as_tensor());
+                // First order: g = d sum(y r) / dx = r slope(x).
+                let grads = (&y * r.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gx = grads.get(x.as_tensor()).unwrap().clone();
+                // Second order through g (as a penalty does): d sum(g^2 s) / d(r, x).
+                let h = (gx.sqr().unwrap() * &s0).unwrap().sum_all().unwrap();
+                let g2 = h.backward().unwrap();
+                let gr2 = g2.get(r.as_tensor()).unwrap().clone();
+                let gx2 = g2
+                    .get(x.as_tensor())
+                    .cloned()
+                    .unwrap_or_else(|| x0.zeros_like().unwrap());
+                // A transposed (non-contiguous) input gives the same values.
+                let yt = if shape.len() >= 2 {
+                    Some(f(&x0.t().unwrap()))
+                } else {
+                    None
+                };
+                outs.push((y, gx, gr2, gx2, yt));
+            }
+            let (a, b) = (&outs[0], &outs[1]);
+            assert!(rel_err(&a.0, &b.0) < 1e-5, "values {shape:?}");
+            assert!(rel_err(&a.1, &b.1) < 1e-5, "gradients {shape:?}");
+            assert!(rel_err(&a.2, &b.2) < 1e-5, "second order (r) {shape:?}");
+            assert!(rel_err(&a.3, &b.3) < 1e-5, "second order (x) {shape:?}");
+            if let (Some(p), Some(q)) = (&a.4, &b.4) {
+                assert!(rel_err(p, q) < 1e-5, "transposed {shape:?}");
+            }
+        }
+    }
+
+    /// The fused softmax against candle's on random shapes, f32: values, gradients and
+    /// gradients of gradients agree to 1e-5 relative.
+    #[test]
+    fn fused_softmax_matches_candle_ops() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(12);
+        for _ in 0..20 {
+            let shape = random_shape(&mut rng);
+            let x0 = random(&mut rng, &shape).affine(3.0, 0.0).unwrap();
+            let r0 = random(&mut rng, &shape);
+            let s0 = random(&mut rng, &shape);
+            let mut outs = Vec::new();
+            for fused in [true, false] {
+                let x = Var::from_tensor(&x0).unwrap();
+                let r = Var::from_tensor(&r0).unwrap();
+                let y = if fused {
+                    softmax_last(x.as_tensor()).unwrap()
+                } else {
+                    softmax_last_basic(x.as_tensor()).unwrap()
+                };
+                let grads = (&y * r.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gx = grads.get(x.as_tensor()).unwrap().clone();
+                let h = (gx.sqr().unwrap() * &s0).unwrap().sum_all().unwrap();
+                let g2 = h.backward().unwrap();
+                let gr2 = g2.get(r.as_tensor()).unwrap().clone();
+                let gx2 = g2.get(x.as_tensor()).unwrap().clone();
+                outs.push((y, gx, gr2, gx2));
+            }
+            let (a, b) = (&outs[0], &outs[1]);
+            assert!(rel_err(&a.0, &b.0) < 1e-5, "values {shape:?}");
+            assert!(rel_err(&a.1, &b.1) < 1e-5, "gradients {shape:?}");
+            assert!(rel_err(&a.2, &b.2) < 1e-5, "second order (r) {shape:?}");
+            assert!(rel_err(&a.3, &b.3) < 1e-5, "second order (x) {shape:?}");
+        }
+    }
+
+    /// Inside `with_frozen_params` a layer gives its input the same gradient and its
+    /// parameters none.
+    #[test]
+    fn frozen_params_keep_input_gradients() {
+        let store = crate::params::ParamStore::new(Rng::new(3), DType::F32, &Device::Cpu);
+        let vb = store.root("d");
+        let opts = LayerOpts {
+            bias: true,
+            spectral_norm: false,
+            init: WeightInit::Dcgan,
+        };
+        let conv = Conv2d::new(3, 4, 3, 1, 1, opts, vb.pp("conv")).unwrap();
+        let bn = BatchNorm::new(4, true, vb.pp("bn")).unwrap();
+        let lin = Linear::new(4 * 5 * 5, 2, opts, vb.pp("lin")).unwrap();
+        let mut rng = Rng::new(5);
+        let x0 = random(&mut rng, &[2, 3, 5, 5]);
+        let run = |frozen: bool| {
+            let x = Var::from_tensor(&x0).unwrap();
+            let f = || -> Result<Tensor> {
+                let h = leaky_relu(&bn.forward(&conv.forward(x.as_tensor(), true)?, true)?)?;
+                lin.forward(&h.flatten_from(1)?, true)
+            };
+            let y = if frozen { with_frozen_params(f) } else { f() }.unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let n_param_grads = store
+                .trainable()
+                .iter()
+                .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+                .count();
+            (grads.get(x.as_tensor()).unwrap().clone(), n_param_grads)
+        };
+        let (g_free, n_free) = run(false);
+        let (g_frozen, n_frozen) = run(true);
+        assert_eq!(n_free, store.trainable().len());
+        assert_eq!(n_frozen, 0);
+        assert!(rel_err(&g_frozen, &g_free) < 1e-6);
+    }
 }

@@ -292,7 +292,9 @@ impl Trainer {
         let c = self.sample_conditions(b)?;
         let z = self.noise(b)?;
         let fake = self.generator.forward(&z, &c, true)?;
-        let out = self.discriminator.forward(&fake, &c, true)?;
+        // D's parameters as constants: their gradients are not needed here.
+        let disc = &self.discriminator;
+        let out = crate::model::layers::with_frozen_params(|| disc.forward(&fake, &c, true))?;
         let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
         let mut aux_v = None;
         if let Some(a) = &out.aux {

@@ -1,0 +1,842 @@
+//! Training-speed benchmark (`ganscope bench`): time whole training iterations of four
+//! workloads and compare them with the machine's matrix-multiply rate.
+//!
+//! Workloads (one "iteration" each):
+//! - `dcgan64`: the DCGAN of Radford et al. at 64x64, exactly as PyTorch's DCGAN example
+//!   builds it: G = ConvT(100->512, k4 s1 p0) BN ReLU, ConvT(512->256, k4 s2 p1) BN ReLU,
+//!   ConvT(256->128) BN ReLU, ConvT(128->64) BN ReLU, ConvT(64->3) tanh;
+//!   D = Conv(3->64, k4 s2 p1) LReLU(0.2), Conv(64->128) BN LReLU, Conv(128->256) BN LReLU,
+//!   Conv(256->512) BN LReLU, Conv(512->1, k4 s1 p0). One G forward, one D step on the real
+//!   batch and the (detached) fakes, then one G step through D on the same fakes.
+//! - `cdcgan28`: a conditional DCGAN for MNIST: G = Linear(100+10 -> 128*7*7) BN ReLU,
+//!   ConvT(128->64, k4 s2 p1) BN ReLU, ConvT(64->1, k4 s2 p1) tanh; D = the one-hot label
+//!   broadcast to 10 planes and concatenated to the image, Conv(11->64, k4 s2 p1) LReLU,
+//!   Conv(64->128, k4 s2 p1) BN LReLU, Linear(128*7*7 -> 1). Same iteration as `dcgan64`.
+//! - `wgangp-critic64`: one WGAN-GP critic step (Gulrajani et al. 2017) with the `dcgan64`
+//!   D without BatchNorm as the critic (the paper drops BatchNorm from the critic): fakes
+//!   from the `dcgan64` G (forward only), critic loss mean(D(fake)) - mean(D(real)) +
+//!   10 GP, the penalty through [`crate::train::loss::gradient_penalty`] (double backward).
+//! - `iclevr-sagan`: one [`Trainer::train_step`] of the `iclevr-sagan` preset on a synthetic
+//!   i-CLEVR set ([`crate::data::render::synthetic_dataset`]).
+//!
+//! The two reference models use weights N(0, 0.02), no conv biases (linear layers have a zero
+//! bias, as PyTorch's default layers), BatchNorm gamma N(1, 0.02) and beta 0, Adam lr 2e-4
+//! betas (0.5, 0.999) eps 1e-8 and BCE with logits; the critic uses the same Adam. Real
+//! images are a fixed seeded random batch in [-1, 1], labels seeded random.
+//!
+//! FLOP count (printed as "GFLOP/iter"): F_G and F_D are the forward FLOPs of G and D at the
+//! benchmark batch, counted by [`crate::model::layers::forward_flops`] (2 per
+//! multiply-accumulate of convolutions, linear layers and attention products; normalisation,
+//! activations and the optimizer are not counted). A pass that is backpropagated counts 3x its
+//! forward (forward, input gradient, weight gradient), a forward-only pass 1x, a
+//! gradient-penalty pass 6x (forward, input gradient, and the backward of both). So
+//! `dcgan64`/`cdcgan28`: 3 F_G + 9 F_D (G forward once, D on real and fake 2 x 3, the G
+//! step's D pass 3, G backward 2); `wgangp-critic64`: F_G + 12 F_D;
+//! `iclevr-sagan` (hinge, n_critic n): n (F_G + 6 F_D) + 3 F_G + 3 F_D.
+//! The G step runs D inside [`with_frozen_params`] (no weight gradients for D there; the
+//! count above still includes them, as PyTorch computes them).
+//! The "floor" is that count at the measured sgemm rate: the time the iteration would take
+//! if all of it ran as one large matrix multiply.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::model::layers::{
+    BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, Linear, WeightInit, forward_flops, leaky_relu,
+    reset_forward_flops, softplus, with_frozen_params,
+};
+use crate::params::{ParamStore, Vb};
+use crate::rng::Rng;
+use crate::train::Trainer;
+use crate::train::adam::Adam;
+
+/// The workloads, in the order `ganscope bench` runs them.
+pub const MODELS: [&str; 4] = ["dcgan64", "cdcgan28", "wgangp-critic64", "iclevr-sagan"];
+
+/// What `ganscope bench` was asked for.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// One of [`MODELS`]; all when `None`.
+    pub model: Option<String>,
+    /// Batch size (default [`default_batch`]).
+    pub batch: Option<usize>,
+    /// Timed iterations.
+    pub iters: usize,
+    /// Untimed iterations first.
+    pub warmup: usize,
+    /// Worker threads (rayon and candle); the machine's default when `None`.
+    pub threads: Option<usize>,
+}
+
+/// One benchmark workload: a model with its optimizers and data, advanced one iteration at a
+/// time.
+pub trait Workload {
+    fn batch(&self) -> usize;
+    /// One training iteration; returns its losses (e.g. D and G), which must be finite.
+    fn step(&mut self) -> Result<Vec<f64>>;
+    /// FLOPs of one iteration (see the module docs).
+    fn flops(&self) -> f64;
+}
+
+/// The batch a workload runs at unless told otherwise: 64, except `iclevr-sagan` at 16
+/// (its preset trains at 64, but one iteration at 64 needs about 25 GB on the CPU, mostly the
+/// (B, 1024, 1024) attention maps of G and D at 32x32: 3.6 GB measured at batch 8, 6.7 GB at 16).
+pub fn default_batch(model: &str) -> usize {
+    if model == "iclevr-sagan" { 16 } else { 64 }
+}
+
+/// Adam as the reference models use it.
+fn adam(store: &ParamStore) -> Result<Adam> {
+    Adam::new(store.trainable(), 2e-4, 0.5, 0.999, 1e-8)
+}
+
+fn dcgan_opts() -> LayerOpts {
+    LayerOpts {
+        bias: false,
+        spectral_norm: false,
+        init: WeightInit::Dcgan,
+    }
+}
+
+fn linear_opts() -> LayerOpts {
+    LayerOpts {
+        bias: true,
+        ..dcgan_opts()
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn normal(rng: &mut Rng, shape: &[usize], dev: &Device) -> Result<Tensor> {
+    let n = shape.iter().product();
+    Ok(Tensor::from_vec(rng.normal_vec(n), shape, dev)?.to_dtype(DType::F32)?)
+}
+
+fn uniform(rng: &mut Rng, shape: &[usize], lo: f64, hi: f64, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * rng.uniform()).collect();
+    Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(DType::F32)?)
+}
+
+/// (B, K) one-hot rows for `labels`.
+fn one_hot(labels: &[usize], k: usize, dev: &Device) -> Result<Tensor> {
+    let mut v = vec![0f32; labels.len() * k];
+    for (i, &l) in labels.iter().enumerate() {
+        v[i * k + l] = 1.0;
+    }
+    Ok(Tensor::from_vec(v, (labels.len(), k), dev)?)
+}
+
+/// BCE with logits against all-ones (`target_one`) or all-zeros targets, mean over the batch:
+/// softplus(-x) or softplus(x).
+fn bce_const(logits: &Tensor, target_one: bool) -> Result<Tensor> {
+    let x = if target_one {
+        logits.neg()?
+    } else {
+        logits.clone()
+    };
+    Ok(softplus(&x)?.mean_all()?)
+}
+
+/// The DCGAN-64 generator.
+struct G64 {
+    convs: Vec<ConvTranspose2d>,
+    bns: Vec<BatchNorm>,
+}
+
+impl G64 {
+    fn new(vb: Vb) -> Result<Self> {
+        let ch = [100, 512, 256, 128, 64, 3];
+        let mut convs = Vec::new();
+        let mut bns = Vec::new();
+        for i in 0..5 {
+            let (s, p) = if i == 0 { (1, 0) } else { (2, 1) };
+            let v = vb.pp(i);
+            convs.push(ConvTranspose2d::new(
+                ch[i],
+                ch[i + 1],
+                4,
+                s,
+                p,
+                dcgan_opts(),
+                v.pp("conv"),
+            )?);
+            if i < 4 {
+                bns.push(BatchNorm::new(ch[i + 1], true, v.pp("bn"))?);
+            }
+        }
+        Ok(Self { convs, bns })
+    }
+
+    /// z: (B, 100, 1, 1) -> (B, 3, 64, 64)
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = z.clone();
+        for (i, conv) in self.convs.iter().enumerate() {
+            h = conv.forward(&h, true)?;
+            h = match self.bns.get(i) {
+                Some(bn) => bn.forward(&h, true)?.relu()?,
+                None => h.tanh()?,
+            };
+        }
+        Ok(h)
+    }
+}
+
+/// The DCGAN-64 discriminator (with BatchNorm) or critic (without).
+struct D64 {
+    convs: Vec<Conv2d>,
+    bns: Vec<Option<BatchNorm>>,
+}
+
+impl D64 {
+    fn new(batch_norm: bool, vb: Vb) -> Result<Self> {
+        let ch = [3, 64, 128, 256, 512, 1];
+        let mut convs = Vec::new();
+        let mut bns = Vec::new();
+        for i in 0..5 {
+            let (s, p) = if i == 4 { (1, 0) } else { (2, 1) };
+            let v = vb.pp(i);
+            convs.push(Conv2d::new(
+                ch[i],
+                ch[i + 1],
+                4,
+                s,
+                p,
+                dcgan_opts(),
+                v.pp("conv"),
+            )?);
+            bns.push(if batch_norm && (1..4).contains(&i) {
+                Some(BatchNorm::new(ch[i + 1], true, v.pp("bn"))?)
+            } else {
+                None
+            });
+        }
+        Ok(Self { convs, bns })
+    }
+
+    /// x: (B, 3, 64, 64) -> logits (B,)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, conv) in self.convs.iter().enumerate() {
+            h = conv.forward(&h, true)?;
+            if i < last {
+                if let Some(bn) = &self.bns[i] {
+                    h = bn.forward(&h, true)?;
+                }
+                h = leaky_relu(&h)?;
+            }
+        }
+        Ok(h.flatten_all()?)
+    }
+}
+
+/// `dcgan64`.
+pub struct Dcgan64 {
+    g: G64,
+    d: D64,
+    opt_g: Adam,
+    opt_d: Adam,
+    rng: Rng,
+    real: Tensor,
+    batch: usize,
+    flops: f64,
+    dev: Device,
+}
+
+impl Dcgan64 {
+    pub fn new(batch: usize, seed: u64, dev: &Device) -> Result<Self> {
+        let gs = ParamStore::new(Rng::stream(seed, "bench.g"), DType::F32, dev);
+        let ds = ParamStore::new(Rng::stream(seed, "bench.d"), DType::F32, dev);
+        let g = G64::new(gs.root("gen"))?;
+        let d = D64::new(true, ds.root("disc"))?;
+        let mut rng = Rng::stream(seed, "bench.data");
+        let real = uniform(&mut rng, &[batch, 3, 64, 64], -1.0, 1.0, dev)?;
+        let (fg, fd) = {
+            reset_forward_flops();
+            let x = g.forward(&normal(&mut rng, &[batch, 100, 1, 1], dev)?)?;
+            let fg = forward_flops();
+            reset_forward_flops();
+            d.forward(&x)?;
+            (fg, forward_flops())
+        };
+        Ok(Self {
+            opt_g: adam(&gs)?,
+            opt_d: adam(&ds)?,
+            g,
+            d,
+            rng,
+            real,
+            batch,
+            flops: 3.0 * fg + 9.0 * fd,
+            dev: dev.clone(),
+        })
+    }
+}
+
+impl Workload for Dcgan64 {
+    fn batch(&self) -> usize {
+        self.batch
+    }
+
+    fn step(&mut self) -> Result<Vec<f64>> {
+        let z = normal(&mut self.rng, &[self.batch, 100, 1, 1], &self.dev)?;
+        let fake = self.g.forward(&z)?;
+        // D step: real and (detached) fake batches, each through D on its own.
+        let d_loss = (bce_const(&self.d.forward(&self.real)?, true)?
+            + bce_const(&self.d.forward(&fake.detach())?, false)?)?;
+        self.opt_d.step(&d_loss.backward()?)?;
+        // G step through the updated D, on the same fakes.
+        let g_loss = bce_const(&with_frozen_params(|| self.d.forward(&fake))?, true)?;
+        self.opt_g.step(&g_loss.backward()?)?;
+        Ok(vec![scalar(&d_loss)?, scalar(&g_loss)?])
+    }
+
+    fn flops(&self) -> f64 {
+        self.flops
+    }
+}
+
+/// The cDCGAN-28 generator.
+struct G28 {
+    input: Linear,
+    input_bn: BatchNorm,
+    conv1: ConvTranspose2d,
+    bn1: BatchNorm,
+    conv2: ConvTranspose2d,
+}
+
+impl G28 {
+    fn new(vb: Vb) -> Result<Self> {
+        Ok(Self {
+            input: Linear::new(110, 128 * 7 * 7, linear_opts(), vb.pp("input"))?,
+            input_bn: BatchNorm::new(128 * 7 * 7, true, vb.pp("input_bn"))?,
+            conv1: ConvTranspose2d::new(128, 64, 4, 2, 1, dcgan_opts(), vb.pp("conv1"))?,
+            bn1: BatchNorm::new(64, true, vb.pp("bn1"))?,
+            conv2: ConvTranspose2d::new(64, 1, 4, 2, 1, dcgan_opts(), vb.pp("conv2"))?,
+        })
+    }
+
+    /// z: (B, 100), y: (B, 10) one-hot -> (B, 1, 28, 28)
+    fn forward(&self, z: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let b = z.dim(0)?;
+        let h = self.input.forward(&Tensor::cat(&[z, y], 1)?, true)?;
+        let h = self.input_bn.forward(&h, true)?.relu()?;
+        let h = h.reshape((b, 128, 7, 7))?;
+        let h = self
+            .bn1
+            .forward(&self.conv1.forward(&h, true)?, true)?
+            .relu()?;
+        Ok(self.conv2.forward(&h, true)?.tanh()?)
+    }
+}
+
+/// The cDCGAN-28 discriminator.
+struct D28 {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    out: Linear,
+}
+
+impl D28 {
+    fn new(vb: Vb) -> Result<Self> {
+        Ok(Self {
+            conv1: Conv2d::new(11, 64, 4, 2, 1, dcgan_opts(), vb.pp("conv1"))?,
+            conv2: Conv2d::new(64, 128, 4, 2, 1, dcgan_opts(), vb.pp("conv2"))?,
+            bn2: BatchNorm::new(128, true, vb.pp("bn2"))?,
+            out: Linear::new(128 * 7 * 7, 1, linear_opts(), vb.pp("out"))?,
+        })
+    }
+
+    /// x: (B, 1, 28, 28), y: (B, 10) -> logits (B,)
+    fn forward(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let planes = y.reshape((b, 10, 1, 1))?.broadcast_as((b, 10, 28, 28))?;
+        let h = Tensor::cat(&[x, &planes], 1)?;
+        let h = leaky_relu(&self.conv1.forward(&h, true)?)?;
+        let h = leaky_relu(&self.bn2.forward(&self.conv2.forward(&h, true)?, true)?)?;
+        Ok(self.out.forward(&h.flatten_from(1)?, true)?.flatten_all()?)
+    }
+}
+
+/// `cdcgan28`.
+pub struct Cdcgan28 {
+    g: G28,
+    d: D28,
+    opt_g: Adam,
+    opt_d: Adam,
+    rng: Rng,
+    real: Tensor,
+    real_y: Tensor,
+    batch: usize,
+    flops: f64,
+    dev: Device,
+}
+
+impl Cdcgan28 {
+    pub fn new(batch: usize, seed: u64, dev: &Device) -> Result<Self> {
+        let gs = ParamStore::new(Rng::stream(seed, "bench.g"), DType::F32, dev);
+        let ds = ParamStore::new(Rng::stream(seed, "bench.d"), DType::F32, dev);
+        let g = G28::new(gs.root("gen"))?;
+        let d = D28::new(ds.root("disc"))?;
+        let mut rng = Rng::stream(seed, "bench.data");
+        let real = uniform(&mut rng, &[batch, 1, 28, 28], -1.0, 1.0, dev)?;
+        let labels: Vec<usize> = (0..batch).map(|_| rng.below(10)).collect();
+        let real_y = one_hot(&labels, 10, dev)?;
+        let (fg, fd) = {
+            reset_forward_flops();
+            let x = g.forward(&normal(&mut rng, &[batch, 100], dev)?, &real_y)?;
+            let fg = forward_flops();
+            reset_forward_flops();
+            d.forward(&x, &real_y)?;
+            (fg, forward_flops())
+        };
+        Ok(Self {
+            opt_g: adam(&gs)?,
+            opt_d: adam(&ds)?,
+            g,
+            d,
+            rng,
+            real,
+            real_y,
+            batch,
+            flops: 3.0 * fg + 9.0 * fd,
+            dev: dev.clone(),
+        })
+    }
+}
+
+impl Workload for Cdcgan28 {
+    fn batch(&self) -> usize {
+        self.batch
+    }
+
+    fn step(&mut self) -> Result<Vec<f64>> {
+        let b = self.batch;
+        let z = normal(&mut self.rng, &[b, 100], &self.dev)?;
+        let labels: Vec<usize> = (0..b).map(|_| self.rng.below(10)).collect();
+        let y = one_hot(&labels, 10, &self.dev)?;
+        let fake = self.g.forward(&z, &y)?;
+        let d_loss = (bce_const(&self.d.forward(&self.real, &self.real_y)?, true)?
+            + bce_const(&self.d.forward(&fake.detach(), &y)?, false)?)?;
+        self.opt_d.step(&d_loss.backward()?)?;
+        let g_loss = bce_const(&with_frozen_params(|| self.d.forward(&fake, &y))?, true)?;
+        self.opt_g.step(&g_loss.backward()?)?;
+        Ok(vec![scalar(&d_loss)?, scalar(&g_loss)?])
+    }
+
+    fn flops(&self) -> f64 {
+        self.flops
+    }
+}
+
+/// `wgangp-critic64`.
+pub struct WganGpCritic64 {
+    g: G64,
+    d: D64,
+    opt_d: Adam,
+    rng: Rng,
+    real: Tensor,
+    batch: usize,
+    flops: f64,
+    dev: Device,
+}
+
+impl WganGpCritic64 {
+    pub fn new(batch: usize, seed: u64, dev: &Device) -> Result<Self> {
+        crate::grad::enable_exact_second_order()?;
+        let gs = ParamStore::new(Rng::stream(seed, "bench.g"), DType::F32, dev);
+        let ds = ParamStore::new(Rng::stream(seed, "bench.d"), DType::F32, dev);
+        let g = G64::new(gs.root("gen"))?;
+        let d = D64::new(false, ds.root("disc"))?;
+        let mut rng = Rng::stream(seed, "bench.data");
+        let real = uniform(&mut rng, &[batch, 3, 64, 64], -1.0, 1.0, dev)?;
+        let (fg, fd) = {
+            reset_forward_flops();
+            let x = g.forward(&normal(&mut rng, &[batch, 100, 1, 1], dev)?)?;
+            let fg = forward_flops();
+            reset_forward_flops();
+            d.forward(&x)?;
+            (fg, forward_flops())
+        };
+        Ok(Self {
+            opt_d: adam(&ds)?,
+            g,
+            d,
+            rng,
+            real,
+            batch,
+            flops: fg + 12.0 * fd,
+            dev: dev.clone(),
+        })
+    }
+}
+
+impl Workload for WganGpCritic64 {
+    fn batch(&self) -> usize {
+        self.batch
+    }
+
+    fn step(&mut self) -> Result<Vec<f64>> {
+        let b = self.batch;
+        let z = normal(&mut self.rng, &[b, 100, 1, 1], &self.dev)?;
+        let fake = self.g.forward(&z)?.detach();
+        let e: Vec<f64> = (0..b).map(|_| self.rng.uniform()).collect();
+        let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.dev)?.to_dtype(DType::F32)?;
+        let wd = (self.d.forward(&fake)?.mean_all()? - self.d.forward(&self.real)?.mean_all()?)?;
+        let d = &self.d;
+        let gp = crate::train::loss::gradient_penalty(&self.real, &fake, &eps, |x| d.forward(x))?;
+        let loss = (&wd + gp.affine(10.0, 0.0)?)?;
+        self.opt_d.step(&loss.backward()?)?;
+        Ok(vec![scalar(&loss)?, scalar(&gp)?])
+    }
+
+    fn flops(&self) -> f64 {
+        self.flops
+    }
+}
+
+/// `iclevr-sagan`: the project's trainer on its preset.
+pub struct IclevrSagan {
+    trainer: Trainer,
+    flops: f64,
+}
+
+impl IclevrSagan {
+    pub fn new(batch: usize, seed: u64, dev: &Device) -> Result<Self> {
+        let mut cfg = TrainConfig::iclevr_sagan();
+        cfg.batch_size = batch;
+        cfg.seed = seed;
+        // Three images per scene; a few batches' worth keeps rendering quick.
+        let scenes = (2 * batch).div_ceil(3).max(4);
+        let ds = crate::data::render::synthetic_dataset(scenes, cfg.model.image_size, seed, None);
+        let trainer = Trainer::new(cfg, Arc::new(ds), dev)?;
+        let (fg, fd) = {
+            let data = trainer.data().clone();
+            let idx: Vec<usize> = (0..batch).collect();
+            let (x, c) = data.batch(&idx, dev)?;
+            let (x, c) = (x.to_dtype(DType::F32)?, c.to_dtype(DType::F32)?);
+            let z = Tensor::zeros((batch, trainer.cfg.model.z_dim), DType::F32, dev)?;
+            reset_forward_flops();
+            trainer.generator.forward(&z, &c, false)?;
+            let fg = forward_flops();
+            reset_forward_flops();
+            trainer.discriminator.forward(&x, &c, false)?;
+            (fg, forward_flops())
+        };
+        let l = &trainer.cfg.loss;
+        let mut per_critic = fg + 6.0 * fd;
+        if l.kind == crate::config::LossKind::WganGp {
+            per_critic += 6.0 * fd;
+        }
+        if l.r1_gamma > 0.0 {
+            per_critic += 6.0 * fd;
+        }
+        let flops = l.n_critic as f64 * per_critic + 3.0 * fg + 3.0 * fd;
+        Ok(Self { trainer, flops })
+    }
+}
+
+impl Workload for IclevrSagan {
+    fn batch(&self) -> usize {
+        self.trainer.cfg.batch_size
+    }
+
+    fn step(&mut self) -> Result<Vec<f64>> {
+        let st = self.trainer.train_step()?;
+        Ok(vec![st.d_loss, st.g_loss])
+    }
+
+    fn flops(&self) -> f64 {
+        self.flops
+    }
+}
+
+/// Build a workload by name (see [`MODELS`]).
+pub fn workload(name: &str, batch: usize, seed: u64, dev: &Device) -> Result<Box<dyn Workload>> {
+    Ok(match name {
+        "dcgan64" => Box::new(Dcgan64::new(batch, seed, dev)?),
+        "cdcgan28" => Box::new(Cdcgan28::new(batch, seed, dev)?),
+        "wgangp-critic64" => Box::new(WganGpCritic64::new(batch, seed, dev)?),
+        "iclevr-sagan" => Box::new(IclevrSagan::new(batch, seed, dev)?),
+        other => {
+            return Err(Error::Config(format!(
+                "unknown bench model `{other}` (one of {})",
+                MODELS.join(", ")
+            )));
+        }
+    })
+}
+
+/// Timing summary of one workload.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub model: String,
+    pub batch: usize,
+    /// Milliseconds per iteration, sorted.
+    pub ms: Vec<f64>,
+    pub flops: f64,
+}
+
+impl Timing {
+    /// Value at quantile `q` of the sorted times (linear interpolation).
+    pub fn quantile(&self, q: f64) -> f64 {
+        let n = self.ms.len();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let pos = q * (n - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        self.ms[lo] + (self.ms[hi] - self.ms[lo]) * (pos - lo as f64)
+    }
+
+    pub fn median(&self) -> f64 {
+        self.quantile(0.5)
+    }
+
+    pub fn images_per_s(&self) -> f64 {
+        self.batch as f64 / (self.median() / 1e3)
+    }
+
+    pub fn gflops(&self) -> f64 {
+        self.flops / (self.median() / 1e3) / 1e9
+    }
+}
+
+/// Run `warmup` untimed and `iters` timed iterations; fails on a non-finite loss.
+pub fn time_workload(
+    name: &str,
+    w: &mut dyn Workload,
+    warmup: usize,
+    iters: usize,
+) -> Result<Timing> {
+    let check = |losses: &[f64]| -> Result<()> {
+        if losses.iter().all(|l| l.is_finite()) {
+            Ok(())
+        } else {
+            Err(Error::Msg(format!("{name}: non-finite loss {losses:?}")))
+        }
+    };
+    for _ in 0..warmup {
+        check(&w.step()?)?;
+    }
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let losses = w.step()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        check(&losses)?;
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(Timing {
+        model: name.to_string(),
+        batch: w.batch(),
+        ms,
+        flops: w.flops(),
+    })
+}
+
+/// The machine's f32 matrix-multiply rate in GFLOP/s: the median of 5 timed
+/// `n x n x n` products with the `gemm` crate (the one candle and the engine's convolutions
+/// use), on `threads` threads.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn sgemm_gflops(n: usize, threads: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| ((i % 17) as f32) * 0.01).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32) * 0.01).collect();
+    let mut c = vec![0f32; n * n];
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut run = || {
+        let t = Instant::now();
+        // SAFETY: a, b and c are n x n row-major (row stride n, column stride 1) and c does
+        // not alias a or b.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        t.elapsed().as_secs_f64()
+    };
+    run();
+    let mut s: Vec<f64> = (0..5).map(|_| run()).collect();
+    s.sort_by(f64::total_cmp);
+    2.0 * (n as f64).powi(3) / s[2] / 1e9
+}
+
+/// Without the `gemm` dependency (non-glibc targets) there is no rate to measure.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn sgemm_gflops(_n: usize, _threads: usize) -> f64 {
+    f64::NAN
+}
+
+/// Use `threads` worker threads for rayon (the engine's convolutions) and candle (which
+/// reads `RAYON_NUM_THREADS` on every op). Call before anything has used rayon.
+pub fn set_threads(threads: usize) -> Result<()> {
+    // SAFETY: the benchmark calls this first, before it or candle has started any thread.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| Error::Msg(format!("setting {threads} threads: {e}")))?;
+    Ok(())
+}
+
+/// `ganscope bench`: time the chosen workloads on the CPU and print a table and one
+/// `bench model=...` line each.
+pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
+    if let Some(t) = opts.threads {
+        set_threads(t)?;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let names: Vec<&str> = match &opts.model {
+        Some(m) => {
+            if !MODELS.contains(&m.as_str()) {
+                return Err(Error::Config(format!(
+                    "unknown bench model `{m}` (one of {})",
+                    MODELS.join(", ")
+                )));
+            }
+            vec![m.as_str()]
+        }
+        None => MODELS.to_vec(),
+    };
+    let dev = Device::Cpu;
+    let sgemm = sgemm_gflops(2048, threads);
+    let elementwise = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    println!(
+        "device cpu, {threads} threads (candle elementwise: CANDLE_NUM_THREADS={elementwise}), \
+         avx512f {}, sgemm 2048^3: {sgemm:.1} GFLOP/s",
+        avx512()
+    );
+    println!("bench sgemm n=2048 threads={threads} gflops={sgemm:.1}");
+    println!(
+        "{:<16} {:>5} {:>10} {:>21} {:>9} {:>10} {:>8} {:>9} {:>8}",
+        "model",
+        "batch",
+        "ms median",
+        "ms min/p25/p75/max",
+        "images/s",
+        "GFLOP/iter",
+        "GFLOP/s",
+        "floor ms",
+        "x floor"
+    );
+    let mut out = Vec::new();
+    for name in names {
+        let batch = opts.batch.unwrap_or_else(|| default_batch(name));
+        let mut w = workload(name, batch, 0, &dev)?;
+        let t = time_workload(name, w.as_mut(), opts.warmup, opts.iters.max(1))?;
+        let floor = t.flops / (sgemm * 1e9) * 1e3;
+        println!(
+            "{:<16} {:>5} {:>10.1} {:>21} {:>9.1} {:>10.1} {:>8.1} {:>9.1} {:>8.2}",
+            name,
+            t.batch,
+            t.median(),
+            format!(
+                "{:.0}/{:.0}/{:.0}/{:.0}",
+                t.quantile(0.0),
+                t.quantile(0.25),
+                t.quantile(0.75),
+                t.quantile(1.0)
+            ),
+            t.images_per_s(),
+            t.flops / 1e9,
+            t.gflops(),
+            floor,
+            t.median() / floor
+        );
+        println!(
+            "bench model={} batch={} ms_per_iter={:.2} images_per_s={:.2} gflops={:.2}",
+            name,
+            t.batch,
+            t.median(),
+            t.images_per_s(),
+            t.gflops()
+        );
+        out.push(t);
+    }
+    Ok(out)
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every workload runs an iteration at a tiny batch with finite losses, and its FLOP count
+    /// is positive. Not a timing test.
+    #[test]
+    fn each_workload_runs_one_iteration() {
+        crate::grad::enable_exact_second_order().unwrap();
+        for name in MODELS {
+            let mut w = workload(name, 2, 7, &Device::Cpu).unwrap();
+            let losses = w.step().unwrap();
+            assert!(!losses.is_empty(), "{name}");
+            assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+            assert!(w.flops() > 0.0, "{name}");
+        }
+    }
+
+    #[test]
+    fn reference_flop_counts() {
+        // DCGAN-64 by hand, per sample: G = 2 (100*512*16 + 3 * 2^25 + 64*1024*3*16)
+        // (each middle ConvT is 2^25 MACs), D = 2 (64*1024*48 + 3 * 2^25 + 8192).
+        let fg = 2.0 * (100.0 * 512.0 * 16.0 + 3.0 * 33_554_432.0 + 64.0 * 1024.0 * 48.0);
+        let fd = 2.0 * (64.0 * 1024.0 * 48.0 + 3.0 * 33_554_432.0 + 8192.0);
+        let w = Dcgan64::new(2, 0, &Device::Cpu).unwrap();
+        let want = 2.0 * (3.0 * fg + 9.0 * fd);
+        assert!(
+            (w.flops() - want).abs() < 1e-6 * want,
+            "{} vs {want}",
+            w.flops()
+        );
+        let t = Timing {
+            model: "x".into(),
+            batch: 2,
+            ms: vec![1.0, 2.0, 4.0, 10.0],
+            flops: 1e9,
+        };
+        assert_eq!(t.median(), 3.0);
+        assert_eq!(t.quantile(0.0), 1.0);
+        assert_eq!(t.quantile(1.0), 10.0);
+    }
+}

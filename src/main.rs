@@ -231,22 +231,67 @@ fn main() {
     }
 }
 
+/// The compute device named on the command line. `cuda` and `metal` need a binary built with
+/// that cargo feature (clear error otherwise); `auto` takes the first usable accelerator the
+/// binary was built for and falls back to the CPU (saying why) when none opens.
 fn device(name: &str) -> Result<Device> {
     Ok(match name {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("opening CUDA device 0")?,
-        "metal" => Device::new_metal(0).context("opening Metal device 0")?,
+        "cuda" => cuda_device()?,
+        "metal" => metal_device()?,
         "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0).context("opening CUDA device 0")?
-            } else if candle_core::utils::metal_is_available() {
-                Device::new_metal(0).context("opening Metal device 0")?
-            } else {
-                Device::Cpu
+            let mut dev = Device::Cpu;
+            for (built, open) in [
+                (
+                    cfg!(feature = "cuda"),
+                    cuda_device as fn() -> Result<Device>,
+                ),
+                (cfg!(feature = "metal"), metal_device),
+            ] {
+                if !built {
+                    continue;
+                }
+                match open() {
+                    Ok(d) => {
+                        dev = d;
+                        break;
+                    }
+                    Err(e) => eprintln!("note: {e:#}; trying the next device"),
+                }
             }
+            dev
         }
         other => bail!("unknown device `{other}` (cpu, cuda, metal or auto)"),
     })
+}
+
+fn cuda_device() -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "this ganscope binary was built without CUDA support: rebuild it with \
+             `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
+        );
+    }
+    Device::new_cuda(0).context("opening CUDA device 0")
+}
+
+fn metal_device() -> Result<Device> {
+    if !cfg!(feature = "metal") {
+        bail!(
+            "this ganscope binary was built without Metal support: rebuild it on macOS with \
+             `cargo build --release --features metal`, or use --device cpu"
+        );
+    }
+    Device::new_metal(0).context("opening Metal device 0")
+}
+
+/// Short device name for logs and cards: cpu, cuda:0, metal:0.
+fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 fn has_checkpoint(dir: &Path) -> bool {
@@ -347,11 +392,11 @@ fn train(a: TrainArgs) -> Result<()> {
         None => Trainer::new(cfg.clone(), ds, &dev)?,
     };
     eprintln!(
-        "{}: G {} params, D {} params, device {:?}, out {}",
+        "{}: G {} params, D {} params, device {}, out {}",
         cfg.preset,
         trainer.generator.store.num_params(),
         trainer.discriminator.store.num_params(),
-        dev,
+        device_name(&dev),
         out.display()
     );
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -92,6 +92,8 @@ struct IclevrArgs {
 enum EvaluatorCommand {
     /// Train an evaluator on a dataset and save it (with its held-out accuracy) to --out.
     Train(EvaluatorTrainArgs),
+    /// Score a saved evaluator on a dataset (every image; top-k accuracy as the course counts).
+    Score(EvaluatorScoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -107,11 +109,40 @@ struct EvaluatorTrainArgs {
     epochs: Option<usize>,
     #[arg(long)]
     width: Option<usize>,
+    /// Stride of the first convolution (default: 2 for 64-pixel images, else 1).
+    #[arg(long)]
+    stem_stride: Option<usize>,
     #[arg(long)]
     limit: Option<usize>,
+    /// Synthetic i-CLEVR (no --data): render this many scenes (3 images each) instead of 6003.
+    #[arg(long, conflicts_with_all = ["data", "limit"])]
+    n_scenes: Option<usize>,
     /// Image side for formats that are resized (i-CLEVR, image folders).
     #[arg(long, default_value_t = 64)]
     size: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct EvaluatorScoreArgs {
+    /// Evaluator folder (evaluator.json + evaluator.safetensors).
+    #[arg(long)]
+    evaluator: PathBuf,
+    /// Dataset kind: mnist, fashion-mnist, iclevr, cifar10.
+    #[arg(long)]
+    kind: String,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Use only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Synthetic i-CLEVR (no --data): render this many scenes (3 images each).
+    #[arg(long, conflicts_with_all = ["data", "limit"])]
+    n_scenes: Option<usize>,
+    /// Synthetic i-CLEVR: renderer seed (training uses 0; another seed gives unseen scenes).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -240,6 +271,7 @@ fn main() {
         Some(Command::Train(a)) => train(a),
         Some(Command::Sample(a)) => sample(a),
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),
+        Some(Command::Evaluator(EvaluatorCommand::Score(a))) => evaluator_score(a),
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
         Some(Command::Bench(a)) => ganscope::bench::run(&ganscope::bench::BenchOptions {
@@ -258,22 +290,67 @@ fn main() {
     }
 }
 
+/// The compute device named on the command line. `cuda` and `metal` need a binary built with
+/// that cargo feature (clear error otherwise); `auto` takes the first usable accelerator the
+/// binary was built for and falls back to the CPU (saying why) when none opens.
 fn device(name: &str) -> Result<Device> {
     Ok(match name {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("opening CUDA device 0")?,
-        "metal" => Device::new_metal(0).context("opening Metal device 0")?,
+        "cuda" => cuda_device()?,
+        "metal" => metal_device()?,
         "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0).context("opening CUDA device 0")?
-            } else if candle_core::utils::metal_is_available() {
-                Device::new_metal(0).context("opening Metal device 0")?
-            } else {
-                Device::Cpu
+            let mut dev = Device::Cpu;
+            for (built, open) in [
+                (
+                    cfg!(feature = "cuda"),
+                    cuda_device as fn() -> Result<Device>,
+                ),
+                (cfg!(feature = "metal"), metal_device),
+            ] {
+                if !built {
+                    continue;
+                }
+                match open() {
+                    Ok(d) => {
+                        dev = d;
+                        break;
+                    }
+                    Err(e) => eprintln!("note: {e:#}; trying the next device"),
+                }
             }
+            dev
         }
         other => bail!("unknown device `{other}` (cpu, cuda, metal or auto)"),
     })
+}
+
+fn cuda_device() -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "this ganscope binary was built without CUDA support: rebuild it with \
+             `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
+        );
+    }
+    Device::new_cuda(0).context("opening CUDA device 0")
+}
+
+fn metal_device() -> Result<Device> {
+    if !cfg!(feature = "metal") {
+        bail!(
+            "this ganscope binary was built without Metal support: rebuild it on macOS with \
+             `cargo build --release --features metal`, or use --device cpu"
+        );
+    }
+    Device::new_metal(0).context("opening Metal device 0")
+}
+
+/// Short device name for logs and cards: cpu, cuda:0, metal:0.
+fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 fn has_checkpoint(dir: &Path) -> bool {
@@ -374,11 +451,11 @@ fn train(a: TrainArgs) -> Result<()> {
         None => Trainer::new(cfg.clone(), ds, &dev)?,
     };
     eprintln!(
-        "{}: G {} params, D {} params, device {:?}, out {}",
+        "{}: G {} params, D {} params, device {}, out {}",
         cfg.preset,
         trainer.generator.store.num_params(),
         trainer.discriminator.store.num_params(),
-        dev,
+        device_name(&dev),
         out.display()
     );
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -565,13 +642,8 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     use ganscope::eval::classifier::{EvaluatorConfig, train_evaluator};
     let dev = device(&a.device)?;
     let kind = data_kind(&a.kind)?;
-    let dc = ganscope::config::DataConfig {
-        kind,
-        path: a.data.clone(),
-        limit: a.limit,
-        ..Default::default()
-    };
-    let ds = data::open(&dc, a.size).context("opening the dataset")?;
+    let t0 = std::time::Instant::now();
+    let ds = open_eval_data(kind, a.data.as_deref(), a.limit, a.n_scenes, 0, a.size)?;
     let mut cfg = EvaluatorConfig::for_data(&ds);
     if let Some(e) = a.epochs {
         cfg.epochs = e;
@@ -579,11 +651,16 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     if let Some(w) = a.width {
         cfg.width = w;
     }
+    if a.stem_stride.is_some() {
+        cfg.stem_stride = a.stem_stride;
+    }
     eprintln!(
-        "evaluator: {} images {:?} from {}, {:?}",
+        "evaluator: {} images {:?} from {} ({:.1} s), device {}, {:?}",
         ds.len(),
         ds.image_shape(),
         ds.source,
+        t0.elapsed().as_secs_f64(),
+        device_name(&dev),
         cfg
     );
     let t0 = std::time::Instant::now();
@@ -612,14 +689,16 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
         "# Evaluator: {kind}\n\nCommand: `ganscope evaluator train --kind {kind} --out {out}{extra}`\n\n\
          Data: {n} images from `{src}`; the last {hold:.0}% held out.\n\n\
          Held-out accuracy (course top-k scoring; top-1 for class data): **{acc:.4}** ({hits}/{labels} labels).\n\n\
-         Network: ResNet-18-style, width {w}, {params} parameters; {epochs} epochs, {secs:.0} s.\n",
+         Network: ResNet-18-style, width {w}, stem stride {stem}, {params} parameters; {epochs} epochs, {secs:.0} s on {dev}.\n",
         kind = a.kind,
         out = a.out.display(),
         extra = [
             a.data.as_ref().map(|d| format!(" --data {}", d.display())),
             a.epochs.map(|e| format!(" --epochs {e}")),
             a.width.map(|w| format!(" --width {w}")),
+            a.stem_stride.map(|s| format!(" --stem-stride {s}")),
             a.limit.map(|l| format!(" --limit {l}")),
+            a.n_scenes.map(|n| format!(" --n-scenes {n}")),
         ]
         .into_iter()
         .flatten()
@@ -631,6 +710,8 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
         hits = acc.hits,
         labels = acc.labels,
         w = cfg.width,
+        stem = cfg.stem_stride(),
+        dev = device_name(&dev),
         params = model.store.num_params(),
         epochs = cfg.epochs,
         secs = t0.elapsed().as_secs_f64(),
@@ -640,6 +721,73 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
         "held-out accuracy {:.4}; saved to {}",
         acc.accuracy(),
         a.out.display()
+    );
+    Ok(())
+}
+
+/// A dataset for evaluator training or scoring. `n_scenes` and `seed` are for the synthetic
+/// i-CLEVR default (no path) only.
+fn open_eval_data(
+    kind: ganscope::config::DataKind,
+    path: Option<&Path>,
+    limit: Option<usize>,
+    n_scenes: Option<usize>,
+    seed: u64,
+    size: usize,
+) -> Result<data::InMemoryDataset> {
+    use ganscope::config::DataKind;
+    let synthetic = kind == DataKind::Iclevr && path.is_none();
+    if !synthetic && (n_scenes.is_some() || seed != 0) {
+        bail!("--n-scenes and --seed are for the synthetic i-CLEVR set (--kind iclevr, no --data)");
+    }
+    if n_scenes == Some(0) {
+        bail!("--n-scenes must be at least 1");
+    }
+    let dc = ganscope::config::DataConfig {
+        kind,
+        path: path.map(Path::to_path_buf),
+        // The synthetic set renders limit / 3 scenes (rounded up), then keeps `limit` images.
+        limit: n_scenes.map(|n| n * data::render::STEPS).or(limit),
+        synthetic_seed: seed,
+    };
+    data::open(&dc, size).context("opening the dataset")
+}
+
+fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
+    use ganscope::eval::classifier::{Classifier, score_on};
+    let dev = device(&a.device)?;
+    let ev = Classifier::load(&a.evaluator, &dev)
+        .with_context(|| format!("loading the evaluator from {}", a.evaluator.display()))?;
+    let kind = data_kind(&a.kind)?;
+    let t0 = std::time::Instant::now();
+    let ds = open_eval_data(
+        kind,
+        a.data.as_deref(),
+        a.limit,
+        a.n_scenes,
+        a.seed,
+        ev.cfg.image_size,
+    )?;
+    let (c, h, _) = ds.image_shape();
+    ev.check_fits(&a.evaluator, c, h, ds.label_names())?;
+    eprintln!(
+        "data: {} images {:?} from {} ({:.1} s), device {}",
+        ds.len(),
+        ds.image_shape(),
+        ds.source,
+        t0.elapsed().as_secs_f64(),
+        device_name(&dev)
+    );
+    let t1 = std::time::Instant::now();
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let acc = score_on(&ev, &ds, &idx)?;
+    println!(
+        "top-k accuracy {:.4} ({}/{} labels, {} images, {:.1} s)",
+        acc.accuracy(),
+        acc.hits,
+        acc.labels,
+        ds.len(),
+        t1.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -157,3 +157,24 @@ fn training_resumes_exactly_after_an_interruption() {
         .unwrap();
     assert!(err.to_string().contains("another config"), "{err}");
 }
+
+#[test]
+fn shipped_evaluators_load_and_old_configs_keep_their_stem() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("checkpoints");
+    // (folder, image side, stem stride stored in evaluator.json, stem stride used)
+    for (dir, size, stored, used) in [
+        ("evaluator-mnist", 28, None, 1),
+        ("evaluator-fashion-mnist", 28, None, 1),
+        ("evaluator-iclevr", 64, Some(1), 1),
+    ] {
+        let c = Classifier::load(&root.join(dir), &Device::Cpu).unwrap();
+        assert_eq!(c.cfg.image_size, size, "{dir}");
+        assert_eq!(c.cfg.stem_stride, stored, "{dir}");
+        assert_eq!(c.cfg.stem_stride(), used, "{dir}");
+    }
+    // A 64-pixel config saved before `stem_stride` existed keeps its stride-2 stem.
+    let old: EvaluatorConfig =
+        serde_json::from_str(r#"{"image_size": 64, "channels": 3, "width": 16}"#).unwrap();
+    assert_eq!(old.stem_stride, None);
+    assert_eq!(old.stem_stride(), 2);
+}

@@ -41,6 +41,10 @@ pub struct EvaluatorConfig {
     pub max_shift: usize,
     /// Augmentation: random horizontal flips (label-preserving for i-CLEVR, not for digits).
     pub hflip: bool,
+    /// Stride of the 3x3 stem convolution; `None` (and configs saved before this field
+    /// existed): 2 for images of 64 pixels or more, else 1 (see [`EvaluatorConfig::stem_stride`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stem_stride: Option<usize>,
 }
 
 impl Default for EvaluatorConfig {
@@ -58,6 +62,7 @@ impl Default for EvaluatorConfig {
             holdout: 0.1,
             max_shift: 4,
             hflip: true,
+            stem_stride: None,
         }
     }
 }
@@ -76,6 +81,13 @@ impl EvaluatorConfig {
             max_shift: if h <= 32 { 2 } else { 4 },
             ..Self::default()
         }
+    }
+
+    /// The stem's stride: the configured one, else 2 for 64-pixel or larger inputs (as cheap
+    /// as a 32x32 input afterwards) and 1 below.
+    pub fn stem_stride(&self) -> usize {
+        self.stem_stride
+            .unwrap_or(if self.image_size >= 64 { 2 } else { 1 })
     }
 }
 
@@ -156,8 +168,12 @@ impl Classifier {
             init: WeightInit::Xavier,
         };
         let w = cfg.width;
-        // 64x64 inputs start with a stride-2 stem (as cheap as a 32x32 input afterwards).
-        let stem_stride = if cfg.image_size >= 64 { 2 } else { 1 };
+        let stem_stride = cfg.stem_stride();
+        if !(1..=4).contains(&stem_stride) {
+            return Err(Error::Config(format!(
+                "evaluator stem stride {stem_stride}: expected 1 to 4"
+            )));
+        }
         let stem = Conv2d::new(cfg.channels, w, 3, stem_stride, 1, o, vb.pp("stem"))?;
         let stem_bn = BatchNorm::new(w, true, vb.pp("stem_bn"))?;
         let mut blocks = Vec::new();

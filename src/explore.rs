@@ -74,7 +74,11 @@ pub fn interpolate(a: &[f32], b: &[f32], n: usize, slerp: bool) -> Vec<Vec<f32>>
     (0..n)
         .map(|i| {
             let t = i as f32 / (n - 1) as f32;
-            if slerp { slerp_at(a, b, t) } else { lerp_at(a, b, t) }
+            if slerp {
+                slerp_at(a, b, t)
+            } else {
+                lerp_at(a, b, t)
+            }
         })
         .collect()
 }
@@ -190,6 +194,9 @@ mod tests {
         };
         assert_eq!(LatentSpec::from_json(&s.to_json(), "clip").unwrap(), s);
         let e = LatentSpec::from_json("{\"z\": [1, 2", "clipboard").unwrap_err();
-        assert!(e.to_string().starts_with("clipboard: not a latent JSON"), "{e}");
+        assert!(
+            e.to_string().starts_with("clipboard: not a latent JSON"),
+            "{e}"
+        );
     }
 }

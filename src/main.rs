@@ -564,9 +564,15 @@ fn sample(a: SampleArgs) -> Result<()> {
     if let Some(p) = &a.latent {
         let spec = ganscope::explore::LatentSpec::read(p)?;
         spec.check(&g, &p.display().to_string())?;
-        let images = g.generate_from(&[spec.z.clone()], &[spec.condition.clone()])?;
+        let images = g.generate_from(
+            std::slice::from_ref(&spec.z),
+            std::slice::from_ref(&spec.condition),
+        )?;
         let layout = ganscope::export::sheet::SheetLayout::grid(1, 1).with_scale(a.scale);
-        save_png(&ganscope::export::sheet::sample_sheet(&images, &layout)?, &a.out)?;
+        save_png(
+            &ganscope::export::sheet::sample_sheet(&images, &layout)?,
+            &a.out,
+        )?;
         eprintln!(
             "wrote {} (the latent of {}, weights of step {step})",
             a.out.display(),

@@ -126,7 +126,13 @@ fn iclevr_grid(names: &[String]) -> Vec<(String, [Option<usize>; 3])> {
 }
 
 /// A toggle drawn as a shape icon, labelled for screen readers (and tests) by `name`.
-fn shape_toggle(ui: &mut egui::Ui, on: bool, shape: usize, rgb: [u8; 3], name: &str) -> egui::Response {
+fn shape_toggle(
+    ui: &mut egui::Ui,
+    on: bool,
+    shape: usize,
+    rgb: [u8; 3],
+    name: &str,
+) -> egui::Response {
     let size = egui::vec2(30.0, 26.0);
     let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::click());
     let vis = ui.style().interact_selectable(&resp, on);
@@ -134,7 +140,11 @@ fn shape_toggle(ui: &mut egui::Ui, on: bool, shape: usize, rgb: [u8; 3], name: &
     p.rect(
         rect,
         4.0,
-        if on { vis.bg_fill } else { egui::Color32::TRANSPARENT },
+        if on {
+            vis.bg_fill
+        } else {
+            egui::Color32::TRANSPARENT
+        },
         vis.bg_stroke,
         egui::StrokeKind::Inside,
     );
@@ -154,11 +164,23 @@ fn shape_toggle(ui: &mut egui::Ui, on: bool, shape: usize, rgb: [u8; 3], name: &
             let r = egui::Rect::from_center_size(centre, egui::vec2(13.0, 13.0));
             p.rect(r, 0.0, fill, egui::Stroke::NONE, egui::StrokeKind::Inside);
             let top = egui::Rect::from_center_size(r.center_top(), egui::vec2(13.0, 5.0));
-            p.add(egui::Shape::ellipse_filled(top.center(), egui::vec2(6.5, 2.5), fill));
-            p.add(egui::Shape::ellipse_stroke(top.center(), egui::vec2(6.5, 2.5), stroke));
+            p.add(egui::Shape::ellipse_filled(
+                top.center(),
+                egui::vec2(6.5, 2.5),
+                fill,
+            ));
+            p.add(egui::Shape::ellipse_stroke(
+                top.center(),
+                egui::vec2(6.5, 2.5),
+                stroke,
+            ));
             p.line_segment([r.left_top(), r.left_bottom()], stroke);
             p.line_segment([r.right_top(), r.right_bottom()], stroke);
-            p.add(egui::Shape::ellipse_stroke(r.center_bottom(), egui::vec2(6.5, 2.5), stroke));
+            p.add(egui::Shape::ellipse_stroke(
+                r.center_bottom(),
+                egui::vec2(6.5, 2.5),
+                stroke,
+            ));
         }
     }
     resp.widget_info(|| egui::WidgetInfo::selected(egui::Role::CheckBox, true, on, name));
@@ -175,42 +197,44 @@ impl GanscopeApp {
         let mut changed = false;
         if self.composer.is_iclevr() {
             ui.label("Objects (1 to 3):");
-            egui::Grid::new("iclevr_grid").spacing([4.0, 4.0]).show(ui, |ui| {
-                ui.label("");
-                for s in SHAPES {
-                    ui.label(egui::RichText::new(s).small());
-                }
-                ui.end_row();
-                for r in 0..self.composer.grid.len() {
-                    let (colour, cells) = self.composer.grid[r].clone();
-                    let rgb = clevr_rgb(&colour).unwrap_or([128, 128, 128]);
-                    ui.horizontal(|ui| {
-                        let (sw, _) =
-                            ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
-                        ui.painter().rect_filled(
-                            sw,
-                            2.0,
-                            egui::Color32::from_rgb(rgb[0], rgb[1], rgb[2]),
-                        );
-                        ui.label(&colour);
-                    });
-                    for (s, cell) in cells.iter().enumerate() {
-                        match cell {
-                            Some(i) => {
-                                let on = self.composer.cond[*i] > 0.5;
-                                let name = self.composer.names[*i].clone();
-                                if shape_toggle(ui, on, s, rgb, &name).clicked() {
-                                    changed |= self.composer.toggle(*i);
-                                }
-                            }
-                            None => {
-                                ui.label("");
-                            }
-                        }
+            egui::Grid::new("iclevr_grid")
+                .spacing([4.0, 4.0])
+                .show(ui, |ui| {
+                    ui.label("");
+                    for s in SHAPES {
+                        ui.label(egui::RichText::new(s).small());
                     }
                     ui.end_row();
-                }
-            });
+                    for r in 0..self.composer.grid.len() {
+                        let (colour, cells) = self.composer.grid[r].clone();
+                        let rgb = clevr_rgb(&colour).unwrap_or([128, 128, 128]);
+                        ui.horizontal(|ui| {
+                            let (sw, _) = ui
+                                .allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+                            ui.painter().rect_filled(
+                                sw,
+                                2.0,
+                                egui::Color32::from_rgb(rgb[0], rgb[1], rgb[2]),
+                            );
+                            ui.label(&colour);
+                        });
+                        for (s, cell) in cells.iter().enumerate() {
+                            match cell {
+                                Some(i) => {
+                                    let on = self.composer.cond[*i] > 0.5;
+                                    let name = self.composer.names[*i].clone();
+                                    if shape_toggle(ui, on, s, rgb, &name).clicked() {
+                                        changed |= self.composer.toggle(*i);
+                                    }
+                                }
+                                None => {
+                                    ui.label("");
+                                }
+                            }
+                        }
+                        ui.end_row();
+                    }
+                });
         } else {
             match self.composer.kind {
                 Some(ConditionKind::OneHot) => {
@@ -227,7 +251,10 @@ impl GanscopeApp {
                     ui.label("Attributes:");
                     for i in 0..self.composer.names.len() {
                         let mut on = self.composer.cond[i] > 0.5;
-                        if ui.checkbox(&mut on, self.composer.names[i].clone()).changed() {
+                        if ui
+                            .checkbox(&mut on, self.composer.names[i].clone())
+                            .changed()
+                        {
                             changed |= self.composer.toggle(i);
                         }
                     }
@@ -282,12 +309,12 @@ impl GanscopeApp {
         };
         let n = list.items.len();
         ui.horizontal(|ui| {
-            if ui.button("◀").clicked() && list.index > 0 {
+            if ui.button("Prev").clicked() && list.index > 0 {
                 list.index -= 1;
                 *changed = true;
             }
             ui.label(format!("{} {}/{}", list.name, list.index + 1, n));
-            if ui.button("▶").clicked() && list.index + 1 < n {
+            if ui.button("Next").clicked() && list.index + 1 < n {
                 list.index += 1;
                 *changed = true;
             }

@@ -82,7 +82,8 @@ impl GanscopeApp {
             .info
             .as_ref()
             .map_or("run".to_string(), |i| i.cfg.preset.clone());
-        Path::new(self.settings.export_path.trim()).join(format!("{preset}-{stem}-step{step:06}.{ext}"))
+        Path::new(self.settings.export_path.trim())
+            .join(format!("{preset}-{stem}-step{step:06}.{ext}"))
     }
 
     /// The wall frame on screen as a PNG sheet; returns the path written.
@@ -92,7 +93,10 @@ impl GanscopeApp {
             .cloned()
             .ok_or_else(|| Error::Msg("no wall frame yet".into()))?;
         let path = self.export_file("wall", "png");
-        save_png(&wall_sheet(&frame, self.settings.export_scale.max(1))?, &path)?;
+        save_png(
+            &wall_sheet(&frame, self.settings.export_scale.max(1))?,
+            &path,
+        )?;
         Ok(path)
     }
 
@@ -141,12 +145,19 @@ impl GanscopeApp {
             step: w.step,
             rows: list.items.len(),
             cols,
-            captions: list.items.iter().map(|c| caption(c, &self.composer.names)).collect(),
+            captions: list
+                .items
+                .iter()
+                .map(|c| caption(c, &self.composer.names))
+                .collect(),
             images,
         };
         let stem = format!("{}-x{cols}", list.name.trim_end_matches(".json"));
         let path = self.export_file(&stem, "png");
-        save_png(&wall_sheet(&frame, self.settings.export_scale.max(1))?, &path)?;
+        save_png(
+            &wall_sheet(&frame, self.settings.export_scale.max(1))?,
+            &path,
+        )?;
         Ok(path)
     }
 

@@ -13,6 +13,9 @@ use crate::images::Images;
 use crate::model::latent;
 use crate::train::worker::Rendered;
 
+/// Principal directions (unit vectors, explained share), or why they failed.
+pub type DirectionsResult = Result<Vec<(Vec<f32>, f64)>, String>;
+
 /// Sliders for z[0..SLIDERS].
 pub const SLIDERS: usize = 8;
 /// Principal directions offered.
@@ -28,7 +31,7 @@ pub struct LatentState {
     /// Principal directions and their explained share; coefficients along them.
     pub directions: Vec<(Vec<f32>, f64)>,
     pub coeffs: Vec<f32>,
-    pub directions_rx: Option<Receiver<Result<Vec<(Vec<f32>, f64)>, String>>>,
+    pub directions_rx: Option<Receiver<DirectionsResult>>,
     pub image: Option<Images>,
     pub image_step: u64,
     pub texture: Option<egui::TextureHandle>,
@@ -142,7 +145,12 @@ impl InterpState {
 }
 
 /// An egui texture of image `i` (nearest filtering for crisp integer zoom).
-pub fn texture_of(ctx: &egui::Context, name: &str, im: &Images, i: usize) -> Option<egui::TextureHandle> {
+pub fn texture_of(
+    ctx: &egui::Context,
+    name: &str,
+    im: &Images,
+    i: usize,
+) -> Option<egui::TextureHandle> {
     let rgb = im.rgb8(i).ok()?;
     let img = egui::ColorImage::from_rgb([im.width, im.height], &rgb);
     Some(ctx.load_texture(name, img, egui::TextureOptions::NEAREST))
@@ -165,7 +173,11 @@ impl GanscopeApp {
             }
             if ui.button("Randomise").clicked() {
                 let s = (Instant::now().elapsed().as_nanos() as u64)
-                    ^ self.latent.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+                    ^ self
+                        .latent
+                        .seed
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .wrapping_add(1);
                 self.latent.set_seed(s % 1_000_000);
                 changed = true;
             }
@@ -202,8 +214,11 @@ impl GanscopeApp {
         for i in 0..self.latent.directions.len() {
             let share = self.latent.directions[i].1;
             let r = ui.add(
-                egui::Slider::new(&mut self.latent.coeffs[i], -6.0..=6.0)
-                    .text(format!("PC{} ({:.0}%)", i + 1, share * 100.0)),
+                egui::Slider::new(&mut self.latent.coeffs[i], -6.0..=6.0).text(format!(
+                    "PC{} ({:.0}%)",
+                    i + 1,
+                    share * 100.0
+                )),
             );
             changed |= r.changed();
         }
@@ -217,7 +232,11 @@ impl GanscopeApp {
                 ui.ctx().copy_text(spec.to_json());
                 self.push_log("latent copied to the clipboard as JSON".into());
             }
-            if ui.button("Paste").on_hover_text("apply the JSON in the box below").clicked() {
+            if ui
+                .button("Paste")
+                .on_hover_text("apply the JSON in the box below")
+                .clicked()
+            {
                 match LatentSpec::from_json(&self.latent.paste, "pasted latent") {
                     Ok(s) => self.apply_latent(s),
                     Err(e) => self.error = Some(e.to_string()),
@@ -232,11 +251,19 @@ impl GanscopeApp {
                 .desired_width(f32::INFINITY),
         );
         ui.horizontal(|ui| {
-            if ui.button("Set A").on_hover_text("interpolation start").clicked() {
+            if ui
+                .button("Set A")
+                .on_hover_text("interpolation start")
+                .clicked()
+            {
                 self.interp.a = self.endpoint();
                 self.request_interp();
             }
-            if ui.button("Set B").on_hover_text("interpolation end").clicked() {
+            if ui
+                .button("Set B")
+                .on_hover_text("interpolation end")
+                .clicked()
+            {
                 self.interp.b = self.endpoint();
                 self.request_interp();
             }
@@ -256,7 +283,11 @@ impl GanscopeApp {
 
     pub fn latent_spec(&self) -> LatentSpec {
         LatentSpec {
-            preset: self.info.as_ref().map(|i| i.cfg.preset.clone()).unwrap_or_default(),
+            preset: self
+                .info
+                .as_ref()
+                .map(|i| i.cfg.preset.clone())
+                .unwrap_or_default(),
             step: self.latent.image_step,
             z: self.latent.current_z(),
             condition: self.composer.cond.clone(),
@@ -345,9 +376,14 @@ impl GanscopeApp {
         ui.horizontal(|ui| {
             ui.label("Zoom");
             ui.add(egui::DragValue::new(&mut self.settings.latent_zoom).range(1..=12));
-            if let Some(ms) = self.timings.slider_to_image_ms.back().filter(|_| self.show_timings) {
+            if let Some(ms) = self
+                .timings
+                .slider_to_image_ms
+                .back()
+                .filter(|_| self.show_timings)
+            {
                 ui.label(format!(
-                    "slider→image {ms:.1} ms (G forward {:.1} ms)",
+                    "slider->image {ms:.1} ms (G forward {:.1} ms)",
                     self.timings.forward_ms.unwrap_or(0.0)
                 ));
             }
@@ -356,8 +392,9 @@ impl GanscopeApp {
             if let (Some(t), Some(im)) = (&self.latent.texture, &self.latent.image) {
                 let z = self.settings.latent_zoom.max(1) as f32;
                 let size = egui::vec2(im.width as f32 * z, im.height as f32 * z);
-                ui.add(egui::Image::new((t.id(), size)))
-                    .on_hover_text("the explorer image (latent sliders and conditions on the right)");
+                ui.add(egui::Image::new((t.id(), size))).on_hover_text(
+                    "the explorer image (latent sliders and conditions on the right)",
+                );
             } else {
                 ui.label("(no image yet)");
             }
@@ -372,7 +409,10 @@ impl GanscopeApp {
 
     fn interp_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Interpolation");
-        ui.label(format!("A: {}   →   B: {}", self.interp.a.caption, self.interp.b.caption));
+        ui.label(format!(
+            "A: {}   ->   B: {}",
+            self.interp.a.caption, self.interp.b.caption
+        ));
         let mut changed = false;
         ui.horizontal(|ui| {
             ui.label("Steps");

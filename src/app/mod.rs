@@ -27,7 +27,7 @@ use crate::diagnostics::Alarm;
 use crate::train::monitor::Check;
 use crate::train::worker::{
     Command, Event, NanPolicy, RenderRequest, Renderer, RunState, Session, SessionInfo,
-    SessionSpec, StepEvent, WallFrame, Waker,
+    SessionSpec, StepEvent, Waker, WallFrame,
 };
 
 pub use composer::Composer;
@@ -291,6 +291,9 @@ impl GanscopeApp {
             cfg.data.path = Some(PathBuf::from(path));
         }
         cfg.monitor.every = self.settings.diagnostics_every;
+        // A smaller sample than the CLI's default keeps a check to a few seconds on a CPU.
+        cfg.monitor.n_real = 1000;
+        cfg.monitor.n_generated = 500;
         let kind = serde_json::to_value(cfg.data.kind)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
@@ -306,6 +309,8 @@ impl GanscopeApp {
             Some(Ok(mut c)) => {
                 // Diagnostics follow the explorer's settings, data the saved run's.
                 c.monitor.every = self.settings.diagnostics_every;
+                c.monitor.n_real = 1000;
+                c.monitor.n_generated = 500;
                 let kind = serde_json::to_value(c.data.kind)
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
@@ -372,7 +377,9 @@ impl GanscopeApp {
         let results: Vec<_> = self.renderer.results.try_iter().collect();
         for r in results {
             match r {
-                Ok(r) => self.latent.on_rendered(r, &mut self.interp, &mut self.timings),
+                Ok(r) => self
+                    .latent
+                    .on_rendered(r, &mut self.interp, &mut self.timings),
                 Err(e) => self.push_log(e),
             }
         }
@@ -443,6 +450,14 @@ impl GanscopeApp {
                     seconds: c.seconds,
                 });
                 self.last_check = Some(c);
+            }
+            Event::Diagnostics(off) => {
+                if let Some(why) = &off {
+                    self.push_log(format!("diagnostics off: {why}"));
+                }
+                if let Some(i) = self.info.as_mut() {
+                    i.diagnostics_off = off;
+                }
             }
             Event::Alarm(a) => {
                 self.push_log(format!("ALARM step {}: {}", a.step, a.message));
@@ -531,14 +546,17 @@ impl GanscopeApp {
             ui.separator();
             let t = &self.timings;
             if let Some(i) = &self.info {
-                ui.label(format!("data + networks built in {:.1} s", i.seconds_to_build));
+                ui.label(format!(
+                    "data + networks built in {:.1} s",
+                    i.seconds_to_build
+                ));
             }
             if let Some(v) = t.launch_to_first_wall_s {
                 ui.label(format!("first samples {v:.1} s after launch"));
             }
             if let Some(ms) = t.slider_to_image_ms.back() {
                 ui.separator();
-                ui.label(format!("slider→image {ms:.1} ms"));
+                ui.label(format!("slider->image {ms:.1} ms"));
             }
             let mean = |v: &VecDeque<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
             if !t.frame_ms.is_empty() {
@@ -626,15 +644,8 @@ pub fn pick_device(name: &str) -> std::result::Result<Device, String> {
         "cpu" => Ok(Device::Cpu),
         "cuda" => cuda(),
         "metal" => metal(),
-        _ => {
-            if candle_core::utils::cuda_is_available() {
-                cuda()
-            } else if candle_core::utils::metal_is_available() {
-                metal()
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
+        // auto: the first accelerator that opens, else the CPU.
+        _ => Ok(cuda().or_else(|_| metal()).unwrap_or(Device::Cpu)),
     }
 }
 

@@ -20,11 +20,15 @@ impl GanscopeApp {
             return;
         }
         let h = &self.history;
-        let series = |f: &dyn Fn(&crate::train::worker::StepEvent) -> Option<f64>| -> Vec<[f64; 2]> {
-            thin(h)
-                .filter_map(|s| f(s).filter(|v| v.is_finite()).map(|v| [s.stats.step as f64, v]))
-                .collect()
-        };
+        let series =
+            |f: &dyn Fn(&crate::train::worker::StepEvent) -> Option<f64>| -> Vec<[f64; 2]> {
+                thin(h)
+                    .filter_map(|s| {
+                        f(s).filter(|v| v.is_finite())
+                            .map(|v| [s.stats.step as f64, v])
+                    })
+                    .collect()
+            };
         let height = ((ui.available_height() - 40.0) / 3.0).max(120.0);
         let link = egui::Id::unique("plots_x");
         egui::ScrollArea::vertical().show(ui, |ui| {
@@ -35,8 +39,14 @@ impl GanscopeApp {
                     .legend(Legend::default())
                     .link_axis(link, [true, false])
                     .show(&mut cols[0], |p| {
-                        p.line(Line::new("D loss", PlotPoints::from(series(&|s| Some(s.stats.d_loss)))));
-                        p.line(Line::new("G loss", PlotPoints::from(series(&|s| Some(s.stats.g_loss)))));
+                        p.line(Line::new(
+                            "D loss",
+                            PlotPoints::from(series(&|s| Some(s.stats.d_loss))),
+                        ));
+                        p.line(Line::new(
+                            "G loss",
+                            PlotPoints::from(series(&|s| Some(s.stats.g_loss))),
+                        ));
                     });
                 cols[1].label("D(real) / D(fake) (mean logit or critic value)");
                 Plot::new("d_out")
@@ -44,8 +54,14 @@ impl GanscopeApp {
                     .legend(Legend::default())
                     .link_axis(link, [true, false])
                     .show(&mut cols[1], |p| {
-                        p.line(Line::new("D(real)", PlotPoints::from(series(&|s| Some(s.stats.d_real)))));
-                        p.line(Line::new("D(fake)", PlotPoints::from(series(&|s| Some(s.stats.d_fake)))));
+                        p.line(Line::new(
+                            "D(real)",
+                            PlotPoints::from(series(&|s| Some(s.stats.d_real))),
+                        ));
+                        p.line(Line::new(
+                            "D(fake)",
+                            PlotPoints::from(series(&|s| Some(s.stats.d_fake))),
+                        ));
                         p.line(Line::new(
                             "gap",
                             PlotPoints::from(series(&|s| Some(s.stats.d_real - s.stats.d_fake))),
@@ -61,8 +77,14 @@ impl GanscopeApp {
                     .include_y(1.0)
                     .link_axis(link, [true, false])
                     .show(&mut cols[0], |p| {
-                        p.line(Line::new("on real", PlotPoints::from(series(&|s| Some(s.stats.d_acc_real)))));
-                        p.line(Line::new("on fake", PlotPoints::from(series(&|s| Some(s.stats.d_acc_fake)))));
+                        p.line(Line::new(
+                            "on real",
+                            PlotPoints::from(series(&|s| Some(s.stats.d_acc_real))),
+                        ));
+                        p.line(Line::new(
+                            "on fake",
+                            PlotPoints::from(series(&|s| Some(s.stats.d_acc_fake))),
+                        ));
                     });
                 cols[1].label("Penalties and learning rates");
                 Plot::new("gp")
@@ -82,8 +104,14 @@ impl GanscopeApp {
                         if !aux.is_empty() {
                             p.line(Line::new("aux (D)", PlotPoints::from(aux)));
                         }
-                        p.line(Line::new("LR D x1000", PlotPoints::from(series(&|s| Some(s.lr_d * 1e3)))));
-                        p.line(Line::new("LR G x1000", PlotPoints::from(series(&|s| Some(s.lr_g * 1e3)))));
+                        p.line(Line::new(
+                            "LR D x1000",
+                            PlotPoints::from(series(&|s| Some(s.lr_d * 1e3))),
+                        ));
+                        p.line(Line::new(
+                            "LR G x1000",
+                            PlotPoints::from(series(&|s| Some(s.lr_g * 1e3))),
+                        ));
                     });
             });
             ui.label("Evaluator (per diagnostics check)");
@@ -93,7 +121,9 @@ impl GanscopeApp {
             }
             let cs = &self.check_series;
             let pts = |f: &dyn Fn(&super::CheckPoint) -> Option<f64>| -> Vec<[f64; 2]> {
-                cs.iter().filter_map(|c| f(c).map(|v| [c.step as f64, v])).collect()
+                cs.iter()
+                    .filter_map(|c| f(c).map(|v| [c.step as f64, v]))
+                    .collect()
             };
             Plot::new("evaluator")
                 .height(height)
@@ -102,11 +132,26 @@ impl GanscopeApp {
                 .include_y(1.0)
                 .link_axis(link, [true, false])
                 .show(ui, |p| {
-                    p.line(Line::new("accuracy", PlotPoints::from(pts(&|c| c.accuracy))));
-                    p.line(Line::new("precision", PlotPoints::from(pts(&|c| Some(c.precision)))));
-                    p.line(Line::new("recall", PlotPoints::from(pts(&|c| Some(c.recall)))));
-                    p.line(Line::new("coverage", PlotPoints::from(pts(&|c| Some(c.coverage)))));
-                    p.line(Line::new("density", PlotPoints::from(pts(&|c| Some(c.density)))));
+                    p.line(Line::new(
+                        "accuracy",
+                        PlotPoints::from(pts(&|c| c.accuracy)),
+                    ));
+                    p.line(Line::new(
+                        "precision",
+                        PlotPoints::from(pts(&|c| Some(c.precision))),
+                    ));
+                    p.line(Line::new(
+                        "recall",
+                        PlotPoints::from(pts(&|c| Some(c.recall))),
+                    ));
+                    p.line(Line::new(
+                        "coverage",
+                        PlotPoints::from(pts(&|c| Some(c.coverage))),
+                    ));
+                    p.line(Line::new(
+                        "density",
+                        PlotPoints::from(pts(&|c| Some(c.density))),
+                    ));
                 });
         });
     }

@@ -12,35 +12,37 @@ use crate::train::worker::{Command, NanPolicy, RunState};
 impl GanscopeApp {
     pub(crate) fn train_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Training");
-        egui::Grid::new("train_setup").num_columns(2).show(ui, |ui| {
-            ui.label("Preset");
-            egui::ComboBox::from_id_salt("preset")
-                .selected_text(self.settings.preset.clone())
-                .width(170.0)
-                .show_ui(ui, |ui| {
-                    for (name, about) in PRESETS {
-                        ui.selectable_value(&mut self.settings.preset, name.to_string(), *name)
-                            .on_hover_text(*about);
-                    }
-                });
-            ui.end_row();
-            ui.label("Device");
-            egui::ComboBox::from_id_salt("device")
-                .selected_text(self.settings.device.clone())
-                .show_ui(ui, |ui| {
-                    for d in ["auto", "cpu", "cuda", "metal"] {
-                        ui.selectable_value(&mut self.settings.device, d.to_string(), d);
-                    }
-                });
-            ui.end_row();
-            ui.label("Data");
-            ui.add(
-                egui::TextEdit::singleline(&mut self.settings.data_path)
-                    .hint_text("built-in / usual place")
-                    .desired_width(170.0),
-            );
-            ui.end_row();
-        });
+        egui::Grid::new("train_setup")
+            .num_columns(2)
+            .show(ui, |ui| {
+                ui.label("Preset");
+                egui::ComboBox::from_id_salt("preset")
+                    .selected_text(self.settings.preset.clone())
+                    .width(170.0)
+                    .show_ui(ui, |ui| {
+                        for (name, about) in PRESETS {
+                            ui.selectable_value(&mut self.settings.preset, name.to_string(), *name)
+                                .on_hover_text(*about);
+                        }
+                    });
+                ui.end_row();
+                ui.label("Device");
+                egui::ComboBox::from_id_salt("device")
+                    .selected_text(self.settings.device.clone())
+                    .show_ui(ui, |ui| {
+                        for d in ["auto", "cpu", "cuda", "metal"] {
+                            ui.selectable_value(&mut self.settings.device, d.to_string(), d);
+                        }
+                    });
+                ui.end_row();
+                ui.label("Data");
+                ui.add(
+                    egui::TextEdit::singleline(&mut self.settings.data_path)
+                        .hint_text("built-in / usual place")
+                        .desired_width(170.0),
+                );
+                ui.end_row();
+            });
         ui.horizontal(|ui| {
             if ui
                 .button("Open dataset…")
@@ -82,10 +84,18 @@ impl GanscopeApp {
                     self.send(Command::Run);
                 }
                 ui.label("Step:");
-                if ui.button("D").on_hover_text("one discriminator update").clicked() {
+                if ui
+                    .button("D")
+                    .on_hover_text("one discriminator update")
+                    .clicked()
+                {
                     self.send(Command::Step(StepKind::DOnly));
                 }
-                if ui.button("G").on_hover_text("one generator update").clicked() {
+                if ui
+                    .button("G")
+                    .on_hover_text("one generator update")
+                    .clicked()
+                {
                     self.send(Command::Step(StepKind::GOnly));
                 }
                 if ui
@@ -96,27 +106,29 @@ impl GanscopeApp {
                     self.send(Command::Step(StepKind::Both));
                 }
             });
-            egui::Grid::new("train_knobs").num_columns(2).show(ui, |ui| {
-                ui.label("LR G");
-                ui.add(
-                    egui::DragValue::new(&mut self.lr_edit.0)
-                        .speed(1e-6)
-                        .range(1e-7..=1e-1)
-                        .custom_formatter(|v, _| format!("{v:.2e}")),
-                );
-                ui.end_row();
-                ui.label("LR D");
-                ui.add(
-                    egui::DragValue::new(&mut self.lr_edit.1)
-                        .speed(1e-6)
-                        .range(1e-7..=1e-1)
-                        .custom_formatter(|v, _| format!("{v:.2e}")),
-                );
-                ui.end_row();
-                ui.label("n_critic");
-                ui.add(egui::DragValue::new(&mut self.n_critic_edit).range(1..=20));
-                ui.end_row();
-            });
+            egui::Grid::new("train_knobs")
+                .num_columns(2)
+                .show(ui, |ui| {
+                    ui.label("LR G");
+                    ui.add(
+                        egui::DragValue::new(&mut self.lr_edit.0)
+                            .speed(1e-6)
+                            .range(1e-7..=1e-1)
+                            .custom_formatter(|v, _| format!("{v:.2e}")),
+                    );
+                    ui.end_row();
+                    ui.label("LR D");
+                    ui.add(
+                        egui::DragValue::new(&mut self.lr_edit.1)
+                            .speed(1e-6)
+                            .range(1e-7..=1e-1)
+                            .custom_formatter(|v, _| format!("{v:.2e}")),
+                    );
+                    ui.end_row();
+                    ui.label("n_critic");
+                    ui.add(egui::DragValue::new(&mut self.n_critic_edit).range(1..=20));
+                    ui.end_row();
+                });
             ui.horizontal(|ui| {
                 if ui.button("Apply").clicked() {
                     let (g, d) = self.lr_edit;
@@ -133,55 +145,57 @@ impl GanscopeApp {
                     self.send(Command::SetLearningRates { g, d });
                 }
             });
-            egui::Grid::new("train_targets").num_columns(2).show(ui, |ui| {
-                ui.label("Target step");
-                let t = ui.add(egui::DragValue::new(&mut self.settings.target).speed(10));
-                if t.changed() {
-                    self.send(Command::SetTarget(self.settings.target));
-                }
-                ui.end_row();
-                ui.label("Wall every");
-                let w = ui.add(
-                    egui::DragValue::new(&mut self.settings.wall_every)
-                        .range(1..=1000)
-                        .suffix(" steps"),
-                );
-                if w.changed() {
-                    self.send(Command::SetWallEvery(self.settings.wall_every));
-                }
-                ui.end_row();
-                ui.label("Diagnostics every");
-                ui.add(
-                    egui::DragValue::new(&mut self.settings.diagnostics_every)
-                        .range(0..=100_000)
-                        .suffix(" steps"),
-                )
-                .on_hover_text("takes effect at the next Start; 0 = off");
-                ui.end_row();
-                ui.label("On NaN/Inf");
-                let before = self.settings.nan_policy;
-                egui::ComboBox::from_id_salt("nan_policy")
-                    .selected_text(match self.settings.nan_policy {
-                        NanPolicy::RestorePause => "restore + pause",
-                        NanPolicy::RestoreLowerLr => "restore + halve LR",
-                    })
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(
-                            &mut self.settings.nan_policy,
-                            NanPolicy::RestorePause,
-                            "restore + pause",
-                        );
-                        ui.selectable_value(
-                            &mut self.settings.nan_policy,
-                            NanPolicy::RestoreLowerLr,
-                            "restore + halve LR",
-                        );
-                    });
-                if before != self.settings.nan_policy {
-                    self.send(Command::SetNanPolicy(self.settings.nan_policy));
-                }
-                ui.end_row();
-            });
+            egui::Grid::new("train_targets")
+                .num_columns(2)
+                .show(ui, |ui| {
+                    ui.label("Target step");
+                    let t = ui.add(egui::DragValue::new(&mut self.settings.target).speed(10));
+                    if t.changed() {
+                        self.send(Command::SetTarget(self.settings.target));
+                    }
+                    ui.end_row();
+                    ui.label("Wall every");
+                    let w = ui.add(
+                        egui::DragValue::new(&mut self.settings.wall_every)
+                            .range(1..=1000)
+                            .suffix(" steps"),
+                    );
+                    if w.changed() {
+                        self.send(Command::SetWallEvery(self.settings.wall_every));
+                    }
+                    ui.end_row();
+                    ui.label("Diagnostics every");
+                    ui.add(
+                        egui::DragValue::new(&mut self.settings.diagnostics_every)
+                            .range(0..=100_000)
+                            .suffix(" steps"),
+                    )
+                    .on_hover_text("takes effect at the next Start; 0 = off");
+                    ui.end_row();
+                    ui.label("On NaN/Inf");
+                    let before = self.settings.nan_policy;
+                    egui::ComboBox::from_id_salt("nan_policy")
+                        .selected_text(match self.settings.nan_policy {
+                            NanPolicy::RestorePause => "restore + pause",
+                            NanPolicy::RestoreLowerLr => "restore + halve LR",
+                        })
+                        .show_ui(ui, |ui| {
+                            ui.selectable_value(
+                                &mut self.settings.nan_policy,
+                                NanPolicy::RestorePause,
+                                "restore + pause",
+                            );
+                            ui.selectable_value(
+                                &mut self.settings.nan_policy,
+                                NanPolicy::RestoreLowerLr,
+                                "restore + halve LR",
+                            );
+                        });
+                    if before != self.settings.nan_policy {
+                        self.send(Command::SetNanPolicy(self.settings.nan_policy));
+                    }
+                    ui.end_row();
+                });
             if ui
                 .small_button("Inject NaN")
                 .on_hover_text("poison one G weight to see the NaN guard restore the run")
@@ -193,15 +207,17 @@ impl GanscopeApp {
         self.progress_ui(ui);
         ui.separator();
         ui.label("Checkpoint folder");
-        ui.add(
-            egui::TextEdit::singleline(&mut self.settings.checkpoint_path).desired_width(240.0),
-        );
+        ui.add(egui::TextEdit::singleline(&mut self.settings.checkpoint_path).desired_width(240.0));
         ui.horizontal(|ui| {
             if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
                 let p = PathBuf::from(self.settings.checkpoint_path.trim());
                 self.send(Command::Save(p));
             }
-            if ui.button("Open").on_hover_text("open the run folder above").clicked() {
+            if ui
+                .button("Open")
+                .on_hover_text("open the run folder above")
+                .clicked()
+            {
                 let p = PathBuf::from(self.settings.checkpoint_path.trim());
                 self.start_session(Some(p), false);
             }

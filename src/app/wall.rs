@@ -146,7 +146,8 @@ impl WallView {
                 .chunks(4)
                 .flat_map(|p| [p[0], p[1], p[2]])
                 .collect();
-            let img = egui::ColorImage::from_rgb([atlas.width as usize, atlas.height as usize], &rgb);
+            let img =
+                egui::ColorImage::from_rgb([atlas.width as usize, atlas.height as usize], &rgb);
             self.texture = Some(ctx.load_texture("wall", img, egui::TextureOptions::NEAREST));
         }
         self.atlas = Some(Arc::new(atlas));
@@ -263,21 +264,22 @@ impl GanscopeApp {
                 }
                 let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::hover());
                 if self.wall.gpu {
-                    ui.painter().add(eframe::egui_wgpu::Callback::new_paint_callback(
-                        rect,
-                        WallCallback {
-                            atlas: atlas.clone(),
-                            cols: frame.cols as u32,
-                            rows: frame.rows as u32,
-                            heat: if self.settings.heat == HeatMode::Off {
-                                0.0
-                            } else {
-                                0.65
+                    ui.painter()
+                        .add(eframe::egui_wgpu::Callback::new_paint_callback(
+                            rect,
+                            WallCallback {
+                                atlas: atlas.clone(),
+                                cols: frame.cols as u32,
+                                rows: frame.rows as u32,
+                                heat: if self.settings.heat == HeatMode::Off {
+                                    0.0
+                                } else {
+                                    0.65
+                                },
+                                line_px: if self.settings.grid_lines { 1.0 } else { 0.0 },
+                                rect_points: [rect.width(), rect.height()],
                             },
-                            line_px: if self.settings.grid_lines { 1.0 } else { 0.0 },
-                            rect_points: [rect.width(), rect.height()],
-                        },
-                    ));
+                        ));
                 } else if let Some(t) = &self.wall.texture {
                     let uv = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
                     ui.painter().image(t.id(), rect, uv, egui::Color32::WHITE);

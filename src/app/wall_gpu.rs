@@ -101,16 +101,13 @@ pub fn install(rs: Option<&egui_wgpu::RenderState>) -> bool {
         contents: bytemuck::bytes_of(&Uniforms::zeroed_default()),
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
     });
-    rs.renderer
-        .write()
-        .callback_resources
-        .insert(WallRenderer {
-            pipeline,
-            layout,
-            uniforms,
-            bind: None,
-            srgb_target: rs.target_format.is_srgb(),
-        });
+    rs.renderer.write().callback_resources.insert(WallRenderer {
+        pipeline,
+        layout,
+        uniforms,
+        bind: None,
+        srgb_target: rs.target_format.is_srgb(),
+    });
     true
 }
 

@@ -225,7 +225,7 @@ impl Classifier {
     fn fit_size(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let s = self.cfg.image_size;
-        if (h, w) == (s, s) || h == 0 || s % h != 0 || h != w {
+        if (h, w) == (s, s) || h == 0 || !s.is_multiple_of(h) || h != w {
             return Ok(x.clone());
         }
         Ok(x.upsample_nearest2d(s, s)?)
@@ -262,7 +262,7 @@ impl Classifier {
     ) -> Result<()> {
         let c = &self.cfg;
         // Smaller images by an integer factor are enlarged (see `fit_size`).
-        let size_ok = size > 0 && size <= c.image_size && c.image_size % size == 0;
+        let size_ok = size > 0 && size <= c.image_size && c.image_size.is_multiple_of(size);
         if c.channels == channels && size_ok && c.label_names == labels {
             return Ok(());
         }

@@ -10,7 +10,10 @@ use crate::error::{Error, Result};
 /// Write `frames` (all the same size) as a looping GIF, `delay_ms` per frame, atomically.
 pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
     let Some(first) = frames.first() else {
-        return Err(Error::Msg(format!("{}: no frames to write", path.display())));
+        return Err(Error::Msg(format!(
+            "{}: no frames to write",
+            path.display()
+        )));
     };
     let (w, h) = first.dimensions();
     if let Some(bad) = frames.iter().find(|f| f.dimensions() != (w, h)) {

@@ -1,2 +1,2 @@
-pub mod sheet;
 pub mod gif;
+pub mod sheet;

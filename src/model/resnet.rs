@@ -111,7 +111,7 @@ impl ResnetGenerator {
     /// z: (B, Z), c: (B, K) -> (B, C, H, W) in [-1, 1]
     /// The first feature layer's output in eval mode, flattened: (B, C0 * s0 * s0).
     pub fn first_features(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(self.input.forward(z, false)?)
+        self.input.forward(z, false)
     }
 
     pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {

@@ -404,9 +404,7 @@ impl Trainer {
     /// step, random streams), for restoring after a NaN without touching the disk.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let deep = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
-            m.into_iter()
-                .map(|(k, v)| Ok((k, v.copy()?)))
-                .collect()
+            m.into_iter().map(|(k, v)| Ok((k, v.copy()?))).collect()
         };
         Ok(Snapshot {
             step: self.step,
@@ -428,7 +426,11 @@ impl Trainer {
     pub fn weights_finite(&self) -> Result<bool> {
         for store in [&self.generator.store, &self.discriminator.store] {
             for (_, t) in store.model_tensors() {
-                let s = t.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let s = t
+                    .abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
                 if !s.is_finite() {
                     return Ok(false);
                 }

@@ -152,7 +152,10 @@ impl Monitor {
         idx: &[usize],
         dev: &Device,
     ) -> Result<Option<Images>> {
-        let ids: Vec<usize> = idx.iter().filter_map(|&i| self.real_idx.get(i).copied()).collect();
+        let ids: Vec<usize> = idx
+            .iter()
+            .filter_map(|&i| self.real_idx.get(i).copied())
+            .collect();
         if ids.is_empty() {
             return Ok(None);
         }

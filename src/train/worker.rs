@@ -181,6 +181,8 @@ pub enum Event {
     Wall(Arc<WallFrame>),
     Weights(Arc<GeneratorWeights>),
     Check(Box<Check>),
+    /// Diagnostics switched on (None) or off (why).
+    Diagnostics(Option<String>),
     Alarm(Alarm),
     Recovered(Recovery),
     Saved(PathBuf),
@@ -292,6 +294,8 @@ impl Outbox {
 struct Worker {
     trainer: Trainer,
     monitor: Monitor,
+    /// The full monitor while its fit runs in the background.
+    monitor_rx: Option<Receiver<Result<(Monitor, f64)>>>,
     spec: SessionSpec,
     rows: Vec<(String, Vec<f32>)>,
     running: bool,
@@ -322,18 +326,27 @@ impl Worker {
         if let Some(dir) = &spec.resume {
             trainer.load_checkpoint(dir)?;
         }
-        let (monitor, off) = match Monitor::new(&cfg, data.as_ref(), &spec.device) {
-            Ok(m) => {
-                let off = (cfg.monitor.every == 0).then(|| "monitor.every is 0".to_string());
-                (m, off)
-            }
-            Err(e) => (Monitor::alarms_only(&cfg), Some(e.to_string())),
+        // The evaluator's fit on real data can take a while: it runs in its own thread and
+        // the diagnostics switch on when it is done (training does not wait for it).
+        let monitor = Monitor::alarms_only(&cfg);
+        let (off, monitor_rx) = if cfg.monitor.every == 0 {
+            (Some("off (diagnostics every 0 steps)".to_string()), None)
+        } else {
+            let (tx, rx) = mpsc::channel();
+            let (c, d, dev) = (cfg.clone(), data.clone(), spec.device.clone());
+            let _ = std::thread::Builder::new()
+                .name("ganscope-monitor-fit".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    let m = Monitor::new(&c, d.as_ref(), &dev);
+                    let _ = tx.send(m.map(|m| (m, t.elapsed().as_secs_f64())));
+                });
+            (
+                Some("starting: the evaluator is reading the real images…".to_string()),
+                Some(rx),
+            )
         };
-        let rows = wall_rows(
-            data.as_ref(),
-            cfg.model.num_conditions,
-            spec.wall_max_rows,
-        );
+        let rows = wall_rows(data.as_ref(), cfg.model.num_conditions, spec.wall_max_rows);
         let n_ex = 64.min(data.len());
         let (x, _) = data.batch(&(0..n_ex).collect::<Vec<_>>(), &Device::Cpu)?;
         let info = SessionInfo {
@@ -354,6 +367,7 @@ impl Worker {
         };
         out.send(Event::Ready(Box::new(info)));
         let mut w = Self {
+            monitor_rx,
             target: 0,
             running: spec.run,
             ring: SnapshotRing::new(spec.ring.max(1)),
@@ -378,8 +392,30 @@ impl Worker {
         }
     }
 
+    /// Switch the diagnostics on once the background fit is done.
+    fn poll_monitor(&mut self, out: &Outbox) {
+        let Some(rx) = &self.monitor_rx else { return };
+        match rx.try_recv() {
+            Ok(Ok((m, secs))) => {
+                self.monitor = m;
+                self.monitor_rx = None;
+                out.send(Event::Diagnostics(None));
+                out.send(Event::Log(format!(
+                    "diagnostics on (evaluator fit on real images took {secs:.1} s)"
+                )));
+            }
+            Ok(Err(e)) => {
+                self.monitor_rx = None;
+                out.send(Event::Diagnostics(Some(e.to_string())));
+            }
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => self.monitor_rx = None,
+        }
+    }
+
     fn run(&mut self, rx: &Receiver<Command>, out: &Outbox) -> Result<()> {
         loop {
+            self.poll_monitor(out);
             // While paused, block on commands (waking now and then to notice a dead UI).
             let cmd = if self.running {
                 match rx.try_recv() {
@@ -404,7 +440,10 @@ impl Worker {
                 self.step(StepKind::Both, out)?;
                 if self.target > 0 && self.trainer.step >= self.target {
                     self.running = false;
-                    out.send(Event::Log(format!("reached the target step {}", self.target)));
+                    out.send(Event::Log(format!(
+                        "reached the target step {}",
+                        self.target
+                    )));
                     out.send(Event::State(RunState::Paused));
                 }
             }
@@ -477,7 +516,8 @@ impl Worker {
                 Err(e) => out.send(Event::Log(format!("loading failed, nothing changed: {e}"))),
             },
             Command::InjectNan => {
-                if let Some((name, var)) = self.trainer.generator.store.trainable().into_iter().next()
+                if let Some((name, var)) =
+                    self.trainer.generator.store.trainable().into_iter().next()
                 {
                     let bad = (var.as_tensor().ones_like()? * f64::NAN)?;
                     var.set(&bad)?;
@@ -495,7 +535,16 @@ impl Worker {
         let step_seconds = t.elapsed().as_secs_f64();
         let s = self.trainer.step;
         let mut alarms = self.monitor.on_step(&stats);
-        let fatal = alarms.iter().any(|a| a.kind.is_fatal());
+        // A NaN can hide in the weights while the losses stay finite (a ReLU after a NaN
+        // weight outputs 0), so the weights are checked too: one reduction per tensor.
+        let weights_ok = self.trainer.weights_finite()?;
+        if !weights_ok {
+            out.send(Event::Log(format!(
+                "NaN/Inf in the weights after step {} (losses D {:.4}, G {:.4})",
+                self.trainer.step, stats.d_loss, stats.g_loss
+            )));
+        }
+        let fatal = !weights_ok || alarms.iter().any(|a| a.kind.is_fatal());
         let elapsed = self.t0.elapsed().as_secs_f64();
         let per_step = (self.trainer.cfg.batch_size * self.trainer.cfg.loss.n_critic) as f64;
         let (lr_g, lr_d) = self.trainer.learning_rates();
@@ -521,7 +570,9 @@ impl Worker {
         }
         if kind != StepKind::DOnly && self.monitor.due(s) {
             let generator = &self.trainer.generator;
-            let (check, more) = self.monitor.check(s, generator, self.trainer.data().as_ref())?;
+            let (check, more) = self
+                .monitor
+                .check(s, generator, self.trainer.data().as_ref())?;
             alarms.extend(more);
             out.send(Event::Check(Box::new(check)));
         }

@@ -47,7 +47,7 @@ impl GanscopeApp {
             for a in self.alarms.iter().rev().take(8) {
                 ui.colored_label(
                     egui::Color32::from_rgb(230, 90, 60),
-                    format!("step {}: {}", a.step, a.message),
+                    a.message.clone(),
                 );
             }
             ui.separator();

@@ -460,7 +460,7 @@ impl GanscopeApp {
                 }
             }
             Event::Alarm(a) => {
-                self.push_log(format!("ALARM step {}: {}", a.step, a.message));
+                self.push_log(format!("ALARM {}", a.message));
                 self.alarms.push(a);
             }
             Event::Recovered(r) => {

@@ -702,6 +702,13 @@ impl Renderer {
         let _ = std::thread::Builder::new()
             .name("ganscope-renderer".into())
             .spawn(move || {
+                // Its own one-thread pool: in the global rayon pool, the explorer's forward
+                // passes would queue behind the training thread's convolutions.
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(|_| "ganscope-renderer-pool".into())
+                    .build()
+                    .ok();
                 let mut current: Option<(Generator, u64)> = None;
                 while let Ok(first) = rx.recv() {
                     // Drain: newest weights, newest request per slot.
@@ -734,7 +741,11 @@ impl Renderer {
                             continue;
                         };
                         let t = Instant::now();
-                        let res = g.generate_from(&r.z, &r.c).map(|images| Rendered {
+                        let res = match &pool {
+                            Some(p) => p.install(|| g.generate_from(&r.z, &r.c)),
+                            None => g.generate_from(&r.z, &r.c),
+                        };
+                        let res = res.map(|images| Rendered {
                             slot: r.slot,
                             id: r.id,
                             step: *step,

@@ -24,6 +24,16 @@ pub enum DataKind {
     Attributes,
 }
 
+impl DataKind {
+    /// The kebab-case name used in configs and folder names (`fashion-mnist`, `iclevr`, ...).
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DataConfig {
@@ -376,21 +386,11 @@ impl TrainConfig {
         c.model.g_ch = 32;
         c.model.d_ch = 32;
         c.model.cond_embed = 24;
-        // Spectral norm and hinge loss in D (as SNGAN): the BCE + BatchNorm cDCGAN collapsed
-        // to one image per condition within 1500 steps at this size.
-        c.model.d_norm = DNorm::None;
-        c.model.d_spectral_norm = true;
-        c.loss.kind = LossKind::Hinge;
-        c.optim = OptimConfig {
-            lr_g: 1e-4,
-            lr_d: 4e-4,
-            beta1: 0.0,
-            beta2: 0.9,
-            ..OptimConfig::default()
-        };
         c.batch_size = 32;
         c.sample_every = 100;
-        c
+        // Spectral norm and hinge loss in D (as SNGAN): the BCE + BatchNorm cDCGAN collapsed
+        // to one image per condition within 1500 steps at this size.
+        Self::sn_hinge_d(c)
     }
 
     pub fn iclevr_wgan_gp() -> Self {
@@ -413,9 +413,8 @@ impl TrainConfig {
         c
     }
 
-    fn sagan_common(mut c: Self) -> Self {
-        c.model.arch = Arch::Resnet;
-        c.model.conditioning = Conditioning::Projection;
+    /// SNGAN/SAGAN's critic recipe: spectral norm instead of a norm layer, hinge loss, TTUR.
+    fn sn_hinge_d(mut c: Self) -> Self {
         c.model.d_norm = DNorm::None;
         c.model.d_spectral_norm = true;
         c.loss.kind = LossKind::Hinge;
@@ -427,6 +426,12 @@ impl TrainConfig {
             ..OptimConfig::default()
         };
         c
+    }
+
+    fn sagan_common(mut c: Self) -> Self {
+        c.model.arch = Arch::Resnet;
+        c.model.conditioning = Conditioning::Projection;
+        Self::sn_hinge_d(c)
     }
 
     pub fn iclevr_sagan() -> Self {

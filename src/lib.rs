@@ -5,6 +5,7 @@ pub mod app;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod explore;
 pub mod export;

@@ -294,54 +294,9 @@ fn main() {
 /// that cargo feature (clear error otherwise); `auto` takes the first usable accelerator the
 /// binary was built for and falls back to the CPU (saying why) when none opens.
 fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => cuda_device()?,
-        "metal" => metal_device()?,
-        "auto" => {
-            let mut dev = Device::Cpu;
-            for (built, open) in [
-                (
-                    cfg!(feature = "cuda"),
-                    cuda_device as fn() -> Result<Device>,
-                ),
-                (cfg!(feature = "metal"), metal_device),
-            ] {
-                if !built {
-                    continue;
-                }
-                match open() {
-                    Ok(d) => {
-                        dev = d;
-                        break;
-                    }
-                    Err(e) => eprintln!("note: {e:#}; trying the next device"),
-                }
-            }
-            dev
-        }
-        other => bail!("unknown device `{other}` (cpu, cuda, metal or auto)"),
-    })
-}
-
-fn cuda_device() -> Result<Device> {
-    if !cfg!(feature = "cuda") {
-        bail!(
-            "this ganscope binary was built without CUDA support: rebuild it with \
-             `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
-        );
-    }
-    Device::new_cuda(0).context("opening CUDA device 0")
-}
-
-fn metal_device() -> Result<Device> {
-    if !cfg!(feature = "metal") {
-        bail!(
-            "this ganscope binary was built without Metal support: rebuild it on macOS with \
-             `cargo build --release --features metal`, or use --device cpu"
-        );
-    }
-    Device::new_metal(0).context("opening Metal device 0")
+    Ok(ganscope::device::open(name, |e| {
+        eprintln!("note: {e}; trying the next device")
+    })?)
 }
 
 /// Short device name for logs and cards: cpu, cuda:0, metal:0.

@@ -3,7 +3,6 @@
 //! condition, lerp or slerp, shown as a strip and animated, exported as PNG and GIF).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
 use std::time::Instant;
 
@@ -319,7 +318,7 @@ impl GanscopeApp {
     }
 
     fn find_directions(&mut self) {
-        let Some(w) = self.renderer_weights() else {
+        let Some(w) = self.last_weights.clone() else {
             self.push_log("no generator weights yet".into());
             return;
         };
@@ -464,9 +463,5 @@ impl GanscopeApp {
                 self.export_interp(true);
             }
         });
-    }
-
-    fn renderer_weights(&self) -> Option<Arc<crate::train::worker::GeneratorWeights>> {
-        self.last_weights.clone()
     }
 }

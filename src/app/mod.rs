@@ -290,16 +290,18 @@ impl GanscopeApp {
         if !path.is_empty() {
             cfg.data.path = Some(PathBuf::from(path));
         }
+        self.set_explorer_monitor(&mut cfg);
+        Ok(cfg)
+    }
+
+    /// Diagnostics follow the explorer's settings and its checkpoints folder.
+    fn set_explorer_monitor(&self, cfg: &mut TrainConfig) {
         cfg.monitor.every = self.settings.diagnostics_every;
         // A smaller sample than the CLI's default keeps a check to a few seconds on a CPU.
         cfg.monitor.n_real = 1000;
         cfg.monitor.n_generated = 500;
-        let kind = serde_json::to_value(cfg.data.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        cfg.monitor.evaluator = Some(self.checkpoints.join(format!("evaluator-{kind}")));
-        Ok(cfg)
+        let dir = format!("evaluator-{}", cfg.data.kind.name());
+        cfg.monitor.evaluator = Some(self.checkpoints.join(dir));
     }
 
     /// (Re)start training from scratch or from a run folder. The old session is dropped
@@ -307,15 +309,8 @@ impl GanscopeApp {
     pub fn start_session(&mut self, resume: Option<PathBuf>, run: bool) {
         let cfg = match resume.as_deref().map(crate::train::read_config) {
             Some(Ok(mut c)) => {
-                // Diagnostics follow the explorer's settings, data the saved run's.
-                c.monitor.every = self.settings.diagnostics_every;
-                c.monitor.n_real = 1000;
-                c.monitor.n_generated = 500;
-                let kind = serde_json::to_value(c.data.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default();
-                c.monitor.evaluator = Some(self.checkpoints.join(format!("evaluator-{kind}")));
+                // Data come from the saved run, diagnostics from the explorer.
+                self.set_explorer_monitor(&mut c);
                 Ok(c)
             }
             Some(Err(e)) => Err(e),
@@ -636,17 +631,9 @@ pub fn preset_for(kind: DataKind) -> &'static str {
         .unwrap_or(DEFAULT_PRESET)
 }
 
-/// cpu / cuda / metal / auto; a clear message when the build lacks the feature.
+/// cpu / cuda / metal / auto (see [`crate::device::open`]).
 pub fn pick_device(name: &str) -> std::result::Result<Device, String> {
-    let cuda = || Device::new_cuda(0).map_err(|e| format!("CUDA device 0: {e}"));
-    let metal = || Device::new_metal(0).map_err(|e| format!("Metal device 0: {e}"));
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(),
-        "metal" => metal(),
-        // auto: the first accelerator that opens, else the CPU.
-        _ => Ok(cuda().or_else(|_| metal()).unwrap_or(Device::Cpu)),
-    }
+    crate::device::open(name, |_| {}).map_err(|e| e.to_string())
 }
 
 impl eframe::App for GanscopeApp {

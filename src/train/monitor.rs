@@ -55,11 +55,7 @@ impl MonitorConfig {
     /// The evaluator folder this config points at.
     pub fn evaluator_dir(&self, cfg: &TrainConfig) -> PathBuf {
         self.evaluator.clone().unwrap_or_else(|| {
-            let kind = serde_json::to_value(cfg.data.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
-            PathBuf::from("checkpoints").join(format!("evaluator-{kind}"))
+            PathBuf::from("checkpoints").join(format!("evaluator-{}", cfg.data.kind.name()))
         })
     }
 }

@@ -650,10 +650,7 @@ impl Worker {
 }
 
 fn data_source(cfg: &TrainConfig, data: &dyn Dataset) -> String {
-    let kind = serde_json::to_value(cfg.data.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
+    let kind = cfg.data.kind.name();
     let (c, h, w) = data.image_shape();
     let place = match &cfg.data.path {
         Some(p) => p.display().to_string(),

@@ -1,0 +1,55 @@
+//! Choosing the compute device by name, shared by the CLI and the explorer.
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+fn cuda() -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Msg(
+            "this ganscope binary was built without CUDA support: rebuild it with \
+             `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
+                .into(),
+        ));
+    }
+    Device::new_cuda(0).map_err(|e| Error::Msg(format!("opening CUDA device 0: {e}")))
+}
+
+fn metal() -> Result<Device> {
+    if !cfg!(feature = "metal") {
+        return Err(Error::Msg(
+            "this ganscope binary was built without Metal support: rebuild it on macOS with \
+             `cargo build --release --features metal`, or use --device cpu"
+                .into(),
+        ));
+    }
+    Device::new_metal(0).map_err(|e| Error::Msg(format!("opening Metal device 0: {e}")))
+}
+
+/// `cpu`, `cuda`, `metal`, or `auto`: the first accelerator this binary was built for that
+/// opens, else the CPU; each one that was built but failed to open is reported to `note`.
+pub fn open(name: &str, mut note: impl FnMut(String)) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(),
+        "metal" => metal(),
+        "auto" => {
+            for (built, try_open) in [
+                (cfg!(feature = "cuda"), cuda as fn() -> Result<Device>),
+                (cfg!(feature = "metal"), metal),
+            ] {
+                if !built {
+                    continue;
+                }
+                match try_open() {
+                    Ok(d) => return Ok(d),
+                    Err(e) => note(e.to_string()),
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        other => Err(Error::Config(format!(
+            "unknown device `{other}` (cpu, cuda, metal or auto)"
+        ))),
+    }
+}

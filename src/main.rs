@@ -425,7 +425,7 @@ fn train(a: TrainArgs) -> Result<()> {
     pb.set_position(trainer.step);
     // Without a terminal the bar is hidden (and so is its println): log plain lines instead.
     let tty = std::io::stderr().is_terminal();
-    run::train_until(&mut trainer, &out, target, |p| {
+    let cost = run::train_until(&mut trainer, &out, target, |p| {
         pb.set_position(p.stats.step);
         pb.set_message(format!(
             "{:.0} img/s  D {:.3}  G {:.3}  D(x) {:+.2}  D(G(z)) {:+.2}",
@@ -441,9 +441,10 @@ fn train(a: TrainArgs) -> Result<()> {
         if let Some(c) = &p.check {
             let r = &c.report;
             let line = format!(
-                "diagnostics at step {} ({:.2} s): NDB {}/{} (real-vs-real {}), precision {:.2} recall {:.2} density {:.2} coverage {:.2} (real-vs-real coverage {:.2}){}",
+                "diagnostics at step {} ({:.2} s, {:.1}% of the run so far): NDB {}/{} (real-vs-real {}), precision {:.2} recall {:.2} density {:.2} coverage {:.2} (real-vs-real coverage {:.2}){}",
                 c.step,
                 c.seconds,
+                100.0 * c.share,
                 r.ndb.n_significant,
                 r.ndb.k,
                 r.ndb_baseline.n_significant,
@@ -486,6 +487,19 @@ fn train(a: TrainArgs) -> Result<()> {
         }
     })?;
     pb.finish();
+    if cost.checks > 0 || cost.fit_seconds > 0.0 {
+        eprintln!(
+            "diagnostics: fit {:.1} s, {} checks {:.1} s ({:.1} s each), training {:.1} s: checks took {:.1}% of checks + training; {} due checks postponed (monitor.max_share {})",
+            cost.fit_seconds,
+            cost.checks,
+            cost.check_seconds,
+            cost.check_seconds / cost.checks.max(1) as f64,
+            cost.train_seconds,
+            100.0 * cost.share(),
+            cost.postponed,
+            cfg.monitor.max_share
+        );
+    }
     eprintln!("done: {} steps in {}", trainer.step, out.display());
     Ok(())
 }

@@ -33,11 +33,13 @@ fn diagnostics_reports_land_in_metrics() {
     cfg.monitor.n_real = 64;
     cfg.monitor.n_generated = 40;
     cfg.monitor.diagnostics.ndb_bins = 8;
+    // Every multiple of `every` (the checks of this toy dwarf its steps).
+    cfg.monitor.max_share = 1.0;
     let data: Arc<dyn Dataset> = Arc::new(data);
     let mut t = Trainer::new(cfg, data, &dev).unwrap();
     let out = tmp.path().join("run");
     let mut checks = vec![];
-    run::train_until(&mut t, &out, 4, |p| {
+    let cost = run::train_until(&mut t, &out, 4, |p| {
         if let Some(c) = &p.check {
             checks.push((c.step, c.report.n_generated, c.report.ndb.k));
         }
@@ -50,11 +52,54 @@ fn diagnostics_reports_land_in_metrics() {
         .filter(|l| l.get("diagnostics").is_some())
         .collect();
     assert_eq!(diag.len(), 2);
-    let share = diag[0]["diagnostics_share"].as_f64().unwrap();
+    assert_eq!((cost.checks, cost.postponed), (2, 0));
+    assert!(cost.fit_seconds > 0.0 && cost.check_seconds > 0.0 && cost.train_seconds > 0.0);
+    let share = diag[1]["diagnostics"]["share"].as_f64().unwrap();
+    // The run's share after its last check is the cost's.
+    assert!((share - cost.share()).abs() < 1e-12, "{share} vs {cost:?}");
     assert!(share > 0.0 && share < 1.0, "{share}");
     let r = &diag[1]["diagnostics"]["report"];
     assert!(r["prdc"]["precision"].as_f64().is_some(), "{r}");
     assert_eq!(r["class_coverage"]["num_classes"].as_u64(), Some(10));
+}
+
+#[test]
+fn max_share_postpones_checks() {
+    // Checks (an evaluator pass over 40 images + every measure) take far longer than this
+    // toy's steps, so with max_share 1e-3 each check needs ~1000x its duration in training
+    // before the next: the first due point (step 1) is checked, steps 2-6 are postponed.
+    let dev = Device::Cpu;
+    let data = common::random_dataset(96, 1, 28, 10, ConditionKind::OneHot, 9);
+    let tmp = tempfile::tempdir().unwrap();
+    let ev_dir = tmp.path().join("evaluator");
+    let ecfg = EvaluatorConfig {
+        width: 4,
+        ..EvaluatorConfig::for_data(&data)
+    };
+    Classifier::new(&ecfg, &dev).unwrap().save(&ev_dir).unwrap();
+    let mut cfg = TrainConfig::mnist_cdcgan();
+    cfg.model.g_ch = 4;
+    cfg.model.d_ch = 4;
+    cfg.batch_size = 8;
+    cfg.sample_every = 0;
+    cfg.checkpoint_every = 0;
+    cfg.monitor.every = 1;
+    cfg.monitor.evaluator = Some(ev_dir);
+    cfg.monitor.n_real = 64;
+    cfg.monitor.n_generated = 40;
+    cfg.monitor.diagnostics.ndb_bins = 8;
+    cfg.monitor.max_share = 1e-3;
+    let data: Arc<dyn Dataset> = Arc::new(data);
+    let mut t = Trainer::new(cfg, data, &dev).unwrap();
+    let mut steps = vec![];
+    let cost = run::train_until(&mut t, &tmp.path().join("run"), 6, |p| {
+        if let Some(c) = &p.check {
+            steps.push(c.step);
+        }
+    })
+    .unwrap();
+    assert_eq!(steps, vec![1]);
+    assert_eq!((cost.checks, cost.postponed), (1, 5), "{cost:?}");
 }
 
 #[test]

@@ -75,6 +75,13 @@ impl GanscopeApp {
                 "Check at step {} ({} generated vs {} real, {:.2} s)",
                 check.step, r.n_generated, r.n_real_reference, check.seconds
             ));
+            ui.label(format!(
+                "Checks so far took {:.1}% of checks + training ({:.0} s of training since the \
+                 previous one); a due check waits while they would take more than the \
+                 configured share.",
+                100.0 * check.share,
+                check.train_seconds
+            ));
             egui::Grid::new("diag_numbers").striped(true).show(ui, |ui| {
                 ui.label("measure");
                 ui.label("generated");

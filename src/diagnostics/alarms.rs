@@ -15,6 +15,10 @@
 //! - [`AlarmKind::NdbHigh`]: NDB / K above `max_ndb_fraction`.
 //! - [`AlarmKind::DiversityLow`]: some condition's diversity is flagged.
 //!
+//! Every rule but NaN/Inf stays silent before `warmup_steps`: an untrained generator covers
+//! nothing and its D wins every batch, which says nothing about collapse yet. A rule still
+//! true after the warm-up fires at its first point after it.
+//!
 //! Windows count logged points, not steps. [`AlarmMonitor`] raises an alarm when its rule
 //! *becomes* true and stays quiet while it remains true (re-arming once it clears), so a
 //! pinned D gives one alarm, not one per step; [`scan`] runs a monitor over a whole series.
@@ -31,6 +35,8 @@ use crate::train::StepStats;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AlarmConfig {
+    /// Steps before which only the NaN/Inf rule can fire.
+    pub warmup_steps: u64,
     pub d_acc_pinned: f64,
     pub d_acc_window: usize,
     pub g_flat_window: usize,
@@ -44,6 +50,7 @@ pub struct AlarmConfig {
 impl Default for AlarmConfig {
     fn default() -> Self {
         Self {
+            warmup_steps: 500,
             d_acc_pinned: 0.95,
             d_acc_window: 200,
             g_flat_window: 200,
@@ -272,8 +279,12 @@ impl AlarmMonitor {
         self.active = [false; RULES];
     }
 
-    /// Apply one rule's verdict: an alarm only on its rising edge.
+    /// Apply one rule's verdict: an alarm only on its rising edge (and, but for NaN/Inf,
+    /// not during the warm-up, which leaves the rule armed).
     fn edge(&mut self, rule: usize, hit: Option<AlarmKind>, step: u64, out: &mut Vec<Alarm>) {
+        if rule != 0 && step < self.cfg.warmup_steps {
+            return;
+        }
         match hit {
             Some(kind) => {
                 debug_assert_eq!(kind.rule(), rule);
@@ -473,6 +484,14 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
+    /// Default thresholds without the warm-up (these series start at step 0).
+    fn no_warmup() -> AlarmConfig {
+        AlarmConfig {
+            warmup_steps: 0,
+            ..AlarmConfig::default()
+        }
+    }
+
     /// A healthy-looking series: D accuracy uniform in [0.45, 0.85], G loss 1.5 +- 0.3.
     fn healthy(n: usize, seed: u64) -> Vec<StepPoint> {
         let mut rng = Rng::new(seed);
@@ -542,7 +561,7 @@ mod tests {
             .find(|&i| acc[i + 1 - 200..=i].iter().sum::<f64>() / 200.0 >= 0.95)
             .unwrap() as u64;
         assert!((270..=290).contains(&want), "{want}");
-        let a = scan(&s, &AlarmConfig::default());
+        let a = scan(&s, &no_warmup());
         assert_eq!(a.len(), 1, "{a:?}");
         assert_eq!(a[0].step, want);
         assert!(matches!(a[0].kind, AlarmKind::DAccuracyPinned { .. }));
@@ -565,7 +584,7 @@ mod tests {
         }
         let cfg = AlarmConfig {
             g_flat_window: 50,
-            ..AlarmConfig::default()
+            ..no_warmup()
         };
         let a = scan(&s, &cfg);
         assert_eq!(a.len(), 1, "{a:?}");
@@ -575,7 +594,7 @@ mod tests {
 
     #[test]
     fn measure_rules_fire_on_rising_edges() {
-        let mut m = AlarmMonitor::new(AlarmConfig::default());
+        let mut m = AlarmMonitor::new(no_warmup());
         let good = MeasurePoint {
             step: 100,
             class_coverage: Some(1.0),
@@ -613,6 +632,37 @@ mod tests {
         );
         assert!(m.push_measures(&good).is_empty());
         assert_eq!(m.push_measures(&bad).len(), 4);
+    }
+
+    #[test]
+    fn warmup_silences_all_but_nan() {
+        // Default warm-up 500. D accuracy 1.0 from step 0: the window (200) is full and
+        // pinned from step 199, but the first alarm is at step 500, the first step out of the
+        // warm-up. A NaN at step 50 fires at once. A collapsed check at step 400 is silent,
+        // the same at step 600 fires (the rule stayed armed).
+        let cfg = AlarmConfig::default();
+        assert_eq!(cfg.warmup_steps, 500);
+        let mut s = healthy(700, 5);
+        for p in &mut s {
+            p.d_acc_real = Some(1.0);
+            p.d_acc_fake = Some(1.0);
+        }
+        s[50].g_loss = f64::NAN;
+        let a = scan(&s, &cfg);
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert_eq!((a[0].step, a[0].kind.is_fatal()), (50, true));
+        assert_eq!(a[1].step, 500);
+        assert!(matches!(a[1].kind, AlarmKind::DAccuracyPinned { .. }));
+        let mut m = AlarmMonitor::new(cfg);
+        let bad = MeasurePoint {
+            step: 400,
+            ndb_fraction: Some(1.0),
+            ..MeasurePoint::default()
+        };
+        assert!(m.push_measures(&bad).is_empty());
+        let a = m.push_measures(&MeasurePoint { step: 600, ..bad });
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(matches!(a[0].kind, AlarmKind::NdbHigh { .. }));
     }
 
     #[test]

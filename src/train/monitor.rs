@@ -36,6 +36,11 @@ pub struct MonitorConfig {
     pub n_real: usize,
     /// Generated images per check.
     pub n_generated: usize,
+    /// Most of the wall time the checks may take (check / (check + training since the
+    /// previous check)): a due check is postponed to a later multiple of `every` until the
+    /// training since the last check is long enough for its duration to fit this share.
+    /// 1.0 or more turns the limit off (every multiple of `every` is checked).
+    pub max_share: f64,
     pub diagnostics: DiagnosticsConfig,
 }
 
@@ -46,6 +51,7 @@ impl Default for MonitorConfig {
             evaluator: None,
             n_real: 2000,
             n_generated: 1000,
+            max_share: 0.08,
             diagnostics: DiagnosticsConfig::default(),
         }
     }
@@ -66,6 +72,10 @@ pub struct Check {
     pub step: u64,
     /// Wall time of the whole check (generation + evaluator + measures).
     pub seconds: f64,
+    /// Training wall time since the previous check (or since the monitor started).
+    pub train_seconds: f64,
+    /// The checks' share of (checks + training) wall time over the run so far.
+    pub share: f64,
     pub report: DiagnosticsReport,
     /// Pictures for the explorer (not written to metrics.jsonl).
     #[serde(skip)]
@@ -90,6 +100,45 @@ pub struct Monitor {
     alarms: AlarmMonitor,
     /// Dataset indices of the real features given to the diagnostics' fit.
     real_idx: Vec<usize>,
+    cost: MonitorCost,
+}
+
+/// Where the monitor's time went (wall seconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MonitorCost {
+    /// Evaluator + real-side fit (once).
+    pub fit_seconds: f64,
+    pub checks: u64,
+    pub check_seconds: f64,
+    /// Training steps reported through [`Monitor::on_step`].
+    pub train_seconds: f64,
+    /// Training since the last check, and that check's duration.
+    pub since_check: f64,
+    pub last_check: f64,
+    /// Due checks postponed by `max_share`.
+    pub postponed: u64,
+}
+
+impl MonitorCost {
+    /// Checks / (checks + training): the share of throughput the diagnostics took.
+    pub fn share(&self) -> f64 {
+        let total = self.check_seconds + self.train_seconds;
+        if total > 0.0 {
+            self.check_seconds / total
+        } else {
+            0.0
+        }
+    }
+
+    /// Whether enough training happened since the last check for one more (of the last
+    /// one's duration) to stay within `max_share`.
+    fn affordable(&self, max_share: f64) -> bool {
+        if max_share >= 1.0 || self.checks == 0 {
+            return true;
+        }
+        let s = max_share.max(1e-6);
+        self.since_check >= self.last_check * (1.0 - s) / s
+    }
 }
 
 impl Monitor {
@@ -102,14 +151,22 @@ impl Monitor {
             evaluator: None,
             alarms: AlarmMonitor::new(cfg.monitor.diagnostics.alarms.clone()),
             real_idx: vec![],
+            cost: MonitorCost::default(),
         }
     }
 
     /// Load the evaluator and fit the real side (when `every > 0`).
     pub fn new(cfg: &TrainConfig, data: &dyn Dataset, device: &Device) -> Result<Self> {
+        let t0 = Instant::now();
         let mut m = Self::alarms_only(cfg);
         if cfg.monitor.every == 0 {
             return Ok(m);
+        }
+        if cfg.monitor.max_share.is_nan() || cfg.monitor.max_share <= 0.0 {
+            return Err(Error::Config(format!(
+                "monitor.max_share = {} (need > 0; 1 or more = no limit)",
+                cfg.monitor.max_share
+            )));
         }
         cfg.monitor.diagnostics.validate()?;
         let dir = cfg.monitor.evaluator_dir(cfg);
@@ -133,12 +190,28 @@ impl Monitor {
         let diag = Diagnostics::fit(cfg.monitor.diagnostics.clone(), spec, &feats, &labels)?;
         m.evaluator = Some((ev, diag));
         m.real_idx = idx;
+        m.cost.fit_seconds = t0.elapsed().as_secs_f64();
         Ok(m)
     }
 
-    /// Alarm rules on one step's statistics.
-    pub fn on_step(&mut self, stats: &StepStats) -> Vec<Alarm> {
+    /// Alarm rules on one step's statistics; `seconds` is the step's wall time (it counts
+    /// towards the training time that `max_share` weighs the checks against).
+    pub fn on_step(&mut self, stats: &StepStats, seconds: f64) -> Vec<Alarm> {
+        self.cost.train_seconds += seconds;
+        self.cost.since_check += seconds;
         self.alarms.push_step(&StepPoint::from(stats))
+    }
+
+    /// Time spent so far (fit, checks, training).
+    pub fn cost(&self) -> MonitorCost {
+        self.cost
+    }
+
+    /// The first step after `step` at which a check can run, if diagnostics are on: the
+    /// next multiple of `every` (a later one when `max_share` postpones it).
+    pub fn next_check_after(&self, step: u64) -> Option<u64> {
+        (self.evaluator.is_some() && self.cfg.every > 0)
+            .then(|| (step / self.cfg.every + 1) * self.cfg.every)
     }
 
     /// Real images for indices into the real features of the fit.
@@ -164,9 +237,18 @@ impl Monitor {
         self.alarms.reset();
     }
 
-    /// Whether a check is due after `step`.
-    pub fn due(&self, step: u64) -> bool {
-        self.evaluator.is_some() && self.cfg.every > 0 && step.is_multiple_of(self.cfg.every)
+    /// Whether a check is due after `step`: a multiple of `every`, unless the checks would
+    /// take more than `max_share` of the wall time (then it is postponed and counted).
+    pub fn due(&mut self, step: u64) -> bool {
+        if !(self.evaluator.is_some() && self.cfg.every > 0 && step.is_multiple_of(self.cfg.every))
+        {
+            return false;
+        }
+        if self.cost.affordable(self.cfg.max_share) {
+            return true;
+        }
+        self.cost.postponed += 1;
+        false
     }
 
     /// Generate `n_generated` images (conditions drawn from the data, noise from a stream
@@ -261,14 +343,59 @@ impl Monitor {
                 &dev,
             )?,
         };
+        let seconds = t0.elapsed().as_secs_f64();
+        let train_seconds = self.cost.since_check;
+        self.cost.checks += 1;
+        self.cost.check_seconds += seconds;
+        self.cost.last_check = seconds;
+        self.cost.since_check = 0.0;
         Ok((
             Check {
                 step,
-                seconds: t0.elapsed().as_secs_f64(),
+                seconds,
+                train_seconds,
+                share: self.cost.share(),
                 report,
                 gallery,
             },
             alarms,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MonitorCost;
+
+    #[test]
+    fn share_limit_arithmetic() {
+        // A check of 8 s at max_share 0.08 needs 8 * 0.92 / 0.08 = 92 s of training after it:
+        // then the check is 8 / (8 + 92) = 8% of the wall time.
+        let mut c = MonitorCost {
+            checks: 1,
+            last_check: 8.0,
+            since_check: 91.9,
+            ..MonitorCost::default()
+        };
+        assert!(!c.affordable(0.08));
+        c.since_check = 92.0 + 1e-9;
+        assert!(c.affordable(0.08));
+        // No check yet, or no limit: always.
+        assert!(MonitorCost::default().affordable(0.01));
+        assert!(
+            MonitorCost {
+                since_check: 0.0,
+                ..c
+            }
+            .affordable(1.0)
+        );
+        // share = checks / (checks + training) = 8 / (8 + 92).
+        let c = MonitorCost {
+            check_seconds: 8.0,
+            train_seconds: 92.0,
+            ..c
+        };
+        assert!((c.share() - 0.08).abs() < 1e-12);
+        assert_eq!(MonitorCost::default().share(), 0.0);
     }
 }

@@ -12,7 +12,7 @@ use crate::diagnostics::Alarm;
 use crate::error::Result;
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
 use crate::model::Generator;
-use crate::train::monitor::{Check, Monitor};
+use crate::train::monitor::{Check, Monitor, MonitorCost};
 use crate::train::{StepStats, Trainer};
 
 /// Caption for a condition vector: the names of its active labels.
@@ -108,13 +108,13 @@ pub const WALL_SEED: u64 = 1234;
 
 /// Train until `trainer.step == target`, writing into `out`: a metrics line every
 /// `log_every` steps, `samples/step_NNNNNN.png` every `sample_every`, a checkpoint every
-/// `checkpoint_every` and at the end.
+/// `checkpoint_every` and at the end. Returns where the diagnostics' time went.
 pub fn train_until(
     trainer: &mut Trainer,
     out: &Path,
     target: u64,
     mut on_step: impl FnMut(&Progress),
-) -> Result<()> {
+) -> Result<MonitorCost> {
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let t0 = Instant::now();
     let start = trainer.step;
@@ -122,22 +122,18 @@ pub fn train_until(
     let rows = wall_rows(trainer.data().as_ref(), cfg.model.num_conditions, 8);
     let images_per_step = (cfg.batch_size * cfg.loss.n_critic) as f64;
     let mut monitor = Monitor::new(&cfg, trainer.data().as_ref(), trainer.device())?;
-    let mut since_check = Instant::now();
     while trainer.step < target {
+        let t_step = Instant::now();
         let stats = trainer.train_step()?;
         let s = trainer.step;
-        let mut alarms = monitor.on_step(&stats);
+        let mut alarms = monitor.on_step(&stats, t_step.elapsed().as_secs_f64());
         let mut check = None;
         if monitor.due(s) {
-            let train_s = since_check.elapsed().as_secs_f64();
             let (c, more) = monitor.check(s, &trainer.generator, trainer.data().as_ref())?;
-            let mut line = serde_json::json!({ "step": s, "diagnostics": &c });
-            // Share of wall time the check took relative to the training since the last one.
-            line["diagnostics_share"] = (c.seconds / (c.seconds + train_s)).into();
+            let line = serde_json::json!({ "step": s, "diagnostics": &c });
             checkpoint::append_metrics(out, &line)?;
             alarms.extend(more);
             check = Some(c);
-            since_check = Instant::now();
         }
         for a in &alarms {
             let line = serde_json::json!({ "step": s, "alarm": a });
@@ -175,5 +171,5 @@ pub fn train_until(
             check,
         });
     }
-    Ok(())
+    Ok(monitor.cost())
 }

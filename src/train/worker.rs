@@ -534,7 +534,7 @@ impl Worker {
         let stats = self.trainer.step_kind(kind)?;
         let step_seconds = t.elapsed().as_secs_f64();
         let s = self.trainer.step;
-        let mut alarms = self.monitor.on_step(&stats);
+        let mut alarms = self.monitor.on_step(&stats, step_seconds);
         // A NaN can hide in the weights while the losses stay finite (a ReLU after a NaN
         // weight outputs 0), so the weights are checked too: one reduction per tensor.
         let weights_ok = self.trainer.weights_finite()?;

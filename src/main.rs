@@ -23,6 +23,9 @@ use ganscope::train::{Trainer, read_config, run};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Open the explorer on this run folder (config.json + checkpoint), paused.
+    #[arg(long)]
+    open: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -212,6 +215,10 @@ struct TrainArgs {
     /// Run the mode-collapse diagnostics every N steps (needs an evaluator).
     #[arg(long)]
     diagnostics_every: Option<u64>,
+    /// Most of the wall time the diagnostics may take (default 0.08; 1 = check at every
+    /// multiple of --diagnostics-every, however long the checks take).
+    #[arg(long)]
+    diagnostics_max_share: Option<f64>,
     /// Evaluator folder for the diagnostics (default checkpoints/evaluator-<dataset>).
     #[arg(long)]
     evaluator: Option<PathBuf>,
@@ -260,7 +267,7 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        None => ganscope::app::run_native()
+        None => ganscope::app::run_native(cli.open)
             .map_err(|e| anyhow::anyhow!("could not open the explorer window: {e}")),
         Some(Command::Presets) => {
             for (name, desc) in PRESETS {
@@ -378,6 +385,9 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     if let Some(v) = a.diagnostics_every {
         cfg.monitor.every = v;
+    }
+    if let Some(v) = a.diagnostics_max_share {
+        cfg.monitor.max_share = v;
     }
     if let Some(p) = &a.evaluator {
         cfg.monitor.evaluator = Some(p.clone());

@@ -76,11 +76,13 @@ impl GanscopeApp {
                 check.step, r.n_generated, r.n_real_reference, check.seconds
             ));
             ui.label(format!(
-                "Checks so far took {:.1}% of checks + training ({:.0} s of training since the \
-                 previous one); a due check waits while they would take more than the \
-                 configured share.",
+                "Checks so far: {:.1}% of checks + training ({:.0} s of training before this \
+                 one). To stay within its share the next check waits for {:.0} s of training, \
+                 at a multiple of {} steps.",
                 100.0 * check.share,
-                check.train_seconds
+                check.train_seconds,
+                check.next_after_train_seconds,
+                self.settings.diagnostics_every
             ));
             egui::Grid::new("diag_numbers").striped(true).show(ui, |ui| {
                 ui.label("measure");

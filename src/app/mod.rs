@@ -99,7 +99,9 @@ impl Default for Settings {
             show_controls: true,
             show_conditions: true,
             target: 0,
-            diagnostics_every: 200,
+            // The check interval's floor: `monitor.max_share` spaces the checks out further
+            // when they are slow next to training (a CPU i-CLEVR run: every few hundred steps).
+            diagnostics_every: 50,
             nan_policy: NanPolicy::RestorePause,
             checkpoint_path: "runs/explorer".into(),
             export_path: "exports".into(),
@@ -124,6 +126,8 @@ pub struct AppOptions {
     pub checkpoints: PathBuf,
     /// Show measured times in the status bar (snapshot tests turn them off).
     pub show_timings: bool,
+    /// Open this run folder (config.json + checkpoint) paused instead of the usual start.
+    pub open: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -135,6 +139,7 @@ impl Default for AppOptions {
             settings: None,
             checkpoints: checkpoints_dir(),
             show_timings: true,
+            open: None,
         }
     }
 }
@@ -213,9 +218,16 @@ pub struct GanscopeApp {
 }
 
 impl GanscopeApp {
-    /// The app as eframe creates it: stored settings, rfd dialogs, autostart.
-    pub fn new(cc: &eframe::CreationContext<'_>) -> Self {
-        Self::with_options(cc, AppOptions::default())
+    /// The app as eframe creates it: stored settings, rfd dialogs, autostart (or the run
+    /// folder `open`).
+    pub fn new(cc: &eframe::CreationContext<'_>, open: Option<PathBuf>) -> Self {
+        Self::with_options(
+            cc,
+            AppOptions {
+                open,
+                ..AppOptions::default()
+            },
+        )
     }
 
     pub fn with_options(cc: &eframe::CreationContext<'_>, opts: AppOptions) -> Self {
@@ -260,7 +272,13 @@ impl GanscopeApp {
             request_id: 0,
             settings,
         };
-        if opts.autostart {
+        if let Some(dir) = opts.open {
+            app.push_log(format!(
+                "opened {} (paused: press Run to train on)",
+                dir.display()
+            ));
+            app.start_session(Some(dir), false);
+        } else if opts.autostart {
             let shipped = app.checkpoints.join(&app.settings.preset);
             if !app.settings.launched_before && shipped.join("config.json").is_file() {
                 app.push_log(format!(
@@ -731,8 +749,8 @@ impl eframe::App for GanscopeApp {
     }
 }
 
-/// Open the explorer window (the binary's no-argument path).
-pub fn run_native() -> eframe::Result<()> {
+/// Open the explorer window (the binary's no-subcommand path), optionally on a run folder.
+pub fn run_native(open: Option<PathBuf>) -> eframe::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_inner_size([1400.0, 900.0])
@@ -745,6 +763,6 @@ pub fn run_native() -> eframe::Result<()> {
     eframe::run_native(
         "ganscope",
         options,
-        Box::new(|cc| Ok(Box::new(GanscopeApp::new(cc)))),
+        Box::new(|cc| Ok(Box::new(GanscopeApp::new(cc, open)))),
     )
 }

@@ -124,7 +124,7 @@ fn one_class_generator_is_caught_everywhere() {
         0.6,
     );
     assert_eq!(d2.n_flagged, 1);
-    // The alarms read it: modes lost, coverage < half its baseline, NDB/K = 1 > 0.3.
+    // The alarms read it: modes lost, coverage < half its baseline, NDB/K = 1 > 0.75.
     let mut mon = AlarmMonitor::new(AlarmConfig::default());
     let kinds: Vec<_> = mon
         .push_measures(&r.measure_point(500))

@@ -76,6 +76,8 @@ pub struct Check {
     pub train_seconds: f64,
     /// The checks' share of (checks + training) wall time over the run so far.
     pub share: f64,
+    /// Training seconds the next check waits for (`max_share` applied to this one's time).
+    pub next_after_train_seconds: f64,
     pub report: DiagnosticsReport,
     /// Pictures for the explorer (not written to metrics.jsonl).
     #[serde(skip)]
@@ -130,14 +132,18 @@ impl MonitorCost {
         }
     }
 
-    /// Whether enough training happened since the last check for one more (of the last
-    /// one's duration) to stay within `max_share`.
-    fn affordable(&self, max_share: f64) -> bool {
+    /// Training seconds after the last check before one more (of the last one's
+    /// duration) stays within `max_share`.
+    pub fn wait_seconds(&self, max_share: f64) -> f64 {
         if max_share >= 1.0 || self.checks == 0 {
-            return true;
+            return 0.0;
         }
         let s = max_share.max(1e-6);
-        self.since_check >= self.last_check * (1.0 - s) / s
+        self.last_check * (1.0 - s) / s
+    }
+
+    fn affordable(&self, max_share: f64) -> bool {
+        self.since_check >= self.wait_seconds(max_share)
     }
 }
 
@@ -355,6 +361,7 @@ impl Monitor {
                 seconds,
                 train_seconds,
                 share: self.cost.share(),
+                next_after_train_seconds: self.cost.wait_seconds(self.cfg.max_share),
                 report,
                 gallery,
             },

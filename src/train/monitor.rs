@@ -208,6 +208,15 @@ impl Monitor {
         self.alarms.push_step(&StepPoint::from(stats))
     }
 
+    /// Take over the step history of the monitor this one replaces (the explorer trains with
+    /// an alarms-only monitor while this one's fit runs): the alarm rules' windows and the
+    /// training time the checks' share is weighed against.
+    pub fn carry_over(&mut self, old: Monitor) {
+        self.alarms = old.alarms;
+        self.cost.train_seconds += old.cost.train_seconds;
+        self.cost.since_check += old.cost.since_check;
+    }
+
     /// Time spent so far (fit, checks, training).
     pub fn cost(&self) -> MonitorCost {
         self.cost
@@ -372,7 +381,41 @@ impl Monitor {
 
 #[cfg(test)]
 mod tests {
-    use super::MonitorCost;
+    use super::{Monitor, MonitorCost};
+    use crate::config::TrainConfig;
+    use crate::train::StepStats;
+
+    #[test]
+    fn carry_over_keeps_the_alarm_window_and_training_time() {
+        // D accuracy 1.0 at every step, window 200, no warm-up: the pinned alarm fires at the
+        // 200th step. 150 steps go to the first monitor, 50 to its replacement: with the
+        // history carried over it fires at step 200; a fresh one would need 200 of its own.
+        let mut cfg = TrainConfig::mnist_cdcgan();
+        cfg.monitor.diagnostics.alarms.warmup_steps = 0;
+        let stats = |step| StepStats {
+            step,
+            d_acc_real: 1.0,
+            d_acc_fake: 1.0,
+            // A moving G loss, so that the flat-loss rule stays quiet.
+            g_loss: step as f64 * 0.01,
+            ..StepStats::default()
+        };
+        let mut old = Monitor::alarms_only(&cfg);
+        for step in 1..=150 {
+            assert!(old.on_step(&stats(step), 0.5).is_empty());
+        }
+        let mut fresh = Monitor::alarms_only(&cfg);
+        let mut new = Monitor::alarms_only(&cfg);
+        new.carry_over(old);
+        assert_eq!(new.cost().train_seconds, 75.0);
+        assert_eq!(new.cost().since_check, 75.0);
+        let fired: Vec<u64> = (151..=200)
+            .flat_map(|s| new.on_step(&stats(s), 0.5))
+            .map(|a| a.step)
+            .collect();
+        assert_eq!(fired, vec![200]);
+        assert!((151..=200).all(|s| fresh.on_step(&stats(s), 0.5).is_empty()));
+    }
 
     #[test]
     fn share_limit_arithmetic() {

@@ -396,7 +396,11 @@ impl Worker {
     fn poll_monitor(&mut self, out: &Outbox) {
         let Some(rx) = &self.monitor_rx else { return };
         match rx.try_recv() {
-            Ok(Ok((m, secs))) => {
+            Ok(Ok((mut m, secs))) => {
+                m.carry_over(std::mem::replace(
+                    &mut self.monitor,
+                    Monitor::alarms_only(&self.trainer.cfg),
+                ));
                 self.monitor = m;
                 self.monitor_rx = None;
                 out.send(Event::Diagnostics(None));

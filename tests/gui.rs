@@ -2,6 +2,8 @@
 //! composer toggles, a latent slider, pause / resume, exports, snapshots of the main panels.
 //! Needs a Vulkan or GL software driver (Mesa's lavapipe / llvmpipe; `.ci/run` installs it).
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egui::Role;
@@ -23,6 +25,11 @@ fn settings() -> Settings {
 }
 
 fn harness(s: Settings, run: bool) -> Harness<'static, GanscopeApp> {
+    harness_opening(s, run, None)
+}
+
+/// The explorer as `ganscope --open DIR` starts it when `open` is given.
+fn harness_opening(s: Settings, run: bool, open: Option<PathBuf>) -> Harness<'static, GanscopeApp> {
     ganscope::grad::enable_exact_second_order().unwrap();
     Harness::builder()
         .with_size(SIZE)
@@ -40,6 +47,7 @@ fn harness(s: Settings, run: bool) -> Harness<'static, GanscopeApp> {
                     settings: Some(s),
                     checkpoints: ganscope::app::checkpoints_dir(),
                     show_timings: false,
+                    open,
                 },
             )
         })
@@ -149,6 +157,38 @@ fn latent_slider_changes_the_image() {
     // An untrained generator changes little per latent dimension (about 5e-4 here).
     assert!(diff > 1e-5, "mean abs change {diff}");
     assert!(!h.state().timings.slider_to_image_ms.is_empty());
+}
+
+#[test]
+fn open_a_run_folder_paused_and_a_missing_one_is_an_error() {
+    // A two-step run of a narrow iclevr-small, saved like `ganscope train` saves it.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let mut cfg = ganscope::config::TrainConfig::preset("iclevr-small").unwrap();
+    cfg.model.g_ch = 8;
+    cfg.model.d_ch = 8;
+    cfg.batch_size = 4;
+    let data = ganscope::data::open(&cfg.data, cfg.model.image_size).unwrap();
+    let mut t =
+        ganscope::train::Trainer::new(cfg, Arc::new(data), &candle_core::Device::Cpu).unwrap();
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    t.save(&dir).unwrap();
+
+    let mut h = harness_opening(settings(), true, Some(dir.clone()));
+    ready(&mut h);
+    let a = h.state();
+    assert_eq!(a.run_state, RunState::Paused, "opened runs start paused");
+    let info = a.info.as_ref().unwrap();
+    assert_eq!((info.step, info.cfg.model.g_ch), (2, 8));
+    assert!(a.log.iter().any(|l| l.contains("opened")), "{:?}", a.log);
+
+    let nowhere = tmp.path().join("nowhere");
+    let mut h = harness_opening(settings(), true, Some(nowhere));
+    wait_for(&mut h, "the error", |a| a.error.is_some());
+    let err = h.state().error.clone().unwrap();
+    assert!(err.contains("nowhere"), "{err}");
+    assert!(h.state().info.is_none(), "no session from a missing folder");
 }
 
 #[test]

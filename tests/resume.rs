@@ -88,7 +88,14 @@ fn resume_is_bit_identical_in_process() {
         // 20 images, batch 8: epochs end every 2 D steps, so the resume crosses reshuffles.
         let mut straight = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
         for _ in 0..5 {
-            straight.train_step().unwrap();
+            let st = straight.train_step().unwrap();
+            // Every preset's step reports both networks' gradient norms.
+            for (which, n) in [("D", st.d_grad_norm), ("G", st.g_grad_norm)] {
+                assert!(
+                    n.is_finite() && n > 0.0,
+                    "{name}: {which} gradient norm {n}"
+                );
+            }
         }
         let dir = tempfile::tempdir().unwrap();
         let mut first = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();

@@ -1,5 +1,5 @@
 //! Plots (egui_plot): D and G losses, D(real) / D(fake) (or the critic values), D accuracy,
-//! gradient penalty, and the evaluator's accuracy and feature-space measures per check.
+//! gradient penalty, gradient norms, and the evaluator's accuracy and feature-space measures per check.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
@@ -114,6 +114,22 @@ impl GanscopeApp {
                         ));
                     });
             });
+            ui.label("Gradient norms, log10 of the global L2 norm (a vanishing G gradient or an exploding D one shows here first)");
+            Plot::new("grad_norms")
+                .height(height * 0.7)
+                .legend(Legend::default())
+                .link_axis(link, [true, false])
+                .show(ui, |p| {
+                    let log = |v: f64| (v > 0.0).then(|| v.log10());
+                    p.line(Line::new(
+                        "D",
+                        PlotPoints::from(series(&|s| log(s.stats.d_grad_norm))),
+                    ));
+                    p.line(Line::new(
+                        "G",
+                        PlotPoints::from(series(&|s| log(s.stats.g_grad_norm))),
+                    ));
+                });
             ui.label("Evaluator (per diagnostics check)");
             if self.check_series.is_empty() {
                 ui.label("No diagnostics checks yet (an evaluator for this data is needed).");

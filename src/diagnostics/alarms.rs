@@ -84,6 +84,8 @@ impl From<&StepStats> for StepPoint {
         let mut other = vec![
             ("d_real".to_string(), s.d_real),
             ("d_fake".to_string(), s.d_fake),
+            ("d_grad_norm".to_string(), s.d_grad_norm),
+            ("g_grad_norm".to_string(), s.g_grad_norm),
         ];
         for (name, v) in [
             ("gp", s.gp),

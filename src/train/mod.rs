@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -43,6 +43,12 @@ pub struct StepStats {
     /// ACGAN auxiliary losses.
     pub aux_d: Option<f64>,
     pub aux_g: Option<f64>,
+    /// Global L2 norm of D's gradient (last D update, penalties included) and of G's (the
+    /// G update), before the optimiser step.
+    #[serde(default)]
+    pub d_grad_norm: f64,
+    #[serde(default)]
+    pub g_grad_norm: f64,
 }
 
 /// Which networks a single step updates (the explorer's "step D / step G / step both").
@@ -276,6 +282,7 @@ impl Trainer {
         st.d_loss = scalar(&total)?;
         check_finite("D loss", st.d_loss, self.step)?;
         let grads = total.backward()?;
+        st.d_grad_norm = grad_norm(&grads, &self.discriminator.store.trainable())?;
         self.opt_d.step(&grads)?;
         if lk == LossKind::Wgan {
             let c = self.cfg.loss.clip;
@@ -286,8 +293,8 @@ impl Trainer {
         Ok(st)
     }
 
-    /// One generator update; returns (G loss, auxiliary loss).
-    pub fn g_step(&mut self) -> Result<(f64, Option<f64>)> {
+    /// One generator update; returns (G loss, auxiliary loss, gradient norm).
+    pub fn g_step(&mut self) -> Result<(f64, Option<f64>, f64)> {
         let b = self.cfg.batch_size;
         let c = self.sample_conditions(b)?;
         let z = self.noise(b)?;
@@ -305,8 +312,9 @@ impl Trainer {
         let g = scalar(&total)?;
         check_finite("G loss", g, self.step)?;
         let grads = total.backward()?;
+        let norm = grad_norm(&grads, &self.generator.store.trainable())?;
         self.opt_g.step(&grads)?;
-        Ok((g, aux_v))
+        Ok((g, aux_v, norm))
     }
 
     /// n_critic D updates then one G update; advances the step counter.
@@ -331,9 +339,10 @@ impl Trainer {
             }
         }
         if kind != StepKind::DOnly {
-            let (g, aux) = self.g_step()?;
+            let (g, aux, norm) = self.g_step()?;
             st.g_loss = g;
             st.aux_g = aux;
+            st.g_grad_norm = norm;
             self.step += 1;
         }
         st.step = self.step;
@@ -542,6 +551,17 @@ pub fn read_config(dir: &Path) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// sqrt(sum over `vars` of |grad|^2) (variables without a gradient count 0).
+fn grad_norm(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<f64> {
+    let mut sq = 0.0;
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += scalar(&g.detach().sqr()?.sum_all()?)?;
+        }
+    }
+    Ok(sq.sqrt())
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
@@ -597,4 +617,29 @@ pub fn check_data(cfg: &TrainConfig, data: &dyn Dataset) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::grad_norm;
+
+    #[test]
+    fn grad_norm_is_the_global_l2_norm() {
+        // loss = 0.5 |a|^2 + 0.5 |b|^2 -> grad a = a, grad b = b; a = (3, 4), b = (12,):
+        // sqrt(9 + 16 + 144) = 13. A third variable outside the loss has no gradient (0).
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[3f32, 4.0], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[12f32], &dev).unwrap()).unwrap();
+        let c = Var::from_tensor(&Tensor::new(&[100f32], &dev).unwrap()).unwrap();
+        let loss = ((a.as_tensor().sqr().unwrap().sum_all().unwrap()
+            + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap()
+            * 0.5)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = vec![("a".into(), a), ("b".into(), b), ("c".into(), c)];
+        assert!((grad_norm(&grads, &vars).unwrap() - 13.0).abs() < 1e-6);
+    }
 }

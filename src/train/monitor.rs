@@ -36,10 +36,10 @@ pub struct MonitorConfig {
     pub n_real: usize,
     /// Generated images per check.
     pub n_generated: usize,
-    /// Most of the wall time the checks may take (check / (check + training since the
-    /// previous check)): a due check is postponed to a later multiple of `every` until the
-    /// training since the last check is long enough for its duration to fit this share.
-    /// 1.0 or more turns the limit off (every multiple of `every` is checked).
+    /// Most of the wall time the checks may take over the run (checks / (checks +
+    /// training)): a due check is postponed to a later multiple of `every` until one more
+    /// (as long as the last) fits this share. 1.0 or more turns the limit off (every
+    /// multiple of `every` is checked).
     pub max_share: f64,
     pub diagnostics: DiagnosticsConfig,
 }
@@ -132,18 +132,20 @@ impl MonitorCost {
         }
     }
 
-    /// Training seconds after the last check before one more (of the last one's
-    /// duration) stays within `max_share`.
+    /// Training seconds still needed before one more check (taking as long as the last one)
+    /// keeps the checks within `max_share` of checks + training over the whole run. The first
+    /// check runs as soon as it is due; the ones after it make up for it.
     pub fn wait_seconds(&self, max_share: f64) -> f64 {
         if max_share >= 1.0 || self.checks == 0 {
             return 0.0;
         }
         let s = max_share.max(1e-6);
-        self.last_check * (1.0 - s) / s
+        let need = (self.check_seconds + self.last_check) * (1.0 - s) / s;
+        (need - self.train_seconds).max(0.0)
     }
 
     fn affordable(&self, max_share: f64) -> bool {
-        self.since_check >= self.wait_seconds(max_share)
+        self.wait_seconds(max_share) <= 0.0
     }
 }
 
@@ -419,33 +421,37 @@ mod tests {
 
     #[test]
     fn share_limit_arithmetic() {
-        // A check of 8 s at max_share 0.08 needs 8 * 0.92 / 0.08 = 92 s of training after it:
-        // then the check is 8 / (8 + 92) = 8% of the wall time.
+        // One check of 8 s so far, after 50 s of training. Another 8 s check keeps the run
+        // within 8% once (8 + 8) / (8 + 8 + T) <= 0.08, i.e. T >= 16 * 0.92 / 0.08 = 184 s of
+        // training in all: 134 s more.
         let mut c = MonitorCost {
             checks: 1,
+            check_seconds: 8.0,
             last_check: 8.0,
-            since_check: 91.9,
+            train_seconds: 50.0,
             ..MonitorCost::default()
         };
+        assert!((c.wait_seconds(0.08) - 134.0).abs() < 1e-9);
+        c.train_seconds = 183.9;
         assert!(!c.affordable(0.08));
-        c.since_check = 92.0 + 1e-9;
+        c.train_seconds = 184.0 + 1e-9;
         assert!(c.affordable(0.08));
+        // With that second check the run stands at 16 / (16 + 184) = 8%.
+        let after = MonitorCost {
+            checks: 2,
+            check_seconds: 16.0,
+            ..c
+        };
+        assert!((after.share() - 0.08).abs() < 1e-9);
         // No check yet, or no limit: always.
         assert!(MonitorCost::default().affordable(0.01));
         assert!(
             MonitorCost {
-                since_check: 0.0,
+                train_seconds: 0.0,
                 ..c
             }
             .affordable(1.0)
         );
-        // share = checks / (checks + training) = 8 / (8 + 92).
-        let c = MonitorCost {
-            check_seconds: 8.0,
-            train_seconds: 92.0,
-            ..c
-        };
-        assert!((c.share() - 0.08).abs() < 1e-12);
         assert_eq!(MonitorCost::default().share(), 0.0);
     }
 }

@@ -309,7 +309,7 @@ impl InplaceOp3 for ApplyOp {
             let one = T::from_f64(1.0);
             for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
                 let denom = (v * ib + zero).sqrt_() * one + eps;
-                *p = *p - (m * step + zero) / denom;
+                *p -= (m * step + zero) / denom;
             }
             Ok(())
         }

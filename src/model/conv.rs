@@ -764,13 +764,8 @@ fn im2col<T: WithDType>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
                 d[whi..].fill(zero);
                 if wlo < whi {
                     let j0 = wlo * s + kw - p;
-                    if s == 1 {
-                        d[wlo..whi].copy_from_slice(&src[j0..j0 + (whi - wlo)]);
-                    } else {
-                        for (dv, sv) in d[wlo..whi].iter_mut().zip(src[j0..].iter().step_by(s)) {
-                            *dv = *sv;
-                        }
-                    }
+                    let src = &src[j0..j0 + (whi - wlo - 1) * s + 1];
+                    gather(&mut d[wlo..whi], src, s);
                 }
             }
         }
@@ -797,21 +792,56 @@ fn col2im<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
                     let row = &cols[((c * k + kh) * k + kw) * n + b * l..][..l];
                     for oh in hlo..hhi {
                         let src = &row[oh * g.ow + wlo..oh * g.ow + whi];
-                        let j0 = wlo * s + kw - p;
-                        let dst = &mut plane[(oh * s + kh - p) * g.w + j0..];
-                        if s == 1 {
-                            for (dv, sv) in dst.iter_mut().zip(src) {
-                                *dv += *sv;
-                            }
-                        } else {
-                            for (dv, sv) in dst.iter_mut().step_by(s).zip(src) {
-                                *dv += *sv;
-                            }
-                        }
+                        let j0 = (oh * s + kh - p) * g.w + wlo * s + kw - p;
+                        scatter_add(&mut plane[j0..j0 + (whi - wlo - 1) * s + 1], src, s);
                     }
                 }
             }
         });
+}
+
+/// dst[j] = src[j s] for every j; src holds exactly (dst.len() - 1) s + 1 elements (not
+/// empty). Strides 1 and 2 (every layer of the DCGANs) get loops with the stride known at
+/// compile time and no per-element bounds arithmetic (a `step_by` iterator recomputes its
+/// remaining length on every element).
+#[inline(always)]
+fn gather<T: Copy>(dst: &mut [T], src: &[T], s: usize) {
+    match s {
+        1 => dst.copy_from_slice(src),
+        2 => {
+            for (dv, c) in dst.iter_mut().zip(src.chunks(2)) {
+                *dv = c[0];
+            }
+        }
+        _ => {
+            for (dv, c) in dst.iter_mut().zip(src.chunks(s)) {
+                *dv = c[0];
+            }
+        }
+    }
+}
+
+/// dst[j s] += src[j] for every j; dst holds exactly (src.len() - 1) s + 1 elements (see
+/// [`gather`]).
+#[inline(always)]
+fn scatter_add<T: WithDType>(dst: &mut [T], src: &[T], s: usize) {
+    match s {
+        1 => {
+            for (dv, sv) in dst.iter_mut().zip(src) {
+                *dv += *sv;
+            }
+        }
+        2 => {
+            for (c, sv) in dst.chunks_mut(2).zip(src) {
+                c[0] += *sv;
+            }
+        }
+        _ => {
+            for (c, sv) in dst.chunks_mut(s).zip(src) {
+                c[0] += *sv;
+            }
+        }
+    }
 }
 
 /// (nb, m, l) -> (m, nb l).

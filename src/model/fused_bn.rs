@@ -488,6 +488,9 @@ fn channel_sums<T: Float, F: Fn(f64, f64) -> (f64, f64)>(
     b: &[T],
     f: impl Fn(usize) -> F + Sync,
 ) -> Vec<(f64, f64)> {
+    if g.s == 1 {
+        return channel_sums_rows(g, a, b, f);
+    }
     let min = MIN_TASK.div_ceil(g.n().max(1));
     (0..g.c)
         .into_par_iter()
@@ -503,9 +506,58 @@ fn channel_sums<T: Float, F: Fn(f64, f64) -> (f64, f64)>(
         .collect()
 }
 
+/// [`channel_sums`] for one element per plane (x of shape (B, C), BatchNorm1d): the planes
+/// are single elements a row of C apart, so each task takes a block of channels and walks the
+/// B rows, reading each row's block contiguously. Same order per channel as
+/// [`channel_sums`] (there, one element per plane lands in lane 0, summed over b in order),
+/// so the same sums.
+fn channel_sums_rows<T: Float, F: Fn(f64, f64) -> (f64, f64)>(
+    g: Geom,
+    a: &[T],
+    b: &[T],
+    f: impl Fn(usize) -> F + Sync,
+) -> Vec<(f64, f64)> {
+    /// Channels per task.
+    const BLOCK: usize = 512;
+    let blocks: Vec<Vec<(f64, f64)>> = (0..g.c.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|k| {
+            let (c0, c1) = (k * BLOCK, ((k + 1) * BLOCK).min(g.c));
+            let fs: Vec<F> = (c0..c1).map(&f).collect();
+            let mut acc = vec![(0.0f64, 0.0f64); c1 - c0];
+            for i in 0..g.b {
+                let (ra, rb) = (
+                    &a[i * g.c + c0..i * g.c + c1],
+                    &b[i * g.c + c0..i * g.c + c1],
+                );
+                for (((s, fc), &va), &vb) in acc.iter_mut().zip(&fs).zip(ra).zip(rb) {
+                    let (v1, v2) = fc(va.to64(), vb.to64());
+                    s.0 += v1;
+                    s.1 += v2;
+                }
+            }
+            acc
+        })
+        .collect();
+    blocks.concat()
+}
+
 /// out[e] = f(channel of e, index of e) for every element, in parallel over planes.
 fn write_planes<T: Float>(g: Geom, out: &mut [T], f: impl Fn(usize, &mut [T], usize) + Sync) {
     if out.is_empty() || g.s == 0 {
+        return;
+    }
+    if g.s == 1 {
+        // One element per plane: a task per sample row, a plain loop over its channels.
+        let min = MIN_TASK.div_ceil(g.c.max(1));
+        out.par_chunks_mut(g.c)
+            .enumerate()
+            .with_min_len(min)
+            .for_each(|(b, row)| {
+                for (c, o) in row.iter_mut().enumerate() {
+                    f(c, std::slice::from_mut(o), b * g.c + c);
+                }
+            });
         return;
     }
     let min = MIN_TASK.div_ceil(g.s);
@@ -647,13 +699,15 @@ mod tests {
         vec![
             c(&[4, 3, 5, 7], true),
             c(&[4, 3, 5, 7], false),
-            c(&[2, 1, 3, 3], true),   // C = 1
-            c(&[16, 8, 1, 1], true),  // BN1d as (B, C, 1, 1)
-            c(&[16, 8], true),        // BN1d as (B, C)
-            c(&[1, 5, 1, 1], true),   // N = 1: var = 0
-            c(&[3, 2, 4, 9], false),  // planes not a multiple of the lanes
-            c(&[8, 2, 64, 64], true), // large B H W
-            c(&[32, 64, 4, 4], true), // many channels per rayon task
+            c(&[2, 1, 3, 3], true),    // C = 1
+            c(&[16, 8, 1, 1], true),   // BN1d as (B, C, 1, 1)
+            c(&[16, 8], true),         // BN1d as (B, C)
+            c(&[5, 1100], true),       // BN1d, several channel blocks
+            c(&[3, 700, 1, 1], false), // BN1d as (B, C, 1, 1), two blocks
+            c(&[1, 5, 1, 1], true),    // N = 1: var = 0
+            c(&[3, 2, 4, 9], false),   // planes not a multiple of the lanes
+            c(&[8, 2, 64, 64], true),  // large B H W
+            c(&[32, 64, 4, 4], true),  // many channels per rayon task
         ]
     }
 

@@ -11,13 +11,12 @@ use ganscope::data::{ConditionKind, Dataset};
 use ganscope::eval::classifier::{Classifier, EvaluatorConfig};
 use ganscope::train::{Trainer, run};
 
-#[test]
-fn diagnostics_reports_land_in_metrics() {
+/// A tiny cDCGAN on random 28x28 data with an (untrained) evaluator, which is enough to
+/// exercise the plumbing: diagnostics every `every` steps under `max_share`.
+fn toy_trainer(tmp: &std::path::Path, every: u64, max_share: f64) -> Trainer {
     let dev = Device::Cpu;
     let data = common::random_dataset(96, 1, 28, 10, ConditionKind::OneHot, 9);
-    let tmp = tempfile::tempdir().unwrap();
-    // An (untrained) evaluator is enough to exercise the plumbing.
-    let ev_dir = tmp.path().join("evaluator");
+    let ev_dir = tmp.join("evaluator");
     let ecfg = EvaluatorConfig {
         width: 4,
         ..EvaluatorConfig::for_data(&data)
@@ -28,15 +27,22 @@ fn diagnostics_reports_land_in_metrics() {
     cfg.model.d_ch = 4;
     cfg.batch_size = 16;
     cfg.sample_every = 0;
-    cfg.monitor.every = 2;
+    cfg.checkpoint_every = 0;
+    cfg.monitor.every = every;
     cfg.monitor.evaluator = Some(ev_dir);
     cfg.monitor.n_real = 64;
     cfg.monitor.n_generated = 40;
     cfg.monitor.diagnostics.ndb_bins = 8;
-    // Every multiple of `every` (the checks of this toy dwarf its steps).
-    cfg.monitor.max_share = 1.0;
+    cfg.monitor.max_share = max_share;
     let data: Arc<dyn Dataset> = Arc::new(data);
-    let mut t = Trainer::new(cfg, data, &dev).unwrap();
+    Trainer::new(cfg, data, &dev).unwrap()
+}
+
+#[test]
+fn diagnostics_reports_land_in_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No share limit: every multiple of `every` (the checks of this toy dwarf its steps).
+    let mut t = toy_trainer(tmp.path(), 2, 1.0);
     let out = tmp.path().join("run");
     let mut checks = vec![];
     let cost = run::train_until(&mut t, &out, 4, |p| {
@@ -66,31 +72,10 @@ fn diagnostics_reports_land_in_metrics() {
 #[test]
 fn max_share_postpones_checks() {
     // Checks (an evaluator pass over 40 images + every measure) take far longer than this
-    // toy's steps, so with max_share 1e-3 each check needs ~1000x its duration in training
-    // before the next: the first due point (step 1) is checked, steps 2-6 are postponed.
-    let dev = Device::Cpu;
-    let data = common::random_dataset(96, 1, 28, 10, ConditionKind::OneHot, 9);
+    // toy's steps. With max_share 1e-3 a second check needs about 2 x 999 times the first
+    // one's duration in training: the first due point (step 1) is checked, 2-6 postponed.
     let tmp = tempfile::tempdir().unwrap();
-    let ev_dir = tmp.path().join("evaluator");
-    let ecfg = EvaluatorConfig {
-        width: 4,
-        ..EvaluatorConfig::for_data(&data)
-    };
-    Classifier::new(&ecfg, &dev).unwrap().save(&ev_dir).unwrap();
-    let mut cfg = TrainConfig::mnist_cdcgan();
-    cfg.model.g_ch = 4;
-    cfg.model.d_ch = 4;
-    cfg.batch_size = 8;
-    cfg.sample_every = 0;
-    cfg.checkpoint_every = 0;
-    cfg.monitor.every = 1;
-    cfg.monitor.evaluator = Some(ev_dir);
-    cfg.monitor.n_real = 64;
-    cfg.monitor.n_generated = 40;
-    cfg.monitor.diagnostics.ndb_bins = 8;
-    cfg.monitor.max_share = 1e-3;
-    let data: Arc<dyn Dataset> = Arc::new(data);
-    let mut t = Trainer::new(cfg, data, &dev).unwrap();
+    let mut t = toy_trainer(tmp.path(), 1, 1e-3);
     let mut steps = vec![];
     let cost = run::train_until(&mut t, &tmp.path().join("run"), 6, |p| {
         if let Some(c) = &p.check {

@@ -82,7 +82,8 @@ impl GanscopeApp {
                 100.0 * check.share,
                 check.train_seconds,
                 check.next_after_train_seconds,
-                self.settings.diagnostics_every
+                // The running session's interval (the setting applies from the next Start).
+                self.info.as_ref().map_or(0, |i| i.cfg.monitor.every)
             ));
             egui::Grid::new("diag_numbers").striped(true).show(ui, |ui| {
                 ui.label("measure");

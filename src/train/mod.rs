@@ -433,19 +433,14 @@ impl Trainer {
 
     /// True when every weight of G and D is finite.
     pub fn weights_finite(&self) -> Result<bool> {
+        let mut parts = vec![];
         for store in [&self.generator.store, &self.discriminator.store] {
             for (_, t) in store.model_tensors() {
-                let s = t
-                    .abs()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                if !s.is_finite() {
-                    return Ok(false);
-                }
+                parts.push(t.abs()?.sum_all()?);
             }
         }
-        Ok(true)
+        // A NaN or Inf anywhere makes the (f64) total non-finite.
+        Ok(sum_scalars(parts)?.is_finite())
     }
 
     fn load_tensors(
@@ -553,13 +548,26 @@ pub fn read_config(dir: &Path) -> Result<TrainConfig> {
 
 /// sqrt(sum over `vars` of |grad|^2) (variables without a gradient count 0).
 fn grad_norm(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<f64> {
-    let mut sq = 0.0;
+    let mut parts = vec![];
     for (_, v) in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += scalar(&g.detach().sqr()?.sum_all()?)?;
+            parts.push(g.detach().sqr()?.sum_all()?);
         }
     }
-    Ok(sq.sqrt())
+    Ok(sum_scalars(parts)?.sqrt())
+}
+
+/// The sum of 0-d tensors, read back once (one device sync per training step, not one per
+/// parameter tensor).
+fn sum_scalars(parts: Vec<Tensor>) -> Result<f64> {
+    if parts.is_empty() {
+        return Ok(0.0);
+    }
+    let parts = parts
+        .iter()
+        .map(|t| t.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    scalar(&Tensor::stack(&parts, 0)?.sum_all()?)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

@@ -295,7 +295,7 @@ struct Worker {
     trainer: Trainer,
     monitor: Monitor,
     /// The full monitor while its fit runs in the background.
-    monitor_rx: Option<Receiver<Result<(Monitor, f64)>>>,
+    monitor_rx: Option<Receiver<Result<Monitor>>>,
     spec: SessionSpec,
     rows: Vec<(String, Vec<f32>)>,
     running: bool,
@@ -337,9 +337,7 @@ impl Worker {
             let _ = std::thread::Builder::new()
                 .name("ganscope-monitor-fit".into())
                 .spawn(move || {
-                    let t = Instant::now();
-                    let m = Monitor::new(&c, d.as_ref(), &dev);
-                    let _ = tx.send(m.map(|m| (m, t.elapsed().as_secs_f64())));
+                    let _ = tx.send(Monitor::new(&c, d.as_ref(), &dev));
                 });
             (
                 Some("starting: the evaluator is reading the real images…".to_string()),
@@ -396,16 +394,15 @@ impl Worker {
     fn poll_monitor(&mut self, out: &Outbox) {
         let Some(rx) = &self.monitor_rx else { return };
         match rx.try_recv() {
-            Ok(Ok((mut m, secs))) => {
-                m.carry_over(std::mem::replace(
-                    &mut self.monitor,
-                    Monitor::alarms_only(&self.trainer.cfg),
-                ));
-                self.monitor = m;
+            Ok(Ok(m)) => {
+                // The full monitor takes over the alarms-only one's step history.
+                let old = std::mem::replace(&mut self.monitor, m);
+                self.monitor.carry_over(old);
                 self.monitor_rx = None;
                 out.send(Event::Diagnostics(None));
                 out.send(Event::Log(format!(
-                    "diagnostics on (evaluator fit on real images took {secs:.1} s)"
+                    "diagnostics on (evaluator fit on real images took {:.1} s)",
+                    self.monitor.cost().fit_seconds
                 )));
             }
             Ok(Err(e)) => {

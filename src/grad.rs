@@ -10,6 +10,7 @@
 use std::cell::Cell;
 use std::sync::Once;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
 use crate::error::{Error, Result};
@@ -18,6 +19,28 @@ static SET_ENV: Once = Once::new();
 
 thread_local! {
     static VERIFIED: Cell<bool> = const { Cell::new(false) };
+    /// Set while [`first_order_backward`] runs in this thread.
+    static FIRST_ORDER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `t.backward()` for gradients that will not be differentiated again (those of a training
+/// step's update). While it runs, fused ops whose exact second-order backward is costly
+/// (attention) may return their input gradients as plain values outside candle's graph; every
+/// other backward keeps the graph, so gradients of gradients stay exact by default.
+pub fn first_order_backward(t: &Tensor) -> Result<GradStore> {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FIRST_ORDER.with(|f| f.set(self.0));
+        }
+    }
+    let _restore = Restore(FIRST_ORDER.with(|f| f.replace(true)));
+    Ok(t.backward()?)
+}
+
+/// Whether the backward now running in this thread is a [`first_order_backward`].
+pub fn first_order_only() -> bool {
+    FIRST_ORDER.with(|f| f.get())
 }
 
 /// Make candle keep gradient graphs (needed for gradients of gradients) and check that it

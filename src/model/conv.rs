@@ -491,7 +491,7 @@ fn zeros<T: WithDType>(n: usize) -> Vec<T> {
 /// f32 and f64, each with a per-thread pool of scratch buffers: fresh multi-megabyte
 /// allocations come back from the kernel as zeroed pages, a cost comparable to the copy that
 /// fills them.
-trait Elem: WithDType {
+pub(super) trait Elem: WithDType {
     fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
 }
 
@@ -518,10 +518,10 @@ const POOL_MAX_BYTES: usize = 32 << 20;
 
 /// A scratch buffer of at least `n` elements with unspecified contents, back to the pool
 /// when dropped.
-struct Scratch<T: Elem>(Vec<T>);
+pub(super) struct Scratch<T: Elem>(Vec<T>);
 
 impl<T: Elem> Scratch<T> {
-    fn new(n: usize) -> Self {
+    pub(super) fn new(n: usize) -> Self {
         let mut v = T::pool()
             .try_with(|p| p.borrow_mut().pop())
             .ok()
@@ -533,7 +533,7 @@ impl<T: Elem> Scratch<T> {
         Self(v)
     }
 
-    fn get(&mut self, n: usize) -> &mut [T] {
+    pub(super) fn get(&mut self, n: usize) -> &mut [T] {
         &mut self.0[..n]
     }
 }
@@ -874,9 +874,31 @@ fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
 }
 
 /// dst (m, n) = lhs (m, k) @ rhs (k, n), or dst += that with `accumulate`; strides are
-/// (row, column) in elements.
+/// (row, column) in elements. Uses the rayon pool's threads for large products.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: WithDType>(
+pub(super) fn matmul<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_s: (usize, usize),
+    accumulate: bool,
+    lhs: &[T],
+    lhs_s: (usize, usize),
+    rhs: &[T],
+    rhs_s: (usize, usize),
+) {
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && m * n * k >= 1 << 17;
+    matmul_in(
+        parallel, m, n, k, dst, dst_s, accumulate, lhs, lhs_s, rhs, rhs_s,
+    )
+}
+
+/// [`matmul`] on the calling thread alone (`parallel` false) or on the rayon pool's threads.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_in<T: WithDType>(
+    parallel: bool,
     m: usize,
     n: usize,
     k: usize,
@@ -905,9 +927,8 @@ fn matmul<T: WithDType>(
     }
     assert!(extent(m, k, lhs_s) <= lhs.len());
     assert!(extent(k, n, rhs_s) <= rhs.len());
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k >= 1 << 17 {
-        Parallelism::Rayon(threads)
+    let par = if parallel {
+        Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
     };

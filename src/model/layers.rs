@@ -541,9 +541,7 @@ impl SelfAttention {
         let q = self.query.forward(x, train)?.reshape((b, (), n))?; // (B, Ck, N)
         let k = self.key.forward(x, train)?.reshape((b, (), n))?; // (B, Ck, N)
         let v = self.value.forward(x, train)?.reshape((b, (), n))?; // (B, Cv, N)
-        let logits = q.transpose(1, 2)?.contiguous()?.matmul(&k)?; // (B, N, N)
-        let attn = softmax_last(&logits)?; // rows sum to 1
-        let o = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, Cv, N)
+        let o = super::attention::attention(&q, &k, &v)?; // (B, Cv, N)
         count_flops(b * n * n * (q.dim(1)? + v.dim(1)?));
         let o = self.out.forward(&o.reshape((b, (), h, w))?, train)?; // (B, C, H, W)
         Ok(x.add(&o.broadcast_mul(&param(&self.gamma))?)?)
@@ -618,7 +616,7 @@ impl CustomOp1 for SoftmaxLast {
     }
 }
 
-mod num_float {
+pub(super) mod num_float {
     /// exp for the two float types the fused ops take.
     pub trait Exp {
         fn exp_(self) -> Self;

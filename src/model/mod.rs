@@ -3,6 +3,7 @@
 //! [`Generator`] and [`Discriminator`] wrap a family's network with its config; they are what
 //! the trainer, the CLI and the explorer use.
 
+pub mod attention;
 pub mod conv;
 pub mod dcgan;
 pub mod fused_bn;

@@ -281,7 +281,7 @@ impl Trainer {
         }
         st.d_loss = scalar(&total)?;
         check_finite("D loss", st.d_loss, self.step)?;
-        let grads = total.backward()?;
+        let grads = crate::grad::first_order_backward(&total)?;
         st.d_grad_norm = grad_norm(&grads, &self.discriminator.store.trainable())?;
         self.opt_d.step(&grads)?;
         if lk == LossKind::Wgan {
@@ -311,7 +311,7 @@ impl Trainer {
         }
         let g = scalar(&total)?;
         check_finite("G loss", g, self.step)?;
-        let grads = total.backward()?;
+        let grads = crate::grad::first_order_backward(&total)?;
         let norm = grad_norm(&grads, &self.generator.store.trainable())?;
         self.opt_g.step(&grads)?;
         Ok((g, aux_v, norm))

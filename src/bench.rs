@@ -47,7 +47,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
     BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, Linear, WeightInit, forward_flops, leaky_relu,
-    reset_forward_flops, softplus, with_frozen_params,
+    relu, reset_forward_flops, softplus, with_frozen_params,
 };
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
@@ -180,7 +180,7 @@ impl G64 {
         for (i, conv) in self.convs.iter().enumerate() {
             h = conv.forward(&h, true)?;
             h = match self.bns.get(i) {
-                Some(bn) => bn.forward(&h, true)?.relu()?,
+                Some(bn) => relu(&bn.forward(&h, true)?)?,
                 None => h.tanh()?,
             };
         }
@@ -327,12 +327,9 @@ impl G28 {
     fn forward(&self, z: &Tensor, y: &Tensor) -> Result<Tensor> {
         let b = z.dim(0)?;
         let h = self.input.forward(&Tensor::cat(&[z, y], 1)?, true)?;
-        let h = self.input_bn.forward(&h, true)?.relu()?;
+        let h = relu(&self.input_bn.forward(&h, true)?)?;
         let h = h.reshape((b, 128, 7, 7))?;
-        let h = self
-            .bn1
-            .forward(&self.conv1.forward(&h, true)?, true)?
-            .relu()?;
+        let h = relu(&self.bn1.forward(&self.conv1.forward(&h, true)?, true)?)?;
         Ok(self.conv2.forward(&h, true)?.tanh()?)
     }
 }

@@ -11,7 +11,7 @@ use crate::config::{Conditioning, DNorm, ModelConfig};
 use crate::error::Result;
 use crate::model::layers::{
     BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention, WeightInit,
-    leaky_relu,
+    leaky_relu, relu,
 };
 use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
@@ -32,10 +32,7 @@ impl GenBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self
-            .bn
-            .forward(&self.conv.forward(x, train)?, train)?
-            .relu()?)
+        relu(&self.bn.forward(&self.conv.forward(x, train)?, train)?)
     }
 }
 
@@ -116,10 +113,11 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let h = self
-            .input_bn
-            .forward(&self.input.forward(&x, false)?, false)?
-            .relu()?; // (B, C0, s0, s0)
+        let h = relu(
+            &self
+                .input_bn
+                .forward(&self.input.forward(&x, false)?, false)?,
+        )?; // (B, C0, s0, s0)
         Ok(h.flatten_from(1)?)
     }
 
@@ -129,10 +127,11 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let mut h = self
-            .input_bn
-            .forward(&self.input.forward(&x, train)?, train)?
-            .relu()?; // (B, C0, s0, s0)
+        let mut h = relu(
+            &self
+                .input_bn
+                .forward(&self.input.forward(&x, train)?, train)?,
+        )?; // (B, C0, s0, s0)
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
             h = attend_after(&self.attention, i, h, train)?;

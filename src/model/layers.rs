@@ -634,11 +634,11 @@ pub(super) mod num_float {
 }
 
 /// Leaky ReLU with slope 0.2 for negative inputs: max(x, 0.2 x). On the CPU (f32, f64) one
-/// fused op ([`LeakyRelu`]) with the same values and gradients as [`leaky_relu_basic`],
+/// fused op ([`LeakyRelu::LEAKY`]) with the same values and gradients as [`leaky_relu_basic`],
 /// elsewhere that basic form.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        Ok(x.contiguous()?.apply_op1(LeakyRelu)?)
+        Ok(x.contiguous()?.apply_op1(LeakyRelu::LEAKY)?)
     } else {
         leaky_relu_basic(x)
     }
@@ -649,30 +649,59 @@ pub fn leaky_relu_basic(x: &Tensor) -> Result<Tensor> {
     Ok(x.maximum(&x.affine(0.2, 0.0)?)?)
 }
 
-const LEAKY_SLOPE: f64 = 0.2;
-
-/// The derivative of max(x, 0.2 x) as candle's `maximum` backward defines it: 1 for x > 0,
-/// 0.2 for x < 0, and at a tie (x = 0) half of each, 0.6.
-fn leaky_slope<T: WithDType>(x: T) -> T {
-    let z = T::from_f64(0.0);
-    if x > z {
-        T::from_f64(1.0)
-    } else if x < z {
-        T::from_f64(LEAKY_SLOPE)
+/// ReLU, max(x, 0). On the CPU (f32, f64) one fused op ([`LeakyRelu::RELU`]: one pass
+/// forward, one backward) with the values and gradients of candle's `relu` (whose backward
+/// takes four passes and three allocations: `ge`, `to_dtype`, `mul`); elsewhere candle's.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        Ok(x.contiguous()?.apply_op1(LeakyRelu::RELU)?)
     } else {
-        T::from_f64(0.5 * (1.0 + LEAKY_SLOPE))
+        Ok(x.relu()?)
     }
 }
 
-/// Fused leaky ReLU: one pass forward; backward is [`LeakyReluBwd`], itself differentiable,
-/// so the op can sit under a gradient penalty. Takes a contiguous CPU tensor.
-#[derive(Debug, Clone, Copy)]
-pub struct LeakyRelu;
+const LEAKY_SLOPE: f64 = 0.2;
 
-/// (x, g) -> g * slope(x) with slope as in [`leaky_slope`]: the leaky ReLU's input gradient.
-/// Linear in g (its gradient there is this op again); its gradient in x is zero.
+/// Fused (leaky) ReLU, y = x for x > 0 and `slope` x otherwise: one pass forward; backward is
+/// [`LeakyReluBwd`], itself differentiable, so the op can sit under a gradient penalty. Takes
+/// a contiguous CPU tensor.
 #[derive(Debug, Clone, Copy)]
-pub struct LeakyReluBwd;
+pub struct LeakyRelu {
+    slope: f64,
+    /// The derivative at x = 0.
+    tie: f64,
+}
+
+impl LeakyRelu {
+    /// max(x, 0.2 x) with the derivative candle's `maximum` backward defines: 1 for x > 0,
+    /// 0.2 for x < 0, and at a tie (x = 0) half of each, 0.6.
+    pub const LEAKY: Self = Self {
+        slope: LEAKY_SLOPE,
+        tie: 0.5 * (1.0 + LEAKY_SLOPE),
+    };
+    /// max(x, 0) with candle's `relu` derivative: 1 for x >= 0, 0 below.
+    pub const RELU: Self = Self {
+        slope: 0.0,
+        tie: 1.0,
+    };
+
+    /// dy/dx at x.
+    fn slope_at<T: WithDType>(&self, x: T) -> T {
+        let z = T::from_f64(0.0);
+        if x > z {
+            T::from_f64(1.0)
+        } else if x < z {
+            T::from_f64(self.slope)
+        } else {
+            T::from_f64(self.tie)
+        }
+    }
+}
+
+/// (x, g) -> g * slope(x) with slope as in [`LeakyRelu`]: its input gradient. Linear in g (its
+/// gradient there is this op again); its gradient in x is zero.
+#[derive(Debug, Clone, Copy)]
+pub struct LeakyReluBwd(LeakyRelu);
 
 fn cpu_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
@@ -692,21 +721,21 @@ impl CustomOp1 for LeakyRelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn f<T: WithDType>(x: &[T]) -> Vec<T> {
-            let (a, z) = (T::from_f64(LEAKY_SLOPE), T::from_f64(0.0));
+        fn f<T: WithDType>(x: &[T], slope: f64) -> Vec<T> {
+            let (a, z) = (T::from_f64(slope), T::from_f64(0.0));
             x.iter().map(|&v| if v > z { v } else { v * a }).collect()
         }
         let name = self.name();
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(f(cpu_slice::<f32>(s, l, name)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(f(cpu_slice::<f64>(s, l, name)?)),
+            CpuStorage::F32(_) => CpuStorage::F32(f(cpu_slice::<f32>(s, l, name)?, self.slope)),
+            CpuStorage::F64(_) => CpuStorage::F64(f(cpu_slice::<f64>(s, l, name)?, self.slope)),
             _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2(&g.contiguous()?, LeakyReluBwd)?))
+        Ok(Some(x.apply_op2(&g.contiguous()?, LeakyReluBwd(*self))?))
     }
 }
 
@@ -722,8 +751,8 @@ impl CustomOp2 for LeakyReluBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn f<T: WithDType>(x: &[T], g: &[T]) -> Vec<T> {
-            x.iter().zip(g).map(|(&x, &g)| g * leaky_slope(x)).collect()
+        fn f<T: WithDType>(x: &[T], g: &[T], op: &LeakyRelu) -> Vec<T> {
+            x.iter().zip(g).map(|(&x, &g)| g * op.slope_at(x)).collect()
         }
         let name = self.name();
         if l1.shape() != l2.shape() {
@@ -733,10 +762,12 @@ impl CustomOp2 for LeakyReluBwd {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(f(
                 cpu_slice::<f32>(s1, l1, name)?,
                 cpu_slice::<f32>(s2, l2, name)?,
+                &self.0,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(f(
                 cpu_slice::<f64>(s1, l1, name)?,
                 cpu_slice::<f64>(s2, l2, name)?,
+                &self.0,
             )),
             _ => candle_core::bail!("{name}: unsupported dtypes {:?}", (s1.dtype(), s2.dtype())),
         };
@@ -758,7 +789,7 @@ impl CustomOp2 for LeakyReluBwd {
             None
         };
         let gg = if g.track_op() {
-            Some(x.apply_op2(&gg.contiguous()?, LeakyReluBwd)?)
+            Some(x.apply_op2(&gg.contiguous()?, *self)?)
         } else {
             None
         };
@@ -815,77 +846,87 @@ mod tests {
         if d == 0.0 { 0.0 } else { d / s.max(1e-30) }
     }
 
-    /// The fused leaky ReLU against max(x, 0.2 x) on random shapes, f32: values, gradients
-    /// and gradients of gradients (what a gradient penalty takes) agree to 1e-5 relative.
+    fn candle_relu(x: &Tensor) -> Result<Tensor> {
+        Ok(x.relu()?)
+    }
+
+    type Unary = fn(&Tensor) -> Result<Tensor>;
+
+    /// The fused leaky ReLU against max(x, 0.2 x), and the fused ReLU against candle's `relu`,
+    /// on random shapes, f32: values, gradients and gradients of gradients (what a gradient
+    /// penalty takes) agree to 1e-5 relative.
     #[test]
     fn fused_leaky_relu_matches_candle_ops() {
         crate::grad::enable_exact_second_order().unwrap();
         let mut rng = Rng::new(11);
-        for _ in 0..20 {
-            let shape = random_shape(&mut rng);
-            let mut x0 = random(&mut rng, &shape);
-            if shape.iter().product::<usize>() > 2 {
-                // Exact zeros (the tie of max) and a non-contiguous view as well.
-                let z = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
-                x0 = Tensor::cat(
-                    &[
-                        &z,
-                        &x0.flatten_all()
-                            .unwrap()
-                            .narrow(0, 1, x0.elem_count() - 1)
-                            .unwrap(),
-                    ],
-                    0,
-                )
-                .unwrap()
-                .reshape(shape.as_slice())
-                .unwrap();
-            }
-            let r0 = random(&mut rng, &shape);
-            let s0 = random(&mut rng, &shape);
-            let mut outs = Vec::new();
-            for fused in [true, false] {
-                let x = Var::from_tensor(&x0).unwrap();
-                let r = Var::from_tensor(&r0).unwrap();
-                let f = |t: &Tensor| {
-                    if fused {
-                        leaky_relu(t).unwrap()
-                    } else {
-                        leaky_relu_basic(t).unwrap()
-                    }
-                };
-                let y = f(x.as_tensor());
-                // First order: g = d sum(y r) / dx = r slope(x).
-                let grads = (&y * r.as_tensor())
+        let pairs: [(Unary, Unary); 2] = [(leaky_relu, leaky_relu_basic), (relu, candle_relu)];
+        for (fused_op, basic_op) in pairs {
+            for _ in 0..20 {
+                let shape = random_shape(&mut rng);
+                let mut x0 = random(&mut rng, &shape);
+                if shape.iter().product::<usize>() > 2 {
+                    // Exact zeros (the tie of max) and a non-contiguous view as well.
+                    let z = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+                    x0 = Tensor::cat(
+                        &[
+                            &z,
+                            &x0.flatten_all()
+                                .unwrap()
+                                .narrow(0, 1, x0.elem_count() - 1)
+                                .unwrap(),
+                        ],
+                        0,
+                    )
                     .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
+                    .reshape(shape.as_slice())
                     .unwrap();
-                let gx = grads.get(x.as_tensor()).unwrap().clone();
-                // Second order through g (as a penalty does): d sum(g^2 s) / d(r, x).
-                let h = (gx.sqr().unwrap() * &s0).unwrap().sum_all().unwrap();
-                let g2 = h.backward().unwrap();
-                let gr2 = g2.get(r.as_tensor()).unwrap().clone();
-                let gx2 = g2
-                    .get(x.as_tensor())
-                    .cloned()
-                    .unwrap_or_else(|| x0.zeros_like().unwrap());
-                // A transposed (non-contiguous) input gives the same values.
-                let yt = if shape.len() >= 2 {
-                    Some(f(&x0.t().unwrap()))
-                } else {
-                    None
-                };
-                outs.push((y, gx, gr2, gx2, yt));
-            }
-            let (a, b) = (&outs[0], &outs[1]);
-            assert!(rel_err(&a.0, &b.0) < 1e-5, "values {shape:?}");
-            assert!(rel_err(&a.1, &b.1) < 1e-5, "gradients {shape:?}");
-            assert!(rel_err(&a.2, &b.2) < 1e-5, "second order (r) {shape:?}");
-            assert!(rel_err(&a.3, &b.3) < 1e-5, "second order (x) {shape:?}");
-            if let (Some(p), Some(q)) = (&a.4, &b.4) {
-                assert!(rel_err(p, q) < 1e-5, "transposed {shape:?}");
+                }
+                let r0 = random(&mut rng, &shape);
+                let s0 = random(&mut rng, &shape);
+                let mut outs = Vec::new();
+                for fused in [true, false] {
+                    let x = Var::from_tensor(&x0).unwrap();
+                    let r = Var::from_tensor(&r0).unwrap();
+                    let f = |t: &Tensor| {
+                        if fused {
+                            fused_op(t).unwrap()
+                        } else {
+                            basic_op(t).unwrap()
+                        }
+                    };
+                    let y = f(x.as_tensor());
+                    // First order: g = d sum(y r) / dx = r slope(x).
+                    let grads = (&y * r.as_tensor())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let gx = grads.get(x.as_tensor()).unwrap().clone();
+                    // Second order through g (as a penalty does): d sum(g^2 s) / d(r, x).
+                    let h = (gx.sqr().unwrap() * &s0).unwrap().sum_all().unwrap();
+                    let g2 = h.backward().unwrap();
+                    let gr2 = g2.get(r.as_tensor()).unwrap().clone();
+                    let gx2 = g2
+                        .get(x.as_tensor())
+                        .cloned()
+                        .unwrap_or_else(|| x0.zeros_like().unwrap());
+                    // A transposed (non-contiguous) input gives the same values.
+                    let yt = if shape.len() >= 2 {
+                        Some(f(&x0.t().unwrap()))
+                    } else {
+                        None
+                    };
+                    outs.push((y, gx, gr2, gx2, yt));
+                }
+                let (a, b) = (&outs[0], &outs[1]);
+                assert!(rel_err(&a.0, &b.0) < 1e-5, "values {shape:?}");
+                assert!(rel_err(&a.1, &b.1) < 1e-5, "gradients {shape:?}");
+                assert!(rel_err(&a.2, &b.2) < 1e-5, "second order (r) {shape:?}");
+                assert!(rel_err(&a.3, &b.3) < 1e-5, "second order (x) {shape:?}");
+                if let (Some(p), Some(q)) = (&a.4, &b.4) {
+                    assert!(rel_err(p, q) < 1e-5, "transposed {shape:?}");
+                }
             }
         }
     }

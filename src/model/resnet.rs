@@ -12,7 +12,7 @@ use crate::config::{Conditioning, ModelConfig};
 use crate::error::Result;
 use crate::model::layers::{
     BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, SelfAttention, WeightInit, avg_pool2,
-    upsample2,
+    relu, upsample2,
 };
 use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
@@ -40,11 +40,11 @@ impl ResBlockUp {
 
     /// x: (B, Cin, H, W) -> (B, Cout, 2H, 2W)
     fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
-        let h = upsample2(&self.bn1.forward(x, c, train)?.relu()?)?;
+        let h = upsample2(&relu(&self.bn1.forward(x, c, train)?)?)?;
         let h = self.conv1.forward(&h, train)?;
         let h = self
             .conv2
-            .forward(&self.bn2.forward(&h, c, train)?.relu()?, train)?;
+            .forward(&relu(&self.bn2.forward(&h, c, train)?)?, train)?;
         let s = self.shortcut.forward(&upsample2(x)?, train)?;
         Ok((h + s)?)
     }
@@ -124,7 +124,7 @@ impl ResnetGenerator {
             h = blk.forward(&h, c, train)?;
             h = attend_after(&self.attention, i, h, train)?;
         }
-        let h = self.out_bn.forward(&h, train)?.relu()?;
+        let h = relu(&self.out_bn.forward(&h, train)?)?;
         Ok(self.out.forward(&h, train)?.tanh()?)
     }
 }
@@ -165,8 +165,8 @@ impl ResBlockDown {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = if self.first { x.clone() } else { x.relu()? };
-        let h = self.conv1.forward(&h, train)?.relu()?;
+        let h = if self.first { x.clone() } else { relu(x)? };
+        let h = relu(&self.conv1.forward(&h, train)?)?;
         let mut h = self.conv2.forward(&h, train)?;
         if self.down {
             h = avg_pool2(&h)?;
@@ -253,7 +253,7 @@ impl ResnetDiscriminator {
             h = b.forward(&h, train)?;
             h = attend_after(&self.attention, i, h, train)?;
         }
-        let phi = h.relu()?.sum((2, 3))?; // (B, C)
+        let phi = relu(&h)?.sum((2, 3))?; // (B, C)
         let mut logits = self.linear.forward(&phi, train)?.squeeze(1)?; // (B,)
         if let Some(e) = &self.embed {
             logits = e.add(&logits, &phi, c, train)?;

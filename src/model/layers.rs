@@ -16,6 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Shape, Tensor, Var, WithDType,
 };
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::params::{Init, Vb};
@@ -797,18 +798,147 @@ impl CustomOp2 for LeakyReluBwd {
     }
 }
 
-/// Nearest-neighbour 2x upsampling from reshape + broadcast (differentiable twice).
+/// Nearest-neighbour 2x upsampling, x (B, C, H, W) -> (B, C, 2H, 2W). On the CPU (f32, f64)
+/// one fused op ([`Resample2::Up`]); elsewhere [`upsample2_basic`].
 pub fn upsample2(x: &Tensor) -> Result<Tensor> {
+    resample2(x, Resample2::Up(1.0), upsample2_basic)
+}
+
+/// Nearest-neighbour 2x upsampling from reshape + broadcast (the fallback and the tests'
+/// reference; its backward is a strided reduction over the broadcast dimensions).
+pub fn upsample2_basic(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     Ok(x.reshape((b, c, h, 1, w, 1))?
         .broadcast_as((b, c, h, 2, w, 2))?
         .reshape((b, c, 2 * h, 2 * w))?)
 }
 
-/// 2x2 average pooling with stride 2 (H and W must be even).
+/// 2x2 average pooling with stride 2, x (B, C, H, W) -> (B, C, H/2, W/2); H and W must be
+/// even. On the CPU (f32, f64) one fused op ([`Resample2::Pool`]); elsewhere
+/// [`avg_pool2_basic`].
 pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        return Err(crate::error::Error::Msg(format!(
+            "2x2 average pooling needs an even height and width, got {h}x{w}"
+        )));
+    }
+    resample2(x, Resample2::Pool(0.25), avg_pool2_basic)
+}
+
+/// 2x2 average pooling from reshape + two means (the fallback and the tests' reference).
+pub fn avg_pool2_basic(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.mean(5)?.mean(3)?)
+}
+
+fn resample2(x: &Tensor, op: Resample2, basic: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4 {
+        Ok(x.contiguous()?.apply_op1(op)?)
+    } else {
+        basic(x)
+    }
+}
+
+/// Fused 2x resampling of (B, C, H, W), both linear and each the other's adjoint, so each
+/// one's backward is the other (exact to any order): `Up(s)` repeats every pixel into a 2x2
+/// block times s, `Pool(s)` sums every 2x2 block times s. Upsampling is `Up(1)` (backward
+/// `Pool(1)`), average pooling `Pool(1/4)` (backward `Up(1/4)`).
+#[derive(Debug, Clone, Copy)]
+pub enum Resample2 {
+    Up(f64),
+    Pool(f64),
+}
+
+impl Resample2 {
+    fn adjoint(self) -> Self {
+        match self {
+            Self::Up(s) => Self::Pool(s),
+            Self::Pool(s) => Self::Up(s),
+        }
+    }
+
+    /// One (H, W) plane `x` into one output plane `y`.
+    fn plane<T: WithDType>(self, x: &[T], y: &mut [T], w: usize) {
+        match self {
+            Self::Up(s) => {
+                let s = T::from_f64(s);
+                // y is (2H, 2W): two identical rows per input row.
+                for (xr, yr) in x.chunks(w).zip(y.chunks_mut(4 * w)) {
+                    let (top, bottom) = yr.split_at_mut(2 * w);
+                    for (&v, t) in xr.iter().zip(top.chunks_mut(2)) {
+                        let v = v * s;
+                        t[0] = v;
+                        t[1] = v;
+                    }
+                    bottom.copy_from_slice(top);
+                }
+            }
+            Self::Pool(s) => {
+                let s = T::from_f64(s);
+                // x is (H, W) with W = 2 w_out; rows in pairs.
+                for (xr, yr) in x.chunks(2 * w).zip(y.chunks_mut(w / 2)) {
+                    let (top, bottom) = xr.split_at(w);
+                    for ((o, t), b) in yr.iter_mut().zip(top.chunks(2)).zip(bottom.chunks(2)) {
+                        *o = (t[0] + t[1] + b[0] + b[1]) * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Resample2 {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Up(_) => "ganscope-upsample2",
+            Self::Pool(_) => "ganscope-pool2",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: WithDType>(op: Resample2, x: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
+            let out_plane = match op {
+                Resample2::Up(_) => 4 * h * w,
+                Resample2::Pool(_) => h * w / 4,
+            };
+            let mut y = vec![T::from_f64(0.0); planes * out_plane];
+            if out_plane == 0 {
+                return y;
+            }
+            y.par_chunks_mut(out_plane)
+                .zip(x.par_chunks(h * w))
+                .with_min_len((16384 / out_plane).max(1))
+                .for_each(|(yp, xp)| op.plane(xp, yp, w));
+            y
+        }
+        let name = self.name();
+        let (b, c, h, w) = match *l.dims() {
+            [b, c, h, w] => (b, c, h, w),
+            ref d => candle_core::bail!("{name}: expected (B, C, H, W), got {d:?}"),
+        };
+        if matches!(self, Self::Pool(_)) && (h % 2 != 0 || w % 2 != 0) {
+            candle_core::bail!("{name}: height and width must be even, got {h}x{w}");
+        }
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(f(*self, cpu_slice::<f32>(s, l, name)?, b * c, h, w))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(f(*self, cpu_slice::<f64>(s, l, name)?, b * c, h, w))
+            }
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        };
+        let shape = match self {
+            Self::Up(_) => (b, c, 2 * h, 2 * w),
+            Self::Pool(_) => (b, c, h / 2, w / 2),
+        };
+        Ok((out, shape.into()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1(self.adjoint())?))
+    }
 }
 
 /// Stable log(1 + exp(x)) = max(x, 0) + log(1 + exp(-|x|)).
@@ -929,6 +1059,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused 2x upsampling and 2x2 average pooling against their reshape/broadcast/mean
+    /// forms on random shapes, f32: values, gradients and gradients of gradients agree to 1e-5
+    /// relative; odd sizes for pooling are an error.
+    #[test]
+    fn fused_resampling_matches_candle_ops() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(5);
+        let pairs: [(Unary, Unary); 2] =
+            [(upsample2, upsample2_basic), (avg_pool2, avg_pool2_basic)];
+        for (fused_op, basic_op) in pairs {
+            for _ in 0..10 {
+                let shape = [
+                    1 + rng.below(3),
+                    1 + rng.below(4),
+                    2 * (1 + rng.below(6)),
+                    2 * (1 + rng.below(6)),
+                ];
+                let x0 = random(&mut rng, &shape);
+                let y_shape = basic_op(&x0).unwrap().dims().to_vec();
+                let r0 = random(&mut rng, &y_shape);
+                let s0 = random(&mut rng, &shape);
+                let mut outs = Vec::new();
+                for op in [fused_op, basic_op] {
+                    let x = Var::from_tensor(&x0).unwrap();
+                    let r = Var::from_tensor(&r0).unwrap();
+                    let y = op(x.as_tensor()).unwrap();
+                    let loss = (&y * r.as_tensor()).unwrap().sum_all().unwrap();
+                    let gx = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+                    // d sum(gx^2 s) / dr: through the backward op.
+                    let h = (gx.sqr().unwrap() * &s0).unwrap().sum_all().unwrap();
+                    let gr = h.backward().unwrap().get(r.as_tensor()).unwrap().clone();
+                    // A transposed (non-contiguous) input gives the same values.
+                    let yt = op(&x0.transpose(2, 3).unwrap()).unwrap();
+                    outs.push((y, gx, gr, yt));
+                }
+                let (a, b) = (&outs[0], &outs[1]);
+                assert!(rel_err(&a.0, &b.0) < 1e-5, "values {shape:?}");
+                assert!(rel_err(&a.1, &b.1) < 1e-5, "gradients {shape:?}");
+                assert!(rel_err(&a.2, &b.2) < 1e-5, "second order {shape:?}");
+                assert!(rel_err(&a.3, &b.3) < 1e-5, "transposed {shape:?}");
+            }
+        }
+        let odd = Tensor::zeros((1, 2, 5, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = avg_pool2(&odd).unwrap_err().to_string();
+        assert!(err.contains("even"), "{err}");
     }
 
     /// The fused softmax against candle's on random shapes, f32: values, gradients and

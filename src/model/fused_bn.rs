@@ -640,6 +640,214 @@ fn backward<T: Float>(g: Geom, x: &[T], gamma: &[T], dy: &[T], st: &Stats) -> Ve
     out
 }
 
+/// Conditional BatchNorm's per-sample affine: y (B, C, ...) * gamma (B, C) + beta (B, C), one
+/// scale and shift per sample and channel. On the CPU (f32, f64) one fused op ([`CondAffine`],
+/// one pass forward, one backward); elsewhere [`cond_affine_basic`].
+///
+/// Backward, per (sample, channel) plane: dy = g gamma, dgamma = sum(g y), dbeta = sum(g).
+/// Inside [`crate::grad::first_order_backward`] one fused pass computes all three as plain
+/// values; in every other backward (gradient penalties) they are candle ops, so higher orders
+/// stay exact.
+pub fn cond_affine(y: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    let g = Geom::of(y.dims())?;
+    for (name, t) in [("gamma", gamma), ("beta", beta)] {
+        if t.dims() != [g.b, g.c] {
+            bail!(
+                "conditional affine: {name} {:?} does not fit an input {:?} (expected ({}, {}))",
+                t.dims(),
+                y.dims(),
+                g.b,
+                g.c
+            );
+        }
+    }
+    if fast_path(y, Some(gamma), Some(beta)) {
+        y.contiguous()?
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, CondAffine)
+    } else {
+        cond_affine_basic(y, gamma, beta)
+    }
+}
+
+/// [`cond_affine`] from broadcast candle ops (the fallback and the tests' reference).
+pub fn cond_affine_basic(y: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    let g = Geom::of(y.dims())?;
+    let y3 = y.reshape((g.b, g.c, g.s))?;
+    let out = y3
+        .broadcast_mul(&gamma.reshape((g.b, g.c, 1))?)?
+        .broadcast_add(&beta.reshape((g.b, g.c, 1))?)?;
+    out.reshape(y.dims())
+}
+
+/// The fused conditional affine: arguments y, gamma, beta (see [`cond_affine`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CondAffine;
+
+impl CustomOp3 for CondAffine {
+    fn name(&self) -> &'static str {
+        "ganscope-cond-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn f<T: Float>(g: Geom, y: &[T], ga: &[T], be: &[T]) -> Vec<T> {
+            let mut out = vec![T::from64(0.0); g.len()];
+            if g.s > 0 {
+                out.par_chunks_mut(g.s)
+                    .zip(y.par_chunks(g.s))
+                    .enumerate()
+                    .with_min_len(MIN_TASK.div_ceil(g.s))
+                    .for_each(|(p, (o, y))| {
+                        let (a, b) = (ga[p], be[p]);
+                        for (o, &v) in o.iter_mut().zip(y) {
+                            *o = v * a + b;
+                        }
+                    });
+            }
+            out
+        }
+        let name = self.name();
+        let g = Geom::of(l1.dims())?;
+        if l2.shape().elem_count() != g.b * g.c || l3.shape().elem_count() != g.b * g.c {
+            bail!(
+                "{name}: gamma {:?} and beta {:?} for an input {:?}",
+                l2.dims(),
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let a = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let [y, ga, be] = args3::<f32>(name, a)?;
+                CpuStorage::F32(f(g, y, ga, be))
+            }
+            DType::F64 => {
+                let [y, ga, be] = args3::<f64>(name, a)?;
+                CpuStorage::F64(f(g, y, ga, be))
+            }
+            dt => bail!("{name}: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ty, tg, tb) = (y.track_op(), gamma.track_op(), beta.track_op());
+        if !(ty || tg || tb) {
+            return Ok((None, None, None));
+        }
+        let geom = Geom::of(y.dims())?;
+        let (dy, dg, db) = if crate::grad::first_order_only() {
+            let packed = y.apply_op3(gamma, &g.contiguous()?, CondAffineBwd)?;
+            let (n, m) = (geom.len(), geom.b * geom.c);
+            (
+                packed.narrow(0, 0, n)?.reshape(y.dims())?,
+                packed.narrow(0, n, m)?.reshape(gamma.dims())?,
+                packed.narrow(0, n + m, m)?.reshape(beta.dims())?,
+            )
+        } else {
+            let g3 = g.reshape((geom.b, geom.c, geom.s))?;
+            let y3 = y.reshape((geom.b, geom.c, geom.s))?;
+            (
+                g3.broadcast_mul(&gamma.reshape((geom.b, geom.c, 1))?)?
+                    .reshape(y.dims())?,
+                (&g3 * &y3)?.sum(2)?,
+                g3.sum(2)?,
+            )
+        };
+        Ok((ty.then_some(dy), tg.then_some(dg), tb.then_some(db)))
+    }
+}
+
+/// First-order backward of [`CondAffine`]: (y, gamma, g) -> [dy (flattened), dgamma (B C),
+/// dbeta (B C)] in one vector (a custom op has one output). Only used inside
+/// [`crate::grad::first_order_backward`], so it has no backward of its own.
+#[derive(Debug, Clone, Copy)]
+struct CondAffineBwd;
+
+impl CustomOp3 for CondAffineBwd {
+    fn name(&self) -> &'static str {
+        "ganscope-cond-affine-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn f<T: Float>(g: Geom, y: &[T], ga: &[T], dout: &[T]) -> Vec<T> {
+            let (n, m) = (g.len(), g.b * g.c);
+            let mut out = vec![T::from64(0.0); n + 2 * m];
+            let (dy, sums) = out.split_at_mut(n);
+            let mut per_plane = vec![(0.0f64, 0.0f64); m];
+            if g.s > 0 {
+                dy.par_chunks_mut(g.s)
+                    .zip(per_plane.par_iter_mut())
+                    .enumerate()
+                    .with_min_len(MIN_TASK.div_ceil(g.s))
+                    .for_each(|(p, (d, sum))| {
+                        let (yp, gp) = (&y[p * g.s..][..g.s], &dout[p * g.s..][..g.s]);
+                        let a = ga[p];
+                        for (d, &gv) in d.iter_mut().zip(gp) {
+                            *d = gv * a;
+                        }
+                        let (mut s1, mut s2) = ([0.0; LANES], [0.0; LANES]);
+                        accumulate2(gp, yp, &mut s1, &mut s2, |gv, yv| (gv * yv, gv));
+                        *sum = (total(&s1), total(&s2));
+                    });
+            }
+            let (dg, db) = sums.split_at_mut(m);
+            for ((dg, db), &(s1, s2)) in dg.iter_mut().zip(db.iter_mut()).zip(&per_plane) {
+                *dg = T::from64(s1);
+                *db = T::from64(s2);
+            }
+            out
+        }
+        let name = self.name();
+        let g = Geom::of(l1.dims())?;
+        if l2.shape().elem_count() != g.b * g.c || l3.dims() != l1.dims() {
+            bail!(
+                "{name}: gamma {:?} and gradient {:?} for an input {:?}",
+                l2.dims(),
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let a = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let [y, ga, d] = args3::<f32>(name, a)?;
+                CpuStorage::F32(f(g, y, ga, d))
+            }
+            DType::F64 => {
+                let [y, ga, d] = args3::<f64>(name, a)?;
+                CpuStorage::F64(f(g, y, ga, d))
+            }
+            dt => bail!("{name}: unsupported dtype {dt:?}"),
+        };
+        let len = g.len() + 2 * g.b * g.c;
+        Ok((out, len.into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -681,6 +889,65 @@ mod tests {
             .fold(0.0, f64::max);
         let s = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
         d / s.max(1e-300)
+    }
+
+    /// The fused conditional affine against broadcast candle ops, f32, on (B, C, H, W),
+    /// (B, C, 1, 1) and (B, C) inputs: values, gradients in both backward modes (fused inside
+    /// `first_order_backward`, candle ops outside) and a gradient penalty's second order agree
+    /// to 1e-5 relative; a gamma of the wrong shape is an error.
+    #[test]
+    fn cond_affine_matches_candle_ops() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(3);
+        let f32t = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        for dims in [
+            vec![4, 3, 5, 7],
+            vec![16, 8, 1, 1],
+            vec![3, 5],
+            vec![2, 4, 64, 64],
+        ] {
+            let (b, c) = (dims[0], dims[1]);
+            let y0 = f32t(randn(&mut rng, &dims, 0.0, 1.0));
+            let g0 = f32t(randn(&mut rng, &[b, c], 1.0, 0.5));
+            let b0 = f32t(randn(&mut rng, &[b, c], 0.0, 0.5));
+            let r0 = f32t(randn(&mut rng, &dims, 0.0, 1.0));
+            let mut outs = Vec::new();
+            for fused in [true, false] {
+                let (y, ga, be) = (
+                    Var::from_tensor(&y0).unwrap(),
+                    Var::from_tensor(&g0).unwrap(),
+                    Var::from_tensor(&b0).unwrap(),
+                );
+                let op = if fused {
+                    cond_affine
+                } else {
+                    cond_affine_basic
+                };
+                let out = op(y.as_tensor(), ga.as_tensor(), be.as_tensor()).unwrap();
+                let loss = (&out * &r0).unwrap().sum_all().unwrap();
+                let first = crate::grad::first_order_backward(&loss).unwrap();
+                let graph = loss.backward().unwrap();
+                // Penalty on dy (= r gamma): its gradient in gamma is 2 sum(r^2 gamma).
+                let dy = graph.get(y.as_tensor()).unwrap();
+                let p = dy.sqr().unwrap().sum_all().unwrap();
+                let second = p.backward().unwrap();
+                let mut v = vec![out];
+                for t in [&y, &ga, &be] {
+                    v.push(first.get(t.as_tensor()).unwrap().clone());
+                    v.push(graph.get(t.as_tensor()).unwrap().clone());
+                }
+                v.push(second.get(ga.as_tensor()).unwrap().clone());
+                outs.push(v);
+            }
+            for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                assert!(rel(a, b) < 1e-5, "{dims:?} output {i}: {}", rel(a, b));
+            }
+        }
+        let y = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let bad = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let ok = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let err = cond_affine(&y, &bad, &ok).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
     }
 
     type Bn =

@@ -465,13 +465,9 @@ impl CondBatchNorm {
         let y = self.bn.forward(x, train)?;
         match (&self.gamma, &self.beta) {
             (Some(g), Some(b)) => {
-                let gamma = g
-                    .forward(cond, train)?
-                    .affine(1.0, 1.0)?
-                    .unsqueeze(2)?
-                    .unsqueeze(3)?;
-                let beta = b.forward(cond, train)?.unsqueeze(2)?.unsqueeze(3)?;
-                Ok(y.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+                let gamma = g.forward(cond, train)?.affine(1.0, 1.0)?; // (B, C)
+                let beta = b.forward(cond, train)?; // (B, C)
+                Ok(super::fused_bn::cond_affine(&y, &gamma, &beta)?)
             }
             _ => Ok(y),
         }

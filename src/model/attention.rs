@@ -302,32 +302,13 @@ fn grads_fused(
             lg.dims()
         );
     }
+    let a = [(sq, lq), (sk, lk), (sv, lv), (sg, lg)];
     let packed = match (sq, sk, sv, sg) {
         (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            Tensor::from_vec(
-                backward::<f32>(
-                    &g,
-                    slice(sq, lq)?,
-                    slice(sk, lk)?,
-                    slice(sv, lv)?,
-                    slice(sg, lg)?,
-                ),
-                (g.b, 2 * g.ck + g.cv, g.n),
-                &Device::Cpu,
-            )?
+            packed_grads::<f32>(&g, a)?
         }
         (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-            Tensor::from_vec(
-                backward::<f64>(
-                    &g,
-                    slice(sq, lq)?,
-                    slice(sk, lk)?,
-                    slice(sv, lv)?,
-                    slice(sg, lg)?,
-                ),
-                (g.b, 2 * g.ck + g.cv, g.n),
-                &Device::Cpu,
-            )?
+            packed_grads::<f64>(&g, a)?
         }
         _ => bail!("ganscope-attention: mixed dtypes in the backward"),
     };
@@ -335,6 +316,24 @@ fn grads_fused(
     let dk = packed.narrow(1, g.ck, g.ck)?.contiguous()?;
     let dv = packed.narrow(1, 2 * g.ck, g.cv)?.contiguous()?;
     Ok((dq, dk, dv))
+}
+
+/// [`backward`] on four CPU storages of dtype T: (B, 2 Ck + Cv, N), [dq | dk | dv] per sample.
+fn packed_grads<T: Elem + Exp>(
+    g: &Geom,
+    a: [(&CpuStorage, &Layout); 4],
+) -> candle_core::Result<Tensor> {
+    let [q, k, v, go] = [
+        slice::<T>(a[0].0, a[0].1)?,
+        slice::<T>(a[1].0, a[1].1)?,
+        slice::<T>(a[2].0, a[2].1)?,
+        slice::<T>(a[3].0, a[3].1)?,
+    ];
+    Tensor::from_vec(
+        backward(g, q, k, v, go),
+        (g.b, 2 * g.ck + g.cv, g.n),
+        &Device::Cpu,
+    )
 }
 
 #[cfg(test)]

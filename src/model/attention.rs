@@ -193,7 +193,7 @@ fn backward<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], v: &[T], go: &[T]) -> Vec
     let (n, ck, cv) = (g.n, g.ck, g.cv);
     let per = 2 * ck * n + cv * n;
     let mut out = vec![T::from_f64(0.0); g.b * per];
-    if n == 0 {
+    if per == 0 {
         return out;
     }
     per_sample(g, &mut out, per, |i, out, par| {
@@ -454,6 +454,28 @@ mod tests {
                 .unwrap()
                 > 1e-6
         );
+    }
+
+    /// No channels or no positions: empty results, no panic, in both directions.
+    #[test]
+    fn empty_shapes() {
+        for (ck, cv, n) in [(0, 0, 5), (2, 3, 0), (0, 2, 4)] {
+            let z = |c: usize| {
+                Var::from_tensor(&Tensor::ones((2, c, n), DType::F32, &Device::Cpu).unwrap())
+                    .unwrap()
+            };
+            let (q, k, v) = (z(ck), z(ck), z(cv));
+            let o = attention(&q, &k, &v).unwrap();
+            assert_eq!(o.dims(), [2, cv, n]);
+            let loss = o.sum_all().unwrap();
+            let grads = crate::grad::first_order_backward(&loss).unwrap();
+            assert_eq!(grads.get(&v).unwrap().dims(), [2, cv, n]);
+            // Zero logits: uniform attention, so o = the mean of v over positions (v = 1).
+            if cv > 0 && n > 0 {
+                let want = Tensor::ones((2, cv, n), DType::F32, &Device::Cpu).unwrap();
+                assert!(max_rel_err(&o, &want) < 1e-6);
+            }
+        }
     }
 
     #[test]

@@ -33,6 +33,14 @@ pub enum Error {
     Config(String),
     #[error("unknown label `{label}`{}", if .known.is_empty() { String::new() } else { format!(" (known labels: {})", .known.join(", ")) })]
     UnknownLabel { label: String, known: Vec<String> },
+    /// A loss came out NaN or infinite in training step `step` (1-based); the update that
+    /// step would have made (to the network whose loss it is) was not applied.
+    #[error("{what} became {value} at step {step}; the weights were not updated")]
+    NonFinite {
+        what: &'static str,
+        value: f64,
+        step: u64,
+    },
     #[error("{0}")]
     Msg(String),
     #[error(transparent)]

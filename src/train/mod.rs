@@ -583,13 +583,16 @@ fn frac_positive(t: &Tensor) -> Result<f64> {
         / n)
 }
 
-fn check_finite(what: &str, v: f64, step: u64) -> Result<()> {
+/// `step`: the number of completed steps (the failing one is the next).
+fn check_finite(what: &'static str, v: f64, step: u64) -> Result<()> {
     if v.is_finite() {
         Ok(())
     } else {
-        Err(Error::Msg(format!(
-            "{what} became {v} at step {step}; the weights were not updated"
-        )))
+        Err(Error::NonFinite {
+            what,
+            value: v,
+            step: step + 1,
+        })
     }
 }
 

@@ -532,7 +532,16 @@ impl Worker {
 
     fn step(&mut self, kind: StepKind, out: &Outbox) -> Result<()> {
         let t = Instant::now();
-        let stats = self.trainer.step_kind(kind)?;
+        let stats = match self.trainer.step_kind(kind) {
+            Ok(stats) => stats,
+            // A NaN/Inf loss: that update was skipped, but the cause (a poisoned weight, an
+            // exploding D already updated in this step) is in the state; restore it.
+            Err(e @ Error::NonFinite { step, .. }) => {
+                out.send(Event::Log(e.to_string()));
+                return self.recover(step, out);
+            }
+            Err(e) => return Err(e),
+        };
         let step_seconds = t.elapsed().as_secs_f64();
         let s = self.trainer.step;
         let mut alarms = self.monitor.on_step(&stats, step_seconds);

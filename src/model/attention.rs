@@ -25,8 +25,10 @@ use rayon::prelude::*;
 
 use super::conv::{Elem, Scratch, matmul_in};
 use super::layers::num_float::Exp;
-use super::layers::softmax_last;
+use super::layers::{cpu_slice, softmax_last, softmax_row};
 use crate::error::Result;
+
+const NAME: &str = "ganscope-attention";
 
 /// o = v softmax_rows(q^T k)^T for q, k (B, Ck, N) and v (B, Cv, N); returns (B, Cv, N).
 /// On the CPU (f32, f64) the fused [`AttentionOp`], elsewhere [`attention_basic`].
@@ -104,16 +106,6 @@ impl Geom {
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionOp;
 
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => bail!("ganscope-attention: non-contiguous argument"),
-    }
-}
-
 /// Run `f(sample, out_chunk, parallel_products)` for every sample, `out` split in `chunk`s.
 fn per_sample<T: Send>(
     g: &Geom,
@@ -126,10 +118,9 @@ fn per_sample<T: Send>(
             .enumerate()
             .for_each(|(i, o)| f(i, o, false));
     } else {
-        let parallel = rayon::current_num_threads() > 1;
         out.chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, o)| f(i, o, parallel));
+            .for_each(|(i, o)| f(i, o, true));
     }
 }
 
@@ -138,19 +129,7 @@ fn attention_rows<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], a: &mut [T], parall
     let n = g.n;
     matmul_in(parallel, n, n, g.ck, a, (n, 1), false, q, (1, n), k, (n, 1));
     for row in a.chunks_mut(n) {
-        let m = row
-            .iter()
-            .copied()
-            .fold(row[0], |m, v| if v > m { v } else { m });
-        let mut sum = T::from_f64(0.0);
-        for v in row.iter_mut() {
-            *v = (*v - m).exp_();
-            sum += *v;
-        }
-        let r = T::from_f64(1.0) / sum;
-        for v in row.iter_mut() {
-            *v *= r;
-        }
+        softmax_row(row);
     }
 }
 
@@ -242,10 +221,20 @@ impl CustomOp3 for AttentionOp {
         let g = Geom::of(l1.dims(), l2.dims(), l3.dims())?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(forward(&g, slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?))
+                CpuStorage::F32(forward(
+                    &g,
+                    cpu_slice(s1, l1, NAME)?,
+                    cpu_slice(s2, l2, NAME)?,
+                    cpu_slice(s3, l3, NAME)?,
+                ))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(forward(&g, slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?))
+                CpuStorage::F64(forward(
+                    &g,
+                    cpu_slice(s1, l1, NAME)?,
+                    cpu_slice(s2, l2, NAME)?,
+                    cpu_slice(s3, l3, NAME)?,
+                ))
             }
             _ => bail!(
                 "ganscope-attention: expected three f32 or three f64 tensors, got {:?}, {:?}, {:?}",
@@ -324,10 +313,10 @@ fn packed_grads<T: Elem + Exp>(
     a: [(&CpuStorage, &Layout); 4],
 ) -> candle_core::Result<Tensor> {
     let [q, k, v, go] = [
-        slice::<T>(a[0].0, a[0].1)?,
-        slice::<T>(a[1].0, a[1].1)?,
-        slice::<T>(a[2].0, a[2].1)?,
-        slice::<T>(a[3].0, a[3].1)?,
+        cpu_slice::<T>(a[0].0, a[0].1, NAME)?,
+        cpu_slice::<T>(a[1].0, a[1].1, NAME)?,
+        cpu_slice::<T>(a[2].0, a[2].1, NAME)?,
+        cpu_slice::<T>(a[3].0, a[3].1, NAME)?,
     ];
     Tensor::from_vec(
         backward(g, q, k, v, go),

@@ -888,14 +888,13 @@ pub(super) fn matmul<T: WithDType>(
     rhs: &[T],
     rhs_s: (usize, usize),
 ) {
-    let threads = rayon::current_num_threads();
-    let parallel = threads > 1 && m * n * k >= 1 << 17;
     matmul_in(
-        parallel, m, n, k, dst, dst_s, accumulate, lhs, lhs_s, rhs, rhs_s,
+        true, m, n, k, dst, dst_s, accumulate, lhs, lhs_s, rhs, rhs_s,
     )
 }
 
-/// [`matmul`] on the calling thread alone (`parallel` false) or on the rayon pool's threads.
+/// [`matmul`], kept on the calling thread unless `parallel` is set and the product is large
+/// enough to be worth splitting across the rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_in<T: WithDType>(
     parallel: bool,
@@ -927,8 +926,9 @@ pub(super) fn matmul_in<T: WithDType>(
     }
     assert!(extent(m, k, lhs_s) <= lhs.len());
     assert!(extent(k, n, rhs_s) <= rhs.len());
-    let par = if parallel {
-        Parallelism::Rayon(rayon::current_num_threads())
+    let threads = rayon::current_num_threads();
+    let par = if parallel && threads > 1 && m * n * k >= 1 << 17 {
+        Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };

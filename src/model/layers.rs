@@ -561,6 +561,23 @@ pub fn softmax_last_basic(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
+/// Softmax of one non-empty row in place: max, exp and sum, scale.
+pub(super) fn softmax_row<T: WithDType + num_float::Exp>(row: &mut [T]) {
+    let m = row
+        .iter()
+        .copied()
+        .fold(row[0], |m, v| if v > m { v } else { m });
+    let mut sum = T::from_f64(0.0);
+    for v in row.iter_mut() {
+        *v = (*v - m).exp_();
+        sum += *v;
+    }
+    let r = T::from_f64(1.0) / sum;
+    for v in row.iter_mut() {
+        *v *= r;
+    }
+}
+
 /// Fused softmax over the last dimension of a contiguous CPU tensor: one pass per row
 /// (max, exp, sum, scale) instead of five whole-tensor ops. Backward:
 /// dx = y * (g - sum(g * y)), from candle ops on y = the op's output.
@@ -579,21 +596,7 @@ impl CustomOp1 for SoftmaxLast {
                 return out;
             }
             for row in out.chunks_mut(n) {
-                let mut m = row[0];
-                for &v in row.iter() {
-                    if v > m {
-                        m = v;
-                    }
-                }
-                let mut sum = T::from_f64(0.0);
-                for v in row.iter_mut() {
-                    *v = (*v - m).exp_();
-                    sum += *v;
-                }
-                let r = T::from_f64(1.0) / sum;
-                for v in row.iter_mut() {
-                    *v *= r;
-                }
+                softmax_row(row);
             }
             out
         }
@@ -700,7 +703,7 @@ impl LeakyRelu {
 #[derive(Debug, Clone, Copy)]
 pub struct LeakyReluBwd(LeakyRelu);
 
-fn cpu_slice<'a, T: WithDType>(
+pub(super) fn cpu_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,

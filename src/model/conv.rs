@@ -291,10 +291,14 @@ impl Geom {
     fn col(&self) -> usize {
         self.o * self.l()
     }
-    /// Samples per im2col buffer, so that the buffer stays within the budget.
+    /// Samples per im2col buffer, so that the buffer stays within the budget. The batch is
+    /// split into chunks of equal size (64 samples at 20 per buffer run as 4 x 16, not
+    /// 20 + 20 + 20 + 4: a small last chunk makes a gemm too narrow to run at full rate).
     fn chunk<T>(&self) -> usize {
         let per_sample = (self.ckk() * self.l() * std::mem::size_of::<T>()).max(1);
-        (cols_budget_bytes() / per_sample).clamp(1, self.b.max(1))
+        let b = self.b.max(1);
+        let most = (cols_budget_bytes() / per_sample).clamp(1, b);
+        b.div_ceil(b.div_ceil(most))
     }
 }
 
@@ -744,7 +748,143 @@ fn valid_range(kk: usize, p: usize, s: usize, n_img: usize, n_out: usize) -> (us
 }
 
 /// im2col of `nb` samples: img (nb, C, H, W) -> cols (C K K, nb OH OW), every entry written.
-fn im2col<T: WithDType>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
+fn im2col<T: Elem>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
+    if g.gathers_by_table() {
+        im2col_table(g, nb, img, cols)
+    } else {
+        im2col_rows(g, nb, img, cols)
+    }
+}
+
+/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W) (zeroed).
+fn col2im<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+    if g.gathers_by_table() {
+        col2im_table(g, nb, cols, img)
+    } else {
+        col2im_rows(g, nb, cols, img)
+    }
+}
+
+impl Geom {
+    /// Whether im2col / col2im go through an offset table on zero-padded planes (short
+    /// output rows or a stride above 1: the DCGAN layers) rather than row by row with
+    /// contiguous copies (stride 1 and rows of 16 or more: the 3x3 convolutions of the
+    /// ResNet-style models).
+    fn gathers_by_table(&self) -> bool {
+        self.s > 1 || self.ow < 16
+    }
+
+    /// Height and width of a zero-padded image plane.
+    fn padded(&self) -> (usize, usize) {
+        (self.h + 2 * self.p, self.w + 2 * self.p)
+    }
+
+    /// For each column position j = oh OW + ow, the offset in a padded plane (row length
+    /// `wp`) of the pixel it sees through tap (0, 0); tap (kh, kw) adds kh wp + kw. The
+    /// largest offset plus the largest tap shift, ((OH-1) s + K-1) wp + (OW-1) s + K-1, is
+    /// below hp wp because (OH-1) s + K <= H + 2p for a conv (and, with the output padding,
+    /// for a transposed one).
+    fn tap_offsets(&self) -> Vec<usize> {
+        let wp = self.padded().1;
+        (0..self.oh)
+            .flat_map(|oh| (0..self.ow).map(move |ow| oh * self.s * wp + ow * self.s))
+            .collect()
+    }
+}
+
+/// Copies `planes` planes of h x w into planes of (h + 2p) x (w + 2p) with a zero border.
+fn pad_planes<T: WithDType>(src: &[T], h: usize, w: usize, p: usize, dst: &mut [T]) {
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let zero = T::from_f64(0.0);
+    dst.par_chunks_mut(hp * wp)
+        .zip(src.par_chunks(h * w))
+        .with_min_len((16384 / (hp * wp).max(1)).max(1))
+        .for_each(|(d, s)| {
+            d[..p * wp].fill(zero);
+            d[(p + h) * wp..].fill(zero);
+            for (dr, sr) in d[p * wp..(p + h) * wp].chunks_mut(wp).zip(s.chunks(w)) {
+                dr[..p].fill(zero);
+                dr[p..p + w].copy_from_slice(sr);
+                dr[p + w..].fill(zero);
+            }
+        });
+}
+
+/// [`im2col`] through the offset table: each row (c, kh, kw) of cols reads, for every
+/// sample, padded_plane[kh wp + kw + offset[j]] into position j.
+fn im2col_table<T: Elem>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
+    let (k, l) = (g.k, g.l());
+    let (hp, wp) = g.padded();
+    let pp = hp * wp;
+    let mut padded = Scratch::new(if g.p > 0 { nb * g.c * pp } else { 0 });
+    let src: &[T] = if g.p > 0 {
+        let d = padded.get(nb * g.c * pp);
+        pad_planes(img, g.h, g.w, g.p, d);
+        d
+    } else {
+        img
+    };
+    let offsets = g.tap_offsets();
+    let last = offsets.last().copied().unwrap_or(0);
+    cols.par_chunks_mut(nb * l)
+        .with_min_len((8192 / (nb * l).max(1)).max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+            let shift = kh * wp + kw;
+            for (b, dst) in row.chunks_mut(l).enumerate() {
+                let plane = &src[(b * g.c + c) * pp..][..pp];
+                // Every read lies in plane[shift..=shift + last] (see tap_offsets).
+                let plane = &plane[shift..=shift + last];
+                for (d, &o) in dst.iter_mut().zip(&offsets) {
+                    *d = plane[o];
+                }
+            }
+        });
+}
+
+/// [`col2im`] through the offset table: each image plane accumulates its K K rows of cols in
+/// a zero-padded buffer, whose interior then becomes the plane.
+fn col2im_table<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+    let (k, p, l) = (g.k, g.p, g.l());
+    let n = nb * l;
+    let (hp, wp) = g.padded();
+    let hw = g.h * g.w;
+    let offsets = g.tap_offsets();
+    let last = offsets.last().copied().unwrap_or(0);
+    let zero = T::from_f64(0.0);
+    img.par_chunks_mut(hw)
+        .with_min_len((4096 / hw.max(1)).max(1))
+        .enumerate()
+        .for_each_init(
+            || vec![zero; if p > 0 { hp * wp } else { 0 }],
+            |acc, (idx, plane)| {
+                let (b, c) = (idx / g.c, idx % g.c);
+                let add = |acc: &mut [T]| {
+                    for tap in 0..k * k {
+                        let row = &cols[(c * k * k + tap) * n + b * l..][..l];
+                        let shift = (tap / k) * wp + tap % k;
+                        let a = &mut acc[shift..=shift + last];
+                        for (&v, &o) in row.iter().zip(&offsets) {
+                            a[o] += v;
+                        }
+                    }
+                };
+                if p == 0 {
+                    add(plane);
+                    return;
+                }
+                acc.fill(zero);
+                add(acc);
+                for (dr, ar) in plane.chunks_mut(g.w).zip(acc[p * wp..].chunks(wp)) {
+                    dr.copy_from_slice(&ar[p..p + g.w]);
+                }
+            },
+        );
+}
+
+/// [`im2col`] row by row: contiguous runs are copied, the padding filled.
+fn im2col_rows<T: WithDType>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
     let (k, s, p, l) = (g.k, g.s, g.p, g.l());
     let n = nb * l;
     let zero = T::from_f64(0.0);
@@ -772,8 +912,8 @@ fn im2col<T: WithDType>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
     });
 }
 
-/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W) (zeroed).
-fn col2im<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+/// [`col2im`] row by row.
+fn col2im_rows<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
     let (k, s, p, l) = (g.k, g.s, g.p, g.l());
     let n = nb * l;
     let hw = g.h * g.w;
@@ -1030,9 +1170,10 @@ mod tests {
         (2, 3, 10, 9, 4, 3, 2, 0),  // non-square
         (1, 2, 9, 9, 3, 4, 2, 0),   // 9 -> 3, (9 - 4) odd
         (2, 3, 5, 5, 2, 3, 1, 1),
-        (1, 1, 1, 1, 3, 1, 1, 0), // 1x1 spatial
-        (2, 3, 2, 2, 4, 4, 1, 1), // 2 -> 1 through padding
-        (2, 3, 4, 4, 2, 4, 2, 0), // 4 -> 1, stride 2
+        (1, 1, 1, 1, 3, 1, 1, 0),   // 1x1 spatial
+        (2, 3, 2, 2, 4, 4, 1, 1),   // 2 -> 1 through padding
+        (2, 3, 4, 4, 2, 4, 2, 0),   // 4 -> 1, stride 2
+        (2, 2, 20, 18, 3, 3, 1, 1), // stride 1, rows of 16+: im2col row by row
     ];
 
     /// (B, Cin, H, W, Cout, K, stride, padding) for conv_transpose2d.
@@ -1454,6 +1595,103 @@ mod tests {
 
     /// A timed pass: name, candle's version, ours.
     type Pass<'a> = (&'static str, Box<dyn Fn() + 'a>, Box<dyn Fn() + 'a>);
+
+    /// The two im2col / col2im implementations give identical results (same values, same
+    /// order of additions) on geometries that each of them serves in practice.
+    #[test]
+    fn table_and_row_paths_agree() {
+        let mut rng = Rng::new(5);
+        // (nb, c, h, w, k, s, p)
+        let cases = [
+            (3, 2, 14, 14, 4, 2, 1),
+            (2, 3, 20, 17, 3, 1, 1),
+            (2, 2, 9, 11, 3, 2, 0),
+            (1, 2, 7, 7, 7, 1, 0),
+            (2, 1, 10, 10, 5, 3, 2),
+            (2, 2, 18, 18, 3, 1, 0),
+        ];
+        for (nb, c, h, w, k, s, p) in cases {
+            let g = Geom {
+                b: nb,
+                c,
+                h,
+                w,
+                o: 1,
+                oh: conv_out(h, k, s, p).unwrap(),
+                ow: conv_out(w, k, s, p).unwrap(),
+                k,
+                s,
+                p,
+            };
+            let img: Vec<f64> = rng.normal_vec(nb * g.img());
+            let n = g.ckk() * nb * g.l();
+            let (mut a, mut b) = (vec![f64::NAN; n], vec![f64::NAN; n]);
+            im2col_rows(&g, nb, &img, &mut a);
+            im2col_table(&g, nb, &img, &mut b);
+            assert_eq!(a, b, "im2col {:?}", (nb, c, h, w, k, s, p));
+            let cols: Vec<f64> = rng.normal_vec(n);
+            let (mut a, mut b) = (vec![0.0; img.len()], vec![0.0; img.len()]);
+            col2im_rows(&g, nb, &cols, &mut a);
+            col2im_table(&g, nb, &cols, &mut b);
+            assert_eq!(a, b, "col2im {:?}", (nb, c, h, w, k, s, p));
+        }
+    }
+
+    /// im2col / col2im alone, row by row against the offset table, on the DCGAN-28 and
+    /// DCGAN-64 layer shapes (batch chunk as the kernels use it):
+    /// `cargo test --release --lib model::conv::tests::bench_im2col -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_im2col() {
+        let geoms = [
+            ("D conv 64->128 14->7", 64, 14, 7, 128, 20),
+            ("D conv 11->64 28->14", 11, 28, 14, 64, 64),
+            ("D64 conv 64->128 32->16", 64, 32, 16, 128, 4),
+            ("D64 conv 3->64 64->32", 3, 64, 32, 64, 16),
+        ];
+        for (name, c, h, oh, o, nb) in geoms {
+            let g = Geom {
+                b: nb,
+                c,
+                h,
+                w: h,
+                o,
+                oh,
+                ow: oh,
+                k: 4,
+                s: 2,
+                p: 1,
+            };
+            let mut rng = Rng::new(3);
+            let img: Vec<f32> = rng
+                .normal_vec(nb * g.img())
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
+            let mut cols = vec![0f32; g.ckk() * nb * g.l()];
+            let mut back = vec![0f32; nb * g.img()];
+            let ms = |f: &mut dyn FnMut()| time_ms(15, f);
+            let a = ms(&mut || im2col_rows(&g, nb, &img, &mut cols));
+            let ref_cols = cols.clone();
+            let b = ms(&mut || im2col_table(&g, nb, &img, &mut cols));
+            assert_eq!(ref_cols, cols);
+            let c2 = ms(&mut || {
+                back.fill(0.0);
+                col2im_rows(&g, nb, &cols, &mut back)
+            });
+            let ref_back = back.clone();
+            let d = ms(&mut || {
+                back.fill(0.0);
+                col2im_table(&g, nb, &cols, &mut back)
+            });
+            assert_eq!(ref_back, back);
+            let mb = (cols.len() * 4) as f64 / 1e6;
+            println!(
+                "{name} x{nb} ({mb:.1} MB of cols): im2col rows {a:.3} ms, table {b:.3} ms; \
+                 col2im rows {c2:.3} ms, table {d:.3} ms"
+            );
+        }
+    }
 
     /// `cargo test --release --lib model::conv -- --ignored --nocapture`
     #[test]

@@ -164,11 +164,7 @@ impl CustomOp2 for Conv2dOp {
         } else {
             None
         };
-        let gw = if w.track_op() {
-            Some(weight_grad_op(x, g, s, p, k)?)
-        } else {
-            None
-        };
+        let gw = weight_gradient(w, || weight_grad_op(x, g, s, p, k))?;
         Ok((gx, gw))
     }
 }
@@ -202,12 +198,24 @@ impl CustomOp2 for ConvT2dOp {
         } else {
             None
         };
-        let gw = if w.track_op() {
-            Some(weight_grad_op(g, x, s, p, w.dim(2)?)?)
-        } else {
-            None
-        };
+        let gw = weight_gradient(w, || weight_grad_op(g, x, s, p, w.dim(2)?))?;
         Ok((gx, gw))
+    }
+}
+
+/// The weight gradient a convolution's backward returns: `f()`, unless the weight needs none
+/// or the backward wants only input gradients ([`crate::grad::inputs_only`]). Then a weight
+/// that is a variable gets nothing, and one computed from variables (spectral norm) gets
+/// zeros: candle's backward requires a gradient for every such intermediate tensor.
+fn weight_gradient(w: &Tensor, f: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+    if !w.track_op() {
+        Ok(None)
+    } else if !crate::grad::inputs_only() {
+        f().map(Some)
+    } else if w.is_variable() {
+        Ok(None)
+    } else {
+        w.zeros_like().map(Some)
     }
 }
 
@@ -1240,6 +1248,55 @@ mod tests {
                 worst.0, worst.1
             );
         }
+    }
+
+    /// Inside an input-gradient backward, a variable weight gets no gradient and a computed
+    /// one zeros, while the input gradient is unchanged; outside it, both get theirs.
+    #[test]
+    fn input_gradient_backward_skips_weight_gradients() {
+        let mut rng = Rng::new(9);
+        let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 8, 8], DType::F64)).unwrap();
+        let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 4, 4], DType::F64)).unwrap();
+        let wt = Var::from_tensor(&randn(&mut rng, &[4, 2, 4, 4], DType::F64)).unwrap();
+        let run = |inputs_only: bool| {
+            // w as a variable; wt through a computed tensor (as spectral norm does).
+            let wt2 = (wt.as_tensor() * 2.0).unwrap();
+            let y = conv2d(x.as_tensor(), &w, 2, 1).unwrap();
+            let z = conv_transpose2d(&y, &wt2, 2, 1).unwrap();
+            let loss = z.sqr().unwrap().sum_all().unwrap();
+            let g = if inputs_only {
+                crate::grad::inputs_only_while(|| loss.backward()).unwrap()
+            } else {
+                loss.backward().unwrap()
+            };
+            let get = |t: &Tensor| g.get(t).cloned();
+            (get(x.as_tensor()).unwrap(), get(&w), get(wt.as_tensor()))
+        };
+        let (gx_all, gw_all, gwt_all) = run(false);
+        let (gx, gw, gwt) = run(true);
+        assert_eq!(rel(&gx, &gx_all), 0.0);
+        assert!(gw.is_none());
+        let gwt = gwt.expect("the zeros flow back to the variable");
+        assert_eq!(
+            gwt.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            0.0
+        );
+        let big = |t: Option<Tensor>| {
+            t.unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                > 0.0
+        };
+        assert!(big(gw_all) && big(gwt_all));
     }
 
     #[test]

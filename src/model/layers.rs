@@ -662,6 +662,10 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 
 const LEAKY_SLOPE: f64 = 0.2;
 
+/// Elements per rayon task in the elementwise kernels: shorter slices run on the calling
+/// thread. Each element is computed on its own, so results do not depend on the split.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
 /// Fused (leaky) ReLU, y = x for x > 0 and `slope` x otherwise: one pass forward; backward is
 /// [`LeakyReluBwd`], itself differentiable, so the op can sit under a gradient penalty. Takes
 /// a contiguous CPU tensor.
@@ -684,18 +688,6 @@ impl LeakyRelu {
         slope: 0.0,
         tie: 1.0,
     };
-
-    /// dy/dx at x.
-    fn slope_at<T: WithDType>(&self, x: T) -> T {
-        let z = T::from_f64(0.0);
-        if x > z {
-            T::from_f64(1.0)
-        } else if x < z {
-            T::from_f64(self.slope)
-        } else {
-            T::from_f64(self.tie)
-        }
-    }
 }
 
 /// (x, g) -> g * slope(x) with slope as in [`LeakyRelu`]: its input gradient. Linear in g (its
@@ -722,8 +714,11 @@ impl CustomOp1 for LeakyRelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         fn f<T: WithDType>(x: &[T], slope: f64) -> Vec<T> {
-            let (a, z) = (T::from_f64(slope), T::from_f64(0.0));
-            x.iter().map(|&v| if v > z { v } else { v * a }).collect()
+            let (a, z, one) = (T::from_f64(slope), T::from_f64(0.0), T::from_f64(1.0));
+            x.par_iter()
+                .with_min_len(PAR_MIN_ELEMS)
+                .map(|&v| v * if v > z { one } else { a })
+                .collect()
         }
         let name = self.name();
         let out = match s {
@@ -752,7 +747,16 @@ impl CustomOp2 for LeakyReluBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         fn f<T: WithDType>(x: &[T], g: &[T], op: &LeakyRelu) -> Vec<T> {
-            x.iter().zip(g).map(|(&x, &g)| g * op.slope_at(x)).collect()
+            let (z, one) = (T::from_f64(0.0), T::from_f64(1.0));
+            let (slope, tie) = (T::from_f64(op.slope), T::from_f64(op.tie));
+            x.par_iter()
+                .zip(g)
+                .with_min_len(PAR_MIN_ELEMS)
+                .map(|(&x, &g)| {
+                    let s = if x > z { one } else { slope };
+                    g * if x == z { tie } else { s }
+                })
+                .collect()
         }
         let name = self.name();
         if l1.shape() != l2.shape() {

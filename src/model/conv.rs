@@ -764,20 +764,21 @@ fn im2col<T: Elem>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
     }
 }
 
-/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W) (zeroed).
+/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W), which must be
+/// zeroed (the gather writes the sums).
 fn col2im<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
     if g.gathers_by_table() {
-        col2im_table(g, nb, cols, img)
+        col2im_gather(g, nb, cols, img)
     } else {
         col2im_rows(g, nb, cols, img)
     }
 }
 
 impl Geom {
-    /// Whether im2col / col2im go through an offset table on zero-padded planes (short
-    /// output rows or a stride above 1: the DCGAN layers) rather than row by row with
-    /// contiguous copies (stride 1 and rows of 16 or more: the 3x3 convolutions of the
-    /// ResNet-style models).
+    /// Whether im2col / col2im gather through offset tables (im2col from zero-padded planes,
+    /// col2im pixel by pixel; short output rows or a stride above 1: the DCGAN layers)
+    /// rather than going row by row with contiguous copies (stride 1 and rows of 16 or more:
+    /// the 3x3 convolutions of the ResNet-style models).
     fn gathers_by_table(&self) -> bool {
         self.s > 1 || self.ow < 16
     }
@@ -851,44 +852,63 @@ fn im2col_table<T: Elem>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
         });
 }
 
-/// [`col2im`] through the offset table: each image plane accumulates its K K rows of cols in
-/// a zero-padded buffer, whose interior then becomes the plane.
-fn col2im_table<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
-    let (k, p, l) = (g.k, g.p, g.l());
+/// For every pixel i of an image plane (row-major), the columns of cols that land on it:
+/// `offsets[start[i]..start[i + 1]]`, each `tap * n + j` (tap = kh K + kw, j = oh OW + ow,
+/// `n` the columns per row of cols), in increasing tap order.
+fn pixel_sources(g: &Geom, n: usize) -> (Vec<usize>, Vec<usize>) {
+    let (k, s, p) = (g.k, g.s, g.p);
+    let mut pairs = Vec::with_capacity(k * k * g.l());
+    for tap in 0..k * k {
+        let (kh, kw) = (tap / k, tap % k);
+        let (hlo, hhi) = valid_range(kh, p, s, g.h, g.oh);
+        let (wlo, whi) = valid_range(kw, p, s, g.w, g.ow);
+        for oh in hlo..hhi {
+            for ow in wlo..whi {
+                let pixel = (oh * s + kh - p) * g.w + ow * s + kw - p;
+                pairs.push((pixel, tap * n + oh * g.ow + ow));
+            }
+        }
+    }
+    // A stable counting sort by pixel keeps each pixel's sources in tap order.
+    let mut start = vec![0usize; g.h * g.w + 1];
+    for &(px, _) in &pairs {
+        start[px + 1] += 1;
+    }
+    for i in 0..g.h * g.w {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut offsets = vec![0usize; pairs.len()];
+    for (px, o) in pairs {
+        offsets[fill[px]] = o;
+        fill[px] += 1;
+    }
+    (start, offsets)
+}
+
+/// [`col2im`] as a gather: each pixel sums the columns that land on it (see
+/// [`pixel_sources`]) in the order the row version adds them, and is written once. Overwrites
+/// `img` (the callers pass zeros, and 0 + v = v, so the result equals an accumulation).
+fn col2im_gather<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+    let (kk, l) = (g.k * g.k, g.l());
     let n = nb * l;
-    let (hp, wp) = g.padded();
     let hw = g.h * g.w;
-    let offsets = g.tap_offsets();
-    let last = offsets.last().copied().unwrap_or(0);
+    let (start, offsets) = pixel_sources(g, n);
     let zero = T::from_f64(0.0);
     img.par_chunks_mut(hw)
         .with_min_len((4096 / hw.max(1)).max(1))
         .enumerate()
-        .for_each_init(
-            || vec![zero; if p > 0 { hp * wp } else { 0 }],
-            |acc, (idx, plane)| {
-                let (b, c) = (idx / g.c, idx % g.c);
-                let add = |acc: &mut [T]| {
-                    for tap in 0..k * k {
-                        let row = &cols[(c * k * k + tap) * n + b * l..][..l];
-                        let shift = (tap / k) * wp + tap % k;
-                        let a = &mut acc[shift..=shift + last];
-                        for (&v, &o) in row.iter().zip(&offsets) {
-                            a[o] += v;
-                        }
-                    }
-                };
-                if p == 0 {
-                    add(plane);
-                    return;
+        .for_each(|(idx, plane)| {
+            let (b, c) = (idx / g.c, idx % g.c);
+            let src = &cols[c * kk * n + b * l..];
+            for (px, range) in plane.iter_mut().zip(start.windows(2)) {
+                let mut acc = zero;
+                for &o in &offsets[range[0]..range[1]] {
+                    acc += src[o];
                 }
-                acc.fill(zero);
-                add(acc);
-                for (dr, ar) in plane.chunks_mut(g.w).zip(acc[p * wp..].chunks(wp)) {
-                    dr.copy_from_slice(&ar[p..p + g.w]);
-                }
-            },
-        );
+                *px = acc;
+            }
+        });
 }
 
 /// [`im2col`] row by row: contiguous runs are copied, the padding filled.
@@ -1653,8 +1673,9 @@ mod tests {
     /// A timed pass: name, candle's version, ours.
     type Pass<'a> = (&'static str, Box<dyn Fn() + 'a>, Box<dyn Fn() + 'a>);
 
-    /// The two im2col / col2im implementations give identical results (same values, same
-    /// order of additions) on geometries that each of them serves in practice.
+    /// The two im2col / col2im implementations (rows; offset table and pixel gather) give
+    /// identical results (same values, same order of additions) on geometries that each of
+    /// them serves in practice.
     #[test]
     fn table_and_row_paths_agree() {
         let mut rng = Rng::new(5);
@@ -1689,12 +1710,12 @@ mod tests {
             let cols: Vec<f64> = rng.normal_vec(n);
             let (mut a, mut b) = (vec![0.0; img.len()], vec![0.0; img.len()]);
             col2im_rows(&g, nb, &cols, &mut a);
-            col2im_table(&g, nb, &cols, &mut b);
+            col2im_gather(&g, nb, &cols, &mut b);
             assert_eq!(a, b, "col2im {:?}", (nb, c, h, w, k, s, p));
         }
     }
 
-    /// im2col / col2im alone, row by row against the offset table, on the DCGAN-28 and
+    /// im2col / col2im alone, row by row against the table / gather, on the DCGAN-28 and
     /// DCGAN-64 layer shapes (batch chunk as the kernels use it):
     /// `cargo test --release --lib model::conv::tests::bench_im2col -- --ignored --nocapture`
     #[test]
@@ -1737,15 +1758,12 @@ mod tests {
                 col2im_rows(&g, nb, &cols, &mut back)
             });
             let ref_back = back.clone();
-            let d = ms(&mut || {
-                back.fill(0.0);
-                col2im_table(&g, nb, &cols, &mut back)
-            });
+            let d = ms(&mut || col2im_gather(&g, nb, &cols, &mut back));
             assert_eq!(ref_back, back);
             let mb = (cols.len() * 4) as f64 / 1e6;
             println!(
                 "{name} x{nb} ({mb:.1} MB of cols): im2col rows {a:.3} ms, table {b:.3} ms; \
-                 col2im rows {c2:.3} ms, table {d:.3} ms"
+                 col2im rows {c2:.3} ms, gather {d:.3} ms"
             );
         }
     }

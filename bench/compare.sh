@@ -3,7 +3,8 @@
 # machine with the same settings, then print ganscope/PyTorch throughput per model
 # (images/s ratio: above 1 means ganscope is faster).
 #
-# Usage: bench/compare.sh [--model M] [--batch B] [--iters N] [--warmup W] [--threads T]
+# Usage: bench/compare.sh [--rounds R] [--model M] [--batch B] [--iters N] [--warmup W]
+#        [--threads T]
 # Environment: PYTHON (default ~/torchvenv/bin/python), GANSCOPE (default
 # target/release/ganscope, built with `cargo build --release` if missing), OMP_WAIT_POLICY
 # for PyTorch (default PASSIVE: with the default active spin-waiting, PyTorch's OpenMP threads
@@ -12,7 +13,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/torchvenv/bin/python}
 GANSCOPE=${GANSCOPE:-target/release/ganscope}
-args=("$@")
+# --rounds R (this script's own flag): run both sides R times, alternating which goes first,
+# and report each round's ratio and their median. On a machine shared with other work a
+# single run can be off by 15% either way; the median over rounds is steadier.
+rounds=1
+args=()
+while (($#)); do
+    if [[ $1 == --rounds ]]; then
+        rounds=${2:?--rounds needs a number}
+        shift 2
+    else
+        args+=("$1")
+        shift
+    fi
+done
 # Same thread count on both sides: the machine's cores unless --threads is given.
 if [[ " ${args[*]-} " != *" --threads "* ]]; then
     args+=(--threads "$(nproc)")
@@ -22,26 +36,57 @@ if [[ ! -x $GANSCOPE ]]; then
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-echo "== $(date -u +%FT%TZ) $(uname -n), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== ganscope: $GANSCOPE bench ${args[*]}"
-"$GANSCOPE" bench "${args[@]}" | tee "$out/ganscope.txt"
-echo "== load: $(cut -d' ' -f1-3 /proc/loadavg)"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-echo "== pytorch: OMP_WAIT_POLICY=$OMP_WAIT_POLICY $PYTHON bench/torch_bench.py ${args[*]}"
-"$PYTHON" bench/torch_bench.py "${args[@]}" | tee "$out/torch.txt"
+run_ganscope() {
+    echo "== ganscope: $GANSCOPE bench ${args[*]} (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$GANSCOPE" bench "${args[@]}" | tee "$out/ganscope.$1.txt"
+}
+run_torch() {
+    echo "== pytorch: OMP_WAIT_POLICY=$OMP_WAIT_POLICY $PYTHON bench/torch_bench.py ${args[*]} (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$PYTHON" bench/torch_bench.py "${args[@]}" | tee "$out/torch.$1.txt"
+}
+echo "== $(date -u +%FT%TZ) $(uname -n), $rounds round(s)"
+for ((r = 1; r <= rounds; r++)); do
+    if ((r % 2)); then
+        run_ganscope "$r"
+        run_torch "$r"
+    else
+        run_torch "$r"
+        run_ganscope "$r"
+    fi
+done
 echo "== load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-printf '%-16s %14s %14s %18s\n' model ganscope_ms pytorch_ms "ganscope/pytorch"
+printf '%-16s %14s %14s %18s  %s\n' model ganscope_ms pytorch_ms "ganscope/pytorch" "(per round)"
 awk '
     /^bench model=/ {
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        if (FILENAME ~ /ganscope/) { gm[v["model"]] = v["ms_per_iter"]; gi[v["model"]] = v["images_per_s"]; order[++n] = v["model"] }
-        else { tm[v["model"]] = v["ms_per_iter"]; ti[v["model"]] = v["images_per_s"] }
+        split(FILENAME, parts, ".")
+        r = parts[length(parts) - 1]
+        m = v["model"]
+        if (FILENAME ~ /ganscope/) {
+            gm[m, r] = v["ms_per_iter"]; gi[m, r] = v["images_per_s"]
+            if (!(m in seen)) { seen[m] = 1; order[++n] = m }
+            if (r > nr) nr = r
+        } else { tm[m, r] = v["ms_per_iter"]; ti[m, r] = v["images_per_s"] }
+    }
+    function median(a, k,    i, j, t) {
+        for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
     }
     END {
-        for (k = 1; k <= n; k++) {
-            m = order[k]
-            if (m in ti) printf "%-16s %14.1f %14.1f %17.2fx\n", m, gm[m], tm[m], gi[m] / ti[m]
-            else printf "%-16s %14.1f %14s %18s\n", m, gm[m], "-", "(no PyTorch run)"
+        for (q = 1; q <= n; q++) {
+            m = order[q]; k = 0; kg = 0; kt = 0; list = ""
+            delete rs; delete gs; delete ts
+            for (r = 1; r <= nr; r++) {
+                if ((m, r) in gm) gs[++kg] = gm[m, r]
+                if ((m, r) in tm) ts[++kt] = tm[m, r]
+                if ((m, r) in gm && (m, r) in ti) {
+                    rs[++k] = gi[m, r] / ti[m, r]
+                    list = list sprintf(" %.2f", rs[k])
+                }
+            }
+            if (k > 0) printf "%-16s %14.1f %14.1f %17.2fx  (%s)\n", m, median(gs, kg), median(ts, kt), median(rs, k), substr(list, 2)
+            else printf "%-16s %14.1f %14s %18s\n", m, median(gs, kg), "-", "(no PyTorch run)"
         }
-    }' "$out/ganscope.txt" "$out/torch.txt"
+    }' "$out"/ganscope.*.txt "$out"/torch.*.txt

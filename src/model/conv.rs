@@ -29,6 +29,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::MIN_TASK;
+
 /// 2-D convolution, x (B, C, H, W), w (O, C, K, K) OIHW -> (B, O, OH, OW), with
 /// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -766,7 +768,7 @@ fn im2col<T: Elem>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
 
 /// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W), which must be
 /// zeroed (the gather writes the sums).
-fn col2im<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+fn col2im<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
     if g.gathers_by_table() {
         col2im_gather(g, nb, cols, img)
     } else {
@@ -807,7 +809,7 @@ fn pad_planes<T: WithDType>(src: &[T], h: usize, w: usize, p: usize, dst: &mut [
     let zero = T::from_f64(0.0);
     dst.par_chunks_mut(hp * wp)
         .zip(src.par_chunks(h * w))
-        .with_min_len((16384 / (hp * wp).max(1)).max(1))
+        .with_min_len((MIN_TASK / (hp * wp).max(1)).max(1))
         .for_each(|(d, s)| {
             d[..p * wp].fill(zero);
             d[(p + h) * wp..].fill(zero);
@@ -889,7 +891,7 @@ fn pixel_sources(g: &Geom, n: usize) -> (Vec<usize>, Vec<usize>) {
 /// [`col2im`] as a gather: each pixel sums the columns that land on it (see
 /// [`pixel_sources`]) in the order the row version adds them, and is written once. Overwrites
 /// `img` (the callers pass zeros, and 0 + v = v, so the result equals an accumulation).
-fn col2im_gather<T: Elem>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+fn col2im_gather<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
     let (kk, l) = (g.k * g.k, g.l());
     let n = nb * l;
     let hw = g.h * g.w;

@@ -27,6 +27,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 
+use super::MIN_TASK;
+
 /// Train-mode batch normalisation of x (B, C, ...) over every dimension but the channel one
 /// (dimension 1): y = (x - mean) / sqrt(var + eps) * gamma + beta, with gamma and beta of shape
 /// (C) (absent: 1 and 0). Returns y (the shape of x), and the batch mean and biased batch
@@ -184,9 +186,6 @@ impl Geom {
         &v[(b * self.c + c) * self.s..][..self.s]
     }
 }
-
-/// Elements per rayon task, at least (smaller tasks cost more to schedule than to run).
-const MIN_TASK: usize = 16 << 10;
 
 /// Forward: (x, gamma, beta) -> y; stores the batch statistics in `stats`.
 struct BnOp {

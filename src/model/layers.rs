@@ -18,6 +18,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::MIN_TASK;
 use crate::error::Result;
 use crate::params::{Init, Vb};
 
@@ -662,10 +663,6 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 
 const LEAKY_SLOPE: f64 = 0.2;
 
-/// Elements per rayon task in the elementwise kernels: shorter slices run on the calling
-/// thread. Each element is computed on its own, so results do not depend on the split.
-const PAR_MIN_ELEMS: usize = 1 << 14;
-
 /// Fused (leaky) ReLU, y = x for x > 0 and `slope` x otherwise: one pass forward; backward is
 /// [`LeakyReluBwd`], itself differentiable, so the op can sit under a gradient penalty. Takes
 /// a contiguous CPU tensor.
@@ -716,7 +713,7 @@ impl CustomOp1 for LeakyRelu {
         fn f<T: WithDType>(x: &[T], slope: f64) -> Vec<T> {
             let (a, z, one) = (T::from_f64(slope), T::from_f64(0.0), T::from_f64(1.0));
             x.par_iter()
-                .with_min_len(PAR_MIN_ELEMS)
+                .with_min_len(MIN_TASK)
                 .map(|&v| v * if v > z { one } else { a })
                 .collect()
         }
@@ -751,7 +748,7 @@ impl CustomOp2 for LeakyReluBwd {
             let (slope, tie) = (T::from_f64(op.slope), T::from_f64(op.tie));
             x.par_iter()
                 .zip(g)
-                .with_min_len(PAR_MIN_ELEMS)
+                .with_min_len(MIN_TASK)
                 .map(|(&x, &g)| {
                     let s = if x > z { one } else { slope };
                     g * if x == z { tie } else { s }
@@ -911,7 +908,7 @@ impl CustomOp1 for Resample2 {
             }
             y.par_chunks_mut(out_plane)
                 .zip(x.par_chunks(h * w))
-                .with_min_len((16384 / out_plane).max(1))
+                .with_min_len((MIN_TASK / out_plane).max(1))
                 .for_each(|(yp, xp)| op.plane(xp, yp, w));
             y
         }

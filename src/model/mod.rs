@@ -12,6 +12,11 @@ pub mod resnet;
 
 use candle_core::{DType, Device, Tensor};
 
+/// Elements per rayon task in the CPU kernels, at least (smaller tasks cost more to schedule
+/// than to run). Each element or plane is computed on its own, so results do not depend on
+/// the split.
+pub(crate) const MIN_TASK: usize = 16 << 10;
+
 use crate::config::{Arch, Conditioning, ModelConfig};
 use crate::error::{Error, Result};
 use crate::images::Images;

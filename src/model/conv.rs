@@ -20,8 +20,13 @@
 //! - conv_transpose2d: columns = input x (B, Cin, H, W), image = output (B, Cout, OH, OW);
 //!   y_b = col2im(W^T (Cout K K, Cin) @ x_b).
 //! - weight gradient of conv2d: dW (O, C K K) = sum_b g_b (O, OH OW) @ im2col(x_b)^T.
+//!
+//! A [`conv2d`] whose weight needs a gradient keeps its forward im2col (up to
+//! [`COLS_CACHE_MAX_BYTES`]) for the weight gradient, which would otherwise build the same
+//! columns again.
 
 use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 use std::thread::LocalKey;
 
 use candle_core::backend::BackendStorage;
@@ -35,7 +40,16 @@ use super::MIN_TASK;
 /// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if fast_path(x, w) {
-        conv2d_op(x, w, stride, padding)
+        // Keep the columns for the weight gradient, if there will be one.
+        let cols = w.track_op().then(Arc::default);
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv2dOp {
+                s: stride,
+                p: padding,
+                cols,
+            },
+        )
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
@@ -66,7 +80,7 @@ fn fast_path(x: &Tensor, w: &Tensor) -> bool {
 
 fn conv2d_op(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { s, p })
+        .apply_op2(&w.contiguous()?, Conv2dOp { s, p, cols: None })
 }
 
 /// `op`: output padding (rows, columns), each below the stride.
@@ -89,9 +103,17 @@ fn conv_transpose2d_op(
 }
 
 /// Gradient of conv2d(x, w) with respect to w (O, C, k, k), given g = d loss / d output.
-fn weight_grad_op(x: &Tensor, g: &Tensor, s: usize, p: usize, k: usize) -> Result<Tensor> {
+/// `cols`: the im2col of x kept by the forward conv, if it kept one.
+fn weight_grad_op(
+    x: &Tensor,
+    g: &Tensor,
+    s: usize,
+    p: usize,
+    k: usize,
+    cols: Option<Arc<ColsSlot>>,
+) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&g.contiguous()?, WeightGradOp { s, p, k })
+        .apply_op2(&g.contiguous()?, WeightGradOp { s, p, k, cols })
 }
 
 /// Output padding that makes conv_transpose2d map a conv2d output of size `out` back to an
@@ -107,12 +129,43 @@ fn output_padding(img: usize, out: usize, k: usize, s: usize, p: usize) -> Resul
     }
 }
 
-/// conv2d: (x, w) -> y.
-#[derive(Debug, Clone, Copy)]
+/// conv2d: (x, w) -> y. With `cols`, the forward stores its im2col there (see
+/// [`KeptCols`]).
+#[derive(Debug, Clone)]
 struct Conv2dOp {
     s: usize,
     p: usize,
+    cols: Option<Arc<ColsSlot>>,
 }
+
+/// Where a forward conv2d leaves its im2col for the weight gradient.
+type ColsSlot = OnceLock<KeptCols>;
+
+/// The im2col of a conv2d's whole input, chunk after chunk as the forward built them:
+/// chunks of `chunk` samples, each a (C K K, chunk OH OW) matrix, the one starting at sample
+/// b0 at offset b0 C K K OH OW. Back to the scratch pool when the op (the graph) is dropped.
+struct KeptCols {
+    chunk: usize,
+    buf: ColsBuf,
+}
+
+pub(super) enum ColsBuf {
+    F32(Scratch<f32>),
+    F64(Scratch<f64>),
+}
+
+impl std::fmt::Debug for KeptCols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptCols")
+            .field("chunk", &self.chunk)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest im2col (bytes) a conv2d keeps for its weight gradient: the DCGAN-28
+/// discriminator's layers (8.8 and 12.8 MB at batch 64) fit; the widest DCGAN-64 ones (33 and
+/// 67 MB) build their columns again instead.
+const COLS_CACHE_MAX_BYTES: usize = 32 << 20;
 
 /// conv_transpose2d with output padding: (x, w) -> y.
 #[derive(Debug, Clone, Copy)]
@@ -123,12 +176,14 @@ struct ConvT2dOp {
     opw: usize,
 }
 
-/// Weight gradient of conv2d: (x, g) -> dw (O, C, k, k).
-#[derive(Debug, Clone, Copy)]
+/// Weight gradient of conv2d: (x, g) -> dw (O, C, k, k); `cols`: the forward's im2col of x,
+/// if kept.
+#[derive(Debug, Clone)]
 struct WeightGradOp {
     s: usize,
     p: usize,
     k: usize,
+    cols: Option<Arc<ColsSlot>>,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -153,7 +208,7 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Self { s, p } = *self;
+        let (s, p) = (self.s, self.p);
         let k = w.dim(2)?;
         let gx = if x.track_op() {
             let (_, _, h, wd) = x.dims4()?;
@@ -166,7 +221,7 @@ impl CustomOp2 for Conv2dOp {
         } else {
             None
         };
-        let gw = weight_gradient(w, || weight_grad_op(x, g, s, p, k))?;
+        let gw = weight_gradient(w, || weight_grad_op(x, g, s, p, k, self.cols.clone()))?;
         Ok((gx, gw))
     }
 }
@@ -200,7 +255,7 @@ impl CustomOp2 for ConvT2dOp {
         } else {
             None
         };
-        let gw = weight_gradient(w, || weight_grad_op(g, x, s, p, w.dim(2)?))?;
+        let gw = weight_gradient(w, || weight_grad_op(g, x, s, p, w.dim(2)?, None))?;
         Ok((gx, gw))
     }
 }
@@ -246,7 +301,7 @@ impl CustomOp2 for WeightGradOp {
         _res: &Tensor,
         gdw: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Self { s, p, k } = *self;
+        let (s, p, k) = (self.s, self.p, self.k);
         let gx = if x.track_op() {
             let (_, _, h, wd) = x.dims4()?;
             let (_, _, oh, ow) = g.dims4()?;
@@ -391,7 +446,7 @@ impl Kernel for Conv2dOp {
         (g.b, g.o, g.oh, g.ow).into()
     }
     fn run<T: Elem>(&self, g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-        conv2d_fwd(g, x, w)
+        conv2d_fwd(g, x, w, self.cols.as_deref())
     }
 }
 
@@ -453,7 +508,7 @@ impl Kernel for WeightGradOp {
         (g.o, g.c, g.k, g.k).into()
     }
     fn run<T: Elem>(&self, g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
-        weight_grad(g, x, gy)
+        weight_grad(g, x, gy, self.cols.as_deref())
     }
 }
 
@@ -507,6 +562,8 @@ fn zeros<T: WithDType>(n: usize) -> Vec<T> {
 /// fills them.
 pub(super) trait Elem: WithDType {
     fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
+    fn wrap(s: Scratch<Self>) -> ColsBuf;
+    fn unwrap(b: &ColsBuf) -> Option<&[Self]>;
 }
 
 thread_local! {
@@ -518,26 +575,60 @@ impl Elem for f32 {
     fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
         &POOL_F32
     }
+    fn wrap(s: Scratch<Self>) -> ColsBuf {
+        ColsBuf::F32(s)
+    }
+    fn unwrap(b: &ColsBuf) -> Option<&[Self]> {
+        match b {
+            ColsBuf::F32(s) => Some(&s.0),
+            ColsBuf::F64(_) => None,
+        }
+    }
 }
 
 impl Elem for f64 {
     fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
         &POOL_F64
     }
+    fn wrap(s: Scratch<Self>) -> ColsBuf {
+        ColsBuf::F64(s)
+    }
+    fn unwrap(b: &ColsBuf) -> Option<&[Self]> {
+        match b {
+            ColsBuf::F64(s) => Some(&s.0),
+            ColsBuf::F32(_) => None,
+        }
+    }
 }
 
-/// Buffers the pool keeps per thread and dtype, and the largest it keeps (bytes).
-const POOL_BUFFERS: usize = 2;
+/// Buffers the pool keeps per thread and dtype, the largest it keeps and their total (bytes).
+/// A convolution holds up to three at once (columns, a transposed operand, padded planes);
+/// a discriminator's graph holds the columns each conv keeps for its weight gradient.
+const POOL_BUFFERS: usize = 8;
 const POOL_MAX_BYTES: usize = 32 << 20;
+const POOL_MAX_TOTAL_BYTES: usize = 96 << 20;
 
 /// A scratch buffer of at least `n` elements with unspecified contents, back to the pool
 /// when dropped.
 pub(super) struct Scratch<T: Elem>(Vec<T>);
 
 impl<T: Elem> Scratch<T> {
+    /// Takes the smallest pooled buffer that holds `n` elements, else the largest one, grown
+    /// (growing zero-fills the new part: a pass over memory the pool exists to avoid). An
+    /// empty request takes nothing from the pool.
     pub(super) fn new(n: usize) -> Self {
+        if n == 0 {
+            return Self(Vec::new());
+        }
         let mut v = T::pool()
-            .try_with(|p| p.borrow_mut().pop())
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                let fit = (0..p.len())
+                    .filter(|&i| p[i].len() >= n)
+                    .min_by_key(|&i| p[i].len());
+                let pick = fit.or_else(|| (0..p.len()).max_by_key(|&i| p[i].len()));
+                pick.map(|i| p.swap_remove(i))
+            })
             .ok()
             .flatten()
             .unwrap_or_default();
@@ -555,10 +646,13 @@ impl<T: Elem> Scratch<T> {
 impl<T: Elem> Drop for Scratch<T> {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
-        if v.len() * std::mem::size_of::<T>() <= POOL_MAX_BYTES {
+        if !v.is_empty() && v.len() * std::mem::size_of::<T>() <= POOL_MAX_BYTES {
             let _ = T::pool().try_with(|p| {
                 let mut p = p.borrow_mut();
-                if p.len() < POOL_BUFFERS {
+                let total: usize = p.iter().map(Vec::len).sum::<usize>() + v.len();
+                if p.len() < POOL_BUFFERS
+                    && total * std::mem::size_of::<T>() <= POOL_MAX_TOTAL_BYTES
+                {
                     p.push(v);
                 }
             });
@@ -579,8 +673,9 @@ impl Geom {
     }
 }
 
-/// conv2d forward: x (B, C, H, W), w (O, C K K) -> y (B, O, OH, OW).
-fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+/// conv2d forward: x (B, C, H, W), w (O, C K K) -> y (B, O, OH, OW). With `keep`, the
+/// im2col of x goes there (if it fits [`COLS_CACHE_MAX_BYTES`]).
+fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T], keep: Option<&ColsSlot>) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
     let mut y = zeros(g.b * g.col());
     if g.dense() {
@@ -606,12 +701,15 @@ fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         return y;
     }
     let bc = g.chunk::<T>();
-    let mut cols = Scratch::new(ckk * bc * l);
+    let whole = ckk * g.b * l;
+    let keep = keep.filter(|_| whole * std::mem::size_of::<T>() <= COLS_CACHE_MAX_BYTES);
+    let mut cols = Scratch::new(if keep.is_some() { whole } else { ckk * bc * l });
     let mut tmp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
-        let cols = cols.get(ckk * n);
+        let at = if keep.is_some() { ckk * b0 * l } else { 0 };
+        let cols = &mut cols.get(at + ckk * n)[at..];
         im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
         let yc = &mut y[b0 * g.col()..(b0 + nb) * g.col()];
         if nb == 1 {
@@ -621,6 +719,13 @@ fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             matmul(g.o, n, ckk, tmp, (n, 1), false, w, (ckk, 1), cols, (n, 1));
             channel_to_batch_major(tmp, nb, g.o, l, yc);
         }
+    }
+    if let Some(slot) = keep {
+        // A fresh op per forward: the slot is empty.
+        let _ = slot.set(KeptCols {
+            chunk: bc,
+            buf: T::wrap(cols),
+        });
     }
     y
 }
@@ -674,8 +779,9 @@ fn conv_t_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
-/// conv2d weight gradient: x (B, C, H, W), gy (B, O, OH, OW) -> dw (O, C K K).
-fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+/// conv2d weight gradient: x (B, C, H, W), gy (B, O, OH, OW) -> dw (O, C K K). `kept`: the
+/// forward's im2col of x, used instead of building it again when there is one.
+fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
     let mut dw = zeros(g.o * ckk);
     if g.dense() {
@@ -712,14 +818,24 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
         }
         return dw;
     }
-    let bc = g.chunk::<T>();
-    let mut cols = Scratch::new(ckk * bc * l);
+    let kept = kept
+        .and_then(|slot| slot.get())
+        .and_then(|k| Some((k.chunk, T::unwrap(&k.buf)?)))
+        .filter(|(_, c)| c.len() >= ckk * g.b * l);
+    let bc = kept.map_or_else(|| g.chunk::<T>(), |(chunk, _)| chunk);
+    let mut cols = Scratch::new(if kept.is_some() { 0 } else { ckk * bc * l });
     let mut gp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
-        let cols = cols.get(ckk * n);
-        im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
+        let cols: &[T] = match kept {
+            Some((_, all)) => &all[ckk * b0 * l..][..ckk * n],
+            None => {
+                let cols = cols.get(ckk * n);
+                im2col(g, nb, &x[b0 * g.img()..(b0 + nb) * g.img()], cols);
+                cols
+            }
+        };
         let gc = &gy[b0 * g.col()..(b0 + nb) * g.col()];
         let lhs: &[T] = if nb == 1 {
             gc
@@ -1324,7 +1440,7 @@ mod tests {
                 .get(xv.as_tensor())
                 .unwrap()
                 .clone();
-            let gw = weight_grad_op(&x, &y, 2, 1, 3).unwrap();
+            let gw = weight_grad_op(&x, &y, 2, 1, 3, None).unwrap();
             [y, z, gx, gw]
         };
         let whole = run();
@@ -1343,6 +1459,87 @@ mod tests {
                 assert!(rel(a, b) < 1e-14, "budget {budget}: {:e}", rel(a, b));
             }
         }
+    }
+
+    #[test]
+    fn kept_columns_give_the_same_weight_gradient() {
+        let mut rng = Rng::new(12);
+        for (dims, wdims, s, p) in [
+            ([5, 3, 9, 9], [4, 3, 3, 3], 2, 1),   // rows path
+            ([5, 2, 14, 14], [3, 2, 4, 4], 2, 1), // table path
+            ([5, 2, 20, 18], [3, 2, 3, 3], 1, 1), // stride 1, long rows
+        ] {
+            let x = randn(&mut rng, &dims, DType::F32);
+            let w = Var::from_tensor(&randn(&mut rng, &wdims, DType::F32)).unwrap();
+            let (_, _, h, wd) = x.dims4().unwrap();
+            let k = wdims[2];
+            let per_sample = wdims[1]
+                * k
+                * k
+                * conv_out(h, k, s, p).unwrap()
+                * conv_out(wd, k, s, p).unwrap()
+                * 4;
+            // Chunks of 2 samples (2 + 2 + 1) in the forward; the weight gradient must use the
+            // forward's chunking even when the budget has changed since.
+            BUDGET.with(|c| c.set(Some(2 * per_sample)));
+            let slot = Arc::new(ColsSlot::new());
+            let op = Conv2dOp {
+                s,
+                p,
+                cols: Some(slot.clone()),
+            };
+            let y = x.apply_op2(w.as_tensor(), op).unwrap();
+            BUDGET.with(|c| c.set(Some(3 * per_sample)));
+            assert_eq!(
+                slot.get().map(|k| k.chunk),
+                Some(2),
+                "{dims:?}: no columns kept"
+            );
+            let r = randn(&mut rng, y.dims(), DType::F32);
+            let kept = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let kept = kept.get(w.as_tensor()).unwrap();
+            // Built afresh with the forward's chunking (with chunks of 3 the sums round
+            // differently, which is how a kept gradient that ignored the kept chunking would
+            // show).
+            BUDGET.with(|c| c.set(Some(2 * per_sample)));
+            let fresh = weight_grad_op(&x, &r, s, p, k, None).unwrap();
+            BUDGET.with(|c| c.set(None));
+            let (a, b) = (
+                kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                fresh.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            // The same columns and the same gemm calls: equal to the last bit.
+            assert_eq!(a, b, "{dims:?}");
+            // And the same as candle's (chunked sums differ from its order by rounding).
+            let theirs = reference_conv2d(&x, w.as_tensor(), s, p);
+            let g = (theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let e = rel(g.get(w.as_tensor()).unwrap(), kept);
+            assert!(e < 1e-5, "{dims:?}: {e:e}");
+        }
+    }
+
+    #[test]
+    fn columns_are_kept_only_for_a_weight_that_needs_a_gradient() {
+        let mut rng = Rng::new(13);
+        let x = randn(&mut rng, &[2, 3, 8, 8], DType::F32);
+        let w = randn(&mut rng, &[4, 3, 4, 4], DType::F32);
+        let kept = |w: &Tensor| {
+            let slot = w.track_op().then(|| Arc::new(ColsSlot::new()));
+            let op = Conv2dOp {
+                s: 2,
+                p: 1,
+                cols: slot.clone(),
+            };
+            x.apply_op2(w, op).unwrap();
+            slot.is_some_and(|s| s.get().is_some())
+        };
+        assert!(!kept(&w));
+        assert!(kept(Var::from_tensor(&w).unwrap().as_tensor()));
     }
 
     /// candle's conv2d, made to give the right input gradient for non-square images: its
@@ -1864,7 +2061,7 @@ mod tests {
                     (
                         "grad weight",
                         Box::new(|| drop(candle_wgrad(&gy, &x).transpose(0, 1).unwrap())),
-                        Box::new(|| drop(weight_grad_op(&gy, &x, s, p, k).unwrap())),
+                        Box::new(|| drop(weight_grad_op(&gy, &x, s, p, k, None).unwrap())),
                     ),
                 ]
             } else {
@@ -1882,7 +2079,7 @@ mod tests {
                     (
                         "grad weight",
                         Box::new(|| drop(candle_wgrad(&x, &gy))),
-                        Box::new(|| drop(weight_grad_op(&x, &gy, s, p, k).unwrap())),
+                        Box::new(|| drop(weight_grad_op(&x, &gy, s, p, k, None).unwrap())),
                     ),
                 ]
             };

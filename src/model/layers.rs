@@ -369,7 +369,7 @@ impl BatchNorm {
     fn normalize(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = x.dim(1)?;
         if train {
-            self.train_forward(x, None, None)
+            self.train_forward(x, None, None, None)
         } else {
             let mean = self.running_mean.as_tensor().reshape((1, c, 1, 1))?;
             let std = self
@@ -382,17 +382,20 @@ impl BatchNorm {
         }
     }
 
-    /// Train mode: the fused batch-norm op (batch statistics, with the affine part when
-    /// given; exact under double backward), then the running-statistics update.
+    /// Train mode: the fused batch-norm op (batch statistics, with the affine part and the
+    /// activation when given; exact under double backward), then the running-statistics
+    /// update.
     fn train_forward(
         &self,
         x: &Tensor,
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
+        act: Option<LeakyRelu>,
     ) -> Result<Tensor> {
         let c = x.dim(1)?;
         let n = x.elem_count() / c;
-        let (y, mean, var) = crate::model::fused_bn::batch_norm_train(x, gamma, beta, BN_EPS)?;
+        let (y, mean, var) =
+            crate::model::fused_bn::batch_norm_train_act(x, gamma, beta, BN_EPS, act)?;
         let unbias = if n > 1 {
             n as f64 / (n - 1) as f64
         } else {
@@ -409,6 +412,12 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, None)
+    }
+
+    /// `act(self.forward(x))` for a (leaky) ReLU `act`; in train mode with the affine part,
+    /// one fused op (see [`crate::model::fused_bn::batch_norm_train_act`]).
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Option<LeakyRelu>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let x4 = if dims.len() == 2 {
             x.reshape((dims[0], dims[1], 1, 1))?
@@ -420,15 +429,23 @@ impl BatchNorm {
             self.bias.as_ref().map(param),
         );
         let y = match (&weight, &bias) {
-            // The affine part fused into the op.
-            (Some(w), Some(b)) if train => self.train_forward(&x4, Some(w), Some(b))?,
+            // The affine part and the activation fused into the op.
+            (Some(w), Some(b)) if train => {
+                return Ok(self
+                    .train_forward(&x4, Some(w), Some(b), act)?
+                    .reshape(dims)?);
+            }
             (Some(w), Some(b)) => self
                 .normalize(&x4, train)?
                 .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
                 .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             _ => self.normalize(&x4, train)?,
         };
-        Ok(y.reshape(dims)?)
+        let y = y.reshape(dims)?;
+        match act {
+            Some(a) => a.apply(&y),
+            None => Ok(y),
+        }
     }
 }
 
@@ -638,27 +655,19 @@ pub(super) mod num_float {
 /// fused op ([`LeakyRelu::LEAKY`]) with the same values and gradients as [`leaky_relu_basic`],
 /// elsewhere that basic form.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        Ok(x.contiguous()?.apply_op1(LeakyRelu::LEAKY)?)
-    } else {
-        leaky_relu_basic(x)
-    }
+    LeakyRelu::LEAKY.apply(x)
 }
 
 /// Leaky ReLU as max(x, 0.2 x) from candle ops (the fallback and the tests' reference).
 pub fn leaky_relu_basic(x: &Tensor) -> Result<Tensor> {
-    Ok(x.maximum(&x.affine(0.2, 0.0)?)?)
+    Ok(LeakyRelu::LEAKY.apply_basic(x)?)
 }
 
 /// ReLU, max(x, 0). On the CPU (f32, f64) one fused op ([`LeakyRelu::RELU`]: one pass
 /// forward, one backward) with the values and gradients of candle's `relu` (whose backward
 /// takes four passes and three allocations: `ge`, `to_dtype`, `mul`); elsewhere candle's.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        Ok(x.contiguous()?.apply_op1(LeakyRelu::RELU)?)
-    } else {
-        Ok(x.relu()?)
-    }
+    LeakyRelu::RELU.apply(x)
 }
 
 const LEAKY_SLOPE: f64 = 0.2;
@@ -685,6 +694,38 @@ impl LeakyRelu {
         slope: 0.0,
         tie: 1.0,
     };
+}
+
+impl LeakyRelu {
+    /// The slope for x < 0.
+    pub fn slope(&self) -> f64 {
+        self.slope
+    }
+
+    /// The derivative at x = 0.
+    pub fn tie(&self) -> f64 {
+        self.tie
+    }
+
+    /// The activation of x: this fused op on the CPU (f32, f64), else
+    /// [`LeakyRelu::apply_basic`].
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            Ok(x.contiguous()?.apply_op1(*self)?)
+        } else {
+            Ok(self.apply_basic(x)?)
+        }
+    }
+
+    /// The activation from basic candle ops: `relu` for slope 0, else max(x, slope x) (the
+    /// same values and derivatives, ties included).
+    pub fn apply_basic(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.slope == 0.0 {
+            x.relu()
+        } else {
+            x.maximum(&x.affine(self.slope, 0.0)?)
+        }
+    }
 }
 
 /// (x, g) -> g * slope(x) with slope as in [`LeakyRelu`]: its input gradient. Linear in g (its

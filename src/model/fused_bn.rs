@@ -1580,14 +1580,14 @@ mod tests {
                     let on_kink = fused[0]
                         .iter()
                         .enumerate()
-                        .filter(|(i, _)| (i / plane) % c == 0)
+                        .filter(|(i, _)| (i / plane).is_multiple_of(c))
                         .map(|(_, &v)| v);
                     assert!(on_kink.clone().count() > 0 && on_kink.clone().all(|v| v == 0.0));
                     // And its x gradient is not zero: the tie value let the gradient through.
                     let gx0 = fused[3]
                         .iter()
                         .enumerate()
-                        .filter(|(i, _)| (i / plane) % c == 0)
+                        .filter(|(i, _)| (i / plane).is_multiple_of(c))
                         .map(|(_, &v)| v.abs())
                         .fold(0.0, f64::max);
                     assert!(

@@ -453,7 +453,8 @@ impl CustomOp3 for BnBwdOp {
         let csum = |t: &Tensor| t.sum_keepdim((0, 2)); // (1, C, 1)
         let mask = |t: &Tensor| -> Result<Tensor> {
             match self.act {
-                Some(act) => x.apply_op2(
+                // x detached: the mask is constant in x (see `LeakyRelu`'s backward).
+                Some(act) => x.detach().apply_op2(
                     &t.contiguous()?,
                     ActMaskOp {
                         act,

@@ -767,8 +767,17 @@ impl CustomOp1 for LeakyRelu {
         Ok((out, l.shape().clone()))
     }
 
+    /// g * slope(x), with x detached: the slope is constant in x almost everywhere, so no
+    /// gradient flows back to x through it, and without the link the graph behind x is not
+    /// walked at all. Under a gradient penalty that graph is the critic's whole forward pass
+    /// on the interpolates; with x attached, a second-order backward would send zeros through
+    /// every layer of it (each conv's weight and input gradients, two forward passes' worth
+    /// of work on a critic without normalisation layers).
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2(&g.contiguous()?, LeakyReluBwd(*self))?))
+        Ok(Some(
+            x.detach()
+                .apply_op2(&g.contiguous()?, LeakyReluBwd(*self))?,
+        ))
     }
 }
 
@@ -1026,6 +1035,52 @@ mod tests {
     /// The fused leaky ReLU against max(x, 0.2 x), and the fused ReLU against candle's `relu`,
     /// on random shapes, f32: values, gradients and gradients of gradients (what a gradient
     /// penalty takes) agree to 1e-5 relative.
+    /// Under a gradient penalty the activation's backward keeps no link to its input, so
+    /// the second-order backward does not walk the critic's forward pass on the interpolates
+    /// (where only zeros would flow), and the penalty still reaches every weight.
+    #[test]
+    fn penalty_backward_skips_the_inner_forward_pass() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(31);
+        let x = random(&mut rng, &[2, 3, 8, 8]);
+        let w1 = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3])).unwrap();
+        let w2 = Var::from_tensor(&random(&mut rng, &[1, 4, 3, 3])).unwrap();
+        for act in [LeakyRelu::LEAKY, LeakyRelu::RELU] {
+            let inner = std::cell::RefCell::new(None);
+            let (g, _) = crate::grad::input_gradient(&x, |x| {
+                let h = super::super::conv::conv2d(x, w1.as_tensor(), 1, 1)?;
+                *inner.borrow_mut() = Some(h.clone());
+                let h = act.apply(&h)?;
+                let y = super::super::conv::conv2d(&h, w2.as_tensor(), 1, 1)?;
+                Ok(y.flatten_from(1)?.sum(1)?)
+            })
+            .unwrap();
+            let p = crate::grad::per_sample_sq_norm(&g)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let h = inner.take().unwrap();
+            assert!(
+                p.sorted_nodes().iter().all(|t| t.id() != h.id()),
+                "slope {}: the penalty's graph walks the inner forward pass",
+                act.slope()
+            );
+            let grads = p.backward().unwrap();
+            for w in [&w1, &w2] {
+                let n = grads
+                    .get(w.as_tensor())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "slope {}: no penalty gradient", act.slope());
+            }
+        }
+    }
+
     #[test]
     fn fused_leaky_relu_matches_candle_ops() {
         crate::grad::enable_exact_second_order().unwrap();

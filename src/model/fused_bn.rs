@@ -1195,6 +1195,8 @@ mod tests {
 
     type Bn =
         fn(&Tensor, Option<&Tensor>, Option<&Tensor>, f64) -> Result<(Tensor, Tensor, Tensor)>;
+    type BnFn =
+        dyn Fn(&Tensor, Option<&Tensor>, Option<&Tensor>, f64) -> Result<(Tensor, Tensor, Tensor)>;
 
     struct Case {
         dims: Vec<usize>,
@@ -1346,7 +1348,7 @@ mod tests {
         /// P and (if `grad`) dP/d(x, gamma, beta) (zeros for those P does not reach).
         fn penalty(
             &self,
-            bn: Bn,
+            bn: &BnFn,
             x: &Tensor,
             g: &Tensor,
             b: &Tensor,
@@ -1401,6 +1403,49 @@ mod tests {
 
     /// Gradients of a gradient penalty through the fused op: against central finite
     /// differences and against double backward through the basic ops, in f64.
+    /// dP/d(x, gamma, beta) through `op`: against central finite differences of P (rel
+    /// < 1e-6) and against the same through `reference` (rel < 1e-10).
+    fn check_second_order(s: &Second, op: &BnFn, reference: &BnFn, what: &str) {
+        let (p, grads) = s.penalty(op, &s.x, &s.g, &s.b, true);
+        let (pb, basic) = s.penalty(reference, &s.x, &s.g, &s.b, true);
+        assert!((p - pb).abs() <= 1e-12 * pb.abs(), "{what}: {p} vs {pb}");
+        let h = 1e-5;
+        for (k, name) in ["x", "gamma", "beta"].iter().enumerate() {
+            if !s.affine && k > 0 {
+                continue;
+            }
+            let arg = [&s.x, &s.g, &s.b][k];
+            let orig = vec64(arg);
+            let fd: Vec<f64> = (0..orig.len())
+                .map(|i| {
+                    let at = |d: f64| {
+                        let mut v = orig.clone();
+                        v[i] += d;
+                        let t = Tensor::from_vec(v, arg.dims(), &Device::Cpu).unwrap();
+                        let mut a = [&s.x, &s.g, &s.b];
+                        a[k] = &t;
+                        s.penalty(op, a[0], a[1], a[2], false).0
+                    };
+                    (at(h) - at(-h)) / (2.0 * h)
+                })
+                .collect();
+            let fd = Tensor::from_vec(fd, arg.dims(), &Device::Cpu).unwrap();
+            let (e_fd, e_basic) = (rel(&grads[k], &fd), rel(&grads[k], &basic[k]));
+            eprintln!(
+                "double backward {what}: dP/d{name} rel err {e_fd:.1e} vs finite differences, \
+                 {e_basic:.1e} vs the reference"
+            );
+            assert!(
+                e_fd < 1e-6,
+                "{what} dP/d{name}: {e_fd:.2e} vs finite differences"
+            );
+            assert!(
+                e_basic < 1e-10,
+                "{what} dP/d{name}: {e_basic:.2e} vs the reference"
+            );
+        }
+    }
+
     #[test]
     fn double_backward_matches_finite_differences() {
         crate::grad::enable_exact_second_order().unwrap();
@@ -1412,66 +1457,9 @@ mod tests {
             (vec![2, 1, 3, 2], true),
         ] {
             let s = Second::new(&mut rng, &dims, affine);
-            let (p, grads) = s.penalty(batch_norm_train, &s.x, &s.g, &s.b, true);
-            let (pb, basic) = s.penalty(batch_norm_train_basic, &s.x, &s.g, &s.b, true);
-            assert!((p - pb).abs() <= 1e-12 * pb.abs(), "{p} vs {pb}");
-            let h = 1e-5;
-            for (k, name) in ["x", "gamma", "beta"].iter().enumerate() {
-                if !affine && k > 0 {
-                    continue;
-                }
-                let orig = vec64([&s.x, &s.g, &s.b][k]);
-                let fd: Vec<f64> = (0..orig.len())
-                    .map(|i| {
-                        let at = |d: f64| {
-                            let mut v = orig.clone();
-                            v[i] += d;
-                            let t = Tensor::from_vec(v, [&s.x, &s.g, &s.b][k].dims(), &Device::Cpu)
-                                .unwrap();
-                            let (x, g, b) = match k {
-                                0 => (&t, &s.g, &s.b),
-                                1 => (&s.x, &t, &s.b),
-                                _ => (&s.x, &s.g, &t),
-                            };
-                            s.penalty(batch_norm_train, x, g, b, false).0
-                        };
-                        (at(h) - at(-h)) / (2.0 * h)
-                    })
-                    .collect();
-                let fd = Tensor::from_vec(fd, [&s.x, &s.g, &s.b][k].dims(), &Device::Cpu).unwrap();
-                let (e_fd, e_basic) = (rel(&grads[k], &fd), rel(&grads[k], &basic[k]));
-                eprintln!(
-                    "double backward {dims:?} affine {affine}: dP/d{name} rel err {e_fd:.1e} vs \
-                     finite differences, {e_basic:.1e} vs basic ops"
-                );
-                assert!(
-                    e_fd < 1e-6,
-                    "{dims:?} dP/d{name}: {e_fd:.2e} vs finite differences"
-                );
-                assert!(
-                    e_basic < 1e-10,
-                    "{dims:?} dP/d{name}: {e_basic:.2e} vs basic ops"
-                );
-            }
+            let what = format!("{dims:?} affine {affine}");
+            check_second_order(&s, &batch_norm_train, &batch_norm_train_basic, &what);
         }
-    }
-
-    fn relu_fused(
-        x: &Tensor,
-        g: Option<&Tensor>,
-        b: Option<&Tensor>,
-        eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        batch_norm_train_act(x, g, b, eps, Some(LeakyRelu::RELU))
-    }
-
-    fn leaky_fused(
-        x: &Tensor,
-        g: Option<&Tensor>,
-        b: Option<&Tensor>,
-        eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        batch_norm_train_act(x, g, b, eps, Some(LeakyRelu::LEAKY))
     }
 
     /// The fused BatchNorm, then the activation as its own op.
@@ -1483,26 +1471,6 @@ mod tests {
     ) -> (Tensor, Tensor, Tensor) {
         let (y, m, v) = batch_norm_train(x, g, b, EPS).unwrap();
         (act.apply(&y).unwrap(), m, v)
-    }
-
-    fn leaky_basic(
-        x: &Tensor,
-        g: Option<&Tensor>,
-        b: Option<&Tensor>,
-        eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (y, m, v) = batch_norm_train_basic(x, g, b, eps)?;
-        Ok((LeakyRelu::LEAKY.apply_basic(&y)?, m, v))
-    }
-
-    fn relu_basic(
-        x: &Tensor,
-        g: Option<&Tensor>,
-        b: Option<&Tensor>,
-        eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (y, m, v) = batch_norm_train_basic(x, g, b, eps)?;
-        Ok((LeakyRelu::RELU.apply_basic(&y)?, m, v))
     }
 
     /// act(BN(x)) in one op gives the same bits as the two ops in turn: values, batch
@@ -1607,44 +1575,18 @@ mod tests {
     fn activation_fused_double_backward() {
         crate::grad::enable_exact_second_order().unwrap();
         let mut rng = Rng::new(22);
-        let ops: [(&str, Bn, Bn); 2] = [
-            ("relu", relu_fused, relu_basic),
-            ("leaky", leaky_fused, leaky_basic),
-        ];
-        for (name, fused, basic) in ops {
+        for act in [LeakyRelu::RELU, LeakyRelu::LEAKY] {
+            let fused = move |x: &Tensor, g: Option<&Tensor>, b: Option<&Tensor>, eps: f64| {
+                batch_norm_train_act(x, g, b, eps, Some(act))
+            };
+            let basic = move |x: &Tensor, g: Option<&Tensor>, b: Option<&Tensor>, eps: f64| {
+                let (y, m, v) = batch_norm_train_basic(x, g, b, eps)?;
+                Ok((act.apply_basic(&y)?, m, v))
+            };
             for dims in [vec![3, 2, 2, 3], vec![6, 3]] {
                 let s = Second::new(&mut rng, &dims, true);
-                let (p, grads) = s.penalty(fused, &s.x, &s.g, &s.b, true);
-                let (pb, reference) = s.penalty(basic, &s.x, &s.g, &s.b, true);
-                assert!((p - pb).abs() <= 1e-12 * pb.abs(), "{name}: {p} vs {pb}");
-                let h = 1e-5;
-                for k in 0..3 {
-                    let arg = [&s.x, &s.g, &s.b][k];
-                    let orig = vec64(arg);
-                    let fd: Vec<f64> = (0..orig.len())
-                        .map(|i| {
-                            let at = |d: f64| {
-                                let mut v = orig.clone();
-                                v[i] += d;
-                                let t = Tensor::from_vec(v, arg.dims(), &Device::Cpu).unwrap();
-                                let mut a = [&s.x, &s.g, &s.b];
-                                a[k] = &t;
-                                s.penalty(fused, a[0], a[1], a[2], false).0
-                            };
-                            (at(h) - at(-h)) / (2.0 * h)
-                        })
-                        .collect();
-                    let fd = Tensor::from_vec(fd, arg.dims(), &Device::Cpu).unwrap();
-                    let (e_fd, e_basic) = (rel(&grads[k], &fd), rel(&grads[k], &reference[k]));
-                    assert!(
-                        e_fd < 1e-6,
-                        "{name} {dims:?} arg {k}: {e_fd:.2e} vs differences"
-                    );
-                    assert!(
-                        e_basic < 1e-10,
-                        "{name} {dims:?} arg {k}: {e_basic:.2e} vs basic"
-                    );
-                }
+                let what = format!("slope {} {dims:?}", act.slope());
+                check_second_order(&s, &fused, &basic, &what);
             }
         }
     }

@@ -10,8 +10,8 @@ use candle_core::Tensor;
 use crate::config::{Conditioning, DNorm, ModelConfig};
 use crate::error::Result;
 use crate::model::layers::{
-    BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, LeakyRelu, Linear, SelfAttention,
-    WeightInit, leaky_relu,
+    BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention, WeightInit,
+    leaky_relu, relu,
 };
 use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
@@ -32,8 +32,7 @@ impl GenBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn
-            .forward_act(&self.conv.forward(x, train)?, train, Some(LeakyRelu::RELU))
+        relu(&self.bn.forward(&self.conv.forward(x, train)?, train)?)
     }
 }
 
@@ -114,10 +113,10 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let h = self.input_bn.forward_act(
-            &self.input.forward(&x, false)?,
-            false,
-            Some(LeakyRelu::RELU),
+        let h = relu(
+            &self
+                .input_bn
+                .forward(&self.input.forward(&x, false)?, false)?,
         )?; // (B, C0, s0, s0)
         Ok(h.flatten_from(1)?)
     }
@@ -128,10 +127,10 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let mut h = self.input_bn.forward_act(
-            &self.input.forward(&x, train)?,
-            train,
-            Some(LeakyRelu::RELU),
+        let mut h = relu(
+            &self
+                .input_bn
+                .forward(&self.input.forward(&x, train)?, train)?,
         )?; // (B, C0, s0, s0)
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
@@ -158,12 +157,11 @@ impl Norm {
         })
     }
 
-    /// The normalisation followed by a leaky ReLU (fused with a BatchNorm).
-    fn forward_leaky(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Norm::Batch(b) => b.forward_act(x, train, Some(LeakyRelu::LEAKY)),
-            Norm::Layer(l) => leaky_relu(&l.forward(x)?),
-            Norm::None => leaky_relu(x),
+            Norm::Batch(b) => b.forward(x, train),
+            Norm::Layer(l) => l.forward(x),
+            Norm::None => Ok(x.clone()),
         }
     }
 }
@@ -177,8 +175,7 @@ pub struct DiscBlock {
 
 impl DiscBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.norm
-            .forward_leaky(&self.conv.forward(x, train)?, train)
+        leaky_relu(&self.norm.forward(&self.conv.forward(x, train)?, train)?)
     }
 }
 

@@ -40,16 +40,8 @@ use super::MIN_TASK;
 /// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if fast_path(x, w) {
-        // Keep the columns for the weight gradient, if there will be one.
-        let cols = w.track_op().then(Arc::default);
-        x.contiguous()?.apply_op2(
-            &w.contiguous()?,
-            Conv2dOp {
-                s: stride,
-                p: padding,
-                cols,
-            },
-        )
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, Conv2dOp::keeping(stride, padding, w))
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
@@ -136,6 +128,17 @@ struct Conv2dOp {
     s: usize,
     p: usize,
     cols: Option<Arc<ColsSlot>>,
+}
+
+impl Conv2dOp {
+    /// A conv2d that keeps its columns for the weight gradient, if `w` will get one.
+    fn keeping(s: usize, p: usize, w: &Tensor) -> Self {
+        Self {
+            s,
+            p,
+            cols: w.track_op().then(Arc::default),
+        }
+    }
 }
 
 /// Where a forward conv2d leaves its im2col for the weight gradient.
@@ -1529,12 +1532,8 @@ mod tests {
         let x = randn(&mut rng, &[2, 3, 8, 8], DType::F32);
         let w = randn(&mut rng, &[4, 3, 4, 4], DType::F32);
         let kept = |w: &Tensor| {
-            let slot = w.track_op().then(|| Arc::new(ColsSlot::new()));
-            let op = Conv2dOp {
-                s: 2,
-                p: 1,
-                cols: slot.clone(),
-            };
+            let op = Conv2dOp::keeping(2, 1, w);
+            let slot = op.cols.clone();
             x.apply_op2(w, op).unwrap();
             slot.is_some_and(|s| s.get().is_some())
         };

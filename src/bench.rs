@@ -46,8 +46,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, Linear, WeightInit, forward_flops, leaky_relu,
-    relu, reset_forward_flops, softplus, with_frozen_params,
+    BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, LeakyRelu, Linear, WeightInit, forward_flops,
+    leaky_relu, reset_forward_flops, softplus, with_frozen_params,
 };
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
@@ -180,7 +180,7 @@ impl G64 {
         for (i, conv) in self.convs.iter().enumerate() {
             h = conv.forward(&h, true)?;
             h = match self.bns.get(i) {
-                Some(bn) => relu(&bn.forward(&h, true)?)?,
+                Some(bn) => bn.forward_act(&h, true, Some(LeakyRelu::RELU))?,
                 None => h.tanh()?,
             };
         }
@@ -227,10 +227,10 @@ impl D64 {
         for (i, conv) in self.convs.iter().enumerate() {
             h = conv.forward(&h, true)?;
             if i < last {
-                if let Some(bn) = &self.bns[i] {
-                    h = bn.forward(&h, true)?;
-                }
-                h = leaky_relu(&h)?;
+                h = match &self.bns[i] {
+                    Some(bn) => bn.forward_act(&h, true, Some(LeakyRelu::LEAKY))?,
+                    None => leaky_relu(&h)?,
+                };
             }
         }
         Ok(h.flatten_all()?)
@@ -327,9 +327,11 @@ impl G28 {
     fn forward(&self, z: &Tensor, y: &Tensor) -> Result<Tensor> {
         let b = z.dim(0)?;
         let h = self.input.forward(&Tensor::cat(&[z, y], 1)?, true)?;
-        let h = relu(&self.input_bn.forward(&h, true)?)?;
+        let h = self.input_bn.forward_act(&h, true, Some(LeakyRelu::RELU))?;
         let h = h.reshape((b, 128, 7, 7))?;
-        let h = relu(&self.bn1.forward(&self.conv1.forward(&h, true)?, true)?)?;
+        let h =
+            self.bn1
+                .forward_act(&self.conv1.forward(&h, true)?, true, Some(LeakyRelu::RELU))?;
         Ok(self.conv2.forward(&h, true)?.tanh()?)
     }
 }
@@ -358,7 +360,9 @@ impl D28 {
         let planes = y.reshape((b, 10, 1, 1))?.broadcast_as((b, 10, 28, 28))?;
         let h = Tensor::cat(&[x, &planes], 1)?;
         let h = leaky_relu(&self.conv1.forward(&h, true)?)?;
-        let h = leaky_relu(&self.bn2.forward(&self.conv2.forward(&h, true)?, true)?)?;
+        let h =
+            self.bn2
+                .forward_act(&self.conv2.forward(&h, true)?, true, Some(LeakyRelu::LEAKY))?;
         Ok(self.out.forward(&h.flatten_from(1)?, true)?.flatten_all()?)
     }
 }

@@ -10,8 +10,8 @@ use candle_core::Tensor;
 use crate::config::{Conditioning, DNorm, ModelConfig};
 use crate::error::Result;
 use crate::model::layers::{
-    BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention, WeightInit,
-    leaky_relu, relu,
+    BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, LeakyRelu, Linear, SelfAttention,
+    WeightInit, leaky_relu,
 };
 use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
@@ -32,7 +32,8 @@ impl GenBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        relu(&self.bn.forward(&self.conv.forward(x, train)?, train)?)
+        self.bn
+            .forward_act(&self.conv.forward(x, train)?, train, Some(LeakyRelu::RELU))
     }
 }
 
@@ -113,10 +114,10 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let h = relu(
-            &self
-                .input_bn
-                .forward(&self.input.forward(&x, false)?, false)?,
+        let h = self.input_bn.forward_act(
+            &self.input.forward(&x, false)?,
+            false,
+            Some(LeakyRelu::RELU),
         )?; // (B, C0, s0, s0)
         Ok(h.flatten_from(1)?)
     }
@@ -127,10 +128,10 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let mut h = relu(
-            &self
-                .input_bn
-                .forward(&self.input.forward(&x, train)?, train)?,
+        let mut h = self.input_bn.forward_act(
+            &self.input.forward(&x, train)?,
+            train,
+            Some(LeakyRelu::RELU),
         )?; // (B, C0, s0, s0)
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
@@ -157,11 +158,12 @@ impl Norm {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The normalisation followed by a leaky ReLU (fused with a BatchNorm).
+    fn forward_leaky(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Norm::Batch(b) => b.forward(x, train),
-            Norm::Layer(l) => l.forward(x),
-            Norm::None => Ok(x.clone()),
+            Norm::Batch(b) => b.forward_act(x, train, Some(LeakyRelu::LEAKY)),
+            Norm::Layer(l) => leaky_relu(&l.forward(x)?),
+            Norm::None => leaky_relu(x),
         }
     }
 }
@@ -175,7 +177,8 @@ pub struct DiscBlock {
 
 impl DiscBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        leaky_relu(&self.norm.forward(&self.conv.forward(x, train)?, train)?)
+        self.norm
+            .forward_leaky(&self.conv.forward(x, train)?, train)
     }
 }
 

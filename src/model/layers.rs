@@ -369,7 +369,7 @@ impl BatchNorm {
     fn normalize(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = x.dim(1)?;
         if train {
-            self.train_forward(x, None, None)
+            self.train_forward(x, None, None, None)
         } else {
             let mean = self.running_mean.as_tensor().reshape((1, c, 1, 1))?;
             let std = self
@@ -382,17 +382,20 @@ impl BatchNorm {
         }
     }
 
-    /// Train mode: the fused batch-norm op (batch statistics, with the affine part when
-    /// given; exact under double backward), then the running-statistics update.
+    /// Train mode: the fused batch-norm op (batch statistics, with the affine part and the
+    /// activation when given; exact under double backward), then the running-statistics
+    /// update.
     fn train_forward(
         &self,
         x: &Tensor,
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
+        act: Option<LeakyRelu>,
     ) -> Result<Tensor> {
         let c = x.dim(1)?;
         let n = x.elem_count() / c;
-        let (y, mean, var) = crate::model::fused_bn::batch_norm_train(x, gamma, beta, BN_EPS)?;
+        let (y, mean, var) =
+            crate::model::fused_bn::batch_norm_train_act(x, gamma, beta, BN_EPS, act)?;
         let unbias = if n > 1 {
             n as f64 / (n - 1) as f64
         } else {
@@ -409,6 +412,12 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, None)
+    }
+
+    /// `act(self.forward(x))` for a (leaky) ReLU `act`; in train mode with the affine part,
+    /// one fused op (see [`crate::model::fused_bn::batch_norm_train_act`]).
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Option<LeakyRelu>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let x4 = if dims.len() == 2 {
             x.reshape((dims[0], dims[1], 1, 1))?
@@ -420,15 +429,23 @@ impl BatchNorm {
             self.bias.as_ref().map(param),
         );
         let y = match (&weight, &bias) {
-            // The affine part fused into the op.
-            (Some(w), Some(b)) if train => self.train_forward(&x4, Some(w), Some(b))?,
+            // The affine part and the activation fused into the op.
+            (Some(w), Some(b)) if train => {
+                return Ok(self
+                    .train_forward(&x4, Some(w), Some(b), act)?
+                    .reshape(dims)?);
+            }
             (Some(w), Some(b)) => self
                 .normalize(&x4, train)?
                 .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
                 .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             _ => self.normalize(&x4, train)?,
         };
-        Ok(y.reshape(dims)?)
+        let y = y.reshape(dims)?;
+        match act {
+            Some(a) => a.apply(&y),
+            None => Ok(y),
+        }
     }
 }
 
@@ -683,6 +700,11 @@ impl LeakyRelu {
     /// The slope for x < 0.
     pub fn slope(&self) -> f64 {
         self.slope
+    }
+
+    /// The derivative at x = 0.
+    pub fn tie(&self) -> f64 {
+        self.tie
     }
 
     /// The activation of x: this fused op on the CPU (f32, f64), else
@@ -1010,6 +1032,9 @@ mod tests {
 
     type Unary = fn(&Tensor) -> Result<Tensor>;
 
+    /// The fused leaky ReLU against max(x, 0.2 x), and the fused ReLU against candle's `relu`,
+    /// on random shapes, f32: values, gradients and gradients of gradients (what a gradient
+    /// penalty takes) agree to 1e-5 relative.
     /// Under a gradient penalty the activation's backward keeps no link to its input, so
     /// the second-order backward does not walk the critic's forward pass on the interpolates
     /// (where only zeros would flow), and the penalty still reaches every weight.
@@ -1056,9 +1081,6 @@ mod tests {
         }
     }
 
-    /// The fused leaky ReLU against max(x, 0.2 x), and the fused ReLU against candle's `relu`,
-    /// on random shapes, f32: values, gradients and gradients of gradients (what a gradient
-    /// penalty takes) agree to 1e-5 relative.
     #[test]
     fn fused_leaky_relu_matches_candle_ops() {
         crate::grad::enable_exact_second_order().unwrap();

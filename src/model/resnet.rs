@@ -11,8 +11,8 @@ use candle_core::Tensor;
 use crate::config::{Conditioning, ModelConfig};
 use crate::error::Result;
 use crate::model::layers::{
-    BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, SelfAttention, WeightInit, avg_pool2,
-    relu, upsample2,
+    BatchNorm, CondBatchNorm, Conv2d, LayerOpts, LeakyRelu, Linear, SelfAttention, WeightInit,
+    avg_pool2, relu, upsample2,
 };
 use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
 use crate::params::Vb;
@@ -124,7 +124,7 @@ impl ResnetGenerator {
             h = blk.forward(&h, c, train)?;
             h = attend_after(&self.attention, i, h, train)?;
         }
-        let h = relu(&self.out_bn.forward(&h, train)?)?;
+        let h = self.out_bn.forward_act(&h, train, Some(LeakyRelu::RELU))?;
         Ok(self.out.forward(&h, train)?.tanh()?)
     }
 }

@@ -47,7 +47,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::layers::{
     BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, LeakyRelu, Linear, WeightInit, forward_flops,
-    leaky_relu, reset_forward_flops, softplus, with_frozen_params,
+    reset_forward_flops, softplus, with_frozen_params,
 };
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
@@ -225,13 +225,13 @@ impl D64 {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, conv) in self.convs.iter().enumerate() {
-            h = conv.forward(&h, true)?;
-            if i < last {
-                h = match &self.bns[i] {
-                    Some(bn) => bn.forward_act(&h, true, Some(LeakyRelu::LEAKY))?,
-                    None => leaky_relu(&h)?,
-                };
-            }
+            h = match &self.bns[i] {
+                _ if i == last => conv.forward(&h, true)?,
+                Some(bn) => {
+                    bn.forward_act(&conv.forward(&h, true)?, true, Some(LeakyRelu::LEAKY))?
+                }
+                None => conv.forward_act(&h, true, LeakyRelu::LEAKY)?,
+            };
         }
         Ok(h.flatten_all()?)
     }
@@ -359,7 +359,7 @@ impl D28 {
         let b = x.dim(0)?;
         let planes = y.reshape((b, 10, 1, 1))?.broadcast_as((b, 10, 28, 28))?;
         let h = Tensor::cat(&[x, &planes], 1)?;
-        let h = leaky_relu(&self.conv1.forward(&h, true)?)?;
+        let h = self.conv1.forward_act(&h, true, LeakyRelu::LEAKY)?;
         let h =
             self.bn2
                 .forward_act(&self.conv2.forward(&h, true)?, true, Some(LeakyRelu::LEAKY))?;

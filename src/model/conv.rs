@@ -35,6 +35,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::MIN_TASK;
+use super::layers::{ActSideOp, LeakyRelu};
 
 /// 2-D convolution, x (B, C, H, W), w (O, C, K, K) OIHW -> (B, O, OH, OW), with
 /// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
@@ -58,6 +59,27 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -
     }
 }
 
+/// `act(conv2d(x, w))` for a (leaky) ReLU `act`, with the activation applied inside the
+/// convolution's op on the CPU: no separate pass, output or graph node. The forward records
+/// which side of zero each pre-activation fell on, and the backward multiplies the incoming
+/// gradient by the derivative read from it ([`ActSideOp`]), so values and gradients of every
+/// order are those of the two ops in turn, ties at zero included.
+pub fn conv2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    act: LeakyRelu,
+) -> crate::error::Result<Tensor> {
+    if fast_path(x, w) {
+        let mut op = Conv2dOp::keeping(stride, padding, w);
+        op.act = Some((act, Arc::default()));
+        Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+    } else {
+        act.apply(&x.conv2d(w, padding, stride, 1, 1)?)
+    }
+}
+
 /// Whether the custom ops handle these arguments (else candle's ops do).
 fn fast_path(x: &Tensor, w: &Tensor) -> bool {
     let dims = w.dims();
@@ -71,8 +93,15 @@ fn fast_path(x: &Tensor, w: &Tensor) -> bool {
 }
 
 fn conv2d_op(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { s, p, cols: None })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        Conv2dOp {
+            s,
+            p,
+            cols: None,
+            act: None,
+        },
+    )
 }
 
 /// `op`: output padding (rows, columns), each below the stride.
@@ -122,13 +151,18 @@ fn output_padding(img: usize, out: usize, k: usize, s: usize, p: usize) -> Resul
 }
 
 /// conv2d: (x, w) -> y. With `cols`, the forward stores its im2col there (see
-/// [`KeptCols`]).
+/// [`KeptCols`]); with `act`, it applies the activation to y and stores the pre-activation's
+/// sides in the slot (see [`conv2d_act`]).
 #[derive(Debug, Clone)]
 struct Conv2dOp {
     s: usize,
     p: usize,
     cols: Option<Arc<ColsSlot>>,
+    act: Option<(LeakyRelu, Arc<SideSlot>)>,
 }
+
+/// Where a conv2d with a fused activation leaves the pre-activation's sides for its backward.
+type SideSlot = OnceLock<Arc<Vec<u8>>>;
 
 impl Conv2dOp {
     /// A conv2d that keeps its columns for the weight gradient, if `w` will get one.
@@ -137,6 +171,7 @@ impl Conv2dOp {
             s,
             p,
             cols: w.track_op().then(Arc::default),
+            act: None,
         }
     }
 }
@@ -201,7 +236,17 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch(self, s1, l1, s2, l2)
+        let (mut storage, shape) = dispatch(self, s1, l1, s2, l2)?;
+        if let Some((act, slot)) = &self.act {
+            let side = match &mut storage {
+                CpuStorage::F32(y) => act.apply_in_place(y),
+                CpuStorage::F64(y) => act.apply_in_place(y),
+                _ => bail!("{}: unsupported dtype", self.name()),
+            };
+            // A fresh op per call: the slot is empty.
+            let _ = slot.set(Arc::new(side));
+        }
+        Ok((storage, shape))
     }
 
     fn bwd(
@@ -213,6 +258,16 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (s, p) = (self.s, self.p);
         let k = w.dim(2)?;
+        // With a fused activation, the gradient at the pre-activation.
+        let g = &match &self.act {
+            Some((act, slot)) => {
+                let side = slot.get().cloned().ok_or_else(|| {
+                    candle_core::Error::Msg("conv2d: backward before forward".into())
+                })?;
+                ActSideOp { act: *act, side }.apply(g)?
+            }
+            None => g.clone(),
+        };
         let gx = if x.track_op() {
             let (_, _, h, wd) = x.dims4()?;
             let (_, _, oh, ow) = g.dims4()?;
@@ -1490,6 +1545,7 @@ mod tests {
                 s,
                 p,
                 cols: Some(slot.clone()),
+                act: None,
             };
             let y = x.apply_op2(w.as_tensor(), op).unwrap();
             BUDGET.with(|c| c.set(Some(3 * per_sample)));
@@ -1837,6 +1893,87 @@ mod tests {
                 (net.1).0,
                 (net.2).0
             );
+        }
+    }
+
+    /// conv2d with the activation fused gives the same bits as conv2d then the activation op:
+    /// values, first-order gradients of x and w, and the gradient with respect to w of an
+    /// input-gradient penalty (WGAN-GP's path), in f32 and f64, for ReLU and leaky ReLU.
+    /// Output channel 0 has an all-zero kernel, so its pre-activation is exactly 0 and the
+    /// gradient there must use the tie value (1 for ReLU, 0.6 for leaky ReLU).
+    #[test]
+    fn activation_fused_conv_matches_separate_ops_bit_for_bit() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = Rng::new(31);
+        let bits = |t: &Tensor| -> Vec<u64> {
+            let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            v.to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        for dtype in [DType::F32, DType::F64] {
+            for &(b, c, h, o, k, s, p) in &[(2, 3, 8, 4, 4, 2, 1), (3, 2, 7, 3, 3, 1, 1)] {
+                let x0 = randn(&mut rng, &[b, c, h, h], dtype);
+                let keep = Tensor::from_vec(
+                    (0..o)
+                        .map(|i| f64::from(u8::from(i > 0)))
+                        .collect::<Vec<_>>(),
+                    (o, 1, 1, 1),
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                let w0 = randn(&mut rng, &[o, c, k, k], dtype)
+                    .broadcast_mul(&keep)
+                    .unwrap();
+                let oh = (h + 2 * p - k) / s + 1;
+                let r = randn(&mut rng, &[b, o, oh, oh], dtype);
+                for act in [LeakyRelu::RELU, LeakyRelu::LEAKY] {
+                    let run = |fused: bool| -> Vec<Vec<u64>> {
+                        let (x, w) = (
+                            Var::from_tensor(&x0).unwrap(),
+                            Var::from_tensor(&w0).unwrap(),
+                        );
+                        let f = |x: &Tensor| {
+                            if fused {
+                                conv2d_act(x, w.as_tensor(), s, p, act).unwrap()
+                            } else {
+                                act.apply(&conv2d(x, w.as_tensor(), s, p).unwrap()).unwrap()
+                            }
+                        };
+                        let y = f(x.as_tensor());
+                        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let (gx, gw) =
+                            (g.get(x.as_tensor()).unwrap(), g.get(w.as_tensor()).unwrap());
+                        // sum((d sum(r f(x)) / dx)^2), differentiated with respect to w.
+                        let pen = gx.sqr().unwrap().sum_all().unwrap();
+                        let gpen = pen.backward().unwrap();
+                        let gpw = gpen.get(w.as_tensor()).unwrap();
+                        vec![bits(&y), bits(gx), bits(gw), bits(gpw)]
+                    };
+                    let (fused, sep) = (run(true), run(false));
+                    for (i, (a, b)) in fused.iter().zip(&sep).enumerate() {
+                        assert!(
+                            a == b,
+                            "{dtype:?} slope {}: output {i} differs",
+                            act.slope()
+                        );
+                    }
+                    // The zero channel sits on the kink and still passes a gradient to x.
+                    let y = &fused[0];
+                    let plane = oh * oh;
+                    assert!(
+                        (0..y.len())
+                            .filter(|i| (i / plane) % o == 0)
+                            .all(|i| f64::from_bits(y[i]) == 0.0)
+                    );
+                    assert!(fused[1].iter().any(|&v| f64::from_bits(v) != 0.0));
+                    assert!(fused[3].iter().any(|&v| f64::from_bits(v) != 0.0));
+                }
+            }
         }
     }
 

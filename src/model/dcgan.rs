@@ -177,8 +177,13 @@ pub struct DiscBlock {
 
 impl DiscBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.norm
-            .forward_leaky(&self.conv.forward(x, train)?, train)
+        match self.norm {
+            // The activation fused into the convolution (when it has no bias).
+            Norm::None => self.conv.forward_act(x, train, LeakyRelu::LEAKY),
+            _ => self
+                .norm
+                .forward_leaky(&self.conv.forward(x, train)?, train),
+        }
     }
 }
 

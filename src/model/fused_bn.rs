@@ -34,7 +34,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::MIN_TASK;
-use super::layers::LeakyRelu;
+use super::layers::{ActSideOp, LeakyRelu, times_act_derivative};
 
 /// Train-mode batch normalisation of x (B, C, ...) over every dimension but the channel one
 /// (dimension 1): y = (x - mean) / sqrt(var + eps) * gamma + beta, with gamma and beta of shape
@@ -176,25 +176,23 @@ struct Stats {
     var: Vec<f64>,
     /// 1 / sqrt(var + eps).
     invstd: Vec<f64>,
-    /// With an activation: per element, where its pre-activation fell ([`Act::side`]), so
-    /// the backward reads the activation's derivative instead of recomputing it. Empty
-    /// without one.
-    side: Vec<u8>,
+    /// With an activation: per element, where its pre-activation fell
+    /// ([`LeakyRelu::side`]), so the backward reads the activation's derivative instead of
+    /// recomputing it. Empty without one.
+    side: Arc<Vec<u8>>,
 }
 
-/// A [`LeakyRelu`] in the element type: the forward value and the backward factor, with the
-/// same operations (and so the same rounding) as [`LeakyRelu`]'s own ops.
+/// A [`LeakyRelu`]'s forward value in the element type, with the same operations (and so
+/// the same rounding) as [`LeakyRelu`]'s own op.
 #[derive(Clone, Copy)]
 struct Act<T> {
     slope: T,
-    tie: T,
 }
 
 impl<T: Float> Act<T> {
     fn of(a: LeakyRelu) -> Self {
         Self {
             slope: T::from64(a.slope()),
-            tie: T::from64(a.tie()),
         }
     }
 
@@ -206,28 +204,6 @@ impl<T: Float> Act<T> {
             self.slope
         }
     }
-
-    /// Where `pre` lies: 0 below zero, 1 above, 2 at zero.
-    #[inline(always)]
-    fn side(pre: T) -> u8 {
-        let z = T::from64(0.0);
-        if pre == z { 2 } else { u8::from(pre > z) }
-    }
-
-    /// d act / d pre on each [`Act::side`].
-    fn factors(self) -> [T; 3] {
-        [self.slope, T::from64(1.0), self.tie]
-    }
-}
-
-/// g * act'(pre) element by element, from the sides the forward recorded.
-fn masked<T: Float>(g: &[T], side: &[u8], act: LeakyRelu) -> Vec<T> {
-    let f = Act::<T>::of(act).factors();
-    g.par_iter()
-        .zip(side)
-        .with_min_len(MIN_TASK)
-        .map(|(&d, &k)| d * f[usize::from(k)])
-        .collect()
 }
 
 /// Sizes: x viewed as (b, c, s).
@@ -288,20 +264,11 @@ struct BnOp {
 ///   + ((gamma r^2 / N) (3 S_u S_d / N - U0) - a r S_d / N) xhat.
 ///
 /// With an activation, dy is first multiplied by its derivative at the pre-activation
-/// ([`ActMaskOp`]), which is constant in x almost everywhere: the formulas above then apply to
+/// ([`ActSideOp`]), which is constant in x almost everywhere: the formulas above then apply to
 /// that product, and d/d dy picks up the same factor.
 struct BnBwdOp {
     eps: f64,
     act: Option<LeakyRelu>,
-    stats: Arc<Stats>,
-}
-
-/// g -> g * act'(pre), with the sides of the pre-activation a BatchNorm forward recorded:
-/// the activation's part of [`BnBwdOp`], as an op of its own for the higher-order backward.
-/// Linear in g (its gradient is this op again); the mask is constant in x almost everywhere,
-/// so nothing flows back to x through it.
-struct ActMaskOp {
-    act: LeakyRelu,
     stats: Arc<Stats>,
 }
 
@@ -455,10 +422,11 @@ impl CustomOp3 for BnBwdOp {
         let csum = |t: &Tensor| t.sum_keepdim((0, 2)); // (1, C, 1)
         let mask = |t: &Tensor| -> Result<Tensor> {
             match self.act {
-                Some(act) => t.contiguous()?.apply_op1(ActMaskOp {
+                Some(act) => ActSideOp {
                     act,
-                    stats: self.stats.clone(),
-                }),
+                    side: self.stats.side.clone(),
+                }
+                .apply(t),
                 None => Ok(t.clone()),
             }
         };
@@ -517,38 +485,6 @@ impl CustomOp3 for BnBwdOp {
             None
         };
         Ok((gx.0, gx.1, gdy))
-    }
-}
-
-impl candle_core::CustomOp1 for ActMaskOp {
-    fn name(&self) -> &'static str {
-        "ganscope-batch-norm-activation-mask"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        if l1.shape().elem_count() != self.stats.side.len() {
-            bail!(
-                "{name}: shape {:?} for a forward of {} elements",
-                l1.dims(),
-                self.stats.side.len()
-            );
-        }
-        let side = &self.stats.side;
-        let storage = match s1 {
-            CpuStorage::F32(a) => CpuStorage::F32(masked(contiguous(a, l1, name)?, side, self.act)),
-            CpuStorage::F64(a) => CpuStorage::F64(masked(contiguous(a, l1, name)?, side, self.act)),
-            _ => bail!("{name}: unsupported dtype {:?}", s1.dtype()),
-        };
-        Ok((storage, l1.shape().clone()))
-    }
-
-    /// Linear in its argument: the gradient is the same mask applied to `gg`.
-    fn bwd(&self, _g: &Tensor, _res: &Tensor, gg: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gg.contiguous()?.apply_op1(ActMaskOp {
-            act: self.act,
-            stats: self.stats.clone(),
-        })?))
     }
 }
 
@@ -756,7 +692,7 @@ fn forward<T: Float>(
                 let (m, k, b) = coef[c];
                 for ((o, sd), &v) in o.iter_mut().zip(sd).zip(&x[at..]) {
                     let pre = T::from64((v.to64() - m) * k + b);
-                    *sd = Act::side(pre);
+                    *sd = LeakyRelu::side(pre);
                     *o = a.value(pre);
                 }
             })
@@ -766,7 +702,7 @@ fn forward<T: Float>(
         mean,
         var,
         invstd,
-        side,
+        side: Arc::new(side),
     };
     (y, stats)
 }
@@ -818,7 +754,7 @@ fn backward_act<T: Float>(
 ) -> Vec<T> {
     match act {
         None => backward(g, x, gamma, dy, st),
-        Some(a) => backward(g, x, gamma, &masked(dy, &st.side, a), st),
+        Some(a) => backward(g, x, gamma, &times_act_derivative(dy, &st.side, a), st),
     }
 }
 
@@ -1672,7 +1608,7 @@ mod tests {
             let (_, mean, var) = batch_norm_train(x.as_tensor(), None, None, EPS).unwrap();
             let invstd: Vec<f64> = vec64(&var).iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
             let stats = Arc::new(Stats {
-                side: Vec::new(),
+                side: Arc::default(),
                 invstd,
                 mean: vec64(&mean),
                 var: vec64(&var),

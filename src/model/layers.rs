@@ -11,6 +11,7 @@
 //! Networks", ICML 2019. Conditional BatchNorm: de Vries et al. 2017 / Miyato & Koyama 2018.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -201,21 +202,38 @@ impl Conv2d {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The kernel, spectrally normalised when configured.
+    fn kernel(&self, train: bool) -> Result<Tensor> {
         let weight = param(&self.weight);
-        let w = match &self.sn {
+        Ok(match &self.sn {
             Some(sn) => {
                 let o = weight.dim(0)?;
                 sn.apply(&weight, &weight.reshape((o, ()))?, train)?
             }
             None => weight,
-        };
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let w = self.kernel(train)?;
         let y = crate::model::conv::conv2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
         count_flops(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&param(b).reshape((1, (), 1, 1))?)?,
             None => y,
         })
+    }
+
+    /// `act(self.forward(x))`; without a bias, one fused op
+    /// ([`crate::model::conv::conv2d_act`]).
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: LeakyRelu) -> Result<Tensor> {
+        if self.bias.is_some() {
+            return act.apply(&self.forward(x, train)?);
+        }
+        let w = self.kernel(train)?;
+        let y = crate::model::conv::conv2d_act(x, &w, self.stride, self.padding, act)?;
+        count_flops(y.elem_count() * w.elem_count() / w.dim(0)?);
+        Ok(y)
     }
 }
 
@@ -702,9 +720,37 @@ impl LeakyRelu {
         self.slope
     }
 
-    /// The derivative at x = 0.
-    pub fn tie(&self) -> f64 {
-        self.tie
+    /// Where a pre-activation lies: 0 below zero, 1 above, 2 at zero (the tie). Ops that
+    /// fuse the activation record this per element, and their backward reads the derivative
+    /// from it ([`ActSideOp`]) instead of keeping the pre-activation.
+    #[inline(always)]
+    pub(crate) fn side<T: WithDType>(v: T) -> u8 {
+        let z = T::from_f64(0.0);
+        if v == z { 2 } else { u8::from(v > z) }
+    }
+
+    /// The derivative on each [`LeakyRelu::side`], in T.
+    pub(crate) fn factors<T: WithDType>(&self) -> [T; 3] {
+        [
+            T::from_f64(self.slope),
+            T::from_f64(1.0),
+            T::from_f64(self.tie),
+        ]
+    }
+
+    /// Applies the activation to `y` in place (the same values as the op) and returns each
+    /// element's [`LeakyRelu::side`].
+    pub(crate) fn apply_in_place<T: WithDType>(&self, y: &mut [T]) -> Vec<u8> {
+        let (a, z, one) = (T::from_f64(self.slope), T::from_f64(0.0), T::from_f64(1.0));
+        let mut side = vec![0u8; y.len()];
+        y.par_iter_mut()
+            .zip(side.par_iter_mut())
+            .with_min_len(MIN_TASK)
+            .for_each(|(v, s)| {
+                *s = Self::side(*v);
+                *v = *v * if *v > z { one } else { a };
+            });
+        side
     }
 
     /// The activation of x: this fused op on the CPU (f32, f64), else
@@ -732,6 +778,69 @@ impl LeakyRelu {
 /// gradient there is this op again); its gradient in x is zero.
 #[derive(Debug, Clone, Copy)]
 pub struct LeakyReluBwd(LeakyRelu);
+
+/// g -> g * act'(pre), with the pre-activation's sides recorded by an op that applied the
+/// activation inside its forward (the fused BatchNorm, the fused convolution): that op's
+/// backward starts here. Linear in g (its gradient is this op again); the factor is constant
+/// in the pre-activation almost everywhere, so nothing flows back through it, as with
+/// [`LeakyRelu`]'s own backward.
+#[derive(Debug, Clone)]
+pub(crate) struct ActSideOp {
+    pub act: LeakyRelu,
+    pub side: Arc<Vec<u8>>,
+}
+
+impl ActSideOp {
+    /// g * act' element by element.
+    pub fn apply(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        g.contiguous()?.apply_op1(self.clone())
+    }
+}
+
+/// g * act' on the recorded sides, as a plain vector.
+pub(crate) fn times_act_derivative<T: WithDType>(g: &[T], side: &[u8], act: LeakyRelu) -> Vec<T> {
+    let f = act.factors::<T>();
+    g.par_iter()
+        .zip(side)
+        .with_min_len(MIN_TASK)
+        .map(|(&d, &k)| d * f[usize::from(k)])
+        .collect()
+}
+
+impl CustomOp1 for ActSideOp {
+    fn name(&self) -> &'static str {
+        "ganscope-activation-derivative"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        if l.shape().elem_count() != self.side.len() {
+            candle_core::bail!(
+                "{name}: shape {:?} for a forward of {} elements",
+                l.dims(),
+                self.side.len()
+            );
+        }
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(times_act_derivative(
+                cpu_slice::<f32>(s, l, name)?,
+                &self.side,
+                self.act,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(times_act_derivative(
+                cpu_slice::<f64>(s, l, name)?,
+                &self.side,
+                self.act,
+            )),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _g: &Tensor, _res: &Tensor, gg: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.apply(gg)?))
+    }
+}
 
 pub(super) fn cpu_slice<'a, T: WithDType>(
     s: &'a CpuStorage,

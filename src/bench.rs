@@ -357,7 +357,13 @@ impl D28 {
     /// x: (B, 1, 28, 28), y: (B, 10) -> logits (B,)
     fn forward(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let b = x.dim(0)?;
-        let planes = y.reshape((b, 10, 1, 1))?.broadcast_as((b, 10, 28, 28))?;
+        // Materialised first: candle concatenates contiguous tensors with a row copy, but a
+        // broadcast argument sends it down a transpose + strided-copy path whose result is
+        // itself strided (so the conv copies it once more).
+        let planes = y
+            .reshape((b, 10, 1, 1))?
+            .broadcast_as((b, 10, 28, 28))?
+            .contiguous()?;
         let h = Tensor::cat(&[x, &planes], 1)?;
         let h = self.conv1.forward_act(&h, true, LeakyRelu::LEAKY)?;
         let h =

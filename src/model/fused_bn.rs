@@ -614,22 +614,25 @@ fn channel_sums_rows<T: Float, F: Fn(f64, f64) -> (f64, f64)>(
     blocks.concat()
 }
 
-/// out[e] = f(channel of e, index of e) for every element, in parallel over planes.
-fn write_planes<T: Float>(g: Geom, out: &mut [T], f: impl Fn(usize, &mut [T], usize) + Sync) {
+/// Writes `out` plane by plane in parallel: `f(c, plane, at)` fills the plane of channel c
+/// that starts at element `at`. With one element per plane (x of shape (B, C), BatchNorm1d)
+/// a call per element would cost more than its arithmetic, so there `row(r, at)` fills each
+/// sample's row of C channels instead (the same formula, channel by channel).
+fn write_planes<T: Float>(
+    g: Geom,
+    out: &mut [T],
+    f: impl Fn(usize, &mut [T], usize) + Sync,
+    row: impl Fn(&mut [T], usize) + Sync,
+) {
     if out.is_empty() || g.s == 0 {
         return;
     }
     if g.s == 1 {
-        // One element per plane: a task per sample row, a plain loop over its channels.
         let min = MIN_TASK.div_ceil(g.c.max(1));
         out.par_chunks_mut(g.c)
             .enumerate()
             .with_min_len(min)
-            .for_each(|(b, row)| {
-                for (c, o) in row.iter_mut().enumerate() {
-                    f(c, std::slice::from_mut(o), b * g.c + c);
-                }
-            });
+            .for_each(|(b, r)| row(r, b * g.c));
         return;
     }
     let min = MIN_TASK.div_ceil(g.s);
@@ -679,23 +682,45 @@ fn forward<T: Float>(
     let mut y = vec![T::from64(0.0); g.len()];
     let mut side = Vec::new();
     match act {
-        None => write_planes(g, &mut y, |c, o, at| {
-            let (m, k, b) = coef[c];
-            for (o, &v) in o.iter_mut().zip(&x[at..]) {
-                *o = T::from64((v.to64() - m) * k + b);
-            }
-        }),
+        None => write_planes(
+            g,
+            &mut y,
+            |c, o, at| {
+                let (m, k, b) = coef[c];
+                for (o, &v) in o.iter_mut().zip(&x[at..]) {
+                    *o = T::from64((v.to64() - m) * k + b);
+                }
+            },
+            |r, at| {
+                for ((o, &v), &(m, k, b)) in r.iter_mut().zip(&x[at..]).zip(&coef) {
+                    *o = T::from64((v.to64() - m) * k + b);
+                }
+            },
+        ),
         Some(a) => {
             let a = Act::<T>::of(a);
             side = vec![0u8; g.len()];
-            write_planes_with_side(g, &mut y, &mut side, |c, o, sd, at| {
-                let (m, k, b) = coef[c];
-                for ((o, sd), &v) in o.iter_mut().zip(sd).zip(&x[at..]) {
-                    let pre = T::from64((v.to64() - m) * k + b);
-                    *sd = LeakyRelu::side(pre);
-                    *o = a.value(pre);
-                }
-            })
+            write_planes_with_side(
+                g,
+                &mut y,
+                &mut side,
+                |c, o, sd, at| {
+                    let (m, k, b) = coef[c];
+                    for ((o, sd), &v) in o.iter_mut().zip(sd).zip(&x[at..]) {
+                        let pre = T::from64((v.to64() - m) * k + b);
+                        *sd = LeakyRelu::side(pre);
+                        *o = a.value(pre);
+                    }
+                },
+                |r, sd, at| {
+                    for (((o, sd), &v), &(m, k, b)) in r.iter_mut().zip(sd).zip(&x[at..]).zip(&coef)
+                    {
+                        let pre = T::from64((v.to64() - m) * k + b);
+                        *sd = LeakyRelu::side(pre);
+                        *o = a.value(pre);
+                    }
+                },
+            )
         }
     }
     let stats = Stats {
@@ -707,12 +732,14 @@ fn forward<T: Float>(
     (y, stats)
 }
 
-/// [`write_planes`] that also hands each plane its part of a byte per element.
+/// [`write_planes`] that also hands each plane (or row) its part of a byte per element.
+#[allow(clippy::type_complexity)]
 fn write_planes_with_side<T: Float>(
     g: Geom,
     out: &mut [T],
     side: &mut [u8],
     f: impl Fn(usize, &mut [T], &mut [u8], usize) + Sync,
+    row: impl Fn(&mut [T], &mut [u8], usize) + Sync,
 ) {
     if out.is_empty() || g.s == 0 {
         return;
@@ -723,16 +750,7 @@ fn write_planes_with_side<T: Float>(
             .zip(side.par_chunks_mut(g.c))
             .enumerate()
             .with_min_len(min)
-            .for_each(|(b, (row, sd))| {
-                for (c, (o, k)) in row.iter_mut().zip(sd).enumerate() {
-                    f(
-                        c,
-                        std::slice::from_mut(o),
-                        std::slice::from_mut(k),
-                        b * g.c + c,
-                    );
-                }
-            });
+            .for_each(|(b, (r, sd))| row(r, sd, b * g.c));
         return;
     }
     let min = MIN_TASK.div_ceil(g.s);
@@ -777,12 +795,23 @@ fn backward<T: Float>(g: Geom, x: &[T], gamma: &[T], dy: &[T], st: &Stats) -> Ve
             (st.mean[c], gr, -gr * sdy / nf, -gr * r * r * sdyx / nf)
         })
         .collect();
-    write_planes(g, dx, |c, o, at| {
-        let (mean, k_dy, k0, k_x) = coef[c];
-        for ((o, &d), &v) in o.iter_mut().zip(&dy[at..]).zip(&x[at..]) {
-            *o = T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean));
-        }
-    });
+    write_planes(
+        g,
+        dx,
+        |c, o, at| {
+            let (mean, k_dy, k0, k_x) = coef[c];
+            for ((o, &d), &v) in o.iter_mut().zip(&dy[at..]).zip(&x[at..]) {
+                *o = T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean));
+            }
+        },
+        |r, at| {
+            for (((o, &d), &v), &(mean, k_dy, k0, k_x)) in
+                r.iter_mut().zip(&dy[at..]).zip(&x[at..]).zip(&coef)
+            {
+                *o = T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean));
+            }
+        },
+    );
     for c in 0..g.c {
         let (sdy, sdyx) = sums[c];
         rest[c] = T::from64(st.invstd[c] * sdyx);

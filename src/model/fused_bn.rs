@@ -1539,6 +1539,16 @@ mod tests {
         best
     }
 
+    /// f32 x (N(0, 1)), gamma (N(1, 0.1)), beta (N(0, 0.1)) and loss weights r for a timing.
+    fn bench_inputs(rng: &mut Rng, dims: &[usize]) -> (Var, Var, Var, Tensor) {
+        let c = dims[1];
+        let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = Var::from_tensor(&f(randn(rng, dims, 0.0, 1.0))).unwrap();
+        let g = Var::from_tensor(&f(randn(rng, &[c], 1.0, 0.1))).unwrap();
+        let b = Var::from_tensor(&f(randn(rng, &[c], 0.0, 0.1))).unwrap();
+        (x, g, b, f(randn(rng, dims, 0.0, 1.0)))
+    }
+
     /// act(BN(x)) forward + backward: the two ops in turn vs the fused op, on the DCGAN
     /// layer shapes. Prints the best of 30.
     /// `cargo test --release --lib model::fused_bn::tests::bench_act -- --ignored --nocapture`
@@ -1558,12 +1568,7 @@ mod tests {
             [64, 128, 16, 16],
             [64, 64, 32, 32],
         ] {
-            let c = dims[1];
-            let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-            let x = Var::from_tensor(&f(randn(&mut rng, &dims, 0.0, 1.0))).unwrap();
-            let g = Var::from_tensor(&f(randn(&mut rng, &[c], 1.0, 0.1))).unwrap();
-            let b = Var::from_tensor(&f(randn(&mut rng, &[c], 0.0, 0.1))).unwrap();
-            let r = f(randn(&mut rng, &dims, 0.0, 1.0));
+            let (x, g, b, r) = bench_inputs(&mut rng, &dims);
             let (xt, gt, bt) = (x.as_tensor(), g.as_tensor(), b.as_tensor());
             let act = LeakyRelu::LEAKY;
             pool.install(|| {
@@ -1592,11 +1597,7 @@ mod tests {
         let mut rng = Rng::new(8);
         for dims in [[64, 16, 32, 32], [64, 128, 7, 7]] {
             let c = dims[1];
-            let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-            let x = Var::from_tensor(&f(randn(&mut rng, &dims, 0.0, 1.0))).unwrap();
-            let g = Var::from_tensor(&f(randn(&mut rng, &[c], 1.0, 0.1))).unwrap();
-            let b = Var::from_tensor(&f(randn(&mut rng, &[c], 0.0, 0.1))).unwrap();
-            let r = f(randn(&mut rng, &dims, 0.0, 1.0));
+            let (x, g, b, r) = bench_inputs(&mut rng, &dims);
             // The layer as it was: normalise with basic ops, then the affine with broadcasts.
             let old = || {
                 let (y, ..) = batch_norm_train_basic(x.as_tensor(), None, None, EPS).unwrap();

@@ -696,13 +696,13 @@ pub fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
             y.dims()
         )));
     }
-    let mut bshape = vec![1; y.rank()];
-    bshape[1] = c;
     if y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && b.dtype() == y.dtype()
     {
         Ok(y.contiguous()?
             .apply_op2(&b.contiguous()?.flatten_all()?, ChannelBias)?)
     } else {
+        let mut bshape = vec![1; y.rank()];
+        bshape[1] = c;
         Ok(y.broadcast_add(&b.reshape(bshape)?)?)
     }
 }
@@ -1285,12 +1285,6 @@ mod tests {
 
     type Unary = fn(&Tensor) -> Result<Tensor>;
 
-    /// The fused leaky ReLU against max(x, 0.2 x), and the fused ReLU against candle's `relu`,
-    /// on random shapes, f32: values, gradients and gradients of gradients (what a gradient
-    /// penalty takes) agree to 1e-5 relative.
-    /// Under a gradient penalty the activation's backward keeps no link to its input, so
-    /// the second-order backward does not walk the critic's forward pass on the interpolates
-    /// (where only zeros would flow), and the penalty still reaches every weight.
     /// The fused channel bias against candle's broadcast_add, f32 and f64: the same values
     /// and input gradient bit for bit, the bias gradient to rounding (summed in f64 here), and
     /// the bias gradient of an input-gradient penalty through it (second order) to rounding.
@@ -1363,6 +1357,9 @@ mod tests {
         assert!(add_channel_bias(&y, &b).is_err());
     }
 
+    /// Under a gradient penalty the activation's backward keeps no link to its input, so
+    /// the second-order backward does not walk the critic's forward pass on the interpolates
+    /// (where only zeros would flow), and the penalty still reaches every weight.
     #[test]
     fn penalty_backward_skips_the_inner_forward_pass() {
         crate::grad::enable_exact_second_order().unwrap();
@@ -1406,6 +1403,9 @@ mod tests {
         }
     }
 
+    /// The fused leaky ReLU against max(x, 0.2 x), and the fused ReLU against candle's `relu`,
+    /// on random shapes, f32: values, gradients and gradients of gradients (what a gradient
+    /// penalty takes) agree to 1e-5 relative.
     #[test]
     fn fused_leaky_relu_matches_candle_ops() {
         crate::grad::enable_exact_second_order().unwrap();

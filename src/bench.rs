@@ -74,7 +74,7 @@ pub struct BenchOptions {
 
 /// One benchmark workload: a model with its optimizers and data, advanced one iteration at a
 /// time.
-pub trait Workload {
+pub trait Workload: Send {
     fn batch(&self) -> usize;
     /// One training iteration; returns its losses (e.g. D and G), which must be finite.
     fn step(&mut self) -> Result<Vec<f64>>;
@@ -631,13 +631,15 @@ pub fn time_workload(
             Err(Error::Msg(format!("{name}: non-finite loss {losses:?}")))
         }
     };
+    // As the trainer runs its steps (`Trainer::step_kind`).
+    let mut step = || crate::on_pool_worker(|| w.step());
     for _ in 0..warmup {
-        check(&w.step()?)?;
+        check(&step()?)?;
     }
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        let losses = w.step()?;
+        let losses = step()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         check(&losses)?;
     }

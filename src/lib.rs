@@ -41,6 +41,26 @@ pub fn tune_allocator() {
     }
 }
 
+/// Runs `f` on a worker thread of the current rayon pool (the global one when called from
+/// outside any pool) and returns its result; on a worker already, runs it in place.
+///
+/// The engine's kernels (gemm, im2col / col2im, BatchNorm, attention, Adam) split their work
+/// with rayon. Called from a thread outside the pool, each of them hands its work to the
+/// pool's threads and puts the caller to sleep until they are done: two thread wake-ups per
+/// kernel, hundreds per training step, and between kernels the caller's serial work (candle's
+/// elementwise ops and gradient bookkeeping) shares the cores with pool threads that are still
+/// spinning for more work. On a worker, a kernel forks in place and the other workers help.
+/// Measured with `ganscope bench --threads 2` on the 2-core machine (see `bench/RESULTS.md`):
+/// `cdcgan28` 130 -> 119 ms per iteration, `dcgan64` 1247 -> 1213 ms.
+pub fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        // `scope` runs its closure on a worker of the global pool and blocks until it returns.
+        rayon::scope(|_| f())
+    }
+}
+
 /// On a machine with at most 2 cores, run candle's elementwise ops (its "barrier pool") on
 /// the calling thread only, unless `CANDLE_NUM_THREADS` is already set. candle 0.11 splits
 /// each large elementwise op across its pool and the caller then *spins* until every worker

@@ -323,7 +323,12 @@ impl Trainer {
     }
 
     /// A single step of the chosen kind. D-only steps do not advance the G step counter.
+    /// Runs on a rayon worker ([`crate::on_pool_worker`]).
     pub fn step_kind(&mut self, kind: StepKind) -> Result<StepStats> {
+        crate::on_pool_worker(|| self.step_kind_here(kind))
+    }
+
+    fn step_kind_here(&mut self, kind: StepKind) -> Result<StepStats> {
         let mut st = StepStats {
             step: self.step,
             ..Default::default()

@@ -15,6 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var, WithDType, backprop::GradStore,
 };
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -253,15 +254,20 @@ impl InplaceOp2 for MomentOp {
             }
             let (b, c) = (T::from_f64(op.beta), T::from_f64(1.0 - op.beta));
             let zero = T::from_f64(0.0);
-            if op.sq {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    *m = (*m * b + zero) + ((g * g) * c + zero);
-                }
-            } else {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    *m = (*m * b + zero) + (g * c + zero);
-                }
-            }
+            let sq = op.sq;
+            m.par_chunks_mut(PAR_CHUNK)
+                .zip(g.par_chunks(PAR_CHUNK))
+                .for_each(|(m, g)| {
+                    if sq {
+                        for (m, &g) in m.iter_mut().zip(g) {
+                            *m = (*m * b + zero) + ((g * g) * c + zero);
+                        }
+                    } else {
+                        for (m, &g) in m.iter_mut().zip(g) {
+                            *m = (*m * b + zero) + (g * c + zero);
+                        }
+                    }
+                });
             Ok(())
         }
         match dst.dtype() {
@@ -307,10 +313,14 @@ impl InplaceOp3 for ApplyOp {
                 T::from_f64(op.eps),
             );
             let one = T::from_f64(1.0);
-            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                let denom = (v * ib + zero).sqrt_() * one + eps;
-                *p -= (m * step + zero) / denom;
-            }
+            p.par_chunks_mut(PAR_CHUNK)
+                .zip(m.par_chunks(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)))
+                .for_each(|(p, (m, v))| {
+                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                        let denom = (v * ib + zero).sqrt_() * one + eps;
+                        *p -= (m * step + zero) / denom;
+                    }
+                });
             Ok(())
         }
         match dst.dtype() {
@@ -320,6 +330,10 @@ impl InplaceOp3 for ApplyOp {
         }
     }
 }
+
+/// Elements per rayon task in the update passes: parameters below this size (biases,
+/// BatchNorm scales, most of a small model) stay on the calling thread.
+const PAR_CHUNK: usize = 1 << 15;
 
 /// f32 and f64: sqrt and mutable access to CPU storage of that type.
 trait AdamFloat: WithDType {

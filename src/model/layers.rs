@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Shape, Tensor, Var, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Tensor, Var, WithDType,
 };
 use rayon::prelude::*;
 
@@ -333,12 +333,189 @@ impl Linear {
             Some(sn) => sn.apply(&weight, &weight, train)?,
             None => weight,
         };
-        let y = x.matmul(&w.t()?)?;
         count_flops(x.elem_count() * w.dim(0)?);
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&param(b))?,
+        linear(x, &w, self.bias.as_ref().map(param).as_ref())
+    }
+}
+
+/// x (B, in) @ w^T + b, w (out, in), b (out): a linear layer. On the CPU (f32, f64) one op
+/// ([`LinearOp`]) whose backward returns each gradient contiguous in its argument's layout:
+/// candle's `matmul(w.t())` + `broadcast_add` backward instead adds the weight gradient
+/// through a transposed (strided) view, reduces the bias gradient with a strided generic
+/// reduction and keeps two more zero-initialised accumulators of the output's size. Same
+/// values; the bias gradient's sum runs in another order ([`ChannelSum`]). Elsewhere candle's
+/// ops.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (n, cin) = x.dims2()?;
+    let (cout, win) = w.dims2()?;
+    if win != cin || b.is_some_and(|b| b.dims() != [cout]) {
+        return Err(crate::error::Error::Msg(format!(
+            "linear: input {:?}, weight {:?}, bias {:?}",
+            x.dims(),
+            w.dims(),
+            b.map(|b| b.dims().to_vec())
+        )));
+    }
+    let fast = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && w.dtype() == x.dtype()
+        && b.is_none_or(|b| b.dtype() == x.dtype());
+    if !fast || n == 0 {
+        let y = x.matmul(&w.t()?)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        });
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp)?,
+        None => x.apply_op2(&w, LinearOp)?,
+    })
+}
+
+/// The op of [`linear`]: (x, w[, b]) -> x w^T [+ b].
+#[derive(Debug, Clone, Copy)]
+struct LinearOp;
+
+impl LinearOp {
+    fn fwd(
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: WithDType>(x: &[T], w: &[T], b: Option<&[T]>, (n, cin, cout): Dims3) -> Vec<T> {
+            let mut y = vec![T::from_f64(0.0); n * cout];
+            // y (n, cout) = x (n, cin) @ w^T, w stored (cout, cin).
+            super::conv::matmul(
+                n,
+                cout,
+                cin,
+                &mut y,
+                (cout, 1),
+                false,
+                x,
+                (cin, 1),
+                w,
+                (1, cin),
+            );
+            if let Some(b) = b {
+                y.par_chunks_mut(cout)
+                    .with_min_len(MIN_TASK.div_ceil(cout.max(1)))
+                    .for_each(|row| {
+                        for (y, &b) in row.iter_mut().zip(b) {
+                            *y += b;
+                        }
+                    });
+            }
+            y
+        }
+        type Dims3 = (usize, usize, usize);
+        let name = "ganscope-linear";
+        let (n, cin) = x.1.shape().dims2()?;
+        let cout = w.1.shape().dims2()?.0;
+        let dims = (n, cin, cout);
+        let out = match (x.0, w.0) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(f(
+                cpu_slice::<f32>(x.0, x.1, name)?,
+                cpu_slice::<f32>(w.0, w.1, name)?,
+                b.map(|(s, l)| cpu_slice::<f32>(s, l, name)).transpose()?,
+                dims,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(f(
+                cpu_slice::<f64>(x.0, x.1, name)?,
+                cpu_slice::<f64>(w.0, w.1, name)?,
+                b.map(|(s, l)| cpu_slice::<f64>(s, l, name)).transpose()?,
+                dims,
+            )),
+            _ => candle_core::bail!(
+                "{name}: unsupported dtypes {:?}",
+                (x.0.dtype(), w.0.dtype())
+            ),
+        };
+        Ok((out, Shape::from((n, cout))))
+    }
+
+    /// Gradients from candle ops, so that they are differentiable again: dx = g w,
+    /// dw = g^T x, db = the column sums of g. Only for arguments that need one.
+    fn bwd(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let gx = if x.track_op() {
+            Some(g.matmul(w)?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(g.t()?.matmul(x)?)
+        } else {
+            None
+        };
+        let gb = match b {
+            Some(b) if b.track_op() => Some(g.apply_op1(ChannelSum)?),
+            _ => None,
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ganscope-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = Self::bwd(x, w, None, g)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ganscope-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::bwd(x, w, Some(b), g)
     }
 }
 
@@ -1288,6 +1465,149 @@ mod tests {
     /// The fused channel bias against candle's broadcast_add, f32 and f64: the same values
     /// and input gradient bit for bit, the bias gradient to rounding (summed in f64 here), and
     /// the bias gradient of an input-gradient penalty through it (second order) to rounding.
+    /// [`linear`] against candle's ops, forward + backward (x, w and b all need gradients;
+    /// median of 30, 2 threads), on the two linear layers of the `cdcgan28` benchmark.
+    /// `cargo test --release --lib bench_linear -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_linear() {
+        crate::tune_allocator();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut rng = Rng::new(10);
+        let dev = &Device::Cpu;
+        for (n, cin, cout) in [(64, 110, 6272), (64, 6272, 1)] {
+            let var = |rng: &mut Rng, d: &[usize]| {
+                let v: Vec<f32> = rng
+                    .normal_vec(d.iter().product())
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect();
+                Var::from_tensor(&Tensor::from_vec(v, d, dev).unwrap()).unwrap()
+            };
+            let (x, w, b) = (
+                var(&mut rng, &[n, cin]),
+                var(&mut rng, &[cout, cin]),
+                var(&mut rng, &[cout]),
+            );
+            let r = var(&mut rng, &[n, cout]).as_tensor().detach();
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            pool.install(|| {
+                let time = |fused: bool| {
+                    let mut t: Vec<f64> = (0..31)
+                        .map(|_| {
+                            let t0 = std::time::Instant::now();
+                            let y = if fused {
+                                linear(xt, wt, Some(bt)).unwrap()
+                            } else {
+                                xt.matmul(&wt.t().unwrap()).unwrap().broadcast_add(bt).unwrap()
+                            };
+                            drop((y * &r).unwrap().sum_all().unwrap().backward().unwrap());
+                            t0.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect();
+                    t.sort_by(f64::total_cmp);
+                    t[15]
+                };
+                let (old, new) = (time(false), time(true));
+                println!(
+                    "linear ({n}, {cin}) -> {cout}: candle ops {old:.3} ms, op {new:.3} ms ({:.3}x)",
+                    new / old
+                );
+            });
+        }
+    }
+
+    /// [`linear`] against candle's `matmul(w.t())` + `broadcast_add` (f32 and f64, with and
+    /// without a bias): values and gradients of x, w and b, and the w and b gradients of a
+    /// penalty on the x gradient (the double-backward path), to 1e-5 (f32) / 1e-12 (f64)
+    /// relative to the largest reference entry. Wrong shapes are an error.
+    #[test]
+    fn linear_op_matches_candle_ops() {
+        crate::grad::enable_exact_second_order().unwrap();
+        let mut rng = crate::rng::Rng::new(43);
+        for dtype in [DType::F32, DType::F64] {
+            for (n, cin, cout, bias) in [(5, 7, 3, true), (4, 6, 9, false), (1, 3, 1, true)] {
+                let t = |v: Vec<f64>, d: &[usize]| {
+                    Tensor::from_vec(v, d, &candle_core::Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let x0 = t(rng.normal_vec(n * cin), &[n, cin]);
+                let w0 = t(rng.normal_vec(cout * cin), &[cout, cin]);
+                let b0 = t(rng.normal_vec(cout), &[cout]);
+                let r = t(rng.normal_vec(n * cout), &[n, cout]);
+                let run = |fused: bool| {
+                    let (x, w, b) = (
+                        Var::from_tensor(&x0).unwrap(),
+                        Var::from_tensor(&w0).unwrap(),
+                        Var::from_tensor(&b0).unwrap(),
+                    );
+                    let bt = bias.then(|| b.as_tensor().clone());
+                    let y = if fused {
+                        linear(x.as_tensor(), w.as_tensor(), bt.as_ref()).unwrap()
+                    } else {
+                        let y = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+                        match &bt {
+                            Some(b) => y.broadcast_add(b).unwrap(),
+                            None => y,
+                        }
+                    };
+                    // y^2 weighting: the x gradient depends on w and b, so the penalty does.
+                    let loss = (&y.sqr().unwrap() * &r).unwrap().sum_all().unwrap();
+                    let g = loss.backward().unwrap();
+                    let gx = g.get(x.as_tensor()).unwrap().clone();
+                    let gw = g.get(w.as_tensor()).unwrap().clone();
+                    let pen = gx.sqr().unwrap().sum_all().unwrap();
+                    let gp = pen.backward().unwrap();
+                    let mut out = vec![y, gx, gw, gp.get(w.as_tensor()).unwrap().clone()];
+                    if bias {
+                        out.push(g.get(b.as_tensor()).unwrap().clone());
+                        out.push(gp.get(b.as_tensor()).unwrap().clone());
+                    }
+                    out.into_iter()
+                        .map(|t| {
+                            t.to_dtype(DType::F64)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f64>()
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let (a, e) = (run(true), run(false));
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                let what = ["y", "dx", "dw", "penalty dw", "db", "penalty db"];
+                assert_eq!(a.len(), e.len());
+                for (i, (p, q)) in a.iter().zip(&e).enumerate() {
+                    let scale = q.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                    assert!(scale > 0.0, "{}: zero reference", what[i]);
+                    assert_eq!(p.len(), q.len());
+                    for (u, v) in p.iter().zip(q) {
+                        assert!(
+                            (u - v).abs() <= tol * scale,
+                            "{dtype:?} {:?} {}: {u} vs {v}",
+                            (n, cin, cout, bias),
+                            what[i]
+                        );
+                    }
+                }
+            }
+        }
+        let dev = &candle_core::Device::Cpu;
+        let x = Tensor::zeros((2, 3), DType::F32, dev).unwrap();
+        let w = Tensor::zeros((4, 5), DType::F32, dev).unwrap();
+        assert!(linear(&x, &w, None).is_err());
+        let w = Tensor::zeros((4, 3), DType::F32, dev).unwrap();
+        let b = Tensor::zeros(3, DType::F32, dev).unwrap();
+        assert!(linear(&x, &w, Some(&b)).is_err());
+        assert_eq!(linear(&x, &w, None).unwrap().dims(), [2, 4]);
+    }
+
     #[test]
     fn channel_bias_matches_broadcast_add() {
         crate::grad::enable_exact_second_order().unwrap();

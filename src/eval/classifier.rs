@@ -496,12 +496,15 @@ pub fn train_evaluator(
             let t = (epoch * steps_per_epoch + step) as f64 / (cfg.epochs * steps_per_epoch) as f64;
             opt.lr = cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
             let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
-            let (x, y) = batch(data, idx, cfg, Some(&mut rng), device)?;
-            let (logits, _) = model.forward(&x, true)?;
-            let loss = aux_loss(cfg.kind, &logits, &y)?;
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // On a rayon worker, as the GAN trainer's steps (`crate::on_pool_worker`).
+            let lv = crate::on_pool_worker(|| -> Result<f64> {
+                let (x, y) = batch(data, idx, cfg, Some(&mut rng), device)?;
+                let (logits, _) = model.forward(&x, true)?;
+                let loss = aux_loss(cfg.kind, &logits, &y)?;
+                let grads = loss.backward()?;
+                opt.step(&grads)?;
+                Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            })?;
             if !lv.is_finite() {
                 return Err(Error::Msg(format!(
                     "evaluator loss became {lv} at epoch {epoch} step {step}"

@@ -52,13 +52,25 @@ thread_local! {
 /// running statistics and spectral-norm updates are as without it; gradients that are computed
 /// are unchanged.
 pub fn with_frozen_params<R>(f: impl FnOnce() -> R) -> R {
+    with_frozen_state(true, f)
+}
+
+/// Whether this thread is inside [`with_frozen_params`].
+pub fn params_frozen() -> bool {
+    FROZEN.with(|c| c.get())
+}
+
+/// Run `f` with the frozen state of this thread set to `frozen`, restored afterwards (also
+/// on panic). [`crate::on_pool_worker`] uses it to carry the caller's state to the worker,
+/// and to keep a worker's own state out of a job that the worker picks up while it waits.
+pub fn with_frozen_state<R>(frozen: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
             FROZEN.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(FROZEN.with(|c| c.replace(true)));
+    let _restore = Restore(FROZEN.with(|c| c.replace(frozen)));
     f()
 }
 
@@ -1892,6 +1904,24 @@ mod tests {
 
     /// Inside `with_frozen_params` a layer gives its input the same gradient and its
     /// parameters none.
+    /// [`crate::on_pool_worker`] runs its closure on a rayon worker with the caller's frozen
+    /// state, on and off, and leaves the caller's state as it was.
+    #[test]
+    fn pool_worker_carries_the_frozen_state() {
+        // A thread outside any pool, as the trainer's and the CLI's.
+        std::thread::spawn(|| {
+            let probe = || (params_frozen(), rayon::current_thread_index().is_some());
+            assert_eq!(crate::on_pool_worker(probe), (false, true));
+            assert_eq!(
+                with_frozen_params(|| crate::on_pool_worker(probe)),
+                (true, true)
+            );
+            assert!(!params_frozen());
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn frozen_params_keep_input_gradients() {
         let store = crate::params::ParamStore::new(Rng::new(3), DType::F32, &Device::Cpu);

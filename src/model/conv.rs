@@ -883,6 +883,7 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
     let bc = kept.map_or_else(|| g.chunk::<T>(), |(chunk, _)| chunk);
     let mut cols = Scratch::new(if kept.is_some() { 0 } else { ckk * bc * l });
     let mut gp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
+    let mut split = splits_sum(g.o * ckk, bc.min(g.b) * l).then(|| zeros::<T>(g.o * ckk));
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
@@ -903,20 +904,77 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             gp
         };
         // dw (O, C K K) += lhs (O, n) @ cols^T (n, C K K).
-        matmul(
-            g.o,
-            ckk,
-            n,
-            &mut dw,
-            (ckk, 1),
-            b0 > 0,
-            lhs,
-            (n, 1),
-            cols,
-            (1, n),
-        );
+        match split.as_mut() {
+            None => matmul(
+                g.o,
+                ckk,
+                n,
+                &mut dw,
+                (ckk, 1),
+                b0 > 0,
+                lhs,
+                (n, 1),
+                cols,
+                (1, n),
+            ),
+            Some(second) => {
+                // The first half of the n products into dw, the second into its own sum.
+                let h = n / 2;
+                let (m, acc) = (g.o, b0 > 0);
+                rayon::join(
+                    || {
+                        matmul_in(
+                            false,
+                            m,
+                            ckk,
+                            h,
+                            &mut dw,
+                            (ckk, 1),
+                            acc,
+                            lhs,
+                            (n, 1),
+                            cols,
+                            (1, n),
+                        )
+                    },
+                    || {
+                        matmul_in(
+                            false,
+                            m,
+                            ckk,
+                            n - h,
+                            second,
+                            (ckk, 1),
+                            acc,
+                            &lhs[h..],
+                            (n, 1),
+                            &cols[h..],
+                            (1, n),
+                        )
+                    },
+                );
+            }
+        }
+    }
+    if let Some(second) = split {
+        for (d, s) in dw.iter_mut().zip(second) {
+            *d += s;
+        }
     }
     dw
+}
+
+/// Largest weight gradient (elements, O C K K) that [`weight_grad`] computes as two
+/// half-length products summed, one per thread, instead of one product that gemm splits
+/// over the output: for few channels and many positions (the first layer of a
+/// discriminator, the last of a generator) gemm's own split leaves both threads repacking
+/// a long operand, at about 60% of its rate on large products.
+const SPLIT_SUM_MAX_ELEMS: usize = 32 << 10;
+
+/// Whether [`weight_grad`] sums two half-length products (see [`SPLIT_SUM_MAX_ELEMS`]).
+/// It depends on the shapes only, never on the thread count, so results do not either.
+fn splits_sum(out_elems: usize, n: usize) -> bool {
+    out_elems <= SPLIT_SUM_MAX_ELEMS && n >= 2048 && out_elems * n >= 1 << 20
 }
 
 /// Column positions `o` in [0, n_out) whose tap `kk` lands inside the image:
@@ -1660,6 +1718,56 @@ mod tests {
                 }
             }
             eprintln!("first-order gradients {dtype:?}: worst rel err {worst:.1e}");
+        }
+    }
+
+    /// Weight gradients of few output elements over many positions are two half-length
+    /// products summed ([`splits_sum`]); against candle's, whole and in batch chunks whose
+    /// last one is shorter.
+    #[test]
+    fn split_sum_weight_gradients_match_candle() {
+        let mut rng = Rng::new(11);
+        // O C K K = 16 * 3 * 4 * 4 = 768 weights; n = 8 * 16 * 16 = 2048 positions whole
+        // (conv2d of 8 x 32 x 32, or conv_transpose2d from 8 x 16 x 16: the same product on
+        // its column side); chunked, 11 images of 64 x 64 in chunks of 6 and 5 (n = 6144, 5120).
+        assert!(splits_sum(768, 2048) && splits_sum(768, 6 * 1024));
+        for dtype in [DType::F32, DType::F64] {
+            let chunk_budget = 8 * 48 * 1024 * dtype.size_in_bytes();
+            for (transposed, budget) in [(false, None), (true, None), (false, Some(chunk_budget))] {
+                let (xd, wd) = match (transposed, budget) {
+                    (true, _) => ([8, 16, 16, 16], [16, 3, 4, 4]),
+                    (false, None) => ([8, 3, 32, 32], [16, 3, 4, 4]),
+                    (false, Some(_)) => ([11, 3, 64, 64], [16, 3, 4, 4]),
+                };
+                let x = Var::from_tensor(&randn(&mut rng, &xd, dtype)).unwrap();
+                let wt = Var::from_tensor(&randn(&mut rng, &wd, dtype)).unwrap();
+                let (xt, wtt) = (x.as_tensor(), wt.as_tensor());
+                BUDGET.with(|c| c.set(budget));
+                let ours = if transposed {
+                    conv_transpose2d(xt, wtt, 2, 1).unwrap()
+                } else {
+                    conv2d(xt, wtt, 2, 1).unwrap()
+                };
+                let r = randn(&mut rng, ours.dims(), dtype);
+                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                BUDGET.with(|c| c.set(None));
+                let theirs = if transposed {
+                    xt.conv_transpose2d(wtt, 1, 0, 2, 1).unwrap()
+                } else {
+                    xt.conv2d(wtt, 1, 2, 1, 1).unwrap()
+                };
+                let g2 = (theirs * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let e = rel(g1.get(wtt).unwrap(), g2.get(wtt).unwrap());
+                assert!(
+                    e < tol(dtype),
+                    "{dtype:?} transposed {transposed} budget {budget:?}: {e:e}"
+                );
+            }
         }
     }
 

@@ -1410,6 +1410,11 @@ mod tests {
         diff / scale
     }
 
+    /// Gradients of sum(y * r): backpropagating a random cotangent r through y.
+    fn grads_of(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+        (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     fn tol(dtype: DType) -> f64 {
         match dtype {
             DType::F32 => 1e-5,
@@ -1613,7 +1618,7 @@ mod tests {
                 "{dims:?}: no columns kept"
             );
             let r = randn(&mut rng, y.dims(), DType::F32);
-            let kept = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let kept = grads_of(&y, &r);
             let kept = kept.get(w.as_tensor()).unwrap();
             // Built afresh with the forward's chunking (with chunks of 3 the sums round
             // differently, which is how a kept gradient that ignored the kept chunking would
@@ -1700,13 +1705,7 @@ mod tests {
                     )
                 };
                 let r = randn(&mut rng, ours.dims(), dtype);
-                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let g2 = (theirs * &r)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let (g1, g2) = (grads_of(&ours, &r), grads_of(&theirs, &r));
                 for v in [xt, wtt] {
                     let e = rel(g1.get(v).unwrap(), g2.get(v).unwrap());
                     assert!(
@@ -1749,19 +1748,14 @@ mod tests {
                     conv2d(xt, wtt, 2, 1).unwrap()
                 };
                 let r = randn(&mut rng, ours.dims(), dtype);
-                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g1 = grads_of(&ours, &r);
                 BUDGET.with(|c| c.set(None));
                 let theirs = if transposed {
                     xt.conv_transpose2d(wtt, 1, 0, 2, 1).unwrap()
                 } else {
                     xt.conv2d(wtt, 1, 2, 1, 1).unwrap()
                 };
-                let g2 = (theirs * &r)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let g2 = grads_of(&theirs, &r);
                 let e = rel(g1.get(wtt).unwrap(), g2.get(wtt).unwrap());
                 assert!(
                     e < tol(dtype),
@@ -2053,7 +2047,7 @@ mod tests {
                             }
                         };
                         let y = f(x.as_tensor());
-                        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let g = grads_of(&y, &r);
                         let (gx, gw) =
                             (g.get(x.as_tensor()).unwrap(), g.get(w.as_tensor()).unwrap());
                         // sum((d sum(r f(x)) / dx)^2), differentiated with respect to w.

@@ -26,6 +26,7 @@
 //! columns again.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 use std::thread::LocalKey;
 
@@ -615,6 +616,58 @@ fn zeros<T: WithDType>(n: usize) -> Vec<T> {
     vec![T::from_f64(0.0); n]
 }
 
+/// An element of a kernel's output: `T` itself, or `MaybeUninit<T>` for an output that the
+/// kernel overwrites completely, allocated without the zero-fill of `vec![0; n]` (a serial
+/// pass over the output that the conv kernels then overwrite: about 2% of a cdcgan28
+/// iteration).
+///
+/// # Safety
+/// Implementors have the size, alignment and bit validity of `T` (so gemm may write a slice
+/// of them through a `*mut T`).
+pub(super) unsafe trait Slot<T: Copy>: Send + Sync {
+    fn set(&mut self, v: T);
+    /// The slice as initialised values, where its type says they are.
+    fn init(s: &mut [Self]) -> Option<&mut [T]>
+    where
+        Self: Sized;
+}
+
+// SAFETY: T has its own layout.
+unsafe impl<T: WithDType> Slot<T> for T {
+    fn set(&mut self, v: T) {
+        *self = v;
+    }
+    fn init(s: &mut [T]) -> Option<&mut [T]> {
+        Some(s)
+    }
+}
+
+// SAFETY: MaybeUninit<T> is repr(transparent) over T.
+unsafe impl<T: WithDType> Slot<T> for MaybeUninit<T> {
+    fn set(&mut self, v: T) {
+        self.write(v);
+    }
+    fn init(_: &mut [Self]) -> Option<&mut [T]> {
+        None
+    }
+}
+
+/// `n` elements for a kernel to overwrite, see [`Slot`].
+fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(n);
+    v.resize_with(n, MaybeUninit::uninit);
+    v
+}
+
+/// # Safety
+/// Every element of `v` has been written.
+unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<T> has T's layout, the allocation is v's own (not dropped), and the
+    // caller guarantees that all `len` elements are initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
 /// f32 and f64, each with a per-thread pool of scratch buffers: fresh multi-megabyte
 /// allocations come back from the kernel as zeroed pages, a cost comparable to the copy that
 /// fills them.
@@ -734,29 +787,31 @@ impl Geom {
 /// conv2d forward: x (B, C, H, W), w (O, C K K) -> y (B, O, OH, OW). With `keep`, the
 /// im2col of x goes there (if it fits [`COLS_CACHE_MAX_BYTES`]).
 fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T], keep: Option<&ColsSlot>) -> Vec<T> {
+    let mut y = uninit(g.b * g.col());
+    conv2d_fwd_into(g, x, w, keep, &mut y);
+    // SAFETY: every path of conv2d_fwd_into writes every output element (gemm without
+    // reading dst, or the full transpose of its result).
+    unsafe { assume_init(y) }
+}
+
+fn conv2d_fwd_into<T: Elem>(
+    g: &Geom,
+    x: &[T],
+    w: &[T],
+    keep: Option<&ColsSlot>,
+    y: &mut [MaybeUninit<T>],
+) {
     let (ckk, l) = (g.ckk(), g.l());
-    let mut y = zeros(g.b * g.col());
     if g.dense() {
         // y (B, O) = x (B, C K K) @ w^T.
-        matmul(
-            g.b,
-            g.o,
-            ckk,
-            &mut y,
-            (g.o, 1),
-            false,
-            x,
-            (ckk, 1),
-            w,
-            (1, ckk),
-        );
-        return y;
+        matmul(g.b, g.o, ckk, y, (g.o, 1), false, x, (ckk, 1), w, (1, ckk));
+        return;
     }
     if g.pointwise() {
         for (yb, xb) in y.chunks_mut(g.col()).zip(x.chunks(g.img())) {
             matmul(g.o, l, ckk, yb, (l, 1), false, w, (ckk, 1), xb, (l, 1));
         }
-        return y;
+        return;
     }
     let bc = g.chunk::<T>();
     let whole = ckk * g.b * l;
@@ -785,35 +840,38 @@ fn conv2d_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T], keep: Option<&ColsSlot>) -> V
             buf: T::wrap(cols),
         });
     }
-    y
 }
 
 /// conv_transpose2d forward: x (B, O, OH, OW) on the column side, w (O, C K K) ->
 /// y (B, C, H, W) on the image side.
 fn conv_t_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let n = g.b * g.img();
+    if g.dense() || g.pointwise() || g.gathers_by_table() {
+        let mut y = uninit(n);
+        conv_t_fwd_into(g, x, w, &mut y);
+        // SAFETY: these paths write every output element (gemm without reading dst, or
+        // col2im as a gather that writes each pixel once).
+        unsafe { assume_init(y) }
+    } else {
+        // col2im row by row adds into the image: it starts from zeros.
+        let mut y = zeros(n);
+        conv_t_fwd_into(g, x, w, &mut y);
+        y
+    }
+}
+
+fn conv_t_fwd_into<T: Elem, S: Slot<T>>(g: &Geom, x: &[T], w: &[T], y: &mut [S]) {
     let (ckk, l) = (g.ckk(), g.l());
-    let mut y = zeros(g.b * g.img());
     if g.dense() {
         // y (B, C K K) = x (B, O) @ w (O, C K K).
-        matmul(
-            g.b,
-            ckk,
-            g.o,
-            &mut y,
-            (ckk, 1),
-            false,
-            x,
-            (g.o, 1),
-            w,
-            (ckk, 1),
-        );
-        return y;
+        matmul(g.b, ckk, g.o, y, (ckk, 1), false, x, (g.o, 1), w, (ckk, 1));
+        return;
     }
     if g.pointwise() {
         for (yb, xb) in y.chunks_mut(g.img()).zip(x.chunks(g.col())) {
             matmul(ckk, l, g.o, yb, (l, 1), false, w, (1, ckk), xb, (l, 1));
         }
-        return y;
+        return;
     }
     let bc = g.chunk::<T>();
     let mut cols = Scratch::new(ckk * bc * l);
@@ -834,7 +892,6 @@ fn conv_t_fwd<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         matmul(ckk, n, g.o, cols, (n, 1), false, w, (1, ckk), rhs, (n, 1));
         col2im(g, nb, cols, &mut y[b0 * g.img()..(b0 + nb) * g.img()]);
     }
-    y
 }
 
 /// conv2d weight gradient: x (B, C, H, W), gy (B, O, OH, OW) -> dw (O, C K K). `kept`: the
@@ -998,12 +1055,13 @@ fn im2col<T: Elem>(g: &Geom, nb: usize, img: &[T], cols: &mut [T]) {
     }
 }
 
-/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W), which must be
-/// zeroed (the gather writes the sums).
-fn col2im<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+/// col2im of `nb` samples: adds cols (C K K, nb OH OW) into img (nb, C, H, W). The gather
+/// overwrites `img`; row by row it accumulates, so `img` must then be initialised to zeros.
+fn col2im<T: WithDType, S: Slot<T>>(g: &Geom, nb: usize, cols: &[T], img: &mut [S]) {
     if g.gathers_by_table() {
         col2im_gather(g, nb, cols, img)
     } else {
+        let img = S::init(img).expect("col2im row by row needs a zeroed image");
         col2im_rows(g, nb, cols, img)
     }
 }
@@ -1123,7 +1181,7 @@ fn pixel_sources(g: &Geom, n: usize) -> (Vec<usize>, Vec<usize>) {
 /// [`col2im`] as a gather: each pixel sums the columns that land on it (see
 /// [`pixel_sources`]) in the order the row version adds them, and is written once. Overwrites
 /// `img` (the callers pass zeros, and 0 + v = v, so the result equals an accumulation).
-fn col2im_gather<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
+fn col2im_gather<T: WithDType, S: Slot<T>>(g: &Geom, nb: usize, cols: &[T], img: &mut [S]) {
     let (kk, l) = (g.k * g.k, g.l());
     let n = nb * l;
     let hw = g.h * g.w;
@@ -1140,7 +1198,7 @@ fn col2im_gather<T: WithDType>(g: &Geom, nb: usize, cols: &[T], img: &mut [T]) {
                 for &o in &offsets[range[0]..range[1]] {
                     acc += src[o];
                 }
-                *px = acc;
+                px.set(acc);
             }
         });
 }
@@ -1256,13 +1314,21 @@ fn batch_to_channel_major<T: WithDType>(src: &[T], nb: usize, m: usize, l: usize
 }
 
 /// (m, nb l) -> (nb, m, l).
-fn channel_to_batch_major<T: WithDType>(src: &[T], nb: usize, m: usize, l: usize, dst: &mut [T]) {
+fn channel_to_batch_major<T: WithDType, S: Slot<T>>(
+    src: &[T],
+    nb: usize,
+    m: usize,
+    l: usize,
+    dst: &mut [S],
+) {
     dst.par_chunks_mut(l)
         .with_min_len((4096 / l.max(1)).max(1))
         .enumerate()
         .for_each(|(idx, d)| {
             let (b, i) = (idx / m, idx % m);
-            d.copy_from_slice(&src[(i * nb + b) * l..][..l]);
+            for (d, v) in d.iter_mut().zip(&src[(i * nb + b) * l..][..l]) {
+                d.set(*v);
+            }
         });
 }
 
@@ -1278,11 +1344,11 @@ fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
 /// dst (m, n) = lhs (m, k) @ rhs (k, n), or dst += that with `accumulate`; strides are
 /// (row, column) in elements. Uses the rayon pool's threads for large products.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn matmul<T: WithDType>(
+pub(super) fn matmul<T: WithDType, S: Slot<T>>(
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [T],
+    dst: &mut [S],
     dst_s: (usize, usize),
     accumulate: bool,
     lhs: &[T],
@@ -1298,12 +1364,12 @@ pub(super) fn matmul<T: WithDType>(
 /// [`matmul`], kept on the calling thread unless `parallel` is set and the product is large
 /// enough to be worth splitting across the rayon pool.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn matmul_in<T: WithDType>(
+pub(super) fn matmul_in<T: WithDType, S: Slot<T>>(
     parallel: bool,
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [T],
+    dst: &mut [S],
     dst_s: (usize, usize),
     accumulate: bool,
     lhs: &[T],
@@ -1320,7 +1386,7 @@ pub(super) fn matmul_in<T: WithDType>(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    dst[i * dst_s.0 + j * dst_s.1] = T::from_f64(0.0);
+                    dst[i * dst_s.0 + j * dst_s.1].set(T::from_f64(0.0));
                 }
             }
         }
@@ -1335,14 +1401,20 @@ pub(super) fn matmul_in<T: WithDType>(
         Parallelism::None
     };
     let one = T::from_f64(1.0);
+    assert!(
+        !accumulate || S::init(dst).is_some(),
+        "matmul: accumulating into an uninitialised output"
+    );
     // SAFETY: the assertions above keep every element gemm reads or writes inside the
-    // slices; dst is borrowed mutably, so it cannot alias lhs or rhs; T is f32 or f64.
+    // slices; dst is borrowed mutably, so it cannot alias lhs or rhs; T is f32 or f64 and S
+    // has T's layout (`Slot`). Without `accumulate` gemm never reads dst (every path of
+    // gemm-common 0.19 treats alpha = 0 as "overwrite"), so dst may be uninitialised.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<T>(),
             dst_s.1 as isize,
             dst_s.0 as isize,
             accumulate,

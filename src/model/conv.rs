@@ -35,8 +35,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::MIN_TASK;
 use super::layers::{ActSideOp, LeakyRelu};
+use super::{MIN_TASK, Slot, assume_init, uninit};
 
 /// 2-D convolution, x (B, C, H, W), w (O, C, K, K) OIHW -> (B, O, OH, OW), with
 /// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
@@ -614,58 +614,6 @@ fn dispatch<K: Kernel>(
 
 fn zeros<T: WithDType>(n: usize) -> Vec<T> {
     vec![T::from_f64(0.0); n]
-}
-
-/// An element of a kernel's output: `T` itself, or `MaybeUninit<T>` for an output that the
-/// kernel overwrites completely, allocated without the zero-fill of `vec![0; n]` (a serial
-/// pass over the output that the conv kernels then overwrite: about 2% of a cdcgan28
-/// iteration).
-///
-/// # Safety
-/// Implementors have the size, alignment and bit validity of `T` (so gemm may write a slice
-/// of them through a `*mut T`).
-pub(super) unsafe trait Slot<T: Copy>: Send + Sync {
-    fn set(&mut self, v: T);
-    /// The slice as initialised values, where its type says they are.
-    fn init(s: &mut [Self]) -> Option<&mut [T]>
-    where
-        Self: Sized;
-}
-
-// SAFETY: T has its own layout.
-unsafe impl<T: WithDType> Slot<T> for T {
-    fn set(&mut self, v: T) {
-        *self = v;
-    }
-    fn init(s: &mut [T]) -> Option<&mut [T]> {
-        Some(s)
-    }
-}
-
-// SAFETY: MaybeUninit<T> is repr(transparent) over T.
-unsafe impl<T: WithDType> Slot<T> for MaybeUninit<T> {
-    fn set(&mut self, v: T) {
-        self.write(v);
-    }
-    fn init(_: &mut [Self]) -> Option<&mut [T]> {
-        None
-    }
-}
-
-/// `n` elements for a kernel to overwrite, see [`Slot`].
-fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(n);
-    v.resize_with(n, MaybeUninit::uninit);
-    v
-}
-
-/// # Safety
-/// Every element of `v` has been written.
-unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: MaybeUninit<T> has T's layout, the allocation is v's own (not dropped), and the
-    // caller guarantees that all `len` elements are initialised.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
 }
 
 /// f32 and f64, each with a per-thread pool of scratch buffers: fresh multi-megabyte

@@ -33,8 +33,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 
-use super::MIN_TASK;
 use super::layers::{ActSideOp, LeakyRelu, times_act_derivative};
+use super::{MIN_TASK, Slot, assume_init, uninit};
 
 /// Train-mode batch normalisation of x (B, C, ...) over every dimension but the channel one
 /// (dimension 1): y = (x - mean) / sqrt(var + eps) * gamma + beta, with gamma and beta of shape
@@ -618,11 +618,11 @@ fn channel_sums_rows<T: Float, F: Fn(f64, f64) -> (f64, f64)>(
 /// that starts at element `at`. With one element per plane (x of shape (B, C), BatchNorm1d)
 /// a call per element would cost more than its arithmetic, so there `row(r, at)` fills each
 /// sample's row of C channels instead (the same formula, channel by channel).
-fn write_planes<T: Float>(
+fn write_planes<T: Float, S: Slot<T>>(
     g: Geom,
-    out: &mut [T],
-    f: impl Fn(usize, &mut [T], usize) + Sync,
-    row: impl Fn(&mut [T], usize) + Sync,
+    out: &mut [S],
+    f: impl Fn(usize, &mut [S], usize) + Sync,
+    row: impl Fn(&mut [S], usize) + Sync,
 ) {
     if out.is_empty() || g.s == 0 {
         return;
@@ -679,7 +679,7 @@ fn forward<T: Float>(
     let coef: Vec<(f64, f64, f64)> = (0..g.c)
         .map(|c| (mean[c], gamma[c].to64() * invstd[c], beta[c].to64()))
         .collect();
-    let mut y = vec![T::from64(0.0); g.len()];
+    let mut y = uninit(g.len());
     let mut side = Vec::new();
     match act {
         None => write_planes(
@@ -688,41 +688,46 @@ fn forward<T: Float>(
             |c, o, at| {
                 let (m, k, b) = coef[c];
                 for (o, &v) in o.iter_mut().zip(&x[at..]) {
-                    *o = T::from64((v.to64() - m) * k + b);
+                    o.set(T::from64((v.to64() - m) * k + b));
                 }
             },
             |r, at| {
                 for ((o, &v), &(m, k, b)) in r.iter_mut().zip(&x[at..]).zip(&coef) {
-                    *o = T::from64((v.to64() - m) * k + b);
+                    o.set(T::from64((v.to64() - m) * k + b));
                 }
             },
         ),
         Some(a) => {
             let a = Act::<T>::of(a);
-            side = vec![0u8; g.len()];
+            let mut sides = uninit(g.len());
             write_planes_with_side(
                 g,
                 &mut y,
-                &mut side,
+                &mut sides,
                 |c, o, sd, at| {
                     let (m, k, b) = coef[c];
                     for ((o, sd), &v) in o.iter_mut().zip(sd).zip(&x[at..]) {
                         let pre = T::from64((v.to64() - m) * k + b);
-                        *sd = LeakyRelu::side(pre);
-                        *o = a.value(pre);
+                        sd.set(LeakyRelu::side(pre));
+                        o.set(a.value(pre));
                     }
                 },
                 |r, sd, at| {
                     for (((o, sd), &v), &(m, k, b)) in r.iter_mut().zip(sd).zip(&x[at..]).zip(&coef)
                     {
                         let pre = T::from64((v.to64() - m) * k + b);
-                        *sd = LeakyRelu::side(pre);
-                        *o = a.value(pre);
+                        sd.set(LeakyRelu::side(pre));
+                        o.set(a.value(pre));
                     }
                 },
-            )
+            );
+            // SAFETY: write_planes_with_side writes every element (every plane, or every row
+            // of a (B, C) input; both are empty only when the tensor is).
+            side = unsafe { assume_init(sides) };
         }
     }
+    // SAFETY: as for the sides; write_planes covers the output the same way.
+    let y = unsafe { assume_init(y) };
     let stats = Stats {
         mean,
         var,
@@ -734,12 +739,12 @@ fn forward<T: Float>(
 
 /// [`write_planes`] that also hands each plane (or row) its part of a byte per element.
 #[allow(clippy::type_complexity)]
-fn write_planes_with_side<T: Float>(
+fn write_planes_with_side<T: Float, S: Slot<T>, U: Slot<u8>>(
     g: Geom,
-    out: &mut [T],
-    side: &mut [u8],
-    f: impl Fn(usize, &mut [T], &mut [u8], usize) + Sync,
-    row: impl Fn(&mut [T], &mut [u8], usize) + Sync,
+    out: &mut [S],
+    side: &mut [U],
+    f: impl Fn(usize, &mut [S], &mut [U], usize) + Sync,
+    row: impl Fn(&mut [S], &mut [U], usize) + Sync,
 ) {
     if out.is_empty() || g.s == 0 {
         return;
@@ -783,7 +788,7 @@ fn backward<T: Float>(g: Geom, x: &[T], gamma: &[T], dy: &[T], st: &Stats) -> Ve
     });
     let nf = g.n() as f64;
     let m = g.len();
-    let mut out = vec![T::from64(0.0); m + 2 * g.c];
+    let mut out = uninit(m + 2 * g.c);
     let (dx, rest) = out.split_at_mut(m);
     // dx = gamma r (dy - sdy / N) - gamma r^3 sdyx / N (x - mean), with sdy = sum(dy),
     // sdyx = sum(dy (x - mean)); dgamma = r sdyx, dbeta = sdy.
@@ -801,23 +806,25 @@ fn backward<T: Float>(g: Geom, x: &[T], gamma: &[T], dy: &[T], st: &Stats) -> Ve
         |c, o, at| {
             let (mean, k_dy, k0, k_x) = coef[c];
             for ((o, &d), &v) in o.iter_mut().zip(&dy[at..]).zip(&x[at..]) {
-                *o = T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean));
+                o.set(T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean)));
             }
         },
         |r, at| {
             for (((o, &d), &v), &(mean, k_dy, k0, k_x)) in
                 r.iter_mut().zip(&dy[at..]).zip(&x[at..]).zip(&coef)
             {
-                *o = T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean));
+                o.set(T::from64(k_dy * d.to64() + k0 + k_x * (v.to64() - mean)));
             }
         },
     );
     for c in 0..g.c {
         let (sdy, sdyx) = sums[c];
-        rest[c] = T::from64(st.invstd[c] * sdyx);
-        rest[g.c + c] = T::from64(sdy);
+        rest[c].set(T::from64(st.invstd[c] * sdyx));
+        rest[g.c + c].set(T::from64(sdy));
     }
-    out
+    // SAFETY: write_planes wrote all of dx (every plane, or every row of a (B, C) input), the
+    // loop all of `rest`.
+    unsafe { assume_init(out) }
 }
 
 /// Conditional BatchNorm's per-sample affine: y (B, C, ...) * gamma (B, C) + beta (B, C), one

@@ -4,7 +4,9 @@
 # (images/s ratio: above 1 means ganscope is faster).
 #
 # Usage: bench/compare.sh [--rounds R] [--model M] [--batch B] [--iters N] [--warmup W]
-#        [--threads T]
+#        [--threads T] [--device cpu|cuda]
+# With --device cuda both sides run on the GPU; GANSCOPE must then be a binary built with
+# `cargo build --release --features cuda`, and PYTHON a PyTorch that sees the GPU.
 # Environment: PYTHON (default ~/torchvenv/bin/python), GANSCOPE (default
 # target/release/ganscope, built with `cargo build --release` if missing), OMP_WAIT_POLICY
 # for PyTorch (default PASSIVE: with the default active spin-waiting, PyTorch's OpenMP threads

@@ -19,6 +19,11 @@ Trainer. Data: random images and random multi-hot labels (1-3 of 24) instead of 
 i-CLEVR scenes (same shapes, same cost).
 
 Usage: python bench/torch_bench.py [--model M] [--batch B] [--iters N] [--warmup W] [--threads T]
+       [--device cpu|cuda]
+
+On a GPU (`--device cuda`, PyTorch eager with its defaults) every tensor and module is
+created there (torch.set_default_device), each iteration ends with torch.cuda.synchronize(),
+and the floor is an 8192^3 f32 matmul on the device, as `ganscope bench --device cuda`.
 """
 
 import argparse
@@ -399,13 +404,20 @@ WORKLOADS = {
 DEFAULT_BATCH = {"iclevr-sagan": 16}
 
 
-def sgemm_gflops(n=2048):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sgemm_gflops(device, n=2048):
     a, b = torch.rand(n, n), torch.rand(n, n)
     torch.mm(a, b)
+    sync(device)
     ts = []
     for _ in range(5):
         t = time.perf_counter()
         torch.mm(a, b)
+        sync(device)
         ts.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(ts) / 1e9
 
@@ -423,19 +435,33 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("torch_bench: --device cuda, but this PyTorch sees no CUDA device")
+    if device.type != "cpu":
+        # Not on the CPU: the default-device mode intercepts every torch call (overhead).
+        torch.set_default_device(device)
     names = [a.model] if a.model else MODELS
     for n in names:
         if n not in WORKLOADS:
             print(f"torch_bench: model {n} not reproduced in PyTorch (skipped)")
     names = [n for n in names if n in WORKLOADS]
     threads = torch.get_num_threads()
-    sg = sgemm_gflops()
-    print(f"pytorch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{threads} threads, sgemm 2048^3: {sg:.1f} GFLOP/s")
-    print(f"bench sgemm n=2048 threads={threads} gflops={sg:.1f}")
+    if device.type == "cpu":
+        sg = sgemm_gflops(device)
+        print(f"pytorch {torch.__version__}, cpu capability "
+              f"{torch.backends.cpu.get_cpu_capability()}, {threads} threads, "
+              f"sgemm 2048^3: {sg:.1f} GFLOP/s")
+        print(f"bench sgemm n=2048 threads={threads} gflops={sg:.1f}")
+    else:
+        sg = sgemm_gflops(device, 8192)
+        print(f"pytorch {torch.__version__}, device {torch.cuda.get_device_name(device)}, "
+              f"f32 matmul 8192^3: {sg:.1f} GFLOP/s")
+        print(f"bench sgemm n=8192 device={device} gflops={sg:.1f}")
     print(f"{'model':<16} {'batch':>5} {'ms median':>10} {'ms min/p25/p75/max':>21} "
           f"{'images/s':>9} {'GFLOP/iter':>10} {'GFLOP/s':>8} {'floor ms':>9} {'x floor':>8}")
     for n in names:
@@ -443,10 +469,12 @@ def main():
         w = WORKLOADS[n](batch)
         for _ in range(a.warmup):
             w.step()
+        sync(device)
         ms = []
         for _ in range(max(a.iters, 1)):
             t = time.perf_counter()
             losses = w.step()
+            sync(device)
             ms.append((time.perf_counter() - t) * 1e3)
             assert all(map(lambda v: v == v and abs(v) != float("inf"), losses)), losses
         ms.sort()

@@ -36,7 +36,8 @@
 //! The G step runs D inside [`with_frozen_params`] (no weight gradients for D there; the
 //! count above still includes them, as PyTorch computes them).
 //! The "floor" is that count at the measured sgemm rate: the time the iteration would take
-//! if all of it ran as one large matrix multiply.
+//! if all of it ran as one large matrix multiply (on the CPU a 2048^3 product with the `gemm`
+//! crate, on a GPU an 8192^3 candle matmul on that device).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,6 +71,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Worker threads (rayon and candle); the machine's default when `None`.
     pub threads: Option<usize>,
+    /// Where the workloads run. On a GPU the floor is the device's own f32 matmul rate
+    /// ([`device_sgemm_gflops`]) and every iteration ends with a device synchronisation.
+    pub device: Device,
 }
 
 /// One benchmark workload: a model with its optimizers and data, advanced one iteration at a
@@ -626,6 +630,7 @@ impl Timing {
 pub fn time_workload(
     name: &str,
     w: &mut dyn Workload,
+    dev: &Device,
     warmup: usize,
     iters: usize,
 ) -> Result<Timing> {
@@ -636,8 +641,14 @@ pub fn time_workload(
             Err(Error::Msg(format!("{name}: non-finite loss {losses:?}")))
         }
     };
-    // As the trainer runs its steps (`Trainer::step_kind`).
-    let mut step = || crate::on_pool_worker(|| w.step());
+    // As the trainer runs its steps (`Trainer::step_kind`). The losses are read back to the
+    // host, which waits for the step's kernels on a GPU; the explicit synchronisation also
+    // covers anything queued after them.
+    let mut step = || {
+        let losses = crate::on_pool_worker(|| w.step())?;
+        dev.synchronize()?;
+        Ok::<_, Error>(losses)
+    };
     for _ in 0..warmup {
         check(&step()?)?;
     }
@@ -705,6 +716,25 @@ pub fn sgemm_gflops(n: usize, threads: usize) -> f64 {
     2.0 * (n as f64).powi(3) / s[2] / 1e9
 }
 
+/// The f32 matrix-multiply rate of `dev` in GFLOP/s through candle's matmul (cuBLAS on CUDA,
+/// MPS on Metal): the median of 5 timed `n x n x n` products, each waited for.
+pub fn device_sgemm_gflops(dev: &Device, n: usize) -> Result<f64> {
+    let a = Tensor::ones((n, n), DType::F32, dev)?;
+    let b = Tensor::ones((n, n), DType::F32, dev)?;
+    let run = || -> Result<f64> {
+        dev.synchronize()?;
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        dev.synchronize()?;
+        drop(c);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    run()?;
+    let mut s = (0..5).map(|_| run()).collect::<Result<Vec<f64>>>()?;
+    s.sort_by(f64::total_cmp);
+    Ok(2.0 * (n as f64).powi(3) / s[2] / 1e9)
+}
+
 /// Without the `gemm` dependency (non-glibc targets) there is no rate to measure.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn sgemm_gflops(_n: usize, _threads: usize) -> f64 {
@@ -724,7 +754,7 @@ pub fn set_threads(threads: usize) -> Result<()> {
     Ok(())
 }
 
-/// `ganscope bench`: time the chosen workloads on the CPU and print a table and one
+/// `ganscope bench`: time the chosen workloads on `opts.device` and print a table and one
 /// `bench model=...` line each.
 pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     if let Some(t) = opts.threads {
@@ -743,15 +773,29 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         }
         None => MODELS.to_vec(),
     };
-    let dev = Device::Cpu;
-    let sgemm = sgemm_gflops(2048, threads);
-    let elementwise = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
-    println!(
-        "device cpu, {threads} threads (candle elementwise: CANDLE_NUM_THREADS={elementwise}), \
-         avx512f {}, sgemm 2048^3: {sgemm:.1} GFLOP/s",
-        avx512()
-    );
-    println!("bench sgemm n=2048 threads={threads} gflops={sgemm:.1}");
+    let dev = &opts.device;
+    let sgemm = if dev.is_cpu() {
+        let sgemm = sgemm_gflops(2048, threads);
+        let elementwise = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+        println!(
+            "device cpu, {threads} threads (candle elementwise: CANDLE_NUM_THREADS={elementwise}), \
+             avx512f {}, sgemm 2048^3: {sgemm:.1} GFLOP/s",
+            avx512()
+        );
+        println!("bench sgemm n=2048 threads={threads} gflops={sgemm:.1}");
+        sgemm
+    } else {
+        let sgemm = device_sgemm_gflops(dev, 8192)?;
+        println!(
+            "device {:?}, f32 matmul 8192^3: {sgemm:.1} GFLOP/s",
+            dev.location()
+        );
+        println!(
+            "bench sgemm n=8192 device={:?} gflops={sgemm:.1}",
+            dev.location()
+        );
+        sgemm
+    };
     println!(
         "{:<16} {:>5} {:>10} {:>21} {:>9} {:>10} {:>8} {:>9} {:>8}",
         "model",
@@ -768,7 +812,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     for name in names {
         let batch = opts.batch.unwrap_or_else(|| default_batch(name));
         let mut w = workload(name, batch, 0, &dev)?;
-        let t = time_workload(name, w.as_mut(), opts.warmup, opts.iters.max(1))?;
+        let t = time_workload(name, w.as_mut(), dev, opts.warmup, opts.iters.max(1))?;
         let floor = t.flops / (sgemm * 1e9) * 1e3;
         println!(
             "{:<16} {:>5} {:>10.1} {:>21} {:>9.1} {:>10.1} {:>8.1} {:>9.1} {:>8.2}",
@@ -828,6 +872,23 @@ mod tests {
             assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
             assert!(w.flops() > 0.0, "{name}");
         }
+    }
+
+    /// The timing loop (with its device synchronisation) and the device matmul rate run on
+    /// the CPU device too; a GPU gives them their point, but their plumbing is checked here.
+    #[test]
+    fn timing_and_device_rate_on_the_cpu_device() {
+        let dev = Device::Cpu;
+        let mut w = workload("cdcgan28", 2, 3, &dev).unwrap();
+        let t = time_workload("cdcgan28", w.as_mut(), &dev, 1, 2).unwrap();
+        assert_eq!((t.batch, t.ms.len()), (2, 2));
+        assert!(
+            t.ms.iter().all(|&m| m > 0.0) && t.ms[0] <= t.ms[1],
+            "{:?}",
+            t.ms
+        );
+        let rate = device_sgemm_gflops(&dev, 64).unwrap();
+        assert!(rate.is_finite() && rate > 0.0, "{rate}");
     }
 
     #[test]

@@ -44,7 +44,8 @@ enum Command {
     /// Generate datasets.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Time training iterations on the CPU (dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan).
+    /// Time training iterations (dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan), on the CPU
+    /// unless --device says otherwise.
     Bench(BenchArgs),
 }
 
@@ -64,6 +65,9 @@ struct BenchArgs {
     /// Worker threads (default: the machine's).
     #[arg(long)]
     threads: Option<usize>,
+    /// cpu, cuda, metal or auto (cuda and metal need a binary built with that feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -281,15 +285,18 @@ fn main() {
         Some(Command::Evaluator(EvaluatorCommand::Score(a))) => evaluator_score(a),
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
-        Some(Command::Bench(a)) => ganscope::bench::run(&ganscope::bench::BenchOptions {
-            model: a.model,
-            batch: a.batch,
-            iters: a.iters,
-            warmup: a.warmup,
-            threads: a.threads,
-        })
-        .map(|_| ())
-        .map_err(Into::into),
+        Some(Command::Bench(a)) => device(&a.device).and_then(|device| {
+            ganscope::bench::run(&ganscope::bench::BenchOptions {
+                model: a.model,
+                batch: a.batch,
+                iters: a.iters,
+                warmup: a.warmup,
+                threads: a.threads,
+                device,
+            })
+            .map(|_| ())
+            .map_err(Into::into)
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -811,7 +811,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let mut out = Vec::new();
     for name in names {
         let batch = opts.batch.unwrap_or_else(|| default_batch(name));
-        let mut w = workload(name, batch, 0, &dev)?;
+        let mut w = workload(name, batch, 0, dev)?;
         let t = time_workload(name, w.as_mut(), dev, opts.warmup, opts.iters.max(1))?;
         let floor = t.flops / (sgemm * 1e9) * 1e3;
         println!(

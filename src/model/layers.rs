@@ -1075,15 +1075,15 @@ impl LeakyRelu {
     /// element's [`LeakyRelu::side`].
     pub(crate) fn apply_in_place<T: WithDType>(&self, y: &mut [T]) -> Vec<u8> {
         let (a, z, one) = (T::from_f64(self.slope), T::from_f64(0.0), T::from_f64(1.0));
-        let mut side = vec![0u8; y.len()];
+        // An indexed collect writes the sides straight into the new vector (no zero-fill).
         y.par_iter_mut()
-            .zip(side.par_iter_mut())
             .with_min_len(MIN_TASK)
-            .for_each(|(v, s)| {
-                *s = Self::side(*v);
+            .map(|v| {
+                let s = Self::side(*v);
                 *v = *v * if *v > z { one } else { a };
-            });
-        side
+                s
+            })
+            .collect()
     }
 
     /// The activation of x: this fused op on the CPU (f32, f64), else

@@ -786,14 +786,9 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         sgemm
     } else {
         let sgemm = device_sgemm_gflops(dev, 8192)?;
-        println!(
-            "device {:?}, f32 matmul 8192^3: {sgemm:.1} GFLOP/s",
-            dev.location()
-        );
-        println!(
-            "bench sgemm n=8192 device={:?} gflops={sgemm:.1}",
-            dev.location()
-        );
+        let name = crate::device::name(dev);
+        println!("device {name}, f32 matmul 8192^3: {sgemm:.1} GFLOP/s");
+        println!("bench sgemm n=8192 device={name} gflops={sgemm:.1}");
         sgemm
     };
     println!(

@@ -53,3 +53,12 @@ pub fn open(name: &str, mut note: impl FnMut(String)) -> Result<Device> {
         ))),
     }
 }
+
+/// Short device name for logs, cards and the benchmark's lines: cpu, cuda:0, metal:0.
+pub fn name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -313,15 +313,6 @@ fn device(name: &str) -> Result<Device> {
     })?)
 }
 
-/// Short device name for logs and cards: cpu, cuda:0, metal:0.
-fn device_name(dev: &Device) -> String {
-    match dev.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 fn has_checkpoint(dir: &Path) -> bool {
     ganscope::checkpoint::FILES
         .iter()
@@ -427,7 +418,7 @@ fn train(a: TrainArgs) -> Result<()> {
         cfg.preset,
         trainer.generator.store.num_params(),
         trainer.discriminator.store.num_params(),
-        device_name(&dev),
+        ganscope::device::name(&dev),
         out.display()
     );
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -652,7 +643,7 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
         ds.image_shape(),
         ds.source,
         t0.elapsed().as_secs_f64(),
-        device_name(&dev),
+        ganscope::device::name(&dev),
         cfg
     );
     let t0 = std::time::Instant::now();
@@ -703,7 +694,7 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
         labels = acc.labels,
         w = cfg.width,
         stem = cfg.stem_stride(),
-        dev = device_name(&dev),
+        dev = ganscope::device::name(&dev),
         params = model.store.num_params(),
         epochs = cfg.epochs,
         secs = t0.elapsed().as_secs_f64(),
@@ -768,7 +759,7 @@ fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
         ds.image_shape(),
         ds.source,
         t0.elapsed().as_secs_f64(),
-        device_name(&dev)
+        ganscope::device::name(&dev)
     );
     let t1 = std::time::Instant::now();
     let idx: Vec<usize> = (0..ds.len()).collect();

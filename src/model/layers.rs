@@ -397,7 +397,7 @@ impl LinearOp {
         b: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         fn f<T: WithDType>(x: &[T], w: &[T], b: Option<&[T]>, (n, cin, cout): Dims3) -> Vec<T> {
-            let mut y = vec![T::from_f64(0.0); n * cout];
+            let mut y = super::uninit(n * cout);
             // y (n, cout) = x (n, cin) @ w^T, w stored (cout, cin).
             super::conv::matmul(
                 n,
@@ -411,6 +411,8 @@ impl LinearOp {
                 w,
                 (1, cin),
             );
+            // SAFETY: gemm without `accumulate` writes all n x cout elements.
+            let mut y = unsafe { super::assume_init(y) };
             if let Some(b) = b {
                 y.par_chunks_mut(cout)
                     .with_min_len(MIN_TASK.div_ceil(cout.max(1)))

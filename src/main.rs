@@ -192,6 +192,10 @@ struct TrainArgs {
     /// Train until this many generator steps.
     #[arg(long)]
     steps: Option<u64>,
+    /// Wall-time budget in minutes, counted from the start of the command (data loading
+    /// included): stop after the step that crosses it, with a checkpoint and a sample grid.
+    #[arg(long)]
+    minutes: Option<f64>,
     #[arg(long)]
     batch: Option<usize>,
     #[arg(long)]
@@ -229,6 +233,11 @@ struct TrainArgs {
     /// Continue the run in this folder (its config.json; flags override steps, rates, intervals).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Override any config field by its dotted path, e.g. `--set loss.mode_seeking=1
+    /// --set ema.decay=0.999 --set model.aux_head=true` (the value is JSON; a bare word is
+    /// taken as a string). Repeatable; new runs only.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -320,6 +329,14 @@ fn has_checkpoint(dir: &Path) -> bool {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let deadline = match a.minutes {
+        Some(m) if m.is_finite() && m > 0.0 => {
+            Some(started + std::time::Duration::from_secs_f64(m * 60.0))
+        }
+        Some(m) => bail!("--minutes must be a positive number, not {m}"),
+        None => None,
+    };
     let dev = device(&a.device)?;
     let (mut cfg, out) = match &a.resume {
         Some(dir) => (read_config(dir)?, dir.clone()),
@@ -360,8 +377,16 @@ fn train(a: TrainArgs) -> Result<()> {
         if let Some(l) = a.limit {
             cfg.data.limit = Some(l);
         }
-    } else if a.seed.is_some() || a.batch.is_some() || a.n_critic.is_some() || a.limit.is_some() {
-        bail!("--seed, --batch, --n-critic and --limit cannot change when resuming (exact resume)");
+        cfg = ganscope::config::apply_overrides(cfg, &a.set)?;
+    } else if a.seed.is_some()
+        || a.batch.is_some()
+        || a.n_critic.is_some()
+        || a.limit.is_some()
+        || !a.set.is_empty()
+    {
+        bail!(
+            "--seed, --batch, --n-critic, --limit and --set cannot change when resuming (exact resume)"
+        );
     }
     if let Some(p) = &a.data {
         cfg.data.path = Some(p.clone());
@@ -433,7 +458,7 @@ fn train(a: TrainArgs) -> Result<()> {
     pb.set_position(trainer.step);
     // Without a terminal the bar is hidden (and so is its println): log plain lines instead.
     let tty = std::io::stderr().is_terminal();
-    let cost = run::train_until(&mut trainer, &out, target, |p| {
+    let cost = run::train_until_deadline(&mut trainer, &out, target, deadline, |p| {
         pb.set_position(p.stats.step);
         pb.set_message(format!(
             "{:.0} img/s  D {:.3}  G {:.3}  D(x) {:+.2}  D(G(z)) {:+.2}",
@@ -682,6 +707,7 @@ fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
             a.stem_stride.map(|s| format!(" --stem-stride {s}")),
             a.limit.map(|l| format!(" --limit {l}")),
             a.n_scenes.map(|n| format!(" --n-scenes {n}")),
+            (a.size != 64).then(|| format!(" --size {}", a.size)),
         ]
         .into_iter()
         .flatten()

@@ -178,3 +178,47 @@ fn shipped_evaluators_load_and_old_configs_keep_their_stem() {
     assert_eq!(old.stem_stride, None);
     assert_eq!(old.stem_stride(), 2);
 }
+
+#[test]
+fn an_evaluator_judges_only_its_own_image_size() {
+    // A 64-px evaluator refuses 32-px generators (it used to enlarge them and measure the
+    // enlargement), and the default evaluator folder follows the run's image size.
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..24).map(|i| format!("l{i}")).collect();
+    let make = |size: usize, dir: &str| {
+        let cfg = EvaluatorConfig {
+            image_size: size,
+            channels: 3,
+            kind: ConditionKind::MultiHot,
+            label_names: names.clone(),
+            width: 4,
+            ..EvaluatorConfig::default()
+        };
+        Classifier::new(&cfg, &dev)
+            .unwrap()
+            .save(&tmp.path().join(dir))
+            .unwrap();
+        Classifier::load(&tmp.path().join(dir), &dev).unwrap()
+    };
+    let e64 = make(64, "evaluator-iclevr");
+    let p = tmp.path().join("evaluator-iclevr");
+    assert!(e64.check_fits(&p, 3, 64, &names).is_ok());
+    let err = e64.check_fits(&p, 3, 32, &names).unwrap_err().to_string();
+    assert!(
+        err.contains("3x64x64") && err.contains("not 3x32x32"),
+        "{err}"
+    );
+    assert!(e64.check_fits(&p, 3, 16, &names).is_err());
+    assert!(e64.check_fits(&p, 1, 64, &names).is_err());
+    // Default folder: evaluator-iclevr-32 for a 32-px run once it exists, else the plain one.
+    let cfg32 = ganscope::config::TrainConfig::iclevr_small();
+    let pick = |c: &ganscope::config::TrainConfig| {
+        ganscope::train::monitor::default_evaluator_dir(tmp.path(), c)
+    };
+    assert_eq!(pick(&cfg32), p);
+    make(32, "evaluator-iclevr-32");
+    assert_eq!(pick(&cfg32), tmp.path().join("evaluator-iclevr-32"));
+    let cfg64 = ganscope::config::TrainConfig::iclevr_sagan();
+    assert_eq!(pick(&cfg64), p);
+}

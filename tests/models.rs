@@ -37,7 +37,7 @@ fn every_preset_builds_with_the_right_shapes() {
             let out = d.forward(&x, &c, train).unwrap();
             assert_eq!(out.logits.dims(), &[b], "{name} D logits");
             match m.conditioning {
-                ganscope::config::Conditioning::Acgan => {
+                _ if ganscope::model::has_aux_head(m) => {
                     assert_eq!(
                         out.aux.unwrap().dims(),
                         &[b, m.num_conditions],
@@ -116,4 +116,41 @@ fn same_seed_same_weights_different_seed_different_weights() {
     assert_eq!(i1, i2);
     assert_eq!((i1.n, i1.channels, i1.height, i1.width), (3, 1, 28, 28));
     assert!(a.generate(3, &[vec![0.0; 9]], 42).is_err());
+}
+
+#[test]
+fn the_new_options_build_for_both_families() {
+    // aux_head, minibatch_std and g_cond_bn on DCGAN and ResNet nets of every conditioning.
+    let dev = Device::Cpu;
+    for base in ["iclevr-small", "iclevr-projection", "mnist-cdcgan"] {
+        let mut cfg = TrainConfig::preset(base).unwrap();
+        cfg.model.aux_head = true;
+        cfg.model.minibatch_std = true;
+        cfg.model.g_cond_bn = true;
+        cfg.model.g_ch = 8;
+        cfg.model.d_ch = 8;
+        let m = &cfg.model;
+        let g = Generator::new(m, Rng::new(1), DType::F32, &dev).unwrap();
+        let d = Discriminator::new(m, Rng::new(2), DType::F32, &dev).unwrap();
+        let b = 8;
+        let z = Tensor::randn(0f32, 1.0, (b, m.z_dim), &dev).unwrap();
+        let c = Tensor::ones((b, m.num_conditions), DType::F32, &dev).unwrap();
+        let x = g.forward(&z, &c, true).unwrap();
+        assert_eq!(x.dims(), &[b, m.channels, m.image_size, m.image_size]);
+        let out = d.forward(&x, &c, true).unwrap();
+        assert_eq!(out.logits.dims(), &[b], "{base}");
+        assert_eq!(out.aux.unwrap().dims(), &[b, m.num_conditions], "{base}");
+        let t = g.store.model_tensors();
+        if m.arch == ganscope::config::Arch::Dcgan {
+            // Conditional BN: an affine-free BN plus (K -> C) gain and bias maps.
+            assert!(t.contains_key("gen.blocks.0.bn.gamma.weight"), "{base}");
+            assert!(t.contains_key("gen.input_bn.beta.weight"), "{base}");
+            assert!(!t.contains_key("gen.blocks.0.bn.weight"), "{base}");
+        }
+        // Without conditions there is no aux head, whatever aux_head says.
+        let mut u = cfg.clone();
+        u.model.conditioning = ganscope::config::Conditioning::None;
+        u.model.num_conditions = 0;
+        assert!(!ganscope::model::has_aux_head(&u.model));
+    }
 }

@@ -114,3 +114,73 @@ fn missing_evaluator_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_generator_that_ignores_z_is_flagged_for_every_label() {
+    // Multi-label data (6 labels, 1-3 per image) and a cDCGAN whose first layer has its
+    // noise rows zeroed: every latent of a condition gives the same image. The monitor draws
+    // 4 latents per condition, so every label group holds pairs with the same condition and
+    // a diversity of 0: every label that has a value is flagged. With the noise rows intact
+    // the same check sees spread (the old grouping saw spread in both cases).
+    use candle_core::{DType, Tensor};
+    use ganscope::train::monitor::Monitor;
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::random_dataset(120, 3, 32, 6, ConditionKind::MultiHot, 3);
+    let ev_dir = tmp.path().join("evaluator");
+    let ecfg = EvaluatorConfig {
+        width: 4,
+        ..EvaluatorConfig::for_data(&data)
+    };
+    Classifier::new(&ecfg, &dev).unwrap().save(&ev_dir).unwrap();
+    let mut cfg = TrainConfig::iclevr_small();
+    cfg.model.num_conditions = 6;
+    cfg.model.g_ch = 4;
+    cfg.model.d_ch = 4;
+    cfg.batch_size = 8;
+    cfg.monitor.every = 1;
+    cfg.monitor.evaluator = Some(ev_dir);
+    cfg.monitor.n_real = 120;
+    cfg.monitor.n_generated = 96;
+    cfg.monitor.diagnostics.ndb_bins = 4;
+    let data: Arc<dyn Dataset> = Arc::new(data);
+    let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+    for _ in 0..3 {
+        t.train_step().unwrap();
+    }
+    let g = t.sampling_generator();
+    let mut monitor = Monitor::new(&cfg, data.as_ref(), &dev).unwrap();
+    let (varied, _) = monitor.check(1, g, data.as_ref()).unwrap();
+    let w = g.store.get("gen.input.weight").unwrap();
+    let z = cfg.model.z_dim;
+    let rows = w.dim(0).unwrap();
+    let keep = w.as_tensor().narrow(0, z, rows - z).unwrap();
+    let zeros = Tensor::zeros(
+        (z, w.dim(1).unwrap(), w.dim(2).unwrap(), w.dim(3).unwrap()),
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    w.set(&Tensor::cat(&[&zeros, &keep], 0).unwrap()).unwrap();
+    let (frozen, _) = monitor.check(2, g, data.as_ref()).unwrap();
+    let labels = |c: &ganscope::train::monitor::Check| -> Vec<_> {
+        c.report
+            .diversity
+            .per_condition
+            .iter()
+            .filter(|d| d.condition.is_some() && d.ratio.is_some())
+            .cloned()
+            .collect()
+    };
+    let (f, v) = (labels(&frozen), labels(&varied));
+    assert_eq!((f.len(), v.len()), (6, 6), "{f:?}");
+    for (d, e) in f.iter().zip(&v) {
+        assert!(d.flagged && d.ratio.unwrap() < 1e-3, "{d:?}");
+        // The same check with z intact measures a spread (an untrained G varies little in
+        // eval mode, but not nothing): the zero is the frozen noise, not the measure.
+        assert!(
+            e.generated.unwrap() > 100.0 * d.generated.unwrap(),
+            "{e:?} vs {d:?}"
+        );
+    }
+}

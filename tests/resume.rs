@@ -37,7 +37,29 @@ fn configs() -> Vec<TrainConfig> {
     let mut clip = tiny(TrainConfig::mnist_dcgan());
     clip.loss.kind = LossKind::Wgan;
     clip.model.d_norm = DNorm::None;
-    vec![tiny(TrainConfig::mnist_cdcgan()), wgan, sagan, acgan, clip]
+    // Every technique of the default recipe at once: aux head (real images only), minibatch
+    // std, conditional BN in a DCGAN G, mode seeking, DiffAugment, EMA.
+    let mut recipe = tiny(TrainConfig::mnist_cdcgan());
+    recipe.model.aux_head = true;
+    recipe.model.minibatch_std = true;
+    recipe.model.g_cond_bn = true;
+    recipe.model.d_norm = DNorm::None;
+    recipe.model.d_spectral_norm = true;
+    recipe.loss.kind = LossKind::Hinge;
+    recipe.loss.mode_seeking = 1.0;
+    recipe.loss.aux_on_fakes = false;
+    recipe.augment.translation = 0.125;
+    recipe.augment.cutout = 0.25;
+    recipe.ema.decay = 0.9;
+    recipe.ema.start = 1;
+    vec![
+        tiny(TrainConfig::mnist_cdcgan()),
+        wgan,
+        sagan,
+        acgan,
+        clip,
+        recipe,
+    ]
 }
 
 fn data_for(c: &TrainConfig) -> Arc<dyn Dataset> {
@@ -61,6 +83,11 @@ fn weights(t: &Trainer) -> HashMap<String, Vec<u32>> {
     all.extend(t.discriminator.store.model_tensors());
     all.extend(t.generator.store.state_tensors());
     all.extend(t.discriminator.store.state_tensors());
+    if let Some(e) = &t.ema {
+        for (k, v) in e.store.model_tensors() {
+            all.insert(format!("ema.{k}"), v);
+        }
+    }
     all.into_iter()
         .map(|(k, v)| {
             let bits = v
@@ -373,4 +400,36 @@ fn cli_errors_are_clear() {
         err.contains("unknown preset `nope`") && err.contains("mnist-cdcgan"),
         "{err}"
     );
+}
+
+#[test]
+fn ema_generator_is_what_is_saved_and_sampled() {
+    // With EMA on, generator.safetensors holds the average (what `sample` and `eval` load),
+    // the trained weights ride in the optimizer file, and both come back on resume.
+    let dev = Device::Cpu;
+    let cfg = configs().pop().unwrap();
+    assert!(cfg.ema.is_on());
+    let data = data_for(&cfg);
+    let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+    for _ in 0..4 {
+        t.train_step().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    t.save(dir.path()).unwrap();
+    let (g, _, step) = ganscope::train::load_generator(dir.path(), &dev).unwrap();
+    assert_eq!(step, 4);
+    let key = "gen.blocks.0.conv.weight";
+    let v = |m: &HashMap<String, Tensor>| m[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let saved = v(&g.store.model_tensors());
+    let ema = v(&t.ema.as_ref().unwrap().store.model_tensors());
+    let raw = v(&t.generator.store.model_tensors());
+    assert_eq!(saved, ema);
+    assert_ne!(
+        saved, raw,
+        "the average must differ from the trained weights"
+    );
+    assert_eq!(v(&t.sampling_generator().store.model_tensors()), ema);
+    let r = Trainer::resume(dir.path(), data, &dev).unwrap();
+    assert_eq!(v(&r.generator.store.model_tensors()), raw);
+    assert_eq!(v(&r.ema.as_ref().unwrap().store.model_tensors()), ema);
 }

@@ -318,8 +318,10 @@ impl GanscopeApp {
         // A smaller sample than the CLI's default keeps a check to a few seconds on a CPU.
         cfg.monitor.n_real = 1000;
         cfg.monitor.n_generated = 500;
-        let dir = format!("evaluator-{}", cfg.data.kind.name());
-        cfg.monitor.evaluator = Some(self.checkpoints.join(dir));
+        cfg.monitor.evaluator = Some(crate::train::monitor::default_evaluator_dir(
+            &self.checkpoints,
+            cfg,
+        ));
     }
 
     /// (Re)start training from scratch or from a run folder. The old session is dropped

@@ -8,11 +8,21 @@
 //! collapse a perfect class histogram hides: a conditional G that draws one image per class.
 //!
 //! Groups: "all samples" (`condition = None`) always; then one group per label id `l`
-//! holding every sample whose condition set contains `l` (for one-hot data: the class;
-//! for multi-label data: every scene containing that object). Generated samples are grouped
-//! by the condition they were *given*, real samples by their labels. The ratio is
-//! generated / real; a group is flagged when the ratio is below the threshold (0.5 by
-//! default). A group with fewer than 2 samples on either side has no value and no flag.
+//! holding every sample whose condition set contains `l`. Within a label group, only pairs
+//! of samples with the *same whole condition* count: for one-hot data that is the class
+//! (every pair); for multi-label data, two scenes with exactly the same objects. (Counting
+//! every pair of scenes that merely share object `l` measured the variety of the *other*
+//! objects, so a generator drawing one image per condition was never flagged.) Generated
+//! samples are grouped by the condition they were *given* (the monitor draws several
+//! latents per condition), real samples by their labels. The ratio is generated / real; a
+//! group is flagged when the ratio is below the threshold (0.5 by default). A group with no
+//! such pair on either side has no value and no flag.
+//!
+//! Scenes with more objects differ more between two draws of the same condition, and the
+//! two sides need not hold the same mix (the real pairs with equal conditions are mostly
+//! one-object scenes; the monitor draws conditions of every size). So a label group keeps
+//! its distances per condition size, and the ratio compares like with like: both sides are
+//! averaged over the sizes they share, weighted by the generated side's pair counts.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +37,18 @@ pub struct GroupDiversity {
     pub n: usize,
     /// None when n < 2.
     pub mean_distance: Option<f64>,
+    /// Label groups: the same-condition distances per condition size (number of labels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_size: Vec<SizeDiversity>,
+}
+
+/// Same-condition pairs of one condition size within a label group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SizeDiversity {
+    /// Labels per condition.
+    pub size: usize,
+    pub pairs: usize,
+    pub mean_distance: f64,
 }
 
 /// One condition's generated vs real diversity.
@@ -55,11 +77,17 @@ pub struct Diversity {
 
 /// Mean pairwise Euclidean distance of `features` (None for fewer than 2).
 pub fn mean_pairwise_distance(features: &[Vec<f32>]) -> Result<Option<f64>> {
+    let (sum, pairs) = pairwise_distance_sum(features)?;
+    Ok((pairs > 0).then(|| sum / pairs as f64))
+}
+
+/// Sum of the pairwise Euclidean distances of `features` and the number of pairs.
+fn pairwise_distance_sum(features: &[Vec<f32>]) -> Result<(f64, usize)> {
     if features.len() < 2 {
         if features.len() == 1 {
             dist::check_rows(features, "diversity features")?;
         }
-        return Ok(None);
+        return Ok((0.0, 0));
     }
     // Centred on the group's own mean: the f32 norm trick stays accurate even for a group
     // packed tightly far from the origin (a collapsed generator).
@@ -68,8 +96,58 @@ pub fn mean_pairwise_distance(features: &[Vec<f32>]) -> Result<Option<f64>> {
     dist::for_each_row(&m, &m, |i, row| {
         sum += row[i + 1..].iter().map(|&d| (d as f64).sqrt()).sum::<f64>();
     });
-    let n = m.n as f64;
-    Ok(Some(sum / (n * (n - 1.0) / 2.0)))
+    Ok((sum, m.n * (m.n - 1) / 2))
+}
+
+/// Mean distance over the pairs of `idx` whose whole condition sets are equal (every pair
+/// when `conditions` is empty), overall and per condition size. None without such a pair.
+fn same_condition_distance(
+    features: &[Vec<f32>],
+    conditions: &[Vec<u16>],
+    idx: &[usize],
+) -> Result<(Option<f64>, Vec<SizeDiversity>)> {
+    let mut by_set: std::collections::BTreeMap<&[u16], Vec<Vec<f32>>> = Default::default();
+    for &i in idx {
+        let key: &[u16] = conditions.get(i).map_or(&[], |c| c.as_slice());
+        by_set.entry(key).or_default().push(features[i].clone());
+    }
+    // size -> (sum, pairs)
+    let mut sizes: std::collections::BTreeMap<usize, (f64, usize)> = Default::default();
+    let (mut sum, mut pairs) = (0.0, 0);
+    for (set, rows) in &by_set {
+        let (s, p) = pairwise_distance_sum(rows)?;
+        sum += s;
+        pairs += p;
+        if p > 0 {
+            let e = sizes.entry(set.len()).or_default();
+            e.0 += s;
+            e.1 += p;
+        }
+    }
+    let by_size = sizes
+        .into_iter()
+        .map(|(size, (s, p))| SizeDiversity {
+            size,
+            pairs: p,
+            mean_distance: s / p as f64,
+        })
+        .collect();
+    Ok(((pairs > 0).then(|| sum / pairs as f64), by_size))
+}
+
+/// Both sides' distances averaged over the condition sizes they share, weighted by the
+/// generated pair counts; None when they share none.
+fn size_matched(generated: &[SizeDiversity], real: &[SizeDiversity]) -> Option<(f64, f64)> {
+    let (mut g, mut r, mut w) = (0.0, 0.0, 0.0);
+    for a in generated {
+        if let Some(b) = real.iter().find(|b| b.size == a.size) {
+            let wt = a.pairs as f64;
+            g += wt * a.mean_distance;
+            r += wt * b.mean_distance;
+            w += wt;
+        }
+    }
+    (w > 0.0).then(|| (g / w, r / w))
 }
 
 /// Groups of sample indices: all, then one per label id in `0..num_classes`.
@@ -110,11 +188,17 @@ pub fn group_diversity(
     gs.iter()
         .enumerate()
         .map(|(gi, idx)| {
-            let rows: Vec<Vec<f32>> = idx.iter().map(|&i| features[i].clone()).collect();
+            let (mean_distance, by_size) = if gi == 0 {
+                let rows: Vec<Vec<f32>> = idx.iter().map(|&i| features[i].clone()).collect();
+                (mean_pairwise_distance(&rows)?, vec![])
+            } else {
+                same_condition_distance(features, conditions, idx)?
+            };
             Ok(GroupDiversity {
                 condition: (gi > 0).then(|| (gi - 1) as u16),
                 n: idx.len(),
-                mean_distance: mean_pairwise_distance(&rows)?,
+                mean_distance,
+                by_size,
             })
         })
         .collect()
@@ -127,8 +211,11 @@ pub fn compare(generated: &[GroupDiversity], real: &[GroupDiversity], threshold:
         .iter()
         .map(|g| {
             let r = real.iter().find(|r| r.condition == g.condition);
-            let rv = r.and_then(|r| r.mean_distance);
-            let ratio = match (g.mean_distance, rv) {
+            let (gv, rv) = match r.and_then(|r| size_matched(&g.by_size, &r.by_size)) {
+                Some((a, b)) => (Some(a), Some(b)),
+                None => (g.mean_distance, r.and_then(|r| r.mean_distance)),
+            };
+            let ratio = match (gv, rv) {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
             };
@@ -136,7 +223,7 @@ pub fn compare(generated: &[GroupDiversity], real: &[GroupDiversity], threshold:
                 condition: g.condition,
                 n_generated: g.n,
                 n_real: r.map_or(0, |r| r.n),
-                generated: g.mean_distance,
+                generated: gv,
                 real: rv,
                 ratio,
                 flagged: ratio.is_some_and(|x| x < threshold),
@@ -236,5 +323,93 @@ mod tests {
         let d = intra_condition_diversity(&collapsed, &[], &real, &rl, 3, 0.5).unwrap();
         assert_eq!(d.per_condition.len(), 1);
         assert!(d.per_condition[0].flagged);
+    }
+
+    #[test]
+    fn multi_label_generator_that_ignores_z_is_flagged_everywhere() {
+        // 6 labels; real scenes hold 1 or 2 labels, features = sum of per-label means + noise
+        // (same objects, other places: unit noise). A generator that ignores z gives every
+        // sample of one condition the same features (its 4 latents per condition agree);
+        // different conditions still differ, so the old per-label grouping (all scenes that
+        // contain l) saw plenty of spread and flagged nothing. Now every label is flagged;
+        // a generator that varies with z like the data is flagged nowhere.
+        let k = 6;
+        let mut rng = Rng::new(4);
+        let mean = |set: &[u16]| -> Vec<f32> {
+            let mut v = vec![0f32; 8];
+            for &l in set {
+                v[l as usize] += 5.0;
+            }
+            v
+        };
+        let noisy = |set: &[u16], s: f32, rng: &mut Rng| -> Vec<f32> {
+            mean(set)
+                .iter()
+                .zip(rng.normal_vec(8))
+                .map(|(m, z)| m + s * z as f32)
+                .collect()
+        };
+        let sets: Vec<Vec<u16>> = (0..k as u16)
+            .flat_map(|a| (a..k as u16).map(move |b| if a == b { vec![a] } else { vec![a, b] }))
+            .collect();
+        let (mut real, mut rl) = (vec![], vec![]);
+        for i in 0..600 {
+            let s = &sets[i % sets.len()];
+            real.push(noisy(s, 1.0, &mut rng));
+            rl.push(s.clone());
+        }
+        let (mut frozen, mut varied, mut gc) = (vec![], vec![], vec![]);
+        for i in 0..40 {
+            let s = &sets[(i * 5) % sets.len()];
+            for _ in 0..4 {
+                frozen.push(mean(s));
+                varied.push(noisy(s, 1.0, &mut rng));
+                gc.push(s.clone());
+            }
+        }
+        let d = intra_condition_diversity(&frozen, &gc, &real, &rl, k, 0.5).unwrap();
+        let labels: Vec<_> = d.per_condition.iter().skip(1).collect();
+        assert_eq!(labels.len(), k);
+        for c in &labels {
+            assert!(c.flagged, "{c:?}");
+            assert!(c.ratio.unwrap() < 0.01, "{c:?}");
+        }
+        let d = intra_condition_diversity(&varied, &gc, &real, &rl, k, 0.5).unwrap();
+        assert_eq!(d.n_flagged, 0, "{d:?}");
+        for c in d.per_condition.iter().skip(1) {
+            assert!((c.ratio.unwrap() - 1.0).abs() < 0.3, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_are_compared_like_with_like() {
+        // Label 0. Real: condition {0} three times, pairwise 1 apart (a unit triangle);
+        // condition {0, 1} twice, 4 apart. Unmatched mean over equal-condition pairs:
+        // (3 * 1 + 4) / 4 = 1.75. Generated: {0} twice 1 apart, {0, 1} twice 4 apart: as
+        // varied as real size for size, but its unmatched mean is 2.5 (ratio 1.43). Matched
+        // with the generated pair counts (1 and 1): 2.5 against 2.5, ratio 1.
+        let tri = vec![
+            vec![0.0f32, 0.0],
+            vec![1.0, 0.0],
+            vec![0.5, 3f32.sqrt() / 2.0],
+        ];
+        let mut real = tri.clone();
+        let mut rl = vec![vec![0u16]; 3];
+        real.extend([vec![10.0, 0.0], vec![14.0, 0.0]]);
+        rl.extend([vec![0u16, 1], vec![0u16, 1]]);
+        let gen_ = vec![
+            vec![0.0f32, 0.0],
+            vec![1.0, 0.0],
+            vec![10.0, 0.0],
+            vec![14.0, 0.0],
+        ];
+        let gc = vec![vec![0u16], vec![0], vec![0, 1], vec![0, 1]];
+        let d = intra_condition_diversity(&gen_, &gc, &real, &rl, 3, 0.5).unwrap();
+        let c0 = &d.per_condition[1];
+        assert!((c0.ratio.unwrap() - 1.0).abs() < 1e-6, "{c0:?}");
+        assert!((c0.generated.unwrap() - 2.5).abs() < 1e-6, "{c0:?}");
+        assert!((c0.real.unwrap() - 2.5).abs() < 1e-6, "{c0:?}");
+        // Label 2 has no pairs on either side: no value, no flag.
+        assert_eq!(d.per_condition[3].ratio, None);
     }
 }

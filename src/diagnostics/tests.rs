@@ -119,6 +119,7 @@ fn one_class_generator_is_caught_everywhere() {
             condition: None,
             n: 1000,
             mean_distance: all.generated,
+            by_size: vec![],
         }],
         &dg.real_diversity,
         0.6,

@@ -7,33 +7,64 @@
 
 use candle_core::Tensor;
 
-use crate::config::{Conditioning, DNorm, ModelConfig};
+use crate::config::{DNorm, ModelConfig};
 use crate::error::Result;
 use crate::model::layers::{
-    BatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, LeakyRelu, Linear, SelfAttention,
-    WeightInit, leaky_relu,
+    BatchNorm, CondBatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, LeakyRelu, Linear,
+    SelfAttention, WeightInit, leaky_relu, minibatch_std, relu,
 };
-use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
+use crate::model::{
+    CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
+};
 use crate::params::Vb;
+
+/// G's BatchNorm + ReLU: plain, or conditional (`g_cond_bn`: gain and bias from c).
+#[derive(Debug, Clone)]
+pub enum GenNorm {
+    Plain(BatchNorm),
+    Cond(CondBatchNorm),
+}
+
+impl GenNorm {
+    fn new(cfg: &ModelConfig, c: usize, opts: LayerOpts, vb: Vb) -> Result<Self> {
+        Ok(if cfg.g_cond_bn && cfg.num_conditions > 0 {
+            let opts = LayerOpts {
+                init: WeightInit::Embedding,
+                ..opts
+            };
+            GenNorm::Cond(CondBatchNorm::new(c, cfg.num_conditions, opts, vb)?)
+        } else {
+            GenNorm::Plain(BatchNorm::new(c, true, vb)?)
+        })
+    }
+
+    /// ReLU(norm(x)); c: (B, K).
+    fn forward_relu(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            GenNorm::Plain(bn) => bn.forward_act(x, train, Some(LeakyRelu::RELU)),
+            GenNorm::Cond(cbn) => relu(&cbn.forward(x, c, train)?),
+        }
+    }
+}
 
 /// One upsampling stage of G: ConvT(k4, s2, p1) -> BN -> ReLU.
 #[derive(Debug, Clone)]
 pub struct GenBlock {
     conv: ConvTranspose2d,
-    bn: BatchNorm,
+    bn: GenNorm,
 }
 
 impl GenBlock {
-    fn new(cin: usize, cout: usize, opts: LayerOpts, vb: Vb) -> Result<Self> {
+    fn new(cfg: &ModelConfig, cin: usize, cout: usize, opts: LayerOpts, vb: Vb) -> Result<Self> {
         Ok(Self {
             conv: ConvTranspose2d::new(cin, cout, 4, 2, 1, opts, vb.pp("conv"))?,
-            bn: BatchNorm::new(cout, true, vb.pp("bn"))?,
+            bn: GenNorm::new(cfg, cout, opts, vb.pp("bn"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
         self.bn
-            .forward_act(&self.conv.forward(x, train)?, train, Some(LeakyRelu::RELU))
+            .forward_relu(&self.conv.forward(x, train)?, c, train)
     }
 }
 
@@ -43,7 +74,7 @@ pub struct DcganGenerator {
     cond_embed: Option<Linear>,
     /// (z + e, 1, 1) -> (C0, s0, s0): a ConvT with kernel s0.
     input: ConvTranspose2d,
-    input_bn: BatchNorm,
+    input_bn: GenNorm,
     blocks: Vec<GenBlock>,
     /// Self-attention after the block whose output has side `attention`.
     attention: Option<(usize, SelfAttention)>,
@@ -78,11 +109,12 @@ impl DcganGenerator {
         };
         let zin = cfg.z_dim + if k > 0 { cfg.cond_embed } else { 0 };
         let input = ConvTranspose2d::new(zin, ch(0), s0, 1, 0, opts, vb.pp("input"))?;
-        let input_bn = BatchNorm::new(ch(0), true, vb.pp("input_bn"))?;
+        let input_bn = GenNorm::new(cfg, ch(0), opts, vb.pp("input_bn"))?;
         let mut blocks = Vec::new();
         let mut attention = None;
         for level in 1..n_up {
             blocks.push(GenBlock::new(
+                cfg,
                 ch(level - 1),
                 ch(level),
                 opts,
@@ -114,11 +146,9 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let h = self.input_bn.forward_act(
-            &self.input.forward(&x, false)?,
-            false,
-            Some(LeakyRelu::RELU),
-        )?; // (B, C0, s0, s0)
+        let h = self
+            .input_bn
+            .forward_relu(&self.input.forward(&x, false)?, c, false)?; // (B, C0, s0, s0)
         Ok(h.flatten_from(1)?)
     }
 
@@ -128,13 +158,11 @@ impl DcganGenerator {
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let mut h = self.input_bn.forward_act(
-            &self.input.forward(&x, train)?,
-            train,
-            Some(LeakyRelu::RELU),
-        )?; // (B, C0, s0, s0)
+        let mut h = self
+            .input_bn
+            .forward_relu(&self.input.forward(&x, train)?, c, train)?; // (B, C0, s0, s0)
         for (i, b) in self.blocks.iter().enumerate() {
-            h = b.forward(&h, train)?;
+            h = b.forward(&h, c, train)?;
             h = attend_after(&self.attention, i, h, train)?;
         }
         Ok(self.out.forward(&h, train)?.tanh()?) // (B, C, H, W)
@@ -198,6 +226,8 @@ pub struct DcganDiscriminator {
     embed: Option<Projection>,
     /// ACGAN: flattened features -> K logits.
     aux: Option<Linear>,
+    /// Minibatch standard deviation appended before `out` (one more feature map).
+    minibatch_std: bool,
 }
 
 impl DcganDiscriminator {
@@ -229,9 +259,10 @@ impl DcganDiscriminator {
                 attention = Some((level, SelfAttention::new(cin, opts, vb.pp("attention"))?));
             }
         }
+        let cin = cin + usize::from(cfg.minibatch_std);
         let out = Conv2d::new(cin, 1, s0, 1, 0, opts, vb.pp("out"))?;
         let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
-        let aux = if cfg.conditioning == Conditioning::Acgan {
+        let aux = if has_aux_head(cfg) {
             Some(Linear::new(
                 cin * s0 * s0,
                 k,
@@ -248,6 +279,7 @@ impl DcganDiscriminator {
             out,
             embed,
             aux,
+            minibatch_std: cfg.minibatch_std,
         })
     }
 
@@ -260,6 +292,9 @@ impl DcganDiscriminator {
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
             h = attend_after(&self.attention, i, h, train)?;
+        }
+        if self.minibatch_std {
+            h = minibatch_std(&h)?;
         }
         // h: (B, C_last, s0, s0)
         let mut logits = self.out.forward(&h, train)?.flatten_all()?; // (B,)

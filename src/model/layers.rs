@@ -701,6 +701,28 @@ impl CondBatchNorm {
     }
 }
 
+/// Minibatch standard deviation (Karras et al., "Progressive Growing of GANs for Improved
+/// Quality, Stability, and Variation", ICLR 2018, section 3): the batch is split into groups
+/// of 4 samples (the whole batch when 4 does not divide it; member j of a group is sample
+/// `g * (B / G) + j` as in the paper's reshape), each feature's standard deviation is taken
+/// within the group, averaged over features, and appended as one constant feature map.
+/// x: (B, C, H, W) -> (B, C + 1, H, W). Basic ops only: differentiable to any order.
+pub fn minibatch_std(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let g = if b % 4 == 0 { 4 } else { b.max(1) };
+    let m = b / g.max(1);
+    if b == 0 {
+        return Ok(Tensor::zeros((0, c + 1, h, w), x.dtype(), x.device())?);
+    }
+    let xg = x.reshape((g, m, c, h, w))?;
+    let mean = xg.mean_keepdim(0)?;
+    let var = xg.broadcast_sub(&mean)?.sqr()?.mean(0)?; // (m, C, H, W)
+    let sd = var.affine(1.0, 1e-8)?.sqrt()?.flatten_from(1)?.mean(1)?; // (m,)
+    let sd = sd.reshape((1, m, 1, 1, 1))?.repeat((g, 1, 1, 1, 1))?; // (G, m, 1, 1, 1)
+    let plane = sd.reshape((b, 1, 1, 1))?.broadcast_as((b, 1, h, w))?;
+    Ok(Tensor::cat(&[x, &plane.contiguous()?], 1)?)
+}
+
 /// Layer normalisation over (C, H, W) of each sample with a per-channel affine, written from
 /// basic ops (differentiable twice; the usual critic norm under WGAN-GP, where BatchNorm
 /// would couple the samples the penalty treats independently).
@@ -1445,6 +1467,84 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn minibatch_std_by_hand_and_by_finite_differences() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        // B = 2 (not divisible by 4: one group), C = 1, 1x2 maps: x0 = (0, 2), x1 = (2, 2).
+        // Per-feature population std with 1e-8 inside the sqrt: (1.000000005, 1e-4), mean
+        // 0.50005; the plane is the same for both samples.
+        let x = Tensor::new(&[[[[0.0f64, 2.0]]], [[[2.0, 2.0]]]], &dev).unwrap();
+        let y = minibatch_std(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 2, 1, 2]);
+        let v: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let want = ((1.0f64 + 1e-8).sqrt() + 1e-4) / 2.0;
+        for i in [2, 3, 6, 7] {
+            assert!((v[i] - want).abs() < 1e-9, "{v:?}");
+        }
+        assert_eq!((&v[..2], &v[4..6]), (&[0.0, 2.0][..], &[2.0, 2.0][..]));
+        // B = 8: groups of 4 with members g * 2 + j; the two group columns get their own std.
+        let x = Tensor::from_vec(
+            (0..8 * 3 * 2 * 2)
+                .map(|i| ((i * 29) % 17) as f64 / 7.0)
+                .collect::<Vec<_>>(),
+            (8, 3, 2, 2),
+            &dev,
+        )
+        .unwrap();
+        let r = Tensor::from_vec(
+            (0..8 * 4 * 2 * 2)
+                .map(|i| ((i * 11) % 5) as f64 - 2.0)
+                .collect::<Vec<_>>(),
+            (8, 4, 2, 2),
+            &dev,
+        )
+        .unwrap();
+        let f = |x: &Tensor| -> f64 {
+            (minibatch_std(x).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let var = Var::from_tensor(&x).unwrap();
+        let g = (minibatch_std(var.as_tensor()).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f64> = g
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for i in (0..base.len()).step_by(7) {
+            let t = |d: f64| {
+                let mut p = base.clone();
+                p[i] += d;
+                Tensor::from_vec(p, (8, 3, 2, 2), &dev).unwrap()
+            };
+            let fd = (f(&t(1e-5)) - f(&t(-1e-5))) / 2e-5;
+            assert!((fd - g[i]).abs() < 1e-6, "{i}: {fd} vs {}", g[i]);
+        }
+        // Identical samples give a std plane of (almost) zero.
+        let same = Tensor::ones((4, 2, 2, 2), DType::F64, &dev).unwrap();
+        let s: f64 = minibatch_std(&same)
+            .unwrap()
+            .narrow(1, 2, 1)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(s < 1e-3, "{s}");
+    }
     use crate::rng::Rng;
     use candle_core::{Device, Var};
 

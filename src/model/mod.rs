@@ -101,6 +101,12 @@ pub(crate) fn attend_after(
     }
 }
 
+/// Whether D has an auxiliary classifier head: `acgan` conditioning, or `aux_head` with any
+/// conditioning (never without conditions).
+pub fn has_aux_head(cfg: &ModelConfig) -> bool {
+    cfg.num_conditions > 0 && (cfg.conditioning == Conditioning::Acgan || cfg.aux_head)
+}
+
 /// What a discriminator says about a batch.
 #[derive(Debug, Clone)]
 pub struct DOut {

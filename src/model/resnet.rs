@@ -8,13 +8,15 @@
 
 use candle_core::Tensor;
 
-use crate::config::{Conditioning, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::layers::{
     BatchNorm, CondBatchNorm, Conv2d, LayerOpts, LeakyRelu, Linear, SelfAttention, WeightInit,
-    avg_pool2, relu, upsample2,
+    avg_pool2, minibatch_std, relu, upsample2,
 };
-use crate::model::{CondPlane, DOut, Projection, attend_after, base_size, num_resamples};
+use crate::model::{
+    CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
+};
 use crate::params::Vb;
 
 /// G block: cBN -> ReLU -> up -> conv3x3 -> cBN -> ReLU -> conv3x3, plus up -> conv1x1 shortcut.
@@ -194,6 +196,8 @@ pub struct ResnetDiscriminator {
     embed: Option<Projection>,
     /// ACGAN: pooled features -> K logits.
     aux: Option<Linear>,
+    /// Minibatch standard deviation appended after the blocks (one more feature map).
+    minibatch_std: bool,
 }
 
 impl ResnetDiscriminator {
@@ -227,8 +231,9 @@ impl ResnetDiscriminator {
                 attention = Some((level, SelfAttention::new(cin, opts, vb.pp("attention"))?));
             }
         }
+        let cin = cin + usize::from(cfg.minibatch_std);
         let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
-        let aux = if cfg.conditioning == Conditioning::Acgan {
+        let aux = if has_aux_head(cfg) {
             Some(Linear::new(cin, k, opts, vb.pp("aux"))?)
         } else {
             None
@@ -240,6 +245,7 @@ impl ResnetDiscriminator {
             linear: Linear::new(cin, 1, opts, vb.pp("linear"))?,
             embed,
             aux,
+            minibatch_std: cfg.minibatch_std,
         })
     }
 
@@ -252,6 +258,9 @@ impl ResnetDiscriminator {
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, train)?;
             h = attend_after(&self.attention, i, h, train)?;
+        }
+        if self.minibatch_std {
+            h = minibatch_std(&h)?;
         }
         let phi = relu(&h)?.sum((2, 3))?; // (B, C)
         let mut logits = self.linear.forward(&phi, train)?.squeeze(1)?; // (B,)

@@ -53,6 +53,21 @@ pub fn aux_loss(kind: ConditionKind, logits: &Tensor, target: &Tensor) -> Result
     })
 }
 
+/// Mode-seeking term (Mao et al. 2019) for a batch whose two halves share conditions:
+/// 1 / (mean|x1 - x2| / mean|z1 - z2| + 1e-5), with x = (x1; x2) the images (B, ...) and
+/// z = (z1; z2) the latents (B, Z). Small when different latents give different images.
+pub fn mode_seeking(x: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let h = x.dim(0)? / 2;
+    let dx = (x.narrow(0, 0, h)? - x.narrow(0, h, h)?)?
+        .abs()?
+        .mean_all()?;
+    let dz = (z.narrow(0, 0, h)? - z.narrow(0, h, h)?)?
+        .abs()?
+        .mean_all()?
+        .detach();
+    Ok((dx / dz)?.affine(1.0, 1e-5)?.recip()?)
+}
+
 /// WGAN-GP penalty E[(||grad_x critic(x_hat)||_2 - 1)^2] at x_hat = eps real + (1 - eps) fake,
 /// with `eps` of shape (B, 1, 1, 1). `critic` maps images to per-sample values (B,).
 /// Differentiable with respect to the critic's weights (exact second order).
@@ -107,6 +122,25 @@ mod tests {
         let big = t(&[1000.0, -1000.0]);
         let v = s(bce_with_logits(&big, &t(&[0.0, 1.0])).unwrap());
         assert!((v - 1000.0).abs() < 1e-9, "{v}");
+    }
+
+    #[test]
+    fn mode_seeking_by_hand() {
+        // x halves (1, 3) and (2, 1): mean|dx| = (1 + 2)/2 = 1.5; z halves (0) and (2):
+        // mean|dz| = 2 -> 1 / (0.75 + 1e-5). Its gradient with respect to x1[0]:
+        // -1/(r + eps)^2 * d r/d x1[0] = -1/(0.75+1e-5)^2 * sign(1 - 2) / (2 * 2).
+        let x = candle_core::Var::from_tensor(
+            &Tensor::new(&[[1.0f64, 3.0], [2.0, 1.0]], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let z = Tensor::new(&[[0.0f64], [2.0]], &Device::Cpu).unwrap();
+        let l = mode_seeking(x.as_tensor(), &z).unwrap();
+        let r = 0.75 + 1e-5;
+        assert!((s(l.clone()) - 1.0 / r).abs() < 1e-12);
+        let g = l.backward().unwrap();
+        let g: Vec<Vec<f64>> = g.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        assert!((g[0][0] - 1.0 / (r * r) / 4.0).abs() < 1e-9, "{g:?}");
+        assert!((g[1][0] + 1.0 / (r * r) / 4.0).abs() < 1e-9, "{g:?}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! continues bit for bit.
 
 pub mod adam;
+pub mod augment;
+pub mod ema;
 pub mod loss;
 pub mod monitor;
 pub mod run;
@@ -106,7 +108,10 @@ impl Sampler {
 
 pub struct Trainer {
     pub cfg: TrainConfig,
+    /// The generator being trained.
     pub generator: Generator,
+    /// Its moving average when `cfg.ema` is on ([`Trainer::sampling_generator`]).
+    pub ema: Option<Generator>,
     pub discriminator: Discriminator,
     opt_g: Adam,
     opt_d: Adam,
@@ -163,6 +168,17 @@ impl Trainer {
         let generator = Generator::new(m, Rng::stream(cfg.seed, "init.gen"), dtype, device)?;
         let discriminator =
             Discriminator::new(m, Rng::stream(cfg.seed, "init.disc"), dtype, device)?;
+        let ema = if cfg.ema.is_on() {
+            // The same stream: the average starts as an exact copy.
+            Some(Generator::new(
+                m,
+                Rng::stream(cfg.seed, "init.gen"),
+                dtype,
+                device,
+            )?)
+        } else {
+            None
+        };
         let o = &cfg.optim;
         let opt_g = Adam::new(generator.store.trainable(), o.lr_g, o.beta1, o.beta2, o.eps)?;
         let opt_d = Adam::new(
@@ -177,6 +193,7 @@ impl Trainer {
             rng: Rng::stream(cfg.seed, "train"),
             cfg,
             generator,
+            ema,
             discriminator,
             opt_g,
             opt_d,
@@ -190,6 +207,20 @@ impl Trainer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The generator to sample from: the moving average when `cfg.ema` is on, else the
+    /// trained one. This is what `generator.safetensors` holds.
+    pub fn sampling_generator(&self) -> &Generator {
+        self.ema.as_ref().unwrap_or(&self.generator)
+    }
+
+    /// D's view of a batch: augmented when `cfg.augment` is on.
+    fn augment(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.cfg.augment.is_off() {
+            return Ok(x.clone());
+        }
+        augment::augment(x, &self.cfg.augment, &mut self.rng)
     }
 
     pub fn data(&self) -> &Arc<dyn Dataset> {
@@ -245,8 +276,9 @@ impl Trainer {
         let (real, c) = self.real_batch()?;
         let z = self.noise(b)?;
         let fake = self.generator.forward(&z, &c, true)?.detach();
-        let out_r = self.discriminator.forward(&real, &c, true)?;
-        let out_f = self.discriminator.forward(&fake, &c, true)?;
+        let (real_a, fake_a) = (self.augment(&real)?, self.augment(&fake)?);
+        let out_r = self.discriminator.forward(&real_a, &c, true)?;
+        let out_f = self.discriminator.forward(&fake_a, &c, true)?;
         let lk = self.cfg.loss.kind;
         let mut total = loss::d_loss(lk, &out_r.logits, &out_f.logits)?;
         let mut st = StepStats {
@@ -275,7 +307,10 @@ impl Trainer {
         }
         if let (Some(ar), Some(af)) = (&out_r.aux, &out_f.aux) {
             let ck = self.cfg.model.condition_kind;
-            let aux = (loss::aux_loss(ck, ar, &c)? + loss::aux_loss(ck, af, &c)?)?;
+            let mut aux = loss::aux_loss(ck, ar, &c)?;
+            if self.cfg.loss.aux_on_fakes {
+                aux = (aux + loss::aux_loss(ck, af, &c)?)?;
+            }
             st.aux_d = Some(scalar(&aux)?);
             total = (total + aux.affine(self.cfg.loss.aux_weight, 0.0)?)?;
         }
@@ -296,13 +331,25 @@ impl Trainer {
     /// One generator update; returns (G loss, auxiliary loss, gradient norm).
     pub fn g_step(&mut self) -> Result<(f64, Option<f64>, f64)> {
         let b = self.cfg.batch_size;
-        let c = self.sample_conditions(b)?;
+        let ms = self.cfg.loss.mode_seeking;
+        let c = if ms > 0.0 {
+            // Two halves with the same conditions (validate keeps the batch even).
+            let half = self.sample_conditions(b / 2)?;
+            Tensor::cat(&[&half, &half], 0)?
+        } else {
+            self.sample_conditions(b)?
+        };
         let z = self.noise(b)?;
         let fake = self.generator.forward(&z, &c, true)?;
+        let fake_a = self.augment(&fake)?;
         // D's parameters as constants: their gradients are not needed here.
         let disc = &self.discriminator;
-        let out = crate::model::layers::with_frozen_params(|| disc.forward(&fake, &c, true))?;
+        let out = crate::model::layers::with_frozen_params(|| disc.forward(&fake_a, &c, true))?;
         let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
+        if ms > 0.0 {
+            let term = loss::mode_seeking(&fake, &z)?;
+            total = (total + term.affine(ms, 0.0)?)?;
+        }
         let mut aux_v = None;
         if let Some(a) = &out.aux {
             let aux = loss::aux_loss(self.cfg.model.condition_kind, a, &c)?;
@@ -314,6 +361,10 @@ impl Trainer {
         let grads = crate::grad::first_order_backward(&total)?;
         let norm = grad_norm(&grads, &self.generator.store.trainable())?;
         self.opt_g.step(&grads)?;
+        if let Some(e) = &self.ema {
+            let decay = self.cfg.ema.decay_at(self.step + 1);
+            ema::update(&e.store, &self.generator.store, decay)?;
+        }
         Ok((g, aux_v, norm))
     }
 
@@ -360,6 +411,11 @@ impl Trainer {
         t.extend(self.opt_d.state("opt_d")?);
         t.extend(self.generator.store.state_tensors());
         t.extend(self.discriminator.store.state_tensors());
+        if self.ema.is_some() {
+            for (k, v) in self.generator.store.model_tensors() {
+                t.insert(format!("{}{k}", ema::RAW_PREFIX), v);
+            }
+        }
         let dev = &Device::Cpu;
         t.insert("trainer.step".into(), u64_tensor(&[self.step], dev)?);
         t.insert("trainer.rng".into(), u64_tensor(&self.rng.state(), dev)?);
@@ -382,7 +438,7 @@ impl Trainer {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
         checkpoint::write_atomic(&dir.join("config.json"), &json)?;
-        let g = self.generator.store.model_tensors();
+        let g = self.sampling_generator().store.model_tensors();
         let d = self.discriminator.store.model_tensors();
         let o = self.optimizer_tensors()?;
         checkpoint::save(dir, self.step, [&g, &d, &o])
@@ -423,7 +479,7 @@ impl Trainer {
         Ok(Snapshot {
             step: self.step,
             files: [
-                deep(self.generator.store.model_tensors())?,
+                deep(self.sampling_generator().store.model_tensors())?,
                 deep(self.discriminator.store.model_tensors())?,
                 deep(self.optimizer_tensors()?)?,
             ],
@@ -470,6 +526,21 @@ impl Trainer {
         };
         let g_state = pick("gen.");
         let d_state = pick("disc.");
+        // With EMA: the generator file holds the average, the trained weights are `raw.*`
+        // (absent when EMA was turned on at a resume: both start from the file).
+        let raw: HashMap<String, Tensor> = o
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(ema::RAW_PREFIX)
+                    .map(|n| (n.to_string(), v.clone()))
+            })
+            .collect();
+        let raw = if self.ema.is_some() && !raw.is_empty() {
+            checkpoint::check_shapes(&op, &self.generator.store.shapes(true), &raw)?;
+            Some(raw)
+        } else {
+            None
+        };
         checkpoint::check_shapes(&op, &self.generator.store.shapes(false), &g_state)?;
         checkpoint::check_shapes(&op, &self.discriminator.store.shapes(false), &d_state)?;
         let get = |name: &str, len: usize| -> Result<Vec<u64>> {
@@ -502,9 +573,22 @@ impl Trainer {
             ));
         }
         // All checks passed: commit.
-        self.generator.store.load(&gp, g, true)?;
+        match (&self.ema, &raw) {
+            (Some(e), Some(raw)) => {
+                e.store.load(&gp, g, true)?;
+                self.generator.store.load(&op, raw, true)?;
+            }
+            (Some(e), None) => {
+                e.store.load(&gp, g, true)?;
+                self.generator.store.load(&gp, g, true)?;
+            }
+            (None, _) => self.generator.store.load(&gp, g, true)?,
+        }
         self.discriminator.store.load(&dp, d, true)?;
         self.generator.store.load(&op, &g_state, false)?;
+        if let Some(e) = &self.ema {
+            e.store.load(&op, &g_state, false)?;
+        }
         self.discriminator.store.load(&op, &d_state, false)?;
         let o = &self.cfg.optim;
         for (opt, mut new, lr) in [

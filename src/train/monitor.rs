@@ -36,6 +36,9 @@ pub struct MonitorConfig {
     pub n_real: usize,
     /// Generated images per check.
     pub n_generated: usize,
+    /// Latents drawn per condition in a check (the intra-condition diversity compares
+    /// samples of the same condition; 1 leaves it without generated pairs).
+    pub seeds_per_condition: usize,
     /// Most of the wall time the checks may take over the run (checks / (checks +
     /// training)): a due check is postponed to a later multiple of `every` until one more
     /// (as long as the last) fits this share. 1.0 or more turns the limit off (every
@@ -51,6 +54,7 @@ impl Default for MonitorConfig {
             evaluator: None,
             n_real: 2000,
             n_generated: 1000,
+            seeds_per_condition: 4,
             max_share: 0.08,
             diagnostics: DiagnosticsConfig::default(),
         }
@@ -60,9 +64,23 @@ impl Default for MonitorConfig {
 impl MonitorConfig {
     /// The evaluator folder this config points at.
     pub fn evaluator_dir(&self, cfg: &TrainConfig) -> PathBuf {
-        self.evaluator.clone().unwrap_or_else(|| {
-            PathBuf::from("checkpoints").join(format!("evaluator-{}", cfg.data.kind.name()))
-        })
+        self.evaluator
+            .clone()
+            .unwrap_or_else(|| default_evaluator_dir(std::path::Path::new("checkpoints"), cfg))
+    }
+}
+
+/// The evaluator for a run's data and image size under `root`: `evaluator-<kind>-<size>`
+/// (e.g. `evaluator-iclevr-32`) where it exists, else `evaluator-<kind>` (the dataset's own
+/// size). Loading checks that the evaluator's size is the generator's: images are never
+/// resized to fit an evaluator.
+pub fn default_evaluator_dir(root: &std::path::Path, cfg: &TrainConfig) -> PathBuf {
+    let kind = cfg.data.kind.name();
+    let sized = root.join(format!("evaluator-{kind}-{}", cfg.model.image_size));
+    if sized.join(crate::eval::classifier::CONFIG_FILE).is_file() {
+        sized
+    } else {
+        root.join(format!("evaluator-{kind}"))
     }
 }
 
@@ -268,8 +286,9 @@ impl Monitor {
         false
     }
 
-    /// Generate `n_generated` images (conditions drawn from the data, noise from a stream
-    /// fixed per step), score them and run every measure; also feeds the alarm rules.
+    /// Generate `n_generated` images (conditions drawn from the data, `seeds_per_condition`
+    /// latents each, noise from a stream fixed per step), score them and run every measure;
+    /// also feeds the alarm rules.
     pub fn check(
         &mut self,
         step: u64,
@@ -290,18 +309,23 @@ impl Monitor {
         let mut shape = (0, 0, 0);
         let dev = generator.device().clone();
         let mut done = 0;
+        let mut cond_i = 0;
         while done < n {
             let m = 256.min(n - done);
             let mut z = Vec::with_capacity(m);
             let mut c = Vec::with_capacity(m);
-            for _ in 0..m {
+            for t in done..done + m {
                 z.push(
                     rng.normal_vec(z_dim)
                         .into_iter()
                         .map(|v| v as f32)
                         .collect(),
                 );
-                let i = rng.below(data.len());
+                // A new condition every `seeds_per_condition` images.
+                if t % self.cfg.seeds_per_condition.max(1) == 0 {
+                    cond_i = rng.below(data.len());
+                }
+                let i = cond_i;
                 let cond = if self.k == 0 {
                     vec![]
                 } else {

@@ -113,6 +113,18 @@ pub fn train_until(
     trainer: &mut Trainer,
     out: &Path,
     target: u64,
+    on_step: impl FnMut(&Progress),
+) -> Result<MonitorCost> {
+    train_until_deadline(trainer, out, target, None, on_step)
+}
+
+/// As [`train_until`], but also stops at the first step that ends after `deadline` (a wall
+/// time budget), writing the sample grid and the checkpoint of that step.
+pub fn train_until_deadline(
+    trainer: &mut Trainer,
+    out: &Path,
+    target: u64,
+    deadline: Option<Instant>,
     mut on_step: impl FnMut(&Progress),
 ) -> Result<MonitorCost> {
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
@@ -129,7 +141,8 @@ pub fn train_until(
         let mut alarms = monitor.on_step(&stats, t_step.elapsed().as_secs_f64());
         let mut check = None;
         if monitor.due(s) {
-            let (c, more) = monitor.check(s, &trainer.generator, trainer.data().as_ref())?;
+            let (c, more) =
+                monitor.check(s, trainer.sampling_generator(), trainer.data().as_ref())?;
             let line = serde_json::json!({ "step": s, "diagnostics": &c });
             checkpoint::append_metrics(out, &line)?;
             alarms.extend(more);
@@ -142,6 +155,7 @@ pub fn train_until(
         let elapsed = t0.elapsed().as_secs_f64();
         let images_per_s = (s - start) as f64 * images_per_step / elapsed.max(1e-9);
         let mut wrote = None;
+        let last = s == target || deadline.is_some_and(|d| Instant::now() >= d);
         if cfg.log_every > 0 && s.is_multiple_of(cfg.log_every) {
             let mut line =
                 serde_json::to_value(&stats).map_err(|e| crate::Error::Msg(e.to_string()))?;
@@ -149,15 +163,15 @@ pub fn train_until(
             line["images_per_s"] = images_per_s.into();
             checkpoint::append_metrics(out, &line)?;
         }
-        if cfg.sample_every > 0 && (s.is_multiple_of(cfg.sample_every) || s == target) {
+        if cfg.sample_every > 0 && (s.is_multiple_of(cfg.sample_every) || last) {
             let path = out.join("samples").join(format!("step_{s:06}.png"));
             save_png(
-                &render_rows(&trainer.generator, &rows, 8, WALL_SEED, 2)?,
+                &render_rows(trainer.sampling_generator(), &rows, 8, WALL_SEED, 2)?,
                 &path,
             )?;
             wrote = Some(path);
         }
-        if (cfg.checkpoint_every > 0 && s.is_multiple_of(cfg.checkpoint_every)) || s == target {
+        if (cfg.checkpoint_every > 0 && s.is_multiple_of(cfg.checkpoint_every)) || last {
             trainer.save(out)?;
             wrote = Some(out.to_path_buf());
         }
@@ -170,6 +184,9 @@ pub fn train_until(
             alarms,
             check,
         });
+        if last {
+            break;
+        }
     }
     Ok(monitor.cost())
 }

@@ -579,7 +579,7 @@ impl Worker {
             self.send_wall(out)?;
         }
         if kind != StepKind::DOnly && self.monitor.due(s) {
-            let generator = &self.trainer.generator;
+            let generator = self.trainer.sampling_generator();
             let (check, more) = self
                 .monitor
                 .check(s, generator, self.trainer.data().as_ref())?;
@@ -635,7 +635,7 @@ impl Worker {
     }
 
     fn send_wall(&mut self, out: &Outbox) -> Result<()> {
-        let g = &self.trainer.generator;
+        let g = self.trainer.sampling_generator();
         let cols = self.spec.wall_cols;
         let mut z = Vec::with_capacity(self.rows.len() * cols);
         let mut c = Vec::with_capacity(self.rows.len() * cols);

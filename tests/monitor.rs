@@ -145,7 +145,10 @@ fn a_generator_that_ignores_z_is_flagged_for_every_label() {
     cfg.monitor.diagnostics.ndb_bins = 4;
     let data: Arc<dyn Dataset> = Arc::new(data);
     let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
-    for _ in 0..3 {
+    // 40 steps bring BatchNorm's running statistics to the (tiny) scale of an untrained
+    // G's activations, so that in eval mode z changes the images (at init every image is
+    // close to 0 whatever z is).
+    for _ in 0..40 {
         t.train_step().unwrap();
     }
     let g = t.sampling_generator();
@@ -176,11 +179,8 @@ fn a_generator_that_ignores_z_is_flagged_for_every_label() {
     assert_eq!((f.len(), v.len()), (6, 6), "{f:?}");
     for (d, e) in f.iter().zip(&v) {
         assert!(d.flagged && d.ratio.unwrap() < 1e-3, "{d:?}");
-        // The same check with z intact measures a spread (an untrained G varies little in
-        // eval mode, but not nothing): the zero is the frozen noise, not the measure.
-        assert!(
-            e.generated.unwrap() > 100.0 * d.generated.unwrap(),
-            "{e:?} vs {d:?}"
-        );
+        // The same check with z intact measures a spread (about 0.1 of the random real
+        // images'): the zero is the frozen noise, not the measure.
+        assert!(e.ratio.unwrap() > 0.02, "{e:?} vs {d:?}");
     }
 }

@@ -355,8 +355,42 @@ impl Diagnostics {
 
     /// Every measure for one generated sample (see [`DiagnosticsReport`]).
     pub fn check(&self, g: Generated<'_>) -> Result<DiagnosticsReport> {
+        self.check_with(g, None)
+    }
+
+    /// Measure intra-condition diversity on other rows than the evaluator features (pixels,
+    /// see [`Diagnostics::check_with`]): the real side's diversity is recomputed on `rows`
+    /// (one per real sample given to fit, with the same labels).
+    pub fn set_diversity_rows(
+        &mut self,
+        rows: &[Vec<f32>],
+        real_labels: &[Vec<u16>],
+    ) -> Result<()> {
+        self.real_diversity = diversity::group_diversity(rows, real_labels, self.spec.num_classes)?;
+        Ok(())
+    }
+
+    /// As [`Diagnostics::check`], with the generated side's intra-condition diversity taken on
+    /// `diversity_rows` (one per generated sample) instead of the evaluator features. A label
+    /// classifier's features are built to be the same for images with the same labels, so
+    /// two different scenes of one condition are close there and a generator that draws one
+    /// image per condition looked only a little less diverse than real; in pixels, two real
+    /// scenes of one condition differ where their objects stand.
+    pub fn check_with(
+        &self,
+        g: Generated<'_>,
+        diversity_rows: Option<&[Vec<f32>]>,
+    ) -> Result<DiagnosticsReport> {
         let t0 = Instant::now();
         let n = g.features.len();
+        if let Some(r) = diversity_rows
+            && r.len() != n
+        {
+            return Err(Error::Msg(format!(
+                "diagnostics: {} diversity rows for {n} generated features",
+                r.len()
+            )));
+        }
         for (what, len) in [
             ("score rows", g.probs.len()),
             ("condition sets", g.conditions.len()),
@@ -412,7 +446,7 @@ impl Diagnostics {
 
         let t = Instant::now();
         let conds = if conditional { g.conditions } else { &[][..] };
-        let gen_div = diversity::group_diversity(g.features, conds, k)?;
+        let gen_div = diversity::group_diversity(diversity_rows.unwrap_or(g.features), conds, k)?;
         let real_div: Vec<GroupDiversity> = if conditional {
             self.real_diversity.clone()
         } else {

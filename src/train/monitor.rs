@@ -70,6 +70,34 @@ impl MonitorConfig {
     }
 }
 
+/// One row of pixel values per image for the intra-condition diversity, average-pooled by
+/// an integer factor down to at most 32 pixels a side (a 64-pixel image: 2x2 blocks).
+pub fn pixel_rows(images: &Images) -> Vec<Vec<f32>> {
+    let (c, h, w) = (images.channels, images.height, images.width);
+    let f = if h > 32 && h.is_multiple_of(32) && w.is_multiple_of(h / 32) {
+        h / 32
+    } else {
+        1
+    };
+    let (oh, ow) = (h / f, w / f);
+    let len = c * h * w;
+    let scale = 1.0 / (f * f) as f32;
+    (0..images.n)
+        .map(|i| {
+            let img = &images.data[i * len..(i + 1) * len];
+            let mut row = vec![0f32; c * oh * ow];
+            for ci in 0..c {
+                for y in 0..oh * f {
+                    for x in 0..ow * f {
+                        row[(ci * oh + y / f) * ow + x / f] += img[(ci * h + y) * w + x] * scale;
+                    }
+                }
+            }
+            row
+        })
+        .collect()
+}
+
 /// The evaluator for a run's data and image size under `root`: `evaluator-<kind>-<size>`
 /// (e.g. `evaluator-iclevr-32`) where it exists, else `evaluator-<kind>` (the dataset's own
 /// size). Loading checks that the evaluator's size is the generator's: images are never
@@ -213,7 +241,14 @@ impl Monitor {
             kind: ev.cfg.kind,
             num_classes: ev.cfg.label_names.len(),
         };
-        let diag = Diagnostics::fit(cfg.monitor.diagnostics.clone(), spec, &feats, &labels)?;
+        let mut diag = Diagnostics::fit(cfg.monitor.diagnostics.clone(), spec, &feats, &labels)?;
+        // Intra-condition diversity in pixels (see `Diagnostics::check_with`).
+        let mut rows = Vec::with_capacity(n);
+        for chunk in idx.chunks(256) {
+            let (x, _) = data.batch(chunk, device)?;
+            rows.extend(pixel_rows(&Images::from_tensor(&x)?));
+        }
+        diag.set_diversity_rows(&rows, &labels)?;
         m.evaluator = Some((ev, diag));
         m.real_idx = idx;
         m.cost.fit_seconds = t0.elapsed().as_secs_f64();
@@ -346,13 +381,23 @@ impl Monitor {
             feats.extend(f);
             done += m;
         }
-        let report = diag.check(Generated {
-            features: &feats,
-            probs: &probs,
-            conditions: &conds,
-        })?;
-        let alarms = self.alarms.push_measures(&report.measure_point(step));
         let (ch, h, w) = shape;
+        let rows = pixel_rows(&Images {
+            n: feats.len(),
+            channels: ch,
+            height: h,
+            width: w,
+            data: generated.clone(),
+        });
+        let report = diag.check_with(
+            Generated {
+                features: &feats,
+                probs: &probs,
+                conditions: &conds,
+            },
+            Some(&rows),
+        )?;
+        let alarms = self.alarms.push_measures(&report.measure_point(step));
         let len = ch * h * w;
         let pick_generated = |idx: &mut dyn Iterator<Item = usize>| -> Images {
             let mut data = Vec::new();

@@ -227,6 +227,19 @@ pub struct OptimConfig {
     pub eps: f64,
 }
 
+impl OptimConfig {
+    /// Adam with these learning rates and betas (eps at its default).
+    pub fn adam(lr_g: f64, lr_d: f64, beta1: f64, beta2: f64) -> Self {
+        Self {
+            lr_g,
+            lr_d,
+            beta1,
+            beta2,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
@@ -383,13 +396,7 @@ impl TrainConfig {
         c.model.d_norm = DNorm::Layer;
         c.loss.kind = LossKind::WganGp;
         c.loss.n_critic = 5;
-        c.optim = OptimConfig {
-            lr_g: 1e-4,
-            lr_d: 1e-4,
-            beta1: 0.5,
-            beta2: 0.9,
-            ..OptimConfig::default()
-        };
+        c.optim = OptimConfig::adam(1e-4, 1e-4, 0.5, 0.9);
         c
     }
 
@@ -430,13 +437,7 @@ impl TrainConfig {
         c.loss.mode_seeking = 0.1;
         // Twice the usual 2e-4 and no DiffAugment: at 3000 steps as good as the 2e-4 run
         // with translation augmentation at 6000 (README ablation).
-        c.optim = OptimConfig {
-            lr_g: 4e-4,
-            lr_d: 4e-4,
-            beta1: 0.0,
-            beta2: 0.99,
-            ..OptimConfig::default()
-        };
+        c.optim = OptimConfig::adam(4e-4, 4e-4, 0.0, 0.99);
         c.ema = crate::train::ema::EmaConfig {
             decay: 0.999,
             start: 300,
@@ -471,13 +472,7 @@ impl TrainConfig {
         c.model.d_norm = DNorm::None;
         c.model.d_spectral_norm = true;
         c.loss.kind = LossKind::Hinge;
-        c.optim = OptimConfig {
-            lr_g: 1e-4,
-            lr_d: 4e-4,
-            beta1: 0.0,
-            beta2: 0.9,
-            ..OptimConfig::default()
-        };
+        c.optim = OptimConfig::adam(1e-4, 4e-4, 0.0, 0.9);
         c
     }
 

@@ -136,6 +136,18 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// sum |a - b|
+    fn abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     fn img(b: usize, c: usize, h: usize, w: usize) -> Tensor {
         let v: Vec<f64> = (0..b * c * h * w).map(|i| i as f64 + 1.0).collect();
         Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
@@ -222,15 +234,7 @@ mod tests {
         assert!(nonzero > 10, "{nonzero}");
         let mut rng = Rng::new(7);
         let y = augment(&x0, &cfg, &mut rng).unwrap();
-        let diff: f64 = (y - &x0)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff > 1.0);
+        assert!(abs_diff(&y, &x0) > 1.0);
     }
 
     #[test]
@@ -239,15 +243,7 @@ mod tests {
         let mut a = Rng::new(3);
         let y = augment(&x, &AugmentConfig::default(), &mut a).unwrap();
         assert_eq!(a.state(), Rng::new(3).state());
-        let d: f64 = (y - &x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(abs_diff(&y, &x), 0.0);
     }
 
     #[test]

@@ -166,6 +166,7 @@ fn shipped_evaluators_load_and_old_configs_keep_their_stem() {
         ("evaluator-mnist", 28, None, 1),
         ("evaluator-fashion-mnist", 28, None, 1),
         ("evaluator-iclevr", 64, Some(1), 1),
+        ("evaluator-iclevr-32", 32, Some(1), 1),
     ] {
         let c = Classifier::load(&root.join(dir), &Device::Cpu).unwrap();
         assert_eq!(c.cfg.image_size, size, "{dir}");

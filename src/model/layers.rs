@@ -709,11 +709,11 @@ impl CondBatchNorm {
 /// x: (B, C, H, W) -> (B, C + 1, H, W). Basic ops only: differentiable to any order.
 pub fn minibatch_std(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    let g = if b % 4 == 0 { 4 } else { b.max(1) };
-    let m = b / g.max(1);
     if b == 0 {
         return Ok(Tensor::zeros((0, c + 1, h, w), x.dtype(), x.device())?);
     }
+    let g = if b % 4 == 0 { 4 } else { b };
+    let m = b / g;
     let xg = x.reshape((g, m, c, h, w))?;
     let mean = xg.mean_keepdim(0)?;
     let var = xg.broadcast_sub(&mean)?.sqr()?.mean(0)?; // (m, C, H, W)

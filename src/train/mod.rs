@@ -573,16 +573,12 @@ impl Trainer {
             ));
         }
         // All checks passed: commit.
-        match (&self.ema, &raw) {
-            (Some(e), Some(raw)) => {
-                e.store.load(&gp, g, true)?;
-                self.generator.store.load(&op, raw, true)?;
-            }
-            (Some(e), None) => {
-                e.store.load(&gp, g, true)?;
-                self.generator.store.load(&gp, g, true)?;
-            }
-            (None, _) => self.generator.store.load(&gp, g, true)?,
+        if let Some(e) = &self.ema {
+            e.store.load(&gp, g, true)?;
+        }
+        match &raw {
+            Some(raw) => self.generator.store.load(&op, raw, true)?,
+            None => self.generator.store.load(&gp, g, true)?,
         }
         self.discriminator.store.load(&dp, d, true)?;
         self.generator.store.load(&op, &g_state, false)?;

@@ -70,10 +70,11 @@ impl MonitorConfig {
     }
 }
 
-/// One row of pixel values per image for the intra-condition diversity, average-pooled by
-/// an integer factor down to at most 32 pixels a side (a 64-pixel image: 2x2 blocks).
-pub fn pixel_rows(images: &Images) -> Vec<Vec<f32>> {
-    let (c, h, w) = (images.channels, images.height, images.width);
+/// One row of pixel values per image of `data` (CHW images of `shape` back to back) for the
+/// intra-condition diversity, average-pooled by an integer factor down to at most 32 pixels a
+/// side (a 64-pixel image: 2x2 blocks).
+pub fn pixel_rows(data: &[f32], shape: (usize, usize, usize)) -> Vec<Vec<f32>> {
+    let (c, h, w) = shape;
     let f = if h > 32 && h.is_multiple_of(32) && w.is_multiple_of(h / 32) {
         h / 32
     } else {
@@ -82,9 +83,8 @@ pub fn pixel_rows(images: &Images) -> Vec<Vec<f32>> {
     let (oh, ow) = (h / f, w / f);
     let len = c * h * w;
     let scale = 1.0 / (f * f) as f32;
-    (0..images.n)
-        .map(|i| {
-            let img = &images.data[i * len..(i + 1) * len];
+    data.chunks_exact(len.max(1))
+        .map(|img| {
             let mut row = vec![0f32; c * oh * ow];
             for ci in 0..c {
                 for y in 0..oh * f {
@@ -231,10 +231,15 @@ impl Monitor {
         let mut idx: Vec<usize> = (0..data.len()).collect();
         Rng::stream(cfg.seed, "monitor.real").shuffle(&mut idx);
         idx.truncate(n);
+        // Evaluator features, and pixel rows for the intra-condition diversity (see
+        // `Diagnostics::check_with`), from one pass over the real images.
         let mut feats = Vec::with_capacity(n);
+        let mut rows = Vec::with_capacity(n);
         for chunk in idx.chunks(256) {
             let (x, _) = data.batch(chunk, device)?;
             feats.extend(ev.predict(&x)?.1);
+            let im = Images::from_tensor(&x)?;
+            rows.extend(pixel_rows(&im.data, (im.channels, im.height, im.width)));
         }
         let labels: Vec<Vec<u16>> = idx.iter().map(|&i| label_ids(data, i)).collect();
         let spec = ClassSpec {
@@ -242,12 +247,6 @@ impl Monitor {
             num_classes: ev.cfg.label_names.len(),
         };
         let mut diag = Diagnostics::fit(cfg.monitor.diagnostics.clone(), spec, &feats, &labels)?;
-        // Intra-condition diversity in pixels (see `Diagnostics::check_with`).
-        let mut rows = Vec::with_capacity(n);
-        for chunk in idx.chunks(256) {
-            let (x, _) = data.batch(chunk, device)?;
-            rows.extend(pixel_rows(&Images::from_tensor(&x)?));
-        }
         diag.set_diversity_rows(&rows, &labels)?;
         m.evaluator = Some((ev, diag));
         m.real_idx = idx;
@@ -382,13 +381,7 @@ impl Monitor {
             done += m;
         }
         let (ch, h, w) = shape;
-        let rows = pixel_rows(&Images {
-            n: feats.len(),
-            channels: ch,
-            height: h,
-            width: w,
-            data: generated.clone(),
-        });
+        let rows = pixel_rows(&generated, shape);
         let report = diag.check_with(
             Generated {
                 features: &feats,

@@ -588,6 +588,123 @@ fn describe_group(g: &Group) -> String {
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Weights-only folders (shipped generators)
+// ---------------------------------------------------------------------------------------------
+
+/// Metadata key marking the files of a weights-only folder ([`save_weights`]).
+pub const KEY_CONTENTS: &str = "contents";
+/// Value of [`KEY_CONTENTS`] in a weights-only folder.
+pub const CONTENTS_WEIGHTS: &str = "weights";
+
+/// Write a weights-only folder: `generator.safetensors` and `discriminator.safetensors` of one
+/// save (same `save_id`, step and checksums as a run's), without optimizer state. This is how
+/// generators ship (`checkpoints/<name>/`): a few MB instead of a run's three files, loadable
+/// for sampling ([`load_weights`]) and as the start of further training (fresh Adam moments).
+/// Refuses a run folder, whose optimizer state it would orphan.
+pub fn save_weights(
+    dir: &Path,
+    step: u64,
+    generator: &HashMap<String, Tensor>,
+    discriminator: &HashMap<String, Tensor>,
+) -> Result<()> {
+    for suffix in ["", PREV_SUFFIX] {
+        let p = suffixed(dir, OPTIMIZER, suffix);
+        if fs::symlink_metadata(&p).is_ok() {
+            return Err(Error::bad_file(
+                &p,
+                "this is a run folder (it has optimizer state); write the weights to a new folder",
+            ));
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let saved_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let meta = HashMap::from([
+        (KEY_STEP.to_string(), step.to_string()),
+        (KEY_SAVE_ID.to_string(), new_save_id(step, saved_at)),
+        (KEY_FORMAT.to_string(), FORMAT.to_string()),
+        (KEY_SAVED_AT.to_string(), saved_at.to_string()),
+        (KEY_CONTENTS.to_string(), CONTENTS_WEIGHTS.to_string()),
+    ]);
+    for (role, tensors) in [(GENERATOR, generator), (DISCRIMINATOR, discriminator)] {
+        let path = file_path(dir, role);
+        let bytes = serialize_file(&path, tensors, &meta)?;
+        write_atomic(&path, &bytes)?;
+    }
+    Ok(())
+}
+
+/// True when `dir/generator.safetensors` is readable and marked as weights-only.
+pub fn is_weights_folder(dir: &Path) -> bool {
+    read_meta(&file_path(dir, GENERATOR))
+        .is_ok_and(|m| m.get(KEY_CONTENTS).map(String::as_str) == Some(CONTENTS_WEIGHTS))
+}
+
+fn read_meta(path: &Path) -> std::result::Result<HashMap<String, String>, String> {
+    let mut f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    probe_header(&mut f)?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut nb = [0u8; 8];
+    f.read_exact(&mut nb)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut hb = vec![0u8; u64::from_le_bytes(nb) as usize];
+    f.read_exact(&mut hb)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta: Metadata = serde_json::from_slice(&hb).map_err(|e| format!("corrupt header: {e}"))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Load a weights-only folder written by [`save_weights`]: the verified generator, and the
+/// discriminator when its file belongs to the same save (else an empty map and a note). The
+/// optimizer role is an empty map.
+pub fn load_weights(dir: &Path, device: &Device) -> Result<CheckpointSet> {
+    let gp = file_path(dir, GENERATOR);
+    let fail = |path: &Path, msg: String| Error::bad_file(path, msg);
+    let header = match probe(&gp) {
+        Probe::Valid(h) => h,
+        Probe::Missing => return Err(fail(&gp, "missing".into())),
+        Probe::Invalid(msg) => return Err(fail(&gp, msg)),
+    };
+    let (gm, g) = read_verified(&gp, &header, Some(device)).map_err(|m| fail(&gp, m))?;
+    if gm.get(KEY_CONTENTS).map(String::as_str) != Some(CONTENTS_WEIGHTS) {
+        return Err(fail(
+            &gp,
+            "part of a run's checkpoint, not a weights-only folder".into(),
+        ));
+    }
+    let dp = file_path(dir, DISCRIMINATOR);
+    let mut notes = Vec::new();
+    let (dm, d) = match probe(&dp) {
+        Probe::Valid(h) if h.save_id == header.save_id => {
+            read_verified(&dp, &header, Some(device)).map_err(|m| fail(&dp, m))?
+        }
+        Probe::Valid(_) => {
+            notes.push(format!(
+                "skipped {}: from another save",
+                FILES[DISCRIMINATOR]
+            ));
+            Default::default()
+        }
+        Probe::Missing => {
+            notes.push(format!("{} missing: D starts fresh", FILES[DISCRIMINATOR]));
+            Default::default()
+        }
+        Probe::Invalid(msg) => return Err(fail(&dp, msg)),
+    };
+    Ok(CheckpointSet {
+        step: header.step,
+        save_id: header.save_id,
+        files: [g, d, HashMap::new()],
+        metadata: [gm, dm, HashMap::new()],
+        paths: [gp, dp, file_path(dir, OPTIMIZER)],
+        notes,
+    })
+}
+
 /// Find the newest complete, verified set. With a device, also loads its tensors.
 fn resolve(dir: &Path, device: Option<&Device>) -> Resolution {
     let mut status = Vec::with_capacity(6);

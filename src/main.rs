@@ -41,6 +41,10 @@ enum Command {
     Evaluator(EvaluatorCommand),
     /// Score a run's generator with an evaluator (course top-k accuracy, domain-feature FD).
     Eval(EvalArgs),
+    /// Write a run's newest generator and discriminator as a weights-only folder (config.json,
+    /// generator.safetensors, discriminator.safetensors; no optimizer state), the form in
+    /// which generators ship in checkpoints/.
+    Ship(ShipArgs),
     /// Generate datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -155,6 +159,16 @@ struct EvaluatorScoreArgs {
 }
 
 #[derive(clap::Args)]
+struct ShipArgs {
+    /// The run folder to take the newest checkpoint from.
+    #[arg(long)]
+    run: PathBuf,
+    /// The new folder (refused if it holds a run's optimizer state).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct EvalArgs {
     #[arg(long)]
     run: PathBuf,
@@ -165,6 +179,12 @@ struct EvalArgs {
     /// Number of noise seeds per condition list.
     #[arg(long, default_value_t = 5)]
     seeds: u64,
+    /// Class models without --conditions: images per class and seed.
+    #[arg(long, default_value_t = 100)]
+    per_class: usize,
+    /// Unconditional models: images per seed whose predicted classes make the histogram.
+    #[arg(long, default_value_t = 2000)]
+    n: usize,
     /// Evaluator folder (default checkpoints/evaluator-<dataset>).
     #[arg(long)]
     evaluator: Option<PathBuf>,
@@ -280,7 +300,7 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        None => ganscope::app::run_native(cli.open)
+        None => ganscope::app::run_native(cli.open, ganscope::app::checkpoints_dir())
             .map_err(|e| anyhow::anyhow!("could not open the explorer window: {e}")),
         Some(Command::Presets) => {
             for (name, desc) in PRESETS {
@@ -293,6 +313,7 @@ fn main() {
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),
         Some(Command::Evaluator(EvaluatorCommand::Score(a))) => evaluator_score(a),
         Some(Command::Eval(a)) => eval(a),
+        Some(Command::Ship(a)) => ship(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
         Some(Command::Bench(a)) => device(&a.device).and_then(|device| {
             ganscope::bench::run(&ganscope::bench::BenchOptions {
@@ -801,6 +822,34 @@ fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
     Ok(())
 }
 
+fn ship(a: ShipArgs) -> Result<()> {
+    use ganscope::checkpoint;
+    let cfg = read_config(&a.run)?;
+    let set = checkpoint::load_latest(&a.run, &Device::Cpu)
+        .with_context(|| format!("reading the checkpoint of {}", a.run.display()))?;
+    for note in &set.notes {
+        eprintln!("note: {note}");
+    }
+    let [g, d, _] = &set.files;
+    checkpoint::save_weights(&a.out, set.step, g, d)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let json = serde_json::to_vec_pretty(&cfg)?;
+    checkpoint::write_atomic(&a.out.join(checkpoint::CONFIG_FILE), &json)?;
+    let size: u64 = [checkpoint::GENERATOR, checkpoint::DISCRIMINATOR]
+        .iter()
+        .filter_map(|&r| std::fs::metadata(checkpoint::file_path(&a.out, r)).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "wrote step {} of {} to {} ({:.1} MB of weights)",
+        set.step,
+        a.run.display(),
+        a.out.display(),
+        size as f64 / 1e6
+    );
+    Ok(())
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
     use ganscope::eval::classifier::Classifier;
     use ganscope::eval::metrics::{frechet_distance, topk_accuracy};
@@ -814,7 +863,13 @@ fn eval(a: EvalArgs) -> Result<()> {
         .unwrap_or_else(|| cfg.monitor.evaluator_dir(&cfg));
     let ev = Classifier::load(&ev_dir, &dev)
         .with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
-    ev.check_fits(&ev_dir, m.channels, m.image_size, &m.label_names)?;
+    // An unconditional generator has no labels of its own: only the geometry must match.
+    let want = if m.num_conditions == 0 {
+        &ev.cfg.label_names
+    } else {
+        &m.label_names
+    };
+    ev.check_fits(&ev_dir, m.channels, m.image_size, want)?;
     let names = &m.label_names;
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
     let mut lists: Vec<(String, Vec<Vec<String>>)> = Vec::new();
@@ -832,16 +887,27 @@ fn eval(a: EvalArgs) -> Result<()> {
             .collect();
         lists.push((p.display().to_string(), items));
     }
-    if lists.is_empty() {
+    let mut gen_feats = Vec::new();
+    if m.num_conditions == 0 {
+        if !lists.is_empty() {
+            bail!(
+                "{} is unconditional: --conditions does not apply",
+                a.run.display()
+            );
+        }
+        gen_feats = eval_class_histogram(&g, &ev, a.n, a.seeds, &dev)?;
+    } else if lists.is_empty() {
         if !one_hot {
             bail!("give --conditions (e.g. test.json) for a multi-label model");
         }
+        if a.per_class == 0 {
+            bail!("--per-class must be at least 1");
+        }
         let all: Vec<Vec<String>> = (0..m.num_conditions)
-            .flat_map(|i| vec![vec![i.to_string()]; 10])
+            .flat_map(|i| vec![vec![i.to_string()]; a.per_class])
             .collect();
-        lists.push(("every class x 10".into(), all));
+        lists.push((format!("every class x {}", a.per_class), all));
     }
-    let mut gen_feats = Vec::new();
     for (name, items) in &lists {
         let conds: Vec<Vec<f32>> = items
             .iter()
@@ -910,6 +976,86 @@ fn eval(a: EvalArgs) -> Result<()> {
         Err(e) => println!("domain-feature FD skipped: cannot open the real data ({e})"),
     }
     Ok(())
+}
+
+/// An unconditional generator against a class evaluator: for each seed, the histogram of the
+/// evaluator's top class over `n` images, the classes covered (at least a quarter of the
+/// uniform share) and KL(histogram || uniform) in nats; mean +- sd over the seeds. Returns the
+/// evaluator features of every image (for the Fréchet distance).
+fn eval_class_histogram(
+    g: &ganscope::model::Generator,
+    ev: &ganscope::eval::classifier::Classifier,
+    n: usize,
+    seeds: u64,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    if n == 0 || seeds == 0 {
+        bail!("--n and --seeds must be at least 1");
+    }
+    let names = ev.cfg.label_names.clone();
+    let k = names.len();
+    if k < 2 {
+        bail!("the evaluator has {k} classes: no histogram to judge");
+    }
+    let mut feats_all = Vec::new();
+    let (mut kls, mut covered) = (Vec::new(), Vec::new());
+    let mut total = vec![0usize; k];
+    for seed in 0..seeds {
+        let mut hist = vec![0usize; k];
+        let mut i = 0;
+        while i < n {
+            let m = 500.min(n - i);
+            let z: Vec<Vec<f32>> = (i..i + m).map(|j| g.latent(seed * 1_000_003, j)).collect();
+            let imgs = g.generate_from(&z, &vec![vec![]; m])?;
+            let (probs, feats) = ev.predict(&imgs.to_tensor(dev)?)?;
+            for p in &probs {
+                let top = p
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(j, _)| j);
+                hist[top] += 1;
+            }
+            feats_all.extend(feats);
+            i += m;
+        }
+        let kl: f64 = hist
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| {
+                let p = c as f64 / n as f64;
+                p * (p * k as f64).ln()
+            })
+            .sum();
+        let cov = hist
+            .iter()
+            .filter(|&&c| c as f64 * 4.0 * k as f64 >= n as f64)
+            .count();
+        kls.push(kl);
+        covered.push(cov as f64);
+        for (t, h) in total.iter_mut().zip(&hist) {
+            *t += h;
+        }
+    }
+    let ms = |v: &[f64]| {
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64)
+            .sqrt();
+        (mean, sd)
+    };
+    let (kl, kl_sd) = ms(&kls);
+    let (cov, cov_sd) = ms(&covered);
+    println!(
+        "class histogram over {n} images x {seeds} seeds: KL(histogram || uniform) {kl:.4} +- {kl_sd:.4} nats, classes covered {cov:.1} +- {cov_sd:.1} of {k}"
+    );
+    let all = n as f64 * seeds as f64;
+    let shares: Vec<String> = total
+        .iter()
+        .zip(&names)
+        .map(|(c, l)| format!("{l} {:.3}", *c as f64 / all))
+        .collect();
+    println!("  shares: {}", shares.join(", "));
+    Ok(feats_all)
 }
 
 fn render_iclevr(a: IclevrArgs) -> Result<()> {

@@ -433,3 +433,94 @@ fn ema_generator_is_what_is_saved_and_sampled() {
     assert_eq!(v(&r.generator.store.model_tensors()), raw);
     assert_eq!(v(&r.ema.as_ref().unwrap().store.model_tensors()), ema);
 }
+
+#[test]
+fn weights_only_folder_samples_and_trains_on() {
+    // `ganscope ship` writes G and D of one save without optimizer state: what shipped
+    // generators are. It must sample like the run (EMA weights), start further training from
+    // those weights at the saved step, and never pass for a run's checkpoint.
+    use ganscope::checkpoint;
+    let dev = Device::Cpu;
+    let cfg = configs().pop().unwrap();
+    let data = data_for(&cfg);
+    let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+    for _ in 0..4 {
+        t.train_step().unwrap();
+    }
+    let run = tempfile::tempdir().unwrap();
+    t.save(run.path()).unwrap();
+    let set = checkpoint::load_latest(run.path(), &dev).unwrap();
+    let shipped = tempfile::tempdir().unwrap();
+    let dir = shipped.path().join("ship");
+    // A run folder is refused (its optimizer state would be orphaned), and nothing changes.
+    let err = checkpoint::save_weights(run.path(), 4, &set.files[0], &set.files[1])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("run folder"),
+        "{err}"
+    );
+    assert!(!checkpoint::is_weights_folder(run.path()));
+    checkpoint::save_weights(&dir, set.step, &set.files[0], &set.files[1]).unwrap();
+    std::fs::copy(run.path().join("config.json"), dir.join("config.json")).unwrap();
+    assert!(checkpoint::is_weights_folder(&dir));
+    assert!(!dir.join("optimizer.safetensors").exists());
+    // Not a run's checkpoint: load_latest still says so.
+    let err = checkpoint::load_latest(&dir, &dev).unwrap_err().to_string();
+    assert!(err.contains("optimizer.safetensors"), "{err}");
+
+    // Sampling: the same images as the run folder's generator.
+    let (g_run, _, _) = ganscope::train::load_generator(run.path(), &dev).unwrap();
+    let (g_ship, _, step) = ganscope::train::load_generator(&dir, &dev).unwrap();
+    assert_eq!(step, 4);
+    let conds = vec![vec![0.0; 10]; 3];
+    let conds: Vec<Vec<f32>> = conds
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            c[i] = 1.0;
+            c
+        })
+        .collect();
+    let a = g_run.generate(3, &conds, 5).unwrap();
+    let b = g_ship.generate(3, &conds, 5).unwrap();
+    assert_eq!(a.data, b.data);
+
+    // Training on: both G copies start from the shipped (EMA) weights, D from its file, Adam
+    // afresh, the step from the files; steps stay finite and move the weights.
+    let mut w = Trainer::resume(&dir, data.clone(), &dev).unwrap();
+    assert_eq!(w.step, 4);
+    let key = "gen.blocks.0.conv.weight";
+    let v = |m: &HashMap<String, Tensor>| m[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ema = v(&t.ema.as_ref().unwrap().store.model_tensors());
+    assert_eq!(v(&w.generator.store.model_tensors()), ema);
+    assert_eq!(v(&w.ema.as_ref().unwrap().store.model_tensors()), ema);
+    let dk = |t: &Trainer| {
+        let m = t.discriminator.store.model_tensors();
+        let mut keys: Vec<_> = m.keys().cloned().collect();
+        keys.sort();
+        keys.iter()
+            .map(|k| m[k].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(dk(&w), dk(&t));
+    let st = w.train_step().unwrap();
+    assert!(st.d_loss.is_finite() && st.g_loss.is_finite());
+    assert_eq!(w.step, 5);
+    assert_ne!(v(&w.generator.store.model_tensors()), ema);
+
+    // A flipped bit in the shipped generator: a clear error naming the file.
+    let gp = dir.join("generator.safetensors");
+    let mut bytes = std::fs::read(&gp).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x10;
+    std::fs::write(&gp, &bytes).unwrap();
+    let err = ganscope::train::load_generator(&dir, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("generator.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
+}

@@ -144,14 +144,34 @@ impl Default for AppOptions {
     }
 }
 
-/// `./checkpoints` when it exists, else the source tree's.
+/// Where the shipped checkpoints are: the first of `./checkpoints`, `checkpoints/` beside the
+/// executable (or three levels up from it: cargo's `target/<profile>/`) and the source tree's
+/// that holds the default preset's shipped generator; else the first of them that exists
+/// (`./checkpoints` when none does). The binary adds its embedded copy of the default
+/// generator when none is found ([`run_native`]'s caller).
 pub fn checkpoints_dir() -> PathBuf {
-    let here = PathBuf::from("checkpoints");
-    if here.is_dir() {
-        here
-    } else {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints")
+    let mut places = vec![PathBuf::from("checkpoints")];
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        places.push(exe_dir.join("checkpoints"));
+        if let Some(root) = exe_dir.ancestors().nth(2) {
+            places.push(root.join("checkpoints"));
+        }
     }
+    places.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints"));
+    places
+        .iter()
+        .find(|p| has_shipped_default(p))
+        .or_else(|| places.iter().find(|p| p.is_dir()))
+        .unwrap_or(&places[0])
+        .clone()
+}
+
+/// True when `dir` holds the default preset's shipped generator.
+pub fn has_shipped_default(dir: &Path) -> bool {
+    dir.join(DEFAULT_PRESET).join("config.json").is_file()
 }
 
 /// Series the plots draw from each diagnostics check.
@@ -752,7 +772,7 @@ impl eframe::App for GanscopeApp {
 }
 
 /// Open the explorer window (the binary's no-subcommand path), optionally on a run folder.
-pub fn run_native(open: Option<PathBuf>) -> eframe::Result<()> {
+pub fn run_native(open: Option<PathBuf>, checkpoints: PathBuf) -> eframe::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_inner_size([1400.0, 900.0])
@@ -765,6 +785,15 @@ pub fn run_native(open: Option<PathBuf>) -> eframe::Result<()> {
     eframe::run_native(
         "ganscope",
         options,
-        Box::new(|cc| Ok(Box::new(GanscopeApp::new(cc, open)))),
+        Box::new(|cc| {
+            Ok(Box::new(GanscopeApp::with_options(
+                cc,
+                AppOptions {
+                    open,
+                    checkpoints,
+                    ..AppOptions::default()
+                },
+            )))
+        }),
     )
 }

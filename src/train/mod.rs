@@ -465,9 +465,38 @@ impl Trainer {
 
     /// Load the newest complete checkpoint from `dir` into this trainer. Nothing changes
     /// unless every tensor matches the model's names and shapes.
+    ///
+    /// A weights-only folder (a shipped generator, [`checkpoint::save_weights`]) loads as the
+    /// start of further training: G (and its EMA) and D from the files, the step from their
+    /// metadata, fresh Adam moments, noise and data order from the config's seed.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let set = checkpoint::load_latest(dir, &self.device)?;
-        self.load_tensors(&set.paths, &set.files)
+        match checkpoint::load_latest(dir, &self.device) {
+            Ok(set) => self.load_tensors(&set.paths, &set.files),
+            Err(Error::NoCheckpoint { .. }) if checkpoint::is_weights_folder(dir) => {
+                self.load_weights(dir)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Load a weights-only folder (see [`Trainer::load_checkpoint`]).
+    pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
+        let set = checkpoint::load_weights(dir, &self.device)?;
+        let [gp, dp, _] = &set.paths;
+        let [g, d, _] = &set.files;
+        checkpoint::check_shapes(gp, &self.generator.store.shapes(true), g)?;
+        if !d.is_empty() {
+            checkpoint::check_shapes(dp, &self.discriminator.store.shapes(true), d)?;
+        }
+        self.generator.store.load(gp, g, true)?;
+        if let Some(e) = &self.ema {
+            e.store.load(gp, g, true)?;
+        }
+        if !d.is_empty() {
+            self.discriminator.store.load(dp, d, true)?;
+        }
+        self.step = set.step;
+        Ok(())
     }
 
     /// An in-memory copy of the whole training state (weights, optimizer moments, SN vectors,
@@ -615,7 +644,12 @@ pub struct Snapshot {
 pub fn load_generator(dir: &Path, device: &Device) -> Result<(Generator, TrainConfig, u64)> {
     let cfg = read_config(dir)?;
     let g = Generator::new(&cfg.model, Rng::new(0), DType::F32, device)?;
-    let set = checkpoint::load_latest(dir, device)?;
+    let set = match checkpoint::load_latest(dir, device) {
+        Err(Error::NoCheckpoint { .. }) if checkpoint::is_weights_folder(dir) => {
+            checkpoint::load_weights(dir, device)?
+        }
+        r => r?,
+    };
     g.store.load(&set.paths[0], &set.files[0], true)?;
     Ok((g, cfg, set.step))
 }

@@ -325,6 +325,14 @@ impl Worker {
         let mut trainer = Trainer::new(cfg.clone(), data.clone(), &spec.device)?;
         if let Some(dir) = &spec.resume {
             trainer.load_checkpoint(dir)?;
+            if crate::checkpoint::is_weights_folder(dir) {
+                out.send(Event::Log(format!(
+                    "{} holds weights only (a shipped generator): training on starts Adam \
+                     afresh at step {}; Save writes a full run folder elsewhere",
+                    dir.display(),
+                    trainer.step
+                )));
+            }
         }
         // The evaluator's fit on real data can take a while: it runs in its own thread and
         // the diagnostics switch on when it is done (training does not wait for it).

@@ -300,7 +300,7 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        None => ganscope::app::run_native(cli.open, ganscope::app::checkpoints_dir())
+        None => ganscope::app::run_native(cli.open, shipped_checkpoints())
             .map_err(|e| anyhow::anyhow!("could not open the explorer window: {e}")),
         Some(Command::Presets) => {
             for (name, desc) in PRESETS {
@@ -822,6 +822,87 @@ fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// The explorer's default generator (`checkpoints/iclevr-small`) and its 32-px evaluator,
+/// compiled into the binary so that the first launch opens a trained generator wherever the
+/// binary runs (about 15 MB; the library and its tests do not carry them).
+const EMBEDDED: &[(&str, &[u8])] = &[
+    (
+        "iclevr-small/config.json",
+        include_bytes!("../checkpoints/iclevr-small/config.json"),
+    ),
+    (
+        "iclevr-small/generator.safetensors",
+        include_bytes!("../checkpoints/iclevr-small/generator.safetensors"),
+    ),
+    (
+        "iclevr-small/discriminator.safetensors",
+        include_bytes!("../checkpoints/iclevr-small/discriminator.safetensors"),
+    ),
+    (
+        "iclevr-small/CARD.md",
+        include_bytes!("../checkpoints/iclevr-small/CARD.md"),
+    ),
+    (
+        "evaluator-iclevr-32/evaluator.json",
+        include_bytes!("../checkpoints/evaluator-iclevr-32/evaluator.json"),
+    ),
+    (
+        "evaluator-iclevr-32/evaluator.safetensors",
+        include_bytes!("../checkpoints/evaluator-iclevr-32/evaluator.safetensors"),
+    ),
+    (
+        "evaluator-iclevr-32/CARD.md",
+        include_bytes!("../checkpoints/evaluator-iclevr-32/CARD.md"),
+    ),
+];
+
+/// The checkpoints folder the explorer uses: one on disk that holds the default generator
+/// (`./checkpoints`, beside the executable, the source tree), else the embedded copy, written
+/// once into `$XDG_CACHE_HOME/ganscope` (or `~/.cache/ganscope`). If that cannot be written,
+/// the explorer starts without a shipped generator and says why.
+fn shipped_checkpoints() -> PathBuf {
+    let found = ganscope::app::checkpoints_dir();
+    if ganscope::app::has_shipped_default(&found) {
+        return found;
+    }
+    match extract_embedded() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("note: the embedded default generator could not be unpacked: {e:#}");
+            found
+        }
+    }
+}
+
+fn extract_embedded() -> Result<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let total: usize = EMBEDDED.iter().map(|(_, b)| b.len()).sum();
+    // A new build with other weights gets its own folder (the size and a checksum differ).
+    let sum = EMBEDDED
+        .iter()
+        .flat_map(|(_, b)| b.iter())
+        .fold(0u32, |h, &b| h.rotate_left(5) ^ u32::from(b));
+    let dir = cache.join("ganscope").join(format!(
+        "shipped-{}-{total}-{sum:08x}",
+        env!("CARGO_PKG_VERSION")
+    ));
+    for (name, bytes) in EMBEDDED {
+        let path = dir.join(name);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            continue;
+        }
+        let parent = path.parent().unwrap_or(&dir);
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        ganscope::checkpoint::write_atomic(&path, bytes)?;
+    }
+    Ok(dir)
+}
+
 fn ship(a: ShipArgs) -> Result<()> {
     use ganscope::checkpoint;
     let cfg = read_config(&a.run)?;
@@ -1001,39 +1082,21 @@ fn eval_class_histogram(
     let (mut kls, mut covered) = (Vec::new(), Vec::new());
     let mut total = vec![0usize; k];
     for seed in 0..seeds {
-        let mut hist = vec![0usize; k];
+        let mut probs = Vec::with_capacity(n);
         let mut i = 0;
         while i < n {
             let m = 500.min(n - i);
             let z: Vec<Vec<f32>> = (i..i + m).map(|j| g.latent(seed * 1_000_003, j)).collect();
             let imgs = g.generate_from(&z, &vec![vec![]; m])?;
-            let (probs, feats) = ev.predict(&imgs.to_tensor(dev)?)?;
-            for p in &probs {
-                let top = p
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(j, _)| j);
-                hist[top] += 1;
-            }
+            let (p, feats) = ev.predict(&imgs.to_tensor(dev)?)?;
+            probs.extend(p);
             feats_all.extend(feats);
             i += m;
         }
-        let kl: f64 = hist
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| {
-                let p = c as f64 / n as f64;
-                p * (p * k as f64).ln()
-            })
-            .sum();
-        let cov = hist
-            .iter()
-            .filter(|&&c| c as f64 * 4.0 * k as f64 >= n as f64)
-            .count();
-        kls.push(kl);
-        covered.push(cov as f64);
-        for (t, h) in total.iter_mut().zip(&hist) {
+        let s = ganscope::eval::metrics::class_spread(&probs, k)?;
+        kls.push(s.kl_uniform);
+        covered.push(s.covered as f64);
+        for (t, h) in total.iter_mut().zip(&s.counts) {
             *t += h;
         }
     }

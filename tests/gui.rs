@@ -192,6 +192,68 @@ fn open_a_run_folder_paused_and_a_missing_one_is_an_error() {
 }
 
 #[test]
+fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
+    // The shipped default generator (checkpoints/iclevr-small, weights only) opens paused on
+    // the first launch; ticking a label changes the wall at once; Resume trains on from its
+    // step; Start trains from scratch.
+    let ckpt = ganscope::app::checkpoints_dir();
+    assert!(
+        ganscope::app::has_shipped_default(&ckpt),
+        "no shipped default in {}",
+        ckpt.display()
+    );
+    let shipped =
+        ganscope::checkpoint::load_weights(&ckpt.join("iclevr-small"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(shipped.step >= 1000, "shipped at step {}", shipped.step);
+    let first = Settings {
+        launched_before: false,
+        ..settings()
+    };
+    let mut h = harness(first, true);
+    ready(&mut h);
+    let a = h.state();
+    assert_eq!(
+        a.run_state,
+        RunState::Paused,
+        "the shipped generator opens paused"
+    );
+    assert_eq!(a.info.as_ref().unwrap().step, shipped.step);
+    assert!(a.log.iter().any(|l| l.contains("shipped")), "{:?}", a.log);
+    // The composer's first label row re-renders at once while paused.
+    h.get_by_label("Explore").click();
+    wait_for(&mut h, "the first latent image", |a| {
+        a.latent.image.is_some()
+    });
+    let before = h.state().latent.image.clone().unwrap();
+    let before_labels = active_labels(h.state());
+    let toggle = if before_labels.iter().any(|l| l == "red sphere") {
+        "red sphere"
+    } else {
+        "blue cube"
+    };
+    h.get_by_label(toggle).click();
+    h.step();
+    assert_ne!(active_labels(h.state()), before_labels);
+    wait_for(&mut h, "the image of the new condition", |a| {
+        a.latent
+            .image
+            .as_ref()
+            .is_some_and(|im| im.data != before.data)
+    });
+    h.get_by_label("Resume").click();
+    wait_for(&mut h, "training on from the shipped step", |a| {
+        a.history
+            .last()
+            .is_some_and(|s| s.stats.step >= shipped.step + 2)
+    });
+    h.get_by_label("Start").click();
+    wait_for(&mut h, "a run from scratch", |a| {
+        a.info.as_ref().is_some_and(|i| i.step == 0)
+    });
+}
+
+#[test]
 fn pause_resume_and_single_steps() {
     let mut h = harness(settings(), false);
     ready(&mut h);

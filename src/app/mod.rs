@@ -302,7 +302,7 @@ impl GanscopeApp {
             let shipped = app.checkpoints.join(&app.settings.preset);
             if !app.settings.launched_before && shipped.join("config.json").is_file() {
                 app.push_log(format!(
-                    "opened the shipped checkpoint {} (paused: press Run to train on)",
+                    "opened the shipped checkpoint {} (paused: Resume trains on, Start trains from scratch)",
                     shipped.display()
                 ));
                 app.start_session(Some(shipped), false);

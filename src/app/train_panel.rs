@@ -63,6 +63,23 @@ impl GanscopeApp {
             {
                 self.start_session(None, true);
             }
+            let shipped = self.checkpoints.join(&self.settings.preset);
+            if shipped.join("config.json").is_file()
+                && ui
+                    .button("Shipped")
+                    .on_hover_text(format!(
+                        "open the trained generator shipped for this preset ({}), paused; \
+                         Resume trains on from it",
+                        shipped.display()
+                    ))
+                    .clicked()
+            {
+                self.push_log(format!(
+                    "opened the shipped checkpoint {} (paused: press Resume to train on)",
+                    shipped.display()
+                ));
+                self.start_session(Some(shipped), false);
+            }
             if ui
                 .add_enabled(self.session.is_some(), egui::Button::new("Stop"))
                 .clicked()

@@ -38,6 +38,60 @@ impl TopK {
     }
 }
 
+/// How an unconditional generator spreads over an evaluator's K classes: the histogram of top
+/// classes, KL(histogram || uniform) in nats (0 for a perfectly even spread, ln K when one
+/// class takes everything) and the classes covered (those with at least a quarter of the
+/// uniform share 1/K).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassSpread {
+    pub counts: Vec<usize>,
+    pub kl_uniform: f64,
+    pub covered: usize,
+}
+
+/// [`ClassSpread`] of probability rows (the top class of each row counts).
+pub fn class_spread(probs: &[Vec<f32>], k: usize) -> Result<ClassSpread> {
+    if k == 0 || probs.is_empty() {
+        return Err(Error::Msg(format!(
+            "class spread of {} rows over {k} classes",
+            probs.len()
+        )));
+    }
+    let mut counts = vec![0usize; k];
+    for p in probs {
+        if p.len() != k {
+            return Err(Error::Msg(format!(
+                "a row of {} scores for {k} classes",
+                p.len()
+            )));
+        }
+        let top = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(j, _)| j);
+        counts[top] += 1;
+    }
+    let n = probs.len() as f64;
+    let kl_uniform = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            p * (p * k as f64).ln()
+        })
+        .sum();
+    let covered = counts
+        .iter()
+        .filter(|&&c| c as f64 * 4.0 * k as f64 >= n)
+        .count();
+    Ok(ClassSpread {
+        counts,
+        kl_uniform,
+        covered,
+    })
+}
+
 /// `scores`: one row of K scores per image; `truth`: the true label ids of each image.
 pub fn topk_accuracy(scores: &[Vec<f32>], truth: &[Vec<u16>]) -> Result<TopK> {
     if scores.len() != truth.len() {
@@ -230,6 +284,38 @@ pub fn frechet_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> Result<f64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn class_spread_by_hand() {
+        let row = |j: usize| {
+            let mut r = vec![0.1f32; 4];
+            r[j] = 0.7;
+            r
+        };
+        // Even over 4 classes: KL 0, all covered.
+        let even: Vec<_> = (0..8).map(|i| row(i % 4)).collect();
+        let s = super::class_spread(&even, 4).unwrap();
+        assert_eq!((s.counts.clone(), s.covered), (vec![2, 2, 2, 2], 4));
+        assert!(s.kl_uniform.abs() < 1e-12);
+        // One class only: KL = ln 4, one covered.
+        let one: Vec<_> = (0..8).map(|_| row(2)).collect();
+        let s = super::class_spread(&one, 4).unwrap();
+        assert!((s.kl_uniform - 4f64.ln()).abs() < 1e-12);
+        assert_eq!(s.covered, 1);
+        // Shares 1/2, 1/4, 3/16, 1/16 of 16 images: KL = sum p ln(4p)
+        // = 0.5 ln 2 + 0 + 0.1875 ln 0.75 + 0.0625 ln 0.25 = 0.20321...; the last class holds
+        // exactly a quarter of the uniform share (1/16) and counts as covered.
+        let mut v = vec![];
+        for (j, c) in [(0, 8), (1, 4), (2, 3), (3, 1)] {
+            v.extend((0..c).map(|_| row(j)));
+        }
+        let s = super::class_spread(&v, 4).unwrap();
+        let want = 0.5 * 2f64.ln() + 0.1875 * 0.75f64.ln() + 0.0625 * 0.25f64.ln();
+        assert!((s.kl_uniform - want).abs() < 1e-12, "{}", s.kl_uniform);
+        assert_eq!(s.covered, 4);
+        assert!(super::class_spread(&[], 4).is_err());
+        assert!(super::class_spread(&[vec![0.5, 0.5]], 4).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -565,6 +565,43 @@ impl TrainConfig {
                 "batch_size, n_critic and z_dim must be > 0".into(),
             ));
         }
+        // Ranges that keep a run finite and its memory bounded (a 1024-channel 64-px model
+        // at batch 4096 is already far beyond any machine this runs on).
+        for (name, v, lo, hi) in [
+            ("model.g_ch", m.g_ch, 1, 1024),
+            ("model.d_ch", m.d_ch, 1, 1024),
+            ("model.z_dim", m.z_dim, 1, 4096),
+            ("model.cond_embed", m.cond_embed, 1, 4096),
+            ("model.num_conditions", m.num_conditions, 0, 1000),
+            ("batch_size", self.batch_size, 1, 4096),
+            ("loss.n_critic", self.loss.n_critic, 1, 100),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(Error::Config(format!(
+                    "{name} must be in {lo}..={hi}, not {v}"
+                )));
+            }
+        }
+        let o = &self.optim;
+        for (name, v, lo, hi, lo_open) in [
+            ("optim.lr_g", o.lr_g, 0.0, 1.0, true),
+            ("optim.lr_d", o.lr_d, 0.0, 1.0, true),
+            ("optim.beta1", o.beta1, 0.0, 0.999_999, false),
+            ("optim.beta2", o.beta2, 0.0, 0.999_999_9, false),
+            ("optim.eps", o.eps, 0.0, 1.0, true),
+            ("loss.gp_lambda", self.loss.gp_lambda, 0.0, 1e6, false),
+            ("loss.r1_gamma", self.loss.r1_gamma, 0.0, 1e6, false),
+            ("loss.aux_weight", self.loss.aux_weight, 0.0, 1e6, false),
+            ("loss.clip", self.loss.clip, 0.0, 1e6, true),
+        ] {
+            let low_ok = if lo_open { v > lo } else { v >= lo };
+            if !(v.is_finite() && low_ok && v <= hi) {
+                let open = if lo_open { "(" } else { "[" };
+                return Err(Error::Config(format!(
+                    "{name} must be a finite number in {open}{lo}, {hi}], not {v}"
+                )));
+            }
+        }
         let l = &self.loss;
         if !(l.mode_seeking.is_finite() && l.mode_seeking >= 0.0) {
             return Err(Error::Config(format!(
@@ -673,6 +710,39 @@ mod tests {
             assert_eq!(back, c);
         }
         assert!(TrainConfig::preset("nope").is_err());
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused_by_name() {
+        // Each of these once trained (NaN or Inf weights written to disk), panicked (a width
+        // of 0 divides by zero) or aborted on allocation.
+        let cases: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
+            ("optim.lr_g", Box::new(|c| c.optim.lr_g = f64::NAN)),
+            ("optim.lr_d", Box::new(|c| c.optim.lr_d = 1e6)),
+            ("optim.lr_g", Box::new(|c| c.optim.lr_g = 0.0)),
+            ("optim.beta1", Box::new(|c| c.optim.beta1 = 1.0)),
+            ("optim.beta2", Box::new(|c| c.optim.beta2 = -0.1)),
+            ("optim.eps", Box::new(|c| c.optim.eps = f64::INFINITY)),
+            ("loss.gp_lambda", Box::new(|c| c.loss.gp_lambda = f64::NAN)),
+            ("loss.clip", Box::new(|c| c.loss.clip = 0.0)),
+            ("model.g_ch", Box::new(|c| c.model.g_ch = 0)),
+            ("model.d_ch", Box::new(|c| c.model.d_ch = 0)),
+            ("model.cond_embed", Box::new(|c| c.model.cond_embed = 0)),
+            ("model.z_dim", Box::new(|c| c.model.z_dim = 1_000_000_000)),
+            ("batch_size", Box::new(|c| c.batch_size = 100_000)),
+        ];
+        for (name, set) in cases {
+            let mut c = TrainConfig::mnist_cdcgan();
+            set(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+        // The edges that are allowed.
+        let mut c = TrainConfig::mnist_cdcgan();
+        c.optim.beta1 = 0.0;
+        c.optim.lr_g = 1.0;
+        c.loss.gp_lambda = 0.0;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -360,6 +360,23 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let dev = device(&a.device)?;
     let (mut cfg, out) = match &a.resume {
+        // A shipped (weights-only) folder is not written into: training on from it goes to a
+        // new run folder.
+        Some(dir) if ganscope::checkpoint::is_weights_folder(dir) => {
+            let Some(out) = a.out.clone() else {
+                bail!(
+                    "{} holds shipped weights (no optimizer state): train on from them into a new run folder with --out DIR",
+                    dir.display()
+                );
+            };
+            if has_checkpoint(&out) {
+                bail!(
+                    "{} already holds a checkpoint: choose another --out",
+                    out.display()
+                );
+            }
+            (read_config(dir)?, out)
+        }
         Some(dir) => (read_config(dir)?, dir.clone()),
         None => {
             let cfg = match &a.config {
@@ -450,11 +467,20 @@ fn train(a: TrainArgs) -> Result<()> {
         Some(dir) => {
             let tr = Trainer::resume_with(dir, cfg.clone(), ds, &dev)
                 .with_context(|| format!("resuming from {}", dir.display()))?;
-            let dropped = ganscope::checkpoint::truncate_metrics_after(dir, tr.step)?;
-            if dropped > 0 {
-                eprintln!("metrics.jsonl: dropped {dropped} unreadable lines");
+            if out == *dir {
+                let dropped = ganscope::checkpoint::truncate_metrics_after(dir, tr.step)?;
+                if dropped > 0 {
+                    eprintln!("metrics.jsonl: dropped {dropped} unreadable lines");
+                }
+                eprintln!("resumed at step {}", tr.step);
+            } else {
+                eprintln!(
+                    "training on from the shipped weights of {} (step {}, fresh optimizer state) into {}",
+                    dir.display(),
+                    tr.step,
+                    out.display()
+                );
             }
-            eprintln!("resumed at step {}", tr.step);
             tr
         }
         None => Trainer::new(cfg.clone(), ds, &dev)?,

@@ -254,6 +254,67 @@ fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
 }
 
 #[test]
+fn save_asks_before_replacing_another_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("mnist-run");
+    std::fs::create_dir_all(&other).unwrap();
+    let mnist = ganscope::config::TrainConfig::preset("mnist-cdcgan").unwrap();
+    std::fs::write(
+        other.join("config.json"),
+        serde_json::to_vec_pretty(&mnist).unwrap(),
+    )
+    .unwrap();
+    let mut h = harness(
+        Settings {
+            checkpoint_path: other.display().to_string(),
+            ..settings()
+        },
+        false,
+    );
+    ready(&mut h);
+    h.get_by_label("Save").click();
+    h.run_steps(2);
+    let (dir, why) = h
+        .state()
+        .save_confirm
+        .clone()
+        .expect("a question, not a save");
+    assert_eq!(dir, other);
+    assert!(why.contains("mnist-cdcgan"), "{why}");
+    h.get_by_label_contains("Saving there replaces it");
+    h.get_by_label("Cancel").click();
+    h.run_steps(2);
+    assert!(h.state().save_confirm.is_none());
+    assert!(
+        !other.join("generator.safetensors").exists(),
+        "nothing written"
+    );
+    // Replace writes there; the next save of the same run asks nothing.
+    h.get_by_label("Save").click();
+    h.run_steps(2);
+    h.get_by_label("Replace").click();
+    wait_for(&mut h, "the save", |_| {
+        other.join("generator.safetensors").exists()
+    });
+    wait_for(&mut h, "the saved config", |_| {
+        std::fs::read_to_string(other.join("config.json")).is_ok_and(|t| t.contains("iclevr-small"))
+    });
+    h.get_by_label("Save").click();
+    h.run_steps(2);
+    assert!(
+        h.state().save_confirm.is_none(),
+        "same run: no question, got {:?}",
+        h.state().save_confirm
+    );
+    // A shipped (weights-only) folder is always asked about.
+    let why = ganscope::app::train_panel::save_conflict(
+        &ganscope::app::checkpoints_dir().join("iclevr-small"),
+        &h.state().info.as_ref().unwrap().cfg,
+    );
+    assert!(why.is_some_and(|w| w.contains("shipped")));
+}
+
+#[test]
 fn pause_resume_and_single_steps() {
     let mut h = harness(settings(), false);
     ready(&mut h);

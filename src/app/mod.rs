@@ -9,7 +9,7 @@ pub mod dialogs;
 mod export_panel;
 mod latent;
 mod plots;
-mod train_panel;
+pub mod train_panel;
 pub mod wall;
 pub mod wall_gpu;
 
@@ -203,6 +203,9 @@ pub struct Timings {
 
 pub struct GanscopeApp {
     pub settings: Settings,
+    /// A Save that would replace something else, waiting for the user's answer: the folder
+    /// and what is in it.
+    pub save_confirm: Option<(PathBuf, String)>,
     pub session: Option<Session>,
     pub renderer: Renderer,
     pub info: Option<SessionInfo>,
@@ -284,6 +287,7 @@ impl GanscopeApp {
             diag_textures: Default::default(),
             pending_dialog: None,
             lr_edit: (0.0, 0.0),
+            save_confirm: None,
             n_critic_edit: 1,
             last_weights: None,
             show_timings: opts.show_timings,

@@ -228,7 +228,11 @@ impl GanscopeApp {
         ui.horizontal(|ui| {
             if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
                 let p = PathBuf::from(self.settings.checkpoint_path.trim());
-                self.send(Command::Save(p));
+                let conflict = self.info.as_ref().and_then(|i| save_conflict(&p, &i.cfg));
+                match conflict {
+                    Some(why) => self.save_confirm = Some((p, why)),
+                    None => self.send(Command::Save(p)),
+                }
             }
             if ui
                 .button("Open")
@@ -240,6 +244,42 @@ impl GanscopeApp {
             }
             if ui.button("Browse…").clicked() {
                 self.ask(Purpose::OpenCheckpoint, true, "Open a run folder");
+            }
+        });
+        self.save_confirm_ui(ui);
+    }
+
+    /// The question a guarded Save asks: overwrite, save into a new folder, or cancel.
+    fn save_confirm_ui(&mut self, ui: &mut egui::Ui) {
+        let Some((dir, why)) = self.save_confirm.clone() else {
+            return;
+        };
+        let abs = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+        ui.colored_label(
+            egui::Color32::from_rgb(240, 170, 40),
+            format!("{} {why}. Saving there replaces it.", abs.display()),
+        );
+        ui.horizontal(|ui| {
+            let preset = self
+                .info
+                .as_ref()
+                .map_or("run".to_string(), |i| i.cfg.preset.clone());
+            let fresh = new_run_folder(&preset);
+            if ui
+                .button("Save to a new folder")
+                .on_hover_text(fresh.display().to_string())
+                .clicked()
+            {
+                self.settings.checkpoint_path = fresh.display().to_string();
+                self.save_confirm = None;
+                self.send(Command::Save(fresh));
+            }
+            if ui.button("Replace").clicked() {
+                self.save_confirm = None;
+                self.send(Command::Save(dir.clone()));
+            }
+            if ui.button("Cancel").clicked() {
+                self.save_confirm = None;
             }
         });
     }
@@ -281,5 +321,84 @@ pub fn fmt_duration(s: f64) -> String {
         format!("{}m{:02}s", s / 60, s % 60)
     } else {
         format!("{s}s")
+    }
+}
+
+/// Why saving the session with config `cfg` into `dir` would replace something else (None
+/// when the folder is new, empty, or holds a run of the same preset, data and networks, which
+/// a save continues; its previous checkpoint stays as `*.prev`).
+pub fn save_conflict(dir: &std::path::Path, cfg: &crate::config::TrainConfig) -> Option<String> {
+    if crate::checkpoint::is_weights_folder(dir) {
+        return Some("holds a shipped generator (weights only)".into());
+    }
+    let config = dir.join(crate::checkpoint::CONFIG_FILE);
+    if !config.exists() {
+        let has_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        return has_files.then(|| "is not empty and is not a run folder".into());
+    }
+    let theirs = match std::fs::read(&config)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::config::TrainConfig>(&b).ok())
+    {
+        Some(c) => c,
+        None => return Some("holds a config.json that cannot be read".into()),
+    };
+    // The trainer fills in label names the preset leaves empty: those alone do not differ.
+    let (mut a, mut b) = (theirs.model.clone(), cfg.model.clone());
+    if a.label_names.is_empty() || b.label_names.is_empty() {
+        (a.label_names, b.label_names) = (vec![], vec![]);
+    }
+    let same_nets = a == b;
+    let same = theirs.preset == cfg.preset
+        && theirs.data.kind == cfg.data.kind
+        && theirs.data.path == cfg.data.path
+        && same_nets;
+    (!same).then(|| {
+        format!(
+            "holds another run ({} on {:?} data{})",
+            theirs.preset,
+            theirs.data.kind,
+            if same_nets { "" } else { ", other networks" }
+        )
+    })
+}
+
+/// `runs/<preset>-<UTC date and time>`, for a save that must not replace anything.
+pub fn new_run_folder(preset: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    PathBuf::from("runs").join(format!(
+        "{preset}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    ))
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates_by_hand() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        // 2000-03-01 is day 11017; 2026-12-02 is day 20789.
+        assert_eq!(super::civil_from_days(11_017), (2000, 3, 1));
+        assert_eq!(super::civil_from_days(20_789), (2026, 12, 2));
+        assert_eq!(super::civil_from_days(-1), (1969, 12, 31));
     }
 }

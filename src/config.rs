@@ -716,20 +716,21 @@ mod tests {
     fn out_of_range_numbers_are_refused_by_name() {
         // Each of these once trained (NaN or Inf weights written to disk), panicked (a width
         // of 0 divides by zero) or aborted on allocation.
-        let cases: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
-            ("optim.lr_g", Box::new(|c| c.optim.lr_g = f64::NAN)),
-            ("optim.lr_d", Box::new(|c| c.optim.lr_d = 1e6)),
-            ("optim.lr_g", Box::new(|c| c.optim.lr_g = 0.0)),
-            ("optim.beta1", Box::new(|c| c.optim.beta1 = 1.0)),
-            ("optim.beta2", Box::new(|c| c.optim.beta2 = -0.1)),
-            ("optim.eps", Box::new(|c| c.optim.eps = f64::INFINITY)),
-            ("loss.gp_lambda", Box::new(|c| c.loss.gp_lambda = f64::NAN)),
-            ("loss.clip", Box::new(|c| c.loss.clip = 0.0)),
-            ("model.g_ch", Box::new(|c| c.model.g_ch = 0)),
-            ("model.d_ch", Box::new(|c| c.model.d_ch = 0)),
-            ("model.cond_embed", Box::new(|c| c.model.cond_embed = 0)),
-            ("model.z_dim", Box::new(|c| c.model.z_dim = 1_000_000_000)),
-            ("batch_size", Box::new(|c| c.batch_size = 100_000)),
+        type Case = (&'static str, fn(&mut TrainConfig));
+        let cases: Vec<Case> = vec![
+            ("optim.lr_g", |c| c.optim.lr_g = f64::NAN),
+            ("optim.lr_d", |c| c.optim.lr_d = 1e6),
+            ("optim.lr_g", |c| c.optim.lr_g = 0.0),
+            ("optim.beta1", |c| c.optim.beta1 = 1.0),
+            ("optim.beta2", |c| c.optim.beta2 = -0.1),
+            ("optim.eps", |c| c.optim.eps = f64::INFINITY),
+            ("loss.gp_lambda", |c| c.loss.gp_lambda = f64::NAN),
+            ("loss.clip", |c| c.loss.clip = 0.0),
+            ("model.g_ch", |c| c.model.g_ch = 0),
+            ("model.d_ch", |c| c.model.d_ch = 0),
+            ("model.cond_embed", |c| c.model.cond_embed = 0),
+            ("model.z_dim", |c| c.model.z_dim = 1_000_000_000),
+            ("batch_size", |c| c.batch_size = 100_000),
         ];
         for (name, set) in cases {
             let mut c = TrainConfig::mnist_cdcgan();

@@ -154,3 +154,37 @@ fn the_new_options_build_for_both_families() {
         assert!(!ganscope::model::has_aux_head(&u.model));
     }
 }
+
+#[test]
+fn sample_grids_vary_by_column_and_for_unconditional_models_by_cell() {
+    let dev = Device::Cpu;
+    let tiny = |mut c: TrainConfig| {
+        c.model.g_ch = 4;
+        c.model.z_dim = 8;
+        Generator::new(&c.model, Rng::new(3), DType::F32, &dev).unwrap()
+    };
+    let cell = |im: &ganscope::images::Images, i: usize| {
+        let n = im.channels * im.height * im.width;
+        im.data[i * n..(i + 1) * n].to_vec()
+    };
+    // Unconditional: 2 rows x 3 columns, six different latents, six different images (the
+    // rows of a sample sheet used to repeat one another).
+    let g = tiny(TrainConfig::mnist_dcgan());
+    let im = g.grid(&[vec![], vec![]], 3, 9).unwrap();
+    assert_eq!(im.n, 6);
+    for a in 0..6 {
+        for b in 0..a {
+            assert_ne!(cell(&im, a), cell(&im, b), "cells {a} and {b}");
+        }
+    }
+    // Conditional: a column keeps its latent down the rows, so equal conditions give equal
+    // cells and the columns differ.
+    let g = tiny(TrainConfig::mnist_cdcgan());
+    let mut c = vec![0.0; 10];
+    c[4] = 1.0;
+    let im = g.grid(&[c.clone(), c], 3, 9).unwrap();
+    for j in 0..3 {
+        assert_eq!(cell(&im, j), cell(&im, 3 + j), "column {j}");
+    }
+    assert_ne!(cell(&im, 0), cell(&im, 1));
+}

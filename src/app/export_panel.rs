@@ -132,15 +132,7 @@ impl GanscopeApp {
             .ok_or_else(|| Error::Msg("no generator weights yet".into()))?;
         let g = w.build()?;
         let cols = self.settings.wall_cols.max(1);
-        let mut z = Vec::new();
-        let mut c = Vec::new();
-        for cond in &list.items {
-            for j in 0..cols {
-                z.push(g.latent(WALL_SEED, j));
-                c.push(cond.clone());
-            }
-        }
-        let images = g.generate_from(&z, &c)?;
+        let images = g.grid(&list.items, cols, WALL_SEED)?;
         let frame = WallFrame {
             step: w.step,
             rows: list.items.len(),

@@ -269,6 +269,27 @@ impl Generator {
         self.generate_from(&z, &conds)
     }
 
+    /// The images of a sample grid, row by row: `rows` conditions x `cols` columns. With
+    /// conditions, column j uses the latent `latent(seed, j)` in every row (rows differ only by
+    /// their condition); an unconditional model has nothing to vary by row, so every cell gets
+    /// its own latent, `latent(seed, r * cols + j)`.
+    pub fn grid(&self, rows: &[Vec<f32>], cols: usize, seed: u64) -> Result<Images> {
+        let mut z = Vec::with_capacity(rows.len() * cols);
+        let mut conds = Vec::with_capacity(rows.len() * cols);
+        for (r, c) in rows.iter().enumerate() {
+            for j in 0..cols {
+                let i = if self.cfg.num_conditions == 0 {
+                    r * cols + j
+                } else {
+                    j
+                };
+                z.push(self.latent(seed, i));
+                conds.push(c.clone());
+            }
+        }
+        self.generate_from(&z, &conds)
+    }
+
     /// Images for explicit latents and conditions (one each per image), in eval mode.
     pub fn generate_from(&self, z: &[Vec<f32>], conditions: &[Vec<f32>]) -> Result<Images> {
         let n = z.len();

@@ -55,7 +55,7 @@ pub fn wall_rows(data: &dyn Dataset, k: usize, max_rows: usize) -> Vec<(String, 
     }
 }
 
-/// A captioned grid: one row per condition, column j drawn from latent `latent(seed, j)`.
+/// A captioned grid: one row per condition ([`Generator::grid`] picks the latents).
 pub fn render_rows(
     generator: &Generator,
     rows: &[(String, Vec<f32>)],
@@ -63,15 +63,8 @@ pub fn render_rows(
     seed: u64,
     scale: u32,
 ) -> Result<RgbImage> {
-    let mut z = Vec::with_capacity(rows.len() * cols);
-    let mut conds = Vec::with_capacity(rows.len() * cols);
-    for (_, c) in rows {
-        for j in 0..cols {
-            z.push(generator.latent(seed, j));
-            conds.push(c.clone());
-        }
-    }
-    let images = generator.generate_from(&z, &conds)?;
+    let conds: Vec<Vec<f32>> = rows.iter().map(|r| r.1.clone()).collect();
+    let images = generator.grid(&conds, cols, seed)?;
     let captioned = rows.iter().any(|(c, _)| !c.is_empty());
     let layout = SheetLayout {
         rows: rows.len(),

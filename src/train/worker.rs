@@ -645,15 +645,8 @@ impl Worker {
     fn send_wall(&mut self, out: &Outbox) -> Result<()> {
         let g = self.trainer.sampling_generator();
         let cols = self.spec.wall_cols;
-        let mut z = Vec::with_capacity(self.rows.len() * cols);
-        let mut c = Vec::with_capacity(self.rows.len() * cols);
-        for (_, cond) in &self.rows {
-            for j in 0..cols {
-                z.push(g.latent(WALL_SEED, j));
-                c.push(cond.clone());
-            }
-        }
-        let images = g.generate_from(&z, &c)?;
+        let conds: Vec<Vec<f32>> = self.rows.iter().map(|r| r.1.clone()).collect();
+        let images = g.grid(&conds, cols, WALL_SEED)?;
         let step = self.trainer.step;
         out.send(Event::Wall(Arc::new(WallFrame {
             step,

@@ -295,6 +295,20 @@ pub fn save_with_crash(
     save_impl(dir, step, files, Some(crash_after))
 }
 
+/// The metadata every file of one save carries: step, a new save id, format, save time.
+fn save_metadata(step: u64) -> HashMap<String, String> {
+    let saved_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    HashMap::from([
+        (KEY_STEP.to_string(), step.to_string()),
+        (KEY_SAVE_ID.to_string(), new_save_id(step, saved_at)),
+        (KEY_FORMAT.to_string(), FORMAT.to_string()),
+        (KEY_SAVED_AT.to_string(), saved_at.to_string()),
+    ])
+}
+
 fn save_impl(
     dir: &Path,
     step: u64,
@@ -302,16 +316,7 @@ fn save_impl(
     crash_after: Option<usize>,
 ) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let saved_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let meta = HashMap::from([
-        (KEY_STEP.to_string(), step.to_string()),
-        (KEY_SAVE_ID.to_string(), new_save_id(step, saved_at)),
-        (KEY_FORMAT.to_string(), FORMAT.to_string()),
-        (KEY_SAVED_AT.to_string(), saved_at.to_string()),
-    ]);
+    let meta = save_metadata(step);
     let mut blobs = Vec::with_capacity(3);
     for (role, tensors) in files.iter().enumerate() {
         blobs.push(serialize_file(&file_path(dir, role), tensors, &meta)?);
@@ -395,6 +400,12 @@ fn probe(path: &Path) -> Probe {
 }
 
 fn probe_header(f: &mut File) -> std::result::Result<Header, String> {
+    let meta = read_header_meta(f)?;
+    check_meta(meta.as_ref())
+}
+
+/// The metadata of a safetensors file whose structure and total length check out.
+fn read_header_meta(f: &mut File) -> std::result::Result<Option<HashMap<String, String>>, String> {
     let len = f.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
     if len < 8 {
         return Err(format!(
@@ -428,7 +439,7 @@ fn probe_header(f: &mut File) -> std::result::Result<Header, String> {
             format!("corrupt: {len} bytes, the header describes only {expected}")
         });
     }
-    check_meta(meta.metadata().as_ref())
+    Ok(meta.metadata().clone())
 }
 
 fn check_meta(meta: Option<&HashMap<String, String>>) -> std::result::Result<Header, String> {
@@ -618,17 +629,8 @@ pub fn save_weights(
         }
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let saved_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let meta = HashMap::from([
-        (KEY_STEP.to_string(), step.to_string()),
-        (KEY_SAVE_ID.to_string(), new_save_id(step, saved_at)),
-        (KEY_FORMAT.to_string(), FORMAT.to_string()),
-        (KEY_SAVED_AT.to_string(), saved_at.to_string()),
-        (KEY_CONTENTS.to_string(), CONTENTS_WEIGHTS.to_string()),
-    ]);
+    let mut meta = save_metadata(step);
+    meta.insert(KEY_CONTENTS.to_string(), CONTENTS_WEIGHTS.to_string());
     for (role, tensors) in [(GENERATOR, generator), (DISCRIMINATOR, discriminator)] {
         let path = file_path(dir, role);
         let bytes = serialize_file(&path, tensors, &meta)?;
@@ -645,17 +647,7 @@ pub fn is_weights_folder(dir: &Path) -> bool {
 
 fn read_meta(path: &Path) -> std::result::Result<HashMap<String, String>, String> {
     let mut f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    probe_header(&mut f)?;
-    f.seek(SeekFrom::Start(0))
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let mut nb = [0u8; 8];
-    f.read_exact(&mut nb)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let mut hb = vec![0u8; u64::from_le_bytes(nb) as usize];
-    f.read_exact(&mut hb)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let meta: Metadata = serde_json::from_slice(&hb).map_err(|e| format!("corrupt header: {e}"))?;
-    Ok(meta.metadata().clone().unwrap_or_default())
+    Ok(read_header_meta(&mut f)?.unwrap_or_default())
 }
 
 /// Load a weights-only folder written by [`save_weights`]: the verified generator, and the

@@ -1046,10 +1046,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             }
             gen_feats.extend(feats);
         }
-        let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-        let sd = (accs.iter().map(|x| (x - mean).powi(2)).sum::<f64>()
-            / (accs.len().max(2) - 1) as f64)
-            .sqrt();
+        let (mean, sd) = mean_sd(&accs);
         println!(
             "{name}: top-k accuracy {mean:.4} +- {sd:.4} over {} seeds ({} labels each)",
             a.seeds,
@@ -1083,6 +1080,14 @@ fn eval(a: EvalArgs) -> Result<()> {
         Err(e) => println!("domain-feature FD skipped: cannot open the real data ({e})"),
     }
     Ok(())
+}
+
+/// Mean and sample standard deviation over seeds (sd 0 for a single seed).
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let sd =
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64).sqrt();
+    (mean, sd)
 }
 
 /// An unconditional generator against a class evaluator: for each seed, the histogram of the
@@ -1126,14 +1131,8 @@ fn eval_class_histogram(
             *t += h;
         }
     }
-    let ms = |v: &[f64]| {
-        let mean = v.iter().sum::<f64>() / v.len() as f64;
-        let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64)
-            .sqrt();
-        (mean, sd)
-    };
-    let (kl, kl_sd) = ms(&kls);
-    let (cov, cov_sd) = ms(&covered);
+    let (kl, kl_sd) = mean_sd(&kls);
+    let (cov, cov_sd) = mean_sd(&covered);
     println!(
         "class histogram over {n} images x {seeds} seeds: KL(histogram || uniform) {kl:.4} +- {kl_sd:.4} nats, classes covered {cov:.1} +- {cov_sd:.1} of {k}"
     );

@@ -402,6 +402,11 @@ fn cli_errors_are_clear() {
     );
 }
 
+/// The values of one named tensor.
+fn values(m: &HashMap<String, Tensor>, key: &str) -> Vec<f32> {
+    m[key].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
 #[test]
 fn ema_generator_is_what_is_saved_and_sampled() {
     // With EMA on, generator.safetensors holds the average (what `sample` and `eval` load),
@@ -419,7 +424,7 @@ fn ema_generator_is_what_is_saved_and_sampled() {
     let (g, _, step) = ganscope::train::load_generator(dir.path(), &dev).unwrap();
     assert_eq!(step, 4);
     let key = "gen.blocks.0.conv.weight";
-    let v = |m: &HashMap<String, Tensor>| m[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = |m: &HashMap<String, Tensor>| values(m, key);
     let saved = v(&g.store.model_tensors());
     let ema = v(&t.ema.as_ref().unwrap().store.model_tensors());
     let raw = v(&t.generator.store.model_tensors());
@@ -491,7 +496,7 @@ fn weights_only_folder_samples_and_trains_on() {
     let mut w = Trainer::resume(&dir, data.clone(), &dev).unwrap();
     assert_eq!(w.step, 4);
     let key = "gen.blocks.0.conv.weight";
-    let v = |m: &HashMap<String, Tensor>| m[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = |m: &HashMap<String, Tensor>| values(m, key);
     let ema = v(&t.ema.as_ref().unwrap().store.model_tensors());
     assert_eq!(v(&w.generator.store.model_tensors()), ema);
     assert_eq!(v(&w.ema.as_ref().unwrap().store.model_tensors()), ema);
@@ -499,9 +504,7 @@ fn weights_only_folder_samples_and_trains_on() {
         let m = t.discriminator.store.model_tensors();
         let mut keys: Vec<_> = m.keys().cloned().collect();
         keys.sort();
-        keys.iter()
-            .map(|k| m[k].flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect::<Vec<_>>()
+        keys.iter().map(|k| values(&m, k)).collect::<Vec<_>>()
     };
     assert_eq!(dk(&w), dk(&t));
     let st = w.train_step().unwrap();

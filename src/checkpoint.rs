@@ -203,6 +203,22 @@ fn new_save_id(step: u64, saved_at: u128) -> String {
 }
 
 /// Serialise one role's tensors with the checkpoint metadata and the data checksum.
+/// The first NaN or infinity of a floating-point tensor, if any (integer tensors: None).
+fn first_non_finite(t: &Tensor) -> Result<Option<f64>> {
+    let first = |v: Vec<f64>| v.into_iter().find(|x| !x.is_finite());
+    Ok(match t.dtype() {
+        DType::F64 => first(t.flatten_all()?.to_vec1::<f64>()?),
+        DType::F32 => t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .find(|x| !x.is_finite())
+            .map(f64::from),
+        d if d.is_float() => first(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+        _ => None,
+    })
+}
+
 fn serialize_file(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
@@ -223,7 +239,14 @@ fn serialize_file(
                 ),
             ));
         }
-        cpu.push((name.as_str(), t.to_device(&Device::Cpu)?.contiguous()?));
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        if let Some(bad) = first_non_finite(&t)? {
+            return Err(Error::bad_file(
+                path,
+                format!("refusing to save tensor `{name}`: it holds a non-finite value ({bad})"),
+            ));
+        }
+        cpu.push((name.as_str(), t));
     }
     let mut meta = meta.clone();
     meta.insert(KEY_DATA_HASH.to_string(), HASH_PLACEHOLDER.to_string());
@@ -1021,17 +1044,18 @@ mod tests {
         Device::Cpu
     }
 
-    /// Three files with f32 (incl. NaN, -0, inf, subnormal), f64, i64 and u8 tensors.
+    /// Three files with f32 (incl. -0, the extremes and a subnormal: NaN and infinities are
+    /// refused by `save`), f64, i64 and u8 tensors.
     fn make_set(seed: u32) -> Set {
         let d = cpu();
         let s = seed as f32;
         let f32s = vec![
             s,
             -0.0,
-            f32::NAN,
-            f32::from_bits(0x7FC0_1234),
-            f32::INFINITY,
-            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::from_bits(0x0000_1234),
+            f32::MIN,
+            -f32::EPSILON,
             f32::MIN_POSITIVE / 3.0,
             1.0 / 3.0 + s,
         ];
@@ -1147,6 +1171,36 @@ mod tests {
         // Plain safetensors readers can open the files too.
         let plain = candle_core::safetensors::load(d.path().join(FILES[1]), &cpu()).unwrap();
         assert_eq!(raw(&plain["labels"]), raw(&set[1]["labels"]));
+    }
+
+    #[test]
+    fn non_finite_values_are_never_written() {
+        // A NaN in an f32 tensor, then +inf in an f16 one: each save is refused naming the
+        // tensor, and the folder still holds the earlier healthy set, untouched.
+        let d = dir();
+        let good = make_set(1);
+        save(d.path(), 10, refs(&good)).unwrap();
+        for (dtype, bad_value) in [(DType::F32, f64::NAN), (DType::F16, f64::INFINITY)] {
+            let mut bad = make_set(2);
+            let t = Tensor::new(&[1.0f64, bad_value, 3.0], &cpu())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            bad[0].insert("poisoned".into(), t);
+            let err = save(d.path(), 20, refs(&bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("`poisoned`") && err.contains("non-finite"),
+                "{err}"
+            );
+            let w = save_weights(&d.path().join("w"), 20, &bad[0], &bad[1]).unwrap_err();
+            assert!(w.to_string().contains("`poisoned`"), "{w}");
+            let got = load_latest(d.path(), &cpu()).unwrap();
+            assert_eq!(got.step, 10);
+            assert_same(&got.files, &good);
+            for role in 0..3 {
+                assert!(!suffixed(d.path(), role, TMP_SUFFIX).exists());
+            }
+        }
     }
 
     #[test]

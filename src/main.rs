@@ -463,7 +463,7 @@ fn train(a: TrainArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let ds: Arc<dyn Dataset> = Arc::new(ds);
-    let mut trainer = match &a.resume {
+    let trainer = match &a.resume {
         Some(dir) => {
             let tr = Trainer::resume_with(dir, cfg.clone(), ds, &dev)
                 .with_context(|| format!("resuming from {}", dir.display()))?;
@@ -505,22 +505,41 @@ fn train(a: TrainArgs) -> Result<()> {
     pb.set_position(trainer.step);
     // Without a terminal the bar is hidden (and so is its println): log plain lines instead.
     let tty = std::io::stderr().is_terminal();
-    let cost = run::train_until_deadline(&mut trainer, &out, target, deadline, |p| {
-        pb.set_position(p.stats.step);
-        pb.set_message(format!(
-            "{:.0} img/s  D {:.3}  G {:.3}  D(x) {:+.2}  D(G(z)) {:+.2}",
-            p.images_per_s, p.stats.d_loss, p.stats.g_loss, p.stats.d_real, p.stats.d_fake
-        ));
-        for a in &p.alarms {
-            if tty {
-                pb.println(format!("ALARM {}", a.message));
-            } else {
-                eprintln!("ALARM {}", a.message);
+    let say = |line: String| {
+        if tty {
+            pb.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let mut progress = run::FnSink(|ev: &run::LoopEvent| match ev {
+        run::LoopEvent::Step(p) => {
+            let st = &p.stats;
+            pb.set_position(st.step);
+            pb.set_message(format!(
+                "{:.0} img/s  D {:.3}  G {:.3}  D(x) {:+.2}  D(G(z)) {:+.2}",
+                p.images_per_s, st.d_loss, st.g_loss, st.d_real, st.d_fake
+            ));
+            if st.step % 100 == 0 || st.step == target {
+                say(format!(
+                    "step {:>6}  {:.1} s  {:.0} img/s  D {:.4}  G {:.4}  D(x) {:+.3}  D(G(z)) {:+.3}{}",
+                    st.step,
+                    p.elapsed_s,
+                    p.images_per_s,
+                    st.d_loss,
+                    st.g_loss,
+                    st.d_real,
+                    st.d_fake,
+                    st.gp.map(|g| format!("  GP {g:.3}")).unwrap_or_default()
+                ));
             }
         }
-        if let Some(c) = &p.check {
+        run::LoopEvent::Alarm(a) => say(format!("ALARM {}", a.message)),
+        run::LoopEvent::Recovered(r) => say(r.message.clone()),
+        run::LoopEvent::Log(m) => say(m.clone()),
+        run::LoopEvent::Check(c) => {
             let r = &c.report;
-            let line = format!(
+            say(format!(
                 "diagnostics at step {} ({:.2} s, {:.1}% of the run so far): NDB {}/{} (real-vs-real {}), precision {:.2} recall {:.2} density {:.2} coverage {:.2} (real-vs-real coverage {:.2}){}",
                 c.step,
                 c.seconds,
@@ -537,36 +556,27 @@ fn train(a: TrainArgs) -> Result<()> {
                     .as_ref()
                     .map(|cc| format!(", modes {}/{}", cc.modes_covered, cc.modes_present))
                     .unwrap_or_default()
-            );
-            if tty {
-                pb.println(line);
-            } else {
-                eprintln!("{line}");
-            }
+            ));
         }
-        if p.stats.step % 100 == 0 || p.stats.step == p.target {
-            let line = format!(
-                "step {:>6}  {:.1} s  {:.0} img/s  D {:.4}  G {:.4}  D(x) {:+.3}  D(G(z)) {:+.3}{}",
-                p.stats.step,
-                p.elapsed_s,
-                p.images_per_s,
-                p.stats.d_loss,
-                p.stats.g_loss,
-                p.stats.d_real,
-                p.stats.d_fake,
-                p.stats
-                    .gp
-                    .map(|g| format!("  GP {g:.3}"))
-                    .unwrap_or_default()
-            );
-            if tty {
-                pb.println(line);
-            } else {
-                eprintln!("{line}");
-            }
-        }
-    })?;
+        _ => {}
+    });
+    let mut folder = run::RunFolder::new(&out, &cfg);
+    let opts = run::LoopOptions::for_trainer(&trainer);
+    let mut lp = run::TrainLoop::new(trainer, opts).context("setting up the diagnostics")?;
+    let res = lp.run_until(target, deadline, &mut [&mut folder, &mut progress]);
     pb.finish();
+    let cost = lp.monitor_cost();
+    let trainer = lp.trainer;
+    res.with_context(|| match folder.saved_step() {
+        Some(s) => format!(
+            "training stopped; the last checkpoint in {} is of step {s}",
+            out.display()
+        ),
+        None => format!(
+            "training stopped; nothing was saved in {} by this run",
+            out.display()
+        ),
+    })?;
     if cost.checks > 0 || cost.fit_seconds > 0.0 {
         eprintln!(
             "diagnostics: fit {:.1} s, {} checks {:.1} s ({:.1} s each), training {:.1} s: checks took {:.1}% of checks + training; {} due checks postponed (monitor.max_share {})",

@@ -48,6 +48,7 @@ fn harness_opening(s: Settings, run: bool, open: Option<PathBuf>) -> Harness<'st
                     checkpoints: ganscope::app::checkpoints_dir(),
                     show_timings: false,
                     open,
+                    runs: None,
                 },
             )
         })

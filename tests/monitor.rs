@@ -9,7 +9,27 @@ use candle_core::Device;
 use ganscope::config::TrainConfig;
 use ganscope::data::{ConditionKind, Dataset};
 use ganscope::eval::classifier::{Classifier, EvaluatorConfig};
-use ganscope::train::{Trainer, run};
+use ganscope::train::Trainer;
+use ganscope::train::run::{FnSink, LoopEvent, LoopOptions, RunFolder, TrainLoop};
+
+/// Train `t` to `target` into `out` through the one loop; `on_check` sees every check.
+fn train_until(
+    t: Trainer,
+    out: &std::path::Path,
+    target: u64,
+    mut on_check: impl FnMut(&ganscope::train::monitor::Check),
+) -> ganscope::Result<ganscope::train::monitor::MonitorCost> {
+    let mut folder = RunFolder::new(out, &t.cfg);
+    let opts = LoopOptions::for_trainer(&t);
+    let mut lp = TrainLoop::new(t, opts)?;
+    let mut checks = FnSink(|e: &LoopEvent| {
+        if let LoopEvent::Check(c) = e {
+            on_check(c)
+        }
+    });
+    lp.run_until(target, None, &mut [&mut folder, &mut checks])?;
+    Ok(lp.monitor_cost())
+}
 
 /// A tiny cDCGAN on random 28x28 data with an (untrained) evaluator, which is enough to
 /// exercise the plumbing: diagnostics every `every` steps under `max_share`.
@@ -42,13 +62,11 @@ fn toy_trainer(tmp: &std::path::Path, every: u64, max_share: f64) -> Trainer {
 fn diagnostics_reports_land_in_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     // No share limit: every multiple of `every` (the checks of this toy dwarf its steps).
-    let mut t = toy_trainer(tmp.path(), 2, 1.0);
+    let t = toy_trainer(tmp.path(), 2, 1.0);
     let out = tmp.path().join("run");
     let mut checks = vec![];
-    let cost = run::train_until(&mut t, &out, 4, |p| {
-        if let Some(c) = &p.check {
-            checks.push((c.step, c.report.n_generated, c.report.ndb.k));
-        }
+    let cost = train_until(t, &out, 4, |c| {
+        checks.push((c.step, c.report.n_generated, c.report.ndb.k));
     })
     .unwrap();
     assert_eq!(checks, vec![(2, 40, 8), (4, 40, 8)]);
@@ -75,14 +93,9 @@ fn max_share_postpones_checks() {
     // toy's steps. With max_share 1e-3 a second check needs about 2 x 999 times the first
     // one's duration in training: the first due point (step 1) is checked, 2-6 postponed.
     let tmp = tempfile::tempdir().unwrap();
-    let mut t = toy_trainer(tmp.path(), 1, 1e-3);
+    let t = toy_trainer(tmp.path(), 1, 1e-3);
     let mut steps = vec![];
-    let cost = run::train_until(&mut t, &tmp.path().join("run"), 6, |p| {
-        if let Some(c) = &p.check {
-            steps.push(c.step);
-        }
-    })
-    .unwrap();
+    let cost = train_until(t, &tmp.path().join("run"), 6, |c| steps.push(c.step)).unwrap();
     assert_eq!(steps, vec![1]);
     assert_eq!((cost.checks, cost.postponed), (1, 5), "{cost:?}");
 }
@@ -105,8 +118,8 @@ fn missing_evaluator_is_a_clear_error() {
     cfg.batch_size = 16;
     cfg.monitor.every = 2;
     cfg.monitor.evaluator = Some(tmp.path().join("nowhere"));
-    let mut t = Trainer::new(cfg, data, &dev).unwrap();
-    let err = run::train_until(&mut t, &tmp.path().join("run"), 2, |_| {})
+    let t = Trainer::new(cfg, data, &dev).unwrap();
+    let err = train_until(t, &tmp.path().join("run"), 2, |_| {})
         .unwrap_err()
         .to_string();
     assert!(
@@ -183,4 +196,104 @@ fn a_generator_that_ignores_z_is_flagged_for_every_label() {
         // images'): the zero is the frozen noise, not the measure.
         assert!(e.ratio.unwrap() > 0.02, "{e:?} vs {d:?}");
     }
+}
+
+#[test]
+fn a_nan_in_a_headless_run_stops_it_and_keeps_the_last_healthy_checkpoint() {
+    // The CLI's path (`TrainLoop::run_until` into a `RunFolder`): 3 healthy steps, each
+    // checkpointed, then one generator weight is poisoned with NaN. Step 4 is caught within
+    // the step (NaN loss or NaN weights), the snapshot of step 3 is restored, and the run
+    // stops with an error that says so. Nothing of step 4 reaches the folder: it loads at
+    // step 3 with finite weights, and metrics.jsonl ends with the recovery line.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = toy_trainer(tmp.path(), 0, 1.0);
+    t.cfg.log_every = 1;
+    t.cfg.checkpoint_every = 1;
+    t.cfg.sample_every = 2;
+    let out = tmp.path().join("run");
+    let mut folder = RunFolder::new(&out, &t.cfg);
+    let mut opts = LoopOptions::for_trainer(&t);
+    opts.snapshot_every = 1;
+    let mut lp = TrainLoop::new(t, opts).unwrap();
+    lp.run_until(3, None, &mut [&mut folder]).unwrap();
+    assert_eq!(folder.saved_step(), Some(3));
+    let (_, var) = lp
+        .trainer
+        .generator
+        .store
+        .trainable()
+        .into_iter()
+        .next()
+        .unwrap();
+    var.set(&(var.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
+        .unwrap();
+    let err = lp
+        .run_until(6, None, &mut [&mut folder])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("NaN/Inf at step 4") && err.contains("step 3") && err.contains("stopped"),
+        "{err}"
+    );
+    assert_eq!(lp.trainer.step, 3, "the loop holds the restored state");
+    assert!(lp.trainer.weights_finite().unwrap());
+    let (g, _, step) = ganscope::train::load_generator(&out, &Device::Cpu).unwrap();
+    assert_eq!(step, 3);
+    for (name, t) in g.store.model_tensors() {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+    }
+    let lines = ganscope::checkpoint::read_metrics(&out).unwrap();
+    let steps: Vec<u64> = lines.iter().filter_map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps, vec![1, 2, 3, 3], "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["recovered"]["at"].as_u64(), Some(4), "{last}");
+    assert!(out.join("samples/step_000002.png").exists());
+    assert!(
+        out.join("samples/step_000003.png").exists(),
+        "the last step's grid"
+    );
+    assert!(!out.join("samples/step_000004.png").exists());
+}
+
+#[test]
+fn the_loop_under_halve_lr_goes_on_and_logs_the_continued_run() {
+    // Same poisoning under RestoreLowerLr: the run reaches its target with both rates
+    // halved, and metrics.jsonl holds each step once, in order.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = toy_trainer(tmp.path(), 0, 1.0);
+    t.cfg.log_every = 1;
+    t.cfg.checkpoint_every = 0;
+    t.cfg.sample_every = 0;
+    let (g0, d0) = t.learning_rates();
+    let out = tmp.path().join("run");
+    let mut folder = RunFolder::new(&out, &t.cfg);
+    let mut opts = LoopOptions::for_trainer(&t);
+    opts.snapshot_every = 1;
+    opts.nan_policy = ganscope::train::run::NanPolicy::RestoreLowerLr;
+    let mut lp = TrainLoop::new(t, opts).unwrap();
+    lp.run_until(2, None, &mut [&mut folder]).unwrap();
+    let (_, var) = lp
+        .trainer
+        .generator
+        .store
+        .trainable()
+        .into_iter()
+        .next()
+        .unwrap();
+    var.set(&(var.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
+        .unwrap();
+    lp.run_until(5, None, &mut [&mut folder]).unwrap();
+    assert_eq!(lp.trainer.step, 5);
+    assert_eq!(lp.trainer.learning_rates(), (g0 * 0.5, d0 * 0.5));
+    let lines = ganscope::checkpoint::read_metrics(&out).unwrap();
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("d_loss").is_some())
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5], "{lines:?}");
+    // The end of the run is checkpointed even with checkpoint_every = 0.
+    let (_, _, step) = ganscope::train::load_generator(&out, &Device::Cpu).unwrap();
+    assert_eq!(step, 5);
 }

@@ -128,6 +128,44 @@ fn lower_lr_policy_halves_both_rates_and_keeps_running() {
 }
 
 #[test]
+fn an_explorer_session_writes_its_run_folder() {
+    // The explorer trains through the same loop as the CLI: its run folder gets a
+    // metrics.jsonl line every `log_every` steps and a checkpoint every `checkpoint_every`.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("explorer-run");
+    let mut cfg = small();
+    cfg.log_every = 1;
+    cfg.checkpoint_every = 2;
+    cfg.sample_every = 0;
+    ganscope::grad::enable_exact_second_order().unwrap();
+    let mut spec = SessionSpec::new(cfg, Device::Cpu);
+    spec.run = false;
+    spec.run_dir = Some(dir.clone());
+    let s = Session::spawn(spec, Arc::new(|| {}));
+    let info = until(&s.events, "ready", |e| match e {
+        Event::Ready(i) => Some(i.clone()),
+        _ => None,
+    });
+    assert_eq!(info.run_dir.as_deref(), Some(dir.as_path()));
+    assert!(!dir.exists(), "nothing is written before the first step");
+    for want in 1..=3 {
+        s.send(Command::Step(StepKind::Both));
+        assert_eq!(until(&s.events, "a step", step_of), want);
+    }
+    // The step event comes before the sink's writes of that step: wait for the state change
+    // that follows them.
+    until(&s.events, "paused", |e| {
+        matches!(e, Event::State(RunState::Paused)).then_some(())
+    });
+    let lines = ganscope::checkpoint::read_metrics(&dir).unwrap();
+    let steps: Vec<u64> = lines.iter().filter_map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps, vec![1, 2, 3]);
+    assert!(lines[0]["images_per_s"].as_f64().is_some());
+    let (_, _, step) = ganscope::train::load_generator(&dir, &Device::Cpu).unwrap();
+    assert_eq!(step, 2);
+}
+
+#[test]
 fn snapshot_restore_is_exact() {
     ganscope::grad::enable_exact_second_order().unwrap();
     let cfg = small();

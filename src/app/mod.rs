@@ -128,6 +128,9 @@ pub struct AppOptions {
     pub show_timings: bool,
     /// Open this run folder (config.json + checkpoint) paused instead of the usual start.
     pub open: Option<PathBuf>,
+    /// Each session writes metrics.jsonl, sample grids and periodic checkpoints into a new
+    /// folder `<runs>/<preset>-<UTC time>` (created at its first step); None: no run folder.
+    pub runs: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -140,6 +143,7 @@ impl Default for AppOptions {
             checkpoints: checkpoints_dir(),
             show_timings: true,
             open: None,
+            runs: Some(PathBuf::from("runs")),
         }
     }
 }
@@ -226,6 +230,8 @@ pub struct GanscopeApp {
     pub dialogs: Box<dyn Dialogs>,
     pub timings: Timings,
     pub checkpoints: PathBuf,
+    /// Where sessions put their run folders (see [`AppOptions::runs`]).
+    pub runs: Option<PathBuf>,
     pub wall: wall::WallView,
     pub export_message: Option<String>,
     pub(crate) diag_textures: diagnostics_panel::DiagTextures,
@@ -282,6 +288,7 @@ impl GanscopeApp {
             dialogs: opts.dialogs,
             timings: Timings::default(),
             checkpoints: opts.checkpoints,
+            runs: opts.runs,
             wall: wall::WallView::new(gpu),
             export_message: None,
             diag_textures: Default::default(),
@@ -381,6 +388,10 @@ impl GanscopeApp {
         spec.wall_cols = self.settings.wall_cols.clamp(1, 16);
         spec.nan_policy = self.settings.nan_policy;
         spec.adapt_to_data = spec.resume.is_none() && !self.settings.data_path.trim().is_empty();
+        spec.run_dir = self
+            .runs
+            .as_deref()
+            .map(|root| train_panel::new_run_folder_in(root, &spec.cfg.preset));
         self.session = Some(Session::spawn(spec, self.wake.clone()));
         self.info = None;
         self.history.clear();

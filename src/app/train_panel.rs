@@ -222,6 +222,7 @@ impl GanscopeApp {
             }
         });
         self.progress_ui(ui);
+        self.run_folder_ui(ui);
         ui.separator();
         ui.label("Checkpoint folder");
         ui.add(egui::TextEdit::singleline(&mut self.settings.checkpoint_path).desired_width(240.0));
@@ -247,6 +248,29 @@ impl GanscopeApp {
             }
         });
         self.save_confirm_ui(ui);
+    }
+
+    /// Where this session's metrics, sample grids and periodic checkpoints go.
+    fn run_folder_ui(&mut self, ui: &mut egui::Ui) {
+        let Some(info) = &self.info else { return };
+        let Some(dir) = &info.run_dir else { return };
+        let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+        let every = info.cfg.checkpoint_every;
+        ui.horizontal_wrapped(|ui| {
+            ui.label("Run folder:");
+            ui.monospace(abs.display().to_string()).on_hover_text(format!(
+                "metrics.jsonl every {} steps, sample grids every {} and a checkpoint every {every} \
+                 steps while training (created at the first step)",
+                info.cfg.log_every, info.cfg.sample_every
+            ));
+            if ui
+                .small_button("Copy path")
+                .on_hover_text("copy the folder's absolute path")
+                .clicked()
+            {
+                ui.ctx().copy_text(abs.display().to_string());
+            }
+        });
     }
 
     /// The question a guarded Save asks: overwrite, save into a new folder, or cancel.
@@ -365,17 +389,29 @@ pub fn save_conflict(dir: &std::path::Path, cfg: &crate::config::TrainConfig) ->
 
 /// `runs/<preset>-<UTC date and time>`, for a save that must not replace anything.
 pub fn new_run_folder(preset: &str) -> PathBuf {
+    new_run_folder_in(std::path::Path::new("runs"), preset)
+}
+
+/// `<root>/<preset>-<UTC date and time>`, with `-2`, `-3`, ... when that exists already.
+pub fn new_run_folder_in(root: &std::path::Path, preset: &str) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    PathBuf::from("runs").join(format!(
+    let base = format!(
         "{preset}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
         rem / 3600,
         rem / 60 % 60,
         rem % 60
-    ))
+    );
+    let mut dir = root.join(&base);
+    let mut n = 2;
+    while dir.exists() {
+        dir = root.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    dir
 }
 
 /// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).

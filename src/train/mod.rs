@@ -437,6 +437,13 @@ impl Trainer {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        // A config that would not read back (a NaN written as `null`) is never written.
+        let back: TrainConfig = serde_json::from_slice(&json).map_err(|e| {
+            Error::Config(format!(
+                "the run's config would not read back from config.json: {e}"
+            ))
+        })?;
+        back.validate()?;
         checkpoint::write_atomic(&dir.join("config.json"), &json)?;
         let g = self.sampling_generator().store.model_tensors();
         let d = self.discriminator.store.model_tensors();

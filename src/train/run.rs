@@ -1,19 +1,35 @@
-//! The training loop shared by the CLI (and the explorer): steps, metrics lines, sample
-//! grids and checkpoints written into a run folder.
+//! The one training loop, shared by the CLI and the explorer.
+//!
+//! [`TrainLoop`] owns a step from start to end: the update, the step statistics and images/s,
+//! the alarm rules and the diagnostics checks, the NaN/Inf guard (a ring of healthy in-memory
+//! snapshots, restored by [`NanPolicy`]), and the sample wall (built here and nowhere else).
+//! What happens with the results is up to [`Sink`]s: [`RunFolder`] writes `metrics.jsonl`,
+//! sample grids and checkpoints into a run folder (CLI and explorer alike); the explorer's
+//! worker forwards the events to the UI; the CLI prints progress. A checkpoint is written only
+//! after a step whose weights are all finite, and `checkpoint::save` refuses non-finite values
+//! besides, so nothing non-finite reaches disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::time::Instant;
 
+use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{ConditionKind, Dataset};
-use crate::diagnostics::Alarm;
-use crate::error::Result;
+use crate::diagnostics::{Alarm, SnapshotRing};
+use crate::error::{Error, Result};
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
+use crate::images::Images;
 use crate::model::Generator;
+use crate::rng::Rng;
 use crate::train::monitor::{Check, Monitor, MonitorCost};
-use crate::train::{StepStats, Trainer};
+use crate::train::{Snapshot, StepKind, StepStats, Trainer};
 
 /// Caption for a condition vector: the names of its active labels.
 pub fn caption(cond: &[f32], names: &[String]) -> String {
@@ -55,6 +71,54 @@ pub fn wall_rows(data: &dyn Dataset, k: usize, max_rows: usize) -> Vec<(String, 
     }
 }
 
+/// The fixed-noise sample wall at one step: `rows x cols` images, row-major.
+#[derive(Debug, Clone)]
+pub struct WallFrame {
+    pub step: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub captions: Vec<String>,
+    pub images: Images,
+}
+
+impl WallFrame {
+    /// The wall of `generator`: one row per condition, `cols` latents per row
+    /// ([`Generator::grid`] picks them from `seed`).
+    pub fn render(
+        generator: &Generator,
+        rows: &[(String, Vec<f32>)],
+        cols: usize,
+        seed: u64,
+        step: u64,
+    ) -> Result<Self> {
+        let conds: Vec<Vec<f32>> = rows.iter().map(|r| r.1.clone()).collect();
+        Ok(Self {
+            step,
+            rows: rows.len(),
+            cols,
+            captions: rows.iter().map(|r| r.0.clone()).collect(),
+            images: generator.grid(&conds, cols, seed)?,
+        })
+    }
+
+    /// A PNG-ready sheet, row captions on the left when there are any.
+    pub fn sheet(&self, scale: u32) -> Result<RgbImage> {
+        let captioned = self.captions.iter().any(|c| !c.is_empty());
+        let layout = SheetLayout {
+            rows: self.rows,
+            cols: self.cols,
+            scale,
+            row_captions: if captioned {
+                self.captions.clone()
+            } else {
+                vec![]
+            },
+            ..SheetLayout::default()
+        };
+        sample_sheet(&self.images, &layout)
+    }
+}
+
 /// A captioned grid: one row per condition ([`Generator::grid`] picks the latents).
 pub fn render_rows(
     generator: &Generator,
@@ -63,123 +127,579 @@ pub fn render_rows(
     seed: u64,
     scale: u32,
 ) -> Result<RgbImage> {
-    let conds: Vec<Vec<f32>> = rows.iter().map(|r| r.1.clone()).collect();
-    let images = generator.grid(&conds, cols, seed)?;
-    let captioned = rows.iter().any(|(c, _)| !c.is_empty());
-    let layout = SheetLayout {
-        rows: rows.len(),
-        cols,
-        scale,
-        row_captions: if captioned {
-            rows.iter().map(|r| r.0.clone()).collect()
-        } else {
-            vec![]
-        },
-        ..SheetLayout::default()
-    };
-    sample_sheet(&images, &layout)
-}
-
-/// Progress as seen by a caller of [`train_until`].
-#[derive(Debug, Clone)]
-pub struct Progress {
-    pub stats: StepStats,
-    pub target: u64,
-    /// Real images per second seen by D over the steps of this call.
-    pub images_per_s: f64,
-    pub elapsed_s: f64,
-    /// A file written at this step (sample grid or checkpoint), if any.
-    pub wrote: Option<PathBuf>,
-    /// Alarms raised at this step.
-    pub alarms: Vec<Alarm>,
-    /// The diagnostics check run at this step, if any.
-    pub check: Option<Check>,
+    WallFrame::render(generator, rows, cols, seed, 0)?.sheet(scale)
 }
 
 /// Noise seed of the fixed sample grid.
 pub const WALL_SEED: u64 = 1234;
 
-/// Train until `trainer.step == target`, writing into `out`: a metrics line every
-/// `log_every` steps, `samples/step_NNNNNN.png` every `sample_every`, a checkpoint every
-/// `checkpoint_every` and at the end. Returns where the diagnostics' time went.
-pub fn train_until(
-    trainer: &mut Trainer,
-    out: &Path,
-    target: u64,
-    on_step: impl FnMut(&Progress),
-) -> Result<MonitorCost> {
-    train_until_deadline(trainer, out, target, None, on_step)
+/// What the loop does when a loss or weight turns NaN/Inf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum NanPolicy {
+    /// Restore the last healthy snapshot and pause (the CLI stops).
+    #[default]
+    RestorePause,
+    /// Restore the last healthy snapshot, halve both learning rates and go on.
+    RestoreLowerLr,
 }
 
-/// As [`train_until`], but also stops at the first step that ends after `deadline` (a wall
-/// time budget), writing the sample grid and the checkpoint of that step.
-pub fn train_until_deadline(
-    trainer: &mut Trainer,
-    out: &Path,
-    target: u64,
-    deadline: Option<Instant>,
-    mut on_step: impl FnMut(&Progress),
-) -> Result<MonitorCost> {
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let t0 = Instant::now();
-    let start = trainer.step;
-    let cfg = trainer.cfg.clone();
-    let rows = wall_rows(trainer.data().as_ref(), cfg.model.num_conditions, 8);
-    let images_per_step = (cfg.batch_size * cfg.loss.n_critic) as f64;
-    let mut monitor = Monitor::new(&cfg, trainer.data().as_ref(), trainer.device())?;
-    while trainer.step < target {
-        let t_step = Instant::now();
-        let stats = trainer.train_step()?;
-        let s = trainer.step;
-        let mut alarms = monitor.on_step(&stats, t_step.elapsed().as_secs_f64());
-        let mut check = None;
-        if monitor.due(s) {
-            let (c, more) =
-                monitor.check(s, trainer.sampling_generator(), trainer.data().as_ref())?;
-            let line = serde_json::json!({ "step": s, "diagnostics": &c });
-            checkpoint::append_metrics(out, &line)?;
-            alarms.extend(more);
-            check = Some(c);
-        }
-        for a in &alarms {
-            let line = serde_json::json!({ "step": s, "alarm": a });
-            checkpoint::append_metrics(out, &line)?;
-        }
-        let elapsed = t0.elapsed().as_secs_f64();
-        let images_per_s = (s - start) as f64 * images_per_step / elapsed.max(1e-9);
-        let mut wrote = None;
-        let last = s == target || deadline.is_some_and(|d| Instant::now() >= d);
-        if cfg.log_every > 0 && s.is_multiple_of(cfg.log_every) {
-            let mut line =
-                serde_json::to_value(&stats).map_err(|e| crate::Error::Msg(e.to_string()))?;
-            line["elapsed_s"] = elapsed.into();
-            line["images_per_s"] = images_per_s.into();
-            checkpoint::append_metrics(out, &line)?;
-        }
-        if cfg.sample_every > 0 && (s.is_multiple_of(cfg.sample_every) || last) {
-            let path = out.join("samples").join(format!("step_{s:06}.png"));
-            save_png(
-                &render_rows(trainer.sampling_generator(), &rows, 8, WALL_SEED, 2)?,
-                &path,
-            )?;
-            wrote = Some(path);
-        }
-        if (cfg.checkpoint_every > 0 && s.is_multiple_of(cfg.checkpoint_every)) || last {
-            trainer.save(out)?;
-            wrote = Some(out.to_path_buf());
-        }
-        on_step(&Progress {
-            stats,
-            target,
-            images_per_s,
-            elapsed_s: elapsed,
-            wrote,
-            alarms,
-            check,
-        });
-        if last {
-            break;
+/// One step's numbers, as the UI plots them and the CLI prints them.
+#[derive(Debug, Clone)]
+pub struct StepEvent {
+    pub stats: StepStats,
+    /// Real images per second seen by D since the run was (re)started.
+    pub images_per_s: f64,
+    pub elapsed_s: f64,
+    pub step_seconds: f64,
+    pub lr_g: f64,
+    pub lr_d: f64,
+}
+
+/// Generator weights on the CPU, for the explorer's own copy of G.
+#[derive(Debug, Clone)]
+pub struct GeneratorWeights {
+    pub step: u64,
+    pub model: ModelConfig,
+    pub params: HashMap<String, Tensor>,
+    pub state: HashMap<String, Tensor>,
+}
+
+impl GeneratorWeights {
+    pub fn of(g: &Generator, step: u64) -> Result<Self> {
+        let cpu = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
+            m.into_iter()
+                .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.copy()?)))
+                .collect()
+        };
+        Ok(Self {
+            step,
+            model: g.cfg.clone(),
+            params: cpu(g.store.model_tensors())?,
+            state: cpu(g.store.state_tensors())?,
+        })
+    }
+
+    /// Build a CPU generator holding these weights.
+    pub fn build(&self) -> Result<Generator> {
+        let g = Generator::new(&self.model, Rng::new(0), DType::F32, &Device::Cpu)?;
+        self.load_into(&g)?;
+        Ok(g)
+    }
+
+    /// Copy these weights into `g` (same architecture).
+    pub fn load_into(&self, g: &Generator) -> Result<()> {
+        let p = PathBuf::from(format!("<generator weights of step {}>", self.step));
+        g.store.load(&p, &self.params, true)?;
+        g.store.load(&p, &self.state, false)
+    }
+}
+
+/// A restore after a NaN/Inf.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// Step at which the NaN/Inf appeared.
+    pub at: u64,
+    /// Step of the snapshot restored.
+    pub to: u64,
+    /// Whether the policy stops the run (else it goes on with halved learning rates).
+    pub paused: bool,
+    pub message: String,
+}
+
+/// What the loop reports.
+#[derive(Debug, Clone)]
+pub enum LoopEvent {
+    Step(StepEvent),
+    Wall(Arc<WallFrame>),
+    /// The sampling generator's weights (sent with every wall, to sinks that ask).
+    Weights(Arc<GeneratorWeights>),
+    Check(Box<Check>),
+    /// Diagnostics switched on (None) or off (why).
+    Diagnostics(Option<String>),
+    Alarm(Alarm),
+    Recovered(Recovery),
+    Log(String),
+}
+
+/// An observer of the loop.
+pub trait Sink {
+    fn event(&mut self, ev: &LoopEvent) -> Result<()>;
+    /// Whether this sink needs the wall at `step` (beyond the loop's own schedule).
+    fn wants_wall(&self, _step: u64, _last: bool) -> bool {
+        false
+    }
+    /// Whether this sink wants [`LoopEvent::Weights`] with every wall.
+    fn wants_weights(&self) -> bool {
+        false
+    }
+    /// After every step whose weights are all finite, with the trainer (for checkpoints).
+    fn after_step(&mut self, _trainer: &Trainer, _last: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Loop settings that are not part of the training config (they do not change the weights).
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    /// Rows (caption, condition) and columns of the wall.
+    pub rows: Vec<(String, Vec<f32>)>,
+    pub wall_cols: usize,
+    /// Build the wall every N generator steps (0: only when a sink asks).
+    pub wall_every: u64,
+    /// Keep a healthy in-memory snapshot every N steps, `ring` of them.
+    pub snapshot_every: u64,
+    pub ring: usize,
+    pub nan_policy: NanPolicy,
+}
+
+impl LoopOptions {
+    /// The wall of the data (8 columns, at most 8 rows), snapshots every 25 steps, 4 kept.
+    pub fn for_trainer(trainer: &Trainer) -> Self {
+        Self {
+            rows: wall_rows(trainer.data().as_ref(), trainer.cfg.model.num_conditions, 8),
+            wall_cols: 8,
+            wall_every: 0,
+            snapshot_every: 25,
+            ring: 4,
+            nan_policy: NanPolicy::RestorePause,
         }
     }
-    Ok(monitor.cost())
+}
+
+/// How a step ended.
+#[derive(Debug, Clone)]
+pub enum StepOutcome {
+    /// `last`: the step reached the run's target step or deadline.
+    Healthy { last: bool },
+    /// A NaN/Inf was undone (see [`Recovery::paused`]).
+    Recovered(Recovery),
+}
+
+/// When a run ends: at a generator step, at the first step that ends after a wall time, or
+/// neither (the explorer runs until paused).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Until {
+    pub target: Option<u64>,
+    pub deadline: Option<Instant>,
+}
+
+impl Until {
+    fn reached(&self, step: u64) -> bool {
+        self.target.is_some_and(|t| step >= t) || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// The training loop: a [`Trainer`] plus everything that watches it.
+pub struct TrainLoop {
+    pub trainer: Trainer,
+    monitor: Monitor,
+    /// The full monitor while its fit runs in the background.
+    monitor_rx: Option<Receiver<Result<Monitor>>>,
+    pub opts: LoopOptions,
+    ring: SnapshotRing<Snapshot>,
+    /// Wall time and step at which images/s is counted from.
+    t0: Instant,
+    step0: u64,
+}
+
+impl TrainLoop {
+    /// A loop whose diagnostics (if `cfg.monitor.every > 0`) are fitted now.
+    pub fn new(trainer: Trainer, opts: LoopOptions) -> Result<Self> {
+        let monitor = Monitor::new(&trainer.cfg, trainer.data().as_ref(), trainer.device())?;
+        Self::with_monitor(trainer, opts, monitor, None)
+    }
+
+    /// A loop that trains with the alarm rules at once while the evaluator's fit on real
+    /// images runs in its own thread; the diagnostics switch on when it is done. Returns why
+    /// they are off for now (None when `cfg.monitor.every == 0` means they never will be).
+    pub fn with_background_monitor(
+        trainer: Trainer,
+        opts: LoopOptions,
+    ) -> Result<(Self, Option<String>)> {
+        let cfg = trainer.cfg.clone();
+        let monitor = Monitor::alarms_only(&cfg);
+        if cfg.monitor.every == 0 {
+            let l = Self::with_monitor(trainer, opts, monitor, None)?;
+            return Ok((l, Some("off (diagnostics every 0 steps)".to_string())));
+        }
+        let (tx, rx) = mpsc::channel();
+        let (data, dev) = (trainer.data().clone(), trainer.device().clone());
+        let _ = std::thread::Builder::new()
+            .name("ganscope-monitor-fit".into())
+            .spawn(move || {
+                let _ = tx.send(Monitor::new(&cfg, data.as_ref(), &dev));
+            });
+        let l = Self::with_monitor(trainer, opts, monitor, Some(rx))?;
+        Ok((
+            l,
+            Some("starting: the evaluator is reading the real images…".to_string()),
+        ))
+    }
+
+    fn with_monitor(
+        trainer: Trainer,
+        opts: LoopOptions,
+        monitor: Monitor,
+        monitor_rx: Option<Receiver<Result<Monitor>>>,
+    ) -> Result<Self> {
+        let mut l = Self {
+            ring: SnapshotRing::new(opts.ring.max(1)),
+            step0: trainer.step,
+            trainer,
+            monitor,
+            monitor_rx,
+            opts,
+            t0: Instant::now(),
+        };
+        l.take_snapshot()?;
+        Ok(l)
+    }
+
+    /// Where the diagnostics' time went so far.
+    pub fn monitor_cost(&self) -> MonitorCost {
+        self.monitor.cost()
+    }
+
+    /// The first step after `step` at which a check can run, if diagnostics are on.
+    pub fn next_check_after(&self, step: u64) -> Option<u64> {
+        self.monitor.next_check_after(step)
+    }
+
+    /// Count images/s from now (after a pause).
+    pub fn restart_clock(&mut self) {
+        self.t0 = Instant::now();
+        self.step0 = self.trainer.step;
+    }
+
+    /// Switch the diagnostics on once the background fit is done.
+    pub fn poll_monitor(&mut self, sinks: &mut [&mut dyn Sink]) -> Result<()> {
+        let Some(rx) = &self.monitor_rx else {
+            return Ok(());
+        };
+        match rx.try_recv() {
+            Ok(Ok(m)) => {
+                // The full monitor takes over the alarms-only one's step history.
+                let old = std::mem::replace(&mut self.monitor, m);
+                self.monitor.carry_over(old);
+                self.monitor_rx = None;
+                emit(sinks, &LoopEvent::Diagnostics(None))?;
+                let msg = format!(
+                    "diagnostics on (evaluator fit on real images took {:.1} s)",
+                    self.monitor.cost().fit_seconds
+                );
+                emit(sinks, &LoopEvent::Log(msg))?;
+            }
+            Ok(Err(e)) => {
+                self.monitor_rx = None;
+                emit(sinks, &LoopEvent::Diagnostics(Some(e.to_string())))?;
+            }
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => self.monitor_rx = None,
+        }
+        Ok(())
+    }
+
+    /// Replace the trainer's state by a checkpoint folder's (same config); the snapshot ring
+    /// starts again from it.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.trainer.load_checkpoint(dir)?;
+        self.ring.clear();
+        self.take_snapshot()?;
+        self.restart_clock();
+        Ok(())
+    }
+
+    /// One step of `kind`, then everything that watches it. When the step reaches `until`,
+    /// the sinks are told it is the last one (a sample grid and a checkpoint are due).
+    pub fn step(
+        &mut self,
+        kind: StepKind,
+        until: Until,
+        sinks: &mut [&mut dyn Sink],
+    ) -> Result<StepOutcome> {
+        self.poll_monitor(sinks)?;
+        let t = Instant::now();
+        let stats = match self.trainer.step_kind(kind) {
+            Ok(stats) => stats,
+            // A NaN/Inf loss: that update was skipped, but the cause (a poisoned weight, an
+            // exploding D already updated in this step) is in the state; restore it.
+            Err(e @ Error::NonFinite { step, .. }) => {
+                emit(sinks, &LoopEvent::Log(e.to_string()))?;
+                return self.recover(step, sinks);
+            }
+            Err(e) => return Err(e),
+        };
+        let step_seconds = t.elapsed().as_secs_f64();
+        let s = self.trainer.step;
+        let last = kind != StepKind::DOnly && until.reached(s);
+        let mut alarms = self.monitor.on_step(&stats, step_seconds);
+        // A NaN can hide in the weights while the losses stay finite (a ReLU after a NaN
+        // weight outputs 0), so the weights are checked too: one reduction per tensor.
+        let weights_ok = self.trainer.weights_finite()?;
+        if !weights_ok {
+            let msg = format!(
+                "NaN/Inf in the weights after step {s} (losses D {:.4}, G {:.4})",
+                stats.d_loss, stats.g_loss
+            );
+            emit(sinks, &LoopEvent::Log(msg))?;
+        }
+        let fatal = !weights_ok || alarms.iter().any(|a| a.kind.is_fatal());
+        let elapsed = self.t0.elapsed().as_secs_f64();
+        let per_step = (self.trainer.cfg.batch_size * self.trainer.cfg.loss.n_critic) as f64;
+        let (lr_g, lr_d) = self.trainer.learning_rates();
+        let ev = StepEvent {
+            images_per_s: (s - self.step0.min(s)) as f64 * per_step / elapsed.max(1e-9),
+            elapsed_s: elapsed,
+            step_seconds,
+            stats,
+            lr_g,
+            lr_d,
+        };
+        emit(sinks, &LoopEvent::Step(ev))?;
+        if fatal {
+            for a in alarms {
+                emit(sinks, &LoopEvent::Alarm(a))?;
+            }
+            return self.recover(s, sinks);
+        }
+        let g_step = kind != StepKind::DOnly;
+        if g_step && s.is_multiple_of(self.opts.snapshot_every.max(1)) {
+            self.take_snapshot()?;
+        }
+        let scheduled = self.opts.wall_every > 0 && s.is_multiple_of(self.opts.wall_every);
+        if kind != StepKind::Both || scheduled || sinks.iter().any(|k| k.wants_wall(s, last)) {
+            self.send_wall(sinks)?;
+        }
+        if g_step && self.monitor.due(s) {
+            let generator = self.trainer.sampling_generator();
+            let (check, more) = self
+                .monitor
+                .check(s, generator, self.trainer.data().as_ref())?;
+            alarms.extend(more);
+            emit(sinks, &LoopEvent::Check(Box::new(check)))?;
+        }
+        for a in alarms {
+            emit(sinks, &LoopEvent::Alarm(a))?;
+        }
+        for k in sinks.iter_mut() {
+            k.after_step(&self.trainer, last)?;
+        }
+        Ok(StepOutcome::Healthy { last })
+    }
+
+    /// Train until `target` generator steps (or the first step that ends after `deadline`).
+    /// A NaN/Inf under [`NanPolicy::RestorePause`] stops with an error saying where it
+    /// happened and what was restored (the run folder keeps its last healthy checkpoint).
+    pub fn run_until(
+        &mut self,
+        target: u64,
+        deadline: Option<Instant>,
+        sinks: &mut [&mut dyn Sink],
+    ) -> Result<()> {
+        self.restart_clock();
+        let until = Until {
+            target: Some(target),
+            deadline,
+        };
+        while self.trainer.step < target {
+            match self.step(StepKind::Both, until, sinks)? {
+                StepOutcome::Healthy { last: true } => break,
+                StepOutcome::Recovered(r) if r.paused => {
+                    return Err(Error::Msg(format!(
+                        "{}; stopped (the run folder keeps its last healthy checkpoint)",
+                        r.message
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn take_snapshot(&mut self) -> Result<()> {
+        if self.trainer.weights_finite()? {
+            let snap = self.trainer.snapshot()?;
+            self.ring.push(snap.step, snap);
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self, at: u64, sinks: &mut [&mut dyn Sink]) -> Result<StepOutcome> {
+        let Some((to, snap)) = self.ring.latest() else {
+            return Err(Error::Msg(format!(
+                "NaN/Inf at step {at} and no healthy snapshot to restore"
+            )));
+        };
+        self.trainer.restore(snap)?;
+        self.monitor.reset_alarms();
+        let (paused, message) = match self.opts.nan_policy {
+            NanPolicy::RestorePause => (
+                true,
+                format!(
+                    "NaN/Inf at step {at}: restored the healthy snapshot of step {to} and paused"
+                ),
+            ),
+            NanPolicy::RestoreLowerLr => {
+                let (g, d) = self.trainer.learning_rates();
+                self.trainer.set_learning_rates(g * 0.5, d * 0.5);
+                (
+                    false,
+                    format!(
+                        "NaN/Inf at step {at}: restored the healthy snapshot of step {to}, halved \
+                         the learning rates to G {:.2e}, D {:.2e} and went on",
+                        g * 0.5,
+                        d * 0.5
+                    ),
+                )
+            }
+        };
+        let r = Recovery {
+            at,
+            to,
+            paused,
+            message,
+        };
+        emit(sinks, &LoopEvent::Recovered(r.clone()))?;
+        self.send_wall(sinks)?;
+        Ok(StepOutcome::Recovered(r))
+    }
+
+    /// Build the wall of the sampling generator (and its weights, for sinks that ask).
+    pub fn send_wall(&mut self, sinks: &mut [&mut dyn Sink]) -> Result<()> {
+        let g = self.trainer.sampling_generator();
+        let step = self.trainer.step;
+        let frame = WallFrame::render(g, &self.opts.rows, self.opts.wall_cols, WALL_SEED, step)?;
+        emit(sinks, &LoopEvent::Wall(Arc::new(frame)))?;
+        if sinks.iter().any(|k| k.wants_weights()) {
+            let w = Arc::new(GeneratorWeights::of(g, step)?);
+            emit(sinks, &LoopEvent::Weights(w))?;
+        }
+        Ok(())
+    }
+}
+
+fn emit(sinks: &mut [&mut dyn Sink], ev: &LoopEvent) -> Result<()> {
+    for k in sinks.iter_mut() {
+        k.event(ev)?;
+    }
+    Ok(())
+}
+
+/// A closure as a sink (progress printing, tests).
+pub struct FnSink<F>(pub F);
+
+impl<F: FnMut(&LoopEvent)> Sink for FnSink<F> {
+    fn event(&mut self, ev: &LoopEvent) -> Result<()> {
+        (self.0)(ev);
+        Ok(())
+    }
+}
+
+/// Writes a run folder, created at its first write: `metrics.jsonl` (a line every
+/// `log_every` steps, and every check, alarm and recovery), `samples/step_NNNNNN.png` every
+/// `sample_every` steps and at the end, and a checkpoint (with `config.json`) every
+/// `checkpoint_every` steps and at the end. After a NaN/Inf restore, the metrics lines of the
+/// undone steps are dropped, so the file reads as the run that continues.
+pub struct RunFolder {
+    pub dir: PathBuf,
+    log_every: u64,
+    sample_every: u64,
+    checkpoint_every: u64,
+    /// Pixel zoom of the sample grids.
+    pub scale: u32,
+    frame: Option<Arc<WallFrame>>,
+    logged: Option<u64>,
+    saved: Option<u64>,
+    /// The last file written: a sample grid, or the folder after a checkpoint.
+    pub wrote: Option<PathBuf>,
+}
+
+impl RunFolder {
+    /// The schedule of `cfg` (`log_every`, `sample_every`, `checkpoint_every`).
+    pub fn new(dir: &Path, cfg: &TrainConfig) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            log_every: cfg.log_every,
+            sample_every: cfg.sample_every,
+            checkpoint_every: cfg.checkpoint_every,
+            scale: 2,
+            frame: None,
+            logged: None,
+            saved: None,
+            wrote: None,
+        }
+    }
+
+    /// Step of the last checkpoint this sink wrote.
+    pub fn saved_step(&self) -> Option<u64> {
+        self.saved
+    }
+
+    fn append(&self, line: &serde_json::Value) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        checkpoint::append_metrics(&self.dir, line)
+    }
+
+    fn sample_due(&self, step: u64, last: bool) -> bool {
+        self.sample_every > 0 && (step.is_multiple_of(self.sample_every) || last)
+    }
+}
+
+impl Sink for RunFolder {
+    fn event(&mut self, ev: &LoopEvent) -> Result<()> {
+        match ev {
+            LoopEvent::Step(e) => {
+                let s = e.stats.step;
+                if self.log_every > 0 && s.is_multiple_of(self.log_every) && self.logged != Some(s)
+                {
+                    let mut line =
+                        serde_json::to_value(&e.stats).map_err(|e| Error::Msg(e.to_string()))?;
+                    line["elapsed_s"] = e.elapsed_s.into();
+                    line["images_per_s"] = e.images_per_s.into();
+                    self.append(&line)?;
+                    self.logged = Some(s);
+                }
+            }
+            LoopEvent::Check(c) => {
+                self.append(&serde_json::json!({ "step": c.step, "diagnostics": c }))?;
+            }
+            LoopEvent::Alarm(a) => {
+                self.append(&serde_json::json!({ "step": a.step, "alarm": a }))?;
+            }
+            LoopEvent::Recovered(r) => {
+                checkpoint::truncate_metrics_after(&self.dir, r.to)?;
+                self.append(&serde_json::json!({
+                    "step": r.to,
+                    "recovered": { "at": r.at, "to": r.to, "message": r.message },
+                }))?;
+                self.logged = self.logged.filter(|&s| s <= r.to);
+                self.saved = self.saved.filter(|&s| s <= r.to);
+            }
+            LoopEvent::Wall(f) => self.frame = Some(f.clone()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn wants_wall(&self, step: u64, last: bool) -> bool {
+        self.sample_due(step, last)
+    }
+
+    fn after_step(&mut self, trainer: &Trainer, last: bool) -> Result<()> {
+        let s = trainer.step;
+        if self.sample_due(s, last)
+            && let Some(f) = self.frame.as_ref().filter(|f| f.step == s)
+        {
+            let path = self.dir.join("samples").join(format!("step_{s:06}.png"));
+            save_png(&f.sheet(self.scale)?, &path)?;
+            self.wrote = Some(path);
+        }
+        let due = (self.checkpoint_every > 0 && s.is_multiple_of(self.checkpoint_every)) || last;
+        if due && self.saved != Some(s) {
+            trainer.save(&self.dir)?;
+            self.saved = Some(s);
+            self.wrote = Some(self.dir.clone());
+        }
+        Ok(())
+    }
 }

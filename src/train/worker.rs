@@ -2,43 +2,34 @@
 //! typed [`Command`]s and reporting through typed [`Event`]s that carry CPU data only. After
 //! each event the thread calls the `wake` callback (the UI passes `ctx.request_repaint`).
 //!
-//! Also here: the in-memory ring of healthy snapshots that undoes a NaN/Inf (issue 5), and a
+//! The steps themselves (NaN guard, alarms, diagnostics, wall) are the one training loop's,
+//! [`TrainLoop`]; the session's run folder is written by its [`RunFolder`] sink. Also here: a
 //! second thread, the [`Renderer`], that runs the explorer's generator copy for latent sliders
 //! and interpolation so that neither waits for a training step.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
+use candle_core::Device;
 
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::{self, ConditionKind, Dataset};
-use crate::diagnostics::{Alarm, SnapshotRing};
+use crate::diagnostics::Alarm;
 use crate::error::{Error, Result};
 use crate::images::Images;
 use crate::model::Generator;
-use crate::rng::Rng;
-use crate::train::monitor::{Check, Monitor};
-use crate::train::run::{WALL_SEED, wall_rows};
-use crate::train::{Snapshot, StepKind, StepStats, Trainer};
+use crate::train::monitor::Check;
+pub use crate::train::run::{GeneratorWeights, NanPolicy, Recovery, StepEvent, WallFrame};
+use crate::train::run::{
+    LoopEvent, LoopOptions, RunFolder, Sink, StepOutcome, TrainLoop, Until, wall_rows,
+};
+use crate::train::{StepKind, Trainer};
 
 /// Called after every event so the UI wakes up (e.g. `egui::Context::request_repaint`).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
-
-/// What the worker does when a loss or weight turns NaN/Inf.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum NanPolicy {
-    /// Restore the last healthy snapshot and pause.
-    #[default]
-    RestorePause,
-    /// Restore the last healthy snapshot, halve both learning rates and go on.
-    RestoreLowerLr,
-}
 
 /// UI -> trainer.
 #[derive(Debug, Clone)]
@@ -98,78 +89,9 @@ pub struct SessionInfo {
     pub real_examples: Images,
     pub wall_rows: Vec<(String, Vec<f32>)>,
     pub wall_cols: usize,
+    /// Where the session writes metrics.jsonl, sample grids and periodic checkpoints.
+    pub run_dir: Option<PathBuf>,
     pub seconds_to_build: f64,
-}
-
-/// One step's numbers as the UI plots them.
-#[derive(Debug, Clone)]
-pub struct StepEvent {
-    pub stats: StepStats,
-    /// Real images per second seen by D since the run was (re)started.
-    pub images_per_s: f64,
-    pub elapsed_s: f64,
-    pub step_seconds: f64,
-    pub lr_g: f64,
-    pub lr_d: f64,
-}
-
-/// The fixed-noise sample wall at one step: `rows x cols` images, row-major.
-#[derive(Debug, Clone)]
-pub struct WallFrame {
-    pub step: u64,
-    pub rows: usize,
-    pub cols: usize,
-    pub captions: Vec<String>,
-    pub images: Images,
-}
-
-/// Generator weights on the CPU, for the explorer's own copy of G.
-#[derive(Debug, Clone)]
-pub struct GeneratorWeights {
-    pub step: u64,
-    pub model: ModelConfig,
-    pub params: HashMap<String, Tensor>,
-    pub state: HashMap<String, Tensor>,
-}
-
-impl GeneratorWeights {
-    pub fn of(g: &Generator, step: u64) -> Result<Self> {
-        let cpu = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
-            m.into_iter()
-                .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.copy()?)))
-                .collect()
-        };
-        Ok(Self {
-            step,
-            model: g.cfg.clone(),
-            params: cpu(g.store.model_tensors())?,
-            state: cpu(g.store.state_tensors())?,
-        })
-    }
-
-    /// Build a CPU generator holding these weights.
-    pub fn build(&self) -> Result<Generator> {
-        let g = Generator::new(&self.model, Rng::new(0), DType::F32, &Device::Cpu)?;
-        self.load_into(&g)?;
-        Ok(g)
-    }
-
-    /// Copy these weights into `g` (same architecture).
-    pub fn load_into(&self, g: &Generator) -> Result<()> {
-        let p = PathBuf::from(format!("<generator weights of step {}>", self.step));
-        g.store.load(&p, &self.params, true)?;
-        g.store.load(&p, &self.state, false)
-    }
-}
-
-/// A restore after a NaN/Inf.
-#[derive(Debug, Clone)]
-pub struct Recovery {
-    /// Step at which the NaN/Inf appeared.
-    pub at: u64,
-    /// Step of the snapshot restored.
-    pub to: u64,
-    pub message: String,
 }
 
 /// Trainer -> UI.
@@ -209,6 +131,9 @@ pub struct SessionSpec {
     pub nan_policy: NanPolicy,
     /// Fit channels and labels of the model to the dataset (a folder the user opened).
     pub adapt_to_data: bool,
+    /// Write metrics.jsonl, sample grids and a checkpoint every `cfg.checkpoint_every` steps
+    /// into this folder (created at the first write).
+    pub run_dir: Option<PathBuf>,
 }
 
 impl SessionSpec {
@@ -225,6 +150,7 @@ impl SessionSpec {
             ring: 4,
             nan_policy: NanPolicy::default(),
             adapt_to_data: false,
+            run_dir: None,
         }
     }
 }
@@ -245,11 +171,11 @@ impl Session {
         let thread = std::thread::Builder::new()
             .name("ganscope-trainer".into())
             .spawn(move || {
-                let out = Outbox { tx: etx, wake };
+                let mut out = Outbox { tx: etx, wake };
                 out.send(Event::State(RunState::Loading));
-                match Worker::build(spec, &out) {
+                match Worker::build(spec, &mut out) {
                     Ok(mut w) => {
-                        if let Err(e) = w.run(&rx, &out) {
+                        if let Err(e) = w.run(&rx, &mut out) {
                             out.send(Event::Error(e.to_string()));
                         }
                     }
@@ -291,22 +217,37 @@ impl Outbox {
     }
 }
 
+/// The loop's events, forwarded to the UI.
+impl Sink for Outbox {
+    fn event(&mut self, ev: &LoopEvent) -> Result<()> {
+        self.send(match ev.clone() {
+            LoopEvent::Step(s) => Event::Step(Box::new(s)),
+            LoopEvent::Wall(f) => Event::Wall(f),
+            LoopEvent::Weights(w) => Event::Weights(w),
+            LoopEvent::Check(c) => Event::Check(c),
+            LoopEvent::Diagnostics(d) => Event::Diagnostics(d),
+            LoopEvent::Alarm(a) => Event::Alarm(a),
+            LoopEvent::Recovered(r) => Event::Recovered(r),
+            LoopEvent::Log(m) => Event::Log(m),
+        });
+        Ok(())
+    }
+
+    fn wants_weights(&self) -> bool {
+        true
+    }
+}
+
 struct Worker {
-    trainer: Trainer,
-    monitor: Monitor,
-    /// The full monitor while its fit runs in the background.
-    monitor_rx: Option<Receiver<Result<Monitor>>>,
-    spec: SessionSpec,
-    rows: Vec<(String, Vec<f32>)>,
+    lp: TrainLoop,
+    /// The session's run folder (metrics.jsonl, sample grids, periodic checkpoints).
+    folder: Option<RunFolder>,
     running: bool,
     target: u64,
-    ring: SnapshotRing<Snapshot>,
-    t0: Instant,
-    step0: u64,
 }
 
 impl Worker {
-    fn build(spec: SessionSpec, out: &Outbox) -> Result<Self> {
+    fn build(spec: SessionSpec, out: &mut Outbox) -> Result<Self> {
         let t0 = Instant::now();
         let mut cfg = spec.cfg.clone();
         cfg.validate()?;
@@ -334,58 +275,50 @@ impl Worker {
                 )));
             }
         }
+        let rows = wall_rows(data.as_ref(), cfg.model.num_conditions, spec.wall_max_rows);
+        let opts = LoopOptions {
+            rows: rows.clone(),
+            wall_cols: spec.wall_cols,
+            wall_every: spec.wall_every.max(1),
+            snapshot_every: spec.snapshot_every,
+            ring: spec.ring,
+            nan_policy: spec.nan_policy,
+        };
+        let info_base = (
+            trainer.step,
+            trainer.generator.store.num_params(),
+            trainer.discriminator.store.num_params(),
+        );
         // The evaluator's fit on real data can take a while: it runs in its own thread and
         // the diagnostics switch on when it is done (training does not wait for it).
-        let monitor = Monitor::alarms_only(&cfg);
-        let (off, monitor_rx) = if cfg.monitor.every == 0 {
-            (Some("off (diagnostics every 0 steps)".to_string()), None)
-        } else {
-            let (tx, rx) = mpsc::channel();
-            let (c, d, dev) = (cfg.clone(), data.clone(), spec.device.clone());
-            let _ = std::thread::Builder::new()
-                .name("ganscope-monitor-fit".into())
-                .spawn(move || {
-                    let _ = tx.send(Monitor::new(&c, d.as_ref(), &dev));
-                });
-            (
-                Some("starting: the evaluator is reading the real images…".to_string()),
-                Some(rx),
-            )
-        };
-        let rows = wall_rows(data.as_ref(), cfg.model.num_conditions, spec.wall_max_rows);
+        let (lp, off) = TrainLoop::with_background_monitor(trainer, opts)?;
         let n_ex = 64.min(data.len());
         let (x, _) = data.batch(&(0..n_ex).collect::<Vec<_>>(), &Device::Cpu)?;
         let info = SessionInfo {
-            step: trainer.step,
+            step: info_base.0,
             data_source: data_source(&cfg, data.as_ref()),
             data_len: data.len(),
             label_names: data.label_names().to_vec(),
             condition_kind: data.condition_kind(),
-            g_params: trainer.generator.store.num_params(),
-            d_params: trainer.discriminator.store.num_params(),
+            g_params: info_base.1,
+            d_params: info_base.2,
             device: format!("{:?}", spec.device),
             diagnostics_off: off,
             real_examples: Images::from_tensor(&x)?,
-            wall_rows: rows.clone(),
+            wall_rows: rows,
             wall_cols: spec.wall_cols,
+            run_dir: spec.run_dir.clone(),
             seconds_to_build: t0.elapsed().as_secs_f64(),
             cfg: cfg.clone(),
         };
         out.send(Event::Ready(Box::new(info)));
         let mut w = Self {
-            monitor_rx,
+            folder: spec.run_dir.as_deref().map(|d| RunFolder::new(d, &cfg)),
+            lp,
             target: 0,
             running: spec.run,
-            ring: SnapshotRing::new(spec.ring.max(1)),
-            step0: trainer.step,
-            trainer,
-            monitor,
-            rows,
-            spec,
-            t0: Instant::now(),
         };
-        w.take_snapshot()?;
-        w.send_wall(out)?;
+        w.lp.send_wall(&mut [out])?;
         out.send(Event::State(w.state()));
         Ok(w)
     }
@@ -398,33 +331,9 @@ impl Worker {
         }
     }
 
-    /// Switch the diagnostics on once the background fit is done.
-    fn poll_monitor(&mut self, out: &Outbox) {
-        let Some(rx) = &self.monitor_rx else { return };
-        match rx.try_recv() {
-            Ok(Ok(m)) => {
-                // The full monitor takes over the alarms-only one's step history.
-                let old = std::mem::replace(&mut self.monitor, m);
-                self.monitor.carry_over(old);
-                self.monitor_rx = None;
-                out.send(Event::Diagnostics(None));
-                out.send(Event::Log(format!(
-                    "diagnostics on (evaluator fit on real images took {:.1} s)",
-                    self.monitor.cost().fit_seconds
-                )));
-            }
-            Ok(Err(e)) => {
-                self.monitor_rx = None;
-                out.send(Event::Diagnostics(Some(e.to_string())));
-            }
-            Err(TryRecvError::Empty) => {}
-            Err(TryRecvError::Disconnected) => self.monitor_rx = None,
-        }
-    }
-
-    fn run(&mut self, rx: &Receiver<Command>, out: &Outbox) -> Result<()> {
+    fn run(&mut self, rx: &Receiver<Command>, out: &mut Outbox) -> Result<()> {
         loop {
-            self.poll_monitor(out);
+            self.lp.poll_monitor(&mut [out])?;
             // While paused, block on commands (waking now and then to notice a dead UI).
             let cmd = if self.running {
                 match rx.try_recv() {
@@ -447,7 +356,7 @@ impl Worker {
             }
             if self.running {
                 self.step(StepKind::Both, out)?;
-                if self.target > 0 && self.trainer.step >= self.target {
+                if self.target > 0 && self.lp.trainer.step >= self.target {
                     self.running = false;
                     out.send(Event::Log(format!(
                         "reached the target step {}",
@@ -459,13 +368,40 @@ impl Worker {
         }
     }
 
+    /// One step through the loop, into the UI and the session's run folder. A failing run
+    /// folder (disk full, removed) is reported and switched off; training goes on.
+    fn step(&mut self, kind: StepKind, out: &mut Outbox) -> Result<()> {
+        let res = match self.folder.as_mut() {
+            Some(f) => self.lp.step(kind, Until::default(), &mut [out, f]),
+            None => self.lp.step(kind, Until::default(), &mut [out]),
+        };
+        let outcome = match res {
+            Ok(o) => o,
+            Err(e @ Error::Io { .. }) if self.folder.is_some() => {
+                let dir = self.folder.take().map(|f| f.dir).unwrap_or_default();
+                out.send(Event::Log(format!(
+                    "writing the run folder {} failed, it is no longer written: {e}",
+                    dir.display()
+                )));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if let StepOutcome::Recovered(r) = outcome {
+            if r.paused {
+                self.running = false;
+            }
+            out.send(Event::State(self.state()));
+        }
+        Ok(())
+    }
+
     /// Returns false on shutdown.
-    fn handle(&mut self, c: Command, out: &Outbox) -> Result<bool> {
+    fn handle(&mut self, c: Command, out: &mut Outbox) -> Result<bool> {
         match c {
             Command::Run => {
                 self.running = true;
-                self.t0 = Instant::now();
-                self.step0 = self.trainer.step;
+                self.lp.restart_clock();
                 out.send(Event::State(RunState::Running));
             }
             Command::Pause => {
@@ -483,50 +419,54 @@ impl Worker {
                         "learning rates must be positive and finite (got G {g}, D {d})"
                     )));
                 } else {
-                    self.trainer.set_learning_rates(g, d);
+                    self.lp.trainer.set_learning_rates(g, d);
                     out.send(Event::Log(format!("learning rates: G {g:.2e}, D {d:.2e}")));
                 }
             }
             Command::SetNCritic(n) => {
-                self.trainer.cfg.loss.n_critic = n.max(1);
+                self.lp.trainer.cfg.loss.n_critic = n.max(1);
                 out.send(Event::Log(format!("n_critic: {}", n.max(1))));
             }
-            Command::SetWallEvery(n) => self.spec.wall_every = n.max(1),
+            Command::SetWallEvery(n) => self.lp.opts.wall_every = n.max(1),
             Command::SetTarget(t) => self.target = t,
             Command::SetWall { rows, cols } => {
-                let k = self.trainer.cfg.model.num_conditions;
+                let k = self.lp.trainer.cfg.model.num_conditions;
                 if let Some((cap, bad)) = rows.iter().find(|(_, c)| c.len() != k) {
                     out.send(Event::Log(format!(
                         "wall row `{cap}` has {} labels, the model has {k}",
                         bad.len()
                     )));
                 } else if !rows.is_empty() {
-                    self.rows = rows;
-                    self.spec.wall_cols = cols.clamp(1, 32);
-                    self.send_wall(out)?;
+                    self.lp.opts.rows = rows;
+                    self.lp.opts.wall_cols = cols.clamp(1, 32);
+                    self.lp.send_wall(&mut [out])?;
                 }
             }
-            Command::SetNanPolicy(p) => self.spec.nan_policy = p,
-            Command::Save(dir) => match self.trainer.save(&dir) {
+            Command::SetNanPolicy(p) => self.lp.opts.nan_policy = p,
+            Command::Save(dir) => match self.lp.trainer.save(&dir) {
                 Ok(()) => out.send(Event::Saved(dir)),
                 Err(e) => out.send(Event::Log(format!("saving failed: {e}"))),
             },
-            Command::Load(dir) => match self.trainer.load_checkpoint(&dir) {
+            Command::Load(dir) => match self.lp.load_checkpoint(&dir) {
                 Ok(()) => {
-                    self.ring.clear();
-                    self.take_snapshot()?;
                     out.send(Event::Log(format!(
                         "loaded {} (step {})",
                         dir.display(),
-                        self.trainer.step
+                        self.lp.trainer.step
                     )));
-                    self.send_wall(out)?;
+                    self.lp.send_wall(&mut [out])?;
                 }
                 Err(e) => out.send(Event::Log(format!("loading failed, nothing changed: {e}"))),
             },
             Command::InjectNan => {
-                if let Some((name, var)) =
-                    self.trainer.generator.store.trainable().into_iter().next()
+                if let Some((name, var)) = self
+                    .lp
+                    .trainer
+                    .generator
+                    .store
+                    .trainable()
+                    .into_iter()
+                    .next()
                 {
                     let bad = (var.as_tensor().ones_like()? * f64::NAN)?;
                     var.set(&bad)?;
@@ -536,127 +476,6 @@ impl Worker {
             Command::Shutdown => return Ok(false),
         }
         Ok(true)
-    }
-
-    fn step(&mut self, kind: StepKind, out: &Outbox) -> Result<()> {
-        let t = Instant::now();
-        let stats = match self.trainer.step_kind(kind) {
-            Ok(stats) => stats,
-            // A NaN/Inf loss: that update was skipped, but the cause (a poisoned weight, an
-            // exploding D already updated in this step) is in the state; restore it.
-            Err(e @ Error::NonFinite { step, .. }) => {
-                out.send(Event::Log(e.to_string()));
-                return self.recover(step, out);
-            }
-            Err(e) => return Err(e),
-        };
-        let step_seconds = t.elapsed().as_secs_f64();
-        let s = self.trainer.step;
-        let mut alarms = self.monitor.on_step(&stats, step_seconds);
-        // A NaN can hide in the weights while the losses stay finite (a ReLU after a NaN
-        // weight outputs 0), so the weights are checked too: one reduction per tensor.
-        let weights_ok = self.trainer.weights_finite()?;
-        if !weights_ok {
-            out.send(Event::Log(format!(
-                "NaN/Inf in the weights after step {} (losses D {:.4}, G {:.4})",
-                self.trainer.step, stats.d_loss, stats.g_loss
-            )));
-        }
-        let fatal = !weights_ok || alarms.iter().any(|a| a.kind.is_fatal());
-        let elapsed = self.t0.elapsed().as_secs_f64();
-        let per_step = (self.trainer.cfg.batch_size * self.trainer.cfg.loss.n_critic) as f64;
-        let (lr_g, lr_d) = self.trainer.learning_rates();
-        out.send(Event::Step(Box::new(StepEvent {
-            images_per_s: (s - self.step0.min(s)) as f64 * per_step / elapsed.max(1e-9),
-            elapsed_s: elapsed,
-            step_seconds,
-            stats,
-            lr_g,
-            lr_d,
-        })));
-        if fatal {
-            for a in alarms {
-                out.send(Event::Alarm(a));
-            }
-            return self.recover(s, out);
-        }
-        if kind != StepKind::DOnly && s.is_multiple_of(self.spec.snapshot_every.max(1)) {
-            self.take_snapshot()?;
-        }
-        if kind != StepKind::Both || s.is_multiple_of(self.spec.wall_every.max(1)) {
-            self.send_wall(out)?;
-        }
-        if kind != StepKind::DOnly && self.monitor.due(s) {
-            let generator = self.trainer.sampling_generator();
-            let (check, more) = self
-                .monitor
-                .check(s, generator, self.trainer.data().as_ref())?;
-            alarms.extend(more);
-            out.send(Event::Check(Box::new(check)));
-        }
-        for a in alarms {
-            out.send(Event::Alarm(a));
-        }
-        Ok(())
-    }
-
-    /// Keep the current state if all its weights are finite.
-    fn take_snapshot(&mut self) -> Result<()> {
-        if self.trainer.weights_finite()? {
-            let snap = self.trainer.snapshot()?;
-            self.ring.push(snap.step, snap);
-        }
-        Ok(())
-    }
-
-    fn recover(&mut self, at: u64, out: &Outbox) -> Result<()> {
-        let Some((to, snap)) = self.ring.latest() else {
-            self.running = false;
-            out.send(Event::State(RunState::Paused));
-            return Err(Error::Msg(format!(
-                "NaN/Inf at step {at} and no healthy snapshot to restore"
-            )));
-        };
-        self.trainer.restore(snap)?;
-        self.monitor.reset_alarms();
-        let message = match self.spec.nan_policy {
-            NanPolicy::RestorePause => {
-                self.running = false;
-                format!(
-                    "NaN/Inf at step {at}: restored the healthy snapshot of step {to} and paused"
-                )
-            }
-            NanPolicy::RestoreLowerLr => {
-                let (g, d) = self.trainer.learning_rates();
-                self.trainer.set_learning_rates(g * 0.5, d * 0.5);
-                format!(
-                    "NaN/Inf at step {at}: restored the healthy snapshot of step {to}, halved the \
-                     learning rates to G {:.2e}, D {:.2e} and went on",
-                    g * 0.5,
-                    d * 0.5
-                )
-            }
-        };
-        out.send(Event::Recovered(Recovery { at, to, message }));
-        out.send(Event::State(self.state()));
-        self.send_wall(out)
-    }
-
-    fn send_wall(&mut self, out: &Outbox) -> Result<()> {
-        let g = self.trainer.sampling_generator();
-        let cols = self.spec.wall_cols;
-        let conds: Vec<Vec<f32>> = self.rows.iter().map(|r| r.1.clone()).collect();
-        let images = g.grid(&conds, cols, WALL_SEED)?;
-        let step = self.trainer.step;
-        out.send(Event::Wall(Arc::new(WallFrame {
-            step,
-            rows: self.rows.len(),
-            cols,
-            captions: self.rows.iter().map(|r| r.0.clone()).collect(),
-            images,
-        })));
-        out.send(Event::Weights(Arc::new(GeneratorWeights::of(g, step)?)));
-        Ok(())
     }
 }
 

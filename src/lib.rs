@@ -1,6 +1,9 @@
 //! ganscope: a conditional-GAN engine (models, losses, trainer, checkpoints, data) built on
 //! candle, shared by the desktop explorer and the headless CLI.
 
+// `unwrap` is for tests only (Cargo.toml's [lints] warns on it elsewhere).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod app;
 pub mod bench;
 pub mod checkpoint;

@@ -1,6 +1,8 @@
 //! `data::open` reaches every loader from a run config, and the embedded default (synthetic
 //! i-CLEVR) needs no files.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 use ganscope::config::{DataConfig, DataKind, TrainConfig};
 use ganscope::data::{self, ConditionKind, Dataset};
 

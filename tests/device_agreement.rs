@@ -7,6 +7,8 @@
 //! else it prints why and passes, so CPU-only CI runs it as a no-op. Run it with
 //! `cargo test --release --features cuda --test device_agreement -- --nocapture`.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The evaluator learns a task with a known answer, round-trips through its files, and
 //! rejects weights that do not fit its config.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 use candle_core::Device;
 use ganscope::data::{ConditionKind, Dataset, InMemoryDataset};
 use ganscope::eval::classifier::{Classifier, EvaluatorConfig, STATE_FILE, train_evaluator};

@@ -1,6 +1,8 @@
 //! Every preset's generator and discriminator build, produce the right shapes, and name their
 //! tensors after the struct fields with PyTorch layouts.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use candle_core::{DType, Device, Tensor};

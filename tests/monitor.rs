@@ -1,6 +1,8 @@
 //! Live diagnostics in the run loop: an evaluator is loaded, the real side fitted once, and
 //! every `monitor.every` steps a report lands in metrics.jsonl.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Checkpoints: exact resume (in process and in a fresh process), crash safety at the trainer
 //! level, and clear errors that change nothing when a checkpoint does not fit the model.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::collections::HashMap;

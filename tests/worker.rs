@@ -2,6 +2,8 @@
 //! NaN guard (restore the last healthy in-memory snapshot, then pause or lower the LR), exact
 //! snapshot / restore, and the renderer thread.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;

@@ -9,7 +9,10 @@
 //!   (which is defined on Inception-v3 pool features).
 
 // Dense matrix code reads best with explicit indices.
-#![allow(clippy::needless_range_loop)]
+#![expect(
+    clippy::needless_range_loop,
+    reason = "dense matrix code reads best with explicit indices"
+)]
 
 use crate::error::{Error, Result};
 

@@ -1291,7 +1291,10 @@ fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
 
 /// dst (m, n) = lhs (m, k) @ rhs (k, n), or dst += that with `accumulate`; strides are
 /// (row, column) in elements. Uses the rayon pool's threads for large products.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a strided gemm: sizes, three (slice, strides) operands, accumulate"
+)]
 pub(super) fn matmul<T: WithDType, S: Slot<T>>(
     m: usize,
     n: usize,
@@ -1311,7 +1314,10 @@ pub(super) fn matmul<T: WithDType, S: Slot<T>>(
 
 /// [`matmul`], kept on the calling thread unless `parallel` is set and the product is large
 /// enough to be worth splitting across the rayon pool.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a strided gemm: sizes, three (slice, strides) operands, accumulate"
+)]
 pub(super) fn matmul_in<T: WithDType, S: Slot<T>>(
     parallel: bool,
     m: usize,

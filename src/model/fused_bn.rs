@@ -738,7 +738,6 @@ fn forward<T: Float>(
 }
 
 /// [`write_planes`] that also hands each plane (or row) its part of a byte per element.
-#[allow(clippy::type_complexity)]
 fn write_planes_with_side<T: Float, S: Slot<T>, U: Slot<u8>>(
     g: Geom,
     out: &mut [S],

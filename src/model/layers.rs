@@ -180,7 +180,6 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cin: usize,
         cout: usize,
@@ -260,7 +259,6 @@ pub struct ConvTranspose2d {
 }
 
 impl ConvTranspose2d {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cin: usize,
         cout: usize,

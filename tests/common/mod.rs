@@ -1,4 +1,5 @@
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // tests may unwrap
+#![allow(dead_code)] // each test binary uses a different part of these helpers
 //! Shared helpers for integration tests.
 
 use ganscope::data::{ConditionKind, InMemoryDataset};

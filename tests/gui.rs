@@ -356,7 +356,7 @@ fn export_sheet_and_history_read_back() {
     let mut h = harness(s, false);
     ready(&mut h);
     h.get_by_label("Wall as PNG").click();
-    h.run_steps(2);
+    wait_for(&mut h, "the PNG export", |a| a.export_message.is_some());
     let msg = h.state().export_message.clone().unwrap_or_default();
     assert!(msg.starts_with("wrote "), "{msg}");
     let path = std::path::PathBuf::from(msg.trim_start_matches("wrote "));
@@ -369,12 +369,74 @@ fn export_sheet_and_history_read_back() {
         img.width()
     );
     assert!(img.height() >= (f.rows * f.images.height * 2) as u32);
+    h.state_mut().export_message = None;
     h.get_by_label("Wall history as GIF").click();
-    h.run_steps(2);
+    wait_for(&mut h, "the GIF export", |a| a.export_message.is_some());
     let msg = h.state().export_message.clone().unwrap_or_default();
     assert!(msg.ends_with(".gif"), "{msg}");
     let gif = std::path::PathBuf::from(msg.trim_start_matches("wrote "));
     assert!(image::open(&gif).is_ok());
+}
+
+#[test]
+fn history_gif_is_written_off_the_ui_thread() {
+    // 60 kept wall frames (the newest frame's layout, with noise added so that every frame
+    // differs), every 2nd one exported: frames of steps 10, 30, ..., 590 and the newest,
+    // 600. The click only queues the job; the UI keeps drawing frames while the export
+    // thread renders and encodes, and shows its progress. Frame times are printed (the
+    // software renderer of the tests sets their floor), not asserted.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Settings {
+        export_path: dir.path().display().to_string(),
+        export_scale: 2,
+        gif_stride: 2,
+        ..settings()
+    };
+    let mut h = harness(s, false);
+    ready(&mut h);
+    let base = h.state().frames.back().unwrap().clone();
+    h.state_mut().frames.clear();
+    for k in 1..=60u64 {
+        let mut f = (*base).clone();
+        f.step = 10 * k;
+        for (i, v) in f.images.data.iter_mut().enumerate() {
+            *v = (*v + 0.002 * ((i as u64 * 7 + k * 13) % 31) as f32).clamp(-1.0, 1.0);
+        }
+        h.state_mut().frames.push_back(Arc::new(f));
+    }
+    h.run_steps(2);
+    let t = Instant::now();
+    h.get_by_label("Wall history as GIF").click();
+    h.step();
+    let click_frame = t.elapsed().as_secs_f64() * 1e3;
+    let mut frames_ms = vec![];
+    let mut saw_progress = false;
+    while h.state().export_message.is_none() {
+        assert!(t.elapsed() < Duration::from_secs(120), "export timed out");
+        saw_progress |= h.state().exporter.busy.is_some();
+        let f = Instant::now();
+        h.step();
+        frames_ms.push(f.elapsed().as_secs_f64() * 1e3);
+    }
+    let worst = frames_ms.iter().cloned().fold(click_frame, f64::max);
+    println!(
+        "history GIF (31 frames): {:.0} ms in all; click frame {click_frame:.1} ms, {} frames \
+         drawn meanwhile, worst {worst:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3,
+        frames_ms.len()
+    );
+    assert!(saw_progress || frames_ms.len() <= 1, "no progress shown");
+    let msg = h.state().export_message.clone().unwrap();
+    assert!(msg.starts_with("wrote ") && msg.ends_with(".gif"), "{msg}");
+    let path = PathBuf::from(msg.trim_start_matches("wrote "));
+    assert!(path.is_absolute(), "{msg}");
+    use image::AnimationDecoder;
+    let dec = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(&path).unwrap(),
+    ))
+    .unwrap();
+    let got = dec.into_frames().collect_frames().unwrap();
+    assert_eq!(got.len(), 31);
 }
 
 #[test]

@@ -1,34 +1,235 @@
 //! Export: the wall (or a condition list x seeds) as a captioned sample sheet PNG at a chosen
-//! scale, the wall's training history as a GIF, the interpolation strip as PNG and GIF.
+//! scale, the wall's training history as a GIF (every frame captioned with its step, a frame
+//! stride), the interpolation strip as PNG and GIF (captioned with A, B and t).
+//!
+//! The UI thread only gathers what is on screen (frames, weights, the strip: CPU data it
+//! already holds) into an [`ExportJob`]; the rendering, the generator's forward pass for a
+//! condition list and the GIF encoding run in the [`Exporter`]'s own thread, which reports
+//! progress and wakes the UI.
 
 use std::path::{Path, PathBuf};
-
-use image::RgbImage;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
 
 use super::GanscopeApp;
 use super::dialogs::Purpose;
 use crate::error::{Error, Result};
-use crate::export::gif::save_gif;
+use crate::export::gif::save_gif_with_progress;
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
 use crate::images::Images;
 use crate::train::run::{WALL_SEED, caption};
-use crate::train::worker::WallFrame;
+use crate::train::worker::{GeneratorWeights, Waker, WallFrame};
 
-/// A frame of the wall as a captioned sheet.
-pub fn wall_sheet(frame: &WallFrame, scale: u32) -> Result<RgbImage> {
-    let captioned = frame.captions.iter().any(|c| !c.is_empty());
-    let layout = SheetLayout {
-        rows: frame.rows,
-        cols: frame.cols,
-        scale,
-        row_captions: if captioned {
-            frame.captions.clone()
-        } else {
-            vec![]
-        },
-        ..SheetLayout::default()
-    };
-    sample_sheet(&frame.images, &layout)
+/// Something to write, with everything it needs (no reference to the UI's state).
+pub enum ExportJob {
+    WallPng {
+        frame: Arc<WallFrame>,
+        scale: u32,
+        path: PathBuf,
+    },
+    /// Frames of the wall, each titled with its step.
+    HistoryGif {
+        frames: Vec<Arc<WallFrame>>,
+        scale: u32,
+        delay_ms: u32,
+        path: PathBuf,
+    },
+    /// Conditions (rows) x the wall's noise seeds, rendered with these weights.
+    ListSheet {
+        weights: Arc<GeneratorWeights>,
+        items: Vec<Vec<f32>>,
+        captions: Vec<String>,
+        cols: usize,
+        scale: u32,
+        path: PathBuf,
+    },
+    /// The interpolation strip: a PNG row with t under each image, or a GIF.
+    Interpolation {
+        strip: Images,
+        title: String,
+        gif: bool,
+        scale: u32,
+        path: PathBuf,
+    },
+}
+
+impl ExportJob {
+    fn what(&self) -> &'static str {
+        match self {
+            ExportJob::WallPng { .. } => "wall PNG",
+            ExportJob::HistoryGif { .. } => "wall history GIF",
+            ExportJob::ListSheet { .. } => "condition list sheet",
+            ExportJob::Interpolation { gif: true, .. } => "interpolation GIF",
+            ExportJob::Interpolation { .. } => "interpolation PNG",
+        }
+    }
+
+    /// Write the file, reporting `(done, total)` work units.
+    pub fn run(self, progress: &mut dyn FnMut(usize, usize)) -> Result<PathBuf> {
+        match self {
+            ExportJob::WallPng { frame, scale, path } => {
+                save_png(&frame.sheet(scale)?, &path)?;
+                Ok(path)
+            }
+            ExportJob::HistoryGif {
+                frames,
+                scale,
+                delay_ms,
+                path,
+            } => {
+                // Rendering the sheets is half the work, encoding the other half.
+                let n = frames.len();
+                let mut sheets = Vec::with_capacity(n);
+                for (i, f) in frames.iter().enumerate() {
+                    sheets.push(f.sheet_titled(scale, Some(format!("step {}", f.step)))?);
+                    progress(i + 1, 2 * n);
+                }
+                save_gif_with_progress(&sheets, delay_ms, &path, &mut |d, _| {
+                    progress(n + d, 2 * n)
+                })?;
+                Ok(path)
+            }
+            ExportJob::ListSheet {
+                weights,
+                items,
+                captions,
+                cols,
+                scale,
+                path,
+            } => {
+                progress(0, 2);
+                let g = weights.build()?;
+                let frame = WallFrame {
+                    step: weights.step,
+                    rows: items.len(),
+                    cols,
+                    captions,
+                    images: g.grid(&items, cols, WALL_SEED)?,
+                };
+                progress(1, 2);
+                save_png(&frame.sheet(scale)?, &path)?;
+                Ok(path)
+            }
+            ExportJob::Interpolation {
+                strip,
+                title,
+                gif,
+                scale,
+                path,
+            } => {
+                let n = strip.n;
+                let t = |i: usize| format!("t={:.2}", i as f64 / (n.max(2) - 1) as f64);
+                if gif {
+                    let mut frames = Vec::with_capacity(n);
+                    for i in 0..n {
+                        let one = Images {
+                            n: 1,
+                            data: strip.image(i).to_vec(),
+                            ..strip.clone()
+                        };
+                        let layout = SheetLayout {
+                            col_captions: vec![t(i)],
+                            ..SheetLayout::grid(1, 1).with_scale(scale * 2)
+                        };
+                        frames.push(sample_sheet(&one, &layout)?);
+                    }
+                    save_gif_with_progress(&frames, 120, &path, progress)?;
+                } else {
+                    let layout = SheetLayout {
+                        col_captions: (0..n).map(t).collect(),
+                        title: Some(title),
+                        ..SheetLayout::grid(1, n).with_scale(scale)
+                    };
+                    save_png(&sample_sheet(&strip, &layout)?, &path)?;
+                }
+                Ok(path)
+            }
+        }
+    }
+}
+
+/// What the export thread reports.
+#[derive(Debug, Clone)]
+pub enum ExportMsg {
+    Started(&'static str),
+    Progress { done: usize, total: usize },
+    Done(std::result::Result<PathBuf, String>),
+}
+
+/// The export thread: one job at a time, in order.
+pub struct Exporter {
+    tx: Sender<ExportJob>,
+    rx: Receiver<ExportMsg>,
+    /// The job running now and its progress, as last reported.
+    pub busy: Option<(&'static str, usize, usize)>,
+    /// Jobs sent and not finished.
+    pending: usize,
+}
+
+impl Exporter {
+    pub fn spawn(wake: Waker) -> Self {
+        let (tx, jobs) = mpsc::channel::<ExportJob>();
+        let (mtx, rx) = mpsc::channel();
+        let _ = std::thread::Builder::new()
+            .name("ganscope-export".into())
+            .spawn(move || {
+                for job in jobs {
+                    let send = |m: ExportMsg| {
+                        let _ = mtx.send(m);
+                        wake();
+                    };
+                    send(ExportMsg::Started(job.what()));
+                    let mut last = std::time::Instant::now();
+                    let r = job.run(&mut |done, total| {
+                        // At most about 20 progress messages a second.
+                        if last.elapsed().as_millis() >= 50 || done == total {
+                            last = std::time::Instant::now();
+                            send(ExportMsg::Progress { done, total });
+                        }
+                    });
+                    send(ExportMsg::Done(r.map_err(|e| e.to_string())));
+                }
+            });
+        Self {
+            tx,
+            rx,
+            busy: None,
+            pending: 0,
+        }
+    }
+
+    pub fn submit(&mut self, job: ExportJob) -> Result<()> {
+        self.tx
+            .send(job)
+            .map_err(|_| Error::Msg("the export thread has ended".into()))?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// Finished jobs since the last call (progress is kept in `busy`).
+    pub fn poll(&mut self) -> Vec<std::result::Result<PathBuf, String>> {
+        let mut done = vec![];
+        for m in self.rx.try_iter() {
+            match m {
+                ExportMsg::Started(what) => self.busy = Some((what, 0, 1)),
+                ExportMsg::Progress { done, total } => {
+                    if let Some(b) = &mut self.busy {
+                        (b.1, b.2) = (done, total);
+                    }
+                }
+                ExportMsg::Done(r) => {
+                    self.pending = self.pending.saturating_sub(1);
+                    self.busy = None;
+                    done.push(r);
+                }
+            }
+        }
+        done
+    }
 }
 
 impl GanscopeApp {
@@ -44,36 +245,70 @@ impl GanscopeApp {
         ui.horizontal(|ui| {
             ui.label("Scale");
             ui.add(egui::DragValue::new(&mut self.settings.export_scale).range(1..=8));
+            ui.label("GIF stride");
+            ui.add(egui::DragValue::new(&mut self.settings.gif_stride).range(1..=50))
+                .on_hover_text("the history GIF uses every n-th kept wall frame (and the newest)");
         });
-        if ui.button("Wall as PNG").clicked() {
+        let idle = !self.exporter.is_busy();
+        if ui
+            .add_enabled(idle, egui::Button::new("Wall as PNG"))
+            .clicked()
+        {
             let r = self.export_wall_png();
-            self.report_export(r);
+            self.report_submit(r);
         }
-        if ui.button("Wall history as GIF").clicked() {
+        if ui
+            .add_enabled(idle, egui::Button::new("Wall history as GIF"))
+            .on_hover_text("the kept wall frames, each titled with its step")
+            .clicked()
+        {
             let r = self.export_history_gif();
-            self.report_export(r);
+            self.report_submit(r);
         }
         let has_list = self.composer.list.is_some();
         if ui
-            .add_enabled(has_list, egui::Button::new("Condition list x seeds as PNG"))
+            .add_enabled(
+                idle && has_list,
+                egui::Button::new("Condition list x seeds as PNG"),
+            )
             .on_hover_text("every condition of the loaded list (rows) x the wall's seeds")
             .clicked()
         {
             let r = self.export_list_sheet();
-            self.report_export(r);
+            self.report_submit(r);
+        }
+        if let Some((what, done, total)) = self.exporter.busy {
+            ui.add(
+                egui::ProgressBar::new(done as f32 / total.max(1) as f32)
+                    .text(format!("writing the {what}…")),
+            );
         }
         if let Some(m) = &self.export_message {
-            ui.label(egui::RichText::new(m).small());
+            ui.label(m);
         }
     }
 
-    fn report_export(&mut self, r: Result<PathBuf>) {
-        let m = match r {
-            Ok(p) => format!("wrote {}", p.display()),
-            Err(e) => format!("export failed: {e}"),
-        };
-        self.push_log(m.clone());
-        self.export_message = Some(m);
+    /// Take in finished exports (called every frame).
+    pub(crate) fn poll_exports(&mut self) {
+        for r in self.exporter.poll() {
+            let m = match r {
+                Ok(p) => {
+                    let abs = std::path::absolute(&p).unwrap_or(p);
+                    format!("wrote {}", abs.display())
+                }
+                Err(e) => format!("export failed: {e}"),
+            };
+            self.push_log(m.clone());
+            self.export_message = Some(m);
+        }
+    }
+
+    fn report_submit(&mut self, r: Result<()>) {
+        if let Err(e) = r {
+            let m = format!("export failed: {e}");
+            self.push_log(m.clone());
+            self.export_message = Some(m);
+        }
     }
 
     fn export_file(&self, stem: &str, ext: &str) -> PathBuf {
@@ -86,102 +321,105 @@ impl GanscopeApp {
             .join(format!("{preset}-{stem}-step{step:06}.{ext}"))
     }
 
-    /// The wall frame on screen as a PNG sheet; returns the path written.
-    pub fn export_wall_png(&mut self) -> Result<PathBuf> {
+    /// The wall frame on screen as a PNG sheet (written by the export thread).
+    pub fn export_wall_png(&mut self) -> Result<()> {
         let frame = self
             .shown_frame()
             .cloned()
             .ok_or_else(|| Error::Msg("no wall frame yet".into()))?;
-        let path = self.export_file("wall", "png");
-        save_png(
-            &wall_sheet(&frame, self.settings.export_scale.max(1))?,
-            &path,
-        )?;
-        Ok(path)
+        let job = ExportJob::WallPng {
+            frame,
+            scale: self.settings.export_scale.max(1),
+            path: self.export_file("wall", "png"),
+        };
+        self.exporter.submit(job)
     }
 
-    /// Every kept frame of the wall as an animated GIF.
-    pub fn export_history_gif(&mut self) -> Result<PathBuf> {
-        if self.frames.is_empty() {
+    /// Every `gif_stride`-th kept frame of the wall (and the newest) as an animated GIF.
+    pub fn export_history_gif(&mut self) -> Result<()> {
+        let Some(last) = self.frames.back().cloned() else {
             return Err(Error::Msg("no wall frames yet".into()));
-        }
-        let scale = self.settings.export_scale.max(1);
+        };
         // Frames of one wall layout only (the newest one's).
-        let last = self.frames.back().cloned().expect("checked");
-        let sheets: Vec<RgbImage> = self
+        let same: Vec<Arc<WallFrame>> = self
             .frames
             .iter()
             .filter(|f| f.rows == last.rows && f.cols == last.cols)
-            .map(|f| wall_sheet(f, scale))
-            .collect::<Result<_>>()?;
-        let path = self.export_file("history", "gif");
-        save_gif(&sheets, 150, &path)?;
-        Ok(path)
+            .cloned()
+            .collect();
+        let stride = self.settings.gif_stride.max(1);
+        let mut frames: Vec<Arc<WallFrame>> = same.iter().step_by(stride).cloned().collect();
+        if frames.last().is_none_or(|f| f.step != last.step) {
+            frames.push(last);
+        }
+        let job = ExportJob::HistoryGif {
+            frames,
+            scale: self.settings.export_scale.max(1),
+            delay_ms: 150,
+            path: self.export_file("history", "gif"),
+        };
+        self.exporter.submit(job)
     }
 
     /// The loaded condition list (rows) x the wall's noise seeds (columns).
-    pub fn export_list_sheet(&mut self) -> Result<PathBuf> {
+    pub fn export_list_sheet(&mut self) -> Result<()> {
         let list = self
             .composer
             .list
             .clone()
             .ok_or_else(|| Error::Msg("no condition list loaded".into()))?;
-        let w = self
+        let weights = self
             .last_weights
             .clone()
             .ok_or_else(|| Error::Msg("no generator weights yet".into()))?;
-        let g = w.build()?;
         let cols = self.settings.wall_cols.max(1);
-        let images = g.grid(&list.items, cols, WALL_SEED)?;
-        let frame = WallFrame {
-            step: w.step,
-            rows: list.items.len(),
-            cols,
-            captions: list
-                .items
-                .iter()
-                .map(|c| caption(c, &self.composer.names))
-                .collect(),
-            images,
-        };
+        let captions = list
+            .items
+            .iter()
+            .map(|c| caption(c, &self.composer.names))
+            .collect();
         let stem = format!("{}-x{cols}", list.name.trim_end_matches(".json"));
-        let path = self.export_file(&stem, "png");
-        save_png(
-            &wall_sheet(&frame, self.settings.export_scale.max(1))?,
-            &path,
-        )?;
-        Ok(path)
+        let job = ExportJob::ListSheet {
+            weights,
+            items: list.items,
+            captions,
+            cols,
+            scale: self.settings.export_scale.max(1),
+            path: self.export_file(&stem, "png"),
+        };
+        self.exporter.submit(job)
     }
 
     pub(crate) fn export_interp(&mut self, gif: bool) {
-        let r = (|| -> Result<PathBuf> {
+        let r = (|| -> Result<()> {
             let strip: Images = self
                 .interp
                 .strip
                 .clone()
                 .ok_or_else(|| Error::Msg("no interpolation rendered yet".into()))?;
-            let scale = self.settings.export_scale.max(1);
-            if gif {
-                let frames: Vec<RgbImage> = (0..strip.n)
-                    .map(|i| {
-                        let one = Images {
-                            n: 1,
-                            data: strip.image(i).to_vec(),
-                            ..strip.clone()
-                        };
-                        sample_sheet(&one, &SheetLayout::grid(1, 1).with_scale(scale * 2))
-                    })
-                    .collect::<Result<_>>()?;
-                let path = self.export_file("interpolation", "gif");
-                save_gif(&frames, 120, &path)?;
-                Ok(path)
-            } else {
-                let layout = SheetLayout::grid(1, strip.n).with_scale(scale);
-                let path = self.export_file("interpolation", "png");
-                save_png(&sample_sheet(&strip, &layout)?, &path)?;
-                Ok(path)
-            }
+            let title = format!(
+                "A: {}  ->  B: {}",
+                or_none(&self.interp.a.caption),
+                or_none(&self.interp.b.caption)
+            );
+            let ext = if gif { "gif" } else { "png" };
+            let job = ExportJob::Interpolation {
+                strip,
+                title,
+                gif,
+                scale: self.settings.export_scale.max(1),
+                path: self.export_file("interpolation", ext),
+            };
+            self.exporter.submit(job)
         })();
-        self.report_export(r);
+        self.report_submit(r);
+    }
+}
+
+fn or_none(caption: &str) -> &str {
+    if caption.is_empty() {
+        "(no labels)"
+    } else {
+        caption
     }
 }

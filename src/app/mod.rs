@@ -76,6 +76,8 @@ pub struct Settings {
     pub checkpoint_path: String,
     pub export_path: String,
     pub export_scale: u32,
+    /// The history GIF uses every n-th kept wall frame.
+    pub gif_stride: usize,
     pub interp_steps: usize,
     pub slerp: bool,
     /// The last launch ran (false until one has been saved: the first launch opens a shipped
@@ -106,6 +108,7 @@ impl Default for Settings {
             checkpoint_path: "runs/explorer".into(),
             export_path: "exports".into(),
             export_scale: 2,
+            gif_stride: 1,
             interp_steps: 8,
             slerp: true,
             launched_before: false,
@@ -234,6 +237,8 @@ pub struct GanscopeApp {
     pub runs: Option<PathBuf>,
     pub wall: wall::WallView,
     pub export_message: Option<String>,
+    /// Writes exports in its own thread.
+    pub exporter: export_panel::Exporter,
     pub(crate) diag_textures: diagnostics_panel::DiagTextures,
     pub(crate) pending_dialog: Option<(dialogs::Purpose, Receiver<Option<PathBuf>>)>,
     pub(crate) lr_edit: (f64, f64),
@@ -291,6 +296,7 @@ impl GanscopeApp {
             runs: opts.runs,
             wall: wall::WallView::new(gpu),
             export_message: None,
+            exporter: export_panel::Exporter::spawn(wake.clone()),
             diag_textures: Default::default(),
             pending_dialog: None,
             lr_edit: (0.0, 0.0),
@@ -424,6 +430,7 @@ impl GanscopeApp {
         for e in events {
             self.on_event(e);
         }
+        self.poll_exports();
         let results: Vec<_> = self.renderer.results.try_iter().collect();
         for r in results {
             match r {

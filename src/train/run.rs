@@ -103,6 +103,11 @@ impl WallFrame {
 
     /// A PNG-ready sheet, row captions on the left when there are any.
     pub fn sheet(&self, scale: u32) -> Result<RgbImage> {
+        self.sheet_titled(scale, None)
+    }
+
+    /// [`WallFrame::sheet`] with a title line above the grid.
+    pub fn sheet_titled(&self, scale: u32, title: Option<String>) -> Result<RgbImage> {
         let captioned = self.captions.iter().any(|c| !c.is_empty());
         let layout = SheetLayout {
             rows: self.rows,
@@ -113,6 +118,7 @@ impl WallFrame {
             } else {
                 vec![]
             },
+            title,
             ..SheetLayout::default()
         };
         sample_sheet(&self.images, &layout)

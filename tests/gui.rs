@@ -92,7 +92,15 @@ fn active_labels(a: &GanscopeApp) -> Vec<String> {
 fn composer_ticks_labels_and_refuses_a_fourth_object() {
     let mut h = harness(settings(), false);
     ready(&mut h);
-    assert_eq!(active_labels(h.state()), vec!["gray cube"]);
+    // It starts on the wall's first row (a label set of the data), not on "gray cube".
+    let first = h.state().info.as_ref().unwrap().wall_rows[0].0.clone();
+    assert_eq!(active_labels(h.state()).join(", "), first);
+    assert_eq!(first, "purple sphere");
+    h.get_by_label("purple sphere").click();
+    h.run_steps(2);
+    assert!(active_labels(h.state()).is_empty());
+    h.get_by_label("gray cube").click();
+    h.run_steps(2);
     h.get_by_label("red sphere").click();
     h.run_steps(2);
     h.get_by_label("blue cylinder").click();
@@ -437,6 +445,39 @@ fn history_gif_is_written_off_the_ui_thread() {
     .unwrap();
     let got = dec.into_frames().collect_frames().unwrap();
     assert_eq!(got.len(), 31);
+}
+
+#[test]
+fn repeating_log_lines_collapse_into_one_with_a_count() {
+    // A D-accuracy alarm every 50 steps is one line with a count (showing the newest), so it
+    // no longer pushes everything else out of the log; a different line starts a new one.
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    let n0 = h.state().log.len();
+    for step in [300, 350, 400, 450, 500] {
+        h.state_mut().push_log(format!(
+            "ALARM step {step}: D accuracy 0.{} over the last 200 steps",
+            950 + step / 50
+        ));
+    }
+    h.state_mut()
+        .push_log("saved a checkpoint to runs/x".into());
+    h.state_mut()
+        .push_log("ALARM step 550: D accuracy 0.961 over the last 200 steps".into());
+    h.run_steps(2);
+    let a = h.state();
+    assert_eq!(a.log.len(), n0 + 3, "{:?}", a.log);
+    let counts: Vec<u32> = a.log_counts.iter().skip(n0).copied().collect();
+    assert_eq!(counts, vec![5, 1, 1]);
+    assert!(
+        a.log[n0].contains("step 500"),
+        "the newest of the repeats is shown"
+    );
+    h.get_by_label_contains("step 500: D accuracy 0.960 over the last 200 steps  (x5)");
+    assert_eq!(
+        ganscope::app::numbers_masked("step 12: lr 1.5e-4, -3 x2"),
+        "step #: lr #, -# x#"
+    );
 }
 
 #[test]

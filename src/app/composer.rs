@@ -58,8 +58,14 @@ impl Composer {
         self.kind = Some(info.condition_kind);
         let k = info.cfg.model.num_conditions;
         self.cond = vec![0.0; k];
-        if k > 0 {
-            self.cond[0] = 1.0;
+        // One-hot: class 0. Multi-hot: the wall's first row, a label set of the data itself
+        // (for i-CLEVR a training condition), not an arbitrary first label.
+        match info.wall_rows.first() {
+            Some((_, c)) if info.condition_kind == ConditionKind::MultiHot && c.len() == k => {
+                self.cond = c.clone();
+            }
+            _ if k > 0 => self.cond[0] = 1.0,
+            _ => {}
         }
         self.grid = iclevr_grid(&self.names);
         self.message = None;
@@ -241,7 +247,13 @@ impl GanscopeApp {
                     ui.label("Class:");
                     for i in 0..self.composer.names.len() {
                         let on = self.composer.cond[i] > 0.5;
-                        let name = format!("{i}: {}", self.composer.names[i]);
+                        // "3: dress", but "3" rather than "3: 3" for digit classes.
+                        let label = &self.composer.names[i];
+                        let name = if *label == i.to_string() {
+                            label.clone()
+                        } else {
+                            format!("{i}: {label}")
+                        };
                         if ui.radio(on, name).clicked() {
                             changed |= self.composer.toggle(i);
                         }
@@ -279,14 +291,18 @@ impl GanscopeApp {
         ui.separator();
         self.list_ui(ui, &mut changed);
         if changed {
-            self.request_latent();
+            self.request_latent(true);
         }
         ui.separator();
         self.latent_sliders_ui(ui);
     }
 
     fn list_ui(&mut self, ui: &mut egui::Ui, changed: &mut bool) {
-        ui.label("Condition list (test.json / new_test.json):");
+        ui.label(if self.composer.is_iclevr() {
+            "Condition list (test.json / new_test.json):"
+        } else {
+            "Condition list (.json, one label list per entry):"
+        });
         ui.horizontal(|ui| {
             ui.add(
                 egui::TextEdit::singleline(&mut self.composer.list_path)
@@ -355,7 +371,7 @@ impl GanscopeApp {
                     items,
                     index: 0,
                 });
-                self.request_latent();
+                self.request_latent(true);
             }
             Ok(_) => self.error = Some(format!("{path}: the list is empty")),
             Err(e) => self.error = Some(e.to_string()),

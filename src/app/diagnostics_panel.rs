@@ -53,7 +53,7 @@ impl GanscopeApp {
             ui.separator();
             let Some(check) = self.last_check.clone() else {
                 match self.info.as_ref().and_then(|i| i.diagnostics_off.clone()) {
-                    Some(why) => ui.label(format!("Diagnostics are off: {why}")),
+                    Some(why) => ui.label(format!("Diagnostics: {why}")),
                     None => ui.label(format!(
                         "No check yet (every {} steps).",
                         self.settings.diagnostics_every
@@ -125,12 +125,22 @@ impl GanscopeApp {
                     ui.label("");
                     ui.end_row();
                 }
-                ui.label("diversity: conditions flagged");
-                ui.label(format!(
-                    "{}/{}",
-                    r.diversity.n_flagged,
-                    r.diversity.per_condition.len()
-                ));
+                // Per-label groups (the pooled "all samples" group is not a condition);
+                // an unconditional model has only the pooled one.
+                let groups = &r.diversity.per_condition;
+                let labelled: Vec<_> = groups.iter().filter(|c| c.condition.is_some()).collect();
+                let shown = if labelled.is_empty() {
+                    groups.iter().collect()
+                } else {
+                    labelled
+                };
+                let flagged = shown.iter().filter(|c| c.flagged).count();
+                ui.label(if shown.iter().any(|c| c.condition.is_some()) {
+                    "diversity: labels flagged"
+                } else {
+                    "diversity: flagged"
+                });
+                ui.label(format!("{flagged}/{}", shown.len()));
                 ui.label(format!("ratio < {:.2}", r.diversity.threshold));
                 ui.end_row();
             });

@@ -268,7 +268,7 @@ impl GanscopeApp {
             }
         });
         if changed {
-            self.request_latent();
+            self.request_latent(true);
         }
     }
 

@@ -225,6 +225,9 @@ pub struct GanscopeApp {
     pub check_series: Vec<CheckPoint>,
     pub alarms: Vec<Alarm>,
     pub log: VecDeque<String>,
+    /// How many times each log line came in a row (a line that differs from the one before
+    /// only in its numbers replaces it and counts up: a repeating alarm is one line).
+    pub log_counts: VecDeque<u32>,
     pub error: Option<String>,
     pub banner: Option<String>,
     pub composer: Composer,
@@ -285,6 +288,7 @@ impl GanscopeApp {
             check_series: Vec::new(),
             alarms: Vec::new(),
             log: VecDeque::new(),
+            log_counts: VecDeque::new(),
             error: None,
             banner: None,
             composer: Composer::default(),
@@ -311,7 +315,7 @@ impl GanscopeApp {
         };
         if let Some(dir) = opts.open {
             app.push_log(format!(
-                "opened {} (paused: press Run to train on)",
+                "opened {} (paused: press Resume to train on)",
                 dir.display()
             ));
             app.start_session(Some(dir), false);
@@ -331,10 +335,21 @@ impl GanscopeApp {
     }
 
     pub fn push_log(&mut self, s: String) {
+        if let Some(last) = self.log.back_mut()
+            && numbers_masked(last) == numbers_masked(&s)
+        {
+            *last = s;
+            if let Some(n) = self.log_counts.back_mut() {
+                *n += 1;
+            }
+            return;
+        }
         if self.log.len() >= 500 {
             self.log.pop_front();
+            self.log_counts.pop_front();
         }
         self.log.push_back(s);
+        self.log_counts.push_back(1);
     }
 
     /// The config a new session would use: the preset, with the data path and the
@@ -452,7 +467,7 @@ impl GanscopeApp {
                 self.latent.reset(info.cfg.model.z_dim);
                 self.interp.reset(&self.latent, &self.composer);
                 if let Some(off) = &info.diagnostics_off {
-                    self.push_log(format!("diagnostics off: {off}"));
+                    self.push_log(format!("diagnostics {off}"));
                 }
                 self.push_log(format!(
                     "{}: {} on {}, G {} / D {} parameters",
@@ -487,7 +502,7 @@ impl GanscopeApp {
             Event::Weights(w) => {
                 self.last_weights = Some(w.clone());
                 self.renderer.set_weights(w);
-                self.request_latent();
+                self.request_latent(false);
                 self.request_interp();
             }
             Event::Check(c) => {
@@ -510,7 +525,7 @@ impl GanscopeApp {
             }
             Event::Diagnostics(off) => {
                 if let Some(why) = &off {
-                    self.push_log(format!("diagnostics off: {why}"));
+                    self.push_log(format!("diagnostics {why}"));
                 }
                 if let Some(i) = self.info.as_mut() {
                     i.diagnostics_off = off;
@@ -521,6 +536,8 @@ impl GanscopeApp {
                 self.alarms.push(a);
             }
             Event::Recovered(r) => {
+                // The steps after the restored snapshot were undone: so are their numbers.
+                self.history.retain(|h| h.stats.step <= r.to);
                 self.push_log(r.message.clone());
                 self.banner = Some(r.message);
             }
@@ -541,13 +558,17 @@ impl GanscopeApp {
     }
 
     /// Ask the renderer for the explorer image of the current latent and condition.
-    pub fn request_latent(&mut self) {
+    /// Ask the renderer for the latent image. `timed`: a user's input (slider, label) asked,
+    /// so its latency is measured (a re-render for new weights is not).
+    pub fn request_latent(&mut self, timed: bool) {
         if self.info.is_none() {
             return;
         }
         let id = self.next_id();
         let z = self.latent.current_z();
-        self.latent.pending.insert(id, Instant::now());
+        if timed {
+            self.latent.pending.insert(id, Instant::now());
+        }
         self.renderer.request(RenderRequest {
             slot: "latent",
             id,
@@ -636,13 +657,23 @@ impl GanscopeApp {
             .max_height(90.0)
             .stick_to_bottom(true)
             .show(ui, |ui| {
-                for l in &self.log {
+                for (l, n) in self.log.iter().zip(&self.log_counts) {
                     let color = if l.starts_with("ALARM") || l.starts_with("NaN") {
                         egui::Color32::from_rgb(230, 90, 60)
                     } else {
                         ui.visuals().text_color()
                     };
-                    ui.label(egui::RichText::new(l).color(color).monospace().size(11.0));
+                    let text = if *n > 1 {
+                        format!("{l}  (x{n})")
+                    } else {
+                        l.clone()
+                    };
+                    ui.label(
+                        egui::RichText::new(text)
+                            .color(color)
+                            .monospace()
+                            .size(11.0),
+                    );
                 }
             });
     }
@@ -682,6 +713,25 @@ impl GanscopeApp {
         self.push_log(format!("dataset {} ({kind:?})", path.display()));
         self.start_session(None, true);
     }
+}
+
+/// `s` with every run of digits (and the points and signs inside numbers) replaced by `#`:
+/// two log lines that differ only in their numbers compare equal.
+pub fn numbers_masked(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_number = false;
+    for ch in s.chars() {
+        let numeric = ch.is_ascii_digit() || (in_number && matches!(ch, '.' | 'e' | '-' | '+'));
+        if numeric {
+            if !in_number {
+                out.push('#');
+            }
+        } else {
+            out.push(ch);
+        }
+        in_number = numeric;
+    }
+    out
 }
 
 /// The first preset whose data kind is `kind`.

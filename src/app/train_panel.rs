@@ -213,13 +213,6 @@ impl GanscopeApp {
                     }
                     ui.end_row();
                 });
-            if ui
-                .small_button("Inject NaN")
-                .on_hover_text("poison one G weight to see the NaN guard restore the run")
-                .clicked()
-            {
-                self.send(Command::InjectNan);
-            }
         });
         self.progress_ui(ui);
         self.run_folder_ui(ui);
@@ -248,6 +241,17 @@ impl GanscopeApp {
             }
         });
         self.save_confirm_ui(ui);
+        egui::CollapsingHeader::new("Debug")
+            .id_salt("train_debug")
+            .show(ui, |ui| {
+                if ui
+                    .small_button("Inject NaN")
+                    .on_hover_text("poison one G weight to see the NaN guard restore the run")
+                    .clicked()
+                {
+                    self.send(Command::InjectNan);
+                }
+            });
     }
 
     /// Where this session's metrics, sample grids and periodic checkpoints go.

@@ -229,15 +229,42 @@ impl GanscopeApp {
         let Some(atlas) = self.wall.atlas.clone() else {
             return;
         };
-        let caption_w = if frame.captions.iter().any(|c| !c.is_empty()) {
-            190.0
-        } else {
-            0.0
+        // Captions get the width of the longest one (at most a third of the panel; longer
+        // ones wrap onto more lines), so none is clipped.
+        let font = egui::FontId::proportional(12.0);
+        let text_color = ui.visuals().text_color();
+        let widest = frame
+            .captions
+            .iter()
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                ui.painter()
+                    .layout_no_wrap(c.clone(), font.clone(), text_color)
+                    .size()
+                    .x
+            })
+            .fold(0.0f32, f32::max);
+        let fit = |caption_w: f32| {
+            let avail = ui.available_size() - egui::vec2(caption_w + 8.0, 8.0);
+            ((avail.x / atlas.width as f32).min(avail.y / atlas.height as f32))
+                .floor()
+                .clamp(1.0, 12.0)
         };
-        let avail = ui.available_size() - egui::vec2(caption_w + 8.0, 8.0);
-        let fit = ((avail.x / atlas.width as f32).min(avail.y / atlas.height as f32)).floor();
+        let (caption_w, fitted) = if widest > 0.0 {
+            // Full-width captions, unless wrapping them onto two or three lines lets the
+            // wall take a larger zoom.
+            let full = (widest + 12.0).min(ui.available_width() / 3.0).max(60.0);
+            let narrow = full.min(150.0);
+            if fit(narrow) > fit(full) {
+                (narrow, fit(narrow))
+            } else {
+                (full, fit(full))
+            }
+        } else {
+            (0.0, fit(0.0))
+        };
         let zoom = match self.settings.zoom {
-            0 => fit.clamp(1.0, 12.0),
+            0 => fitted,
             z => z as f32,
         };
         let size = egui::vec2(atlas.width as f32 * zoom, atlas.height as f32 * zoom);
@@ -246,19 +273,25 @@ impl GanscopeApp {
                 if caption_w > 0.0 {
                     let cell_h = size.y / frame.rows.max(1) as f32;
                     ui.vertical(|ui| {
+                        // Caption cells line up with the wall's rows: no gaps between them.
+                        ui.spacing_mut().item_spacing.y = 0.0;
                         ui.set_width(caption_w);
                         for c in &frame.captions {
                             let (r, _) = ui.allocate_exact_size(
                                 egui::vec2(caption_w, cell_h),
                                 egui::Sense::hover(),
                             );
-                            ui.painter().text(
-                                r.right_center() - egui::vec2(6.0, 0.0),
-                                egui::Align2::RIGHT_CENTER,
-                                c,
-                                egui::FontId::proportional(12.0),
-                                ui.visuals().text_color(),
+                            let mut job = egui::text::LayoutJob::simple(
+                                c.clone(),
+                                font.clone(),
+                                text_color,
+                                caption_w - 8.0,
                             );
+                            job.halign = egui::Align::RIGHT;
+                            let galley = ui.painter().layout_job(job);
+                            let at =
+                                egui::pos2(r.right() - 6.0, r.center().y - galley.size().y / 2.0);
+                            ui.painter().galley(at, galley, text_color);
                         }
                     });
                 }

@@ -306,6 +306,10 @@ pub struct TrainLoop {
     /// Wall time and step at which images/s is counted from.
     t0: Instant,
     step0: u64,
+    /// Training time before `t0` (earlier stretches between a restart and their last
+    /// step): "elapsed" counts training, not pauses, and does not reset on Resume.
+    trained_before: f64,
+    last_step_end: Instant,
 }
 
 impl TrainLoop {
@@ -326,7 +330,7 @@ impl TrainLoop {
         let monitor = Monitor::alarms_only(&cfg);
         if cfg.monitor.every == 0 {
             let l = Self::with_monitor(trainer, opts, monitor, None)?;
-            return Ok((l, Some("off (diagnostics every 0 steps)".to_string())));
+            return Ok((l, Some("off (every 0 steps)".to_string())));
         }
         let (tx, rx) = mpsc::channel();
         let (data, dev) = (trainer.data().clone(), trainer.device().clone());
@@ -338,7 +342,7 @@ impl TrainLoop {
         let l = Self::with_monitor(trainer, opts, monitor, Some(rx))?;
         Ok((
             l,
-            Some("starting: the evaluator is reading the real images…".to_string()),
+            Some("starting (the evaluator is reading the real images)…".to_string()),
         ))
     }
 
@@ -356,6 +360,8 @@ impl TrainLoop {
             monitor_rx,
             opts,
             t0: Instant::now(),
+            trained_before: 0.0,
+            last_step_end: Instant::now(),
         };
         l.take_snapshot()?;
         Ok(l)
@@ -371,8 +377,11 @@ impl TrainLoop {
         self.monitor.next_check_after(step)
     }
 
-    /// Count images/s from now (after a pause).
+    /// Count images/s from now (after a pause); the elapsed training time goes on.
     pub fn restart_clock(&mut self) {
+        if self.last_step_end > self.t0 {
+            self.trained_before += (self.last_step_end - self.t0).as_secs_f64();
+        }
         self.t0 = Instant::now();
         self.step0 = self.trainer.step;
     }
@@ -397,7 +406,7 @@ impl TrainLoop {
             }
             Ok(Err(e)) => {
                 self.monitor_rx = None;
-                emit(sinks, &LoopEvent::Diagnostics(Some(e.to_string())))?;
+                emit(sinks, &LoopEvent::Diagnostics(Some(format!("off ({e})"))))?;
             }
             Err(TryRecvError::Empty) => {}
             Err(TryRecvError::Disconnected) => self.monitor_rx = None,
@@ -450,12 +459,13 @@ impl TrainLoop {
             emit(sinks, &LoopEvent::Log(msg))?;
         }
         let fatal = !weights_ok || alarms.iter().any(|a| a.kind.is_fatal());
-        let elapsed = self.t0.elapsed().as_secs_f64();
+        self.last_step_end = Instant::now();
+        let since = self.t0.elapsed().as_secs_f64();
         let per_step = (self.trainer.cfg.batch_size * self.trainer.cfg.loss.n_critic) as f64;
         let (lr_g, lr_d) = self.trainer.learning_rates();
         let ev = StepEvent {
-            images_per_s: (s - self.step0.min(s)) as f64 * per_step / elapsed.max(1e-9),
-            elapsed_s: elapsed,
+            images_per_s: (s - self.step0.min(s)) as f64 * per_step / since.max(1e-9),
+            elapsed_s: self.trained_before + since,
             step_seconds,
             stats,
             lr_g,

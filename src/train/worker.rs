@@ -410,7 +410,15 @@ impl Worker {
             }
             Command::Step(kind) => {
                 self.running = false;
+                let before = self.lp.trainer.step;
                 self.step(kind, out)?;
+                // A single step shows its result (D-only and G-only steps always send the
+                // wall; a "Both" step only on the wall's schedule).
+                let s = self.lp.trainer.step;
+                let every = self.lp.opts.wall_every.max(1);
+                if kind == StepKind::Both && s != before && !s.is_multiple_of(every) {
+                    self.lp.send_wall(&mut [out])?;
+                }
                 out.send(Event::State(RunState::Paused));
             }
             Command::SetLearningRates { g, d } => {

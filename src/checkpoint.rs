@@ -411,7 +411,7 @@ enum Probe {
 /// Read and validate only the header of a checkpoint file (cheap): structure, total length,
 /// and the ganscope metadata.
 fn probe(path: &Path) -> Probe {
-    let mut f = match File::open(path) {
+    let mut f = match open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Missing,
         Err(e) => return Probe::Invalid(format!("cannot open: {e}")),
@@ -508,7 +508,7 @@ fn read_verified(
     want: &Header,
     device: Option<&Device>,
 ) -> std::result::Result<Verified, String> {
-    let bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let bytes = read_regular(path).map_err(|e| format!("cannot read: {e}"))?;
     let (n, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| format!("corrupt: {e}"))?;
     let got = check_meta(meta.metadata().as_ref())?;
     if got.save_id != want.save_id || got.step != want.step {
@@ -662,6 +662,112 @@ pub fn save_weights(
     Ok(())
 }
 
+/// Open `path` for reading if it is a regular file (following links). A FIFO named like a
+/// checkpoint would block `open` forever; a device or folder is not a file either.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    let meta = fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a folder, FIFO, socket or device)",
+        ));
+    }
+    File::open(path)
+}
+
+/// [`fs::read`] of a regular file only (see [`open_regular`]).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = open_regular(path)?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Rename every checkpoint file of `dir` that failed to load (corrupt, truncated, not a
+/// regular file; not merely missing or from a newer incomplete save) to
+/// `<name>.rejected-<unix seconds>`, so that the next save cannot overwrite the evidence.
+/// Call while holding the folder's [`RunLock`], before training into it. Returns one line
+/// per file set aside, with the reason.
+pub fn set_aside_rejected(dir: &Path) -> Result<Vec<String>> {
+    let res = resolve(dir, Some(&Device::Cpu));
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = Vec::new();
+    for (name, why) in &res.status {
+        let Some(why) = why.as_deref().filter(|w| *w != "missing") else {
+            continue;
+        };
+        let from = dir.join(name);
+        if fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        let to = dir.join(format!("{name}.rejected-{secs}"));
+        rename(&from, &to)?;
+        out.push(format!(
+            "{} set aside as {}: {why}",
+            from.display(),
+            to.display()
+        ));
+    }
+    if !out.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(out)
+}
+
+/// Name of the lock file in a run folder.
+pub const LOCK_FILE: &str = ".ganscope.lock";
+
+/// An exclusive advisory lock on a run folder (`flock` on Unix, `LockFileEx` on Windows),
+/// held for as long as a process trains or saves into it; released when dropped (or when
+/// the process dies). The lock file holds the holder's process id.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+impl RunLock {
+    /// Lock `dir` (created if missing), or say which process holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0).map_err(|e| Error::io(&path, e))?;
+                writeln!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+                Ok(Self { _file: file, path })
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("process {holder}")
+                };
+                Err(Error::bad_file(
+                    dir,
+                    format!(
+                        "this run folder is in use: {who} is training or saving into it (lock \
+                         {}); wait for it to finish or choose another folder",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
 /// True when `dir/generator.safetensors` is readable and marked as weights-only.
 pub fn is_weights_folder(dir: &Path) -> bool {
     read_meta(&file_path(dir, GENERATOR))
@@ -669,7 +775,7 @@ pub fn is_weights_folder(dir: &Path) -> bool {
 }
 
 fn read_meta(path: &Path) -> std::result::Result<HashMap<String, String>, String> {
-    let mut f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut f = open_regular(path).map_err(|e| format!("cannot open: {e}"))?;
     Ok(read_header_meta(&mut f)?.unwrap_or_default())
 }
 
@@ -913,7 +1019,7 @@ fn metrics_path(dir: &Path) -> PathBuf {
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match fs::read(path) {
+    match read_regular(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
@@ -945,7 +1051,7 @@ pub fn append_metrics(dir: &Path, line: &serde_json::Value) -> Result<()> {
         f.seek(SeekFrom::Start(len - 1)).map_err(io)?;
         f.read_exact(&mut last).map_err(io)?;
         if last[0] != b'\n' {
-            let data = fs::read(&path).map_err(io)?;
+            let data = read_regular(&path).map_err(io)?;
             let start = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
             if serde_json::from_slice::<serde_json::Value>(trim(&data[start..])).is_ok() {
                 f.write_all(b"\n").map_err(io)?;
@@ -1201,6 +1307,52 @@ mod tests {
                 assert!(!suffixed(d.path(), role, TMP_SUFFIX).exists());
             }
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_named_like_a_checkpoint_is_refused_not_waited_on() {
+        // `open` on a FIFO blocks until a writer comes: loading ran forever. Now the FIFO is
+        // refused as "not a regular file" and the previous set loads. Run in a thread so a
+        // regression fails in seconds instead of hanging the suite.
+        let d = dir();
+        let good = make_set(1);
+        save(d.path(), 10, refs(&good)).unwrap();
+        save(d.path(), 20, refs(&make_set(2))).unwrap();
+        let g = d.path().join(FILES[GENERATOR]);
+        fs::remove_file(&g).unwrap();
+        let ok = std::process::Command::new("mkfifo")
+            .arg(&g)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let p = d.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_latest(&p, &Device::Cpu).map(|s| (s.step, s.notes)));
+        });
+        let (step, notes) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("loading hung on a FIFO")
+            .unwrap();
+        assert_eq!(step, 10);
+        let all = notes.join("; ");
+        assert!(all.contains("not a regular file"), "{all}");
+        let e = read_regular(&g).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_run_folder_has_one_writer_at_a_time() {
+        let d = dir();
+        let run = d.path().join("run");
+        let first = RunLock::acquire(&run).unwrap();
+        let e = RunLock::acquire(&run).unwrap_err().to_string();
+        let pid = std::process::id().to_string();
+        assert!(e.contains("in use") && e.contains(&pid), "{e}");
+        drop(first);
+        let again = RunLock::acquire(&run).unwrap();
+        assert_eq!(fs::read_to_string(&again.path).unwrap().trim(), pid);
     }
 
     #[test]

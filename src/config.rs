@@ -35,7 +35,7 @@ impl DataKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     pub kind: DataKind,
     /// Where the data lives; `None` searches the usual places.
@@ -95,7 +95,7 @@ pub enum DNorm {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub arch: Arch,
     /// Square image side: 28, 32 or 64.
@@ -178,7 +178,7 @@ pub enum LossKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LossConfig {
     pub kind: LossKind,
     /// WGAN-GP lambda.
@@ -218,7 +218,7 @@ impl Default for LossConfig {
 
 /// Adam settings; separate learning rates for G and D (TTUR, Heusel et al. 2017).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct OptimConfig {
     pub lr_g: f64,
     pub lr_d: f64,
@@ -253,7 +253,7 @@ impl Default for OptimConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Name of the preset this config started from.
     pub preset: String,
@@ -517,6 +517,20 @@ impl TrainConfig {
 
     /// Reject combinations the engine cannot build, with a reason.
     pub fn validate(&self) -> Result<()> {
+        // The preset names the default run folder (`runs/<preset>`): a plain name only.
+        let p = &self.preset;
+        if p.is_empty()
+            || p.len() > 64
+            || p.starts_with('.')
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::Config(format!(
+                "preset name {p:?}: use 1-64 letters, digits, '-', '_' or '.' (not first); it \
+                 names the run folder runs/<preset>"
+            )));
+        }
         let m = &self.model;
         if ![28, 32, 64].contains(&m.image_size) {
             return Err(Error::Config(format!(
@@ -710,6 +724,46 @@ mod tests {
             assert_eq!(back, c);
         }
         assert!(TrainConfig::preset("nope").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        // A typo used to be ignored silently (batch 64 trained instead of 16).
+        for (json, key) in [
+            (r#"{"batchsize": 16}"#, "batchsize"),
+            (r#"{"optim": {"lr": 0.001}}"#, "lr"),
+            (r#"{"model": {"zdim": 8}}"#, "zdim"),
+            (r#"{"monitor": {"every": 5, "n_reals": 10}}"#, "n_reals"),
+        ] {
+            let e = serde_json::from_str::<TrainConfig>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("unknown field `{key}`")), "{json}: {e}");
+        }
+        // Every preset still reads back from its own JSON.
+        for (name, _) in PRESETS {
+            let c = TrainConfig::preset(name).unwrap();
+            let back: TrainConfig =
+                serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c, "{name}");
+        }
+    }
+
+    #[test]
+    fn preset_names_cannot_leave_the_runs_folder() {
+        for bad in ["../../x", "a/b", ".hidden", "", "a b", "x\\y"] {
+            let c = TrainConfig {
+                preset: bad.into(),
+                ..TrainConfig::mnist_cdcgan()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("preset name"), "{bad}: {e}");
+        }
+        let ok = TrainConfig {
+            preset: "my-run_2.b".into(),
+            ..TrainConfig::mnist_cdcgan()
+        };
+        ok.validate().unwrap();
     }
 
     #[test]

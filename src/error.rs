@@ -6,12 +6,10 @@ use std::path::PathBuf;
 /// Errors raised by the ganscope engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error is part of the message, not a `source` (a `{:#}` chain would print it
+    /// twice).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A data or checkpoint file exists but its contents are not what they should be.
     #[error("{path}: {msg}")]
     BadFile { path: PathBuf, msg: String },
@@ -53,7 +51,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

@@ -48,7 +48,12 @@ impl LatentSpec {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::checkpoint::read_regular(path)
+            .and_then(|b| {
+                String::from_utf8(b)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|e| Error::io(path, e))?;
         Self::from_json(&text, &path.display().to_string())
     }
 

@@ -453,6 +453,11 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(p) = &a.evaluator {
         cfg.monitor.evaluator = Some(p.clone());
     }
+    cfg.validate()?;
+    // One writer per run folder, and a folder that cannot be written is an error now, not at
+    // the first save after training (and before a resume truncates its metrics).
+    let lock = ganscope::checkpoint::RunLock::acquire(&out)
+        .with_context(|| format!("opening the run folder {}", out.display()))?;
     let t = std::time::Instant::now();
     let ds = data::open(&cfg.data, cfg.model.image_size).context("opening the dataset")?;
     eprintln!(
@@ -467,7 +472,13 @@ fn train(a: TrainArgs) -> Result<()> {
         Some(dir) => {
             let tr = Trainer::resume_with(dir, cfg.clone(), ds, &dev)
                 .with_context(|| format!("resuming from {}", dir.display()))?;
+            for note in &tr.load_notes {
+                eprintln!("checkpoint: {note}");
+            }
             if out == *dir {
+                for line in ganscope::checkpoint::set_aside_rejected(dir)? {
+                    eprintln!("checkpoint: {line}");
+                }
                 let dropped = ganscope::checkpoint::truncate_metrics_after(dir, tr.step)?;
                 if dropped > 0 {
                     eprintln!("metrics.jsonl: dropped {dropped} unreadable lines");
@@ -560,7 +571,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         _ => {}
     });
-    let mut folder = run::RunFolder::new(&out, &cfg);
+    let mut folder = run::RunFolder::new(&out, &cfg).with_lock(lock);
     let opts = run::LoopOptions::for_trainer(&trainer);
     let mut lp = run::TrainLoop::new(trainer, opts).context("setting up the diagnostics")?;
     let res = lp.run_until(target, deadline, &mut [&mut folder, &mut progress]);

@@ -328,6 +328,74 @@ fn half_written_checkpoint_is_ignored_and_the_previous_one_loads() {
     let back = Trainer::resume(dir.path(), data, &dev).unwrap();
     assert_eq!(back.step, 1);
     assert_eq!(weights(&back), at_step1);
+    // The fallback is said, not silent, and the torn file is kept aside (renamed) so the
+    // next save cannot overwrite the evidence.
+    let notes = back.load_notes.join("; ");
+    assert!(notes.contains("generator.safetensors"), "{notes}");
+    let aside = ganscope::checkpoint::set_aside_rejected(dir.path()).unwrap();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(
+        aside[0].contains("generator.safetensors set aside as"),
+        "{aside:?}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("generator.safetensors.rejected-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        std::fs::read(dir.path().join(&kept[0])).unwrap(),
+        &bytes[..bytes.len() / 2]
+    );
+    back.save(dir.path()).unwrap();
+    assert!(dir.path().join(&kept[0]).exists());
+    assert!(
+        ganscope::checkpoint::set_aside_rejected(dir.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn corrupt_restored_state_is_refused_not_a_panic() {
+    // A well-formed checkpoint (valid checksums) whose trainer state is out of range: the
+    // sampler cursor at -9 (as u64) panicked in the first step; an all-zero random state
+    // would draw the same numbers forever. Both are errors naming the file and the tensor,
+    // and the trainer is unchanged.
+    let dev = Device::Cpu;
+    let cfg = tiny(TrainConfig::mnist_cdcgan());
+    let data = data_for(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+    t.train_step().unwrap();
+    t.save(dir.path()).unwrap();
+    let set = ganscope::checkpoint::load_latest(dir.path(), &dev).unwrap();
+    for (name, value, want) in [
+        (
+            "trainer.sampler",
+            vec![0u64, (-9i64) as u64, data.len() as u64],
+            "cursor -9",
+        ),
+        ("trainer.rng", vec![0u64; 4], "all zeros"),
+    ] {
+        let [g, d, mut o] = set.files.clone();
+        let v: Vec<i64> = value.iter().map(|&x| x as i64).collect();
+        let t_bad = Tensor::new(v.as_slice(), &dev).unwrap();
+        o.insert(name.to_string(), t_bad);
+        let bad = dir.path().join(name);
+        ganscope::checkpoint::save(&bad, 1, [&g, &d, &o]).unwrap();
+        std::fs::copy(dir.path().join("config.json"), bad.join("config.json")).unwrap();
+        let mut fresh = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
+        let before = weights(&fresh);
+        let err = fresh.load_checkpoint(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("optimizer.safetensors") && err.contains(name) && err.contains(want),
+            "{err}"
+        );
+        assert_eq!(weights(&fresh), before);
+        assert_eq!(fresh.step, 0);
+    }
 }
 
 #[test]

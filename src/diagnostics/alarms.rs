@@ -33,7 +33,7 @@ use crate::train::StepStats;
 
 /// Alarm thresholds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AlarmConfig {
     /// Steps before which only the NaN/Inf rule can fire.
     pub warmup_steps: u64,

@@ -52,7 +52,7 @@ use crate::rng::Rng;
 
 /// Settings of every measure (all have defaults, so a config.json may name only some).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DiagnosticsConfig {
     /// Seeds the real split and k-means.
     pub seed: u64,

@@ -26,7 +26,7 @@ const PREDICT_CHUNK: usize = 32;
 
 /// Everything that defines an evaluator and how it was trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvaluatorConfig {
     pub image_size: usize,
     pub channels: usize,
@@ -292,12 +292,12 @@ impl Classifier {
     /// Load an evaluator saved by [`Classifier::save`].
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cp = dir.join(CONFIG_FILE);
-        let text = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
+        let text = crate::checkpoint::read_regular(&cp).map_err(|e| Error::io(&cp, e))?;
         let cfg: EvaluatorConfig =
             serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
         let c = Self::new(&cfg, device)?;
         let wp = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&wp).map_err(|e| Error::io(&wp, e))?;
+        let bytes = crate::checkpoint::read_regular(&wp).map_err(|e| Error::io(&wp, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| Error::bad_file(&wp, e.to_string()))?;
         check_shapes(&wp, &c.store.shapes(true), &tensors)?;
@@ -408,7 +408,7 @@ fn save_state(dir: &Path, model: &Classifier, opt: &Adam, epochs_done: usize) ->
 /// Restore what [`save_state`] wrote; returns the number of epochs already done.
 fn load_state(dir: &Path, model: &Classifier, opt: &mut Adam) -> Result<usize> {
     let path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bytes = crate::checkpoint::read_regular(&path).map_err(|e| Error::io(&path, e))?;
     let t = candle_core::safetensors::load_buffer(&bytes, model.store.device())
         .map_err(|e| Error::bad_file(&path, e.to_string()))?;
     let weights: HashMap<String, Tensor> = t
@@ -458,7 +458,7 @@ pub fn train_evaluator(
         && d.join(STATE_FILE).exists()
     {
         let cp = d.join(CONFIG_FILE);
-        let text = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
+        let text = crate::checkpoint::read_regular(&cp).map_err(|e| Error::io(&cp, e))?;
         let saved: EvaluatorConfig =
             serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
         let same = EvaluatorConfig {

@@ -120,6 +120,9 @@ pub struct Trainer {
     sampler: Sampler,
     /// Generator steps taken.
     pub step: u64,
+    /// What the last checkpoint load skipped and why (a corrupt newest file, a newer
+    /// incomplete save): empty normally; front ends show it.
+    pub load_notes: Vec<String>,
     data: Arc<dyn Dataset>,
     device: Device,
     dtype: DType,
@@ -199,6 +202,7 @@ impl Trainer {
             opt_d,
             sampler,
             step: 0,
+            load_notes: Vec::new(),
             data,
             device: device.clone(),
             dtype,
@@ -478,7 +482,11 @@ impl Trainer {
     /// metadata, fresh Adam moments, noise and data order from the config's seed.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         match checkpoint::load_latest(dir, &self.device) {
-            Ok(set) => self.load_tensors(&set.paths, &set.files),
+            Ok(set) => {
+                self.load_tensors(&set.paths, &set.files)?;
+                self.load_notes = set.notes;
+                Ok(())
+            }
             Err(Error::NoCheckpoint { .. }) if checkpoint::is_weights_folder(dir) => {
                 self.load_weights(dir)
             }
@@ -608,6 +616,22 @@ impl Trainer {
                 ),
             ));
         }
+        if smp[1] > smp[2] {
+            return Err(Error::bad_file(
+                &op,
+                format!(
+                    "trainer.sampler: the cursor {} is past the end of the dataset ({} images): \
+                     the file is corrupt",
+                    smp[1] as i64, smp[2]
+                ),
+            ));
+        }
+        if rng.iter().all(|&x| x == 0) {
+            return Err(Error::bad_file(
+                &op,
+                "trainer.rng: the random state is all zeros: the file is corrupt",
+            ));
+        }
         // All checks passed: commit.
         if let Some(e) = &self.ema {
             e.store.load(&gp, g, true)?;
@@ -664,7 +688,7 @@ pub fn load_generator(dir: &Path, device: &Device) -> Result<(Generator, TrainCo
 /// Read and parse `dir/config.json`.
 pub fn read_config(dir: &Path) -> Result<TrainConfig> {
     let p = dir.join("config.json");
-    let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+    let bytes = checkpoint::read_regular(&p).map_err(|e| Error::io(&p, e))?;
     let cfg: TrainConfig =
         serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&p, e.to_string()))?;
     cfg.validate()

@@ -25,7 +25,7 @@ use crate::train::StepStats;
 
 /// When and on how many samples diagnostics run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct MonitorConfig {
     /// Run the diagnostics every N generator steps (0 = never; the alarms on step statistics
     /// run at every step regardless).

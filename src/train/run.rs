@@ -628,6 +628,8 @@ pub struct RunFolder {
     saved: Option<u64>,
     /// The last file written: a sample grid, or the folder after a checkpoint.
     pub wrote: Option<PathBuf>,
+    /// Held from the first write on: one writer per run folder.
+    lock: Option<checkpoint::RunLock>,
 }
 
 impl RunFolder {
@@ -643,7 +645,23 @@ impl RunFolder {
             logged: None,
             saved: None,
             wrote: None,
+            lock: None,
         }
+    }
+
+    /// Use a lock taken earlier on this folder.
+    pub fn with_lock(mut self, lock: checkpoint::RunLock) -> Self {
+        self.lock = Some(lock);
+        self
+    }
+
+    /// Create and lock the folder now (the CLI does so before training: a folder that is
+    /// in use or not writable is an error before any work, not at the first save).
+    pub fn lock(&mut self) -> Result<()> {
+        if self.lock.is_none() {
+            self.lock = Some(checkpoint::RunLock::acquire(&self.dir)?);
+        }
+        Ok(())
     }
 
     /// Step of the last checkpoint this sink wrote.
@@ -651,8 +669,8 @@ impl RunFolder {
         self.saved
     }
 
-    fn append(&self, line: &serde_json::Value) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+    fn append(&mut self, line: &serde_json::Value) -> Result<()> {
+        self.lock()?;
         checkpoint::append_metrics(&self.dir, line)
     }
 
@@ -707,11 +725,14 @@ impl Sink for RunFolder {
             && let Some(f) = self.frame.as_ref().filter(|f| f.step == s)
         {
             let path = self.dir.join("samples").join(format!("step_{s:06}.png"));
-            save_png(&f.sheet(self.scale)?, &path)?;
+            let sheet = f.sheet(self.scale)?;
+            self.lock()?;
+            save_png(&sheet, &path)?;
             self.wrote = Some(path);
         }
         let due = (self.checkpoint_every > 0 && s.is_multiple_of(self.checkpoint_every)) || last;
         if due && self.saved != Some(s) {
+            self.lock()?;
             trainer.save(&self.dir)?;
             self.saved = Some(s);
             self.wrote = Some(self.dir.clone());

@@ -266,6 +266,9 @@ impl Worker {
         let mut trainer = Trainer::new(cfg.clone(), data.clone(), &spec.device)?;
         if let Some(dir) = &spec.resume {
             trainer.load_checkpoint(dir)?;
+            for note in &trainer.load_notes {
+                out.send(Event::Log(format!("checkpoint: {note}")));
+            }
             if crate::checkpoint::is_weights_folder(dir) {
                 out.send(Event::Log(format!(
                     "{} holds weights only (a shipped generator): training on starts Adam \
@@ -451,12 +454,29 @@ impl Worker {
                 }
             }
             Command::SetNanPolicy(p) => self.lp.opts.nan_policy = p,
-            Command::Save(dir) => match self.lp.trainer.save(&dir) {
-                Ok(()) => out.send(Event::Saved(dir)),
-                Err(e) => out.send(Event::Log(format!("saving failed: {e}"))),
-            },
+            Command::Save(dir) => {
+                // The session's own run folder is locked by its sink already; any other
+                // folder is locked for the save (a CLI run training there refuses it).
+                let own = self.folder.as_ref().is_some_and(|f| f.dir == dir);
+                let res = if own {
+                    self.folder
+                        .as_mut()
+                        .map_or(Ok(()), |f| f.lock())
+                        .and_then(|()| self.lp.trainer.save(&dir))
+                } else {
+                    crate::checkpoint::RunLock::acquire(&dir)
+                        .and_then(|_lock| self.lp.trainer.save(&dir))
+                };
+                match res {
+                    Ok(()) => out.send(Event::Saved(dir)),
+                    Err(e) => out.send(Event::Log(format!("saving failed: {e}"))),
+                }
+            }
             Command::Load(dir) => match self.lp.load_checkpoint(&dir) {
                 Ok(()) => {
+                    for note in &self.lp.trainer.load_notes {
+                        out.send(Event::Log(format!("checkpoint: {note}")));
+                    }
                     out.send(Event::Log(format!(
                         "loaded {} (step {})",
                         dir.display(),

@@ -71,6 +71,10 @@ pub const KEY_SAVE_ID: &str = "save_id";
 pub const KEY_FORMAT: &str = "format";
 pub const KEY_SAVED_AT: &str = "saved_at_ns";
 pub const KEY_DATA_HASH: &str = "data_hash";
+/// Checksum of the header itself (tensor names, dtypes, shapes, offsets and the other
+/// metadata), computed with this value set to the placeholder. Files written before it
+/// existed have none and are checked on their data only.
+pub const KEY_HEADER_HASH: &str = "header_hash";
 
 /// Safetensors refuses headers larger than this; so do we, before allocating.
 const MAX_HEADER: u64 = 100_000_000;
@@ -161,6 +165,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 // Checksum
 // ---------------------------------------------------------------------------------------------
 
+/// Offset in `header` of the 16 hex digits of the `header_hash` value (exactly one).
+fn header_hash_value_at(header: &[u8]) -> Option<usize> {
+    let key = format!("\"{KEY_HEADER_HASH}\":\"");
+    let at = find(header, key.as_bytes())?;
+    if find(&header[at + 1..], key.as_bytes()).is_some() {
+        return None;
+    }
+    let v = at + key.len();
+    (header.len() >= v + HASH_PLACEHOLDER.len() + 1 && header[v + HASH_PLACEHOLDER.len()] == b'"')
+        .then_some(v)
+}
+
+/// Check a header against its own `header_hash` (when it has one).
+fn verify_header(header: &[u8], meta: &HashMap<String, String>) -> std::result::Result<(), String> {
+    let Some(stored) = meta.get(KEY_HEADER_HASH) else {
+        return Ok(());
+    };
+    let at = header_hash_value_at(header)
+        .ok_or_else(|| "corrupt: the header checksum entry is malformed".to_string())?;
+    let mut h = header.to_vec();
+    h[at..at + HASH_PLACEHOLDER.len()].copy_from_slice(HASH_PLACEHOLDER.as_bytes());
+    let computed = format!("{:016x}", data_hash(&h));
+    if *stored != computed {
+        return Err(format!(
+            "corrupt: header checksum {computed} does not match the stored {stored} (tensor \
+             names, dtypes, shapes or metadata changed)"
+        ));
+    }
+    Ok(())
+}
+
 /// 64-bit checksum of the tensor data. Every step is a bijection of the state, so any change
 /// confined to one 8-byte word is always detected; this guards against bit rot and torn
 /// writes, not against deliberate tampering.
@@ -250,6 +285,7 @@ fn serialize_file(
     }
     let mut meta = meta.clone();
     meta.insert(KEY_DATA_HASH.to_string(), HASH_PLACEHOLDER.to_string());
+    meta.insert(KEY_HEADER_HASH.to_string(), HASH_PLACEHOLDER.to_string());
     let mut bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (*n, t)), Some(meta))
         .map_err(|e| Error::bad_file(path, format!("cannot serialise checkpoint: {e}")))?;
 
@@ -266,6 +302,11 @@ fn serialize_file(
     let digits = format!("{:016x}", data_hash(&bytes[8 + n..]));
     let start = 8 + at + pattern.len() - 1 - HASH_PLACEHOLDER.len();
     bytes[start..start + HASH_PLACEHOLDER.len()].copy_from_slice(digits.as_bytes());
+    // Then the header's own checksum, over the header with the data checksum in place.
+    let at = header_hash_value_at(&bytes[8..8 + n])
+        .ok_or_else(|| internal("header checksum placeholder not found"))?;
+    let digits = format!("{:016x}", data_hash(&bytes[8..8 + n]));
+    bytes[8 + at..8 + at + HASH_PLACEHOLDER.len()].copy_from_slice(digits.as_bytes());
     Ok(bytes)
 }
 
@@ -518,6 +559,7 @@ fn read_verified(
     let stored = meta
         .get(KEY_DATA_HASH)
         .ok_or_else(|| "corrupt metadata: missing `data_hash`".to_string())?;
+    verify_header(&bytes[8..8 + n], &meta)?;
     let computed = format!("{:016x}", data_hash(&bytes[8 + n..]));
     if *stored != computed {
         return Err(format!(
@@ -1340,6 +1382,28 @@ mod tests {
         assert!(all.contains("not a regular file"), "{all}");
         let e = read_regular(&g).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_changed_header_is_detected() {
+        // Changing a tensor's dtype in the header (F32 -> I32, same length) kept the data
+        // checksum valid: garbage weights loaded, trained and were re-saved. The header has
+        // its own checksum now: the newest set is rejected and the previous one loads.
+        let d = dir();
+        let good = make_set(1);
+        save(d.path(), 10, refs(&good)).unwrap();
+        save(d.path(), 20, refs(&make_set(2))).unwrap();
+        let g = d.path().join(FILES[GENERATOR]);
+        let mut bytes = fs::read(&g).unwrap();
+        let n = header_len(&bytes).unwrap();
+        let at = find(&bytes[8..8 + n], b"\"F32\"").unwrap() + 8;
+        bytes[at + 1..at + 4].copy_from_slice(b"I32");
+        fs::write(&g, &bytes).unwrap();
+        let got = load_latest(d.path(), &cpu()).unwrap();
+        assert_eq!(got.step, 10);
+        assert_same(&got.files, &good);
+        let notes = got.notes.join("; ");
+        assert!(notes.contains("header checksum"), "{notes}");
     }
 
     #[test]

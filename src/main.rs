@@ -85,9 +85,9 @@ struct IclevrArgs {
     #[arg(long)]
     out: PathBuf,
     /// Number of scenes; each gives three images (_0, _1, _2 with 1, 2, 3 objects).
-    #[arg(long, default_value_t = data::SYNTHETIC_SCENES)]
+    #[arg(long, default_value_t = data::SYNTHETIC_SCENES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     n_scenes: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(8..=512))]
     size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -116,20 +116,20 @@ struct EvaluatorTrainArgs {
     data: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
     width: Option<usize>,
     /// Stride of the first convolution (default: 2 for 64-pixel images, else 1).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4))]
     stem_stride: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     limit: Option<usize>,
     /// Synthetic i-CLEVR (no --data): render this many scenes (3 images each) instead of 6003.
-    #[arg(long, conflicts_with_all = ["data", "limit"])]
+    #[arg(long, conflicts_with_all = ["data", "limit"], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     n_scenes: Option<usize>,
     /// Image side for formats that are resized (i-CLEVR, image folders).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(8..=512))]
     size: usize,
     #[arg(long, default_value = "auto")]
     device: String,
@@ -146,10 +146,10 @@ struct EvaluatorScoreArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Use only the first N images.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     limit: Option<usize>,
     /// Synthetic i-CLEVR (no --data): render this many scenes (3 images each).
-    #[arg(long, conflicts_with_all = ["data", "limit"])]
+    #[arg(long, conflicts_with_all = ["data", "limit"], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     n_scenes: Option<usize>,
     /// Synthetic i-CLEVR: renderer seed (training uses 0; another seed gives unseen scenes).
     #[arg(long, default_value_t = 0)]
@@ -177,13 +177,13 @@ struct EvalArgs {
     #[arg(long)]
     conditions: Vec<PathBuf>,
     /// Number of noise seeds per condition list.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     seeds: u64,
     /// Class models without --conditions: images per class and seed.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     per_class: usize,
     /// Unconditional models: images per seed whose predicted classes make the histogram.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000))]
     n: usize,
     /// Evaluator folder (default checkpoints/evaluator-<dataset>).
     #[arg(long)]
@@ -192,7 +192,7 @@ struct EvalArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Real images used for the Fréchet distance.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000))]
     n_real: usize,
     #[arg(long, default_value = "auto")]
     device: String,
@@ -227,7 +227,7 @@ struct TrainArgs {
     #[arg(long)]
     n_critic: Option<usize>,
     /// Use only the first N images.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     limit: Option<usize>,
     /// Write a sample grid every N steps.
     #[arg(long)]
@@ -278,12 +278,12 @@ struct SampleArgs {
     #[arg(long)]
     latent: Option<PathBuf>,
     /// Samples per condition (columns).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Integer zoom.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     scale: u32,
     #[arg(long, default_value = "auto")]
     device: String,
@@ -615,9 +615,23 @@ fn parse_condition(names: &[String], items: &[String], one_hot: bool) -> Result<
             .position(|n| n.eq_ignore_ascii_case(it))
             .or_else(|| it.parse::<usize>().ok().filter(|&i| i < names.len()));
         match idx {
+            Some(i) if v[i] > 0.5 => bail!("label `{it}` is given twice"),
             Some(i) => v[i] = 1.0,
             None => bail!("unknown label `{it}` (known: {})", names.join(", ")),
         }
+    }
+    // i-CLEVR (24 object labels) scenes hold 1 to 3 objects.
+    if names.len() == ganscope::data::iclevr::OBJECT_NAMES.len()
+        && names
+            .iter()
+            .zip(ganscope::data::iclevr::OBJECT_NAMES)
+            .all(|(a, b)| a == b)
+        && !(1..=3).contains(&items.len())
+    {
+        bail!(
+            "an i-CLEVR condition holds 1 to 3 objects, this one {}",
+            items.len()
+        );
     }
     if one_hot && items.len() != 1 {
         bail!(
@@ -656,16 +670,7 @@ fn sample(a: SampleArgs) -> Result<()> {
     // Each condition as a list of label names (or class ids).
     let mut wanted: Vec<Vec<String>> = Vec::new();
     if let Some(p) = &a.conditions {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let list: Vec<serde_json::Value> = serde_json::from_str(&text)
-            .with_context(|| format!("{}: expected a JSON list", p.display()))?;
-        for item in &list {
-            wanted.push(match item {
-                serde_json::Value::Array(xs) => xs.iter().map(json_label).collect(),
-                x => vec![json_label(x)],
-            });
-        }
+        wanted.extend(read_condition_file(p)?);
     }
     if let Some(c) = &a.class {
         wanted.push(vec![c.clone()]);
@@ -692,14 +697,31 @@ fn sample(a: SampleArgs) -> Result<()> {
     }
     let img = run::render_rows(&g, &rows, a.n, a.seed, a.scale)?;
     save_png(&img, &a.out)?;
-    eprintln!(
-        "wrote {} ({} conditions x {} samples, step {})",
-        a.out.display(),
-        rows.len(),
-        a.n,
-        step
-    );
+    let what = if m.num_conditions == 0 {
+        format!("{} x {} unconditional samples", rows.len(), a.n)
+    } else {
+        format!("{} conditions x {} samples", rows.len(), a.n)
+    };
+    eprintln!("wrote {} ({what}, step {step})", a.out.display());
     Ok(())
+}
+
+/// A condition list file: a JSON list whose entries are label lists (i-CLEVR test.json
+/// style) or single class names / ids; an empty list is an error.
+fn read_condition_file(p: &Path) -> Result<Vec<Vec<String>>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list", p.display()))?;
+    if list.is_empty() {
+        bail!("{}: the list holds no conditions", p.display());
+    }
+    Ok(list
+        .iter()
+        .map(|item| match item {
+            serde_json::Value::Array(xs) => xs.iter().map(json_label).collect(),
+            x => vec![json_label(x)],
+        })
+        .collect())
 }
 
 fn json_label(v: &serde_json::Value) -> String {
@@ -1002,18 +1024,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
     let mut lists: Vec<(String, Vec<Vec<String>>)> = Vec::new();
     for p in &a.conditions {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let list: Vec<serde_json::Value> = serde_json::from_str(&text)
-            .with_context(|| format!("{}: expected a JSON list", p.display()))?;
-        let items = list
-            .iter()
-            .map(|item| match item {
-                serde_json::Value::Array(xs) => xs.iter().map(json_label).collect(),
-                x => vec![json_label(x)],
-            })
-            .collect();
-        lists.push((p.display().to_string(), items));
+        lists.push((p.display().to_string(), read_condition_file(p)?));
     }
     let mut gen_feats = Vec::new();
     if m.num_conditions == 0 {

@@ -30,7 +30,7 @@ pub const ATTRIBUTE_IMAGE_DIRS: [&str; 2] = ["images", "img_align_celeba"];
 /// Largest accepted image side.
 pub const MAX_SIZE: usize = 4096;
 /// Most decoding threads.
-const MAX_THREADS: usize = 16;
+const MAX_THREADS: usize = super::MAX_DECODE_THREADS;
 
 // ---------------------------------------------------------------------------------------------
 // One image
@@ -101,7 +101,7 @@ fn read_into(path: &Path, size: u32, context: &str, out: &mut [u8]) -> Result<()
     if let Kind::Unsupported(msg) = kind_of(path) {
         return Err(bad(msg));
     }
-    let reader = ImageReader::open(path)
+    let mut reader = ImageReader::open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 bad("image not found".to_string())
@@ -124,6 +124,7 @@ fn read_into(path: &Path, size: u32, context: &str, out: &mut [u8]) -> Result<()
             ));
         }
     }
+    reader.limits(super::decode_limits());
     // Decoders are not supposed to panic on bad data; make sure one cannot take the load
     // down if it does.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))

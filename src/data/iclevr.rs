@@ -159,8 +159,12 @@ pub fn read_train_labels(path: &Path, names: &[String]) -> Result<Vec<(String, V
 /// Decode one PNG, drop alpha, resize the whole frame to `size` x `size` (bilinear with
 /// antialiasing, like PIL's resize) and write it as CHW bytes into `out`.
 fn decode_into(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+    let bytes = crate::checkpoint::read_regular(path).map_err(|e| Error::io(path, e))?;
+    let mut reader =
+        image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
+    reader.limits(super::decode_limits());
+    let img = reader
+        .decode()
         .map_err(|e| Error::bad_file(path, format!("cannot decode PNG: {e}")))?
         .to_rgb8();
     let img = if img.width() as usize == size && img.height() as usize == size {
@@ -179,7 +183,9 @@ fn decode_into(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
 
 /// Number of worker threads for bulk work.
 pub(crate) fn worker_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, super::MAX_DECODE_THREADS)
 }
 
 /// Load an i-CLEVR folder: `objects.json` (if absent, the standard [`OBJECT_NAMES`]),
@@ -469,6 +475,22 @@ mod tests {
         fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
         let e = err_string(load_iclevr(d, 4));
         assert!(e.contains("CLEVR_train_000000_1.png"), "{e}");
+
+        // A tiny PNG that declares 16000 x 16000 pixels (its IHDR patched, CRC fixed):
+        // refused by the decoding limits before anything that size is allocated.
+        let mut huge = png_bytes(1, 1, |_, _| [1, 2, 3, 255]);
+        assert_eq!(&huge[12..16], b"IHDR");
+        huge[16..20].copy_from_slice(&16000u32.to_be_bytes());
+        huge[20..24].copy_from_slice(&16000u32.to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(&huge[12..29]);
+        huge[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        fs::write(&victim, &huge).unwrap();
+        let e = err_string(load_iclevr(d, 4));
+        assert!(
+            e.contains("CLEVR_train_000000_1.png") && e.to_lowercase().contains("limit"),
+            "{e}"
+        );
 
         // Corrupt (not a PNG at all).
         fs::write(&victim, b"GIF89a not really").unwrap();

@@ -138,6 +138,21 @@ pub const SYNTHETIC_SCENES: usize = 6003;
 
 /// Open the dataset a run config names (training split) at the model's image side `size`
 /// (used where the format allows resizing: i-CLEVR and image folders).
+/// Limits for decoding dataset images: a declared size of at most 8192 x 8192 pixels and
+/// 256 MiB of decoder memory per image (real datasets here are 64-500 px; a 275 KB PNG
+/// declaring 16000 x 16000 asked for about 1 GB per decoding thread). With at most 16
+/// decoding threads, image decoding stays within 4 GiB.
+pub fn decode_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(8192);
+    l.max_image_height = Some(8192);
+    l.max_alloc = Some(256 << 20);
+    l
+}
+
+/// Most threads that decode images at once.
+pub const MAX_DECODE_THREADS: usize = 16;
+
 pub fn open(cfg: &crate::config::DataConfig, size: usize) -> Result<InMemoryDataset> {
     use crate::config::DataKind;
     let path = cfg.path.as_deref();

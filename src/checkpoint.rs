@@ -173,7 +173,7 @@ fn header_hash_value_at(header: &[u8]) -> Option<usize> {
         return None;
     }
     let v = at + key.len();
-    (header.len() >= v + HASH_PLACEHOLDER.len() + 1 && header[v + HASH_PLACEHOLDER.len()] == b'"')
+    (header.len() > v + HASH_PLACEHOLDER.len() && header[v + HASH_PLACEHOLDER.len()] == b'"')
         .then_some(v)
 }
 

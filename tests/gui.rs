@@ -32,9 +32,18 @@ fn harness(s: Settings, run: bool) -> Harness<'static, GanscopeApp> {
 
 /// The explorer as `ganscope --open DIR` starts it when `open` is given.
 fn harness_opening(s: Settings, run: bool, open: Option<PathBuf>) -> Harness<'static, GanscopeApp> {
+    harness_sized(s, run, open, SIZE)
+}
+
+fn harness_sized(
+    s: Settings,
+    run: bool,
+    open: Option<PathBuf>,
+    size: [f32; 2],
+) -> Harness<'static, GanscopeApp> {
     ganscope::grad::enable_exact_second_order().unwrap();
     Harness::builder()
-        .with_size(SIZE)
+        .with_size(size)
         // Some drag values and combo boxes sit beside a grid label instead of carrying
         // their own accessible name (noted in the explorer issue's closing note).
         .with_accessibility_check(false)
@@ -477,6 +486,51 @@ fn repeating_log_lines_collapse_into_one_with_a_count() {
     assert_eq!(
         ganscope::app::numbers_masked("step 12: lr 1.5e-4, -3 x2"),
         "step #: lr #, -# x#"
+    );
+}
+
+#[test]
+fn the_wall_zoom_fits_the_space_and_a_manual_zoom_is_kept() {
+    // Zoom 0 (the default) = the largest integer zoom at which the wall fits the central
+    // panel. The 8 x 8 wall of 32-px images is 256 x 256 px at 1x: at 1280x860 with both side
+    // panels it fits at 2x (3x = 768 px is taller than the panel), in a 1700x1400 window at
+    // 3x (4x = 1024 px is not). A zoom typed in is kept; the heat map shows its scale.
+    let mut small = harness(settings(), false);
+    ready(&mut small);
+    small.run_steps(2);
+    assert_eq!(small.state().wall.shown_zoom, 2);
+    let mut big = harness_sized(settings(), false, None, [1700.0, 1400.0]);
+    ready(&mut big);
+    big.run_steps(2);
+    assert_eq!(big.state().wall.shown_zoom, 3);
+    big.state_mut().settings.zoom = 1;
+    big.run_steps(2);
+    assert_eq!(big.state().wall.shown_zoom, 1);
+    big.state_mut().settings.zoom = 0;
+    big.state_mut().settings.heat = ganscope::app::HeatMode::Row;
+    big.run_steps(2);
+    assert_eq!(big.state().wall.shown_zoom, 3);
+    big.get_by_label_contains("std across the group");
+}
+
+#[test]
+fn without_a_dialog_backend_the_path_field_asks_for_the_path() {
+    // NoDialogs answers every dialog with nothing, as rfd does with no portal or zenity: the
+    // data path field takes the keyboard focus and a line under it says to type the path
+    // (before, only a log line at the bottom said so).
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    assert!(h.ctx.memory(|m| m.focused()).is_none());
+    h.get_by_label("Open dataset…").click();
+    h.run_steps(3);
+    assert_eq!(
+        h.state().type_path.map(|p| p.purpose),
+        Some(ganscope::app::dialogs::Purpose::OpenDataset)
+    );
+    h.get_by_label_contains("No path came from a file dialog");
+    assert!(
+        h.ctx.memory(|m| m.focused()).is_some(),
+        "the field has the focus"
     );
 }
 

@@ -304,10 +304,13 @@ impl GanscopeApp {
             "Condition list (.json, one label list per entry):"
         });
         ui.horizontal(|ui| {
-            ui.add(
-                egui::TextEdit::singleline(&mut self.composer.list_path)
-                    .hint_text("path to a .json list")
-                    .desired_width(170.0),
+            super::dialogs::path_field(
+                ui,
+                &mut self.type_path,
+                super::dialogs::Purpose::ConditionList,
+                &mut self.composer.list_path,
+                "path to a .json list",
+                170.0,
             );
             if ui.button("Load").clicked() {
                 self.load_condition_list();
@@ -320,6 +323,7 @@ impl GanscopeApp {
                 );
             }
         });
+        super::dialogs::prompt_note(ui, &self.type_path, super::dialogs::Purpose::ConditionList);
         let Some(list) = self.composer.list.as_mut() else {
             return;
         };

@@ -18,6 +18,49 @@ pub enum Purpose {
     ConditionList,
 }
 
+/// A dialog came back without a path: its text field asks for one (and takes the focus once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathPrompt {
+    pub purpose: Purpose,
+    pub focused: bool,
+}
+
+/// A single-line path field. While `prompt` is for `purpose` it takes the keyboard focus
+/// (once) and shows a line saying to type the path; typing or leaving the field ends that.
+pub(crate) fn path_field(
+    ui: &mut egui::Ui,
+    prompt: &mut Option<PathPrompt>,
+    purpose: Purpose,
+    text: &mut String,
+    hint: &str,
+    width: f32,
+) -> egui::Response {
+    let r = ui.add(
+        egui::TextEdit::singleline(text)
+            .hint_text(hint)
+            .desired_width(width),
+    );
+    if let Some(p) = prompt.as_mut().filter(|p| p.purpose == purpose) {
+        if !p.focused {
+            r.request_focus();
+            p.focused = true;
+        } else if r.changed() || r.lost_focus() {
+            *prompt = None;
+        }
+    }
+    r
+}
+
+/// The line shown under a prompted path field.
+pub(crate) fn prompt_note(ui: &mut egui::Ui, prompt: &Option<PathPrompt>, purpose: Purpose) {
+    if prompt.is_some_and(|p| p.purpose == purpose) {
+        ui.colored_label(
+            egui::Color32::from_rgb(240, 170, 40),
+            "No path came from a file dialog: type it in the field above and press Enter.",
+        );
+    }
+}
+
 pub trait Dialogs: Send {
     /// Ask for a folder; the answer (None = cancelled or no dialog backend) arrives later.
     fn pick_folder(&self, title: &str) -> Receiver<Option<PathBuf>>;
@@ -89,6 +132,11 @@ impl GanscopeApp {
                  into the field instead)"
                     .into(),
             );
+            // The field for this path takes the focus and says what to do.
+            self.type_path = Some(PathPrompt {
+                purpose,
+                focused: false,
+            });
             return;
         };
         let text = path.display().to_string();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use super::GanscopeApp;
-use super::dialogs::Purpose;
+use super::dialogs::{Purpose, path_field, prompt_note};
 use crate::error::{Error, Result};
 use crate::export::gif::save_gif_with_progress;
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
@@ -237,11 +237,19 @@ impl GanscopeApp {
         ui.heading("Export");
         ui.horizontal(|ui| {
             ui.label("Folder");
-            ui.add(egui::TextEdit::singleline(&mut self.settings.export_path).desired_width(140.0));
+            path_field(
+                ui,
+                &mut self.type_path,
+                Purpose::ExportFolder,
+                &mut self.settings.export_path,
+                "a folder",
+                140.0,
+            );
             if ui.button("…").clicked() {
                 self.ask(Purpose::ExportFolder, true, "Export folder");
             }
         });
+        prompt_note(ui, &self.type_path, Purpose::ExportFolder);
         ui.horizontal(|ui| {
             ui.label("Scale");
             ui.add(egui::DragValue::new(&mut self.settings.export_scale).range(1..=8));

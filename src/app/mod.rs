@@ -244,6 +244,8 @@ pub struct GanscopeApp {
     pub exporter: export_panel::Exporter,
     pub(crate) diag_textures: diagnostics_panel::DiagTextures,
     pub(crate) pending_dialog: Option<(dialogs::Purpose, Receiver<Option<PathBuf>>)>,
+    /// A dialog answered nothing: its path field asks for the path.
+    pub type_path: Option<dialogs::PathPrompt>,
     pub(crate) lr_edit: (f64, f64),
     pub(crate) n_critic_edit: usize,
     /// The newest generator weights (for exports and principal directions).
@@ -303,6 +305,7 @@ impl GanscopeApp {
             exporter: export_panel::Exporter::spawn(wake.clone()),
             diag_textures: Default::default(),
             pending_dialog: None,
+            type_path: None,
             lr_edit: (0.0, 0.0),
             save_confirm: None,
             n_critic_edit: 1,

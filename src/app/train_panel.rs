@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::GanscopeApp;
-use super::dialogs::Purpose;
+use super::dialogs::{Purpose, path_field, prompt_note};
 use crate::config::PRESETS;
 use crate::train::StepKind;
 use crate::train::worker::{Command, NanPolicy, RunState};
@@ -36,13 +36,24 @@ impl GanscopeApp {
                     });
                 ui.end_row();
                 ui.label("Data");
-                ui.add(
-                    egui::TextEdit::singleline(&mut self.settings.data_path)
-                        .hint_text("built-in / usual place")
-                        .desired_width(170.0),
+                let r = path_field(
+                    ui,
+                    &mut self.type_path,
+                    Purpose::OpenDataset,
+                    &mut self.settings.data_path,
+                    "built-in / usual place",
+                    170.0,
                 );
+                if r.lost_focus()
+                    && ui.input(|i| i.key_pressed(egui::Key::Enter))
+                    && !self.settings.data_path.trim().is_empty()
+                {
+                    let p = PathBuf::from(self.settings.data_path.trim());
+                    self.open_dataset(&p);
+                }
                 ui.end_row();
             });
+        prompt_note(ui, &self.type_path, Purpose::OpenDataset);
         ui.horizontal(|ui| {
             if ui
                 .button("Open dataset…")
@@ -218,7 +229,21 @@ impl GanscopeApp {
         self.run_folder_ui(ui);
         ui.separator();
         ui.label("Checkpoint folder");
-        ui.add(egui::TextEdit::singleline(&mut self.settings.checkpoint_path).desired_width(240.0));
+        for p in [Purpose::OpenCheckpoint, Purpose::SaveCheckpoint] {
+            prompt_note(ui, &self.type_path, p);
+        }
+        let purpose = match self.type_path {
+            Some(p) if p.purpose == Purpose::SaveCheckpoint => Purpose::SaveCheckpoint,
+            _ => Purpose::OpenCheckpoint,
+        };
+        path_field(
+            ui,
+            &mut self.type_path,
+            purpose,
+            &mut self.settings.checkpoint_path,
+            "a run folder",
+            240.0,
+        );
         ui.horizontal(|ui| {
             if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
                 let p = PathBuf::from(self.settings.checkpoint_path.trim());

@@ -110,6 +110,8 @@ pub fn build_atlas(frame: &WallFrame, heat: HeatMode, version: u64) -> Atlas {
 /// Cached atlas (and fallback texture) of the frame on screen.
 pub struct WallView {
     pub gpu: bool,
+    /// The integer zoom the wall was last drawn at (the fitted one when the setting is 0).
+    pub shown_zoom: u32,
     key: Option<(u64, usize, usize, HeatMode)>,
     pub atlas: Option<Arc<Atlas>>,
     texture: Option<egui::TextureHandle>,
@@ -120,6 +122,7 @@ impl WallView {
     pub fn new(gpu: bool) -> Self {
         Self {
             gpu,
+            shown_zoom: 0,
             key: None,
             atlas: None,
             texture: None,
@@ -200,6 +203,9 @@ impl GanscopeApp {
                 let mut idx = self.scrub.unwrap_or(n - 1);
                 let step_of = |i: usize| self.frames.get(i).map_or(0, |f| f.step);
                 let label = format!("step {}", step_of(idx));
+                // A long history gets a long slider: about 2 px per kept frame.
+                ui.spacing_mut().slider_width =
+                    (n as f32 * 2.0).clamp(95.0, (ui.available_width() - 260.0).max(95.0));
                 let r = ui.add(
                     egui::Slider::new(&mut idx, 0..=n - 1)
                         .show_value(false)
@@ -267,6 +273,7 @@ impl GanscopeApp {
             0 => fitted,
             z => z as f32,
         };
+        self.wall.shown_zoom = zoom as u32;
         let size = egui::vec2(atlas.width as f32 * zoom, atlas.height as f32 * zoom);
         egui::ScrollArea::both().show(ui, |ui| {
             ui.horizontal_top(|ui| {
@@ -322,8 +329,49 @@ impl GanscopeApp {
                     frame.step, frame.rows, frame.cols
                 ));
             });
+            if self.settings.heat != HeatMode::Off {
+                heat_legend(ui);
+            }
         });
     }
+}
+
+/// The heat map's colour ramp (the shader's `heat_color`), `t` in [0, 1].
+pub fn heat_color(t: f32) -> egui::Color32 {
+    let c = [
+        [0.05, 0.05, 0.35],
+        [0.0, 0.6, 0.6],
+        [0.95, 0.85, 0.1],
+        [0.85, 0.1, 0.05],
+    ];
+    let (a, b, f) = if t < 0.33 {
+        (c[0], c[1], t / 0.33)
+    } else if t < 0.66 {
+        (c[1], c[2], (t - 0.33) / 0.33)
+    } else {
+        (c[2], c[3], ((t - 0.66) / 0.34).clamp(0.0, 1.0))
+    };
+    let mix = |i: usize| ((a[i] + (b[i] - a[i]) * f) * 255.0).round() as u8;
+    egui::Color32::from_rgb(mix(0), mix(1), mix(2))
+}
+
+/// The colour scale under the wall: per-pixel standard deviation (pixel values in [-1, 1];
+/// the ramp saturates at 0.5), blended over the images at 65%.
+fn heat_legend(ui: &mut egui::Ui) {
+    ui.horizontal(|ui| {
+        ui.label("std across the group: 0");
+        let (rect, _) = ui.allocate_exact_size(egui::vec2(200.0, 12.0), egui::Sense::hover());
+        let n = 50;
+        for i in 0..n {
+            let x0 = rect.left() + rect.width() * i as f32 / n as f32;
+            let x1 = rect.left() + rect.width() * (i + 1) as f32 / n as f32;
+            let r =
+                egui::Rect::from_min_max(egui::pos2(x0, rect.top()), egui::pos2(x1, rect.bottom()));
+            ui.painter()
+                .rect_filled(r, 0.0, heat_color((i as f32 + 0.5) / n as f32));
+        }
+        ui.label(">= 0.5 (pixel values in [-1, 1]; blended over the images at 65%)");
+    });
 }
 
 #[cfg(test)]

@@ -14,23 +14,34 @@ use ganscope::eval::classifier::{Classifier, EvaluatorConfig};
 use ganscope::train::Trainer;
 use ganscope::train::run::{FnSink, LoopEvent, LoopOptions, RunFolder, TrainLoop};
 
-/// Train `t` to `target` into `out` through the one loop; `on_check` sees every check.
-fn train_until(
+/// Train `t` to `target` into `out` through the one loop; `on_check` sees every check,
+/// `on_step` every step's event.
+fn train_until_with(
     t: Trainer,
     out: &std::path::Path,
     target: u64,
     mut on_check: impl FnMut(&ganscope::train::monitor::Check),
+    mut on_step: impl FnMut(&ganscope::train::run::StepEvent),
 ) -> ganscope::Result<ganscope::train::monitor::MonitorCost> {
     let mut folder = RunFolder::new(out, &t.cfg);
     let opts = LoopOptions::for_trainer(&t);
     let mut lp = TrainLoop::new(t, opts)?;
-    let mut checks = FnSink(|e: &LoopEvent| {
-        if let LoopEvent::Check(c) = e {
-            on_check(c)
-        }
+    let mut watch = FnSink(|e: &LoopEvent| match e {
+        LoopEvent::Check(c) => on_check(c),
+        LoopEvent::Step(s) => on_step(s),
+        _ => {}
     });
-    lp.run_until(target, None, &mut [&mut folder, &mut checks])?;
+    lp.run_until(target, None, &mut [&mut folder, &mut watch])?;
     Ok(lp.monitor_cost())
+}
+
+fn train_until(
+    t: Trainer,
+    out: &std::path::Path,
+    target: u64,
+    on_check: impl FnMut(&ganscope::train::monitor::Check),
+) -> ganscope::Result<ganscope::train::monitor::MonitorCost> {
+    train_until_with(t, out, target, on_check, |_| {})
 }
 
 /// A tiny cDCGAN on random 28x28 data with an (untrained) evaluator, which is enough to
@@ -97,9 +108,23 @@ fn max_share_postpones_checks() {
     let tmp = tempfile::tempdir().unwrap();
     let t = toy_trainer(tmp.path(), 1, 1e-3);
     let mut steps = vec![];
-    let cost = train_until(t, &tmp.path().join("run"), 6, |c| steps.push(c.step)).unwrap();
+    let mut next = vec![];
+    let cost = train_until_with(
+        t,
+        &tmp.path().join("run"),
+        6,
+        |c| steps.push(c.step),
+        |s| next.push((s.stats.step, s.next_check.unwrap())),
+    )
+    .unwrap();
     assert_eq!(steps, vec![1]);
     assert_eq!((cost.checks, cost.postponed), (1, 5), "{cost:?}");
+    // What the explorer shows as the next check: step 2 before the first check ran, then
+    // far beyond this run (not "every 1 step").
+    assert_eq!(next[0], (1, 2));
+    for &(s, n) in &next[1..] {
+        assert!(n > 6, "at step {s} the next check was expected at {n}");
+    }
 }
 
 #[test]

@@ -54,10 +54,13 @@ impl GanscopeApp {
             let Some(check) = self.last_check.clone() else {
                 match self.info.as_ref().and_then(|i| i.diagnostics_off.clone()) {
                     Some(why) => ui.label(format!("Diagnostics: {why}")),
-                    None => ui.label(format!(
-                        "No check yet (every {} steps).",
-                        self.settings.diagnostics_every
-                    )),
+                    None => ui.label(match self.history.last().and_then(|h| h.next_check) {
+                        Some(s) => format!(
+                            "No check yet: the next one is expected at step {s} (checks are \
+                             spaced so that they take at most their share of the time)."
+                        ),
+                        None => "No check yet.".to_string(),
+                    }),
                 };
                 return;
             };
@@ -75,10 +78,14 @@ impl GanscopeApp {
                 "Check at step {} ({} generated vs {} real, {:.2} s)",
                 check.step, r.n_generated, r.n_real_reference, check.seconds
             ));
+            let next = match self.history.last().and_then(|h| h.next_check) {
+                Some(s) => format!("expected at step {s}"),
+                None => "off".to_string(),
+            };
             ui.label(format!(
                 "Checks so far: {:.1}% of checks + training ({:.0} s of training before this \
                  one). To stay within its share the next check waits for {:.0} s of training, \
-                 at a multiple of {} steps.",
+                 at a multiple of {} steps: {next}.",
                 100.0 * check.share,
                 check.train_seconds,
                 check.next_after_train_seconds,

@@ -244,6 +244,17 @@ impl GanscopeApp {
             "a run folder",
             240.0,
         );
+        let typed = PathBuf::from(self.settings.checkpoint_path.trim());
+        if typed.is_relative()
+            && !self.settings.checkpoint_path.trim().is_empty()
+            && let Ok(abs) = std::path::absolute(&typed)
+        {
+            ui.label(
+                egui::RichText::new(abs.display().to_string())
+                    .small()
+                    .weak(),
+            );
+        }
         ui.horizontal(|ui| {
             if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
                 let p = PathBuf::from(self.settings.checkpoint_path.trim());

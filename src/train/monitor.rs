@@ -149,6 +149,8 @@ pub struct Monitor {
     /// Dataset indices of the real features given to the diagnostics' fit.
     real_idx: Vec<usize>,
     cost: MonitorCost,
+    /// Steps reported through [`Monitor::on_step`] (for the mean step time).
+    steps_seen: u64,
 }
 
 /// Where the monitor's time went (wall seconds).
@@ -206,6 +208,7 @@ impl Monitor {
             alarms: AlarmMonitor::new(cfg.monitor.diagnostics.alarms.clone()),
             real_idx: vec![],
             cost: MonitorCost::default(),
+            steps_seen: 0,
         }
     }
 
@@ -257,6 +260,7 @@ impl Monitor {
     /// Alarm rules on one step's statistics; `seconds` is the step's wall time (it counts
     /// towards the training time that `max_share` weighs the checks against).
     pub fn on_step(&mut self, stats: &StepStats, seconds: f64) -> Vec<Alarm> {
+        self.steps_seen += 1;
         self.cost.train_seconds += seconds;
         self.cost.since_check += seconds;
         self.alarms.push_step(&StepPoint::from(stats))
@@ -269,6 +273,7 @@ impl Monitor {
         self.alarms = old.alarms;
         self.cost.train_seconds += old.cost.train_seconds;
         self.cost.since_check += old.cost.since_check;
+        self.steps_seen += old.steps_seen;
     }
 
     /// Time spent so far (fit, checks, training).
@@ -276,11 +281,22 @@ impl Monitor {
         self.cost
     }
 
-    /// The first step after `step` at which a check can run, if diagnostics are on: the
-    /// next multiple of `every` (a later one when `max_share` postpones it).
+    /// The step after `step` at which the next check is expected, if diagnostics are on: the
+    /// next multiple of `every`, or, while `max_share` postpones checks, the first multiple
+    /// of `every` after the training still needed (at the mean step time so far).
     pub fn next_check_after(&self, step: u64) -> Option<u64> {
-        (self.evaluator.is_some() && self.cfg.every > 0)
-            .then(|| (step / self.cfg.every + 1) * self.cfg.every)
+        let every = self.cfg.every;
+        if self.evaluator.is_none() || every == 0 {
+            return None;
+        }
+        let wait = self.cost.wait_seconds(self.cfg.max_share);
+        let per_step = self.cost.train_seconds / self.steps_seen.max(1) as f64;
+        let ahead = if wait > 0.0 && per_step > 0.0 {
+            (wait / per_step).ceil() as u64
+        } else {
+            0
+        };
+        Some((step + ahead.max(1)).div_ceil(every) * every)
     }
 
     /// Real images for indices into the real features of the fit.

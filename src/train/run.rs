@@ -159,6 +159,8 @@ pub struct StepEvent {
     pub step_seconds: f64,
     pub lr_g: f64,
     pub lr_d: f64,
+    /// The step of the next diagnostics check, as now expected (None: diagnostics off).
+    pub next_check: Option<u64>,
 }
 
 /// Generator weights on the CPU, for the explorer's own copy of G.
@@ -470,6 +472,7 @@ impl TrainLoop {
             stats,
             lr_g,
             lr_d,
+            next_check: self.monitor.next_check_after(s),
         };
         emit(sinks, &LoopEvent::Step(ev))?;
         if fatal {

@@ -236,6 +236,8 @@ impl GanscopeApp {
             Some(p) if p.purpose == Purpose::SaveCheckpoint => Purpose::SaveCheckpoint,
             _ => Purpose::OpenCheckpoint,
         };
+        let typed = PathBuf::from(self.settings.checkpoint_path.trim());
+        let abs = std::path::absolute(&typed).unwrap_or(typed);
         path_field(
             ui,
             &mut self.type_path,
@@ -243,18 +245,8 @@ impl GanscopeApp {
             &mut self.settings.checkpoint_path,
             "a run folder",
             240.0,
-        );
-        let typed = PathBuf::from(self.settings.checkpoint_path.trim());
-        if typed.is_relative()
-            && !self.settings.checkpoint_path.trim().is_empty()
-            && let Ok(abs) = std::path::absolute(&typed)
-        {
-            ui.label(
-                egui::RichText::new(abs.display().to_string())
-                    .small()
-                    .weak(),
-            );
-        }
+        )
+        .on_hover_text(abs.display().to_string());
         ui.horizontal(|ui| {
             if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
                 let p = PathBuf::from(self.settings.checkpoint_path.trim());

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod explore;
 pub mod export;
+pub mod fuzz;
 pub mod images;
 
 pub use error::{Error, Result};

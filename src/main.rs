@@ -51,6 +51,24 @@ enum Command {
     /// Time training iterations (dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan), on the CPU
     /// unless --device says otherwise.
     Bench(BenchArgs),
+    /// Mutation-fuzz the file readers (IDX, CIFAR, i-CLEVR JSON, attribute lists, config and
+    /// latent JSON, checkpoints, PNG): a reader may refuse an input, never panic.
+    Fuzz(FuzzArgs),
+}
+
+#[derive(clap::Args)]
+struct FuzzArgs {
+    /// A target name, or `all`.
+    #[arg(long, default_value = "all")]
+    target: String,
+    /// Seconds per target.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    seconds: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Save crashing inputs here.
+    #[arg(long)]
+    crashes: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -314,6 +332,7 @@ fn main() {
         Some(Command::Evaluator(EvaluatorCommand::Score(a))) => evaluator_score(a),
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Ship(a)) => ship(a),
+        Some(Command::Fuzz(a)) => fuzz(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
         Some(Command::Bench(a)) => device(&a.device).and_then(|device| {
             ganscope::bench::run(&ganscope::bench::BenchOptions {
@@ -970,6 +989,42 @@ fn extract_embedded() -> Result<PathBuf> {
         ganscope::checkpoint::write_atomic(&path, bytes)?;
     }
     Ok(dir)
+}
+
+fn fuzz(a: FuzzArgs) -> Result<()> {
+    use ganscope::fuzz;
+    let targets: Vec<&str> = if a.target == "all" {
+        fuzz::TARGETS.to_vec()
+    } else {
+        vec![a.target.as_str()]
+    };
+    let mut crashed = 0;
+    for t in targets {
+        let budget = fuzz::Budget::Time(std::time::Duration::from_secs(a.seconds));
+        let r = fuzz::run(t, budget, a.seed, a.crashes.as_deref())?;
+        println!(
+            "{:<18} {:>9} execs in {:>6.1} s ({:>7.0}/s): {} accepted, {} refused, {} crashes",
+            r.target,
+            r.execs,
+            r.seconds,
+            r.execs as f64 / r.seconds.max(1e-9),
+            r.accepted,
+            r.refused,
+            r.crashes.len()
+        );
+        for (msg, saved) in &r.crashes {
+            let at = saved
+                .as_ref()
+                .map(|p| format!(" (input: {})", p.display()))
+                .unwrap_or_default();
+            println!("  crash: {msg}{at}");
+        }
+        crashed += r.crashes.len();
+    }
+    if crashed > 0 {
+        bail!("{crashed} crashes");
+    }
+    Ok(())
 }
 
 fn ship(a: ShipArgs) -> Result<()> {

@@ -725,6 +725,23 @@ pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Remove the `*.tmp` files of a run folder (checkpoint files, config.json, metrics.jsonl)
+/// that an interrupted save left behind. Call only while holding the folder's lock.
+fn remove_stale_tmp(dir: &Path) -> Result<()> {
+    let names = FILES
+        .iter()
+        .copied()
+        .chain([CONFIG_FILE, METRICS_FILE])
+        .map(|f| format!("{f}{TMP_SUFFIX}"));
+    for name in names {
+        let p = dir.join(name);
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+            fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Rename every checkpoint file of `dir` that failed to load (corrupt, truncated, not a
 /// regular file; not merely missing or from a newer incomplete save) to
 /// `<name>.rejected-<unix seconds>`, so that the next save cannot overwrite the evidence.
@@ -786,6 +803,10 @@ impl RunLock {
             Ok(()) => {
                 file.set_len(0).map_err(|e| Error::io(&path, e))?;
                 writeln!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+                // With the lock held, no other process is writing here: temporary files are
+                // leftovers of an interrupted save (they are never loaded; removing them
+                // gives their space back before this run's saves need it).
+                remove_stale_tmp(dir)?;
                 Ok(Self { _file: file, path })
             }
             Err(fs::TryLockError::WouldBlock) => {
@@ -1415,8 +1436,12 @@ mod tests {
         let pid = std::process::id().to_string();
         assert!(e.contains("in use") && e.contains(&pid), "{e}");
         drop(first);
+        // Leftovers of an interrupted save are removed when the next writer takes the lock.
+        let stale = run.join(format!("{}{TMP_SUFFIX}", FILES[GENERATOR]));
+        fs::write(&stale, b"half a file").unwrap();
         let again = RunLock::acquire(&run).unwrap();
         assert_eq!(fs::read_to_string(&again.path).unwrap().trim(), pid);
+        assert!(!stale.exists());
     }
 
     #[test]

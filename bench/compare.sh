@@ -8,9 +8,9 @@
 # With --device cuda both sides run on the GPU; GANSCOPE must then be a binary built with
 # `cargo build --release --features cuda`, and PYTHON a PyTorch that sees the GPU.
 # Environment: PYTHON (default ~/torchvenv/bin/python), GANSCOPE (default
-# target/release/ganscope, built with `cargo build --release` if missing), OMP_WAIT_POLICY
-# for PyTorch (default PASSIVE: with the default active spin-waiting, PyTorch's OpenMP threads
-# lose up to 4.5x on a machine whose cores are shared with other work; see bench/RESULTS.md).
+# target/release/ganscope, built with `cargo build --release` if missing). PyTorch runs at
+# its defaults, as its users run it: OMP_WAIT_POLICY and the other OpenMP variables are left
+# to the caller (on this 2-core machine PASSIVE made PyTorch 1.2-1.4x slower: issue 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/torchvenv/bin/python}
@@ -18,7 +18,7 @@ GANSCOPE=${GANSCOPE:-target/release/ganscope}
 # --rounds R (this script's own flag): run both sides R times, alternating which goes first,
 # and report each round's ratio and their median. On a machine shared with other work a
 # single run can be off by 15% either way; the median over rounds is steadier.
-rounds=1
+rounds=3
 args=()
 while (($#)); do
     if [[ $1 == --rounds ]]; then
@@ -38,16 +38,15 @@ if [[ ! -x $GANSCOPE ]]; then
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 run_ganscope() {
     echo "== ganscope: $GANSCOPE bench ${args[*]} (load $(cut -d' ' -f1-3 /proc/loadavg))"
     "$GANSCOPE" bench "${args[@]}" | tee "$out/ganscope.$1.txt"
 }
 run_torch() {
-    echo "== pytorch: OMP_WAIT_POLICY=$OMP_WAIT_POLICY $PYTHON bench/torch_bench.py ${args[*]} (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    echo "== pytorch: OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset (the default)} $PYTHON bench/torch_bench.py ${args[*]} (load $(cut -d' ' -f1-3 /proc/loadavg))"
     "$PYTHON" bench/torch_bench.py "${args[@]}" | tee "$out/torch.$1.txt"
 }
-echo "== $(date -u +%FT%TZ) $(uname -n), $rounds round(s)"
+echo "== $(date -u +%FT%TZ) $(uname -n), nproc $(nproc), $rounds round(s), load $(cut -d' ' -f1-3 /proc/loadavg)"
 for ((r = 1; r <= rounds; r++)); do
     if ((r % 2)); then
         run_ganscope "$r"

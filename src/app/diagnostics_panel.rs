@@ -95,7 +95,11 @@ impl GanscopeApp {
             egui::Grid::new("diag_numbers").striped(true).show(ui, |ui| {
                 ui.label("measure");
                 ui.label("generated");
-                ui.label(format!("real vs real (n={})", r.baseline_n));
+                ui.label(format!("real vs real (n={})", r.baseline_n))
+                    .on_hover_text(
+                        "the same measures between two disjoint samples of real images of this \
+                         size: what a perfect generator would score at this sample size",
+                    );
                 ui.end_row();
                 let rows = [
                     ("precision", r.prdc.precision, r.prdc_baseline.precision),

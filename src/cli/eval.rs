@@ -1,0 +1,218 @@
+//! `ganscope eval`: a generator scored by an evaluator.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+
+use ganscope::data::{self, Dataset};
+
+use super::*;
+
+#[derive(clap::Args)]
+pub(crate) struct EvalArgs {
+    #[arg(long)]
+    pub(crate) run: PathBuf,
+    /// Condition lists (JSON, i-CLEVR test.json style); repeatable. Class models default to
+    /// every class.
+    #[arg(long)]
+    pub(crate) conditions: Vec<PathBuf>,
+    /// Number of noise seeds per condition list.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub(crate) seeds: u64,
+    /// Class models without --conditions: images per class and seed.
+    #[arg(long, default_value_t = 100, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub(crate) per_class: usize,
+    /// Unconditional models: images per seed whose predicted classes make the histogram.
+    #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000))]
+    pub(crate) n: usize,
+    /// Evaluator folder (default checkpoints/evaluator-<dataset>).
+    #[arg(long)]
+    pub(crate) evaluator: Option<PathBuf>,
+    /// Real images for the Fréchet distance (default: the run's dataset, if it can be opened).
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Real images used for the Fréchet distance.
+    #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000))]
+    pub(crate) n_real: usize,
+    #[arg(long, default_value = "auto")]
+    pub(crate) device: String,
+}
+
+pub(crate) fn eval(a: EvalArgs) -> Result<()> {
+    use ganscope::eval::classifier::Classifier;
+    use ganscope::eval::metrics::{frechet_distance, topk_accuracy};
+    let dev = device(&a.device)?;
+    let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    println!("{} at step {step}", a.run.display());
+    let m = &cfg.model;
+    let ev_dir = a
+        .evaluator
+        .clone()
+        .unwrap_or_else(|| cfg.monitor.evaluator_dir(&cfg));
+    let ev = Classifier::load(&ev_dir, &dev)
+        .with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
+    // An unconditional generator has no labels of its own: only the geometry must match.
+    let want = if m.num_conditions == 0 {
+        &ev.cfg.label_names
+    } else {
+        &m.label_names
+    };
+    ev.check_fits(&ev_dir, m.channels, m.image_size, want)?;
+    let names = &m.label_names;
+    let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
+    let mut lists: Vec<(String, Vec<Vec<String>>)> = Vec::new();
+    for p in &a.conditions {
+        lists.push((p.display().to_string(), read_condition_file(p)?));
+    }
+    let mut gen_feats = Vec::new();
+    if m.num_conditions == 0 {
+        if !lists.is_empty() {
+            bail!(
+                "{} is unconditional: --conditions does not apply",
+                a.run.display()
+            );
+        }
+        gen_feats = eval_class_histogram(&g, &ev, a.n, a.seeds, &dev)?;
+    } else if lists.is_empty() {
+        if !one_hot {
+            bail!("give --conditions (e.g. test.json) for a multi-label model");
+        }
+        if a.per_class == 0 {
+            bail!("--per-class must be at least 1");
+        }
+        let all: Vec<Vec<String>> = (0..m.num_conditions)
+            .flat_map(|i| vec![vec![i.to_string()]; a.per_class])
+            .collect();
+        lists.push((format!("every class x {}", a.per_class), all));
+    }
+    for (name, items) in &lists {
+        let conds: Vec<Vec<f32>> = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                parse_condition(names, it, one_hot).with_context(|| format!("{name}: entry {i}"))
+            })
+            .collect::<Result<_>>()?;
+        let truth: Vec<Vec<u16>> = conds
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v > 0.5)
+                    .map(|(j, _)| j as u16)
+                    .collect()
+            })
+            .collect();
+        let mut accs = Vec::new();
+        let mut per_label = vec![(0usize, 0usize); names.len()];
+        for seed in 0..a.seeds {
+            let imgs = g.generate(conds.len(), &conds, seed * 1_000_003)?;
+            let (scores, feats) = ev.predict(&imgs.to_tensor(&dev)?)?;
+            let r = topk_accuracy(&scores, &truth)?;
+            accs.push(r.accuracy());
+            for (acc, (n, h)) in per_label.iter_mut().zip(&r.per_label) {
+                acc.0 += n;
+                acc.1 += h;
+            }
+            gen_feats.extend(feats);
+        }
+        let (mean, sd) = mean_sd(&accs);
+        println!(
+            "{name}: top-k accuracy {mean:.4} +- {sd:.4} over {} seeds ({} labels each)",
+            a.seeds,
+            truth.iter().map(Vec::len).sum::<usize>()
+        );
+        let rates: Vec<String> = per_label
+            .iter()
+            .zip(names)
+            .filter(|((n, _), _)| *n > 0)
+            .map(|((n, h), l)| format!("{l} {:.2}", *h as f64 / *n as f64))
+            .collect();
+        println!("  per-label hit rate: {}", rates.join(", "));
+    }
+    let mut dc = cfg.data.clone();
+    if let Some(p) = &a.data {
+        dc.path = Some(p.clone());
+    }
+    match data::open(&dc, m.image_size) {
+        Ok(ds) => {
+            let n = a.n_real.min(ds.len());
+            let mut idx: Vec<usize> = (0..ds.len()).collect();
+            ganscope::rng::Rng::new(7).shuffle(&mut idx);
+            let (x, _) = ds.batch(&idx[..n], &dev)?;
+            let (_, real_feats) = ev.predict(&x)?;
+            let fd = frechet_distance(&gen_feats, &real_feats)?;
+            println!(
+                "domain-feature FD (evaluator features, not FID): {fd:.3} ({} generated vs {n} real images)",
+                gen_feats.len()
+            );
+        }
+        Err(e) => println!("domain-feature FD skipped: cannot open the real data ({e})"),
+    }
+    Ok(())
+}
+
+/// Mean and sample standard deviation over seeds (sd 0 for a single seed).
+pub(crate) fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let sd =
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64).sqrt();
+    (mean, sd)
+}
+
+/// An unconditional generator against a class evaluator: for each seed, the histogram of the
+/// evaluator's top class over `n` images, the classes covered (at least a quarter of the
+/// uniform share) and KL(histogram || uniform) in nats; mean +- sd over the seeds. Returns the
+/// evaluator features of every image (for the Fréchet distance).
+pub(crate) fn eval_class_histogram(
+    g: &ganscope::model::Generator,
+    ev: &ganscope::eval::classifier::Classifier,
+    n: usize,
+    seeds: u64,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    if n == 0 || seeds == 0 {
+        bail!("--n and --seeds must be at least 1");
+    }
+    let names = ev.cfg.label_names.clone();
+    let k = names.len();
+    if k < 2 {
+        bail!("the evaluator has {k} classes: no histogram to judge");
+    }
+    let mut feats_all = Vec::new();
+    let (mut kls, mut covered) = (Vec::new(), Vec::new());
+    let mut total = vec![0usize; k];
+    for seed in 0..seeds {
+        let mut probs = Vec::with_capacity(n);
+        let mut i = 0;
+        while i < n {
+            let m = 500.min(n - i);
+            let z: Vec<Vec<f32>> = (i..i + m).map(|j| g.latent(seed * 1_000_003, j)).collect();
+            let imgs = g.generate_from(&z, &vec![vec![]; m])?;
+            let (p, feats) = ev.predict(&imgs.to_tensor(dev)?)?;
+            probs.extend(p);
+            feats_all.extend(feats);
+            i += m;
+        }
+        let s = ganscope::eval::metrics::class_spread(&probs, k)?;
+        kls.push(s.kl_uniform);
+        covered.push(s.covered as f64);
+        for (t, h) in total.iter_mut().zip(&s.counts) {
+            *t += h;
+        }
+    }
+    let (kl, kl_sd) = mean_sd(&kls);
+    let (cov, cov_sd) = mean_sd(&covered);
+    println!(
+        "class histogram over {n} images x {seeds} seeds: KL(histogram || uniform) {kl:.4} +- {kl_sd:.4} nats, classes covered {cov:.1} +- {cov_sd:.1} of {k}"
+    );
+    let all = n as f64 * seeds as f64;
+    let shares: Vec<String> = total
+        .iter()
+        .zip(&names)
+        .map(|(c, l)| format!("{l} {:.3}", *c as f64 / all))
+        .collect();
+    println!("  shares: {}", shares.join(", "));
+    Ok(feats_all)
+}

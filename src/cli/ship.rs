@@ -1,0 +1,127 @@
+//! `ganscope ship`, and the shipped default generator embedded in the binary.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use ganscope::train::read_config;
+
+#[derive(clap::Args)]
+pub(crate) struct ShipArgs {
+    /// The run folder to take the newest checkpoint from.
+    #[arg(long)]
+    pub(crate) run: PathBuf,
+    /// The new folder (refused if it holds a run's optimizer state).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+/// The explorer's default generator (`checkpoints/iclevr-small`) and its 32-px evaluator,
+/// compiled into the binary so that the first launch opens a trained generator wherever the
+/// binary runs (about 15 MB; the library and its tests do not carry them).
+pub(crate) const EMBEDDED: &[(&str, &[u8])] = &[
+    (
+        "iclevr-small/config.json",
+        include_bytes!("../../checkpoints/iclevr-small/config.json"),
+    ),
+    (
+        "iclevr-small/generator.safetensors",
+        include_bytes!("../../checkpoints/iclevr-small/generator.safetensors"),
+    ),
+    (
+        "iclevr-small/discriminator.safetensors",
+        include_bytes!("../../checkpoints/iclevr-small/discriminator.safetensors"),
+    ),
+    (
+        "iclevr-small/CARD.md",
+        include_bytes!("../../checkpoints/iclevr-small/CARD.md"),
+    ),
+    (
+        "evaluator-iclevr-32/evaluator.json",
+        include_bytes!("../../checkpoints/evaluator-iclevr-32/evaluator.json"),
+    ),
+    (
+        "evaluator-iclevr-32/evaluator.safetensors",
+        include_bytes!("../../checkpoints/evaluator-iclevr-32/evaluator.safetensors"),
+    ),
+    (
+        "evaluator-iclevr-32/CARD.md",
+        include_bytes!("../../checkpoints/evaluator-iclevr-32/CARD.md"),
+    ),
+];
+
+/// The checkpoints folder the explorer uses: one on disk that holds the default generator
+/// (`./checkpoints`, beside the executable, the source tree), else the embedded copy, written
+/// once into `$XDG_CACHE_HOME/ganscope` (or `~/.cache/ganscope`). If that cannot be written,
+/// the explorer starts without a shipped generator and says why.
+pub(crate) fn shipped_checkpoints() -> PathBuf {
+    let found = ganscope::app::checkpoints_dir();
+    if ganscope::app::has_shipped_default(&found) {
+        return found;
+    }
+    match extract_embedded() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("note: the embedded default generator could not be unpacked: {e:#}");
+            found
+        }
+    }
+}
+
+pub(crate) fn extract_embedded() -> Result<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let total: usize = EMBEDDED.iter().map(|(_, b)| b.len()).sum();
+    // A new build with other weights gets its own folder (the size and a checksum differ).
+    let sum = EMBEDDED
+        .iter()
+        .flat_map(|(_, b)| b.iter())
+        .fold(0u32, |h, &b| h.rotate_left(5) ^ u32::from(b));
+    let dir = cache.join("ganscope").join(format!(
+        "shipped-{}-{total}-{sum:08x}",
+        env!("CARGO_PKG_VERSION")
+    ));
+    for (name, bytes) in EMBEDDED {
+        let path = dir.join(name);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            continue;
+        }
+        let parent = path.parent().unwrap_or(&dir);
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        ganscope::checkpoint::write_atomic(&path, bytes)?;
+    }
+    Ok(dir)
+}
+
+pub(crate) fn ship(a: ShipArgs) -> Result<()> {
+    use ganscope::checkpoint;
+    let cfg = read_config(&a.run)?;
+    let set = checkpoint::load_latest(&a.run, &Device::Cpu)
+        .with_context(|| format!("reading the checkpoint of {}", a.run.display()))?;
+    for note in &set.notes {
+        eprintln!("note: {note}");
+    }
+    let [g, d, _] = &set.files;
+    checkpoint::save_weights(&a.out, set.step, g, d)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let json = serde_json::to_vec_pretty(&cfg)?;
+    checkpoint::write_atomic(&a.out.join(checkpoint::CONFIG_FILE), &json)?;
+    let size: u64 = [checkpoint::GENERATOR, checkpoint::DISCRIMINATOR]
+        .iter()
+        .filter_map(|&r| std::fs::metadata(checkpoint::file_path(&a.out, r)).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "wrote step {} of {} to {} ({:.1} MB of weights)",
+        set.step,
+        a.run.display(),
+        a.out.display(),
+        size as f64 / 1e6
+    );
+    Ok(())
+}

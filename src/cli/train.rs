@@ -1,0 +1,332 @@
+//! `ganscope train`: a preset (or a resumed run) trained headless through the one training loop.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ganscope::config::TrainConfig;
+use ganscope::data::{self, Dataset};
+use ganscope::train::{Trainer, read_config, run};
+
+use super::*;
+
+#[derive(clap::Args)]
+pub(crate) struct TrainArgs {
+    /// Preset name (see `ganscope presets`); ignored with --resume.
+    #[arg(long, default_value = "mnist-cdcgan")]
+    pub(crate) preset: String,
+    /// Start from a full config.json instead of a preset (flags still override it).
+    #[arg(long, conflicts_with = "resume")]
+    pub(crate) config: Option<PathBuf>,
+    /// Dataset path (directory or file); by default the usual places are searched.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Train until this many generator steps.
+    #[arg(long)]
+    pub(crate) steps: Option<u64>,
+    /// Wall-time budget in minutes, counted from the start of the command (data loading
+    /// included): stop after the step that crosses it, with a checkpoint and a sample grid.
+    #[arg(long)]
+    pub(crate) minutes: Option<f64>,
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    #[arg(long)]
+    pub(crate) lr_g: Option<f64>,
+    #[arg(long)]
+    pub(crate) lr_d: Option<f64>,
+    #[arg(long)]
+    pub(crate) n_critic: Option<usize>,
+    /// Use only the first N images.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub(crate) limit: Option<usize>,
+    /// Write a sample grid every N steps.
+    #[arg(long)]
+    pub(crate) sample_every: Option<u64>,
+    #[arg(long)]
+    pub(crate) checkpoint_every: Option<u64>,
+    /// cpu, cuda, metal or auto.
+    #[arg(long, default_value = "auto")]
+    pub(crate) device: String,
+    /// Run folder (default runs/<preset>).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+    /// Run the mode-collapse diagnostics every N steps (needs an evaluator).
+    #[arg(long)]
+    pub(crate) diagnostics_every: Option<u64>,
+    /// Most of the wall time the diagnostics may take (default 0.08; 1 = check at every
+    /// multiple of --diagnostics-every, however long the checks take).
+    #[arg(long)]
+    pub(crate) diagnostics_max_share: Option<f64>,
+    /// Evaluator folder for the diagnostics (default checkpoints/evaluator-<dataset>).
+    #[arg(long)]
+    pub(crate) evaluator: Option<PathBuf>,
+    /// Continue the run in this folder (its config.json; flags override steps, rates, intervals).
+    #[arg(long)]
+    pub(crate) resume: Option<PathBuf>,
+    /// Override any config field by its dotted path, e.g. `--set loss.mode_seeking=1
+    /// --set ema.decay=0.999 --set model.aux_head=true` (the value is JSON; a bare word is
+    /// taken as a string). Repeatable; new runs only.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub(crate) set: Vec<String>,
+}
+
+pub(crate) fn train(a: TrainArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let deadline = match a.minutes {
+        Some(m) if m.is_finite() && m > 0.0 => {
+            Some(started + std::time::Duration::from_secs_f64(m * 60.0))
+        }
+        Some(m) => bail!("--minutes must be a positive number, not {m}"),
+        None => None,
+    };
+    let dev = device(&a.device)?;
+    let (mut cfg, out) = match &a.resume {
+        // A shipped (weights-only) folder is not written into: training on from it goes to a
+        // new run folder.
+        Some(dir) if ganscope::checkpoint::is_weights_folder(dir) => {
+            let Some(out) = a.out.clone() else {
+                bail!(
+                    "{} holds shipped weights (no optimizer state): train on from them into a new run folder with --out DIR",
+                    dir.display()
+                );
+            };
+            if has_checkpoint(&out) {
+                bail!(
+                    "{} already holds a checkpoint: choose another --out",
+                    out.display()
+                );
+            }
+            (read_config(dir)?, out)
+        }
+        Some(dir) => (read_config(dir)?, dir.clone()),
+        None => {
+            let cfg = match &a.config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let cfg: TrainConfig = serde_json::from_str(&text)
+                        .with_context(|| format!("parsing {}", p.display()))?;
+                    cfg
+                }
+                None => TrainConfig::preset(&a.preset)?,
+            };
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.preset));
+            if has_checkpoint(&out) {
+                bail!(
+                    "{} already holds a checkpoint: continue it with --resume {0}, or choose another --out",
+                    out.display()
+                );
+            }
+            (cfg, out)
+        }
+    };
+    if a.resume.is_none() {
+        if let Some(s) = a.seed {
+            cfg.seed = s;
+        }
+        if let Some(b) = a.batch {
+            cfg.batch_size = b;
+        }
+        if let Some(n) = a.n_critic {
+            cfg.loss.n_critic = n;
+        }
+        if let Some(l) = a.limit {
+            cfg.data.limit = Some(l);
+        }
+        cfg = ganscope::config::apply_overrides(cfg, &a.set)?;
+    } else if a.seed.is_some()
+        || a.batch.is_some()
+        || a.n_critic.is_some()
+        || a.limit.is_some()
+        || !a.set.is_empty()
+    {
+        bail!(
+            "--seed, --batch, --n-critic, --limit and --set cannot change when resuming (exact resume)"
+        );
+    }
+    if let Some(p) = &a.data {
+        cfg.data.path = Some(p.clone());
+    }
+    if let Some(s) = a.steps {
+        cfg.steps = s;
+    }
+    if let Some(v) = a.lr_g {
+        cfg.optim.lr_g = v;
+    }
+    if let Some(v) = a.lr_d {
+        cfg.optim.lr_d = v;
+    }
+    if let Some(v) = a.sample_every {
+        cfg.sample_every = v;
+    }
+    if let Some(v) = a.checkpoint_every {
+        cfg.checkpoint_every = v;
+    }
+    if let Some(v) = a.diagnostics_every {
+        cfg.monitor.every = v;
+    }
+    if let Some(v) = a.diagnostics_max_share {
+        cfg.monitor.max_share = v;
+    }
+    if let Some(p) = &a.evaluator {
+        cfg.monitor.evaluator = Some(p.clone());
+    }
+    cfg.validate()?;
+    // One writer per run folder, and a folder that cannot be written is an error now, not at
+    // the first save after training (and before a resume truncates its metrics).
+    let lock = ganscope::checkpoint::RunLock::acquire(&out)
+        .with_context(|| format!("opening the run folder {}", out.display()))?;
+    let t = std::time::Instant::now();
+    let ds = data::open(&cfg.data, cfg.model.image_size).context("opening the dataset")?;
+    eprintln!(
+        "data: {} images {:?} from {} ({:.2} s)",
+        ds.len(),
+        ds.image_shape(),
+        ds.source,
+        t.elapsed().as_secs_f64()
+    );
+    let ds: Arc<dyn Dataset> = Arc::new(ds);
+    let trainer = match &a.resume {
+        Some(dir) => {
+            let tr = Trainer::resume_with(dir, cfg.clone(), ds, &dev)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            for note in &tr.load_notes {
+                eprintln!("checkpoint: {note}");
+            }
+            if out == *dir {
+                for line in ganscope::checkpoint::set_aside_rejected(dir)? {
+                    eprintln!("checkpoint: {line}");
+                }
+                let dropped = ganscope::checkpoint::truncate_metrics_after(dir, tr.step)?;
+                if dropped > 0 {
+                    eprintln!("metrics.jsonl: dropped {dropped} unreadable lines");
+                }
+                eprintln!("resumed at step {}", tr.step);
+            } else {
+                eprintln!(
+                    "training on from the shipped weights of {} (step {}, fresh optimizer state) into {}",
+                    dir.display(),
+                    tr.step,
+                    out.display()
+                );
+            }
+            tr
+        }
+        None => Trainer::new(cfg.clone(), ds, &dev)?,
+    };
+    eprintln!(
+        "{}: G {} params, D {} params, device {}, out {}",
+        cfg.preset,
+        trainer.generator.store.num_params(),
+        trainer.discriminator.store.num_params(),
+        ganscope::device::name(&dev),
+        out.display()
+    );
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let target = cfg.steps;
+    let pb = ProgressBar::new(target);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(trainer.step);
+    // Without a terminal the bar is hidden (and so is its println): log plain lines instead.
+    let tty = std::io::stderr().is_terminal();
+    let say = |line: String| {
+        if tty {
+            pb.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let mut progress = run::FnSink(|ev: &run::LoopEvent| match ev {
+        run::LoopEvent::Step(p) => {
+            let st = &p.stats;
+            pb.set_position(st.step);
+            pb.set_message(format!(
+                "{:.0} img/s  D {:.3}  G {:.3}  D(x) {:+.2}  D(G(z)) {:+.2}",
+                p.images_per_s, st.d_loss, st.g_loss, st.d_real, st.d_fake
+            ));
+            if st.step % 100 == 0 || st.step == target {
+                say(format!(
+                    "step {:>6}  {:.1} s  {:.0} img/s  D {:.4}  G {:.4}  D(x) {:+.3}  D(G(z)) {:+.3}{}",
+                    st.step,
+                    p.elapsed_s,
+                    p.images_per_s,
+                    st.d_loss,
+                    st.g_loss,
+                    st.d_real,
+                    st.d_fake,
+                    st.gp.map(|g| format!("  GP {g:.3}")).unwrap_or_default()
+                ));
+            }
+        }
+        run::LoopEvent::Alarm(a) => say(format!("ALARM {}", a.message)),
+        run::LoopEvent::Recovered(r) => say(r.message.clone()),
+        run::LoopEvent::Log(m) => say(m.clone()),
+        run::LoopEvent::Check(c) => {
+            let r = &c.report;
+            say(format!(
+                "diagnostics at step {} ({:.2} s, {:.1}% of the run so far): NDB {}/{} (real-vs-real {}), precision {:.2} recall {:.2} density {:.2} coverage {:.2} (real-vs-real coverage {:.2}){}",
+                c.step,
+                c.seconds,
+                100.0 * c.share,
+                r.ndb.n_significant,
+                r.ndb.k,
+                r.ndb_baseline.n_significant,
+                r.prdc.precision,
+                r.prdc.recall,
+                r.prdc.density,
+                r.prdc.coverage,
+                r.prdc_baseline.coverage,
+                r.class_coverage
+                    .as_ref()
+                    .map(|cc| format!(", modes {}/{}", cc.modes_covered, cc.modes_present))
+                    .unwrap_or_default()
+            ));
+        }
+        _ => {}
+    });
+    let mut folder = run::RunFolder::new(&out, &cfg).with_lock(lock);
+    let opts = run::LoopOptions::for_trainer(&trainer);
+    let mut lp = run::TrainLoop::new(trainer, opts).context("setting up the diagnostics")?;
+    let res = lp.run_until(target, deadline, &mut [&mut folder, &mut progress]);
+    pb.finish();
+    let cost = lp.monitor_cost();
+    let trainer = lp.trainer;
+    res.with_context(|| match folder.saved_step() {
+        Some(s) => format!(
+            "training stopped; the last checkpoint in {} is of step {s}",
+            out.display()
+        ),
+        None => format!(
+            "training stopped; nothing was saved in {} by this run",
+            out.display()
+        ),
+    })?;
+    if cost.checks > 0 || cost.fit_seconds > 0.0 {
+        eprintln!(
+            "diagnostics: fit {:.1} s, {} checks {:.1} s ({:.1} s each), training {:.1} s: checks took {:.1}% of checks + training; {} due checks postponed (monitor.max_share {})",
+            cost.fit_seconds,
+            cost.checks,
+            cost.check_seconds,
+            cost.check_seconds / cost.checks.max(1) as f64,
+            cost.train_seconds,
+            100.0 * cost.share(),
+            cost.postponed,
+            cfg.monitor.max_share
+        );
+    }
+    eprintln!("done: {} steps in {}", trainer.step, out.display());
+    Ok(())
+}

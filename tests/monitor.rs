@@ -244,16 +244,7 @@ fn a_nan_in_a_headless_run_stops_it_and_keeps_the_last_healthy_checkpoint() {
     let mut lp = TrainLoop::new(t, opts).unwrap();
     lp.run_until(3, None, &mut [&mut folder]).unwrap();
     assert_eq!(folder.saved_step(), Some(3));
-    let (_, var) = lp
-        .trainer
-        .generator
-        .store
-        .trainable()
-        .into_iter()
-        .next()
-        .unwrap();
-    var.set(&(var.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
-        .unwrap();
+    lp.trainer.inject_nan().unwrap().unwrap();
     let err = lp
         .run_until(6, None, &mut [&mut folder])
         .unwrap_err()
@@ -300,16 +291,7 @@ fn the_loop_under_halve_lr_goes_on_and_logs_the_continued_run() {
     opts.nan_policy = ganscope::train::run::NanPolicy::RestoreLowerLr;
     let mut lp = TrainLoop::new(t, opts).unwrap();
     lp.run_until(2, None, &mut [&mut folder]).unwrap();
-    let (_, var) = lp
-        .trainer
-        .generator
-        .store
-        .trainable()
-        .into_iter()
-        .next()
-        .unwrap();
-    var.set(&(var.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
-        .unwrap();
+    lp.trainer.inject_nan().unwrap().unwrap();
     lp.run_until(5, None, &mut [&mut folder]).unwrap();
     assert_eq!(lp.trainer.step, 5);
     assert_eq!(lp.trainer.learning_rates(), (g0 * 0.5, d0 * 0.5));

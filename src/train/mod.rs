@@ -536,6 +536,16 @@ impl Trainer {
         self.load_tensors(&[p.clone(), p.clone(), p], &snap.files)
     }
 
+    /// Poison the generator's first trainable tensor with NaN (the explorer's "Inject NaN",
+    /// a demonstration and test of the NaN guard); returns its name.
+    pub fn inject_nan(&self) -> Result<Option<String>> {
+        let Some((name, var)) = self.generator.store.trainable().into_iter().next() else {
+            return Ok(None);
+        };
+        var.set(&(var.as_tensor().ones_like()? * f64::NAN)?)?;
+        Ok(Some(name))
+    }
+
     /// True when every weight of G and D is finite.
     pub fn weights_finite(&self) -> Result<bool> {
         let mut parts = vec![];

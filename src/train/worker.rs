@@ -487,17 +487,7 @@ impl Worker {
                 Err(e) => out.send(Event::Log(format!("loading failed, nothing changed: {e}"))),
             },
             Command::InjectNan => {
-                if let Some((name, var)) = self
-                    .lp
-                    .trainer
-                    .generator
-                    .store
-                    .trainable()
-                    .into_iter()
-                    .next()
-                {
-                    let bad = (var.as_tensor().ones_like()? * f64::NAN)?;
-                    var.set(&bad)?;
+                if let Some(name) = self.lp.trainer.inject_nan()? {
                     out.send(Event::Log(format!("injected NaN into {name}")));
                 }
             }

@@ -61,6 +61,27 @@ pub(crate) fn prompt_note(ui: &mut egui::Ui, prompt: &Option<PathPrompt>, purpos
     }
 }
 
+/// Show `dir` in the desktop's file manager (xdg-open, open, explorer), without waiting for
+/// it. The folder is created first if missing (a run folder appears at its first step).
+pub fn reveal(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(windows) {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    std::process::Command::new(opener)
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(|_| ())
+        .map_err(|e| format!("could not start `{opener}` to show {}: {e}", dir.display()))
+}
+
 pub trait Dialogs: Send {
     /// Ask for a folder; the answer (None = cancelled or no dialog backend) arrives later.
     fn pick_folder(&self, title: &str) -> Receiver<Option<PathBuf>>;

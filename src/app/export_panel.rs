@@ -248,6 +248,17 @@ impl GanscopeApp {
             if ui.button("…").clicked() {
                 self.ask(Purpose::ExportFolder, true, "Export folder");
             }
+            if ui
+                .button("Reveal")
+                .on_hover_text("show the export folder in the file manager")
+                .clicked()
+            {
+                let dir = std::path::absolute(self.settings.export_path.trim())
+                    .unwrap_or_else(|_| PathBuf::from(self.settings.export_path.trim()));
+                if let Err(e) = super::dialogs::reveal(&dir) {
+                    self.push_log(e);
+                }
+            }
         });
         prompt_note(ui, &self.type_path, Purpose::ExportFolder);
         ui.horizontal(|ui| {

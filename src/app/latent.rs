@@ -193,6 +193,25 @@ impl GanscopeApp {
             changed |= r.changed();
         }
         ui.horizontal(|ui| {
+            ui.label("Interpolation:");
+            if ui
+                .button("Set A")
+                .on_hover_text("interpolation start")
+                .clicked()
+            {
+                self.interp.a = self.endpoint();
+                self.request_interp();
+            }
+            if ui
+                .button("Set B")
+                .on_hover_text("interpolation end")
+                .clicked()
+            {
+                self.interp.b = self.endpoint();
+                self.request_interp();
+            }
+        });
+        ui.horizontal(|ui| {
             ui.label("Principal directions");
             let busy = self.latent.directions_rx.is_some();
             if ui
@@ -249,24 +268,6 @@ impl GanscopeApp {
                 .desired_rows(2)
                 .desired_width(f32::INFINITY),
         );
-        ui.horizontal(|ui| {
-            if ui
-                .button("Set A")
-                .on_hover_text("interpolation start")
-                .clicked()
-            {
-                self.interp.a = self.endpoint();
-                self.request_interp();
-            }
-            if ui
-                .button("Set B")
-                .on_hover_text("interpolation end")
-                .clicked()
-            {
-                self.interp.b = self.endpoint();
-                self.request_interp();
-            }
-        });
         if changed {
             self.request_latent(true);
         }

@@ -284,6 +284,14 @@ impl GanscopeApp {
 
     /// Where this session's metrics, sample grids and periodic checkpoints go.
     fn run_folder_ui(&mut self, ui: &mut egui::Ui) {
+        let mut revealed = None;
+        self.run_folder_line(ui, &mut revealed);
+        if let Some(e) = revealed {
+            self.push_log(e);
+        }
+    }
+
+    fn run_folder_line(&self, ui: &mut egui::Ui, revealed: &mut Option<String>) {
         let Some(info) = &self.info else { return };
         let Some(dir) = &info.run_dir else { return };
         let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
@@ -301,6 +309,14 @@ impl GanscopeApp {
                 .clicked()
             {
                 ui.ctx().copy_text(abs.display().to_string());
+            }
+            if ui
+                .small_button("Reveal")
+                .on_hover_text("show the folder in the file manager")
+                .clicked()
+                && let Err(e) = super::dialogs::reveal(&abs)
+            {
+                *revealed = Some(e);
             }
         });
     }

@@ -756,3 +756,120 @@ fn weights_only_folder_samples_and_trains_on() {
         "{err}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn kill_9_during_training_always_leaves_a_loadable_run() {
+    // The audit's kill -9 loop, shortened: a tiny MNIST run (64 random 28x28 images written
+    // as IDX files) checkpoints every step; it is killed with SIGKILL at three moments, and
+    // after each kill the folder loads (or holds no checkpoint yet) and `train --resume`
+    // continues from it; the lock of the killed process does not block the resume.
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let n = 64u32;
+    let mut images = [0x803u32, n, 28, 28]
+        .iter()
+        .flat_map(|v| v.to_be_bytes())
+        .collect::<Vec<u8>>();
+    images.extend((0..n * 28 * 28).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
+    std::fs::write(data.join("train-images-idx3-ubyte"), &images).unwrap();
+    let mut labels = [0x801u32, n]
+        .iter()
+        .flat_map(|v| v.to_be_bytes())
+        .collect::<Vec<u8>>();
+    labels.extend((0..n).map(|i| (i % 10) as u8));
+    std::fs::write(data.join("train-labels-idx1-ubyte"), &labels).unwrap();
+    let run = tmp.path().join("run");
+    let start = |args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start(&[
+        "train",
+        "--preset",
+        "mnist-cdcgan",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "100000",
+        "--batch",
+        "8",
+        "--checkpoint-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        "--set",
+        "model.g_ch=4",
+        "--set",
+        "model.d_ch=4",
+    ]);
+    let mut last_step = 0;
+    // Each kill lands a different time after the run has reached a checkpoint (the first
+    // wait covers a slow start on a loaded machine).
+    for delay_ms in [350u64, 120, 610] {
+        let t0 = std::time::Instant::now();
+        while ganscope::checkpoint::load_latest(&run, &Device::Cpu).map_or(0, |c| c.step)
+            <= last_step
+        {
+            assert!(t0.elapsed().as_secs() < 120, "no new checkpoint in 120 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        match ganscope::checkpoint::load_latest(&run, &Device::Cpu) {
+            Ok(set) => {
+                assert!(
+                    set.step > last_step,
+                    "went back from {last_step} to {}",
+                    set.step
+                );
+                last_step = set.step;
+            }
+            Err(e) => panic!("after a kill {delay_ms} ms past a checkpoint: {e}"),
+        }
+        child = start(&[
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--steps",
+            "100000",
+            "--device",
+            "cpu",
+        ]);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The folder resumes and finishes a short run cleanly.
+    let set = ganscope::checkpoint::load_latest(&run, &Device::Cpu).unwrap();
+    let target = (set.step + 2).to_string();
+    let out = Command::new(bin)
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--steps",
+            &target,
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = ganscope::checkpoint::load_latest(&run, &Device::Cpu).unwrap();
+    assert_eq!(back.step.to_string(), target);
+}

@@ -168,6 +168,33 @@ fn an_explorer_session_writes_its_run_folder() {
 }
 
 #[test]
+fn a_run_folder_that_cannot_be_written_is_reported_and_training_goes_on() {
+    // Another process holds the folder's lock (two sessions started in the same second
+    // would pick the same name): the session says so once and keeps training.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("taken");
+    let _other = ganscope::checkpoint::RunLock::acquire(&dir).unwrap();
+    let mut cfg = small();
+    cfg.log_every = 1;
+    ganscope::grad::enable_exact_second_order().unwrap();
+    let mut spec = SessionSpec::new(cfg, Device::Cpu);
+    spec.run = false;
+    spec.run_dir = Some(dir.clone());
+    let s = Session::spawn(spec, Arc::new(|| {}));
+    s.send(Command::Step(StepKind::Both));
+    let msg = until(&s.events, "the report", |e| match e {
+        Event::Log(m) if m.contains("no longer written") => Some(m.clone()),
+        _ => None,
+    });
+    assert!(msg.contains("in use"), "{msg}");
+    for want in 2..=3 {
+        s.send(Command::Step(StepKind::Both));
+        assert_eq!(until(&s.events, "a step", step_of), want);
+    }
+    assert!(!dir.join("metrics.jsonl").exists());
+}
+
+#[test]
 fn snapshot_restore_is_exact() {
     ganscope::grad::enable_exact_second_order().unwrap();
     let cfg = small();

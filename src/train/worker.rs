@@ -238,6 +238,41 @@ impl Sink for Outbox {
     }
 }
 
+/// The session's run folder as a sink that never stops training: its first error is kept
+/// (and the folder then left alone) for the worker to report.
+struct Tolerant<'a> {
+    inner: Option<&'a mut RunFolder>,
+    failed: Option<Error>,
+}
+
+impl Tolerant<'_> {
+    fn guard(&mut self, f: impl FnOnce(&mut RunFolder) -> Result<()>) -> Result<()> {
+        if let Some(folder) = self.inner.as_deref_mut()
+            && let Err(e) = f(folder)
+        {
+            self.failed = Some(e);
+            self.inner = None;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for Tolerant<'_> {
+    fn event(&mut self, ev: &LoopEvent) -> Result<()> {
+        self.guard(|f| f.event(ev))
+    }
+
+    fn wants_wall(&self, step: u64, last: bool) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|f| f.wants_wall(step, last))
+    }
+
+    fn after_step(&mut self, trainer: &Trainer, last: bool) -> Result<()> {
+        self.guard(|f| f.after_step(trainer, last))
+    }
+}
+
 struct Worker {
     lp: TrainLoop,
     /// The session's run folder (metrics.jsonl, sample grids, periodic checkpoints).
@@ -372,24 +407,23 @@ impl Worker {
     }
 
     /// One step through the loop, into the UI and the session's run folder. A failing run
-    /// folder (disk full, removed) is reported and switched off; training goes on.
+    /// folder (disk full, removed, locked by another process) is reported and switched off;
+    /// training goes on.
     fn step(&mut self, kind: StepKind, out: &mut Outbox) -> Result<()> {
-        let res = match self.folder.as_mut() {
-            Some(f) => self.lp.step(kind, Until::default(), &mut [out, f]),
-            None => self.lp.step(kind, Until::default(), &mut [out]),
+        let mut folder = Tolerant {
+            inner: self.folder.as_mut(),
+            failed: None,
         };
-        let outcome = match res {
-            Ok(o) => o,
-            Err(e @ Error::Io { .. }) if self.folder.is_some() => {
-                let dir = self.folder.take().map(|f| f.dir).unwrap_or_default();
-                out.send(Event::Log(format!(
-                    "writing the run folder {} failed, it is no longer written: {e}",
-                    dir.display()
-                )));
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+        let outcome = self
+            .lp
+            .step(kind, Until::default(), &mut [out, &mut folder])?;
+        if let Some(e) = folder.failed {
+            let dir = self.folder.take().map(|f| f.dir).unwrap_or_default();
+            out.send(Event::Log(format!(
+                "writing the run folder {} failed, it is no longer written: {e}",
+                dir.display()
+            )));
+        }
         if let StepOutcome::Recovered(r) = outcome {
             if r.paused {
                 self.running = false;

@@ -678,7 +678,7 @@ impl RunFolder {
     }
 
     fn sample_due(&self, step: u64, last: bool) -> bool {
-        self.sample_every > 0 && (step.is_multiple_of(self.sample_every) || last)
+        self.sample_every > 0 && (last || (step > 0 && step.is_multiple_of(self.sample_every)))
     }
 }
 
@@ -733,7 +733,9 @@ impl Sink for RunFolder {
             save_png(&sheet, &path)?;
             self.wrote = Some(path);
         }
-        let due = (self.checkpoint_every > 0 && s.is_multiple_of(self.checkpoint_every)) || last;
+        // Step 0 (a D-only step before any G step) is not a checkpoint of the schedule.
+        let due =
+            last || (self.checkpoint_every > 0 && s > 0 && s.is_multiple_of(self.checkpoint_every));
         if due && self.saved != Some(s) {
             self.lock()?;
             trainer.save(&self.dir)?;

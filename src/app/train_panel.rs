@@ -284,25 +284,18 @@ impl GanscopeApp {
 
     /// Where this session's metrics, sample grids and periodic checkpoints go.
     fn run_folder_ui(&mut self, ui: &mut egui::Ui) {
-        let mut revealed = None;
-        self.run_folder_line(ui, &mut revealed);
-        if let Some(e) = revealed {
-            self.push_log(e);
-        }
-    }
-
-    fn run_folder_line(&self, ui: &mut egui::Ui, revealed: &mut Option<String>) {
         let Some(info) = &self.info else { return };
         let Some(dir) = &info.run_dir else { return };
         let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
-        let every = info.cfg.checkpoint_every;
+        let hover = format!(
+            "metrics.jsonl every {} steps, sample grids every {} and a checkpoint every {} \
+             steps while training (created at the first step)",
+            info.cfg.log_every, info.cfg.sample_every, info.cfg.checkpoint_every
+        );
+        let mut failed = None;
         ui.horizontal_wrapped(|ui| {
             ui.label("Run folder:");
-            ui.monospace(abs.display().to_string()).on_hover_text(format!(
-                "metrics.jsonl every {} steps, sample grids every {} and a checkpoint every {every} \
-                 steps while training (created at the first step)",
-                info.cfg.log_every, info.cfg.sample_every
-            ));
+            ui.monospace(abs.display().to_string()).on_hover_text(hover);
             if ui
                 .small_button("Copy path")
                 .on_hover_text("copy the folder's absolute path")
@@ -314,11 +307,13 @@ impl GanscopeApp {
                 .small_button("Reveal")
                 .on_hover_text("show the folder in the file manager")
                 .clicked()
-                && let Err(e) = super::dialogs::reveal(&abs)
             {
-                *revealed = Some(e);
+                failed = super::dialogs::reveal(&abs).err();
             }
         });
+        if let Some(e) = failed {
+            self.push_log(e);
+        }
     }
 
     /// The question a guarded Save asks: overwrite, save into a new folder, or cancel.

@@ -261,11 +261,8 @@ impl GanscopeApp {
             // wall take a larger zoom.
             let full = (widest + 12.0).min(ui.available_width() / 3.0).max(60.0);
             let narrow = full.min(150.0);
-            if fit(narrow) > fit(full) {
-                (narrow, fit(narrow))
-            } else {
-                (full, fit(full))
-            }
+            let (zf, zn) = (fit(full), fit(narrow));
+            if zn > zf { (narrow, zn) } else { (full, zf) }
         } else {
             (0.0, fit(0.0))
         };

@@ -135,6 +135,11 @@ pub struct ModelConfig {
     /// in every hidden layer, besides c concatenated to z. No effect on the ResNet G (which
     /// always has it) or without conditions.
     pub g_cond_bn: bool,
+    /// DCGAN G only: draw every label of c as its own layer (colour + mask logit) with one
+    /// shared network, composited over a learned background by a per-pixel softmax over the
+    /// layers (`model::layered`); the value is how many objects an image usually holds (each
+    /// layer's latent is z rotated by `z_dim / g_object_layers` per layer). 0 = off.
+    pub g_object_layers: usize,
 }
 
 impl Default for ModelConfig {
@@ -159,6 +164,7 @@ impl Default for ModelConfig {
             aux_head: false,
             minibatch_std: false,
             g_cond_bn: false,
+            g_object_layers: 0,
         }
     }
 }
@@ -321,7 +327,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
     (
         "iclevr-small",
-        "the explorer's default: i-CLEVR 32x32, cBN DCGAN G, SN projection + aux D, mode seeking, EMA",
+        "the explorer's default: i-CLEVR 32x32, cBN DCGAN G drawing one layer per object, SN projection + aux D, mode seeking, EMA",
     ),
     (
         "iclevr-wgan-gp",
@@ -431,6 +437,9 @@ impl TrainConfig {
         c.model.conditioning = Conditioning::Projection;
         c.model.aux_head = true;
         c.model.g_cond_bn = true;
+        // Each label drawn as its own layer: at 4591 steps 0.47 on training conditions,
+        // where the single-image G had 0.40 after 8458 steps (README, "The default recipe").
+        c.model.g_object_layers = 3;
         c.model.minibatch_std = true;
         c.loss.aux_on_fakes = false;
         // Without it every latent of a condition drew the same image (README ablation).
@@ -568,6 +577,15 @@ impl TrainConfig {
                     m.image_size
                 )));
             }
+        }
+        if m.g_object_layers > 0
+            && (m.arch != Arch::Dcgan || m.num_conditions == 0 || m.g_object_layers > 16)
+        {
+            return Err(Error::Config(format!(
+                "model.g_object_layers = {}: object layers need the dcgan arch, conditions, and \
+                 at most 16 layers",
+                m.g_object_layers
+            )));
         }
         if self.loss.kind == LossKind::WganGp && m.d_norm == DNorm::Batch {
             return Err(Error::Config(
@@ -785,9 +803,12 @@ mod tests {
             ("model.cond_embed", |c| c.model.cond_embed = 0),
             ("model.z_dim", |c| c.model.z_dim = 1_000_000_000),
             ("batch_size", |c| c.batch_size = 100_000),
+            ("model.g_object_layers", |c| c.model.g_object_layers = 17),
+            ("model.g_object_layers", |c| c.model.arch = Arch::Resnet),
         ];
         for (name, set) in cases {
             let mut c = TrainConfig::mnist_cdcgan();
+            c.model.g_object_layers = 1;
             set(&mut c);
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(name), "{name}: {e}");

@@ -145,9 +145,25 @@ fn the_new_options_build_for_both_families() {
         let t = g.store.model_tensors();
         if m.arch == ganscope::config::Arch::Dcgan {
             // Conditional BN: an affine-free BN plus (K -> C) gain and bias maps.
-            assert!(t.contains_key("gen.blocks.0.bn.gamma.weight"), "{base}");
-            assert!(t.contains_key("gen.input_bn.beta.weight"), "{base}");
-            assert!(!t.contains_key("gen.blocks.0.bn.weight"), "{base}");
+            // (In the object-layer G, the shared layer network is `gen.layer`.)
+            let p = if m.g_object_layers > 0 {
+                assert!(t.contains_key("gen.background"), "{base}");
+                "gen.layer"
+            } else {
+                "gen"
+            };
+            assert!(
+                t.contains_key(&format!("{p}.blocks.0.bn.gamma.weight")),
+                "{base}"
+            );
+            assert!(
+                t.contains_key(&format!("{p}.input_bn.beta.weight")),
+                "{base}"
+            );
+            assert!(
+                !t.contains_key(&format!("{p}.blocks.0.bn.weight")),
+                "{base}"
+            );
         }
         // Without conditions there is no aux head, whatever aux_head says.
         let mut u = cfg.clone();

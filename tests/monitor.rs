@@ -194,7 +194,13 @@ fn a_generator_that_ignores_z_is_flagged_for_every_label() {
     let g = t.sampling_generator();
     let mut monitor = Monitor::new(&cfg, data.as_ref(), &dev).unwrap();
     let (varied, _) = monitor.check(1, g, data.as_ref()).unwrap();
-    let w = g.store.get("gen.input.weight").unwrap();
+    // (The object-layer G's latent enters its shared layer network, `gen.layer`.)
+    let input = if cfg.model.g_object_layers > 0 {
+        "gen.layer.input.weight"
+    } else {
+        "gen.input.weight"
+    };
+    let w = g.store.get(input).unwrap();
     let z = cfg.model.z_dim;
     let rows = w.dim(0).unwrap();
     let keep = w.as_tensor().narrow(0, z, rows - z).unwrap();

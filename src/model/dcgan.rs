@@ -153,6 +153,11 @@ impl DcganGenerator {
     }
 
     pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_raw(z, c, train)?.tanh()?)
+    }
+
+    /// The output before tanh, (B, C, H, W).
+    pub fn forward_raw(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
         let zc = match &self.cond_embed {
             Some(l) => Tensor::cat(&[z, &l.forward(c, train)?], 1)?, // (B, Z + E)
             None => z.clone(),
@@ -165,7 +170,7 @@ impl DcganGenerator {
             h = b.forward(&h, c, train)?;
             h = attend_after(&self.attention, i, h, train)?;
         }
-        Ok(self.out.forward(&h, train)?.tanh()?) // (B, C, H, W)
+        self.out.forward(&h, train) // (B, C, H, W)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod conv;
 pub mod dcgan;
 pub mod fused_bn;
+pub mod layered;
 pub mod layers;
 pub mod resnet;
 
@@ -194,6 +195,7 @@ impl Projection {
 #[derive(Debug, Clone)]
 enum GenNet {
     Dcgan(dcgan::DcganGenerator),
+    Layered(layered::LayeredGenerator),
     Resnet(resnet::ResnetGenerator),
 }
 
@@ -216,6 +218,9 @@ impl Generator {
         let store = ParamStore::new(rng, dtype, device);
         let vb = store.root(GEN_PREFIX);
         let net = match cfg.arch {
+            Arch::Dcgan if cfg.g_object_layers > 0 => {
+                GenNet::Layered(layered::LayeredGenerator::new(cfg, vb)?)
+            }
             Arch::Dcgan => GenNet::Dcgan(dcgan::DcganGenerator::new(cfg, vb)?),
             Arch::Resnet => GenNet::Resnet(resnet::ResnetGenerator::new(cfg, vb)?),
         };
@@ -231,6 +236,7 @@ impl Generator {
     pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
         match &self.net {
             GenNet::Dcgan(g) => g.forward(z, c, train),
+            GenNet::Layered(g) => g.forward(z, c, train),
             GenNet::Resnet(g) => g.forward(z, c, train),
         }
     }
@@ -239,6 +245,7 @@ impl Generator {
     pub fn first_features(&self, z: &Tensor, c: &Tensor) -> Result<Tensor> {
         match &self.net {
             GenNet::Dcgan(g) => g.first_features(z, c),
+            GenNet::Layered(g) => g.first_features(z, c),
             GenNet::Resnet(g) => g.first_features(z),
         }
     }

@@ -424,7 +424,8 @@ impl TrainConfig {
     }
 
     /// The explorer's default: small enough to learn live on a 2-core CPU. Chosen by
-    /// measurement (README, "The default recipe"): a DCGAN G with conditional BatchNorm;
+    /// measurement (README, "The default recipe"): a DCGAN G with conditional BatchNorm that
+    /// draws every label as its own layer (`g_object_layers`);
     /// a spectral-norm hinge D with a projection term, an auxiliary multi-label head trained
     /// on real images only, and minibatch-std features; a mode-seeking term against G
     /// ignoring z; EMA of G for sampling.

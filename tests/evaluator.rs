@@ -225,3 +225,48 @@ fn an_evaluator_judges_only_its_own_image_size() {
     let cfg64 = ganscope::config::TrainConfig::iclevr_sagan();
     assert_eq!(pick(&cfg64), p);
 }
+
+#[test]
+fn mirrored_test_time_augmentation_averages_the_two_views() {
+    // With tta_hflip, the probabilities are the mean of those of the image and of its mirror
+    // image (built here by hand, column j <- column W-1-j); the features stay the image's.
+    let dev = Device::Cpu;
+    let data = quadrants(8, true);
+    let cfg = EvaluatorConfig {
+        width: 4,
+        ..EvaluatorConfig::for_data(&data)
+    };
+    let plain = Classifier::new(&cfg, &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    plain.save(dir.path()).unwrap();
+    let mut tta = Classifier::load(dir.path(), &dev).unwrap();
+    tta.cfg.tta_hflip = true;
+    let (x, _) = data.batch(&[0, 1, 2, 3], &dev).unwrap();
+    let (b, c, h, w) = x.dims4().unwrap();
+    let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let mut m = vec![0f32; flat.len()];
+    for i in 0..b * c * h {
+        for j in 0..w {
+            m[i * w + j] = flat[i * w + (w - 1 - j)];
+        }
+    }
+    let xm = candle_core::Tensor::from_vec(m, (b, c, h, w), &dev).unwrap();
+    let (p, f) = plain.predict(&x).unwrap();
+    let (pm, _) = plain.predict(&xm).unwrap();
+    let (pt, ft) = tta.predict(&x).unwrap();
+    assert_eq!(f, ft);
+    for i in 0..b {
+        for k in 0..p[i].len() {
+            let want = (p[i][k] + pm[i][k]) / 2.0;
+            assert!((pt[i][k] - want).abs() < 1e-6, "image {i} label {k}");
+        }
+        // The mirror image is another input (the quadrant images are not symmetric).
+        assert!(p[i] != pm[i]);
+    }
+    // Saved and loaded with the flag on; evaluators saved without it read it as off.
+    tta.save(dir.path()).unwrap();
+    assert!(Classifier::load(dir.path(), &dev).unwrap().cfg.tta_hflip);
+    let text = std::fs::read_to_string(dir.path().join("evaluator.json")).unwrap();
+    assert!(text.contains("tta_hflip"));
+    assert!(!serde_json::to_string(&cfg).unwrap().contains("tta_hflip"));
+}

@@ -65,6 +65,10 @@ pub(crate) struct EvaluatorScoreArgs {
     /// Synthetic i-CLEVR: renderer seed (training uses 0; another seed gives unseen scenes).
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Score with test-time mirroring (the mean of each image's and its mirror image's label
+    /// probabilities), whatever the evaluator's `tta_hflip` says.
+    #[arg(long)]
+    pub(crate) tta_hflip: bool,
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
 }
@@ -193,8 +197,18 @@ pub(crate) fn open_eval_data(
 pub(crate) fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
     use ganscope::eval::classifier::{Classifier, score_on};
     let dev = device(&a.device)?;
-    let ev = Classifier::load(&a.evaluator, &dev)
+    let mut ev = Classifier::load(&a.evaluator, &dev)
         .with_context(|| format!("loading the evaluator from {}", a.evaluator.display()))?;
+    if a.tta_hflip {
+        if !ev.cfg.hflip {
+            anyhow::bail!(
+                "{}: this evaluator was trained without mirroring (its labels may not survive \
+                 a mirror image), so --tta-hflip does not apply",
+                a.evaluator.display()
+            );
+        }
+        ev.cfg.tta_hflip = true;
+    }
     let kind = data_kind(&a.kind)?;
     let t0 = std::time::Instant::now();
     let ds = open_eval_data(

@@ -21,6 +21,13 @@ use crate::rng::Rng;
 use crate::train::adam::Adam;
 use crate::train::loss::aux_loss;
 
+/// x: (B, C, H, W) mirrored left to right.
+fn mirror(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(3)?;
+    let idx: Vec<u32> = (0..w as u32).rev().collect();
+    Ok(x.index_select(&Tensor::from_vec(idx, w, x.device())?, 3)?)
+}
+
 /// Images per evaluator forward in [`Classifier::predict`].
 const PREDICT_CHUNK: usize = 32;
 
@@ -48,6 +55,11 @@ pub struct EvaluatorConfig {
     /// existed): 2 for images of 64 pixels or more, else 1 (see [`EvaluatorConfig::stem_stride`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stem_stride: Option<usize>,
+    /// Test-time augmentation: label probabilities are the mean of the image's and its
+    /// mirror image's (features stay the unmirrored image's). Only where mirroring keeps the
+    /// labels (`hflip`); off in evaluators saved before this field existed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tta_hflip: bool,
 }
 
 impl Default for EvaluatorConfig {
@@ -66,6 +78,7 @@ impl Default for EvaluatorConfig {
             max_shift: 4,
             hflip: true,
             stem_stride: None,
+            tta_hflip: false,
         }
     }
 }
@@ -234,16 +247,25 @@ impl Classifier {
         let mut i = 0;
         while i < n {
             let m = PREDICT_CHUNK.min(n - i);
-            let (logits, f) = self.forward(&x.narrow(0, i, m)?, false)?;
-            let p = match self.cfg.kind {
-                ConditionKind::OneHot => candle_nn::ops::softmax(&logits, D::Minus1)?,
-                _ => candle_nn::ops::sigmoid(&logits)?,
-            };
+            let xi = x.narrow(0, i, m)?;
+            let (logits, f) = self.forward(&xi, false)?;
+            let mut p = self.probabilities(&logits)?;
+            if self.cfg.tta_hflip {
+                let (mirrored, _) = self.forward(&mirror(&xi)?, false)?;
+                p = ((p + self.probabilities(&mirrored)?)? * 0.5)?;
+            }
             probs.extend(p.to_dtype(DType::F32)?.to_vec2::<f32>()?);
             feats.extend(f.to_dtype(DType::F32)?.to_vec2::<f32>()?);
             i += m;
         }
         Ok((probs, feats))
+    }
+
+    fn probabilities(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.kind {
+            ConditionKind::OneHot => candle_nn::ops::softmax(logits, D::Minus1)?,
+            _ => candle_nn::ops::sigmoid(logits)?,
+        })
     }
 
     /// Error unless this evaluator reads `channels` x `size` x `size` images with exactly

@@ -17,15 +17,9 @@ use crate::nn::{LayerOpts, Linear, SelfAttention, WeightInit};
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
 
-/// Side of the smallest feature map: 7 for 28-pixel images, 4 otherwise.
-pub fn base_size(image_size: usize) -> usize {
-    if image_size.is_multiple_of(7) { 7 } else { 4 }
-}
-
-/// Number of 2x resampling stages between the base feature map and the image.
-pub fn num_resamples(image_size: usize) -> usize {
-    (image_size / base_size(image_size)).trailing_zeros() as usize
-}
+// The feature-map geometry lives beside the config that validates it (config sits below
+// model); the networks use it from here.
+pub use crate::config::{base_size, num_resamples};
 
 /// Apply `attention` to `h` if it sits after block `i`.
 pub(crate) fn attend_after(

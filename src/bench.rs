@@ -25,7 +25,7 @@
 //! images are a fixed seeded random batch in [-1, 1], labels seeded random.
 //!
 //! FLOP count (printed as "GFLOP/iter"): F_G and F_D are the forward FLOPs of G and D at the
-//! benchmark batch, counted by [`crate::model::layers::forward_flops`] (2 per
+//! benchmark batch, counted by [`crate::nn::forward_flops`] (2 per
 //! multiply-accumulate of convolutions, linear layers and attention products; normalisation,
 //! activations and the optimizer are not counted). A pass that is backpropagated counts 3x its
 //! forward (forward, input gradient, weight gradient), a forward-only pass 1x, a
@@ -46,14 +46,15 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::model::layers::{
-    BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, LeakyRelu, Linear, WeightInit, forward_flops,
+use crate::kernels::ops::LeakyRelu;
+use crate::nn::{
+    BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, Linear, WeightInit, forward_flops,
     reset_forward_flops, softplus, with_frozen_params,
 };
+use crate::optim::adam::Adam;
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
 use crate::train::Trainer;
-use crate::train::adam::Adam;
 
 /// The workloads, in the order `ganscope bench` runs them.
 pub const MODELS: [&str; 4] = ["dcgan64", "cdcgan28", "wgangp-critic64", "iclevr-sagan"];

@@ -5,8 +5,29 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::ConditionKind;
 use crate::error::{Error, Result};
+
+/// How a dataset's condition vector is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConditionKind {
+    /// No condition (K = 0).
+    None,
+    /// Exactly one class per image (MNIST, Fashion-MNIST, CIFAR-10).
+    OneHot,
+    /// Any subset of labels per image (i-CLEVR objects, cartoon attributes).
+    MultiHot,
+}
+
+/// Side of the smallest feature map: 7 for 28-pixel images, 4 otherwise.
+pub fn base_size(image_size: usize) -> usize {
+    if image_size.is_multiple_of(7) { 7 } else { 4 }
+}
+
+/// Number of 2x resampling stages between the base feature map and the image.
+pub fn num_resamples(image_size: usize) -> usize {
+    (image_size / base_size(image_size)).trailing_zeros() as usize
+}
 
 /// Which dataset a run reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -570,10 +591,8 @@ impl TrainConfig {
         }
         if let Some(r) = m.attention {
             // Inner feature-map sides shared by G and D (not the base map, not the image).
-            let s0 = crate::model::base_size(m.image_size);
-            let sides: Vec<usize> = (1..crate::model::num_resamples(m.image_size))
-                .map(|l| s0 << l)
-                .collect();
+            let s0 = base_size(m.image_size);
+            let sides: Vec<usize> = (1..num_resamples(m.image_size)).map(|l| s0 << l).collect();
             if !sides.contains(&r) {
                 return Err(Error::Config(format!(
                     "attention at {r}x{r}: a {0}x{0} model has inner feature maps of side {sides:?}",

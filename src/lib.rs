@@ -14,6 +14,7 @@ pub mod explore;
 pub mod export;
 pub mod fuzz;
 pub mod images;
+pub mod kernels;
 
 pub use error::{Error, Result};
 pub mod config;
@@ -21,6 +22,8 @@ pub mod diagnostics;
 pub mod eval;
 pub mod grad;
 pub mod model;
+pub mod nn;
+pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod train;
@@ -58,16 +61,16 @@ pub fn tune_allocator() {
 /// `cdcgan28` 130 -> 119 ms per iteration, `dcgan64` 1247 -> 1213 ms.
 ///
 /// Equivalent to `f()` for the engine's thread-local state: the job runs with the caller's
-/// [`model::layers::with_frozen_params`] state, whatever the worker's own. (A worker that
+/// [`nn::with_frozen_params`] state, whatever the worker's own. (A worker that
 /// waits for a forked kernel may pick up another thread's job meanwhile; without this, a job
 /// picked up inside a frozen pass would train nothing.)
 pub fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         f()
     } else {
-        let frozen = model::layers::params_frozen();
+        let frozen = nn::params_frozen();
         // `scope` runs its closure on a worker of the global pool and blocks until it returns.
-        rayon::scope(|_| model::layers::with_frozen_state(frozen, f))
+        rayon::scope(|_| nn::with_frozen_state(frozen, f))
     }
 }
 

@@ -13,22 +13,12 @@ pub mod render;
 pub(crate) mod test_util;
 
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 
+// Defined beside the config that names it (config sits below data); `crate::data::ConditionKind`
+// stays the path the rest of the engine uses.
+pub use crate::config::ConditionKind;
 use crate::error::{Error, Result};
 use crate::images::from_u8;
-
-/// How a dataset's condition vector is to be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ConditionKind {
-    /// No condition (K = 0).
-    None,
-    /// Exactly one class per image (MNIST, Fashion-MNIST, CIFAR-10).
-    OneHot,
-    /// Any subset of labels per image (i-CLEVR objects, cartoon attributes).
-    MultiHot,
-}
 
 /// A source of real training images with their condition vectors.
 pub trait Dataset: Send + Sync {

@@ -15,10 +15,10 @@ use crate::data::{ConditionKind, Dataset};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{TopK, topk_accuracy};
 use crate::images::from_u8;
-use crate::model::layers::{BatchNorm, Conv2d, LayerOpts, Linear, WeightInit};
+use crate::nn::{BatchNorm, Conv2d, LayerOpts, Linear, WeightInit};
+use crate::optim::adam::Adam;
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
-use crate::train::adam::Adam;
 use crate::train::loss::aux_loss;
 
 /// x: (B, C, H, W) mirrored left to right.

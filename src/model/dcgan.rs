@@ -9,12 +9,13 @@ use candle_core::Tensor;
 
 use crate::config::{DNorm, ModelConfig};
 use crate::error::Result;
-use crate::model::layers::{
-    BatchNorm, CondBatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, LeakyRelu, Linear,
-    SelfAttention, WeightInit, leaky_relu, minibatch_std, relu,
-};
+use crate::kernels::ops::{LeakyRelu, leaky_relu, relu};
 use crate::model::{
     CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
+};
+use crate::nn::{
+    BatchNorm, CondBatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention,
+    WeightInit, minibatch_std,
 };
 use crate::params::Vb;
 

@@ -400,7 +400,7 @@ mod tests {
         // d sum(r * G(z, c)) / d theta for the background and the layer network's last
         // weights, against central differences (f64, training mode: batch statistics).
         let (store, g) = build(DType::F64);
-        let c = vec![vec![1.0, 0.0, 1.0, 0.0], vec![0.0, 0.0, 0.0, 0.6]];
+        let c = [vec![1.0, 0.0, 1.0, 0.0], vec![0.0, 0.0, 0.0, 0.6]];
         let zt = z(2);
         let ct = Tensor::from_vec(c.concat(), (2, 4), &Device::Cpu).unwrap();
         let r = Tensor::from_vec(

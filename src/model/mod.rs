@@ -1,97 +1,29 @@
-//! Networks: one file per family ([`dcgan`], [`resnet`]), shared blocks in [`layers`].
+//! Networks: one file per family ([`dcgan`], [`resnet`], [`layered`]), built from the layers of
+//! [`crate::nn`].
 //!
 //! [`Generator`] and [`Discriminator`] wrap a family's network with its config; they are what
 //! the trainer, the CLI and the explorer use.
 
-pub mod attention;
-pub mod conv;
 pub mod dcgan;
-pub mod fused_bn;
 pub mod layered;
-pub mod layers;
 pub mod resnet;
 
-use std::mem::MaybeUninit;
-
-use candle_core::{DType, Device, Tensor, WithDType};
-
-/// Elements per rayon task in the CPU kernels, at least (smaller tasks cost more to schedule
-/// than to run). Each element or plane is computed on its own, so results do not depend on
-/// the split.
-pub(crate) const MIN_TASK: usize = 16 << 10;
-
-/// An element of a kernel's output: `T` itself, or `MaybeUninit<T>` for an output that the
-/// kernel overwrites completely, allocated without the zero-fill of `vec![0; n]` (a serial
-/// pass over the output before the kernels overwrite it: for the convolution outputs alone,
-/// about 5% of a cdcgan28 iteration).
-///
-/// # Safety
-/// Implementors have the size, alignment and bit validity of `T` (so gemm may write a slice
-/// of them through a `*mut T`).
-pub(crate) unsafe trait Slot<T: Copy>: Send + Sync {
-    fn set(&mut self, v: T);
-    /// The slice as initialised values, where its type says they are.
-    fn init(s: &mut [Self]) -> Option<&mut [T]>
-    where
-        Self: Sized;
-}
-
-// SAFETY: T has its own layout.
-unsafe impl<T: WithDType> Slot<T> for T {
-    fn set(&mut self, v: T) {
-        *self = v;
-    }
-    fn init(s: &mut [T]) -> Option<&mut [T]> {
-        Some(s)
-    }
-}
-
-// SAFETY: MaybeUninit<T> is repr(transparent) over T.
-unsafe impl<T: WithDType> Slot<T> for MaybeUninit<T> {
-    fn set(&mut self, v: T) {
-        self.write(v);
-    }
-    fn init(_: &mut [Self]) -> Option<&mut [T]> {
-        None
-    }
-}
-
-/// `n` elements for a kernel to overwrite, see [`Slot`].
-pub(crate) fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(n);
-    v.resize_with(n, MaybeUninit::uninit);
-    v
-}
-
-/// # Safety
-/// Every element of `v` has been written.
-pub(crate) unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: MaybeUninit<T> has T's layout, the allocation is v's own (not dropped), and the
-    // caller guarantees that all `len` elements are initialised.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
-}
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, Conditioning, ModelConfig};
 use crate::error::{Error, Result};
 use crate::images::Images;
-use crate::model::layers::{LayerOpts, Linear};
+use crate::nn::{LayerOpts, Linear, SelfAttention, WeightInit};
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
 
-/// Side of the smallest feature map: 7 for 28-pixel images, 4 otherwise.
-pub fn base_size(image_size: usize) -> usize {
-    if image_size.is_multiple_of(7) { 7 } else { 4 }
-}
-
-/// Number of 2x resampling stages between the base feature map and the image.
-pub fn num_resamples(image_size: usize) -> usize {
-    (image_size / base_size(image_size)).trailing_zeros() as usize
-}
+// The feature-map geometry lives beside the config that validates it (config sits below
+// model); the networks use it from here.
+pub use crate::config::{base_size, num_resamples};
 
 /// Apply `attention` to `h` if it sits after block `i`.
 pub(crate) fn attend_after(
-    attention: &Option<(usize, layers::SelfAttention)>,
+    attention: &Option<(usize, SelfAttention)>,
     i: usize,
     h: Tensor,
     train: bool,
@@ -138,7 +70,7 @@ impl CondPlane {
         let s = cfg.image_size;
         let opts = LayerOpts {
             bias: true,
-            init: layers::WeightInit::Embedding,
+            init: WeightInit::Embedding,
             ..opts
         };
         Ok(Some(Self {

@@ -10,12 +10,12 @@ use candle_core::Tensor;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::layers::{
-    BatchNorm, CondBatchNorm, Conv2d, LayerOpts, LeakyRelu, Linear, SelfAttention, WeightInit,
-    avg_pool2, minibatch_std, relu, upsample2,
-};
+use crate::kernels::ops::{LeakyRelu, avg_pool2, relu, upsample2};
 use crate::model::{
     CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
+};
+use crate::nn::{
+    BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, SelfAttention, WeightInit, minibatch_std,
 };
 use crate::params::Vb;
 

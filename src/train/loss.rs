@@ -12,7 +12,7 @@ use crate::config::LossKind;
 use crate::data::ConditionKind;
 use crate::error::Result;
 use crate::grad::{input_gradient, per_sample_sq_norm};
-use crate::model::layers::softplus;
+use crate::nn::softplus;
 
 /// Discriminator adversarial loss from logits on real and fake, each (B,).
 pub fn d_loss(kind: LossKind, real: &Tensor, fake: &Tensor) -> Result<Tensor> {

@@ -3,7 +3,6 @@
 //! config's seed, and everything it holds is saved in a checkpoint, so that a resumed run
 //! continues bit for bit.
 
-pub mod adam;
 pub mod augment;
 pub mod ema;
 pub mod loss;
@@ -23,8 +22,8 @@ use crate::config::{Conditioning, LossKind, TrainConfig};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::{Discriminator, Generator};
+use crate::optim::adam::Adam;
 use crate::rng::Rng;
-use adam::Adam;
 
 /// Numbers from one training step (one or more D updates, then one G update).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -348,7 +347,7 @@ impl Trainer {
         let fake_a = self.augment(&fake)?;
         // D's parameters as constants: their gradients are not needed here.
         let disc = &self.discriminator;
-        let out = crate::model::layers::with_frozen_params(|| disc.forward(&fake_a, &c, true))?;
+        let out = crate::nn::with_frozen_params(|| disc.forward(&fake_a, &c, true))?;
         let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
         if ms > 0.0 {
             let term = loss::mode_seeking(&fake, &z)?;

@@ -33,8 +33,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 
-use super::layers::{ActSideOp, LeakyRelu, times_act_derivative};
-use super::{MIN_TASK, Slot, assume_init, uninit};
+use super::ops::{ActSideOp, LeakyRelu, times_act_derivative};
+use super::{Float, MIN_TASK, Slot, assume_init, contiguous, uninit};
 
 /// Train-mode batch normalisation of x (B, C, ...) over every dimension but the channel one
 /// (dimension 1): y = (x - mean) / sqrt(var + eps) * gamma + beta, with gamma and beta of shape
@@ -272,13 +272,6 @@ struct BnBwdOp {
     stats: Arc<Stats>,
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{what}: non-contiguous argument"),
-    }
-}
-
 /// The three arguments of an op as slices of one float type.
 fn args3<'a, T: WithDType>(what: &str, s: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [T]; 3]> {
     let one = |(st, l): (&'a CpuStorage, &Layout)| -> Result<&'a [T]> {
@@ -485,35 +478,6 @@ impl CustomOp3 for BnBwdOp {
             None
         };
         Ok((gx.0, gx.1, gdy))
-    }
-}
-
-/// f32 / f64 with conversions the compiler inlines (candle's `WithDType` ones live in
-/// another crate and are not marked inline).
-trait Float: WithDType {
-    fn to64(self) -> f64;
-    fn from64(v: f64) -> Self;
-}
-
-impl Float for f32 {
-    #[inline(always)]
-    fn to64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn from64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Float for f64 {
-    #[inline(always)]
-    fn to64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from64(v: f64) -> Self {
-        v
     }
 }
 
@@ -1557,7 +1521,7 @@ mod tests {
 
     /// act(BN(x)) forward + backward: the two ops in turn vs the fused op, on the DCGAN
     /// layer shapes. Prints the best of 30.
-    /// `cargo test --release --lib model::fused_bn::tests::bench_act -- --ignored --nocapture`
+    /// `cargo test --release --lib kernels::fused_bn::tests::bench_act -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn bench_act() {
@@ -1596,7 +1560,7 @@ mod tests {
     }
 
     /// BN forward + backward, basic ops vs fused, and one evaluator training step.
-    /// `cargo test --release --lib model::fused_bn::tests::bench -- --ignored --nocapture`
+    /// `cargo test --release --lib kernels::fused_bn::tests::bench -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn bench() {
@@ -1691,7 +1655,7 @@ mod tests {
 
     fn evaluator_step() {
         use crate::eval::classifier::{Classifier, EvaluatorConfig};
-        use crate::train::adam::Adam;
+        use crate::optim::adam::Adam;
         use crate::train::loss::aux_loss;
         let cfg = EvaluatorConfig {
             label_names: (0..24).map(|i| format!("l{i}")).collect(),

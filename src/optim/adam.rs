@@ -18,6 +18,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::kernels::cpu_slice;
 
 #[derive(Debug)]
 pub struct Adam {
@@ -201,18 +202,6 @@ struct ApplyOp {
     eps: f64,
 }
 
-fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    let v = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: non-contiguous argument"),
-    }
-}
-
 fn contiguous_slice_mut<'a, T: AdamFloat>(
     s: &'a mut CpuStorage,
     l: &Layout,
@@ -247,7 +236,7 @@ impl InplaceOp2 for MomentOp {
             gl: &Layout,
         ) -> candle_core::Result<()> {
             let name = InplaceOp2::name(op);
-            let g = contiguous_slice::<T>(g, gl, name)?;
+            let g = cpu_slice::<T>(g, gl, name)?;
             let m = contiguous_slice_mut::<T>(dst, dl, name)?;
             if m.len() != g.len() {
                 candle_core::bail!("{name}: {} vs {} elements", m.len(), g.len());
@@ -300,8 +289,8 @@ impl InplaceOp3 for ApplyOp {
             v: (&CpuStorage, &Layout),
         ) -> candle_core::Result<()> {
             let name = InplaceOp3::name(op);
-            let m = contiguous_slice::<T>(m.0, m.1, name)?;
-            let v = contiguous_slice::<T>(v.0, v.1, name)?;
+            let m = cpu_slice::<T>(m.0, m.1, name)?;
+            let v = cpu_slice::<T>(v.0, v.1, name)?;
             let p = contiguous_slice_mut::<T>(dst, dl, name)?;
             if p.len() != m.len() || p.len() != v.len() {
                 candle_core::bail!("{name}: mismatched lengths");

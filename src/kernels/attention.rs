@@ -23,9 +23,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{Elem, Scratch, matmul_in};
-use super::layers::num_float::Exp;
-use super::layers::{cpu_slice, softmax_last, softmax_row};
+use super::conv::{Elem, Scratch};
+use super::matmul::matmul_in;
+use super::ops::{softmax_last, softmax_row};
+use super::{Float, cpu_slice};
 use crate::error::Result;
 
 const NAME: &str = "ganscope-attention";
@@ -125,7 +126,7 @@ fn per_sample<T: Send>(
 }
 
 /// a (N, N) = softmax_rows(q^T k) for one sample's q, k (Ck, N).
-fn attention_rows<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], a: &mut [T], parallel: bool) {
+fn attention_rows<T: Elem + Float>(g: &Geom, q: &[T], k: &[T], a: &mut [T], parallel: bool) {
     let n = g.n;
     matmul_in(parallel, n, n, g.ck, a, (n, 1), false, q, (1, n), k, (n, 1));
     for row in a.chunks_mut(n) {
@@ -133,7 +134,7 @@ fn attention_rows<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], a: &mut [T], parall
     }
 }
 
-fn forward<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+fn forward<T: Elem + Float>(g: &Geom, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
     let (n, ck, cv) = (g.n, g.ck, g.cv);
     let mut o = vec![T::from_f64(0.0); g.b * cv * n];
     if n == 0 || cv == 0 {
@@ -168,7 +169,7 @@ fn forward<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
 }
 
 /// (dq, dk, dv) for one batch, each sample's three gradients packed as [dq | dk | dv].
-fn backward<T: Elem + Exp>(g: &Geom, q: &[T], k: &[T], v: &[T], go: &[T]) -> Vec<T> {
+fn backward<T: Elem + Float>(g: &Geom, q: &[T], k: &[T], v: &[T], go: &[T]) -> Vec<T> {
     let (n, ck, cv) = (g.n, g.ck, g.cv);
     let per = 2 * ck * n + cv * n;
     let mut out = vec![T::from_f64(0.0); g.b * per];
@@ -308,7 +309,7 @@ fn grads_fused(
 }
 
 /// [`backward`] on four CPU storages of dtype T: (B, 2 Ck + Cv, N), [dq | dk | dv] per sample.
-fn packed_grads<T: Elem + Exp>(
+fn packed_grads<T: Elem + Float>(
     g: &Geom,
     a: [(&CpuStorage, &Layout); 4],
 ) -> candle_core::Result<Tensor> {

@@ -80,6 +80,17 @@ impl Layout {
         }
         l
     }
+
+    /// For each of `b` images x `max_slots` positions, the row of its layer among the `M`
+    /// layers, or `M` (the padding row) where the image has fewer layers.
+    fn pick(&self, b: usize, dev: &candle_core::Device) -> Result<Tensor> {
+        let (m, n) = (self.image.len(), self.max_slots);
+        let mut pick = vec![m as u32; b * n];
+        for i in 0..m {
+            pick[self.image[i] * n + self.slot[i]] = i as u32;
+        }
+        Ok(Tensor::from_vec(pick, b * n, dev)?)
+    }
 }
 
 impl LayeredGenerator {
@@ -157,13 +168,8 @@ impl LayeredGenerator {
         )?;
         let layers = Tensor::cat(&[&layers, &pad], 0)?; // (M + 1, C + 1, H, W)
         let n = lay.max_slots;
-        let mut pick = vec![m as u32; b * n];
-        for i in 0..m {
-            pick[lay.image[i] * n + lay.slot[i]] = i as u32;
-        }
-        let pick = Tensor::from_vec(pick, b * n, dev)?;
         let layers = layers
-            .index_select(&pick, 0)?
+            .index_select(&lay.pick(b, dev)?, 0)?
             .reshape((b, n, ch + 1, s, s))?;
         let back = Tensor::cat(&[&bg, &Tensor::zeros((1, 1, s, s), dt, dev)?], 1)?
             .unsqueeze(0)?
@@ -187,18 +193,13 @@ impl LayeredGenerator {
         if lay.image.is_empty() {
             return Ok(Tensor::zeros((b, 1), z.dtype(), z.device())?);
         }
-        let m = lay.image.len();
         let (zs, cond) = self.layer_inputs(z, &lay, &cv)?;
         let f = self.layer.first_features(&zs, &cond)?; // (M, F)
         let fd = f.dim(1)?;
+        // Row M: zeros for the padding positions.
         let f = Tensor::cat(&[&f, &Tensor::zeros((1, fd), f.dtype(), f.device())?], 0)?;
-        let n = lay.max_slots;
-        let mut pick = vec![m as u32; b * n];
-        for i in 0..m {
-            pick[lay.image[i] * n + lay.slot[i]] = i as u32;
-        }
-        let pick = Tensor::from_vec(pick, b * n, f.device())?;
-        Ok(f.index_select(&pick, 0)?.reshape((b, n * fd))?)
+        let picked = f.index_select(&lay.pick(b, f.device())?, 0)?;
+        Ok(picked.reshape((b, lay.max_slots * fd))?)
     }
 }
 
@@ -393,6 +394,12 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f64::max);
         assert!(off < 1e-12, "image 1 changed by {off}");
+        // First features: each image's layers side by side, zeros where it has fewer.
+        let ct = Tensor::from_vec(c.concat(), (2, 4), &Device::Cpu).unwrap();
+        let f: Vec<Vec<f64>> = g.first_features(&zt, &ct).unwrap().to_vec2().unwrap();
+        let half = f[0].len() / 2;
+        assert!(f[0][..half].iter().any(|v| *v != 0.0) && f[0][half..].iter().any(|v| *v != 0.0));
+        assert!(f[1][half..].iter().all(|v| *v == 0.0));
     }
 
     #[test]

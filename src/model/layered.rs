@@ -15,7 +15,7 @@
 //! adding `ln p` to its mask logit; entries <= 1e-6 draw nothing. With no label at all the image
 //! is the background.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -40,6 +40,19 @@ pub struct LayeredGenerator {
     shift: usize,
     channels: usize,
     k: usize,
+}
+
+/// c: (B, K) on any device as rows of f64 on the host (Metal has no f64: convert on the CPU).
+fn host_rows(c: &Tensor) -> Result<Vec<Vec<f64>>> {
+    Ok(c.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.to_vec2()?)
+}
+
+/// f64 values as a tensor of `dt` on `dev`, converted on the CPU (exact for f64 tests, and
+/// no f64 tensor on a device without f64).
+fn on_device(v: Vec<f64>, shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(dt)?
+        .to_device(dev)?)
 }
 
 /// Where the layers of a batch come from: one row per (image, present label).
@@ -83,7 +96,7 @@ impl Layout {
 
     /// For each of `b` images x `max_slots` positions, the row of its layer among the `M`
     /// layers, or `M` (the padding row) where the image has fewer layers.
-    fn pick(&self, b: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    fn pick(&self, b: usize, dev: &Device) -> Result<Tensor> {
         let (m, n) = (self.image.len(), self.max_slots);
         let mut pick = vec![m as u32; b * n];
         for i in 0..m {
@@ -131,14 +144,14 @@ impl LayeredGenerator {
         let dev = z.device();
         let idx = Tensor::from_vec(idx, m * zd, dev)?;
         let zs = z.flatten_all()?.index_select(&idx, 0)?.reshape((m, zd))?;
-        let cond = Tensor::from_vec(cond, (m, 2 * k), dev)?.to_dtype(z.dtype())?;
+        let cond = on_device(cond, &[m, 2 * k], z.dtype(), dev)?;
         Ok((zs, cond))
     }
 
     /// z: (B, Z), c: (B, K) -> (B, C, H, W) in [-1, 1]
     pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
         let b = z.dim(0)?;
-        let cv: Vec<Vec<f64>> = c.to_dtype(DType::F64)?.to_vec2()?;
+        let cv = host_rows(c)?;
         let lay = Layout::new(&cv);
         let bg = self.background.tanh()?; // (1, C, H, W)
         let (ch, s) = (self.channels, bg.dim(2)?);
@@ -150,7 +163,7 @@ impl LayeredGenerator {
         let raw = self.layer.forward_raw(&zs, &cond, train)?; // (M, C + 1, H, W)
         let dev = raw.device();
         let dt = raw.dtype();
-        let lw = Tensor::from_vec(lay.log_weight.clone(), (m, 1, 1, 1), dev)?.to_dtype(dt)?;
+        let lw = on_device(lay.log_weight.clone(), &[m, 1, 1, 1], dt, dev)?;
         let layers = Tensor::cat(
             &[
                 raw.narrow(1, 0, ch)?.tanh()?,
@@ -162,7 +175,7 @@ impl LayeredGenerator {
         let pad = Tensor::cat(
             &[
                 Tensor::zeros((1, ch, s, s), dt, dev)?,
-                Tensor::full(ABSENT_LOGIT, (1, 1, s, s), dev)?.to_dtype(dt)?,
+                on_device(vec![ABSENT_LOGIT; s * s], &[1, 1, s, s], dt, dev)?,
             ],
             1,
         )?;
@@ -188,7 +201,7 @@ impl LayeredGenerator {
     /// batch's most layers and concatenated: (B, N * F).
     pub fn first_features(&self, z: &Tensor, c: &Tensor) -> Result<Tensor> {
         let b = z.dim(0)?;
-        let cv: Vec<Vec<f64>> = c.to_dtype(DType::F64)?.to_vec2()?;
+        let cv = host_rows(c)?;
         let lay = Layout::new(&cv);
         if lay.image.is_empty() {
             return Ok(Tensor::zeros((b, 1), z.dtype(), z.device())?);

@@ -240,7 +240,7 @@ fn mirrored_test_time_augmentation_averages_the_two_views() {
     let dir = tempfile::tempdir().unwrap();
     plain.save(dir.path()).unwrap();
     let mut tta = Classifier::load(dir.path(), &dev).unwrap();
-    tta.cfg.tta_hflip = true;
+    tta.set_tta_hflip(true).unwrap();
     let (x, _) = data.batch(&[0, 1, 2, 3], &dev).unwrap();
     let (b, c, h, w) = x.dims4().unwrap();
     let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();

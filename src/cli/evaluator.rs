@@ -200,14 +200,8 @@ pub(crate) fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
     let mut ev = Classifier::load(&a.evaluator, &dev)
         .with_context(|| format!("loading the evaluator from {}", a.evaluator.display()))?;
     if a.tta_hflip {
-        if !ev.cfg.hflip {
-            anyhow::bail!(
-                "{}: this evaluator was trained without mirroring (its labels may not survive \
-                 a mirror image), so --tta-hflip does not apply",
-                a.evaluator.display()
-            );
-        }
-        ev.cfg.tta_hflip = true;
+        ev.set_tta_hflip(true)
+            .with_context(|| format!("--tta-hflip with {}", a.evaluator.display()))?;
     }
     let kind = data_kind(&a.kind)?;
     let t0 = std::time::Instant::now();

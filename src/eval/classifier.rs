@@ -28,6 +28,9 @@ fn mirror(x: &Tensor) -> Result<Tensor> {
     Ok(x.index_select(&Tensor::from_vec(idx, w, x.device())?, 3)?)
 }
 
+const MIRROR_UNSAFE: &str = "test-time mirroring (tta_hflip) needs an evaluator trained with \
+    flips (hflip): mirror images may not keep its labels";
+
 /// Images per evaluator forward in [`Classifier::predict`].
 const PREDICT_CHUNK: usize = 32;
 
@@ -261,6 +264,15 @@ impl Classifier {
         Ok((probs, feats))
     }
 
+    /// Turn test-time mirroring on or off; an error for an evaluator trained without flips.
+    pub fn set_tta_hflip(&mut self, on: bool) -> Result<()> {
+        if on && !self.cfg.hflip {
+            return Err(Error::Config(MIRROR_UNSAFE.into()));
+        }
+        self.cfg.tta_hflip = on;
+        Ok(())
+    }
+
     fn probabilities(&self, logits: &Tensor) -> Result<Tensor> {
         Ok(match self.cfg.kind {
             ConditionKind::OneHot => candle_nn::ops::softmax(logits, D::Minus1)?,
@@ -317,6 +329,9 @@ impl Classifier {
         let text = crate::checkpoint::read_regular(&cp).map_err(|e| Error::io(&cp, e))?;
         let cfg: EvaluatorConfig =
             serde_json::from_slice(&text).map_err(|e| Error::bad_file(&cp, e.to_string()))?;
+        if cfg.tta_hflip && !cfg.hflip {
+            return Err(Error::bad_file(&cp, MIRROR_UNSAFE.to_string()));
+        }
         let c = Self::new(&cfg, device)?;
         let wp = dir.join(WEIGHTS_FILE);
         let bytes = crate::checkpoint::read_regular(&wp).map_err(|e| Error::io(&wp, e))?;

@@ -8,8 +8,9 @@
 //!
 //! Every save writes all three files with the same `save_id` in their safetensors metadata
 //! (together with `step`, `format` = [`FORMAT`], the save time and a checksum of the tensor
-//! data). The files are written to `<name>.tmp` and fsynced; then, role by role, the current
-//! `<name>` is renamed to `<name>.prev` and `<name>.tmp` is renamed to `<name>`, with a directory
+//! data). The files are written to `<name>.tmp-<pid>` (the writer's process id, so that no two
+//! processes ever share a temporary name) and fsynced; then, role by role, the current
+//! `<name>` is renamed to `<name>.prev` and the temporary file is renamed to `<name>`, with a directory
 //! fsync after each rename. At every instant, for every role, the newest complete set is
 //! present as `<name>` or `<name>.prev`, so a crash can cost the save in progress but never
 //! the last good checkpoint.
@@ -62,8 +63,27 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Suffix of the backup copy of the previous save.
 pub const PREV_SUFFIX: &str = ".prev";
-/// Suffix of a file being written; never read back.
+/// Start of the suffix of a file being written (`<name>.tmp-<pid>`, see [`tmp_suffix`]);
+/// such files are never read back.
 pub const TMP_SUFFIX: &str = ".tmp";
+
+/// The suffix this process gives the files it is writing: `.tmp-<process id>`, unique among
+/// the processes running, so that two writers never write (or rename) the same temporary file.
+pub fn tmp_suffix() -> String {
+    format!("{TMP_SUFFIX}-{}", std::process::id())
+}
+
+/// Whether `name` is a temporary file of `base` (`<base>.tmp` from older versions, or
+/// `<base>.tmp-<digits>`) left by any process.
+fn is_tmp_of(name: &str, base: &str) -> bool {
+    name.strip_prefix(base)
+        .and_then(|r| r.strip_prefix(TMP_SUFFIX))
+        .is_some_and(|r| {
+            r.is_empty()
+                || r.strip_prefix('-')
+                    .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
 
 /// Metadata keys written into every checkpoint file.
 pub const KEY_STEP: &str = "step";
@@ -152,10 +172,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Replace `path` with `bytes` atomically: write `<path>.tmp`, fsync it, rename it over `path`
-/// and fsync the directory. Readers see either the old or the new contents, never a mix.
+/// Replace `path` with `bytes` atomically: write `<path>.tmp-<pid>`, fsync it, rename it over
+/// `path` and fsync the directory. Readers see either the old or the new contents, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = sibling(path, TMP_SUFFIX);
+    let tmp = sibling(path, &tmp_suffix());
     write_synced(&tmp, bytes)?;
     rename(&tmp, path)?;
     sync_dir(parent_dir(path))
@@ -394,7 +414,7 @@ fn save_impl(
         done: 0,
     };
     for (role, bytes) in blobs.iter().enumerate() {
-        let tmp = suffixed(dir, role, TMP_SUFFIX);
+        let tmp = suffixed(dir, role, &tmp_suffix());
         if !ops.go() {
             let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
             f.write_all(&bytes[..bytes.len() / 2])
@@ -408,7 +428,7 @@ fn save_impl(
     for role in 0..3 {
         let cur = file_path(dir, role);
         let prev = suffixed(dir, role, PREV_SUFFIX);
-        let tmp = suffixed(dir, role, TMP_SUFFIX);
+        let tmp = suffixed(dir, role, &tmp_suffix());
         let rotate = match &keep {
             // Rotate only the survivor's file; anything else in `<name>` is from an unfinished
             // save or corrupt, and then the survivor's copy of this role is `<name>.prev`.
@@ -725,16 +745,28 @@ pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Remove the `*.tmp` files of a run folder (checkpoint files, config.json, metrics.jsonl)
-/// that an interrupted save left behind. Call only while holding the folder's lock.
+/// Remove the temporary files of a run folder (checkpoint files, config.json, metrics.jsonl;
+/// `<name>.tmp` and `<name>.tmp-<pid>` of any process) that an interrupted save left behind.
+/// Call only while holding the folder's lock.
 fn remove_stale_tmp(dir: &Path) -> Result<()> {
-    let names = FILES
+    let bases: Vec<&str> = FILES
         .iter()
         .copied()
         .chain([CONFIG_FILE, METRICS_FILE])
-        .map(|f| format!("{f}{TMP_SUFFIX}"));
-    for name in names {
-        let p = dir.join(name);
+        .collect();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !bases.iter().any(|b| is_tmp_of(name, b)) {
+            continue;
+        }
+        let p = entry.path();
         if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
             fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
@@ -773,6 +805,70 @@ pub fn set_aside_rejected(dir: &Path) -> Result<Vec<String>> {
         sync_dir(dir)?;
     }
     Ok(out)
+}
+
+/// Bytes an unprivileged process may still write on the filesystem that holds `dir`
+/// (`statvfs`' `f_bavail * f_frsize`); `None` where the platform does not say.
+pub fn free_bytes(dir: &Path) -> Result<Option<u64>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| Error::bad_file(dir, "the path holds a NUL byte"))?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` points to
+        // writable memory of the size `statvfs` fills.
+        let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(Error::io(dir, std::io::Error::last_os_error()));
+        }
+        // SAFETY: `statvfs` returned 0, so it filled the whole struct.
+        let st = unsafe { st.assume_init() };
+        #[allow(
+            clippy::unnecessary_cast,
+            reason = "the field types differ between platforms"
+        )]
+        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        Ok(Some(free))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(None)
+    }
+}
+
+/// Refuse to start work whose saves would not fit: `need` bytes must be free on the
+/// filesystem of `dir` (an existing folder). Training checks this before its first step, so a
+/// full disk is an error at the start and not a failed save after the work.
+pub fn check_free_space(dir: &Path, need: u64) -> Result<()> {
+    match free_bytes(dir)? {
+        Some(free) if free < need => Err(Error::bad_file(
+            dir,
+            format!(
+                "not enough free space: {} free, about {} needed for this run's checkpoints \
+                 (the current, the previous and the one being written)",
+                human_bytes(free),
+                human_bytes(need)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
 }
 
 /// Name of the lock file in a run folder.
@@ -1367,7 +1463,7 @@ mod tests {
             assert_eq!(got.step, 10);
             assert_same(&got.files, &good);
             for role in 0..3 {
-                assert!(!suffixed(d.path(), role, TMP_SUFFIX).exists());
+                assert!(!suffixed(d.path(), role, &tmp_suffix()).exists());
             }
         }
     }
@@ -1437,11 +1533,53 @@ mod tests {
         assert!(e.contains("in use") && e.contains(&pid), "{e}");
         drop(first);
         // Leftovers of an interrupted save are removed when the next writer takes the lock.
-        let stale = run.join(format!("{}{TMP_SUFFIX}", FILES[GENERATOR]));
-        fs::write(&stale, b"half a file").unwrap();
+        // Of this version (per-process names) and of older ones (`.tmp`), but nothing else.
+        let stale = [
+            format!("{}{TMP_SUFFIX}", FILES[GENERATOR]),
+            format!("{}{TMP_SUFFIX}-4242", FILES[DISCRIMINATOR]),
+            format!("{CONFIG_FILE}{TMP_SUFFIX}-1"),
+            format!("{METRICS_FILE}{}", tmp_suffix()),
+        ]
+        .map(|n| run.join(n));
+        let kept = [
+            "notes.tmp-1",
+            "generator.safetensors.tmp-x",
+            "config.json.tmpl",
+        ]
+        .map(|n| run.join(n));
+        for p in stale.iter().chain(&kept) {
+            fs::write(p, b"half a file").unwrap();
+        }
         let again = RunLock::acquire(&run).unwrap();
         assert_eq!(fs::read_to_string(&again.path).unwrap().trim(), pid);
-        assert!(!stale.exists());
+        for p in &stale {
+            assert!(!p.exists(), "{}", p.display());
+        }
+        for p in &kept {
+            assert!(p.exists(), "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn free_space_is_checked_before_work_with_a_clear_error() {
+        // Issue 19: a full disk was found only at the first save, after the training.
+        let d = dir();
+        let free = free_bytes(d.path()).unwrap().expect("statvfs on unix");
+        assert!(free > 0);
+        check_free_space(d.path(), 1).unwrap();
+        check_free_space(d.path(), free / 2).unwrap();
+        let e = check_free_space(d.path(), u64::MAX / 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not enough free space")
+                && e.contains(&d.path().display().to_string())
+                && e.contains("needed"),
+            "{e}"
+        );
+        assert!(free_bytes(&d.path().join("missing")).is_err());
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 
     #[test]
@@ -1455,7 +1593,7 @@ mod tests {
         assert_same(&got.files, &b);
         for role in 0..3 {
             assert!(suffixed(d.path(), role, PREV_SUFFIX).exists());
-            assert!(!suffixed(d.path(), role, TMP_SUFFIX).exists());
+            assert!(!suffixed(d.path(), role, &tmp_suffix()).exists());
         }
         // Only the three files, their backups, nothing else at the top level.
         let mut names: Vec<String> = fs::read_dir(d.path())
@@ -1568,7 +1706,7 @@ mod tests {
         // All three tmp files complete, no rename done.
         assert!(save_with_crash(d.path(), 20, refs(&b), 3).is_err());
         for role in 0..3 {
-            assert!(suffixed(d.path(), role, TMP_SUFFIX).exists());
+            assert!(suffixed(d.path(), role, &tmp_suffix()).exists());
         }
         assert_eq!(load_latest(d.path(), &cpu()).unwrap().step, 10);
     }
@@ -1790,7 +1928,7 @@ mod tests {
         let v = read_metrics(p).unwrap();
         let steps: Vec<u64> = v.iter().map(|x| x["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, [1, 2, 3]);
-        assert!(!p.join(format!("{METRICS_FILE}{TMP_SUFFIX}")).exists());
+        assert!(!p.join(format!("{METRICS_FILE}{}", tmp_suffix())).exists());
         // Idempotent.
         assert_eq!(truncate_metrics_after(p, 3).unwrap(), 0);
 

@@ -629,6 +629,24 @@ fn cli_refuses_bad_numbers_and_conditions_with_clear_errors() {
     }
     assert!(!png.exists(), "no sheet was written");
     assert!(!tmp.path().join("r2").join("config.json").exists());
+
+    // A run folder that cannot be created or written is an error before any data is read or
+    // any step trained (the audit found a read-only --out only at the first save). As root
+    // every folder is writable, so the folder's place is a regular file here.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = Command::new(bin)
+        .args(["train", "--steps", "1", "--device", "cpu", "--out"])
+        .arg(file.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("opening the run folder") && err.contains("a-file"),
+        "{err}"
+    );
+    assert!(!err.contains("data:") && !err.contains("panicked"), "{err}");
 }
 
 /// The values of one named tensor.

@@ -231,6 +231,18 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         out.display()
     );
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // A save holds up to three checkpoint sets (previous, current, being written); a resumed
+    // folder already holds two of them.
+    let sets = if a.resume.as_deref() == Some(out.as_path()) {
+        1
+    } else {
+        3
+    };
+    ganscope::checkpoint::check_free_space(
+        &out,
+        sets * trainer.checkpoint_bytes() + run::SPACE_FOR_LOGS,
+    )
+    .with_context(|| format!("checking the run folder {}", out.display()))?;
     let target = cfg.steps;
     let pb = ProgressBar::new(target);
     pb.set_style(

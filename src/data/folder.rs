@@ -484,6 +484,15 @@ pub fn read_attribute_list(path: &Path) -> Result<AttributeList> {
                 format!("more image lines than the {count} that line 1 gives"),
             ));
         }
+        if !stays_inside(file) {
+            return Err(bad(
+                ln,
+                format!(
+                    "`{file}` leaves the folder of the list (image names must be relative paths \
+                     without `..`)"
+                ),
+            ));
+        }
         let values: Vec<&str> = tokens.collect();
         if values.len() != k {
             return Err(bad(
@@ -531,6 +540,16 @@ pub fn read_attribute_list(path: &Path) -> Result<AttributeList> {
         names,
         entries,
     })
+}
+
+/// Whether an image name from a list stays inside the list's folder: a relative path made
+/// of plain names only (no root, drive prefix or `..`).
+fn stays_inside(file: &str) -> bool {
+    use std::path::Component;
+    !file.contains('\\')
+        && Path::new(file)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// The attribute list for `path`: the file itself, or the first of
@@ -929,6 +948,44 @@ mod tests {
             assert_eq!((c[5], c[9], c[10], c[13], c[0]), (1.0, 1.0, 1.0, 1.0, 0.0));
             assert_eq!(ds.source, txt.display().to_string());
         }
+    }
+
+    #[test]
+    fn attribute_list_names_that_leave_the_folder_are_refused() {
+        // Issue 19: an absolute path (or `..`) in cartoon_attr.txt read images from anywhere.
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let abs = png(outside.path(), "x.png", 4, 4, [1, 2, 3]);
+        png(d.path(), "images/ok.png", 4, 4, [1, 2, 3]);
+        for (i, bad) in [
+            abs.display().to_string(),
+            "../x.png".into(),
+            "images/../../x.png".into(),
+            "a\\..\\x.png".into(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let rows = [row("ok.png", &[1]), row(&bad, &[2])];
+            let txt = write(
+                d.path(),
+                &format!("list{i}.txt"),
+                attr_text("2", &rows).as_bytes(),
+            );
+            let e = load_attribute_folder(&txt, 4).unwrap_err().to_string();
+            assert!(
+                e.contains("leaves the folder") && e.contains(&bad) && e.contains("line 4"),
+                "{e}"
+            );
+        }
+        // Relative names into a subfolder stay allowed.
+        let rows = [row("ok.png", &[1]), row("./ok.png", &[2])];
+        let txt = write(
+            d.path(),
+            "images/list.txt",
+            attr_text("2", &rows).as_bytes(),
+        );
+        assert_eq!(load_attribute_folder(&txt, 4).unwrap().len(), 2);
     }
 
     #[test]

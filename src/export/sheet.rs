@@ -183,7 +183,7 @@ pub fn sample_sheet(images: &Images, layout: &SheetLayout) -> Result<RgbImage> {
     Ok(img)
 }
 
-/// Write `img` as a PNG at `path` atomically: encode in memory, write `<path>.tmp` in the
+/// Write `img` as a PNG at `path` atomically: encode in memory, write `<path>.tmp-<pid>` in the
 /// same directory, fsync it, rename it over `path`. Creates the parent directory if missing.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     let name = path
@@ -202,7 +202,7 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     .map_err(|e| Error::Msg(format!("{}: cannot encode PNG: {e}", path.display())))?;
 
     let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
+    tmp_name.push(crate::checkpoint::tmp_suffix());
     let tmp: PathBuf = path.with_file_name(tmp_name);
     let write_tmp = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
@@ -878,7 +878,8 @@ mod tests {
             save_png(&sheet, &path).unwrap();
             let back = image::open(&path).unwrap().to_rgb8();
             assert_eq!(back, sheet);
-            assert!(!path.with_file_name("sheet.png.tmp").exists());
+            let tmp = format!("sheet.png{}", crate::checkpoint::tmp_suffix());
+            assert!(!path.with_file_name(tmp).exists());
         }
     }
 

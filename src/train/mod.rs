@@ -212,6 +212,16 @@ impl Trainer {
         &self.device
     }
 
+    /// About how many bytes one checkpoint set of this run takes on disk: G, D and the
+    /// optimizer file (Adam's two moments per weight, and the trained G when the EMA copy is
+    /// what `generator.safetensors` holds), 4 bytes a value.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        let g = self.generator.store.num_params() as u64;
+        let d = self.discriminator.store.num_params() as u64;
+        let trained_g = if self.ema.is_some() { g } else { 0 };
+        4 * (3 * (g + d) + trained_g)
+    }
+
     /// The generator to sample from: the moving average when `cfg.ema` is on, else the
     /// trained one. This is what `generator.safetensors` holds.
     pub fn sampling_generator(&self) -> &Generator {

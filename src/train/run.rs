@@ -619,6 +619,10 @@ impl<F: FnMut(&LoopEvent)> Sink for FnSink<F> {
 /// `sample_every` steps and at the end, and a checkpoint (with `config.json`) every
 /// `checkpoint_every` steps and at the end. After a NaN/Inf restore, the metrics lines of the
 /// undone steps are dropped, so the file reads as the run that continues.
+/// Room kept for a run folder's samples and metrics beside its checkpoints when free space is
+/// checked (16 MiB).
+pub const SPACE_FOR_LOGS: u64 = 16 << 20;
+
 pub struct RunFolder {
     pub dir: PathBuf,
     log_every: u64,
@@ -633,6 +637,8 @@ pub struct RunFolder {
     pub wrote: Option<PathBuf>,
     /// Held from the first write on: one writer per run folder.
     lock: Option<checkpoint::RunLock>,
+    /// Bytes that must be free when the folder is first locked (0: not checked).
+    space_needed: u64,
 }
 
 impl RunFolder {
@@ -649,7 +655,15 @@ impl RunFolder {
             saved: None,
             wrote: None,
             lock: None,
+            space_needed: 0,
         }
+    }
+
+    /// Check, when the folder is first locked, that `bytes` are free on its filesystem (see
+    /// [`checkpoint::check_free_space`]).
+    pub fn with_space_needed(mut self, bytes: u64) -> Self {
+        self.space_needed = bytes;
+        self
     }
 
     /// Use a lock taken earlier on this folder.
@@ -662,7 +676,9 @@ impl RunFolder {
     /// in use or not writable is an error before any work, not at the first save).
     pub fn lock(&mut self) -> Result<()> {
         if self.lock.is_none() {
-            self.lock = Some(checkpoint::RunLock::acquire(&self.dir)?);
+            let lock = checkpoint::RunLock::acquire(&self.dir)?;
+            checkpoint::check_free_space(&self.dir, self.space_needed)?;
+            self.lock = Some(lock);
         }
         Ok(())
     }

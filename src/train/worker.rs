@@ -24,7 +24,8 @@ use crate::model::Generator;
 use crate::train::monitor::Check;
 pub use crate::train::run::{GeneratorWeights, NanPolicy, Recovery, StepEvent, WallFrame};
 use crate::train::run::{
-    LoopEvent, LoopOptions, RunFolder, Sink, StepOutcome, TrainLoop, Until, wall_rows,
+    LoopEvent, LoopOptions, RunFolder, SPACE_FOR_LOGS, Sink, StepOutcome, TrainLoop, Until,
+    wall_rows,
 };
 use crate::train::{StepKind, Trainer};
 
@@ -322,6 +323,9 @@ impl Worker {
             ring: spec.ring,
             nan_policy: spec.nan_policy,
         };
+        // The explorer's run folder holds up to three checkpoint sets during a save, plus
+        // samples and metrics.
+        let space_needed = 3 * trainer.checkpoint_bytes() + SPACE_FOR_LOGS;
         let info_base = (
             trainer.step,
             trainer.generator.store.num_params(),
@@ -351,7 +355,10 @@ impl Worker {
         };
         out.send(Event::Ready(Box::new(info)));
         let mut w = Self {
-            folder: spec.run_dir.as_deref().map(|d| RunFolder::new(d, &cfg)),
+            folder: spec
+                .run_dir
+                .as_deref()
+                .map(|d| RunFolder::new(d, &cfg).with_space_needed(space_needed)),
             lp,
             target: 0,
             running: spec.run,

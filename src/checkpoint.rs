@@ -145,9 +145,24 @@ fn parent_dir(path: &Path) -> &Path {
 // ---------------------------------------------------------------------------------------------
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_synced_with(path, bytes, |f, b| f.write_all(b))
+}
+
+/// [`write_synced`] through `write`. A file that could not be written whole and synced (a full
+/// disk) is removed again, so a failed save gives its space back and leaves nothing half
+/// written behind.
+fn write_synced_with(
+    path: &Path,
+    bytes: &[u8],
+    write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))
+    if let Err(e) = write(&mut f, bytes).and_then(|()| f.sync_all()) {
+        drop(f);
+        let _ = fs::remove_file(path);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
 }
 
 fn rename(from: &Path, to: &Path) -> Result<()> {
@@ -1558,6 +1573,32 @@ mod tests {
         for p in &kept {
             assert!(p.exists(), "{}", p.display());
         }
+    }
+
+    #[test]
+    fn a_write_that_fails_halfway_leaves_no_file() {
+        // Issue 19: a save that failed on a full disk left partial temporary files, which took
+        // the space the next attempt needed.
+        let d = dir();
+        let p = d
+            .path()
+            .join(format!("generator.safetensors{}", tmp_suffix()));
+        let e = write_synced_with(&p, &[7u8; 4096], |f, b| {
+            f.write_all(&b[..1000])?;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device",
+            ))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("No space left") && e.contains("generator.safetensors"),
+            "{e}"
+        );
+        assert!(!p.exists());
+        write_synced_with(&p, &[7u8; 16], |f, b| f.write_all(b)).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), [7u8; 16]);
     }
 
     #[test]

@@ -614,6 +614,11 @@ impl TrainConfig {
                 "WGAN-GP with a BatchNorm critic: the penalty assumes independent samples; use d_norm layer or none".into(),
             ));
         }
+        if self.steps == 0 {
+            return Err(Error::Config(
+                "steps must be at least 1 (the number of generator steps to train to)".into(),
+            ));
+        }
         if self.batch_size == 0 || self.loss.n_critic == 0 || m.z_dim == 0 {
             return Err(Error::Config(
                 "batch_size, n_critic and z_dim must be > 0".into(),
@@ -827,6 +832,7 @@ mod tests {
             ("batch_size", |c| c.batch_size = 100_000),
             ("model.g_object_layers", |c| c.model.g_object_layers = 17),
             ("model.g_object_layers", |c| c.model.arch = Arch::Resnet),
+            ("steps", |c| c.steps = 0),
         ];
         for (name, set) in cases {
             let mut c = TrainConfig::mnist_cdcgan();

@@ -619,6 +619,18 @@ fn cli_refuses_bad_numbers_and_conditions_with_clear_errors() {
             ],
             "lr_g",
         ),
+        (
+            vec![
+                "train".into(),
+                "--resume".into(),
+                p(&iclevr),
+                "--steps".into(),
+                "1".into(),
+                "--out".into(),
+                p(&tmp.path().join("r3")),
+            ],
+            "already at step",
+        ),
     ];
     for (args, want) in cases {
         let out = Command::new(bin).args(&args).output().unwrap();
@@ -629,6 +641,7 @@ fn cli_refuses_bad_numbers_and_conditions_with_clear_errors() {
     }
     assert!(!png.exists(), "no sheet was written");
     assert!(!tmp.path().join("r2").join("config.json").exists());
+    assert!(!tmp.path().join("r3").join("config.json").exists());
 
     // A run folder that cannot be created or written is an error before any data is read or
     // any step trained (the audit found a read-only --out only at the first save). As root

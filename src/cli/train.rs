@@ -222,6 +222,13 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         }
         None => Trainer::new(cfg.clone(), ds, &dev)?,
     };
+    if trainer.step >= cfg.steps {
+        bail!(
+            "the run is already at step {}: --steps is the total number of generator steps to \
+             train to, so give more than {0} (nothing was trained or written)",
+            trainer.step
+        );
+    }
     eprintln!(
         "{}: G {} params, D {} params, device {}, out {}",
         cfg.preset,

@@ -62,8 +62,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))
 }
 
+/// The most object names an `objects.json` may hold (the most conditions a model takes; ids
+/// are stored as `u16`).
+pub const MAX_OBJECTS: usize = 1000;
+
 /// Read `objects.json`: a map from object name to id, with ids `0..K` each used exactly
 /// once. Returns the names in id order.
+
 pub fn read_objects(path: &Path) -> Result<Vec<String>> {
     let map: BTreeMap<String, serde_json::Value> = read_json(path)?;
     if map.is_empty() {
@@ -73,6 +78,12 @@ pub fn read_objects(path: &Path) -> Result<Vec<String>> {
         ));
     }
     let k = map.len();
+    if k > MAX_OBJECTS {
+        return Err(Error::bad_file(
+            path,
+            format!("{k} objects; at most {MAX_OBJECTS} are supported"),
+        ));
+    }
     let mut names: Vec<Option<String>> = vec![None; k];
     for (name, v) in map {
         let id = v.as_u64().ok_or_else(|| {
@@ -359,6 +370,18 @@ mod tests {
             e.contains("`pink cube`") && e.contains("yellow cylinder"),
             "{e}"
         );
+
+        // More objects than ids fit (they were cast to u16 unchecked).
+        let many: serde_json::Map<String, serde_json::Value> = (0..70_000u32)
+            .map(|i| (format!("o{i}"), i.into()))
+            .collect();
+        let p = write(
+            d,
+            "many.json",
+            serde_json::to_string(&many).unwrap().as_bytes(),
+        );
+        let e = err_string(read_objects(&p));
+        assert!(e.contains("many.json") && e.contains("at most 1000"), "{e}");
 
         // Duplicates and empty lists.
         let p = write(d, "dup.json", br#"[["red cube", "red cube"]]"#);

@@ -300,11 +300,11 @@ pub struct TrainConfig {
     /// Append a metrics line every N steps.
     pub log_every: u64,
     /// Live diagnostics and alarms.
-    pub monitor: crate::train::monitor::MonitorConfig,
+    pub monitor: MonitorConfig,
     /// Differentiable augmentation of D's inputs (real and fake).
-    pub augment: crate::train::augment::AugmentConfig,
+    pub augment: AugmentConfig,
     /// Exponential moving average of G's weights, the generator that is sampled and saved.
-    pub ema: crate::train::ema::EmaConfig,
+    pub ema: EmaConfig,
 }
 
 impl Default for TrainConfig {
@@ -471,7 +471,7 @@ impl TrainConfig {
         // Adam 1e-3 and batch 32 over 15 minutes: 0.594 on training conditions, against 0.505
         // (1e-3, batch 64), 0.530 (4e-4, batch 32) and 0.470 (4e-4, batch 64; README).
         c.optim = OptimConfig::adam(1e-3, 1e-3, 0.0, 0.99);
-        c.ema = crate::train::ema::EmaConfig {
+        c.ema = EmaConfig {
             decay: 0.999,
             start: 300,
         };
@@ -731,6 +731,169 @@ pub fn apply_overrides(cfg: TrainConfig, sets: &[String]) -> Result<TrainConfig>
     serde_json::from_value(v).map_err(|e| Error::Config(format!("--set: {e}")))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sections of the tree whose behaviour lives in higher layers (the monitor, the diagnostics
+// and their alarms, augmentation, EMA). The types are defined here, with their defaults, so
+// that the config depends on nothing above it; their methods stay beside the code that uses
+// them (`train::monitor`, `diagnostics`, `train::augment`, `train::ema`), which re-export them.
+// ---------------------------------------------------------------------------------------------
+
+/// DiffAugment policies applied to every image D sees (see [`crate::train::augment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Largest shift as a fraction of the image side (the paper uses 1/8); 0 = off.
+    pub translation: f64,
+    /// Side of the zeroed square as a fraction of the image side (the paper uses 1/2); 0 = off.
+    pub cutout: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            translation: 0.0,
+            cutout: 0.0,
+        }
+    }
+}
+
+/// Moving average of G's weights (see [`crate::train::ema`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaConfig {
+    /// Decay per generator step (0.999 averages about the last 1000 steps); 0 = off.
+    pub decay: f64,
+    /// Until this step the average is a plain copy (early weights are not worth keeping);
+    /// after it the decay warms up (see [`EmaConfig::decay_at`]).
+    pub start: u64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            decay: 0.0,
+            start: 0,
+        }
+    }
+}
+
+/// When and on how many samples diagnostics run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Run the diagnostics every N generator steps (0 = never; the alarms on step statistics
+    /// run at every step regardless).
+    pub every: u64,
+    /// Evaluator folder; `None` = `checkpoints/evaluator-<data kind>`.
+    pub evaluator: Option<PathBuf>,
+    /// Real images whose evaluator features are computed once.
+    pub n_real: usize,
+    /// Generated images per check.
+    pub n_generated: usize,
+    /// Latents drawn per condition in a check (the intra-condition diversity compares
+    /// samples of the same condition; 1 leaves it without generated pairs).
+    pub seeds_per_condition: usize,
+    /// Most of the wall time the checks may take over the run (checks / (checks +
+    /// training)): a due check is postponed to a later multiple of `every` until one more
+    /// (as long as the last) fits this share. 1.0 or more turns the limit off (every
+    /// multiple of `every` is checked).
+    pub max_share: f64,
+    pub diagnostics: DiagnosticsConfig,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            evaluator: None,
+            n_real: 2000,
+            n_generated: 1000,
+            seeds_per_condition: 4,
+            max_share: 0.08,
+            diagnostics: DiagnosticsConfig::default(),
+        }
+    }
+}
+
+/// Settings of every measure (all have defaults, so a config.json may name only some).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiagnosticsConfig {
+    /// Seeds the real split and k-means.
+    pub seed: u64,
+    /// A class is covered when it gets at least this fraction of its expected share.
+    pub coverage_min_share: f64,
+    /// Pseudo-count per class in KL(data || generated).
+    pub kl_pseudo_count: f64,
+    /// NDB: number of k-means bins K, Lloyd iteration cap, test level, Bonferroni correction.
+    pub ndb_bins: usize,
+    pub kmeans_max_iter: usize,
+    pub ndb_alpha: f64,
+    pub ndb_bonferroni: bool,
+    /// k of the precision / recall balls and of the density / coverage balls.
+    pub pr_k: usize,
+    pub dc_k: usize,
+    /// Diversity flag: generated / real mean pairwise distance below this.
+    pub diversity_flag_ratio: f64,
+    /// Closest pairs reported, for generated and for real.
+    pub closest_pairs: usize,
+    pub alarms: AlarmConfig,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            coverage_min_share: 0.25,
+            kl_pseudo_count: 0.5,
+            ndb_bins: 50,
+            kmeans_max_iter: 100,
+            ndb_alpha: 0.05,
+            ndb_bonferroni: false,
+            pr_k: 3,
+            dc_k: 5,
+            diversity_flag_ratio: 0.5,
+            closest_pairs: 8,
+            alarms: AlarmConfig::default(),
+        }
+    }
+}
+
+/// Alarm thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlarmConfig {
+    /// Steps before which only the NaN/Inf rule can fire.
+    pub warmup_steps: u64,
+    pub d_acc_pinned: f64,
+    pub d_acc_window: usize,
+    pub g_flat_window: usize,
+    pub g_flat_var_eps: f64,
+    pub min_class_coverage: f64,
+    pub min_coverage_vs_baseline: f64,
+    pub max_ndb_fraction: f64,
+    pub diversity: bool,
+}
+
+impl Default for AlarmConfig {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 500,
+            d_acc_pinned: 0.95,
+            d_acc_window: 200,
+            g_flat_window: 200,
+            g_flat_var_eps: 1e-6,
+            min_class_coverage: 0.9,
+            min_coverage_vs_baseline: 0.5,
+            // NDB is sensitive at these sample sizes: a healthy 2000-step MNIST cDCGAN scores
+            // 0.48-0.62 (1000 generated, K = 50), the same run collapsed by a 10x G learning
+            // rate 0.90-0.94 (runs of 2026-11-23, README "Live diagnostics").
+            max_ndb_fraction: 0.75,
+            diversity: true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,6 +942,12 @@ mod tests {
             (r#"{"optim": {"lr": 0.001}}"#, "lr"),
             (r#"{"model": {"zdim": 8}}"#, "zdim"),
             (r#"{"monitor": {"every": 5, "n_reals": 10}}"#, "n_reals"),
+            (r#"{"ema": {"decai": 0.99}}"#, "decai"),
+            (r#"{"augment": {"translate": 0.125}}"#, "translate"),
+            (
+                r#"{"monitor": {"diagnostics": {"alarms": {"warmup": 5}}}}"#,
+                "warmup",
+            ),
         ] {
             let e = serde_json::from_str::<TrainConfig>(json)
                 .unwrap_err()

@@ -68,7 +68,6 @@ pub const MAX_OBJECTS: usize = 1000;
 
 /// Read `objects.json`: a map from object name to id, with ids `0..K` each used exactly
 /// once. Returns the names in id order.
-
 pub fn read_objects(path: &Path) -> Result<Vec<String>> {
     let map: BTreeMap<String, serde_json::Value> = read_json(path)?;
     if map.is_empty() {

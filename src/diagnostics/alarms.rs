@@ -29,41 +29,34 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::DiagnosticsReport;
-use crate::train::StepStats;
+pub use crate::config::AlarmConfig;
 
-/// Alarm thresholds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AlarmConfig {
-    /// Steps before which only the NaN/Inf rule can fire.
-    pub warmup_steps: u64,
-    pub d_acc_pinned: f64,
-    pub d_acc_window: usize,
-    pub g_flat_window: usize,
-    pub g_flat_var_eps: f64,
-    pub min_class_coverage: f64,
-    pub min_coverage_vs_baseline: f64,
-    pub max_ndb_fraction: f64,
-    pub diversity: bool,
-}
-
-impl Default for AlarmConfig {
-    fn default() -> Self {
-        Self {
-            warmup_steps: 500,
-            d_acc_pinned: 0.95,
-            d_acc_window: 200,
-            g_flat_window: 200,
-            g_flat_var_eps: 1e-6,
-            min_class_coverage: 0.9,
-            min_coverage_vs_baseline: 0.5,
-            // NDB is sensitive at these sample sizes: a healthy 2000-step MNIST cDCGAN scores
-            // 0.48-0.62 (1000 generated, K = 50), the same run collapsed by a 10x G learning
-            // rate 0.90-0.94 (runs of 2026-11-23, README "Live diagnostics").
-            max_ndb_fraction: 0.75,
-            diversity: true,
-        }
-    }
+/// Numbers from one training step (one or more D updates, then one G update), as the trainer
+/// reports them (`crate::train` re-exports this type).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub d_loss: f64,
+    pub g_loss: f64,
+    /// Mean D logit (critic value) on the last real and fake batches.
+    pub d_real: f64,
+    pub d_fake: f64,
+    /// Fraction of real logits > 0 and of fake logits < 0 (D's "accuracy"; 0.5 is ideal).
+    pub d_acc_real: f64,
+    pub d_acc_fake: f64,
+    /// Gradient penalty (WGAN-GP) before multiplying by lambda.
+    pub gp: Option<f64>,
+    /// R1 penalty before multiplying by gamma / 2.
+    pub r1: Option<f64>,
+    /// ACGAN auxiliary losses.
+    pub aux_d: Option<f64>,
+    pub aux_g: Option<f64>,
+    /// Global L2 norm of D's gradient (last D update, penalties included) and of G's (the
+    /// G update), before the optimiser step.
+    #[serde(default)]
+    pub d_grad_norm: f64,
+    #[serde(default)]
+    pub g_grad_norm: f64,
 }
 
 /// One logged training step, as plain numbers.

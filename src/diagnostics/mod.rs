@@ -37,7 +37,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 pub use alarms::{
-    Alarm, AlarmConfig, AlarmKind, AlarmMonitor, MeasurePoint, SnapshotRing, StepPoint,
+    Alarm, AlarmConfig, AlarmKind, AlarmMonitor, MeasurePoint, SnapshotRing, StepPoint, StepStats,
 };
 pub use closest::{ClosestPair, closest_pairs};
 pub use coverage::{ClassCoverage, Confusion, LabelHits, class_coverage, confusion, label_hits};
@@ -46,53 +46,10 @@ pub use kmeans::{KMeans, kmeans};
 pub use ndb::{NdbBins, NdbResult, ndb_test};
 pub use prdc::{Prdc, RealManifold};
 
+pub use crate::config::DiagnosticsConfig;
 use crate::data::ConditionKind;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-
-/// Settings of every measure (all have defaults, so a config.json may name only some).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DiagnosticsConfig {
-    /// Seeds the real split and k-means.
-    pub seed: u64,
-    /// A class is covered when it gets at least this fraction of its expected share.
-    pub coverage_min_share: f64,
-    /// Pseudo-count per class in KL(data || generated).
-    pub kl_pseudo_count: f64,
-    /// NDB: number of k-means bins K, Lloyd iteration cap, test level, Bonferroni correction.
-    pub ndb_bins: usize,
-    pub kmeans_max_iter: usize,
-    pub ndb_alpha: f64,
-    pub ndb_bonferroni: bool,
-    /// k of the precision / recall balls and of the density / coverage balls.
-    pub pr_k: usize,
-    pub dc_k: usize,
-    /// Diversity flag: generated / real mean pairwise distance below this.
-    pub diversity_flag_ratio: f64,
-    /// Closest pairs reported, for generated and for real.
-    pub closest_pairs: usize,
-    pub alarms: AlarmConfig,
-}
-
-impl Default for DiagnosticsConfig {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            coverage_min_share: 0.25,
-            kl_pseudo_count: 0.5,
-            ndb_bins: 50,
-            kmeans_max_iter: 100,
-            ndb_alpha: 0.05,
-            ndb_bonferroni: false,
-            pr_k: 3,
-            dc_k: 5,
-            diversity_flag_ratio: 0.5,
-            closest_pairs: 8,
-            alarms: AlarmConfig::default(),
-        }
-    }
-}
 
 impl DiagnosticsConfig {
     pub fn validate(&self) -> Result<()> {

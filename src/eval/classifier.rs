@@ -15,11 +15,11 @@ use crate::data::{ConditionKind, Dataset};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{TopK, topk_accuracy};
 use crate::images::from_u8;
+use crate::nn::aux_loss;
 use crate::nn::{BatchNorm, Conv2d, LayerOpts, Linear, WeightInit};
 use crate::optim::adam::Adam;
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
-use crate::train::loss::aux_loss;
 
 /// x: (B, C, H, W) mirrored left to right.
 fn mirror(x: &Tensor) -> Result<Tensor> {

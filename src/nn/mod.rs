@@ -16,8 +16,9 @@
 
 use std::cell::Cell;
 
-use candle_core::{Tensor, Var};
+use candle_core::{D, Tensor, Var};
 
+use crate::config::ConditionKind;
 use crate::error::Result;
 use crate::kernels::ops::{LeakyRelu, add_channel_bias, linear};
 use crate::params::{Init, Vb};
@@ -613,6 +614,24 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     let pos = x.relu()?;
     let tail = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
     Ok((pos + tail)?)
+}
+
+/// Stable binary cross-entropy with logits, mean over all entries:
+/// max(x, 0) - x t + log(1 + exp(-|x|)).
+pub fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    Ok((softplus(x)? - (x * t)?)?.mean_all()?)
+}
+
+/// ACGAN auxiliary loss (the GAN's auxiliary head and the evaluator's training share it): BCE over labels for multi-hot conditions, softmax cross-entropy for
+/// one-hot ones. logits, target: (B, K).
+pub fn aux_loss(kind: ConditionKind, logits: &Tensor, target: &Tensor) -> Result<Tensor> {
+    Ok(match kind {
+        ConditionKind::OneHot => {
+            let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+            (logp * target)?.sum(D::Minus1)?.mean_all()?.neg()?
+        }
+        _ => bce_with_logits(logits, target)?,
+    })
 }
 
 #[cfg(test)]

@@ -11,28 +11,10 @@
 //! trainer's stream, so gradients reach G through them (a gather and a mask).
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
+pub use crate::config::AugmentConfig;
 use crate::error::Result;
 use crate::rng::Rng;
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AugmentConfig {
-    /// Largest shift as a fraction of the image side (the paper uses 1/8); 0 = off.
-    pub translation: f64,
-    /// Side of the zeroed square as a fraction of the image side (the paper uses 1/2); 0 = off.
-    pub cutout: f64,
-}
-
-impl Default for AugmentConfig {
-    fn default() -> Self {
-        Self {
-            translation: 0.0,
-            cutout: 0.0,
-        }
-    }
-}
 
 impl AugmentConfig {
     pub fn is_off(&self) -> bool {

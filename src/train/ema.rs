@@ -7,32 +7,12 @@
 //! as `generator.safetensors`; the trained weights travel in `optimizer.safetensors` under
 //! the prefix [`RAW_PREFIX`].
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::config::EmaConfig;
 use crate::error::Result;
 use crate::params::ParamStore;
 
 /// Prefix of the trained (not averaged) generator tensors in the optimizer file.
 pub const RAW_PREFIX: &str = "raw.";
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EmaConfig {
-    /// Decay per generator step (0.999 averages about the last 1000 steps); 0 = off.
-    pub decay: f64,
-    /// Until this step the average is a plain copy (early weights are not worth keeping);
-    /// after it the decay warms up (see [`EmaConfig::decay_at`]).
-    pub start: u64,
-}
-
-impl Default for EmaConfig {
-    fn default() -> Self {
-        Self {
-            decay: 0.0,
-            start: 0,
-        }
-    }
-}
 
 impl EmaConfig {
     pub fn is_on(&self) -> bool {

@@ -6,13 +6,13 @@
 //! - Hinge: Lim & Ye 2017; Miyato et al. 2018.
 //! - R1: Mescheder et al. 2018, (gamma/2) E[||grad D(x_real)||^2].
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::config::LossKind;
-use crate::data::ConditionKind;
 use crate::error::Result;
 use crate::grad::{input_gradient, per_sample_sq_norm};
 use crate::nn::softplus;
+pub use crate::nn::{aux_loss, bce_with_logits};
 
 /// Discriminator adversarial loss from logits on real and fake, each (B,).
 pub fn d_loss(kind: LossKind, real: &Tensor, fake: &Tensor) -> Result<Tensor> {
@@ -32,24 +32,6 @@ pub fn g_loss(kind: LossKind, fake: &Tensor) -> Result<Tensor> {
     Ok(match kind {
         LossKind::Bce => softplus(&fake.neg()?)?.mean_all()?,
         LossKind::Wgan | LossKind::WganGp | LossKind::Hinge => fake.mean_all()?.neg()?,
-    })
-}
-
-/// Stable binary cross-entropy with logits, mean over all entries:
-/// max(x, 0) - x t + log(1 + exp(-|x|)).
-pub fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
-    Ok((softplus(x)? - (x * t)?)?.mean_all()?)
-}
-
-/// ACGAN auxiliary loss: BCE over labels for multi-hot conditions, softmax cross-entropy for
-/// one-hot ones. logits, target: (B, K).
-pub fn aux_loss(kind: ConditionKind, logits: &Tensor, target: &Tensor) -> Result<Tensor> {
-    Ok(match kind {
-        ConditionKind::OneHot => {
-            let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-            (logp * target)?.sum(D::Minus1)?.mean_all()?.neg()?
-        }
-        _ => bce_with_logits(logits, target)?,
     })
 }
 
@@ -94,6 +76,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConditionKind;
     use candle_core::Device;
 
     fn t(v: &[f64]) -> Tensor {

@@ -15,42 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::config::{Conditioning, LossKind, TrainConfig};
 use crate::data::Dataset;
+pub use crate::diagnostics::StepStats;
 use crate::error::{Error, Result};
 use crate::model::{Discriminator, Generator};
 use crate::optim::adam::Adam;
 use crate::rng::Rng;
-
-/// Numbers from one training step (one or more D updates, then one G update).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StepStats {
-    pub step: u64,
-    pub d_loss: f64,
-    pub g_loss: f64,
-    /// Mean D logit (critic value) on the last real and fake batches.
-    pub d_real: f64,
-    pub d_fake: f64,
-    /// Fraction of real logits > 0 and of fake logits < 0 (D's "accuracy"; 0.5 is ideal).
-    pub d_acc_real: f64,
-    pub d_acc_fake: f64,
-    /// Gradient penalty (WGAN-GP) before multiplying by lambda.
-    pub gp: Option<f64>,
-    /// R1 penalty before multiplying by gamma / 2.
-    pub r1: Option<f64>,
-    /// ACGAN auxiliary losses.
-    pub aux_d: Option<f64>,
-    pub aux_g: Option<f64>,
-    /// Global L2 norm of D's gradient (last D update, penalties included) and of G's (the
-    /// G update), before the optimiser step.
-    #[serde(default)]
-    pub d_grad_norm: f64,
-    #[serde(default)]
-    pub g_grad_norm: f64,
-}
 
 /// Which networks a single step updates (the explorer's "step D / step G / step both").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

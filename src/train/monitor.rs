@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use crate::config::MonitorConfig;
 use crate::config::TrainConfig;
 use crate::data::Dataset;
 use crate::diagnostics::{
-    Alarm, AlarmMonitor, ClassSpec, Diagnostics, DiagnosticsConfig, DiagnosticsReport, Generated,
-    StepPoint,
+    Alarm, AlarmMonitor, ClassSpec, Diagnostics, DiagnosticsReport, Generated, StepPoint,
 };
 use crate::error::{Error, Result};
 use crate::eval::classifier::{Classifier, label_ids};
@@ -22,44 +22,6 @@ use crate::images::Images;
 use crate::model::Generator;
 use crate::rng::Rng;
 use crate::train::StepStats;
-
-/// When and on how many samples diagnostics run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MonitorConfig {
-    /// Run the diagnostics every N generator steps (0 = never; the alarms on step statistics
-    /// run at every step regardless).
-    pub every: u64,
-    /// Evaluator folder; `None` = `checkpoints/evaluator-<data kind>`.
-    pub evaluator: Option<PathBuf>,
-    /// Real images whose evaluator features are computed once.
-    pub n_real: usize,
-    /// Generated images per check.
-    pub n_generated: usize,
-    /// Latents drawn per condition in a check (the intra-condition diversity compares
-    /// samples of the same condition; 1 leaves it without generated pairs).
-    pub seeds_per_condition: usize,
-    /// Most of the wall time the checks may take over the run (checks / (checks +
-    /// training)): a due check is postponed to a later multiple of `every` until one more
-    /// (as long as the last) fits this share. 1.0 or more turns the limit off (every
-    /// multiple of `every` is checked).
-    pub max_share: f64,
-    pub diagnostics: DiagnosticsConfig,
-}
-
-impl Default for MonitorConfig {
-    fn default() -> Self {
-        Self {
-            every: 0,
-            evaluator: None,
-            n_real: 2000,
-            n_generated: 1000,
-            seeds_per_condition: 4,
-            max_share: 0.08,
-            diagnostics: DiagnosticsConfig::default(),
-        }
-    }
-}
 
 impl MonitorConfig {
     /// The evaluator folder this config points at.

@@ -677,38 +677,22 @@ pub fn sgemm_gflops(n: usize, threads: usize) -> f64 {
     let a: Vec<f32> = (0..n * n).map(|i| ((i % 17) as f32) * 0.01).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32) * 0.01).collect();
     let mut c = vec![0f32; n * n];
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     let mut run = || {
         let t = Instant::now();
-        // SAFETY: a, b and c are n x n row-major (row stride n, column stride 1) and c does
-        // not alias a or b.
-        unsafe {
-            gemm::gemm(
-                n,
-                n,
-                n,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr(),
-                1,
-                n as isize,
-                b.as_ptr(),
-                1,
-                n as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        // The kernels' product, split over the rayon pool when `threads` > 1.
+        crate::kernels::matmul::matmul_in(
+            threads > 1,
+            n,
+            n,
+            n,
+            &mut c,
+            (n, 1),
+            false,
+            &a,
+            (n, 1),
+            &b,
+            (n, 1),
+        );
         t.elapsed().as_secs_f64()
     };
     run();

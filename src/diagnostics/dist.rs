@@ -123,42 +123,10 @@ impl Mat {
     }
 }
 
-/// `dst (m x n) = a (m x k, row-major) * b^T` where `b` is `n x k` row-major.
+/// `dst (m x n) = a (m x k, row-major) * b^T` where `b` is `n x k` row-major, on the calling
+/// thread (the kernels' strided product: b^T's element (p, j) is `b[j k + p]`).
 fn gemm_abt(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], b: &[f32]) {
-    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= n * k);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    // SAFETY: the assertion above keeps every element read or written inside the slices
-    // (dst: row stride n, column stride 1; a: row stride k; b^T element (p, j) = b[j k + p]);
-    // dst is a unique borrow, so it aliases neither input; T = f32 is supported by gemm.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    crate::kernels::matmul::matmul_in(false, m, n, k, dst, (n, 1), false, a, (k, 1), b, (1, k));
 }
 
 /// Calls `f(i, row)` for every row `i` of `a`, where `row[j]` is the squared Euclidean

@@ -468,7 +468,7 @@ pub struct WganGpCritic64 {
 
 impl WganGpCritic64 {
     pub fn new(batch: usize, seed: u64, dev: &Device) -> Result<Self> {
-        crate::grad::enable_exact_second_order()?;
+        crate::grad::check_exact_second_order()?;
         let gs = ParamStore::new(Rng::stream(seed, "bench.g"), DType::F32, dev);
         let ds = ParamStore::new(Rng::stream(seed, "bench.d"), DType::F32, dev);
         let g = G64::new(gs.root("gen"))?;
@@ -726,11 +726,11 @@ pub fn sgemm_gflops(_n: usize, _threads: usize) -> f64 {
     f64::NAN
 }
 
-/// Use `threads` worker threads for rayon (the engine's convolutions) and candle (which
-/// reads `RAYON_NUM_THREADS` on every op). Call before anything has used rayon.
+/// Use `threads` worker threads for rayon (the engine's convolutions). candle reads
+/// `RAYON_NUM_THREADS` on every op: the binary's `main` sets it to the same number before any
+/// thread starts (the library never changes the environment). Call before anything has used
+/// rayon.
 pub fn set_threads(threads: usize) -> Result<()> {
-    // SAFETY: the benchmark calls this first, before it or candle has started any thread.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -844,7 +844,7 @@ mod tests {
     /// is positive. Not a timing test.
     #[test]
     fn each_workload_runs_one_iteration() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         for name in MODELS {
             let mut w = workload(name, 2, 7, &Device::Cpu).unwrap();
             let losses = w.step().unwrap();

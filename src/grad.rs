@@ -2,20 +2,18 @@
 //!
 //! candle 0.11 detaches every intermediate gradient during `backward` unless the environment
 //! variable `CANDLE_GRAD_DO_NOT_DETACH` is set before a thread's first backward (it is read
-//! once per thread). Detached gradients make d(penalty)/d(weights) silently wrong. The engine
-//! therefore sets the variable itself ([`enable_exact_second_order`], called by the binary's
-//! `main`, by every trainer and by every penalty) and *verifies* it on a tiny probe in the
-//! calling thread, returning an error instead of an inexact penalty.
+//! once per thread). Detached gradients make d(penalty)/d(weights) silently wrong. The binary's
+//! `main` sets the variable before any thread starts (and `cargo test` through
+//! `.cargo/config.toml`); the library never changes the environment: every trainer and every
+//! penalty *verifies* it ([`check_exact_second_order`]) on a tiny probe in the calling thread,
+//! returning an error instead of an inexact penalty.
 
 use std::cell::Cell;
-use std::sync::Once;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
 use crate::error::{Error, Result};
-
-static SET_ENV: Once = Once::new();
 
 thread_local! {
     static VERIFIED: Cell<bool> = const { Cell::new(false) };
@@ -68,14 +66,13 @@ pub(crate) fn inputs_only_while<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Make candle keep gradient graphs (needed for gradients of gradients) and check that it
-/// does in this thread. Cheap after the first call in a thread.
-pub fn enable_exact_second_order() -> Result<()> {
-    SET_ENV.call_once(|| {
-        // SAFETY: called before the engine starts its own threads (the binary calls it first
-        // thing in main); the value is only ever set, never removed, and set to the same value.
-        unsafe { std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1") };
-    });
+/// The environment variable that makes candle keep gradient graphs, and its value.
+pub const KEEP_GRAPHS_ENV: (&str, &str) = ("CANDLE_GRAD_DO_NOT_DETACH", "1");
+
+/// Check that candle keeps gradient graphs (needed for gradients of gradients) in this
+/// thread: [`KEEP_GRAPHS_ENV`] must have been set before the process started its threads.
+/// Cheap after the first call in a thread.
+pub fn check_exact_second_order() -> Result<()> {
     if VERIFIED.with(|v| v.get()) {
         return Ok(());
     }
@@ -94,9 +91,9 @@ pub fn enable_exact_second_order() -> Result<()> {
     };
     if !ok {
         return Err(Error::Msg(
-            "candle detaches gradients in this thread (CANDLE_GRAD_DO_NOT_DETACH was read before \
-             ganscope could set it), so a gradient penalty would be silently wrong; start the \
-             process with CANDLE_GRAD_DO_NOT_DETACH=1"
+            "candle detaches gradients in this thread, so a gradient penalty would be silently \
+             wrong: start the process with CANDLE_GRAD_DO_NOT_DETACH=1 (the ganscope binary sets \
+             it in main, `cargo test` through .cargo/config.toml)"
                 .into(),
         ));
     }
@@ -118,7 +115,7 @@ pub fn input_gradient<F>(x: &Tensor, f: F) -> Result<(Tensor, Tensor)>
 where
     F: FnOnce(&Tensor) -> Result<Tensor>,
 {
-    enable_exact_second_order()?;
+    check_exact_second_order()?;
     let xv = Var::from_tensor(&x.detach())?;
     let out = f(xv.as_tensor())?;
     let grads = inputs_only_while(|| out.sum_all()?.backward())?;

@@ -36,9 +36,9 @@ pub mod train;
 /// settings as `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=...`,
 /// applied at run time. Call once, first thing in `main`.
 ///
-/// Also limits candle's elementwise-op thread pool on small machines: see [`tune_cpu_threads`].
+/// (The environment the engine wants is set by the binary's `main`: see
+/// [`elementwise_threads_env`] and [`grad::KEEP_GRAPHS_ENV`].)
 pub fn tune_allocator() {
-    tune_cpu_threads();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
     unsafe {
@@ -74,20 +74,19 @@ pub fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// On a machine with at most 2 cores, run candle's elementwise ops (its "barrier pool") on
-/// the calling thread only, unless `CANDLE_NUM_THREADS` is already set. candle 0.11 splits
-/// each large elementwise op across its pool and the caller then *spins* until every worker
-/// is done; when the cores are shared (other processes, or the gemm/conv threads), a worker
-/// that is not scheduled turns that spin into wasted time. Measured with `ganscope bench
-/// --threads 2` on a 2-core machine under load (see `bench/RESULTS.md`): `iclevr-sagan` at
-/// batch 8 10.2 s -> 5.6 s per iteration, `cdcgan28` 892 -> 539 ms, `wgangp-critic64`
-/// 7.1 -> 5.6 s, `dcgan64` unchanged within noise. Matrix products and convolutions keep
-/// all threads (`RAYON_NUM_THREADS`). Must run before candle's first elementwise op (the pool
-/// reads the variable once).
-pub fn tune_cpu_threads() {
+/// The `CANDLE_NUM_THREADS` value the binary's `main` sets, if any: on a machine with at most
+/// 2 cores, candle's elementwise ops (its "barrier pool") run on the calling thread only,
+/// unless the variable is already set. candle 0.11 splits each large elementwise op across its
+/// pool and the caller then *spins* until every worker is done; when the cores are shared
+/// (other processes, or the gemm/conv threads), a worker that is not scheduled turns that spin
+/// into wasted time. Measured with `ganscope bench --threads 2` on a 2-core machine under load
+/// (see `bench/RESULTS.md`): `iclevr-sagan` at batch 8 10.2 s -> 5.6 s per iteration,
+/// `cdcgan28` 892 -> 539 ms, `wgangp-critic64` 7.1 -> 5.6 s, `dcgan64` unchanged within noise.
+/// Matrix products and convolutions keep all threads (`RAYON_NUM_THREADS`). It must be set
+/// before candle's first elementwise op (the pool reads the variable once). The library reads
+/// the environment, never sets it.
+pub fn elementwise_threads_env() -> Option<(&'static str, &'static str)> {
     let small = std::thread::available_parallelism().is_ok_and(|n| n.get() <= 2);
-    if small && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
-    }
+    (small && std::env::var_os("CANDLE_NUM_THREADS").is_none())
+        .then_some(("CANDLE_NUM_THREADS", "1"))
 }

@@ -51,14 +51,39 @@ enum Command {
     Fuzz(FuzzArgs),
 }
 
+/// Set the process environment the engine reads, once, before any thread exists (the
+/// library only checks it): candle keeps gradient graphs (exact gradient penalties), runs its
+/// elementwise ops on the calling thread on small machines, and `bench --threads N` gives
+/// candle N threads.
+fn set_up_environment(cli: &Cli) {
+    let mut vars = vec![ganscope::grad::KEEP_GRAPHS_ENV];
+    vars.extend(ganscope::elementwise_threads_env());
+    let threads = match &cli.command {
+        Some(Command::Bench(BenchArgs {
+            threads: Some(t), ..
+        })) => Some(t.to_string()),
+        _ => None,
+    };
+    for (k, v) in vars {
+        // SAFETY: called first thing in `main`, before any thread of this process exists
+        // (argument parsing starts none), so nothing can read the environment concurrently.
+        unsafe { std::env::set_var(k, v) };
+    }
+    if let Some(t) = threads {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", t) };
+    }
+}
+
 fn main() {
+    let cli = Cli::parse();
+    set_up_environment(&cli);
     ganscope::tune_allocator();
-    // Gradient penalties need candle's gradient graphs kept: set before any thread starts.
-    if let Err(e) = ganscope::grad::enable_exact_second_order() {
+    // Gradient penalties need candle's gradient graphs kept: verify it before any work.
+    if let Err(e) = ganscope::grad::check_exact_second_order() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
-    let cli = Cli::parse();
     let result = match cli.command {
         None => ganscope::app::run_native(cli.open, shipped_checkpoints())
             .map_err(|e| anyhow::anyhow!("could not open the explorer window: {e}")),

@@ -41,7 +41,7 @@ fn harness_sized(
     open: Option<PathBuf>,
     size: [f32; 2],
 ) -> Harness<'static, GanscopeApp> {
-    ganscope::grad::enable_exact_second_order().unwrap();
+    ganscope::grad::check_exact_second_order().unwrap();
     Harness::builder()
         .with_size(size)
         // Some drag values and combo boxes sit beside a grid label instead of carrying

@@ -31,7 +31,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("config", 0),
     ("export", 0),
     ("tune_allocator", 0),
-    ("tune_cpu_threads", 0),
+    ("elementwise_threads_env", 0),
     ("kernels", 1),
     ("nn", 2),
     // Carries `nn`'s frozen-parameter state to a rayon worker (lib.rs).

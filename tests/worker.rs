@@ -25,7 +25,7 @@ fn small() -> TrainConfig {
 }
 
 fn spawn(cfg: TrainConfig, policy: NanPolicy) -> Session {
-    ganscope::grad::enable_exact_second_order().unwrap();
+    ganscope::grad::check_exact_second_order().unwrap();
     let mut spec = SessionSpec::new(cfg, Device::Cpu);
     spec.run = false;
     spec.snapshot_every = 1;
@@ -139,7 +139,7 @@ fn an_explorer_session_writes_its_run_folder() {
     cfg.log_every = 1;
     cfg.checkpoint_every = 2;
     cfg.sample_every = 0;
-    ganscope::grad::enable_exact_second_order().unwrap();
+    ganscope::grad::check_exact_second_order().unwrap();
     let mut spec = SessionSpec::new(cfg, Device::Cpu);
     spec.run = false;
     spec.run_dir = Some(dir.clone());
@@ -176,7 +176,7 @@ fn a_run_folder_that_cannot_be_written_is_reported_and_training_goes_on() {
     let _other = ganscope::checkpoint::RunLock::acquire(&dir).unwrap();
     let mut cfg = small();
     cfg.log_every = 1;
-    ganscope::grad::enable_exact_second_order().unwrap();
+    ganscope::grad::check_exact_second_order().unwrap();
     let mut spec = SessionSpec::new(cfg, Device::Cpu);
     spec.run = false;
     spec.run_dir = Some(dir.clone());
@@ -196,7 +196,7 @@ fn a_run_folder_that_cannot_be_written_is_reported_and_training_goes_on() {
 
 #[test]
 fn snapshot_restore_is_exact() {
-    ganscope::grad::enable_exact_second_order().unwrap();
+    ganscope::grad::check_exact_second_order().unwrap();
     let cfg = small();
     let data: Arc<dyn ganscope::data::Dataset> =
         Arc::new(ganscope::data::open(&cfg.data, cfg.model.image_size).unwrap());

@@ -398,7 +398,7 @@ mod tests {
     /// Gradient of a gradient penalty through attention equals candle's (second order).
     #[test]
     fn second_order_gradients_match_candle_ops() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(11);
         let (b, c, n) = (2, 4, 12);
         let x = randn(&mut rng, &[b, c, n], DType::F64, 1.0);

@@ -1854,7 +1854,7 @@ mod tests {
     /// respect to the weights.
     #[test]
     fn double_backward_matches_finite_differences() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(6);
         for net in &NETS {
             let (x, w1, w2, r) = setup(net, &mut rng);
@@ -1881,7 +1881,7 @@ mod tests {
     /// respect to the weights and the input: runs the backward of the weight-gradient op.
     #[test]
     fn weight_gradient_double_backward_matches_finite_differences() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(8);
         for net in &NETS {
             let (x, w1, w2, r) = setup(net, &mut rng);
@@ -1916,7 +1916,7 @@ mod tests {
     /// gradient there must use the tie value (1 for ReLU, 0.6 for leaky ReLU).
     #[test]
     fn activation_fused_conv_matches_separate_ops_bit_for_bit() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(31);
         let bits = |t: &Tensor| -> Vec<u64> {
             let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

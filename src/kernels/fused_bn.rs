@@ -1047,7 +1047,7 @@ mod tests {
     /// to 1e-5 relative; a gamma of the wrong shape is an error.
     #[test]
     fn cond_affine_matches_candle_ops() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(3);
         let f32t = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         for dims in [
@@ -1355,7 +1355,7 @@ mod tests {
 
     #[test]
     fn double_backward_matches_finite_differences() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(7);
         for (dims, affine) in [
             (vec![3, 2, 2, 3], true),
@@ -1480,7 +1480,7 @@ mod tests {
     /// finite differences, as for the plain op.
     #[test]
     fn activation_fused_double_backward() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(22);
         for act in [LeakyRelu::RELU, LeakyRelu::LEAKY] {
             let fused = move |x: &Tensor, g: Option<&Tensor>, b: Option<&Tensor>, eps: f64| {

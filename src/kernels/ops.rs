@@ -935,7 +935,7 @@ mod tests {
     /// relative to the largest reference entry. Wrong shapes are an error.
     #[test]
     fn linear_op_matches_candle_ops() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = crate::rng::Rng::new(43);
         for dtype in [DType::F32, DType::F64] {
             for (n, cin, cout, bias) in [(5, 7, 3, true), (4, 6, 9, false), (1, 3, 1, true)] {
@@ -1019,7 +1019,7 @@ mod tests {
 
     #[test]
     fn channel_bias_matches_broadcast_add() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = crate::rng::Rng::new(41);
         for dtype in [DType::F32, DType::F64] {
             for dims in [vec![3, 4, 5, 6], vec![2, 3, 1, 1], vec![4, 2, 7]] {
@@ -1091,7 +1091,7 @@ mod tests {
     /// (where only zeros would flow), and the penalty still reaches every weight.
     #[test]
     fn penalty_backward_skips_the_inner_forward_pass() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(31);
         let x = random(&mut rng, &[2, 3, 8, 8]);
         let w1 = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3])).unwrap();
@@ -1137,7 +1137,7 @@ mod tests {
     /// penalty takes) agree to 1e-5 relative.
     #[test]
     fn fused_leaky_relu_matches_candle_ops() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(11);
         let pairs: [(Unary, Unary); 2] = [(leaky_relu, leaky_relu_basic), (relu, candle_relu)];
         for (fused_op, basic_op) in pairs {
@@ -1216,7 +1216,7 @@ mod tests {
     /// relative; odd sizes for pooling are an error.
     #[test]
     fn fused_resampling_matches_candle_ops() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(5);
         let pairs: [(Unary, Unary); 2] =
             [(upsample2, upsample2_basic), (avg_pool2, avg_pool2_basic)];
@@ -1262,7 +1262,7 @@ mod tests {
     /// gradients of gradients agree to 1e-5 relative.
     #[test]
     fn fused_softmax_matches_candle_ops() {
-        crate::grad::enable_exact_second_order().unwrap();
+        crate::grad::check_exact_second_order().unwrap();
         let mut rng = Rng::new(12);
         for _ in 0..20 {
             let shape = random_shape(&mut rng);

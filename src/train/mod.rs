@@ -133,7 +133,7 @@ impl Trainer {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        crate::grad::enable_exact_second_order()?;
+        crate::grad::check_exact_second_order()?;
         cfg.validate()?;
         check_data(&cfg, data.as_ref())?;
         if cfg.model.num_conditions > 0 && cfg.model.label_names.is_empty() {

@@ -745,12 +745,18 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     if let Some(t) = opts.threads {
         set_threads(t)?;
     }
+    if opts.model.as_deref() == Some(EXPLORE) {
+        for training in [false, true] {
+            explore_latency(opts.iters.max(1), opts.warmup, training)?;
+        }
+        return Ok(Vec::new());
+    }
     let threads = candle_core::utils::get_num_threads();
     let names: Vec<&str> = match &opts.model {
         Some(m) => {
             if !MODELS.contains(&m.as_str()) {
                 return Err(Error::Config(format!(
-                    "unknown bench model `{m}` (one of {})",
+                    "unknown bench model `{m}` (one of {}, or {EXPLORE})",
                     MODELS.join(", ")
                 )));
             }
@@ -812,8 +818,9 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
             floor,
             t.median() / floor
         );
+        let rss = peak_rss_mib().map_or_else(|| "nan".to_string(), |m| format!("{m:.0}"));
         println!(
-            "bench model={} batch={} ms_per_iter={:.2} images_per_s={:.2} gflops={:.2}",
+            "bench model={} batch={} ms_per_iter={:.2} images_per_s={:.2} gflops={:.2} peak_rss_mib={rss}",
             name,
             t.batch,
             t.median(),
@@ -823,6 +830,149 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         out.push(t);
     }
     Ok(out)
+}
+
+/// The process's peak resident memory so far in MiB (`VmHWM` of `/proc/self/status`; Linux
+/// only). With one `--model` it is that workload's peak (setup included).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The bench "model" that times the explorer's slider path instead of a training iteration.
+pub const EXPLORE: &str = "explore";
+
+/// Latencies of [`explore_latency`], in milliseconds.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub training: bool,
+    pub ms: Vec<f64>,
+}
+
+impl Latency {
+    /// Nearest-rank quantile, `q` in [0, 1].
+    pub fn quantile(&self, q: f64) -> f64 {
+        let mut v = self.ms.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
+    }
+}
+
+/// `ganscope bench --model explore`: the explorer's slider path without a window. A training
+/// session of the explorer's default preset (`iclevr-small`, embedded data) runs in its own
+/// thread exactly as the explorer starts it, paused or training; its generator weights go to
+/// the renderer thread as the explorer forwards them; then, every 30 ms (a slider drag's
+/// event rate), one latent coordinate moves and the explorer image is requested. Each latency
+/// is the time from the request to the rendered image arriving back on the asking thread,
+/// which is what the explorer's "slider -> image" timing measures up to the UI's next frame
+/// (the window adds its frame scheduling and drawing). `warmup` requests are not counted.
+pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result<Latency> {
+    use crate::train::worker::{Command, Event, RenderRequest, Renderer, Session, SessionSpec};
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::Duration;
+
+    let cfg = TrainConfig::preset("iclevr-small")?;
+    let mut spec = SessionSpec::new(cfg, Device::Cpu);
+    spec.run = false;
+    let session = Session::spawn(spec, Arc::new(|| {}));
+    let renderer = Renderer::spawn(Arc::new(|| {}));
+    let has_weights = std::cell::Cell::new(false);
+    let forward = |ev: Event| -> Result<Option<crate::train::worker::SessionInfo>> {
+        match ev {
+            Event::Weights(w) => {
+                renderer.set_weights(w);
+                has_weights.set(true);
+            }
+            Event::Error(e) => return Err(Error::Msg(format!("explore bench: session: {e}"))),
+            Event::Ready(info) => return Ok(Some(*info)),
+            _ => {}
+        }
+        Ok(None)
+    };
+    // Wait until the session is ready and its first weights are with the renderer.
+    let mut info = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while info.is_none() || !has_weights.get() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match session.events.recv_timeout(left) {
+            Ok(ev) => info = forward(ev)?.or(info),
+            Err(_) => {
+                return Err(Error::Msg(
+                    "explore bench: the session did not start".into(),
+                ));
+            }
+        }
+    }
+    let info = info.expect("the loop ends with the session info");
+    if training {
+        session.send(Command::Run);
+    }
+    let z_dim = info.cfg.model.z_dim;
+    let k = info.cfg.model.num_conditions;
+    let mut c = vec![0f32; k];
+    if k > 0 {
+        c[0] = 1.0;
+    }
+    let mut rng = Rng::new(7);
+    let mut z: Vec<f32> = rng
+        .normal_vec(z_dim)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let mut ms = Vec::with_capacity(requests);
+    for i in 0..warmup + requests {
+        std::thread::sleep(Duration::from_millis(30));
+        for ev in session.events.try_iter() {
+            forward(ev)?;
+        }
+        z[i % z_dim] += 0.1;
+        let id = i as u64;
+        let t = Instant::now();
+        renderer.request(RenderRequest {
+            slot: "latent",
+            id,
+            z: vec![z.clone()],
+            c: vec![c.clone()],
+        });
+        loop {
+            match renderer.results.recv_timeout(Duration::from_secs(60)) {
+                Ok(Ok(r)) if r.id == id => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(Error::Msg(format!("explore bench: {e}"))),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Msg("explore bench: no image within 60 s".into()));
+                }
+            }
+        }
+        if i >= warmup {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    session.send(Command::Shutdown);
+    let lat = Latency { training, ms };
+    let state = if training { "training" } else { "paused" };
+    println!(
+        "explore ({state}, {} requests): slider -> image ms p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+        lat.ms.len(),
+        lat.quantile(0.5),
+        lat.quantile(0.95),
+        lat.quantile(0.99),
+        lat.quantile(1.0)
+    );
+    println!(
+        "bench model=explore state={state} requests={} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2}",
+        lat.ms.len(),
+        lat.quantile(0.5),
+        lat.quantile(0.95),
+        lat.quantile(0.99)
+    );
+    Ok(lat)
 }
 
 fn avx512() -> bool {
@@ -852,6 +1002,28 @@ mod tests {
             assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
             assert!(w.flops() > 0.0, "{name}");
         }
+    }
+
+    /// The explorer's slider path runs headless, paused and training, and every request gets
+    /// its image back (a latency each). Not a timing test.
+    #[test]
+    fn explore_latency_answers_every_request() {
+        crate::grad::check_exact_second_order().unwrap();
+        for training in [false, true] {
+            let l = explore_latency(3, 1, training).unwrap();
+            assert_eq!(l.ms.len(), 3);
+            assert!(l.ms.iter().all(|m| m.is_finite() && *m >= 0.0), "{l:?}");
+            assert!(l.quantile(0.5) <= l.quantile(1.0));
+        }
+        let l = Latency {
+            training: false,
+            ms: vec![5.0, 1.0, 3.0, 2.0, 4.0],
+        };
+        assert_eq!(
+            (l.quantile(0.5), l.quantile(0.95), l.quantile(0.0)),
+            (3.0, 5.0, 1.0)
+        );
+        assert!(peak_rss_mib().is_some_and(|m| m > 1.0));
     }
 
     /// The timing loop (with its device synchronisation) and the device matmul rate run on

@@ -2,7 +2,9 @@
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
-    /// One of dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan (all when omitted).
+    /// One of dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan (all when omitted), or
+    /// `explore`: the explorer's slider -> image latency (paused, then while training),
+    /// `--iters` requests after `--warmup`.
     #[arg(long)]
     pub(crate) model: Option<String>,
     #[arg(long)]

@@ -27,6 +27,7 @@ and the floor is an 8192^3 f32 matmul on the device, as `ganscope bench --device
 """
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -485,8 +486,10 @@ def main():
         spread = "/".join(f"{quantile(ms, q):.0f}" for q in (0, 0.25, 0.75, 1))
         print(f"{n:<16} {batch:>5} {med:>10.1f} {spread:>21} {ips:>9.1f} {w.flops / 1e9:>10.1f} "
               f"{gf:>8.1f} {floor:>9.1f} {med / floor:>8.2f}")
+        # Peak resident memory of the process so far (Linux reports KiB), as ganscope's line.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"bench model={n} batch={batch} ms_per_iter={med:.2f} images_per_s={ips:.2f} "
-              f"gflops={gf:.2f}", flush=True)
+              f"gflops={gf:.2f} peak_rss_mib={rss:.0f}", flush=True)
 
 
 if __name__ == "__main__":

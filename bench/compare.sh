@@ -58,7 +58,7 @@ for ((r = 1; r <= rounds; r++)); do
 done
 echo "== load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-printf '%-16s %14s %14s %18s  %s\n' model ganscope_ms pytorch_ms "ganscope/pytorch" "(per round)"
+printf '%-16s %14s %14s %18s %12s %12s  %s\n' model ganscope_ms pytorch_ms "ganscope/pytorch" ganscope_mib pytorch_mib "(per round)"
 awk '
     /^bench model=/ {
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
@@ -66,10 +66,11 @@ awk '
         r = parts[length(parts) - 1]
         m = v["model"]
         if (FILENAME ~ /ganscope/) {
-            gm[m, r] = v["ms_per_iter"]; gi[m, r] = v["images_per_s"]
+            gm[m, r] = v["ms_per_iter"]; gi[m, r] = v["images_per_s"]; gr[m, r] = v["peak_rss_mib"]
             if (!(m in seen)) { seen[m] = 1; order[++n] = m }
             if (r > nr) nr = r
-        } else { tm[m, r] = v["ms_per_iter"]; ti[m, r] = v["images_per_s"] }
+        } else { tm[m, r] = v["ms_per_iter"]; ti[m, r] = v["images_per_s"]; tr[m, r] = v["peak_rss_mib"] }
+        delete v
     }
     function median(a, k,    i, j, t) {
         for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
@@ -78,16 +79,20 @@ awk '
     END {
         for (q = 1; q <= n; q++) {
             m = order[q]; k = 0; kg = 0; kt = 0; list = ""
-            delete rs; delete gs; delete ts
+            delete rs; delete gs; delete ts; delete gms; delete tms; kgm = 0; ktm = 0
             for (r = 1; r <= nr; r++) {
                 if ((m, r) in gm) gs[++kg] = gm[m, r]
                 if ((m, r) in tm) ts[++kt] = tm[m, r]
+                if ((m, r) in gr && gr[m, r] != "") gms[++kgm] = gr[m, r]
+                if ((m, r) in tr && tr[m, r] != "") tms[++ktm] = tr[m, r]
                 if ((m, r) in gm && (m, r) in ti) {
                     rs[++k] = gi[m, r] / ti[m, r]
                     list = list sprintf(" %.2f", rs[k])
                 }
             }
-            if (k > 0) printf "%-16s %14.1f %14.1f %17.2fx  (%s)\n", m, median(gs, kg), median(ts, kt), median(rs, k), substr(list, 2)
-            else printf "%-16s %14.1f %14s %18s\n", m, median(gs, kg), "-", "(no PyTorch run)"
+            gmib = kgm ? sprintf("%.0f", median(gms, kgm)) : "-"
+            tmib = ktm ? sprintf("%.0f", median(tms, ktm)) : "-"
+            if (k > 0) printf "%-16s %14.1f %14.1f %17.2fx %12s %12s  (%s)\n", m, median(gs, kg), median(ts, kt), median(rs, k), gmib, tmib, substr(list, 2)
+            else printf "%-16s %14.1f %14s %18s %12s\n", m, median(gs, kg), "-", "(no PyTorch run)", gmib
         }
     }' "$out"/ganscope.*.txt "$out"/torch.*.txt

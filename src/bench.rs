@@ -849,6 +849,8 @@ pub const EXPLORE: &str = "explore";
 pub struct Latency {
     pub training: bool,
     pub ms: Vec<f64>,
+    /// Training steps the session reported while the timed requests ran.
+    pub steps: u64,
 }
 
 impl Latency {
@@ -883,12 +885,15 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
     let session = Session::spawn(spec, Arc::new(|| {}));
     let renderer = Renderer::spawn(Arc::new(|| {}));
     let has_weights = std::cell::Cell::new(false);
+    // Training steps reported by the session while the requests run (proof that it trained).
+    let steps = std::cell::Cell::new(0u64);
     let forward = |ev: Event| -> Result<Option<crate::train::worker::SessionInfo>> {
         match ev {
             Event::Weights(w) => {
                 renderer.set_weights(w);
                 has_weights.set(true);
             }
+            Event::Step(_) => steps.set(steps.get() + 1),
             Event::Error(e) => return Err(Error::Msg(format!("explore bench: session: {e}"))),
             Event::Ready(info) => return Ok(Some(*info)),
             _ => {}
@@ -911,7 +916,17 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
     }
     let info = info.expect("the loop ends with the session info");
     if training {
+        // Measure while training is under way: after its first step.
         session.send(Command::Run);
+        while steps.get() == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match session.events.recv_timeout(left) {
+                Ok(ev) => {
+                    forward(ev)?;
+                }
+                Err(_) => return Err(Error::Msg("explore bench: training did not start".into())),
+            }
+        }
     }
     let z_dim = info.cfg.model.z_dim;
     let k = info.cfg.model.num_conditions;
@@ -926,7 +941,11 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
         .map(|v| v as f32)
         .collect();
     let mut ms = Vec::with_capacity(requests);
+    let mut steps_at_start = 0;
     for i in 0..warmup + requests {
+        if i == warmup {
+            steps_at_start = steps.get();
+        }
         std::thread::sleep(Duration::from_millis(30));
         for ev in session.events.try_iter() {
             forward(ev)?;
@@ -954,11 +973,20 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
+    for ev in session.events.try_iter() {
+        forward(ev)?;
+    }
+    let trained = steps.get() - steps_at_start;
     session.send(Command::Shutdown);
-    let lat = Latency { training, ms };
+    let lat = Latency {
+        training,
+        ms,
+        steps: trained,
+    };
     let state = if training { "training" } else { "paused" };
     println!(
-        "explore ({state}, {} requests): slider -> image ms p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+        "explore ({state}, {} requests, {trained} training steps meanwhile): slider -> image ms \
+         p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
         lat.ms.len(),
         lat.quantile(0.5),
         lat.quantile(0.95),
@@ -1012,12 +1040,16 @@ mod tests {
         for training in [false, true] {
             let l = explore_latency(3, 1, training).unwrap();
             assert_eq!(l.ms.len(), 3);
+            if !training {
+                assert_eq!(l.steps, 0, "{l:?}");
+            }
             assert!(l.ms.iter().all(|m| m.is_finite() && *m >= 0.0), "{l:?}");
             assert!(l.quantile(0.5) <= l.quantile(1.0));
         }
         let l = Latency {
             training: false,
             ms: vec![5.0, 1.0, 3.0, 2.0, 4.0],
+            steps: 0,
         };
         assert_eq!(
             (l.quantile(0.5), l.quantile(0.95), l.quantile(0.0)),

@@ -875,6 +875,7 @@ impl Latency {
 /// which is what the explorer's "slider -> image" timing measures up to the UI's next frame
 /// (the window adds its frame scheduling and drawing). `warmup` requests are not counted.
 pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result<Latency> {
+    use crate::train::run::LoopEvent;
     use crate::train::worker::{Command, Event, RenderRequest, Renderer, Session, SessionSpec};
     use std::sync::mpsc::RecvTimeoutError;
     use std::time::Duration;
@@ -889,11 +890,11 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
     let steps = std::cell::Cell::new(0u64);
     let forward = |ev: Event| -> Result<Option<crate::train::worker::SessionInfo>> {
         match ev {
-            Event::Weights(w) => {
+            Event::Loop(LoopEvent::Weights(w)) => {
                 renderer.set_weights(w);
                 has_weights.set(true);
             }
-            Event::Step(_) => steps.set(steps.get() + 1),
+            Event::Loop(LoopEvent::Step(_)) => steps.set(steps.get() + 1),
             Event::Error(e) => return Err(Error::Msg(format!("explore bench: session: {e}"))),
             Event::Ready(info) => return Ok(Some(*info)),
             _ => {}

@@ -72,8 +72,8 @@ fn wait_for(h: &mut Harness<'_, GanscopeApp>, what: &str, done: impl Fn(&Ganscop
         assert!(
             t0.elapsed() < Duration::from_secs(120),
             "timed out waiting for {what}; log: {:?}; error: {:?}",
-            h.state().log,
-            h.state().error
+            h.state().status.log,
+            h.state().run.error
         );
         std::thread::sleep(Duration::from_millis(30));
         h.step();
@@ -83,7 +83,7 @@ fn wait_for(h: &mut Harness<'_, GanscopeApp>, what: &str, done: impl Fn(&Ganscop
 
 fn ready(h: &mut Harness<'_, GanscopeApp>) {
     wait_for(h, "the session and the first wall", |a| {
-        a.info.is_some() && !a.frames.is_empty() && a.run_state != RunState::Loading
+        a.run.info.is_some() && !a.run.frames.is_empty() && a.run.run_state != RunState::Loading
     });
 }
 
@@ -102,7 +102,7 @@ fn composer_ticks_labels_and_refuses_a_fourth_object() {
     let mut h = harness(settings(), false);
     ready(&mut h);
     // It starts on the wall's first row (a label set of the data), not on "gray cube".
-    let first = h.state().info.as_ref().unwrap().wall_rows[0].0.clone();
+    let first = h.state().run.info.as_ref().unwrap().wall_rows[0].0.clone();
     assert_eq!(active_labels(h.state()).join(", "), first);
     assert_eq!(first, "purple sphere");
     h.get_by_label("purple sphere").click();
@@ -176,7 +176,7 @@ fn latent_slider_changes_the_image() {
         / before.data.len() as f32;
     // An untrained generator changes little per latent dimension (about 5e-4 here).
     assert!(diff > 1e-5, "mean abs change {diff}");
-    assert!(!h.state().timings.slider_to_image_ms.is_empty());
+    assert!(!h.state().latent.slider_to_image_ms.is_empty());
 }
 
 #[test]
@@ -198,17 +198,28 @@ fn open_a_run_folder_paused_and_a_missing_one_is_an_error() {
     let mut h = harness_opening(settings(), true, Some(dir.clone()));
     ready(&mut h);
     let a = h.state();
-    assert_eq!(a.run_state, RunState::Paused, "opened runs start paused");
-    let info = a.info.as_ref().unwrap();
+    assert_eq!(
+        a.run.run_state,
+        RunState::Paused,
+        "opened runs start paused"
+    );
+    let info = a.run.info.as_ref().unwrap();
     assert_eq!((info.step, info.cfg.model.g_ch), (2, 8));
-    assert!(a.log.iter().any(|l| l.contains("opened")), "{:?}", a.log);
+    assert!(
+        a.status.log.iter().any(|l| l.contains("opened")),
+        "{:?}",
+        a.status.log
+    );
 
     let nowhere = tmp.path().join("nowhere");
     let mut h = harness_opening(settings(), true, Some(nowhere));
-    wait_for(&mut h, "the error", |a| a.error.is_some());
-    let err = h.state().error.clone().unwrap();
+    wait_for(&mut h, "the error", |a| a.run.error.is_some());
+    let err = h.state().run.error.clone().unwrap();
     assert!(err.contains("nowhere"), "{err}");
-    assert!(h.state().info.is_none(), "no session from a missing folder");
+    assert!(
+        h.state().run.info.is_none(),
+        "no session from a missing folder"
+    );
 }
 
 #[test]
@@ -234,12 +245,16 @@ fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
     ready(&mut h);
     let a = h.state();
     assert_eq!(
-        a.run_state,
+        a.run.run_state,
         RunState::Paused,
         "the shipped generator opens paused"
     );
-    assert_eq!(a.info.as_ref().unwrap().step, shipped.step);
-    assert!(a.log.iter().any(|l| l.contains("shipped")), "{:?}", a.log);
+    assert_eq!(a.run.info.as_ref().unwrap().step, shipped.step);
+    assert!(
+        a.status.log.iter().any(|l| l.contains("shipped")),
+        "{:?}",
+        a.status.log
+    );
     // The composer's first label row re-renders at once while paused.
     h.get_by_label("Explore").click();
     wait_for(&mut h, "the first latent image", |a| {
@@ -263,13 +278,14 @@ fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
     });
     h.get_by_label("Resume").click();
     wait_for(&mut h, "training on from the shipped step", |a| {
-        a.history
+        a.run
+            .history
             .last()
             .is_some_and(|s| s.stats.step >= shipped.step + 2)
     });
     h.get_by_label("Start").click();
     wait_for(&mut h, "a run from scratch", |a| {
-        a.info.as_ref().is_some_and(|i| i.step == 0)
+        a.run.info.as_ref().is_some_and(|i| i.step == 0)
     });
 }
 
@@ -296,6 +312,7 @@ fn save_asks_before_replacing_another_run() {
     h.run_steps(2);
     let (dir, why) = h
         .state()
+        .train
         .save_confirm
         .clone()
         .expect("a question, not a save");
@@ -304,7 +321,7 @@ fn save_asks_before_replacing_another_run() {
     h.get_by_label_contains("Saving there replaces it");
     h.get_by_label("Cancel").click();
     h.run_steps(2);
-    assert!(h.state().save_confirm.is_none());
+    assert!(h.state().train.save_confirm.is_none());
     assert!(
         !other.join("generator.safetensors").exists(),
         "nothing written"
@@ -322,14 +339,14 @@ fn save_asks_before_replacing_another_run() {
     h.get_by_label("Save").click();
     h.run_steps(2);
     assert!(
-        h.state().save_confirm.is_none(),
+        h.state().train.save_confirm.is_none(),
         "same run: no question, got {:?}",
-        h.state().save_confirm
+        h.state().train.save_confirm
     );
     // A shipped (weights-only) folder is always asked about.
     let why = ganscope::app::train_panel::save_conflict(
         &ganscope::app::checkpoints_dir().join("iclevr-small"),
-        &h.state().info.as_ref().unwrap().cfg,
+        &h.state().run.info.as_ref().unwrap().cfg,
     );
     assert!(why.is_some_and(|w| w.contains("shipped")));
 }
@@ -338,28 +355,34 @@ fn save_asks_before_replacing_another_run() {
 fn pause_resume_and_single_steps() {
     let mut h = harness(settings(), false);
     ready(&mut h);
-    assert_eq!(h.state().run_state, RunState::Paused);
-    let step0 = h.state().history.last().map_or(0, |s| s.stats.step);
+    assert_eq!(h.state().run.run_state, RunState::Paused);
+    let step0 = h.state().run.history.last().map_or(0, |s| s.stats.step);
     h.get_by_label("Both").click();
     wait_for(&mut h, "one step", |a| {
-        a.history.last().is_some_and(|s| s.stats.step == step0 + 1)
+        a.run
+            .history
+            .last()
+            .is_some_and(|s| s.stats.step == step0 + 1)
     });
     h.get_by_label("Resume").click();
-    wait_for(&mut h, "training", |a| a.run_state == RunState::Running);
+    wait_for(&mut h, "training", |a| a.run.run_state == RunState::Running);
     wait_for(&mut h, "three more steps", |a| {
-        a.history.last().is_some_and(|s| s.stats.step >= step0 + 4)
+        a.run
+            .history
+            .last()
+            .is_some_and(|s| s.stats.step >= step0 + 4)
     });
     h.get_by_label("Pause").click();
-    wait_for(&mut h, "paused", |a| a.run_state == RunState::Paused);
-    let s = h.state().history.last().unwrap().stats.step;
+    wait_for(&mut h, "paused", |a| a.run.run_state == RunState::Paused);
+    let s = h.state().run.history.last().unwrap().stats.step;
     std::thread::sleep(Duration::from_millis(800));
     h.run_steps(3);
     assert_eq!(
-        h.state().history.last().unwrap().stats.step,
+        h.state().run.history.last().unwrap().stats.step,
         s,
         "no steps while paused"
     );
-    assert!(h.state().frames.len() >= 2, "the wall was re-rendered");
+    assert!(h.state().run.frames.len() >= 2, "the wall was re-rendered");
 }
 
 #[test]
@@ -373,12 +396,12 @@ fn export_sheet_and_history_read_back() {
     let mut h = harness(s, false);
     ready(&mut h);
     h.get_by_label("Wall as PNG").click();
-    wait_for(&mut h, "the PNG export", |a| a.export_message.is_some());
-    let msg = h.state().export_message.clone().unwrap_or_default();
+    wait_for(&mut h, "the PNG export", |a| a.export.message.is_some());
+    let msg = h.state().export.message.clone().unwrap_or_default();
     assert!(msg.starts_with("wrote "), "{msg}");
     let path = std::path::PathBuf::from(msg.trim_start_matches("wrote "));
     let img = image::open(&path).unwrap().to_rgb8();
-    let f = h.state().frames.back().unwrap().clone();
+    let f = h.state().run.frames.back().unwrap().clone();
     // 8 seeds of 32 px at scale 2 plus padding and a caption column: wider than 8 * 64.
     assert!(
         img.width() > (f.cols * f.images.width * 2) as u32,
@@ -386,10 +409,10 @@ fn export_sheet_and_history_read_back() {
         img.width()
     );
     assert!(img.height() >= (f.rows * f.images.height * 2) as u32);
-    h.state_mut().export_message = None;
+    h.state_mut().export.message = None;
     h.get_by_label("Wall history as GIF").click();
-    wait_for(&mut h, "the GIF export", |a| a.export_message.is_some());
-    let msg = h.state().export_message.clone().unwrap_or_default();
+    wait_for(&mut h, "the GIF export", |a| a.export.message.is_some());
+    let msg = h.state().export.message.clone().unwrap_or_default();
     assert!(msg.ends_with(".gif"), "{msg}");
     let gif = std::path::PathBuf::from(msg.trim_start_matches("wrote "));
     assert!(image::open(&gif).is_ok());
@@ -411,15 +434,15 @@ fn history_gif_is_written_off_the_ui_thread() {
     };
     let mut h = harness(s, false);
     ready(&mut h);
-    let base = h.state().frames.back().unwrap().clone();
-    h.state_mut().frames.clear();
+    let base = h.state().run.frames.back().unwrap().clone();
+    h.state_mut().run.frames.clear();
     for k in 1..=60u64 {
         let mut f = (*base).clone();
         f.step = 10 * k;
         for (i, v) in f.images.data.iter_mut().enumerate() {
             *v = (*v + 0.002 * ((i as u64 * 7 + k * 13) % 31) as f32).clamp(-1.0, 1.0);
         }
-        h.state_mut().frames.push_back(Arc::new(f));
+        h.state_mut().run.frames.push_back(Arc::new(f));
     }
     h.run_steps(2);
     let t = Instant::now();
@@ -428,9 +451,9 @@ fn history_gif_is_written_off_the_ui_thread() {
     let click_frame = t.elapsed().as_secs_f64() * 1e3;
     let mut frames_ms = vec![];
     let mut saw_progress = false;
-    while h.state().export_message.is_none() {
+    while h.state().export.message.is_none() {
         assert!(t.elapsed() < Duration::from_secs(120), "export timed out");
-        saw_progress |= h.state().exporter.busy.is_some();
+        saw_progress |= h.state().export.exporter.busy.is_some();
         let f = Instant::now();
         h.step();
         frames_ms.push(f.elapsed().as_secs_f64() * 1e3);
@@ -443,7 +466,7 @@ fn history_gif_is_written_off_the_ui_thread() {
         frames_ms.len()
     );
     assert!(saw_progress || frames_ms.len() <= 1, "no progress shown");
-    let msg = h.state().export_message.clone().unwrap();
+    let msg = h.state().export.message.clone().unwrap();
     assert!(msg.starts_with("wrote ") && msg.ends_with(".gif"), "{msg}");
     let path = PathBuf::from(msg.trim_start_matches("wrote "));
     assert!(path.is_absolute(), "{msg}");
@@ -462,7 +485,7 @@ fn repeating_log_lines_collapse_into_one_with_a_count() {
     // no longer pushes everything else out of the log; a different line starts a new one.
     let mut h = harness(settings(), false);
     ready(&mut h);
-    let n0 = h.state().log.len();
+    let n0 = h.state().status.log.len();
     for step in [300, 350, 400, 450, 500] {
         h.state_mut().push_log(format!(
             "ALARM step {step}: D accuracy 0.{} over the last 200 steps",
@@ -475,11 +498,11 @@ fn repeating_log_lines_collapse_into_one_with_a_count() {
         .push_log("ALARM step 550: D accuracy 0.961 over the last 200 steps".into());
     h.run_steps(2);
     let a = h.state();
-    assert_eq!(a.log.len(), n0 + 3, "{:?}", a.log);
-    let counts: Vec<u32> = a.log_counts.iter().skip(n0).copied().collect();
+    assert_eq!(a.status.log.len(), n0 + 3, "{:?}", a.status.log);
+    let counts: Vec<u32> = a.status.log_counts.iter().skip(n0).copied().collect();
     assert_eq!(counts, vec![5, 1, 1]);
     assert!(
-        a.log[n0].contains("step 500"),
+        a.status.log[n0].contains("step 500"),
         "the newest of the repeats is shown"
     );
     h.get_by_label_contains("step 500: D accuracy 0.960 over the last 200 steps  (x5)");
@@ -524,7 +547,7 @@ fn without_a_dialog_backend_the_path_field_asks_for_the_path() {
     h.get_by_label("Open dataset…").click();
     h.run_steps(3);
     assert_eq!(
-        h.state().type_path.map(|p| p.purpose),
+        h.state().prompt.map(|p| p.purpose),
         Some(ganscope::app::dialogs::Purpose::OpenDataset)
     );
     h.get_by_label_contains("No path came from a file dialog");
@@ -544,7 +567,7 @@ fn snapshots_of_the_main_panels() {
     h.snapshot("explorer_wall");
     h.get_by_label("Explore").click();
     wait_for(&mut h, "the latent image", |a| {
-        a.latent.image.is_some() && a.interp.strip.is_some()
+        a.latent.image.is_some() && a.latent.interp.strip.is_some()
     });
     h.run_steps(3);
     h.snapshot("explorer_explore");

@@ -11,6 +11,7 @@ use std::time::Duration;
 use candle_core::Device;
 use ganscope::config::TrainConfig;
 use ganscope::train::StepKind;
+use ganscope::train::run::LoopEvent;
 use ganscope::train::worker::{
     Command, Event, NanPolicy, RenderRequest, Renderer, RunState, Session, SessionSpec,
 };
@@ -50,7 +51,7 @@ fn until<T>(rx: &Receiver<Event>, what: &str, mut pick: impl FnMut(&Event) -> Op
 
 fn step_of(e: &Event) -> Option<u64> {
     match e {
-        Event::Step(s) => Some(s.stats.step),
+        Event::Loop(LoopEvent::Step(s)) => Some(s.stats.step),
         _ => None,
     }
 }
@@ -73,8 +74,8 @@ fn injected_nan_restores_the_last_healthy_snapshot_and_pauses() {
     // leaves NaN in the weights with finite losses; either way the guard restores the
     // snapshot of step 3.
     let r = until(&s.events, "the recovery", |e| match e {
-        Event::Recovered(r) => Some(r.clone()),
-        Event::Step(st) => {
+        Event::Loop(LoopEvent::Recovered(r)) => Some(r.clone()),
+        Event::Loop(LoopEvent::Step(st)) => {
             assert_eq!(st.stats.step, 4, "a step after the poisoned one ran");
             None
         }
@@ -83,7 +84,7 @@ fn injected_nan_restores_the_last_healthy_snapshot_and_pauses() {
     assert_eq!((r.at, r.to), (4, 3), "{}", r.message);
     assert!(r.message.contains("paused"));
     let w = until(&s.events, "the restored weights", |e| match e {
-        Event::Weights(w) => Some(w.clone()),
+        Event::Loop(LoopEvent::Weights(w)) => Some(w.clone()),
         _ => None,
     });
     assert_eq!(w.step, 3);
@@ -97,7 +98,7 @@ fn injected_nan_restores_the_last_healthy_snapshot_and_pauses() {
     // Training goes on from the restored state.
     s.send(Command::Step(StepKind::Both));
     let st = until(&s.events, "a step after restore", |e| match e {
-        Event::Step(st) => Some(st.stats.clone()),
+        Event::Loop(LoopEvent::Step(st)) => Some(st.stats.clone()),
         _ => None,
     });
     assert_eq!(st.step, 4);
@@ -114,12 +115,12 @@ fn lower_lr_policy_halves_both_rates_and_keeps_running() {
     s.send(Command::InjectNan);
     s.send(Command::Run);
     let r = until(&s.events, "the recovery", |e| match e {
-        Event::Recovered(r) => Some(r.clone()),
+        Event::Loop(LoopEvent::Recovered(r)) => Some(r.clone()),
         _ => None,
     });
     assert!(r.message.contains("halved"), "{}", r.message);
     let st = until(&s.events, "a step after restore", |e| match e {
-        Event::Step(st) if st.stats.g_loss.is_finite() => Some(st.clone()),
+        Event::Loop(LoopEvent::Step(st)) if st.stats.g_loss.is_finite() => Some(st.clone()),
         _ => None,
     });
     assert!((st.lr_g - g0 / 2.0).abs() < 1e-12 && (st.lr_d - d0 / 2.0).abs() < 1e-12);
@@ -183,7 +184,7 @@ fn a_run_folder_that_cannot_be_written_is_reported_and_training_goes_on() {
     let s = Session::spawn(spec, Arc::new(|| {}));
     s.send(Command::Step(StepKind::Both));
     let msg = until(&s.events, "the report", |e| match e {
-        Event::Log(m) if m.contains("no longer written") => Some(m.clone()),
+        Event::Loop(LoopEvent::Log(m)) if m.contains("no longer written") => Some(m.clone()),
         _ => None,
     });
     assert!(msg.contains("in use"), "{msg}");

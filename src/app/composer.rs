@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use super::GanscopeApp;
+use super::dialogs::{Purpose, path_field, prompt_note};
+use super::{AppCommand, PanelCtx};
 use crate::data::ConditionKind;
 use crate::train::run::caption;
 use crate::train::worker::{Command, SessionInfo};
@@ -193,15 +194,16 @@ fn shape_toggle(
     resp.on_hover_text(name)
 }
 
-impl GanscopeApp {
-    pub(crate) fn composer_ui(&mut self, ui: &mut egui::Ui) {
+/// The conditions panel: the composer owns the condition and the loaded list.
+impl Composer {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
         ui.heading("Conditions");
-        if self.info.is_none() {
+        if ctx.run.info.is_none() {
             ui.label("(waiting for the session)");
             return;
         }
         let mut changed = false;
-        if self.composer.is_iclevr() {
+        if self.is_iclevr() {
             ui.label("Objects (1 to 3):");
             egui::Grid::new("iclevr_grid")
                 .spacing([4.0, 4.0])
@@ -211,8 +213,8 @@ impl GanscopeApp {
                         ui.label(egui::RichText::new(s).small());
                     }
                     ui.end_row();
-                    for r in 0..self.composer.grid.len() {
-                        let (colour, cells) = self.composer.grid[r].clone();
+                    for r in 0..self.grid.len() {
+                        let (colour, cells) = self.grid[r].clone();
                         let rgb = clevr_rgb(&colour).unwrap_or([128, 128, 128]);
                         ui.horizontal(|ui| {
                             let (sw, _) = ui
@@ -227,10 +229,10 @@ impl GanscopeApp {
                         for (s, cell) in cells.iter().enumerate() {
                             match cell {
                                 Some(i) => {
-                                    let on = self.composer.cond[*i] > 0.5;
-                                    let name = self.composer.names[*i].clone();
+                                    let on = self.cond[*i] > 0.5;
+                                    let name = self.names[*i].clone();
                                     if shape_toggle(ui, on, s, rgb, &name).clicked() {
-                                        changed |= self.composer.toggle(*i);
+                                        changed |= self.toggle(*i);
                                     }
                                 }
                                 None => {
@@ -242,32 +244,29 @@ impl GanscopeApp {
                     }
                 });
         } else {
-            match self.composer.kind {
+            match self.kind {
                 Some(ConditionKind::OneHot) => {
                     ui.label("Class:");
-                    for i in 0..self.composer.names.len() {
-                        let on = self.composer.cond[i] > 0.5;
+                    for i in 0..self.names.len() {
+                        let on = self.cond[i] > 0.5;
                         // "3: dress", but "3" rather than "3: 3" for digit classes.
-                        let label = &self.composer.names[i];
+                        let label = &self.names[i];
                         let name = if *label == i.to_string() {
                             label.clone()
                         } else {
                             format!("{i}: {label}")
                         };
                         if ui.radio(on, name).clicked() {
-                            changed |= self.composer.toggle(i);
+                            changed |= self.toggle(i);
                         }
                     }
                 }
                 Some(ConditionKind::MultiHot) => {
                     ui.label("Attributes:");
-                    for i in 0..self.composer.names.len() {
-                        let mut on = self.composer.cond[i] > 0.5;
-                        if ui
-                            .checkbox(&mut on, self.composer.names[i].clone())
-                            .changed()
-                        {
-                            changed |= self.composer.toggle(i);
+                    for i in 0..self.names.len() {
+                        let mut on = self.cond[i] > 0.5;
+                        if ui.checkbox(&mut on, self.names[i].clone()).changed() {
+                            changed |= self.toggle(i);
                         }
                     }
                 }
@@ -276,55 +275,53 @@ impl GanscopeApp {
                 }
             }
         }
-        if let Some(m) = &self.composer.message {
+        if let Some(m) = &self.message {
             ui.colored_label(egui::Color32::from_rgb(230, 140, 40), m);
         }
-        ui.label(format!("Now: {}", self.composer.caption()));
+        ui.label(format!("Now: {}", self.caption()));
         if ui
             .button("Clear")
             .on_hover_text("untick every label (a model may need at least one)")
             .clicked()
         {
-            self.composer.cond.iter_mut().for_each(|v| *v = 0.0);
+            self.cond.iter_mut().for_each(|v| *v = 0.0);
             changed = true;
         }
         ui.separator();
-        self.list_ui(ui, &mut changed);
+        self.list_ui(ui, ctx, &mut changed);
         if changed {
-            self.request_latent(true);
+            ctx.send(AppCommand::RenderLatent { timed: true });
         }
-        ui.separator();
-        self.latent_sliders_ui(ui);
     }
 
-    fn list_ui(&mut self, ui: &mut egui::Ui, changed: &mut bool) {
-        ui.label(if self.composer.is_iclevr() {
+    fn list_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, changed: &mut bool) {
+        ui.label(if self.is_iclevr() {
             "Condition list (test.json / new_test.json):"
         } else {
             "Condition list (.json, one label list per entry):"
         });
         ui.horizontal(|ui| {
-            super::dialogs::path_field(
+            path_field(
                 ui,
-                &mut self.type_path,
-                super::dialogs::Purpose::ConditionList,
-                &mut self.composer.list_path,
+                ctx.prompt,
+                Purpose::ConditionList,
+                &mut self.list_path,
                 "path to a .json list",
                 170.0,
             );
             if ui.button("Load").clicked() {
-                self.load_condition_list();
+                ctx.send(AppCommand::LoadConditionList);
             }
             if ui.button("…").on_hover_text("browse").clicked() {
-                self.ask(
-                    super::dialogs::Purpose::ConditionList,
-                    false,
-                    "Open a condition list",
-                );
+                ctx.send(AppCommand::Ask {
+                    purpose: Purpose::ConditionList,
+                    folder: false,
+                    title: "Open a condition list",
+                });
             }
         });
-        super::dialogs::prompt_note(ui, &self.type_path, super::dialogs::Purpose::ConditionList);
-        let Some(list) = self.composer.list.as_mut() else {
+        prompt_note(ui, ctx.prompt, Purpose::ConditionList);
+        let Some(list) = self.list.as_mut() else {
             return;
         };
         let n = list.items.len();
@@ -340,45 +337,49 @@ impl GanscopeApp {
             }
         });
         if *changed {
-            self.composer.cond = list.items[list.index].clone();
+            self.cond = list.items[list.index].clone();
         }
         if ui
             .button("Put the list on the wall")
             .on_hover_text("the first 16 conditions as wall rows")
             .clicked()
         {
-            let names = self.composer.names.clone();
+            let names = self.names.clone();
             let rows: Vec<(String, Vec<f32>)> = list
                 .items
                 .iter()
                 .take(16)
                 .map(|c| (caption(c, &names), c.clone()))
                 .collect();
-            let cols = self.settings.wall_cols;
-            self.send(Command::SetWall { rows, cols });
+            let cols = ctx.settings.wall_cols;
+            ctx.trainer(Command::SetWall { rows, cols });
         }
     }
 
-    /// Read the list at `composer.list_path` (label-name lists or class names / ids).
-    pub fn load_condition_list(&mut self) {
-        let path = self.composer.list_path.trim().to_string();
-        match read_condition_list(Path::new(&path), &self.composer.names) {
+    /// Read the list at `list_path` (label-name lists or class names / ids); what follows
+    /// (a log line and a new image, or the error) goes to `out`.
+    pub fn load_list(&mut self, out: &mut Vec<AppCommand>) {
+        let path = self.list_path.trim().to_string();
+        match read_condition_list(Path::new(&path), &self.names) {
             Ok(items) if !items.is_empty() => {
                 let name = Path::new(&path)
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_default();
-                self.push_log(format!("loaded {} conditions from {path}", items.len()));
-                self.composer.cond = items[0].clone();
-                self.composer.list = Some(ConditionList {
+                out.push(AppCommand::Log(format!(
+                    "loaded {} conditions from {path}",
+                    items.len()
+                )));
+                self.cond = items[0].clone();
+                self.list = Some(ConditionList {
                     name,
                     items,
                     index: 0,
                 });
-                self.request_latent(true);
+                out.push(AppCommand::RenderLatent { timed: true });
             }
-            Ok(_) => self.error = Some(format!("{path}: the list is empty")),
-            Err(e) => self.error = Some(e.to_string()),
+            Ok(_) => out.push(AppCommand::Error(format!("{path}: the list is empty"))),
+            Err(e) => out.push(AppCommand::Error(e.to_string())),
         }
     }
 }

@@ -5,12 +5,13 @@
 
 use egui_plot::{Bar, BarChart, Legend, Plot};
 
-use super::GanscopeApp;
 use super::latent::texture_of;
+use super::{Composer, PanelCtx};
 use crate::images::Images;
 
+/// The diagnostics panel: the textures of the latest check's images (rebuilt once per check).
 #[derive(Default)]
-pub struct DiagTextures {
+pub struct DiagnosticsPanel {
     step: Option<u64>,
     ndb: Vec<egui::TextureHandle>,
     gen_pairs: Vec<egui::TextureHandle>,
@@ -37,24 +38,25 @@ fn heat_colour(v: f64) -> egui::Color32 {
     egui::Color32::from_rgb((r * 200.0) as u8, (g * 180.0) as u8, 40)
 }
 
-impl GanscopeApp {
-    pub(crate) fn diagnostics_ui(&mut self, ui: &mut egui::Ui) {
+impl DiagnosticsPanel {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, composer: &Composer) {
+        let run = ctx.run;
         egui::ScrollArea::vertical().show(ui, |ui| {
             ui.heading("Alarms");
-            if self.alarms.is_empty() {
+            if run.alarms.is_empty() {
                 ui.label("None so far.");
             }
-            for a in self.alarms.iter().rev().take(8) {
+            for a in run.alarms.iter().rev().take(8) {
                 ui.colored_label(
                     egui::Color32::from_rgb(230, 90, 60),
                     a.message.clone(),
                 );
             }
             ui.separator();
-            let Some(check) = self.last_check.clone() else {
-                match self.info.as_ref().and_then(|i| i.diagnostics_off.clone()) {
+            let Some(check) = run.last_check.clone() else {
+                match run.info.as_ref().and_then(|i| i.diagnostics_off.clone()) {
                     Some(why) => ui.label(format!("Diagnostics: {why}")),
-                    None => ui.label(match self.history.last().and_then(|h| h.next_check) {
+                    None => ui.label(match run.history.last().and_then(|h| h.next_check) {
                         Some(s) => format!(
                             "No check yet: the next one is expected at step {s} (checks are \
                              spaced so that they take at most their share of the time)."
@@ -64,13 +66,13 @@ impl GanscopeApp {
                 };
                 return;
             };
-            if self.diag_textures.step != Some(check.step) {
-                let ctx = ui.ctx().clone();
-                self.diag_textures = DiagTextures {
+            if self.step != Some(check.step) {
+                let egui_ctx = ui.ctx().clone();
+                *self = DiagnosticsPanel {
                     step: Some(check.step),
-                    ndb: textures(&ctx, "ndb", &check.gallery.ndb_centres),
-                    gen_pairs: textures(&ctx, "gpair", &check.gallery.closest_generated),
-                    real_pairs: textures(&ctx, "rpair", &check.gallery.closest_real),
+                    ndb: textures(&egui_ctx, "ndb", &check.gallery.ndb_centres),
+                    gen_pairs: textures(&egui_ctx, "gpair", &check.gallery.closest_generated),
+                    real_pairs: textures(&egui_ctx, "rpair", &check.gallery.closest_real),
                 };
             }
             let r = &check.report;
@@ -78,7 +80,7 @@ impl GanscopeApp {
                 "Check at step {} ({} generated vs {} real, {:.2} s)",
                 check.step, r.n_generated, r.n_real_reference, check.seconds
             ));
-            let next = match self.history.last().and_then(|h| h.next_check) {
+            let next = match run.history.last().and_then(|h| h.next_check) {
                 Some(s) => format!("expected at step {s}"),
                 None => "off".to_string(),
             };
@@ -90,7 +92,7 @@ impl GanscopeApp {
                 check.train_seconds,
                 check.next_after_train_seconds,
                 // The running session's interval (the setting applies from the next Start).
-                self.info.as_ref().map_or(0, |i| i.cfg.monitor.every)
+                run.info.as_ref().map_or(0, |i| i.cfg.monitor.every)
             ));
             egui::Grid::new("diag_numbers").striped(true).show(ui, |ui| {
                 ui.label("measure");
@@ -158,15 +160,15 @@ impl GanscopeApp {
             if let Some(h) = &r.label_hits {
                 ui.separator();
                 ui.label("Per-label hit rate (red = the generator fails this label)");
-                let names = self.composer.names.clone();
-                if self.composer.is_iclevr() {
+                let names = composer.names.clone();
+                if composer.is_iclevr() {
                     egui::Grid::new("hits_grid").show(ui, |ui| {
                         ui.label("");
                         for s in ["cube", "sphere", "cylinder"] {
                             ui.label(s);
                         }
                         ui.end_row();
-                        for (colour, cells) in &self.composer.grid {
+                        for (colour, cells) in &composer.grid {
                             ui.label(colour);
                             for cell in cells {
                                 let v = cell.and_then(|i| h.rate.get(i).copied().flatten());
@@ -271,11 +273,11 @@ impl GanscopeApp {
                 .height(150.0)
                 .show(ui, |p| p.bar_chart(BarChart::new("generated - real share", bars)));
             let sig: Vec<usize> = (0..r.ndb.k).filter(|i| r.ndb.significant[*i]).collect();
-            if !sig.is_empty() && !self.diag_textures.ndb.is_empty() {
+            if !sig.is_empty() && !self.ndb.is_empty() {
                 ui.label("Centres of the significant bins (nearest real image), with generated - real share:");
                 ui.horizontal_wrapped(|ui| {
                     for i in sig.iter().take(24) {
-                        if let Some(t) = self.diag_textures.ndb.get(*i) {
+                        if let Some(t) = self.ndb.get(*i) {
                             ui.vertical(|ui| {
                                 ui.add(egui::Image::new((t.id(), egui::vec2(48.0, 48.0))));
                                 let d = r.ndb.generated_proportions[*i] - r.ndb.real_proportions[*i];
@@ -295,7 +297,7 @@ impl GanscopeApp {
             for d in flagged.iter().take(10) {
                 let name = d
                     .condition
-                    .and_then(|c| self.composer.names.get(c as usize).cloned())
+                    .and_then(|c| composer.names.get(c as usize).cloned())
                     .unwrap_or_else(|| "all".into());
                 ui.colored_label(
                     egui::Color32::from_rgb(230, 90, 60),
@@ -310,8 +312,8 @@ impl GanscopeApp {
             ui.separator();
             ui.label("Closest pairs (birthday-paradox test): generated, then real for reference");
             for (what, tex, pairs) in [
-                ("generated", &self.diag_textures.gen_pairs, &r.closest_generated),
-                ("real", &self.diag_textures.real_pairs, &r.closest_real),
+                ("generated", &self.gen_pairs, &r.closest_generated),
+                ("real", &self.real_pairs, &r.closest_real),
             ] {
                 ui.horizontal_wrapped(|ui| {
                     ui.label(what);

@@ -6,8 +6,6 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver};
 
-use super::GanscopeApp;
-
 /// What a pending dialog's answer is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -122,60 +120,5 @@ impl Dialogs for NoDialogs {
 
     fn pick_file(&self, _: &str) -> Receiver<Option<PathBuf>> {
         self.pick_folder("")
-    }
-}
-
-impl GanscopeApp {
-    pub(crate) fn ask(&mut self, purpose: Purpose, folder: bool, title: &str) {
-        let rx = if folder {
-            self.dialogs.pick_folder(title)
-        } else {
-            self.dialogs.pick_file(title)
-        };
-        self.pending_dialog = Some((purpose, rx));
-    }
-
-    /// Apply a dialog's answer when it arrives.
-    pub(crate) fn poll_dialog(&mut self) {
-        let Some((purpose, rx)) = &self.pending_dialog else {
-            return;
-        };
-        let purpose = *purpose;
-        let answer = match rx.try_recv() {
-            Ok(a) => a,
-            Err(mpsc::TryRecvError::Empty) => return,
-            Err(mpsc::TryRecvError::Disconnected) => None,
-        };
-        self.pending_dialog = None;
-        let Some(path) = answer else {
-            self.push_log(
-                "no path chosen (cancelled, or no file dialog available here: type the path \
-                 into the field instead)"
-                    .into(),
-            );
-            // The field for this path takes the focus and says what to do.
-            self.type_path = Some(PathPrompt {
-                purpose,
-                focused: false,
-            });
-            return;
-        };
-        let text = path.display().to_string();
-        match purpose {
-            Purpose::OpenDataset => self.open_dataset(&path),
-            Purpose::OpenCheckpoint => {
-                self.settings.checkpoint_path = text;
-                self.start_session(Some(path), false);
-            }
-            Purpose::SaveCheckpoint => {
-                self.settings.checkpoint_path = text;
-                self.send(crate::train::worker::Command::Save(path));
-            }
-            Purpose::ExportFolder => self.settings.export_path = text,
-            Purpose::ConditionList => {
-                self.composer.list_path = text;
-                self.load_condition_list();
-            }
-        }
     }
 }

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use super::GanscopeApp;
 use super::dialogs::{Purpose, path_field, prompt_note};
+use super::latent::InterpState;
+use super::{AppCommand, Composer, PanelCtx, RunView, Settings};
 use crate::error::{Error, Result};
 use crate::export::gif::save_gif_with_progress;
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
@@ -232,59 +233,76 @@ impl Exporter {
     }
 }
 
-impl GanscopeApp {
-    pub(crate) fn export_ui(&mut self, ui: &mut egui::Ui) {
+/// The export panel: its export thread and the last message (written file or error).
+pub struct ExportPanel {
+    /// Writes exports in its own thread.
+    pub exporter: Exporter,
+    pub message: Option<String>,
+}
+
+impl ExportPanel {
+    pub fn spawn(wake: Waker) -> Self {
+        Self {
+            exporter: Exporter::spawn(wake),
+            message: None,
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, composer: &Composer) {
         ui.heading("Export");
         ui.horizontal(|ui| {
             ui.label("Folder");
             path_field(
                 ui,
-                &mut self.type_path,
+                ctx.prompt,
                 Purpose::ExportFolder,
-                &mut self.settings.export_path,
+                &mut ctx.settings.export_path,
                 "a folder",
                 140.0,
             );
             if ui.button("…").clicked() {
-                self.ask(Purpose::ExportFolder, true, "Export folder");
+                ctx.send(AppCommand::Ask {
+                    purpose: Purpose::ExportFolder,
+                    folder: true,
+                    title: "Export folder",
+                });
             }
             if ui
                 .button("Reveal")
                 .on_hover_text("show the export folder in the file manager")
                 .clicked()
             {
-                let dir = std::path::absolute(self.settings.export_path.trim())
-                    .unwrap_or_else(|_| PathBuf::from(self.settings.export_path.trim()));
+                let dir = std::path::absolute(ctx.settings.export_path.trim())
+                    .unwrap_or_else(|_| PathBuf::from(ctx.settings.export_path.trim()));
                 if let Err(e) = super::dialogs::reveal(&dir) {
-                    self.push_log(e);
+                    ctx.log(e);
                 }
             }
         });
-        prompt_note(ui, &self.type_path, Purpose::ExportFolder);
+        prompt_note(ui, ctx.prompt, Purpose::ExportFolder);
         ui.horizontal(|ui| {
             ui.label("Scale");
-            ui.add(egui::DragValue::new(&mut self.settings.export_scale).range(1..=8));
+            ui.add(egui::DragValue::new(&mut ctx.settings.export_scale).range(1..=8));
             ui.label("GIF stride");
-            ui.add(egui::DragValue::new(&mut self.settings.gif_stride).range(1..=50))
+            ui.add(egui::DragValue::new(&mut ctx.settings.gif_stride).range(1..=50))
                 .on_hover_text("the history GIF uses every n-th kept wall frame (and the newest)");
         });
         let idle = !self.exporter.is_busy();
+        let mut submitted = None;
         if ui
             .add_enabled(idle, egui::Button::new("Wall as PNG"))
             .clicked()
         {
-            let r = self.export_wall_png();
-            self.report_submit(r);
+            submitted = Some(self.wall_png(ctx.run, ctx.settings));
         }
         if ui
             .add_enabled(idle, egui::Button::new("Wall history as GIF"))
             .on_hover_text("the kept wall frames, each titled with its step")
             .clicked()
         {
-            let r = self.export_history_gif();
-            self.report_submit(r);
+            submitted = Some(self.history_gif(ctx.run, ctx.settings));
         }
-        let has_list = self.composer.list.is_some();
+        let has_list = composer.list.is_some();
         if ui
             .add_enabled(
                 idle && has_list,
@@ -293,8 +311,10 @@ impl GanscopeApp {
             .on_hover_text("every condition of the loaded list (rows) x the wall's seeds")
             .clicked()
         {
-            let r = self.export_list_sheet();
-            self.report_submit(r);
+            submitted = Some(self.list_sheet(composer, ctx.run, ctx.settings));
+        }
+        if let Some(m) = submitted.and_then(|r| self.report_submit(r)) {
+            ctx.log(m);
         }
         if let Some((what, done, total)) = self.exporter.busy {
             ui.add(
@@ -302,13 +322,14 @@ impl GanscopeApp {
                     .text(format!("writing the {what}…")),
             );
         }
-        if let Some(m) = &self.export_message {
+        if let Some(m) = &self.message {
             ui.label(m);
         }
     }
 
-    /// Take in finished exports (called every frame).
-    pub(crate) fn poll_exports(&mut self) {
+    /// Take in finished exports (called every frame); returns the log lines.
+    pub fn poll(&mut self) -> Vec<String> {
+        let mut lines = vec![];
         for r in self.exporter.poll() {
             let m = match r {
                 Ok(p) => {
@@ -317,85 +338,86 @@ impl GanscopeApp {
                 }
                 Err(e) => format!("export failed: {e}"),
             };
-            self.push_log(m.clone());
-            self.export_message = Some(m);
+            self.message = Some(m.clone());
+            lines.push(m);
         }
+        lines
     }
 
-    fn report_submit(&mut self, r: Result<()>) {
-        if let Err(e) = r {
-            let m = format!("export failed: {e}");
-            self.push_log(m.clone());
-            self.export_message = Some(m);
-        }
+    /// A job that could not be submitted: the message (also for the log), if any.
+    pub fn report_submit(&mut self, r: Result<()>) -> Option<String> {
+        let e = r.err()?;
+        let m = format!("export failed: {e}");
+        self.message = Some(m.clone());
+        Some(m)
     }
 
-    fn export_file(&self, stem: &str, ext: &str) -> PathBuf {
-        let step = self.shown_frame().map_or(0, |f| f.step);
-        let preset = self
-            .info
-            .as_ref()
-            .map_or("run".to_string(), |i| i.cfg.preset.clone());
-        Path::new(self.settings.export_path.trim())
-            .join(format!("{preset}-{stem}-step{step:06}.{ext}"))
+    fn export_file(run: &RunView, settings: &Settings, stem: &str, ext: &str) -> PathBuf {
+        let step = run.shown_frame().map_or(0, |f| f.step);
+        Path::new(settings.export_path.trim())
+            .join(format!("{}-{stem}-step{step:06}.{ext}", run.preset()))
     }
 
     /// The wall frame on screen as a PNG sheet (written by the export thread).
-    pub fn export_wall_png(&mut self) -> Result<()> {
-        let frame = self
+    pub fn wall_png(&mut self, run: &RunView, settings: &Settings) -> Result<()> {
+        let frame = run
             .shown_frame()
             .cloned()
             .ok_or_else(|| Error::Msg("no wall frame yet".into()))?;
         let job = ExportJob::WallPng {
             frame,
-            scale: self.settings.export_scale.max(1),
-            path: self.export_file("wall", "png"),
+            scale: settings.export_scale.max(1),
+            path: Self::export_file(run, settings, "wall", "png"),
         };
         self.exporter.submit(job)
     }
 
     /// Every `gif_stride`-th kept frame of the wall (and the newest) as an animated GIF.
-    pub fn export_history_gif(&mut self) -> Result<()> {
-        let Some(last) = self.frames.back().cloned() else {
+    pub fn history_gif(&mut self, run: &RunView, settings: &Settings) -> Result<()> {
+        let Some(last) = run.frames.back().cloned() else {
             return Err(Error::Msg("no wall frames yet".into()));
         };
         // Frames of one wall layout only (the newest one's).
-        let same: Vec<Arc<WallFrame>> = self
+        let same: Vec<Arc<WallFrame>> = run
             .frames
             .iter()
             .filter(|f| f.rows == last.rows && f.cols == last.cols)
             .cloned()
             .collect();
-        let stride = self.settings.gif_stride.max(1);
+        let stride = settings.gif_stride.max(1);
         let mut frames: Vec<Arc<WallFrame>> = same.iter().step_by(stride).cloned().collect();
         if frames.last().is_none_or(|f| f.step != last.step) {
             frames.push(last);
         }
         let job = ExportJob::HistoryGif {
             frames,
-            scale: self.settings.export_scale.max(1),
+            scale: settings.export_scale.max(1),
             delay_ms: 150,
-            path: self.export_file("history", "gif"),
+            path: Self::export_file(run, settings, "history", "gif"),
         };
         self.exporter.submit(job)
     }
 
-    /// The loaded condition list (rows) x the wall's noise seeds (columns).
-    pub fn export_list_sheet(&mut self) -> Result<()> {
-        let list = self
-            .composer
+    /// The composer's loaded condition list (rows) x the wall's noise seeds (columns).
+    pub fn list_sheet(
+        &mut self,
+        composer: &Composer,
+        run: &RunView,
+        settings: &Settings,
+    ) -> Result<()> {
+        let list = composer
             .list
             .clone()
             .ok_or_else(|| Error::Msg("no condition list loaded".into()))?;
-        let weights = self
+        let weights = run
             .last_weights
             .clone()
             .ok_or_else(|| Error::Msg("no generator weights yet".into()))?;
-        let cols = self.settings.wall_cols.max(1);
+        let cols = settings.wall_cols.max(1);
         let captions = list
             .items
             .iter()
-            .map(|c| caption(c, &self.composer.names))
+            .map(|c| caption(c, &composer.names))
             .collect();
         let stem = format!("{}-x{cols}", list.name.trim_end_matches(".json"));
         let job = ExportJob::ListSheet {
@@ -403,35 +425,38 @@ impl GanscopeApp {
             items: list.items,
             captions,
             cols,
-            scale: self.settings.export_scale.max(1),
-            path: self.export_file(&stem, "png"),
+            scale: settings.export_scale.max(1),
+            path: Self::export_file(run, settings, &stem, "png"),
         };
         self.exporter.submit(job)
     }
 
-    pub(crate) fn export_interp(&mut self, gif: bool) {
-        let r = (|| -> Result<()> {
-            let strip: Images = self
-                .interp
-                .strip
-                .clone()
-                .ok_or_else(|| Error::Msg("no interpolation rendered yet".into()))?;
-            let title = format!(
-                "A: {}  ->  B: {}",
-                or_none(&self.interp.a.caption),
-                or_none(&self.interp.b.caption)
-            );
-            let ext = if gif { "gif" } else { "png" };
-            let job = ExportJob::Interpolation {
-                strip,
-                title,
-                gif,
-                scale: self.settings.export_scale.max(1),
-                path: self.export_file("interpolation", ext),
-            };
-            self.exporter.submit(job)
-        })();
-        self.report_submit(r);
+    /// The interpolation strip as a PNG row or a GIF.
+    pub fn interpolation(
+        &mut self,
+        interp: &InterpState,
+        gif: bool,
+        run: &RunView,
+        settings: &Settings,
+    ) -> Result<()> {
+        let strip: Images = interp
+            .strip
+            .clone()
+            .ok_or_else(|| Error::Msg("no interpolation rendered yet".into()))?;
+        let title = format!(
+            "A: {}  ->  B: {}",
+            or_none(&interp.a.caption),
+            or_none(&interp.b.caption)
+        );
+        let ext = if gif { "gif" } else { "png" };
+        let job = ExportJob::Interpolation {
+            strip,
+            title,
+            gif,
+            scale: settings.export_scale.max(1),
+            path: Self::export_file(run, settings, "interpolation", ext),
+        };
+        self.exporter.submit(job)
     }
 }
 

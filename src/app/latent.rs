@@ -2,15 +2,16 @@
 //! copy / paste of the latent as JSON, and the interpolation view (A -> B in latent and
 //! condition, lerp or slerp, shown as a strip and animated, exported as PNG and GIF).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
 use std::time::Instant;
 
-use super::{Composer, GanscopeApp, Timings};
+use super::{AppCommand, Composer, PanelCtx};
 use crate::explore::{LatentSpec, interpolate, latent_directions, lerp_at};
 use crate::images::Images;
 use crate::model::latent;
-use crate::train::worker::Rendered;
+use crate::train::worker::{GeneratorWeights, Rendered, Waker};
 
 /// Principal directions (unit vectors, explained share), or why they failed.
 pub type DirectionsResult = Result<Vec<(Vec<f32>, f64)>, String>;
@@ -20,8 +21,11 @@ pub const SLIDERS: usize = 8;
 /// Principal directions offered.
 pub const DIRECTIONS: usize = 6;
 
+/// The latent panel: the sliders (in the conditions panel) and the Explore tab (the image,
+/// then the interpolation strip). It owns the latent, the principal directions (found by a
+/// named worker thread), the rendered images and the slider's latency.
 #[derive(Default)]
-pub struct LatentState {
+pub struct LatentPanel {
     pub seed: u64,
     /// The base latent (from the seed, or pasted).
     pub base: Vec<f32>,
@@ -38,11 +42,18 @@ pub struct LatentState {
     /// Request id -> when it was sent (for the slider -> image latency).
     pub pending: HashMap<u64, Instant>,
     pub shown_latency: Option<(Instant, f64)>,
+    /// Slider moved -> image on screen (ms), the last 20.
+    pub slider_to_image_ms: VecDeque<f64>,
+    /// The generator's forward pass for the last image (ms).
+    pub forward_ms: Option<f64>,
     pub paste: String,
+    pub interp: InterpState,
 }
 
-impl LatentState {
-    pub fn reset(&mut self, z_dim: usize) {
+impl LatentPanel {
+    /// A new session with latents of `z_dim`; the interpolation starts at the image on
+    /// screen.
+    pub fn reset(&mut self, z_dim: usize, composer: &Composer) {
         if self.base.len() != z_dim {
             self.base = latent(z_dim, self.seed);
         }
@@ -50,6 +61,9 @@ impl LatentState {
         self.directions.clear();
         self.coeffs.clear();
         self.image = None;
+        let (a, b) = InterpState::ends(self, composer);
+        (self.interp.a, self.interp.b) = (a, b);
+        self.interp.strip = None;
     }
 
     pub fn set_seed(&mut self, seed: u64) {
@@ -75,7 +89,7 @@ impl LatentState {
         z
     }
 
-    pub fn on_rendered(&mut self, r: Rendered, interp: &mut InterpState, t: &mut Timings) {
+    pub fn on_rendered(&mut self, r: Rendered) {
         match r.slot {
             "latent" => {
                 if let Some(sent) = self.pending.remove(&r.id) {
@@ -83,16 +97,100 @@ impl LatentState {
                     self.pending.retain(|id, _| *id > r.id);
                     self.shown_latency = Some((sent, r.seconds * 1e3));
                 }
-                t.forward_ms = Some(r.seconds * 1e3);
+                self.forward_ms = Some(r.seconds * 1e3);
                 self.image = Some(r.images);
                 self.image_step = r.step;
                 self.texture_dirty = true;
             }
             "interp" => {
-                interp.strip = Some(r.images);
-                interp.strip_dirty = true;
+                self.interp.strip = Some(r.images);
+                self.interp.strip_dirty = true;
             }
             _ => {}
+        }
+    }
+
+    /// The image on screen as an interpolation end.
+    pub fn endpoint(&self, composer: &Composer) -> Endpoint {
+        Endpoint {
+            z: self.current_z(),
+            c: composer.cond.clone(),
+            caption: composer.caption(),
+        }
+    }
+
+    /// The latent on screen as JSON-able data (`ganscope sample --latent FILE`).
+    pub fn spec(&self, preset: String, composer: &Composer) -> LatentSpec {
+        LatentSpec {
+            preset,
+            step: self.image_step,
+            z: self.current_z(),
+            condition: composer.cond.clone(),
+            labels: composer
+                .caption()
+                .split(", ")
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        }
+    }
+
+    /// Take a pasted latent (z and the composer's condition), or say why it does not fit.
+    pub fn apply(&mut self, s: LatentSpec, composer: &mut Composer) -> Result<(), String> {
+        let zd = self.base.len();
+        if s.z.len() != zd || s.condition.len() != composer.cond.len() {
+            return Err(format!(
+                "pasted latent: {} values and {} labels, this model has {zd} and {}",
+                s.z.len(),
+                s.condition.len(),
+                composer.cond.len()
+            ));
+        }
+        self.base = s.z;
+        self.dims = self.base.iter().take(SLIDERS).copied().collect();
+        self.coeffs.iter_mut().for_each(|c| *c = 0.0);
+        composer.cond = s.condition;
+        Ok(())
+    }
+
+    /// Principal directions of `weights` for condition `c`, in a named worker thread (the
+    /// result arrives through [`Self::poll_directions`]; `wake` repaints the UI).
+    pub fn find_directions(&mut self, weights: Arc<GeneratorWeights>, c: Vec<f32>, wake: Waker) {
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("ganscope-directions".into())
+            .spawn(move || {
+                let res = weights
+                    .build()
+                    .and_then(|g| latent_directions(&g, &c, 256, DIRECTIONS, 7))
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(res);
+                wake();
+            });
+        if spawned.is_ok() {
+            self.directions_rx = Some(rx);
+        }
+    }
+
+    /// Take in finished directions; returns the error of a failed search.
+    pub fn poll_directions(&mut self) -> Option<String> {
+        let rx = self.directions_rx.as_ref()?;
+        match rx.try_recv() {
+            Ok(Ok(d)) => {
+                self.coeffs = vec![0.0; d.len()];
+                self.directions = d;
+                self.directions_rx = None;
+                None
+            }
+            Ok(Err(e)) => {
+                self.directions_rx = None;
+                Some(e)
+            }
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                self.directions_rx = None;
+                None
+            }
         }
     }
 }
@@ -117,19 +215,15 @@ pub struct InterpState {
 }
 
 impl InterpState {
-    /// A = the explorer's latent and condition; B = seed 1 with the same condition.
-    pub fn reset(&mut self, l: &LatentState, c: &Composer) {
-        self.a = Endpoint {
-            z: l.current_z(),
-            c: c.cond.clone(),
-            caption: c.caption(),
-        };
-        self.b = Endpoint {
+    /// The first ends: A = the explorer's latent and condition; B = the next seed with the
+    /// same condition.
+    pub fn ends(l: &LatentPanel, c: &Composer) -> (Endpoint, Endpoint) {
+        let a = l.endpoint(c);
+        let b = Endpoint {
             z: latent(l.base.len(), l.seed.wrapping_add(1)),
-            c: c.cond.clone(),
-            caption: c.caption(),
+            ..a.clone()
         };
-        self.strip = None;
+        (a, b)
     }
 
     /// Latents (lerp or slerp) and conditions (always lerp) of the `n` steps.
@@ -155,41 +249,40 @@ pub fn texture_of(
     Some(ctx.load_texture(name, img, egui::TextureOptions::NEAREST))
 }
 
-impl GanscopeApp {
+impl LatentPanel {
     /// Sliders in the conditions panel (they drive the Explore tab's image).
-    pub(crate) fn latent_sliders_ui(&mut self, ui: &mut egui::Ui) {
+    pub fn sliders_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, composer: &Composer) {
         ui.heading("Latent");
-        if self.info.is_none() {
+        let Some(info) = &ctx.run.info else {
             return;
-        }
+        };
+        let preset = info.cfg.preset.clone();
         let mut changed = false;
         ui.horizontal(|ui| {
             ui.label("Seed");
-            let mut seed = self.latent.seed;
+            let mut seed = self.seed;
             if ui.add(egui::DragValue::new(&mut seed)).changed() {
-                self.latent.set_seed(seed);
+                self.set_seed(seed);
                 changed = true;
             }
             if ui.button("Randomise").clicked() {
                 let s = (Instant::now().elapsed().as_nanos() as u64)
                     ^ self
-                        .latent
                         .seed
                         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                         .wrapping_add(1);
-                self.latent.set_seed(s % 1_000_000);
+                self.set_seed(s % 1_000_000);
                 changed = true;
             }
             if ui.button("Reset").clicked() {
-                let s = self.latent.seed;
-                self.latent.set_seed(s);
+                let s = self.seed;
+                self.set_seed(s);
                 changed = true;
             }
         });
-        for i in 0..self.latent.dims.len() {
-            let r = ui.add(
-                egui::Slider::new(&mut self.latent.dims[i], -3.0..=3.0).text(format!("z[{i}]")),
-            );
+        for i in 0..self.dims.len() {
+            let r =
+                ui.add(egui::Slider::new(&mut self.dims[i], -3.0..=3.0).text(format!("z[{i}]")));
             changed |= r.changed();
         }
         ui.horizontal(|ui| {
@@ -199,21 +292,19 @@ impl GanscopeApp {
                 .on_hover_text("interpolation start")
                 .clicked()
             {
-                self.interp.a = self.endpoint();
-                self.request_interp();
+                ctx.send(AppCommand::SetEndpoint { b: false });
             }
             if ui
                 .button("Set B")
                 .on_hover_text("interpolation end")
                 .clicked()
             {
-                self.interp.b = self.endpoint();
-                self.request_interp();
+                ctx.send(AppCommand::SetEndpoint { b: true });
             }
         });
         ui.horizontal(|ui| {
             ui.label("Principal directions");
-            let busy = self.latent.directions_rx.is_some();
+            let busy = self.directions_rx.is_some();
             if ui
                 .add_enabled(!busy, egui::Button::new("Find"))
                 .on_hover_text(
@@ -222,17 +313,16 @@ impl GanscopeApp {
                 )
                 .clicked()
             {
-                self.find_directions();
+                ctx.send(AppCommand::FindDirections);
             }
             if busy {
                 ui.spinner();
             }
         });
-        self.poll_directions();
-        for i in 0..self.latent.directions.len() {
-            let share = self.latent.directions[i].1;
+        for i in 0..self.directions.len() {
+            let share = self.directions[i].1;
             let r = ui.add(
-                egui::Slider::new(&mut self.latent.coeffs[i], -6.0..=6.0).text(format!(
+                egui::Slider::new(&mut self.coeffs[i], -6.0..=6.0).text(format!(
                     "PC{} ({:.0}%)",
                     i + 1,
                     share * 100.0
@@ -246,151 +336,62 @@ impl GanscopeApp {
                 .on_hover_text("JSON for `ganscope sample --latent FILE`")
                 .clicked()
             {
-                let spec = self.latent_spec();
-                ui.ctx().copy_text(spec.to_json());
-                self.push_log("latent copied to the clipboard as JSON".into());
+                ui.ctx()
+                    .copy_text(self.spec(preset.clone(), composer).to_json());
+                ctx.log("latent copied to the clipboard as JSON");
             }
             if ui
                 .button("Paste")
                 .on_hover_text("apply the JSON in the box below")
                 .clicked()
             {
-                match LatentSpec::from_json(&self.latent.paste, "pasted latent") {
-                    Ok(s) => self.apply_latent(s),
-                    Err(e) => self.error = Some(e.to_string()),
+                match LatentSpec::from_json(&self.paste, "pasted latent") {
+                    Ok(s) => ctx.send(AppCommand::ApplyLatent(s)),
+                    Err(e) => ctx.send(AppCommand::Error(e.to_string())),
                 }
-                changed = true;
             }
         });
         ui.add(
-            egui::TextEdit::multiline(&mut self.latent.paste)
+            egui::TextEdit::multiline(&mut self.paste)
                 .hint_text("paste latent JSON here")
                 .desired_rows(2)
                 .desired_width(f32::INFINITY),
         );
         if changed {
-            self.request_latent(true);
-        }
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        Endpoint {
-            z: self.latent.current_z(),
-            c: self.composer.cond.clone(),
-            caption: self.composer.caption(),
-        }
-    }
-
-    pub fn latent_spec(&self) -> LatentSpec {
-        LatentSpec {
-            preset: self
-                .info
-                .as_ref()
-                .map(|i| i.cfg.preset.clone())
-                .unwrap_or_default(),
-            step: self.latent.image_step,
-            z: self.latent.current_z(),
-            condition: self.composer.cond.clone(),
-            labels: self
-                .composer
-                .caption()
-                .split(", ")
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect(),
-        }
-    }
-
-    pub fn apply_latent(&mut self, s: LatentSpec) {
-        let zd = self.latent.base.len();
-        if s.z.len() != zd || s.condition.len() != self.composer.cond.len() {
-            self.error = Some(format!(
-                "pasted latent: {} values and {} labels, this model has {zd} and {}",
-                s.z.len(),
-                s.condition.len(),
-                self.composer.cond.len()
-            ));
-            return;
-        }
-        self.latent.base = s.z;
-        self.latent.dims = self.latent.base.iter().take(SLIDERS).copied().collect();
-        self.latent.coeffs.iter_mut().for_each(|c| *c = 0.0);
-        self.composer.cond = s.condition;
-    }
-
-    fn find_directions(&mut self) {
-        let Some(w) = self.last_weights.clone() else {
-            self.push_log("no generator weights yet".into());
-            return;
-        };
-        let c = self.composer.cond.clone();
-        let (tx, rx) = mpsc::channel();
-        let ctx_wake = self.wake.clone();
-        std::thread::spawn(move || {
-            let res = w
-                .build()
-                .and_then(|g| latent_directions(&g, &c, 256, DIRECTIONS, 7))
-                .map_err(|e| e.to_string());
-            let _ = tx.send(res);
-            ctx_wake();
-        });
-        self.latent.directions_rx = Some(rx);
-    }
-
-    fn poll_directions(&mut self) {
-        let Some(rx) = &self.latent.directions_rx else {
-            return;
-        };
-        match rx.try_recv() {
-            Ok(Ok(d)) => {
-                self.latent.coeffs = vec![0.0; d.len()];
-                self.latent.directions = d;
-                self.latent.directions_rx = None;
-            }
-            Ok(Err(e)) => {
-                self.error = Some(format!("principal directions: {e}"));
-                self.latent.directions_rx = None;
-            }
-            Err(mpsc::TryRecvError::Empty) => {}
-            Err(mpsc::TryRecvError::Disconnected) => self.latent.directions_rx = None,
+            ctx.send(AppCommand::RenderLatent { timed: true });
         }
     }
 
     /// The Explore tab: the latent image, then the interpolation strip.
-    pub(crate) fn explore_ui(&mut self, ui: &mut egui::Ui) {
-        if self.latent.texture_dirty {
-            self.latent.texture_dirty = false;
-            if let Some(im) = &self.latent.image {
-                self.latent.texture = texture_of(ui.ctx(), "latent", im, 0);
+    pub fn explore_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, composer: &Composer) {
+        if self.texture_dirty {
+            self.texture_dirty = false;
+            if let Some(im) = &self.image {
+                self.texture = texture_of(ui.ctx(), "latent", im, 0);
             }
-            if let Some((sent, fwd)) = self.latent.shown_latency.take() {
+            if let Some((sent, fwd)) = self.shown_latency.take() {
                 let ms = sent.elapsed().as_secs_f64() * 1e3;
-                let t = &mut self.timings.slider_to_image_ms;
+                let t = &mut self.slider_to_image_ms;
                 if t.len() >= 20 {
                     t.pop_front();
                 }
                 t.push_back(ms);
-                self.timings.forward_ms = Some(fwd);
+                self.forward_ms = Some(fwd);
             }
         }
         ui.horizontal(|ui| {
             ui.label("Zoom");
-            ui.add(egui::DragValue::new(&mut self.settings.latent_zoom).range(1..=12));
-            if let Some(ms) = self
-                .timings
-                .slider_to_image_ms
-                .back()
-                .filter(|_| self.show_timings)
-            {
+            ui.add(egui::DragValue::new(&mut ctx.settings.latent_zoom).range(1..=12));
+            if let Some(ms) = self.slider_to_image_ms.back().filter(|_| ctx.show_timings) {
                 ui.label(format!(
                     "slider->image {ms:.1} ms (G forward {:.1} ms)",
-                    self.timings.forward_ms.unwrap_or(0.0)
+                    self.forward_ms.unwrap_or(0.0)
                 ));
             }
         });
         ui.horizontal(|ui| {
-            if let (Some(t), Some(im)) = (&self.latent.texture, &self.latent.image) {
-                let z = self.settings.latent_zoom.max(1) as f32;
+            if let (Some(t), Some(im)) = (&self.texture, &self.image) {
+                let z = ctx.settings.latent_zoom.max(1) as f32;
                 let size = egui::vec2(im.width as f32 * z, im.height as f32 * z);
                 ui.add(egui::Image::new((t.id(), size))).on_hover_text(
                     "the explorer image (latent sliders and conditions on the right)",
@@ -399,69 +400,70 @@ impl GanscopeApp {
                 ui.label("(no image yet)");
             }
             ui.vertical(|ui| {
-                ui.label(format!("Condition: {}", self.composer.caption()));
-                ui.label(format!("Weights of step {}", self.latent.image_step));
+                ui.label(format!("Condition: {}", composer.caption()));
+                ui.label(format!("Weights of step {}", self.image_step));
             });
         });
         ui.separator();
-        self.interp_ui(ui);
+        self.interp_ui(ui, ctx);
     }
 
-    fn interp_ui(&mut self, ui: &mut egui::Ui) {
+    fn interp_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
+        let interp = &mut self.interp;
         ui.heading("Interpolation");
         ui.label(format!(
             "A: {}   ->   B: {}",
-            self.interp.a.caption, self.interp.b.caption
+            interp.a.caption, interp.b.caption
         ));
         let mut changed = false;
         ui.horizontal(|ui| {
             ui.label("Steps");
             changed |= ui
-                .add(egui::Slider::new(&mut self.settings.interp_steps, 2..=16))
+                .add(egui::Slider::new(&mut ctx.settings.interp_steps, 2..=16))
                 .changed();
-            changed |= ui.checkbox(&mut self.settings.slerp, "slerp").changed();
-            ui.checkbox(&mut self.interp.animate, "Animate");
+            changed |= ui.checkbox(&mut ctx.settings.slerp, "slerp").changed();
+            ui.checkbox(&mut interp.animate, "Animate");
             if ui.button("Render").clicked() {
                 changed = true;
             }
         });
         if changed {
-            self.request_interp();
+            ctx.send(AppCommand::RenderInterp);
         }
-        if self.interp.strip_dirty {
-            self.interp.strip_dirty = false;
-            if let Some(im) = &self.interp.strip {
-                self.interp.textures = (0..im.n)
+        if interp.strip_dirty {
+            interp.strip_dirty = false;
+            if let Some(im) = &interp.strip {
+                interp.textures = (0..im.n)
                     .filter_map(|i| texture_of(ui.ctx(), &format!("interp{i}"), im, i))
                     .collect();
             }
         }
-        let Some(im) = &self.interp.strip else {
+        let Some(im) = &interp.strip else {
             ui.label("(set A and B in the conditions panel, then Render)");
             return;
         };
-        let z = self.settings.latent_zoom.clamp(1, 3) as f32;
+        let z = ctx.settings.latent_zoom.clamp(1, 3) as f32;
         let size = egui::vec2(im.width as f32 * z, im.height as f32 * z);
         ui.horizontal_wrapped(|ui| {
-            for t in &self.interp.textures {
+            for t in &interp.textures {
                 ui.add(egui::Image::new((t.id(), size)));
             }
         });
-        if self.interp.animate && !self.interp.textures.is_empty() {
-            let started = *self.interp.started.get_or_insert_with(Instant::now);
-            let n = self.interp.textures.len();
+        if interp.animate && !interp.textures.is_empty() {
+            let started = *interp.started.get_or_insert_with(Instant::now);
+            let n = interp.textures.len();
             // Ping-pong at about 8 frames per second.
             let k = (started.elapsed().as_secs_f64() * 8.0) as usize % (2 * n - 2).max(1);
             let i = if k < n { k } else { 2 * n - 2 - k };
             let big = size * 2.0;
-            ui.add(egui::Image::new((self.interp.textures[i].id(), big)));
+            ui.add(egui::Image::new((interp.textures[i].id(), big)));
         }
         ui.horizontal(|ui| {
             if ui.button("Export strip PNG").clicked() {
-                self.export_interp(false);
+                ctx.send(AppCommand::ExportInterp { gif: false });
             }
             if ui.button("Export GIF").clicked() {
-                self.export_interp(true);
+                ctx.send(AppCommand::ExportInterp { gif: true });
             }
         });
     }

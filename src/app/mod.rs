@@ -1,14 +1,19 @@
 //! The desktop explorer (eframe + egui, wgpu renderer). The engine runs in a background
 //! thread ([`crate::train::worker::Session`]) and talks to this UI only through typed
 //! commands and events; a second thread ([`crate::train::worker::Renderer`]) draws the
-//! latent views. One panel per file; every panel is a `*_ui(&mut self, ui)` method.
+//! latent views. One panel per file; each panel is a struct that owns its state and draws
+//! itself with `fn ui(&mut self, ui, ctx: &mut PanelCtx)`: it reads the session's data
+//! ([`RunView`]) and the settings, and sends [`AppCommand`]s, which [`GanscopeApp::apply`]
+//! carries out in one place at the end of the frame (rerun's command sender is the model).
 
+mod commands;
 mod composer;
 mod diagnostics_panel;
 pub mod dialogs;
 mod export_panel;
 mod latent;
 mod plots;
+mod status;
 pub mod train_panel;
 pub mod wall;
 pub mod wall_gpu;
@@ -16,7 +21,7 @@ pub mod wall_gpu;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -25,15 +30,22 @@ use serde::{Deserialize, Serialize};
 use crate::config::{DataKind, TrainConfig};
 use crate::diagnostics::Alarm;
 use crate::train::monitor::Check;
+use crate::train::run::LoopEvent;
 use crate::train::worker::{
     Command, Event, NanPolicy, RenderRequest, Renderer, RunState, Session, SessionInfo,
     SessionSpec, StepEvent, Waker, WallFrame,
 };
 
+pub use commands::{AppCommand, PanelCtx};
 pub use composer::Composer;
-pub use dialogs::{Dialogs, NoDialogs, RfdDialogs};
-pub use latent::{InterpState, LatentState};
-pub use wall::HeatMode;
+pub use diagnostics_panel::DiagnosticsPanel;
+pub use dialogs::{Dialogs, NoDialogs, PathPrompt, Purpose, RfdDialogs};
+pub use export_panel::ExportPanel;
+pub use latent::{InterpState, LatentPanel};
+pub use plots::PlotsPanel;
+pub use status::StatusBar;
+pub use train_panel::TrainPanel;
+pub use wall::{HeatMode, WallView};
 
 /// The preset the explorer starts on.
 pub const DEFAULT_PRESET: &str = "iclevr-small";
@@ -194,27 +206,21 @@ pub struct CheckPoint {
     pub seconds: f64,
 }
 
-/// Launch and latency measurements shown in the status bar.
+/// Launch and frame-time measurements shown in the status bar (the slider's latency is the
+/// latent panel's: [`LatentPanel::slider_to_image_ms`]).
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub launch_to_ready_s: Option<f64>,
     pub launch_to_first_wall_s: Option<f64>,
-    /// Slider moved -> image on screen (last, and the mean of the last 20).
-    pub slider_to_image_ms: VecDeque<f64>,
-    pub forward_ms: Option<f64>,
     /// UI frame build times (ms), last 120.
     pub frame_ms: VecDeque<f64>,
     /// Whole-frame CPU times as eframe measures them (ms), last 120.
     pub frame_cpu_ms: VecDeque<f64>,
 }
 
-pub struct GanscopeApp {
-    pub settings: Settings,
-    /// A Save that would replace something else, waiting for the user's answer: the folder
-    /// and what is in it.
-    pub save_confirm: Option<(PathBuf, String)>,
-    pub session: Option<Session>,
-    pub renderer: Renderer,
+/// The session's data as the UI knows it: filled from the trainer's events in one place
+/// ([`GanscopeApp::poll`]), read by every panel through [`PanelCtx::run`].
+pub struct RunView {
     pub info: Option<SessionInfo>,
     pub run_state: RunState,
     pub history: Vec<StepEvent>,
@@ -224,35 +230,75 @@ pub struct GanscopeApp {
     pub last_check: Option<Box<Check>>,
     pub check_series: Vec<CheckPoint>,
     pub alarms: Vec<Alarm>,
-    pub log: VecDeque<String>,
-    /// How many times each log line came in a row (a line that differs from the one before
-    /// only in its numbers replaces it and counts up: a repeating alarm is one line).
-    pub log_counts: VecDeque<u32>,
+    /// The newest generator weights (for exports and principal directions).
+    pub last_weights: Option<Arc<crate::train::worker::GeneratorWeights>>,
     pub error: Option<String>,
     pub banner: Option<String>,
-    pub composer: Composer,
-    pub latent: LatentState,
-    pub interp: InterpState,
+}
+
+impl Default for RunView {
+    fn default() -> Self {
+        Self {
+            info: None,
+            run_state: RunState::Stopped,
+            history: Vec::new(),
+            frames: VecDeque::new(),
+            scrub: None,
+            last_check: None,
+            check_series: Vec::new(),
+            alarms: Vec::new(),
+            last_weights: None,
+            error: None,
+            banner: None,
+        }
+    }
+}
+
+impl RunView {
+    /// The frame the wall shows: the scrubbed one or the newest.
+    pub fn shown_frame(&self) -> Option<&Arc<WallFrame>> {
+        match self.scrub {
+            Some(i) => self.frames.get(i),
+            None => self.frames.back(),
+        }
+    }
+
+    /// The running session's preset name ("run" before one is ready).
+    pub fn preset(&self) -> String {
+        self.info
+            .as_ref()
+            .map_or("run".to_string(), |i| i.cfg.preset.clone())
+    }
+}
+
+pub struct GanscopeApp {
+    pub settings: Settings,
+    /// What the trainer has told the UI.
+    pub run: RunView,
+    pub session: Option<Session>,
+    pub renderer: Renderer,
     pub dialogs: Box<dyn Dialogs>,
+    pending_dialog: Option<(Purpose, Receiver<Option<PathBuf>>)>,
+    /// A dialog answered nothing: its path field asks for the path.
+    pub prompt: Option<PathPrompt>,
+    /// Commands the panels sent this frame, applied by [`Self::apply`].
+    commands: Vec<AppCommand>,
+    // The panels, each owning its state.
+    pub train: TrainPanel,
+    pub export: ExportPanel,
+    pub composer: Composer,
+    pub latent: LatentPanel,
+    pub wall: WallView,
+    pub diagnostics: DiagnosticsPanel,
+    pub plots: PlotsPanel,
+    pub status: StatusBar,
     pub timings: Timings,
     pub checkpoints: PathBuf,
     /// Where sessions put their run folders (see [`AppOptions::runs`]).
     pub runs: Option<PathBuf>,
-    pub wall: wall::WallView,
-    pub export_message: Option<String>,
-    /// Writes exports in its own thread.
-    pub exporter: export_panel::Exporter,
-    pub(crate) diag_textures: diagnostics_panel::DiagTextures,
-    pub(crate) pending_dialog: Option<(dialogs::Purpose, Receiver<Option<PathBuf>>)>,
-    /// A dialog answered nothing: its path field asks for the path.
-    pub type_path: Option<dialogs::PathPrompt>,
-    pub(crate) lr_edit: (f64, f64),
-    pub(crate) n_critic_edit: usize,
-    /// The newest generator weights (for exports and principal directions).
-    pub last_weights: Option<Arc<crate::train::worker::GeneratorWeights>>,
     pub show_timings: bool,
     started: Instant,
-    pub(crate) wake: Waker,
+    wake: Waker,
     request_id: u64,
 }
 
@@ -281,35 +327,22 @@ impl GanscopeApp {
         let mut app = Self {
             renderer: Renderer::spawn(wake.clone()),
             session: None,
-            info: None,
-            run_state: RunState::Stopped,
-            history: Vec::new(),
-            frames: VecDeque::new(),
-            scrub: None,
-            last_check: None,
-            check_series: Vec::new(),
-            alarms: Vec::new(),
-            log: VecDeque::new(),
-            log_counts: VecDeque::new(),
-            error: None,
-            banner: None,
-            composer: Composer::default(),
-            latent: LatentState::default(),
-            interp: InterpState::default(),
+            run: RunView::default(),
             dialogs: opts.dialogs,
+            pending_dialog: None,
+            prompt: None,
+            commands: Vec::new(),
+            train: TrainPanel::default(),
+            export: ExportPanel::spawn(wake.clone()),
+            composer: Composer::default(),
+            latent: LatentPanel::default(),
+            wall: WallView::new(gpu),
+            diagnostics: DiagnosticsPanel::default(),
+            plots: PlotsPanel,
+            status: StatusBar::default(),
             timings: Timings::default(),
             checkpoints: opts.checkpoints,
             runs: opts.runs,
-            wall: wall::WallView::new(gpu),
-            export_message: None,
-            exporter: export_panel::Exporter::spawn(wake.clone()),
-            diag_textures: Default::default(),
-            pending_dialog: None,
-            type_path: None,
-            lr_edit: (0.0, 0.0),
-            save_confirm: None,
-            n_critic_edit: 1,
-            last_weights: None,
             show_timings: opts.show_timings,
             started: Instant::now(),
             wake,
@@ -338,21 +371,7 @@ impl GanscopeApp {
     }
 
     pub fn push_log(&mut self, s: String) {
-        if let Some(last) = self.log.back_mut()
-            && numbers_masked(last) == numbers_masked(&s)
-        {
-            *last = s;
-            if let Some(n) = self.log_counts.back_mut() {
-                *n += 1;
-            }
-            return;
-        }
-        if self.log.len() >= 500 {
-            self.log.pop_front();
-            self.log_counts.pop_front();
-        }
-        self.log.push_back(s);
-        self.log_counts.push_back(1);
+        self.status.push(s);
     }
 
     /// The config a new session would use: the preset, with the data path and the
@@ -394,14 +413,14 @@ impl GanscopeApp {
         let cfg = match cfg {
             Ok(c) => c,
             Err(e) => {
-                self.error = Some(e.to_string());
+                self.run.error = Some(e.to_string());
                 return;
             }
         };
         let device = match pick_device(&self.settings.device) {
             Ok(d) => d,
             Err(e) => {
-                self.error = Some(e);
+                self.run.error = Some(e);
                 return;
             }
         };
@@ -417,21 +436,16 @@ impl GanscopeApp {
             .as_deref()
             .map(|root| train_panel::new_run_folder_in(root, &spec.cfg.preset));
         self.session = Some(Session::spawn(spec, self.wake.clone()));
-        self.info = None;
-        self.history.clear();
-        self.frames.clear();
-        self.scrub = None;
-        self.last_check = None;
-        self.check_series.clear();
-        self.alarms.clear();
-        self.error = None;
-        self.banner = None;
-        self.run_state = RunState::Loading;
+        self.run = RunView {
+            run_state: RunState::Loading,
+            ..RunView::default()
+        };
         if self.settings.target > 0 {
             self.send(Command::SetTarget(self.settings.target));
         }
     }
 
+    /// A command to the training session (a log line when there is none).
     pub fn send(&mut self, c: Command) {
         let ok = self.session.as_ref().is_some_and(|s| s.send(c));
         if !ok {
@@ -448,69 +462,72 @@ impl GanscopeApp {
         for e in events {
             self.on_event(e);
         }
-        self.poll_exports();
+        for m in self.export.poll() {
+            self.push_log(m);
+        }
         let results: Vec<_> = self.renderer.results.try_iter().collect();
         for r in results {
             match r {
-                Ok(r) => self
-                    .latent
-                    .on_rendered(r, &mut self.interp, &mut self.timings),
+                Ok(r) => self.latent.on_rendered(r),
                 Err(e) => self.push_log(e),
             }
         }
+        if let Some(r) = self.latent.poll_directions() {
+            self.run.error = Some(format!("principal directions: {r}"));
+        }
+        self.poll_dialog();
     }
 
     fn on_event(&mut self, e: Event) {
+        let run = &mut self.run;
         match e {
             Event::Ready(info) => {
                 self.timings.launch_to_ready_s = Some(self.started.elapsed().as_secs_f64());
-                self.lr_edit = (info.cfg.optim.lr_g, info.cfg.optim.lr_d);
-                self.n_critic_edit = info.cfg.loss.n_critic;
+                self.train.on_ready(&info);
                 self.composer.reset(&info);
-                self.latent.reset(info.cfg.model.z_dim);
-                self.interp.reset(&self.latent, &self.composer);
+                self.latent.reset(info.cfg.model.z_dim, &self.composer);
                 if let Some(off) = &info.diagnostics_off {
-                    self.push_log(format!("diagnostics {off}"));
+                    self.status.push(format!("diagnostics {off}"));
                 }
-                self.push_log(format!(
+                self.status.push(format!(
                     "{}: {} on {}, G {} / D {} parameters",
                     info.cfg.preset, info.data_source, info.device, info.g_params, info.d_params,
                 ));
-                self.info = Some(*info);
+                run.info = Some(*info);
             }
-            Event::State(s) => self.run_state = s,
-            Event::Step(s) => {
-                if self.history.len() >= HISTORY_KEPT {
-                    self.history.drain(..HISTORY_KEPT / 10);
+            Event::State(s) => run.run_state = s,
+            Event::Loop(LoopEvent::Step(s)) => {
+                if run.history.len() >= HISTORY_KEPT {
+                    run.history.drain(..HISTORY_KEPT / 10);
                 }
-                self.history.push(*s);
+                run.history.push(s);
             }
-            Event::Wall(f) => {
+            Event::Loop(LoopEvent::Wall(f)) => {
                 if self.timings.launch_to_first_wall_s.is_none() {
                     self.timings.launch_to_first_wall_s =
                         Some(self.started.elapsed().as_secs_f64());
                 }
                 // Replace a frame of the same step (a re-render after a wall change).
-                if self.frames.back().is_some_and(|b| b.step == f.step) {
-                    self.frames.pop_back();
+                if run.frames.back().is_some_and(|b| b.step == f.step) {
+                    run.frames.pop_back();
                 }
-                if self.frames.len() >= FRAMES_KEPT {
-                    self.frames.pop_front();
-                    if let Some(i) = self.scrub.as_mut() {
+                if run.frames.len() >= FRAMES_KEPT {
+                    run.frames.pop_front();
+                    if let Some(i) = run.scrub.as_mut() {
                         *i = i.saturating_sub(1);
                     }
                 }
-                self.frames.push_back(f);
+                run.frames.push_back(f);
             }
-            Event::Weights(w) => {
-                self.last_weights = Some(w.clone());
+            Event::Loop(LoopEvent::Weights(w)) => {
+                run.last_weights = Some(w.clone());
                 self.renderer.set_weights(w);
                 self.request_latent(false);
                 self.request_interp();
             }
-            Event::Check(c) => {
+            Event::Loop(LoopEvent::Check(c)) => {
                 let r = &c.report;
-                self.check_series.push(CheckPoint {
+                run.check_series.push(CheckPoint {
                     step: c.step,
                     accuracy: r
                         .label_hits
@@ -524,33 +541,156 @@ impl GanscopeApp {
                     ndb_significant: r.ndb.significant.iter().filter(|s| **s).count(),
                     seconds: c.seconds,
                 });
-                self.last_check = Some(c);
+                run.last_check = Some(c);
             }
-            Event::Diagnostics(off) => {
+            Event::Loop(LoopEvent::Diagnostics(off)) => {
                 if let Some(why) = &off {
-                    self.push_log(format!("diagnostics {why}"));
+                    self.status.push(format!("diagnostics {why}"));
                 }
-                if let Some(i) = self.info.as_mut() {
+                if let Some(i) = run.info.as_mut() {
                     i.diagnostics_off = off;
                 }
             }
-            Event::Alarm(a) => {
-                self.push_log(format!("ALARM {}", a.message));
-                self.alarms.push(a);
+            Event::Loop(LoopEvent::Alarm(a)) => {
+                self.status.push(format!("ALARM {}", a.message));
+                run.alarms.push(a);
             }
-            Event::Recovered(r) => {
+            Event::Loop(LoopEvent::Recovered(r)) => {
                 // The steps after the restored snapshot were undone: so are their numbers.
-                self.history.retain(|h| h.stats.step <= r.to);
-                self.push_log(r.message.clone());
-                self.banner = Some(r.message);
+                run.history.retain(|h| h.stats.step <= r.to);
+                self.status.push(r.message.clone());
+                run.banner = Some(r.message);
             }
             Event::Saved(p) => {
-                self.push_log(format!("saved a checkpoint to {}", p.display()));
+                self.status
+                    .push(format!("saved a checkpoint to {}", p.display()));
             }
-            Event::Log(s) => self.push_log(s),
+            Event::Loop(LoopEvent::Log(s)) => self.status.push(s),
             Event::Error(s) => {
-                self.push_log(format!("training stopped: {s}"));
-                self.error = Some(s);
+                self.status.push(format!("training stopped: {s}"));
+                run.error = Some(s);
+            }
+        }
+    }
+
+    /// Carry out the panels' commands of this frame, in the order they were sent. The one
+    /// place where a panel's action changes the app, the session or another panel.
+    pub fn apply(&mut self) {
+        // A command may queue more (a dialog answer opens a dataset, ...): loop until empty.
+        while !self.commands.is_empty() {
+            let commands = std::mem::take(&mut self.commands);
+            for c in commands {
+                self.apply_one(c);
+            }
+        }
+    }
+
+    fn apply_one(&mut self, c: AppCommand) {
+        match c {
+            AppCommand::Trainer(c) => self.send(c),
+            AppCommand::Start { resume, run } => self.start_session(resume, run),
+            AppCommand::Stop => {
+                self.session = None;
+                self.run.run_state = RunState::Stopped;
+                self.push_log("stopped (the last step finishes in the background)".into());
+            }
+            AppCommand::OpenDataset(p) => self.open_dataset(&p),
+            AppCommand::Ask {
+                purpose,
+                folder,
+                title,
+            } => {
+                let rx = if folder {
+                    self.dialogs.pick_folder(title)
+                } else {
+                    self.dialogs.pick_file(title)
+                };
+                self.pending_dialog = Some((purpose, rx));
+            }
+            AppCommand::Log(s) => self.push_log(s),
+            AppCommand::Error(e) => self.run.error = Some(e),
+            AppCommand::DismissError => self.run.error = None,
+            AppCommand::DismissBanner => self.run.banner = None,
+            AppCommand::RenderLatent { timed } => self.request_latent(timed),
+            AppCommand::RenderInterp => self.request_interp(),
+            AppCommand::SetEndpoint { b } => {
+                let e = self.latent.endpoint(&self.composer);
+                if b {
+                    self.latent.interp.b = e;
+                } else {
+                    self.latent.interp.a = e;
+                }
+                self.request_interp();
+            }
+            AppCommand::ApplyLatent(s) => match self.latent.apply(s, &mut self.composer) {
+                Ok(()) => self.request_latent(true),
+                Err(e) => self.run.error = Some(e),
+            },
+            AppCommand::FindDirections => match self.run.last_weights.clone() {
+                Some(w) => {
+                    self.latent
+                        .find_directions(w, self.composer.cond.clone(), self.wake.clone())
+                }
+                None => self.push_log("no generator weights yet".into()),
+            },
+            AppCommand::Scrub(i) => self.run.scrub = i,
+            AppCommand::LoadConditionList => {
+                let mut sent = Vec::new();
+                self.composer.load_list(&mut sent);
+                self.commands.extend(sent);
+            }
+            AppCommand::ExportInterp { gif } => {
+                let r =
+                    self.export
+                        .interpolation(&self.latent.interp, gif, &self.run, &self.settings);
+                if let Some(m) = self.export.report_submit(r) {
+                    self.push_log(m);
+                }
+            }
+        }
+    }
+
+    /// Apply a dialog's answer when it arrives.
+    fn poll_dialog(&mut self) {
+        let Some((purpose, rx)) = &self.pending_dialog else {
+            return;
+        };
+        let purpose = *purpose;
+        let answer = match rx.try_recv() {
+            Ok(a) => a,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => None,
+        };
+        self.pending_dialog = None;
+        let Some(path) = answer else {
+            self.push_log(
+                "no path chosen (cancelled, or no file dialog available here: type the path \
+                 into the field instead)"
+                    .into(),
+            );
+            // The field for this path takes the focus and says what to do.
+            self.prompt = Some(PathPrompt {
+                purpose,
+                focused: false,
+            });
+            return;
+        };
+        let text = path.display().to_string();
+        match purpose {
+            Purpose::OpenDataset => self.open_dataset(&path),
+            Purpose::OpenCheckpoint => {
+                self.settings.checkpoint_path = text;
+                self.start_session(Some(path), false);
+            }
+            Purpose::SaveCheckpoint => {
+                self.settings.checkpoint_path = text;
+                self.send(Command::Save(path));
+            }
+            Purpose::ExportFolder => self.settings.export_path = text,
+            Purpose::ConditionList => {
+                self.composer.list_path = text;
+                self.commands.push(AppCommand::LoadConditionList);
+                self.apply();
             }
         }
     }
@@ -560,11 +700,10 @@ impl GanscopeApp {
         self.request_id
     }
 
-    /// Ask the renderer for the explorer image of the current latent and condition.
     /// Ask the renderer for the latent image. `timed`: a user's input (slider, label) asked,
     /// so its latency is measured (a re-render for new weights is not).
     pub fn request_latent(&mut self, timed: bool) {
-        if self.info.is_none() {
+        if self.run.info.is_none() {
             return;
         }
         let id = self.next_id();
@@ -582,11 +721,12 @@ impl GanscopeApp {
 
     /// Ask the renderer for the interpolation strip.
     pub fn request_interp(&mut self) {
-        if self.info.is_none() {
+        if self.run.info.is_none() {
             return;
         }
         let id = self.next_id();
         let (z, c) = self
+            .latent
             .interp
             .points(self.settings.interp_steps, self.settings.slerp);
         self.renderer.request(RenderRequest {
@@ -599,86 +739,29 @@ impl GanscopeApp {
 
     /// The frame the wall shows: the scrubbed one or the newest.
     pub fn shown_frame(&self) -> Option<&Arc<WallFrame>> {
-        match self.scrub {
-            Some(i) => self.frames.get(i),
-            None => self.frames.back(),
-        }
+        self.run.shown_frame()
     }
 
-    fn status_ui(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal_wrapped(|ui| {
-            let state = match self.run_state {
-                RunState::Loading => "loading",
-                RunState::Paused => "paused",
-                RunState::Running => "training",
-                RunState::Stopped => "stopped",
-            };
-            ui.label(format!("State: {state}"));
-            if let Some(s) = self.history.last() {
-                ui.separator();
-                ui.label(format!(
-                    "step {}  {:.0} img/s  {:.2} s/step",
-                    s.stats.step, s.images_per_s, s.step_seconds
-                ));
-            }
-            if !self.show_timings {
-                return;
-            }
-            ui.separator();
-            let t = &self.timings;
-            if let Some(i) = &self.info {
-                ui.label(format!(
-                    "data + networks built in {:.1} s",
-                    i.seconds_to_build
-                ));
-            }
-            if let Some(v) = t.launch_to_first_wall_s {
-                ui.label(format!("first samples {v:.1} s after launch"));
-            }
-            if let Some(ms) = t.slider_to_image_ms.back() {
-                ui.separator();
-                ui.label(format!("slider->image {ms:.1} ms"));
-            }
-            let mean = |v: &VecDeque<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
-            if !t.frame_ms.is_empty() {
-                ui.separator();
-                ui.label(format!("UI build {:.1} ms", mean(&t.frame_ms)));
-            }
-            if !t.frame_cpu_ms.is_empty() {
-                let max = t.frame_cpu_ms.iter().cloned().fold(0.0, f64::max);
-                ui.separator();
-                ui.label(format!(
-                    "frame CPU {:.1} ms (max {max:.1})",
-                    mean(&t.frame_cpu_ms)
-                ));
-            }
-        });
+    /// Read the condition list named in the composer's path field (as its Load button does).
+    pub fn load_condition_list(&mut self) {
+        self.commands.push(AppCommand::LoadConditionList);
+        self.apply();
     }
 
-    fn log_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::vertical()
-            .max_height(90.0)
-            .stick_to_bottom(true)
-            .show(ui, |ui| {
-                for (l, n) in self.log.iter().zip(&self.log_counts) {
-                    let color = if l.starts_with("ALARM") || l.starts_with("NaN") {
-                        egui::Color32::from_rgb(230, 90, 60)
-                    } else {
-                        ui.visuals().text_color()
-                    };
-                    let text = if *n > 1 {
-                        format!("{l}  (x{n})")
-                    } else {
-                        l.clone()
-                    };
-                    ui.label(
-                        egui::RichText::new(text)
-                            .color(color)
-                            .monospace()
-                            .size(11.0),
-                    );
-                }
-            });
+    /// The wall frame on screen as a PNG sheet (as the Export panel's button does).
+    pub fn export_wall_png(&mut self) -> crate::error::Result<()> {
+        self.export.wall_png(&self.run, &self.settings)
+    }
+
+    /// The kept wall frames as a GIF (as the Export panel's button does).
+    pub fn export_history_gif(&mut self) -> crate::error::Result<()> {
+        self.export.history_gif(&self.run, &self.settings)
+    }
+
+    /// The loaded condition list x the wall's seeds (as the Export panel's button does).
+    pub fn export_list_sheet(&mut self) -> crate::error::Result<()> {
+        self.export
+            .list_sheet(&self.composer, &self.run, &self.settings)
     }
 
     fn handle_dropped_files(&mut self, ui: &egui::Ui) {
@@ -698,7 +781,7 @@ impl GanscopeApp {
     pub fn open_dataset(&mut self, path: &Path) {
         let kind = crate::data::detect_kind(path);
         let Some(kind) = kind else {
-            self.error = Some(format!(
+            self.run.error = Some(format!(
                 "{}: not a dataset ganscope knows (MNIST/Fashion IDX, CIFAR-10 binary, an \
                  i-CLEVR folder with objects.json, an attribute folder with cartoon_attr.txt, \
                  or one subfolder per class)",
@@ -762,8 +845,16 @@ impl eframe::App for GanscopeApp {
             self.timings.frame_cpu_ms.push_back(cpu as f64 * 1e3);
         }
         self.poll();
-        self.poll_dialog();
         self.handle_dropped_files(ui);
+        let mut ctx = PanelCtx {
+            settings: &mut self.settings,
+            run: &self.run,
+            prompt: &mut self.prompt,
+            commands: &mut self.commands,
+            has_session: self.session.is_some(),
+            checkpoints: &self.checkpoints,
+            show_timings: self.show_timings,
+        };
         egui::Panel::top("menu").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading("ganscope");
@@ -774,64 +865,55 @@ impl eframe::App for GanscopeApp {
                     (Tab::Diagnostics, "Diagnostics"),
                     (Tab::Plots, "Plots"),
                 ] {
-                    ui.selectable_value(&mut self.settings.tab, tab, name);
+                    ui.selectable_value(&mut ctx.settings.tab, tab, name);
                 }
                 ui.separator();
-                ui.toggle_value(&mut self.settings.show_controls, "Training panel");
-                ui.toggle_value(&mut self.settings.show_conditions, "Conditions panel");
+                ui.toggle_value(&mut ctx.settings.show_controls, "Training panel");
+                ui.toggle_value(&mut ctx.settings.show_conditions, "Conditions panel");
             });
         });
         egui::Panel::bottom("status").show(ui, |ui| {
-            self.status_ui(ui);
-            self.log_ui(ui);
+            self.status.ui(ui, &ctx, &self.timings, &self.latent);
         });
-        if self.settings.show_controls {
+        if ctx.settings.show_controls {
             egui::Panel::left("training")
                 .resizable(true)
                 .default_size(270.0)
                 .show(ui, |ui| {
                     egui::ScrollArea::vertical().show(ui, |ui| {
-                        self.train_ui(ui);
+                        self.train.ui(ui, &mut ctx);
                         ui.separator();
-                        self.export_ui(ui);
+                        self.export.ui(ui, &mut ctx, &self.composer);
                     });
                 });
         }
-        if self.settings.show_conditions {
+        if ctx.settings.show_conditions {
             egui::Panel::right("conditions")
                 .resizable(true)
                 .default_size(300.0)
                 .show(ui, |ui| {
-                    egui::ScrollArea::vertical().show(ui, |ui| self.composer_ui(ui));
+                    egui::ScrollArea::vertical().show(ui, |ui| {
+                        self.composer.ui(ui, &mut ctx);
+                        if ctx.run.info.is_some() {
+                            ui.separator();
+                            self.latent.sliders_ui(ui, &mut ctx, &self.composer);
+                        }
+                    });
                 });
         }
         egui::CentralPanel::default().show(ui, |ui| {
-            if let Some(e) = self.error.clone() {
-                ui.horizontal(|ui| {
-                    ui.colored_label(egui::Color32::from_rgb(230, 80, 60), format!("Error: {e}"));
-                    if ui.button("Dismiss").clicked() {
-                        self.error = None;
-                    }
-                });
-            }
-            if let Some(b) = self.banner.clone() {
-                ui.horizontal(|ui| {
-                    ui.colored_label(egui::Color32::from_rgb(240, 170, 40), b);
-                    if ui.button("OK").clicked() {
-                        self.banner = None;
-                    }
-                });
-            }
-            match self.settings.tab {
-                Tab::Wall => self.wall_ui(ui),
-                Tab::Explore => self.explore_ui(ui),
-                Tab::Diagnostics => self.diagnostics_ui(ui),
-                Tab::Plots => self.plots_ui(ui),
+            messages_ui(ui, &mut ctx);
+            match ctx.settings.tab {
+                Tab::Wall => self.wall.ui(ui, &mut ctx),
+                Tab::Explore => self.latent.explore_ui(ui, &mut ctx, &self.composer),
+                Tab::Diagnostics => self.diagnostics.ui(ui, &mut ctx, &self.composer),
+                Tab::Plots => self.plots.ui(ui, &mut ctx),
             }
         });
-        if self.interp.animate && self.settings.tab == Tab::Explore {
+        if self.latent.interp.animate && self.settings.tab == Tab::Explore {
             ui.ctx().request_repaint_after(Duration::from_millis(60));
         }
+        self.apply();
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if self.timings.frame_ms.len() >= 120 {
             self.timings.frame_ms.pop_front();
@@ -843,6 +925,26 @@ impl eframe::App for GanscopeApp {
         let mut s = self.settings.clone();
         s.launched_before = true;
         eframe::set_value(storage, eframe::APP_KEY, &s);
+    }
+}
+
+/// The error and banner lines above the central panel, each with its dismiss button.
+fn messages_ui(ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
+    if let Some(e) = &ctx.run.error {
+        ui.horizontal(|ui| {
+            ui.colored_label(egui::Color32::from_rgb(230, 80, 60), format!("Error: {e}"));
+            if ui.button("Dismiss").clicked() {
+                ctx.send(AppCommand::DismissError);
+            }
+        });
+    }
+    if let Some(b) = &ctx.run.banner {
+        ui.horizontal(|ui| {
+            ui.colored_label(egui::Color32::from_rgb(240, 170, 40), b);
+            if ui.button("OK").clicked() {
+                ctx.send(AppCommand::DismissBanner);
+            }
+        });
     }
 }
 

@@ -3,7 +3,7 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
-use super::GanscopeApp;
+use super::PanelCtx;
 
 /// At most this many points per line (older steps are thinned evenly).
 const MAX_POINTS: usize = 4000;
@@ -13,13 +13,18 @@ fn thin<T>(v: &[T]) -> impl Iterator<Item = &T> {
     v.iter().step_by(stride)
 }
 
-impl GanscopeApp {
-    pub(crate) fn plots_ui(&mut self, ui: &mut egui::Ui) {
-        if self.history.is_empty() {
+/// The plots panel (it keeps no state of its own: egui_plot keeps the views).
+#[derive(Debug, Default)]
+pub struct PlotsPanel;
+
+impl PlotsPanel {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
+        let run = ctx.run;
+        if run.history.is_empty() {
             ui.label("No steps yet.");
             return;
         }
-        let h = &self.history;
+        let h = &run.history;
         let series =
             |f: &dyn Fn(&crate::train::worker::StepEvent) -> Option<f64>| -> Vec<[f64; 2]> {
                 thin(h)
@@ -131,11 +136,11 @@ impl GanscopeApp {
                     ));
                 });
             ui.label("Evaluator (per diagnostics check)");
-            if self.check_series.is_empty() {
+            if run.check_series.is_empty() {
                 ui.label("No diagnostics checks yet (an evaluator for this data is needed).");
                 return;
             }
-            let cs = &self.check_series;
+            let cs = &run.check_series;
             let pts = |f: &dyn Fn(&super::CheckPoint) -> Option<f64>| -> Vec<[f64; 2]> {
                 cs.iter()
                     .filter_map(|c| f(c).map(|v| [c.step as f64, v]))

@@ -3,67 +3,89 @@
 
 use std::path::PathBuf;
 
-use super::GanscopeApp;
 use super::dialogs::{Purpose, path_field, prompt_note};
+use super::{AppCommand, PanelCtx};
 use crate::config::PRESETS;
 use crate::train::StepKind;
-use crate::train::worker::{Command, NanPolicy, RunState};
+use crate::train::worker::{Command, NanPolicy, RunState, SessionInfo};
 
-impl GanscopeApp {
-    pub(crate) fn train_ui(&mut self, ui: &mut egui::Ui) {
+/// The training panel's own state: the learning-rate and n_critic edits (applied with a
+/// button) and a guarded Save waiting for the user's answer.
+#[derive(Debug, Default)]
+pub struct TrainPanel {
+    pub lr_edit: (f64, f64),
+    pub n_critic_edit: usize,
+    /// A Save that would replace something else, waiting for the user's answer: the folder
+    /// and what is in it.
+    pub save_confirm: Option<(PathBuf, String)>,
+}
+
+impl TrainPanel {
+    /// A new session is ready: the edits start from its settings.
+    pub fn on_ready(&mut self, info: &SessionInfo) {
+        self.lr_edit = (info.cfg.optim.lr_g, info.cfg.optim.lr_d);
+        self.n_critic_edit = info.cfg.loss.n_critic;
+        self.save_confirm = None;
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
         ui.heading("Training");
         egui::Grid::new("train_setup")
             .num_columns(2)
             .show(ui, |ui| {
                 ui.label("Preset");
                 egui::ComboBox::from_id_salt("preset")
-                    .selected_text(self.settings.preset.clone())
+                    .selected_text(ctx.settings.preset.clone())
                     .width(170.0)
                     .show_ui(ui, |ui| {
                         for (name, about) in PRESETS {
-                            ui.selectable_value(&mut self.settings.preset, name.to_string(), *name)
+                            ui.selectable_value(&mut ctx.settings.preset, name.to_string(), *name)
                                 .on_hover_text(*about);
                         }
                     });
                 ui.end_row();
                 ui.label("Device");
                 egui::ComboBox::from_id_salt("device")
-                    .selected_text(self.settings.device.clone())
+                    .selected_text(ctx.settings.device.clone())
                     .show_ui(ui, |ui| {
                         for d in ["auto", "cpu", "cuda", "metal"] {
-                            ui.selectable_value(&mut self.settings.device, d.to_string(), d);
+                            ui.selectable_value(&mut ctx.settings.device, d.to_string(), d);
                         }
                     });
                 ui.end_row();
                 ui.label("Data");
                 let r = path_field(
                     ui,
-                    &mut self.type_path,
+                    ctx.prompt,
                     Purpose::OpenDataset,
-                    &mut self.settings.data_path,
+                    &mut ctx.settings.data_path,
                     "built-in / usual place",
                     170.0,
                 );
                 if r.lost_focus()
                     && ui.input(|i| i.key_pressed(egui::Key::Enter))
-                    && !self.settings.data_path.trim().is_empty()
+                    && !ctx.settings.data_path.trim().is_empty()
                 {
-                    let p = PathBuf::from(self.settings.data_path.trim());
-                    self.open_dataset(&p);
+                    let p = PathBuf::from(ctx.settings.data_path.trim());
+                    ctx.send(AppCommand::OpenDataset(p));
                 }
                 ui.end_row();
             });
-        prompt_note(ui, &self.type_path, Purpose::OpenDataset);
+        prompt_note(ui, ctx.prompt, Purpose::OpenDataset);
         ui.horizontal(|ui| {
             if ui
                 .button("Open dataset…")
                 .on_hover_text("a folder or file; you can also drop a folder onto the window")
                 .clicked()
             {
-                self.ask(Purpose::OpenDataset, true, "Open a dataset folder");
+                ctx.send(AppCommand::Ask {
+                    purpose: Purpose::OpenDataset,
+                    folder: true,
+                    title: "Open a dataset folder",
+                });
             }
             if ui.button("Built-in data").clicked() {
-                self.settings.data_path.clear();
+                ctx.settings.data_path.clear();
             }
         });
         ui.horizontal(|ui| {
@@ -72,9 +94,12 @@ impl GanscopeApp {
                 .on_hover_text("a new run of the preset on the data above (from scratch)")
                 .clicked()
             {
-                self.start_session(None, true);
+                ctx.send(AppCommand::Start {
+                    resume: None,
+                    run: true,
+                });
             }
-            let shipped = self.checkpoints.join(&self.settings.preset);
+            let shipped = ctx.checkpoints.join(&ctx.settings.preset);
             if shipped.join("config.json").is_file()
                 && ui
                     .button("Shipped")
@@ -85,31 +110,32 @@ impl GanscopeApp {
                     ))
                     .clicked()
             {
-                self.push_log(format!(
+                ctx.log(format!(
                     "opened the shipped checkpoint {} (paused: press Resume to train on)",
                     shipped.display()
                 ));
-                self.start_session(Some(shipped), false);
+                ctx.send(AppCommand::Start {
+                    resume: Some(shipped),
+                    run: false,
+                });
             }
             if ui
-                .add_enabled(self.session.is_some(), egui::Button::new("Stop"))
+                .add_enabled(ctx.has_session, egui::Button::new("Stop"))
                 .clicked()
             {
-                self.session = None;
-                self.run_state = RunState::Stopped;
-                self.push_log("stopped (the last step finishes in the background)".into());
+                ctx.send(AppCommand::Stop);
             }
         });
         ui.separator();
-        let live = self.session.is_some() && self.run_state != RunState::Loading;
+        let live = ctx.has_session && ctx.run.run_state != RunState::Loading;
         ui.add_enabled_ui(live, |ui| {
             ui.horizontal(|ui| {
-                if self.run_state == RunState::Running {
+                if ctx.run.run_state == RunState::Running {
                     if ui.button("Pause").clicked() {
-                        self.send(Command::Pause);
+                        ctx.trainer(Command::Pause);
                     }
                 } else if ui.button("Resume").clicked() {
-                    self.send(Command::Run);
+                    ctx.trainer(Command::Run);
                 }
                 ui.label("Step:");
                 if ui
@@ -117,21 +143,21 @@ impl GanscopeApp {
                     .on_hover_text("one discriminator update")
                     .clicked()
                 {
-                    self.send(Command::Step(StepKind::DOnly));
+                    ctx.trainer(Command::Step(StepKind::DOnly));
                 }
                 if ui
                     .button("G")
                     .on_hover_text("one generator update")
                     .clicked()
                 {
-                    self.send(Command::Step(StepKind::GOnly));
+                    ctx.trainer(Command::Step(StepKind::GOnly));
                 }
                 if ui
                     .button("Both")
                     .on_hover_text("n_critic D updates, then one G update")
                     .clicked()
                 {
-                    self.send(Command::Step(StepKind::Both));
+                    ctx.trainer(Command::Step(StepKind::Both));
                 }
             });
             egui::Grid::new("train_knobs")
@@ -160,8 +186,8 @@ impl GanscopeApp {
             ui.horizontal(|ui| {
                 if ui.button("Apply").clicked() {
                     let (g, d) = self.lr_edit;
-                    self.send(Command::SetLearningRates { g, d });
-                    self.send(Command::SetNCritic(self.n_critic_edit));
+                    ctx.trainer(Command::SetLearningRates { g, d });
+                    ctx.trainer(Command::SetNCritic(self.n_critic_edit));
                 }
                 if ui
                     .button("D LR x10")
@@ -170,90 +196,94 @@ impl GanscopeApp {
                 {
                     self.lr_edit.1 *= 10.0;
                     let (g, d) = self.lr_edit;
-                    self.send(Command::SetLearningRates { g, d });
+                    ctx.trainer(Command::SetLearningRates { g, d });
                 }
             });
             egui::Grid::new("train_targets")
                 .num_columns(2)
                 .show(ui, |ui| {
                     ui.label("Target step");
-                    let t = ui.add(egui::DragValue::new(&mut self.settings.target).speed(10));
+                    let t = ui.add(egui::DragValue::new(&mut ctx.settings.target).speed(10));
                     if t.changed() {
-                        self.send(Command::SetTarget(self.settings.target));
+                        ctx.trainer(Command::SetTarget(ctx.settings.target));
                     }
                     ui.end_row();
                     ui.label("Wall every");
                     let w = ui.add(
-                        egui::DragValue::new(&mut self.settings.wall_every)
+                        egui::DragValue::new(&mut ctx.settings.wall_every)
                             .range(1..=1000)
                             .suffix(" steps"),
                     );
                     if w.changed() {
-                        self.send(Command::SetWallEvery(self.settings.wall_every));
+                        ctx.trainer(Command::SetWallEvery(ctx.settings.wall_every));
                     }
                     ui.end_row();
                     ui.label("Diagnostics every");
                     ui.add(
-                        egui::DragValue::new(&mut self.settings.diagnostics_every)
+                        egui::DragValue::new(&mut ctx.settings.diagnostics_every)
                             .range(0..=100_000)
                             .suffix(" steps"),
                     )
                     .on_hover_text("takes effect at the next Start; 0 = off");
                     ui.end_row();
                     ui.label("On NaN/Inf");
-                    let before = self.settings.nan_policy;
+                    let before = ctx.settings.nan_policy;
                     egui::ComboBox::from_id_salt("nan_policy")
-                        .selected_text(match self.settings.nan_policy {
+                        .selected_text(match ctx.settings.nan_policy {
                             NanPolicy::RestorePause => "restore + pause",
                             NanPolicy::RestoreLowerLr => "restore + halve LR",
                         })
                         .show_ui(ui, |ui| {
                             ui.selectable_value(
-                                &mut self.settings.nan_policy,
+                                &mut ctx.settings.nan_policy,
                                 NanPolicy::RestorePause,
                                 "restore + pause",
                             );
                             ui.selectable_value(
-                                &mut self.settings.nan_policy,
+                                &mut ctx.settings.nan_policy,
                                 NanPolicy::RestoreLowerLr,
                                 "restore + halve LR",
                             );
                         });
-                    if before != self.settings.nan_policy {
-                        self.send(Command::SetNanPolicy(self.settings.nan_policy));
+                    if before != ctx.settings.nan_policy {
+                        ctx.trainer(Command::SetNanPolicy(ctx.settings.nan_policy));
                     }
                     ui.end_row();
                 });
         });
-        self.progress_ui(ui);
-        self.run_folder_ui(ui);
+        progress_ui(ui, ctx);
+        run_folder_ui(ui, ctx);
         ui.separator();
         ui.label("Checkpoint folder");
         for p in [Purpose::OpenCheckpoint, Purpose::SaveCheckpoint] {
-            prompt_note(ui, &self.type_path, p);
+            prompt_note(ui, ctx.prompt, p);
         }
-        let purpose = match self.type_path {
+        let purpose = match *ctx.prompt {
             Some(p) if p.purpose == Purpose::SaveCheckpoint => Purpose::SaveCheckpoint,
             _ => Purpose::OpenCheckpoint,
         };
-        let typed = PathBuf::from(self.settings.checkpoint_path.trim());
+        let typed = PathBuf::from(ctx.settings.checkpoint_path.trim());
         let abs = std::path::absolute(&typed).unwrap_or(typed);
         path_field(
             ui,
-            &mut self.type_path,
+            ctx.prompt,
             purpose,
-            &mut self.settings.checkpoint_path,
+            &mut ctx.settings.checkpoint_path,
             "a run folder",
             240.0,
         )
         .on_hover_text(abs.display().to_string());
         ui.horizontal(|ui| {
             if ui.add_enabled(live, egui::Button::new("Save")).clicked() {
-                let p = PathBuf::from(self.settings.checkpoint_path.trim());
-                let conflict = self.info.as_ref().and_then(|i| save_conflict(&p, &i.cfg));
+                let p = PathBuf::from(ctx.settings.checkpoint_path.trim());
+                let conflict = ctx
+                    .run
+                    .info
+                    .as_ref()
+                    .and_then(|i| save_conflict(&p, &i.cfg));
                 match conflict {
                     Some(why) => self.save_confirm = Some((p, why)),
-                    None => self.send(Command::Save(p)),
+                    None => ctx.trainer(Command::Save(p)),
                 }
             }
             if ui
@@ -261,14 +291,21 @@ impl GanscopeApp {
                 .on_hover_text("open the run folder above")
                 .clicked()
             {
-                let p = PathBuf::from(self.settings.checkpoint_path.trim());
-                self.start_session(Some(p), false);
+                let p = PathBuf::from(ctx.settings.checkpoint_path.trim());
+                ctx.send(AppCommand::Start {
+                    resume: Some(p),
+                    run: false,
+                });
             }
             if ui.button("Browse…").clicked() {
-                self.ask(Purpose::OpenCheckpoint, true, "Open a run folder");
+                ctx.send(AppCommand::Ask {
+                    purpose: Purpose::OpenCheckpoint,
+                    folder: true,
+                    title: "Open a run folder",
+                });
             }
         });
-        self.save_confirm_ui(ui);
+        self.save_confirm_ui(ui, ctx);
         egui::CollapsingHeader::new("Debug")
             .id_salt("train_debug")
             .show(ui, |ui| {
@@ -277,47 +314,13 @@ impl GanscopeApp {
                     .on_hover_text("poison one G weight to see the NaN guard restore the run")
                     .clicked()
                 {
-                    self.send(Command::InjectNan);
+                    ctx.trainer(Command::InjectNan);
                 }
             });
     }
 
-    /// Where this session's metrics, sample grids and periodic checkpoints go.
-    fn run_folder_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(info) = &self.info else { return };
-        let Some(dir) = &info.run_dir else { return };
-        let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
-        let hover = format!(
-            "metrics.jsonl every {} steps, sample grids every {} and a checkpoint every {} \
-             steps while training (created at the first step)",
-            info.cfg.log_every, info.cfg.sample_every, info.cfg.checkpoint_every
-        );
-        let mut failed = None;
-        ui.horizontal_wrapped(|ui| {
-            ui.label("Run folder:");
-            ui.monospace(abs.display().to_string()).on_hover_text(hover);
-            if ui
-                .small_button("Copy path")
-                .on_hover_text("copy the folder's absolute path")
-                .clicked()
-            {
-                ui.ctx().copy_text(abs.display().to_string());
-            }
-            if ui
-                .small_button("Reveal")
-                .on_hover_text("show the folder in the file manager")
-                .clicked()
-            {
-                failed = super::dialogs::reveal(&abs).err();
-            }
-        });
-        if let Some(e) = failed {
-            self.push_log(e);
-        }
-    }
-
     /// The question a guarded Save asks: overwrite, save into a new folder, or cancel.
-    fn save_confirm_ui(&mut self, ui: &mut egui::Ui) {
+    fn save_confirm_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
         let Some((dir, why)) = self.save_confirm.clone() else {
             return;
         };
@@ -327,56 +330,87 @@ impl GanscopeApp {
             format!("{} {why}. Saving there replaces it.", abs.display()),
         );
         ui.horizontal(|ui| {
-            let preset = self
-                .info
-                .as_ref()
-                .map_or("run".to_string(), |i| i.cfg.preset.clone());
-            let fresh = new_run_folder(&preset);
+            let fresh = new_run_folder(&ctx.run.preset());
             if ui
                 .button("Save to a new folder")
                 .on_hover_text(fresh.display().to_string())
                 .clicked()
             {
-                self.settings.checkpoint_path = fresh.display().to_string();
+                ctx.settings.checkpoint_path = fresh.display().to_string();
                 self.save_confirm = None;
-                self.send(Command::Save(fresh));
+                ctx.trainer(Command::Save(fresh));
             }
             if ui.button("Replace").clicked() {
                 self.save_confirm = None;
-                self.send(Command::Save(dir.clone()));
+                ctx.trainer(Command::Save(dir.clone()));
             }
             if ui.button("Cancel").clicked() {
                 self.save_confirm = None;
             }
         });
     }
+}
 
-    fn progress_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(last) = self.history.last() else {
-            return;
-        };
-        let step = last.stats.step;
-        let target = self.settings.target;
-        ui.label(format!(
-            "Step {step} · {:.0} img/s · {:.0} s elapsed",
-            last.images_per_s, last.elapsed_s
-        ));
-        if target > step {
-            // ETA from the mean of the last 20 steps.
-            let recent: Vec<f64> = self
-                .history
-                .iter()
-                .rev()
-                .take(20)
-                .map(|s| s.step_seconds)
-                .collect();
-            let per = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
-            let eta = (target - step) as f64 * per;
-            ui.add(
-                egui::ProgressBar::new(step as f32 / target as f32)
-                    .text(format!("{step}/{target} · ETA {}", fmt_duration(eta))),
-            );
+/// Where this session's metrics, sample grids and periodic checkpoints go.
+fn run_folder_ui(ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
+    let Some(info) = &ctx.run.info else { return };
+    let Some(dir) = &info.run_dir else { return };
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+    let hover = format!(
+        "metrics.jsonl every {} steps, sample grids every {} and a checkpoint every {} \
+         steps while training (created at the first step)",
+        info.cfg.log_every, info.cfg.sample_every, info.cfg.checkpoint_every
+    );
+    let mut failed = None;
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Run folder:");
+        ui.monospace(abs.display().to_string()).on_hover_text(hover);
+        if ui
+            .small_button("Copy path")
+            .on_hover_text("copy the folder's absolute path")
+            .clicked()
+        {
+            ui.ctx().copy_text(abs.display().to_string());
         }
+        if ui
+            .small_button("Reveal")
+            .on_hover_text("show the folder in the file manager")
+            .clicked()
+        {
+            failed = super::dialogs::reveal(&abs).err();
+        }
+    });
+    if let Some(e) = failed {
+        ctx.log(e);
+    }
+}
+
+/// Step, speed and, towards a target step, a progress bar with the ETA.
+fn progress_ui(ui: &mut egui::Ui, ctx: &PanelCtx<'_>) {
+    let history = &ctx.run.history;
+    let Some(last) = history.last() else {
+        return;
+    };
+    let step = last.stats.step;
+    let target = ctx.settings.target;
+    ui.label(format!(
+        "Step {step} · {:.0} img/s · {:.0} s elapsed",
+        last.images_per_s, last.elapsed_s
+    ));
+    if target > step {
+        // ETA from the mean of the last 20 steps.
+        let recent: Vec<f64> = history
+            .iter()
+            .rev()
+            .take(20)
+            .map(|s| s.step_seconds)
+            .collect();
+        let per = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
+        let eta = (target - step) as f64 * per;
+        ui.add(
+            egui::ProgressBar::new(step as f32 / target as f32)
+                .text(format!("{step}/{target} · ETA {}", fmt_duration(eta))),
+        );
     }
 }
 

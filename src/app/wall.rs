@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::GanscopeApp;
 use super::wall_gpu::{Atlas, WallCallback};
+use super::{AppCommand, PanelCtx};
 use crate::images::to_u8;
 use crate::train::worker::{Command, WallFrame};
 
@@ -107,7 +107,8 @@ pub fn build_atlas(frame: &WallFrame, heat: HeatMode, version: u64) -> Atlas {
     }
 }
 
-/// Cached atlas (and fallback texture) of the frame on screen.
+/// The wall panel: the cached atlas (and fallback texture) of the frame on screen, and the
+/// zoom it was drawn at.
 pub struct WallView {
     pub gpu: bool,
     /// The integer zoom the wall was last drawn at (the fitted one when the setting is 0).
@@ -158,50 +159,51 @@ impl WallView {
     }
 }
 
-impl GanscopeApp {
-    pub(crate) fn wall_ui(&mut self, ui: &mut egui::Ui) {
-        let n = self.frames.len();
+impl WallView {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) {
+        let run = ctx.run;
+        let n = run.frames.len();
         ui.horizontal(|ui| {
             ui.label("Zoom");
-            ui.add(egui::DragValue::new(&mut self.settings.zoom).range(0..=12))
+            ui.add(egui::DragValue::new(&mut ctx.settings.zoom).range(0..=12))
                 .on_hover_text("integer zoom; 0 = the largest that fits");
             ui.separator();
             ui.label("Heat map");
             egui::ComboBox::from_id_salt("heat")
-                .selected_text(match self.settings.heat {
+                .selected_text(match ctx.settings.heat {
                     HeatMode::Off => "off",
                     HeatMode::Row => "variance across seeds (row)",
                     HeatMode::Column => "variance across conditions (column)",
                 })
                 .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut self.settings.heat, HeatMode::Off, "off");
+                    ui.selectable_value(&mut ctx.settings.heat, HeatMode::Off, "off");
                     ui.selectable_value(
-                        &mut self.settings.heat,
+                        &mut ctx.settings.heat,
                         HeatMode::Row,
                         "variance across seeds (row)",
                     );
                     ui.selectable_value(
-                        &mut self.settings.heat,
+                        &mut ctx.settings.heat,
                         HeatMode::Column,
                         "variance across conditions (column)",
                     );
                 });
-            ui.checkbox(&mut self.settings.grid_lines, "Grid lines");
+            ui.checkbox(&mut ctx.settings.grid_lines, "Grid lines");
             ui.separator();
             ui.label("Columns");
-            let cols = ui.add(egui::DragValue::new(&mut self.settings.wall_cols).range(1..=16));
+            let cols = ui.add(egui::DragValue::new(&mut ctx.settings.wall_cols).range(1..=16));
             if cols.changed()
-                && let Some(info) = &self.info
+                && let Some(info) = &run.info
             {
                 let rows = info.wall_rows.clone();
-                let cols = self.settings.wall_cols;
-                self.send(Command::SetWall { rows, cols });
+                let cols = ctx.settings.wall_cols;
+                ctx.trainer(Command::SetWall { rows, cols });
             }
         });
         if n > 0 {
             ui.horizontal(|ui| {
-                let mut idx = self.scrub.unwrap_or(n - 1);
-                let step_of = |i: usize| self.frames.get(i).map_or(0, |f| f.step);
+                let mut idx = run.scrub.unwrap_or(n - 1);
+                let step_of = |i: usize| run.frames.get(i).map_or(0, |f| f.step);
                 let label = format!("step {}", step_of(idx));
                 // A long history gets a long slider: about 2 px per kept frame.
                 ui.spacing_mut().slider_width =
@@ -212,27 +214,31 @@ impl GanscopeApp {
                         .text("Timeline"),
                 );
                 if r.changed() {
-                    self.scrub = if idx + 1 == n { None } else { Some(idx) };
+                    ctx.send(AppCommand::Scrub(if idx + 1 == n {
+                        None
+                    } else {
+                        Some(idx)
+                    }));
                 }
                 ui.label(label);
-                let live = self.scrub.is_none();
+                let live = run.scrub.is_none();
                 if ui.selectable_label(live, "Live").clicked() {
-                    self.scrub = None;
+                    ctx.send(AppCommand::Scrub(None));
                 }
                 ui.label(format!("({n} frames kept, at most {})", super::FRAMES_KEPT));
             });
         }
-        let Some(frame) = self.shown_frame().cloned() else {
+        let Some(frame) = run.shown_frame().cloned() else {
             ui.centered_and_justified(|ui| {
-                ui.label(match &self.error {
+                ui.label(match &run.error {
                     Some(_) => "No samples: see the error above.",
                     None => "Building the dataset and the networks…",
                 });
             });
             return;
         };
-        self.wall.update(ui.ctx(), &frame, self.settings.heat);
-        let Some(atlas) = self.wall.atlas.clone() else {
+        self.update(ui.ctx(), &frame, ctx.settings.heat);
+        let Some(atlas) = self.atlas.clone() else {
             return;
         };
         // Captions get the width of the longest one (at most a third of the panel; longer
@@ -266,11 +272,11 @@ impl GanscopeApp {
         } else {
             (0.0, fit(0.0))
         };
-        let zoom = match self.settings.zoom {
+        let zoom = match ctx.settings.zoom {
             0 => fitted,
             z => z as f32,
         };
-        self.wall.shown_zoom = zoom as u32;
+        self.shown_zoom = zoom as u32;
         let size = egui::vec2(atlas.width as f32 * zoom, atlas.height as f32 * zoom);
         egui::ScrollArea::both().show(ui, |ui| {
             ui.horizontal_top(|ui| {
@@ -300,7 +306,7 @@ impl GanscopeApp {
                     });
                 }
                 let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::hover());
-                if self.wall.gpu {
+                if self.gpu {
                     ui.painter()
                         .add(eframe::egui_wgpu::Callback::new_paint_callback(
                             rect,
@@ -308,16 +314,16 @@ impl GanscopeApp {
                                 atlas: atlas.clone(),
                                 cols: frame.cols as u32,
                                 rows: frame.rows as u32,
-                                heat: if self.settings.heat == HeatMode::Off {
+                                heat: if ctx.settings.heat == HeatMode::Off {
                                     0.0
                                 } else {
                                     0.65
                                 },
-                                line_px: if self.settings.grid_lines { 1.0 } else { 0.0 },
+                                line_px: if ctx.settings.grid_lines { 1.0 } else { 0.0 },
                                 rect_points: [rect.width(), rect.height()],
                             },
                         ));
-                } else if let Some(t) = &self.wall.texture {
+                } else if let Some(t) = &self.texture {
                     let uv = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
                     ui.painter().image(t.id(), rect, uv, egui::Color32::WHITE);
                 }
@@ -326,7 +332,7 @@ impl GanscopeApp {
                     frame.step, frame.rows, frame.cols
                 ));
             });
-            if self.settings.heat != HeatMode::Off {
+            if ctx.settings.heat != HeatMode::Off {
                 heat_legend(ui);
             }
         });

@@ -17,11 +17,9 @@ use candle_core::Device;
 
 use crate::config::TrainConfig;
 use crate::data::{self, ConditionKind, Dataset};
-use crate::diagnostics::Alarm;
 use crate::error::{Error, Result};
 use crate::images::Images;
 use crate::model::Generator;
-use crate::train::monitor::Check;
 pub use crate::train::run::{GeneratorWeights, NanPolicy, Recovery, StepEvent, WallFrame};
 use crate::train::run::{
     LoopEvent, LoopOptions, RunFolder, SPACE_FOR_LOGS, Sink, StepOutcome, TrainLoop, Until,
@@ -100,18 +98,19 @@ pub struct SessionInfo {
 pub enum Event {
     Ready(Box<SessionInfo>),
     State(RunState),
-    Step(Box<StepEvent>),
-    Wall(Arc<WallFrame>),
-    Weights(Arc<GeneratorWeights>),
-    Check(Box<Check>),
-    /// Diagnostics switched on (None) or off (why).
-    Diagnostics(Option<String>),
-    Alarm(Alarm),
-    Recovered(Recovery),
+    /// What the one training loop reports (steps, walls, weights, checks, alarms, logs),
+    /// forwarded as is.
+    Loop(LoopEvent),
     Saved(PathBuf),
-    Log(String),
     /// The session failed; the thread has ended. Start a new one to go on.
     Error(String),
+}
+
+impl Event {
+    /// A log line.
+    pub fn log(s: String) -> Self {
+        Event::Loop(LoopEvent::Log(s))
+    }
 }
 
 /// How to build a session.
@@ -221,16 +220,7 @@ impl Outbox {
 /// The loop's events, forwarded to the UI.
 impl Sink for Outbox {
     fn event(&mut self, ev: &LoopEvent) -> Result<()> {
-        self.send(match ev.clone() {
-            LoopEvent::Step(s) => Event::Step(Box::new(s)),
-            LoopEvent::Wall(f) => Event::Wall(f),
-            LoopEvent::Weights(w) => Event::Weights(w),
-            LoopEvent::Check(c) => Event::Check(c),
-            LoopEvent::Diagnostics(d) => Event::Diagnostics(d),
-            LoopEvent::Alarm(a) => Event::Alarm(a),
-            LoopEvent::Recovered(r) => Event::Recovered(r),
-            LoopEvent::Log(m) => Event::Log(m),
-        });
+        self.send(Event::Loop(ev.clone()));
         Ok(())
     }
 
@@ -303,10 +293,10 @@ impl Worker {
         if let Some(dir) = &spec.resume {
             trainer.load_checkpoint(dir)?;
             for note in &trainer.load_notes {
-                out.send(Event::Log(format!("checkpoint: {note}")));
+                out.send(Event::log(format!("checkpoint: {note}")));
             }
             if crate::checkpoint::is_weights_folder(dir) {
-                out.send(Event::Log(format!(
+                out.send(Event::log(format!(
                     "{} holds weights only (a shipped generator): training on starts Adam \
                      afresh at step {}; Save writes a full run folder elsewhere",
                     dir.display(),
@@ -403,7 +393,7 @@ impl Worker {
                 self.step(StepKind::Both, out)?;
                 if self.target > 0 && self.lp.trainer.step >= self.target {
                     self.running = false;
-                    out.send(Event::Log(format!(
+                    out.send(Event::log(format!(
                         "reached the target step {}",
                         self.target
                     )));
@@ -426,7 +416,7 @@ impl Worker {
             .step(kind, Until::default(), &mut [out, &mut folder])?;
         if let Some(e) = folder.failed {
             let dir = self.folder.take().map(|f| f.dir).unwrap_or_default();
-            out.send(Event::Log(format!(
+            out.send(Event::log(format!(
                 "writing the run folder {} failed, it is no longer written: {e}",
                 dir.display()
             )));
@@ -467,24 +457,24 @@ impl Worker {
             }
             Command::SetLearningRates { g, d } => {
                 if !(g > 0.0 && d > 0.0 && g.is_finite() && d.is_finite()) {
-                    out.send(Event::Log(format!(
+                    out.send(Event::log(format!(
                         "learning rates must be positive and finite (got G {g}, D {d})"
                     )));
                 } else {
                     self.lp.trainer.set_learning_rates(g, d);
-                    out.send(Event::Log(format!("learning rates: G {g:.2e}, D {d:.2e}")));
+                    out.send(Event::log(format!("learning rates: G {g:.2e}, D {d:.2e}")));
                 }
             }
             Command::SetNCritic(n) => {
                 self.lp.trainer.cfg.loss.n_critic = n.max(1);
-                out.send(Event::Log(format!("n_critic: {}", n.max(1))));
+                out.send(Event::log(format!("n_critic: {}", n.max(1))));
             }
             Command::SetWallEvery(n) => self.lp.opts.wall_every = n.max(1),
             Command::SetTarget(t) => self.target = t,
             Command::SetWall { rows, cols } => {
                 let k = self.lp.trainer.cfg.model.num_conditions;
                 if let Some((cap, bad)) = rows.iter().find(|(_, c)| c.len() != k) {
-                    out.send(Event::Log(format!(
+                    out.send(Event::log(format!(
                         "wall row `{cap}` has {} labels, the model has {k}",
                         bad.len()
                     )));
@@ -510,26 +500,26 @@ impl Worker {
                 };
                 match res {
                     Ok(()) => out.send(Event::Saved(dir)),
-                    Err(e) => out.send(Event::Log(format!("saving failed: {e}"))),
+                    Err(e) => out.send(Event::log(format!("saving failed: {e}"))),
                 }
             }
             Command::Load(dir) => match self.lp.load_checkpoint(&dir) {
                 Ok(()) => {
                     for note in &self.lp.trainer.load_notes {
-                        out.send(Event::Log(format!("checkpoint: {note}")));
+                        out.send(Event::log(format!("checkpoint: {note}")));
                     }
-                    out.send(Event::Log(format!(
+                    out.send(Event::log(format!(
                         "loaded {} (step {})",
                         dir.display(),
                         self.lp.trainer.step
                     )));
                     self.lp.send_wall(&mut [out])?;
                 }
-                Err(e) => out.send(Event::Log(format!("loading failed, nothing changed: {e}"))),
+                Err(e) => out.send(Event::log(format!("loading failed, nothing changed: {e}"))),
             },
             Command::InjectNan => {
                 if let Some(name) = self.lp.trainer.inject_nan()? {
-                    out.send(Event::Log(format!("injected NaN into {name}")));
+                    out.send(Event::log(format!("injected NaN into {name}")));
                 }
             }
             Command::Shutdown => return Ok(false),

@@ -2,7 +2,7 @@
 //! candle, shared by the desktop explorer and the headless CLI.
 
 // `unwrap` is for tests only (Cargo.toml's [lints] warns on it elsewhere).
-#![cfg_attr(test, allow(clippy::unwrap_used))]
+#![cfg_attr(test, expect(clippy::unwrap_used, reason = "tests may unwrap"))]
 
 pub mod app;
 pub mod bench;

@@ -1,7 +1,7 @@
 //! `data::open` reaches every loader from a run config, and the embedded default (synthetic
 //! i-CLEVR) needs no files.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 use ganscope::config::{DataConfig, DataKind, TrainConfig};
 use ganscope::data::{self, ConditionKind, Dataset};

@@ -7,7 +7,7 @@
 //! else it prints why and passes, so CPU-only CI runs it as a no-op. Run it with
 //! `cargo test --release --features cuda --test device_agreement -- --nocapture`.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 mod common;
 

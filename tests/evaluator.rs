@@ -1,7 +1,7 @@
 //! The evaluator learns a task with a known answer, round-trips through its files, and
 //! rejects weights that do not fit its config.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 use candle_core::Device;
 use ganscope::data::{ConditionKind, Dataset, InMemoryDataset};

@@ -4,7 +4,7 @@
 //! spectral norm, self-attention, the condition plane, projection). Fails if any relative
 //! error exceeds 1e-4.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 use candle_core::{DType, Device, Tensor};
 use ganscope::config::{Arch, Conditioning, DNorm, ModelConfig};

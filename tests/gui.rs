@@ -2,7 +2,7 @@
 //! composer toggles, a latent slider, pause / resume, exports, snapshots of the main panels.
 //! Needs a Vulkan or GL software driver (Mesa's lavapipe / llvmpipe; `.ci/run` installs it).
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -12,7 +12,7 @@
 //! Imports that break the order today are listed in [`EXCEPTIONS`]; an exception that is no
 //! longer needed fails the test too, so the list only shrinks.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Every preset's generator and discriminator build, produce the right shapes, and name their
 //! tensors after the struct fields with PyTorch layouts.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! Live diagnostics in the run loop: an evaluator is loaded, the real side fitted once, and
 //! every `monitor.every` steps a report lands in metrics.jsonl.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 mod common;
 

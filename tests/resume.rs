@@ -1,7 +1,7 @@
 //! Checkpoints: exact resume (in process and in a fresh process), crash safety at the trainer
 //! level, and clear errors that change nothing when a checkpoint does not fit the model.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 mod common;
 

@@ -2,7 +2,7 @@
 //! NaN guard (restore the last healthy in-memory snapshot, then pause or lower the LR), exact
 //! snapshot / restore, and the renderer thread.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap
+#![expect(clippy::unwrap_used, reason = "tests may unwrap")]
 
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;

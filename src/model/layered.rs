@@ -218,7 +218,7 @@ impl LayeredGenerator {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![expect(clippy::unwrap_used, reason = "tests may unwrap")]
     use super::*;
     use crate::config::Conditioning;
     use crate::data::ConditionKind;

@@ -1,5 +1,8 @@
-#![allow(clippy::unwrap_used)] // tests may unwrap
-#![allow(dead_code)] // each test binary uses a different part of these helpers
+#![allow(clippy::unwrap_used, reason = "tests may unwrap")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of these helpers"
+)]
 //! Shared helpers for integration tests.
 
 use ganscope::data::{ConditionKind, InMemoryDataset};

@@ -2,3 +2,4 @@
 
 pub mod classifier;
 pub mod metrics;
+pub mod torch_resnet;

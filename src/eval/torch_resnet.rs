@@ -1,0 +1,431 @@
+//! A PyTorch evaluator read as is: the NYCU course's i-CLEVR evaluator is torchvision's
+//! `resnet18` (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) with `fc`
+//! replaced by `nn.Sequential(nn.Linear(512, 24), nn.Sigmoid())`, saved as
+//! `torch.save({'model': state_dict}, 'checkpoint.pth')` and run in eval mode on 64x64 images
+//! in [-1, 1] (exactly what a generator's tanh gives).
+//!
+//! The file is read with candle's PyTorch reader (zip + pickle), under the key `model` if it
+//! has one (else as a plain state_dict; a `module.` prefix from `DataParallel` is dropped).
+//! Every width and the number of blocks per stage come from the tensor shapes, so the same
+//! code reads the real 45 MB file and the small committed fixture of the same layout
+//! (`tests/fixtures/course_evaluator/make_fixture.py`). Eval-mode BatchNorm is folded into the
+//! convolution before it (w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps),
+//! eps = 1e-5, PyTorch's default), computed in f64.
+//!
+//! Only basic-block ResNets (18, 34) are read; a bottleneck file (50 and up) is refused by name.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kernels::conv::conv2d;
+use crate::kernels::ops::add_channel_bias;
+
+/// PyTorch's BatchNorm2d default.
+const BN_EPS: f64 = 1e-5;
+
+/// A convolution with the eval-mode BatchNorm after it folded in.
+struct Folded {
+    w: Tensor,
+    b: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Folded {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        add_channel_bias(&conv2d(x, &self.w, self.stride, self.padding)?, &self.b)
+    }
+}
+
+/// torchvision's `BasicBlock`: relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x)).
+struct Block {
+    conv1: Folded,
+    conv2: Folded,
+    downsample: Option<Folded>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(x)?.relu()?;
+        let h = self.conv2.forward(&h)?;
+        let s = match &self.downsample {
+            Some(d) => d.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((h + s)?.relu()?)
+    }
+}
+
+/// torchvision's ResNet with basic blocks, in eval mode.
+pub struct TorchResNet {
+    conv1: Folded,
+    blocks: Vec<Block>,
+    fc_w: Tensor,
+    fc_b: Tensor,
+    /// Channels of the first stage (64 in resnet18).
+    pub width: usize,
+    /// Outputs of the head (24 for the course's evaluator).
+    pub num_labels: usize,
+    /// Blocks per stage ([2, 2, 2, 2] for resnet18).
+    pub layers: [usize; 4],
+}
+
+/// The tensors of a PyTorch file, by name, with the file's path for messages.
+struct StateDict<'a> {
+    path: &'a Path,
+    t: HashMap<String, Tensor>,
+}
+
+impl StateDict<'_> {
+    fn bad(&self, msg: String) -> Error {
+        Error::bad_file(self.path, msg)
+    }
+
+    /// Tensor `name` as f64 on the CPU, with exactly `dims` (an empty `dims` entry = any).
+    fn get(&self, name: &str, dims: &[Option<usize>]) -> Result<Tensor> {
+        let t = self.t.get(name).ok_or_else(|| {
+            self.bad(format!(
+                "no tensor `{name}`: not a torchvision ResNet state_dict (it has {} tensors{})",
+                self.t.len(),
+                self.t
+                    .keys()
+                    .min()
+                    .map_or(String::new(), |k| format!(", e.g. `{k}`"))
+            ))
+        })?;
+        let ok = t.rank() == dims.len()
+            && t.dims()
+                .iter()
+                .zip(dims)
+                .all(|(a, b)| b.is_none_or(|b| *a == b));
+        if !ok {
+            return Err(self.bad(format!(
+                "tensor `{name}` has shape {:?}, expected {}",
+                t.dims(),
+                dims.iter()
+                    .map(|d| d.map_or("*".to_string(), |d| d.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(" x ")
+            )));
+        }
+        Ok(t.to_dtype(DType::F64)?)
+    }
+
+    /// Conv `conv` (no bias) followed by BatchNorm `bn`, folded, on `device` in f32.
+    fn folded(
+        &self,
+        conv: &str,
+        bn: &str,
+        cin: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        device: &Device,
+    ) -> Result<(Folded, usize)> {
+        let w = self.get(
+            &format!("{conv}.weight"),
+            &[None, Some(cin), Some(k), Some(k)],
+        )?;
+        let cout = w.dim(0)?;
+        let c = [Some(cout)];
+        let gamma = self.get(&format!("{bn}.weight"), &c)?;
+        let beta = self.get(&format!("{bn}.bias"), &c)?;
+        let mean = self.get(&format!("{bn}.running_mean"), &c)?;
+        let var = self.get(&format!("{bn}.running_var"), &c)?;
+        let v = var.to_vec1::<f64>()?;
+        if v.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err(self.bad(format!(
+                "`{bn}.running_var` holds a negative or non-finite value"
+            )));
+        }
+        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+        let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let b = (beta - (mean * &scale)?)?;
+        let to = |t: Tensor| -> Result<Tensor> {
+            let t = t.to_dtype(DType::F32)?;
+            if t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .any(|v| !v.is_finite())
+            {
+                return Err(self.bad(format!("`{conv}` or `{bn}` holds a non-finite value")));
+            }
+            Ok(t.to_device(device)?)
+        };
+        Ok((
+            Folded {
+                w: to(w)?,
+                b: to(b)?,
+                stride,
+                padding,
+            },
+            cout,
+        ))
+    }
+}
+
+impl TorchResNet {
+    /// Read a PyTorch checkpoint (`.pth`) of a torchvision basic-block ResNet.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::bad_file(path, "not a regular file"));
+        }
+        let read = |key: Option<&str>| candle_core::pickle::read_all_with_key(path, key);
+        let tensors = match read(Some("model")) {
+            Ok(t) => t,
+            Err(_) => read(None).map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!("not a PyTorch checkpoint that candle can read: {e}"),
+                )
+            })?,
+        };
+        let t = tensors
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
+            .collect();
+        Self::from_state_dict(path, t, device)
+    }
+
+    fn from_state_dict(path: &Path, t: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let sd = StateDict { path, t };
+        if sd.t.keys().any(|k| k.ends_with(".conv3.weight")) {
+            return Err(sd.bad(
+                "a bottleneck ResNet (50, 101, 152): only basic-block ResNets (18, 34) are read"
+                    .into(),
+            ));
+        }
+        let (conv1, width) = sd.folded("conv1", "bn1", 3, 7, 2, 3, device)?;
+        let mut blocks = Vec::new();
+        let mut layers = [0usize; 4];
+        let mut cin = width;
+        for (stage, n) in layers.iter_mut().enumerate() {
+            let cout = width << stage;
+            while sd
+                .t
+                .contains_key(&format!("layer{}.{}.conv1.weight", stage + 1, *n))
+            {
+                let p = format!("layer{}.{}", stage + 1, *n);
+                let stride = if stage > 0 && *n == 0 { 2 } else { 1 };
+                let (c1, o1) = sd.folded(
+                    &format!("{p}.conv1"),
+                    &format!("{p}.bn1"),
+                    cin,
+                    3,
+                    stride,
+                    1,
+                    device,
+                )?;
+                let (c2, o2) = sd.folded(
+                    &format!("{p}.conv2"),
+                    &format!("{p}.bn2"),
+                    o1,
+                    3,
+                    1,
+                    1,
+                    device,
+                )?;
+                if o1 != cout || o2 != cout {
+                    return Err(sd.bad(format!(
+                        "`{p}` has {o1}/{o2} channels, a ResNet of width {width} has {cout} there"
+                    )));
+                }
+                let down = format!("{p}.downsample.0.weight");
+                let downsample = if sd.t.contains_key(&down) {
+                    let (d, _) = sd.folded(
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        cin,
+                        1,
+                        stride,
+                        0,
+                        device,
+                    )?;
+                    Some(d)
+                } else if stride != 1 || cin != cout {
+                    return Err(sd.bad(format!("`{p}` changes its shape but has no downsample")));
+                } else {
+                    None
+                };
+                blocks.push(Block {
+                    conv1: c1,
+                    conv2: c2,
+                    downsample,
+                });
+                cin = cout;
+                *n += 1;
+            }
+            if *n == 0 {
+                return Err(sd.bad(format!("no blocks in layer{}", stage + 1)));
+            }
+        }
+        // The course's head is Sequential(Linear, Sigmoid) (`fc.0.*`); a plain one is `fc.*`.
+        let fc = if sd.t.contains_key("fc.0.weight") {
+            "fc.0"
+        } else {
+            "fc"
+        };
+        let fc_w = sd.get(&format!("{fc}.weight"), &[None, Some(cin)])?;
+        let k = fc_w.dim(0)?;
+        let fc_b = sd.get(&format!("{fc}.bias"), &[Some(k)])?;
+        let dev = |t: Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?
+                .t()?
+                .contiguous()?
+                .to_device(device)?)
+        };
+        Ok(Self {
+            conv1,
+            blocks,
+            fc_w: dev(fc_w)?,
+            fc_b: fc_b.to_dtype(DType::F32)?.to_device(device)?,
+            width,
+            num_labels: k,
+            layers,
+        })
+    }
+
+    /// Dimension of the pooled feature vector.
+    pub fn feature_dim(&self) -> usize {
+        self.width * 8
+    }
+
+    /// x: (B, 3, H, W) in [-1, 1] -> (logits (B, K) before the head's sigmoid, pooled
+    /// features (B, 8 width)).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.conv1.forward(x)?.relu()?;
+        // Max-pool 3x3 / 2 with padding 1: after the ReLU every value is >= 0, so padding
+        // with zeros is padding with -inf.
+        let h = h
+            .pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride((3, 3), (2, 2))?;
+        let mut h = h;
+        for b in &self.blocks {
+            h = b.forward(&h)?;
+        }
+        let feats = h.mean((2, 3))?;
+        let logits = feats.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)?;
+        Ok((logits, feats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests may unwrap")]
+    use super::*;
+
+    fn fixture() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/course_evaluator")
+    }
+
+    /// `fixed_input` of make_fixture.py: sin(0.37 i + 1.1 c + 0.21 y - 0.13 x + 0.005 y x).
+    fn fixed_input(n: usize) -> Tensor {
+        let s = 64;
+        let mut v = Vec::with_capacity(n * 3 * s * s);
+        for i in 0..n {
+            for c in 0..3 {
+                for y in 0..s {
+                    for x in 0..s {
+                        let (i, c, y, x) = (i as f64, c as f64, y as f64, x as f64);
+                        v.push(
+                            (0.37 * i + 1.1 * c + 0.21 * y - 0.13 * x + 0.005 * y * x).sin() as f32,
+                        );
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn the_course_layout_matches_pytorch_on_the_fixture() {
+        // expected.json: PyTorch 2.15's logits and sigmoid outputs of the fixture network
+        // (torchvision's resnet18 layout at widths 4-32, random BN statistics, eval mode).
+        let dir = fixture();
+        let net = TorchResNet::load(&dir.join("checkpoint.pth"), &Device::Cpu).unwrap();
+        assert_eq!(
+            (net.width, net.num_labels, net.layers),
+            (4, 24, [2, 2, 2, 2])
+        );
+        let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
+        let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let (logits, feats) = net.forward(&fixed_input(3)).unwrap();
+        assert_eq!(feats.dims(), &[3, 32]);
+        let got_l = logits.to_vec2::<f32>().unwrap();
+        let got_p = candle_nn::ops::sigmoid(&logits)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut worst = 0f64;
+        for (key, got) in [("logits", &got_l), ("probabilities", &got_p)] {
+            let rows = want[key].as_array().unwrap();
+            assert_eq!(rows.len(), 3);
+            for (r, g) in rows.iter().zip(got.iter()) {
+                let r = r.as_array().unwrap();
+                assert_eq!(r.len(), 24);
+                for (a, b) in r.iter().zip(g) {
+                    worst = worst.max((a.as_f64().unwrap() - *b as f64).abs());
+                }
+            }
+        }
+        assert!(worst < 1e-4, "worst difference from PyTorch {worst:e}");
+    }
+
+    #[test]
+    fn files_that_are_not_a_basic_block_resnet_are_named_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pth");
+        std::fs::write(&junk, b"not a zip").unwrap();
+        let e = TorchResNet::load(&junk, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("junk.pth") && e.contains("PyTorch"), "{e}");
+        let e = TorchResNet::load(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        // The fixture's tensors with one missing / one of the wrong shape / a bottleneck key.
+        let path = fixture().join("checkpoint.pth");
+        let full: HashMap<String, Tensor> =
+            candle_core::pickle::read_all_with_key(&path, Some("model"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let mut t = full.clone();
+        t.remove("layer3.0.downsample.0.weight");
+        t.remove("layer3.0.downsample.1.weight");
+        let e = TorchResNet::from_state_dict(&path, t, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("layer3.0") && e.contains("downsample"), "{e}");
+        let mut t = full.clone();
+        t.insert(
+            "fc.0.weight".into(),
+            Tensor::zeros((24, 31), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = TorchResNet::from_state_dict(&path, t, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("fc.0.weight") && e.contains("[24, 31]"), "{e}");
+        let mut t = full;
+        t.insert(
+            "layer1.0.conv3.weight".into(),
+            Tensor::zeros((4, 4, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = TorchResNet::from_state_dict(&path, t, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("bottleneck"), "{e}");
+    }
+}

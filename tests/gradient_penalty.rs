@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use ganscope::config::{Arch, Conditioning, DNorm, ModelConfig};
 use ganscope::data::ConditionKind;
 use ganscope::model::Discriminator;
+use ganscope::nn::Pass;
 use ganscope::rng::Rng;
 use ganscope::train::loss::{gradient_penalty, r1_penalty};
 
@@ -154,7 +155,7 @@ fn check(case: &Case, which: &str) -> f64 {
     .unwrap();
     let train = case.train;
     let penalty = || -> Tensor {
-        let critic = |x: &Tensor| Ok(d.forward(x, &cond, train)?.logits);
+        let critic = |x: &Tensor| Ok(d.forward(x, &cond, Pass::new(train))?.logits);
         match which {
             "wgan-gp" => gradient_penalty(&real, &fake, &eps, critic).unwrap(),
             _ => r1_penalty(&real, critic).unwrap(),

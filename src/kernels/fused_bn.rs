@@ -1655,6 +1655,7 @@ mod tests {
 
     fn evaluator_step() {
         use crate::eval::classifier::{Classifier, EvaluatorConfig};
+        use crate::nn::Pass;
         use crate::optim::adam::Adam;
         use crate::train::loss::aux_loss;
         let cfg = EvaluatorConfig {
@@ -1678,7 +1679,7 @@ mod tests {
         )
         .unwrap();
         let mut step = || {
-            let (logits, _) = model.forward(&x, true).unwrap();
+            let (logits, _) = model.forward(&x, Pass::train()).unwrap();
             let loss = aux_loss(cfg.kind, &logits, &y).unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
         };

@@ -22,6 +22,7 @@ use crate::data::Dataset;
 pub use crate::diagnostics::StepStats;
 use crate::error::{Error, Result};
 use crate::model::{Discriminator, Generator};
+use crate::nn::Pass;
 use crate::optim::adam::Adam;
 use crate::rng::Rng;
 
@@ -261,10 +262,11 @@ impl Trainer {
         let b = self.cfg.batch_size;
         let (real, c) = self.real_batch()?;
         let z = self.noise(b)?;
-        let fake = self.generator.forward(&z, &c, true)?.detach();
+        let pass = Pass::train();
+        let fake = self.generator.forward(&z, &c, pass)?.detach();
         let (real_a, fake_a) = (self.augment(&real)?, self.augment(&fake)?);
-        let out_r = self.discriminator.forward(&real_a, &c, true)?;
-        let out_f = self.discriminator.forward(&fake_a, &c, true)?;
+        let out_r = self.discriminator.forward(&real_a, &c, pass)?;
+        let out_f = self.discriminator.forward(&fake_a, &c, pass)?;
         let lk = self.cfg.loss.kind;
         let mut total = loss::d_loss(lk, &out_r.logits, &out_f.logits)?;
         let mut st = StepStats {
@@ -280,14 +282,14 @@ impl Trainer {
             let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
             let disc = &self.discriminator;
             let gp = loss::gradient_penalty(&real, &fake, &eps, |x| {
-                Ok(disc.forward(x, &c, true)?.logits)
+                Ok(disc.forward(x, &c, pass)?.logits)
             })?;
             st.gp = Some(scalar(&gp)?);
             total = (total + gp.affine(self.cfg.loss.gp_lambda, 0.0)?)?;
         }
         if self.cfg.loss.r1_gamma > 0.0 {
             let disc = &self.discriminator;
-            let r1 = loss::r1_penalty(&real, |x| Ok(disc.forward(x, &c, true)?.logits))?;
+            let r1 = loss::r1_penalty(&real, |x| Ok(disc.forward(x, &c, pass)?.logits))?;
             st.r1 = Some(scalar(&r1)?);
             total = (total + r1.affine(self.cfg.loss.r1_gamma / 2.0, 0.0)?)?;
         }
@@ -326,11 +328,11 @@ impl Trainer {
             self.sample_conditions(b)?
         };
         let z = self.noise(b)?;
-        let fake = self.generator.forward(&z, &c, true)?;
+        let pass = Pass::train();
+        let fake = self.generator.forward(&z, &c, pass)?;
         let fake_a = self.augment(&fake)?;
         // D's parameters as constants: their gradients are not needed here.
-        let disc = &self.discriminator;
-        let out = crate::nn::with_frozen_params(|| disc.forward(&fake_a, &c, true))?;
+        let out = self.discriminator.forward(&fake_a, &c, pass.frozen())?;
         let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
         if ms > 0.0 {
             let term = loss::mode_seeking(&fake, &z)?;

@@ -47,6 +47,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
+use crate::grad::GradMode;
 use crate::kernels::ops::LeakyRelu;
 use crate::nn::{
     BatchNorm, Conv2d, ConvTranspose2d, FlopCounter, LayerOpts, Linear, Pass, WeightInit, softplus,
@@ -497,13 +498,16 @@ impl Workload for WganGpCritic64 {
     fn step(&mut self) -> Result<Vec<f64>> {
         let b = self.batch;
         let z = normal(&mut self.rng, &[b, 100, 1, 1], &self.dev)?;
-        let pass = Pass::train();
+        // The penalty's inner backward skips the critic's weight gradients through `mode`.
+        let mode = GradMode::new();
+        let pass = Pass::train().with_grad(&mode);
         let fake = self.g.forward(&z, pass)?.detach();
         let e: Vec<f64> = (0..b).map(|_| self.rng.uniform()).collect();
         let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.dev)?.to_dtype(DType::F32)?;
         let (d, real) = (&self.d, &self.real);
         let wd = (d.forward(&fake, pass)?.mean_all()? - d.forward(real, pass)?.mean_all()?)?;
-        let gp = crate::train::loss::gradient_penalty(real, &fake, &eps, |x| d.forward(x, pass))?;
+        let gp =
+            crate::train::loss::gradient_penalty(real, &fake, &eps, &mode, |x| d.forward(x, pass))?;
         let loss = (&wd + gp.affine(10.0, 0.0)?)?;
         self.opt_d.step(&loss.backward()?)?;
         Ok(vec![scalar(&loss)?, scalar(&gp)?])

@@ -60,8 +60,9 @@ pub fn tune_allocator() {
 /// Measured with `ganscope bench --threads 2` on the 2-core machine (see `bench/RESULTS.md`):
 /// `cdcgan28` 130 -> 119 ms per iteration, `dcgan64` 1247 -> 1213 ms.
 ///
-/// Equivalent to `f()` otherwise: a pass's train and frozen modes travel with it as an
-/// [`nn::Pass`] value, so nothing has to be carried to the worker.
+/// Equivalent to `f()` otherwise: no engine state lives in threads (a pass's train, frozen
+/// and backward modes travel with it as [`nn::Pass`] and [`grad::GradMode`] values), so
+/// nothing has to be carried to the worker.
 pub fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         f()

@@ -1,8 +1,8 @@
 //! Layers shared by every network family: convolutions, linear layers, BatchNorm (plain and
 //! conditional), layer norm, spectral normalisation, self-attention, minibatch standard
 //! deviation, weight initialisation, and [`Pass`], the value every layer's and network's
-//! forward takes: train or eval mode, frozen parameters and a FLOP counter
-//! ([`FlopCounter`]). The arithmetic runs in
+//! forward takes: train or eval mode, frozen parameters, the backward mode of its fused ops
+//! ([`GradMode`]) and a FLOP counter ([`FlopCounter`]). The arithmetic runs in
 //! [`crate::kernels`] (custom ops and their candle fallbacks); activations and resampling are
 //! called from there directly ([`crate::kernels::ops`]).
 //!
@@ -21,6 +21,7 @@ use candle_core::{D, Tensor, Var};
 
 use crate::config::ConditionKind;
 use crate::error::Result;
+use crate::grad::GradMode;
 use crate::kernels::ops::{LeakyRelu, add_channel_bias, linear};
 use crate::params::{Init, Vb};
 
@@ -34,13 +35,16 @@ use crate::params::{Init, Vb};
 ///   (the generator step through the discriminator). Values, batch statistics, running
 ///   statistics and spectral-norm updates are as without it; gradients that are computed are
 ///   unchanged;
+/// - `grad`: the backward mode the pass's fused ops follow ([`GradMode`]; none: exact, every
+///   gradient);
 /// - `flops`: a counter the pass adds its FLOPs to ([`FlopCounter`]; for benchmarks).
 ///
-/// `Pass::train()`, `Pass::eval()`, then `.frozen()`, `.counting(&c)`.
+/// `Pass::train()`, `Pass::eval()`, then `.frozen()`, `.with_grad(&mode)`, `.counting(&c)`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pass<'a> {
     pub train: bool,
     pub frozen: bool,
+    pub grad: Option<&'a GradMode>,
     pub flops: Option<&'a FlopCounter>,
 }
 
@@ -60,6 +64,7 @@ impl Pass<'static> {
         Self {
             train,
             frozen: false,
+            grad: None,
             flops: None,
         }
     }
@@ -74,9 +79,13 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// The same pass in train or eval mode.
-    pub fn with_train(self, train: bool) -> Self {
-        Self { train, ..self }
+    /// The same pass with its fused ops following `mode` (set around a backward by
+    /// [`crate::grad::first_order_backward`] and [`crate::grad::input_gradient`]).
+    pub fn with_grad(self, mode: &'a GradMode) -> Self {
+        Self {
+            grad: Some(mode),
+            ..self
+        }
     }
 
     /// The same pass adding its forward FLOPs to `counter`.
@@ -265,7 +274,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let w = self.kernel(pass)?;
         let (s, p) = (self.stride, self.padding);
-        let y = crate::kernels::conv::conv2d(x, &w, s, p)?; // (B, O, H', W')
+        let y = crate::kernels::conv::conv2d(x, &w, s, p, pass.grad)?; // (B, O, H', W')
         pass.count(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
             Some(b) => add_channel_bias(&y, &pass.param(b))?,
@@ -281,7 +290,7 @@ impl Conv2d {
         }
         let w = self.kernel(pass)?;
         let (s, p) = (self.stride, self.padding);
-        let y = crate::kernels::conv::conv2d_act(x, &w, s, p, act)?;
+        let y = crate::kernels::conv::conv2d_act(x, &w, s, p, act, pass.grad)?;
         pass.count(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(y)
     }
@@ -343,7 +352,7 @@ impl ConvTranspose2d {
             None => weight,
         };
         let (s, p) = (self.stride, self.padding);
-        let y = crate::kernels::conv::conv_transpose2d(x, &w, s, p)?; // (B, O, H', W')
+        let y = crate::kernels::conv::conv_transpose2d(x, &w, s, p, pass.grad)?; // (B, O, H', W')
         pass.count(x.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
             Some(b) => add_channel_bias(&y, &pass.param(b))?,
@@ -550,7 +559,9 @@ impl CondBatchNorm {
             (Some(g), Some(b)) => {
                 let gamma = g.forward(cond, pass)?.affine(1.0, 1.0)?; // (B, C)
                 let beta = b.forward(cond, pass)?; // (B, C)
-                Ok(crate::kernels::fused_bn::cond_affine(&y, &gamma, &beta)?)
+                Ok(crate::kernels::fused_bn::cond_affine(
+                    &y, &gamma, &beta, pass.grad,
+                )?)
             }
             _ => Ok(y),
         }
@@ -643,7 +654,7 @@ impl SelfAttention {
         let q = self.query.forward(x, pass)?.reshape((b, (), n))?; // (B, Ck, N)
         let k = self.key.forward(x, pass)?.reshape((b, (), n))?; // (B, Ck, N)
         let v = self.value.forward(x, pass)?.reshape((b, (), n))?; // (B, Cv, N)
-        let o = crate::kernels::attention::attention(&q, &k, &v)?; // (B, Cv, N)
+        let o = crate::kernels::attention::attention(&q, &k, &v, pass.grad)?; // (B, Cv, N)
         pass.count(b * n * n * (q.dim(1)? + v.dim(1)?));
         let o = self.out.forward(&o.reshape((b, (), h, w))?, pass)?; // (B, C, H, W)
         Ok(x.add(&o.broadcast_mul(&pass.param(&self.gamma))?)?)

@@ -25,7 +25,8 @@
 //! images are a fixed seeded random batch in [-1, 1], labels seeded random.
 //!
 //! FLOP count (printed as "GFLOP/iter"): F_G and F_D are the forward FLOPs of G and D at the
-//! benchmark batch, counted by [`crate::nn::forward_flops`] (2 per
+//! benchmark batch, counted by a [`crate::nn::FlopCounter`] that one forward pass of each
+//! carries ([`Pass::counting`]; 2 per
 //! multiply-accumulate of convolutions, linear layers and attention products; normalisation,
 //! activations and the optimizer are not counted). A pass that is backpropagated counts 3x its
 //! forward (forward, input gradient, weight gradient), a forward-only pass 1x, a
@@ -33,7 +34,7 @@
 //! `dcgan64`/`cdcgan28`: 3 F_G + 9 F_D (G forward once, D on real and fake 2 x 3, the G
 //! step's D pass 3, G backward 2); `wgangp-critic64`: F_G + 12 F_D;
 //! `iclevr-sagan` (hinge, n_critic n): n (F_G + 6 F_D) + 3 F_G + 3 F_D.
-//! The G step runs D inside [`with_frozen_params`] (no weight gradients for D there; the
+//! The G step runs D in a frozen pass ([`Pass::frozen`]: no weight gradients for D there; the
 //! count above still includes them, as PyTorch computes them).
 //! The "floor" is that count at the measured sgemm rate: the time the iteration would take
 //! if all of it ran as one large matrix multiply (on the CPU a 2048^3 product with the `gemm`
@@ -46,10 +47,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
+use crate::grad::GradMode;
 use crate::kernels::ops::LeakyRelu;
 use crate::nn::{
-    BatchNorm, Conv2d, ConvTranspose2d, LayerOpts, Linear, WeightInit, forward_flops,
-    reset_forward_flops, softplus, with_frozen_params,
+    BatchNorm, Conv2d, ConvTranspose2d, FlopCounter, LayerOpts, Linear, Pass, WeightInit, softplus,
 };
 use crate::optim::adam::Adam;
 use crate::params::{ParamStore, Vb};
@@ -193,12 +194,12 @@ impl G64 {
     }
 
     /// z: (B, 100, 1, 1) -> (B, 3, 64, 64)
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+    fn forward(&self, z: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut h = z.clone();
         for (i, conv) in self.convs.iter().enumerate() {
-            h = conv.forward(&h, true)?;
+            h = conv.forward(&h, pass)?;
             h = match self.bns.get(i) {
-                Some(bn) => bn.forward_act(&h, true, Some(LeakyRelu::RELU))?,
+                Some(bn) => bn.forward_act(&h, pass, Some(LeakyRelu::RELU))?,
                 None => h.tanh()?,
             };
         }
@@ -239,16 +240,16 @@ impl D64 {
     }
 
     /// x: (B, 3, 64, 64) -> logits (B,)
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, conv) in self.convs.iter().enumerate() {
             h = match &self.bns[i] {
-                _ if i == last => conv.forward(&h, true)?,
+                _ if i == last => conv.forward(&h, pass)?,
                 Some(bn) => {
-                    bn.forward_act(&conv.forward(&h, true)?, true, Some(LeakyRelu::LEAKY))?
+                    bn.forward_act(&conv.forward(&h, pass)?, pass, Some(LeakyRelu::LEAKY))?
                 }
-                None => conv.forward_act(&h, true, LeakyRelu::LEAKY)?,
+                None => conv.forward_act(&h, pass, LeakyRelu::LEAKY)?,
             };
         }
         Ok(h.flatten_all()?)
@@ -276,14 +277,11 @@ impl Dcgan64 {
         let d = D64::new(true, ds.root("disc"))?;
         let mut rng = Rng::stream(seed, "bench.data");
         let real = uniform(&mut rng, &[batch, 3, 64, 64], -1.0, 1.0, dev)?;
-        let (fg, fd) = {
-            reset_forward_flops();
-            let x = g.forward(&normal(&mut rng, &[batch, 100, 1, 1], dev)?)?;
-            let fg = forward_flops();
-            reset_forward_flops();
-            d.forward(&x)?;
-            (fg, forward_flops())
-        };
+        let (fg, fd) = (FlopCounter::new(), FlopCounter::new());
+        let z = normal(&mut rng, &[batch, 100, 1, 1], dev)?;
+        let x = g.forward(&z, Pass::train().counting(&fg))?;
+        d.forward(&x, Pass::train().counting(&fd))?;
+        let (fg, fd) = (fg.get(), fd.get());
         Ok(Self {
             opt_g: adam(&gs)?,
             opt_d: adam(&ds)?,
@@ -305,13 +303,14 @@ impl Workload for Dcgan64 {
 
     fn step(&mut self) -> Result<Vec<f64>> {
         let z = normal(&mut self.rng, &[self.batch, 100, 1, 1], &self.dev)?;
-        let fake = self.g.forward(&z)?;
+        let pass = Pass::train();
+        let fake = self.g.forward(&z, pass)?;
         // D step: real and (detached) fake batches, each through D on its own.
-        let d_loss = (bce_const(&self.d.forward(&self.real)?, true)?
-            + bce_const(&self.d.forward(&fake.detach())?, false)?)?;
+        let d_loss = (bce_const(&self.d.forward(&self.real, pass)?, true)?
+            + bce_const(&self.d.forward(&fake.detach(), pass)?, false)?)?;
         self.opt_d.step(&d_loss.backward()?)?;
-        // G step through the updated D, on the same fakes.
-        let g_loss = bce_const(&with_frozen_params(|| self.d.forward(&fake))?, true)?;
+        // G step through the updated D (its parameters frozen), on the same fakes.
+        let g_loss = bce_const(&self.d.forward(&fake, pass.frozen())?, true)?;
         self.opt_g.step(&g_loss.backward()?)?;
         Ok(vec![scalar(&d_loss)?, scalar(&g_loss)?])
     }
@@ -342,15 +341,15 @@ impl G28 {
     }
 
     /// z: (B, 100), y: (B, 10) one-hot -> (B, 1, 28, 28)
-    fn forward(&self, z: &Tensor, y: &Tensor) -> Result<Tensor> {
+    fn forward(&self, z: &Tensor, y: &Tensor, pass: Pass) -> Result<Tensor> {
         let b = z.dim(0)?;
-        let h = self.input.forward(&Tensor::cat(&[z, y], 1)?, true)?;
-        let h = self.input_bn.forward_act(&h, true, Some(LeakyRelu::RELU))?;
+        let h = self.input.forward(&Tensor::cat(&[z, y], 1)?, pass)?;
+        let h = self.input_bn.forward_act(&h, pass, Some(LeakyRelu::RELU))?;
         let h = h.reshape((b, 128, 7, 7))?;
         let h =
             self.bn1
-                .forward_act(&self.conv1.forward(&h, true)?, true, Some(LeakyRelu::RELU))?;
-        Ok(self.conv2.forward(&h, true)?.tanh()?)
+                .forward_act(&self.conv1.forward(&h, pass)?, pass, Some(LeakyRelu::RELU))?;
+        Ok(self.conv2.forward(&h, pass)?.tanh()?)
     }
 }
 
@@ -373,13 +372,13 @@ impl D28 {
     }
 
     /// x: (B, 1, 28, 28), y: (B, 10) -> logits (B,)
-    fn forward(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: &Tensor, pass: Pass) -> Result<Tensor> {
         let h = Tensor::cat(&[x, &label_planes(y, 28, 28)?], 1)?;
-        let h = self.conv1.forward_act(&h, true, LeakyRelu::LEAKY)?;
+        let h = self.conv1.forward_act(&h, pass, LeakyRelu::LEAKY)?;
         let h =
             self.bn2
-                .forward_act(&self.conv2.forward(&h, true)?, true, Some(LeakyRelu::LEAKY))?;
-        Ok(self.out.forward(&h.flatten_from(1)?, true)?.flatten_all()?)
+                .forward_act(&self.conv2.forward(&h, pass)?, pass, Some(LeakyRelu::LEAKY))?;
+        Ok(self.out.forward(&h.flatten_from(1)?, pass)?.flatten_all()?)
     }
 }
 
@@ -407,14 +406,11 @@ impl Cdcgan28 {
         let real = uniform(&mut rng, &[batch, 1, 28, 28], -1.0, 1.0, dev)?;
         let labels: Vec<usize> = (0..batch).map(|_| rng.below(10)).collect();
         let real_y = one_hot(&labels, 10, dev)?;
-        let (fg, fd) = {
-            reset_forward_flops();
-            let x = g.forward(&normal(&mut rng, &[batch, 100], dev)?, &real_y)?;
-            let fg = forward_flops();
-            reset_forward_flops();
-            d.forward(&x, &real_y)?;
-            (fg, forward_flops())
-        };
+        let (fg, fd) = (FlopCounter::new(), FlopCounter::new());
+        let z = normal(&mut rng, &[batch, 100], dev)?;
+        let x = g.forward(&z, &real_y, Pass::train().counting(&fg))?;
+        d.forward(&x, &real_y, Pass::train().counting(&fd))?;
+        let (fg, fd) = (fg.get(), fd.get());
         Ok(Self {
             opt_g: adam(&gs)?,
             opt_d: adam(&ds)?,
@@ -440,11 +436,12 @@ impl Workload for Cdcgan28 {
         let z = normal(&mut self.rng, &[b, 100], &self.dev)?;
         let labels: Vec<usize> = (0..b).map(|_| self.rng.below(10)).collect();
         let y = one_hot(&labels, 10, &self.dev)?;
-        let fake = self.g.forward(&z, &y)?;
-        let d_loss = (bce_const(&self.d.forward(&self.real, &self.real_y)?, true)?
-            + bce_const(&self.d.forward(&fake.detach(), &y)?, false)?)?;
+        let pass = Pass::train();
+        let fake = self.g.forward(&z, &y, pass)?;
+        let d_loss = (bce_const(&self.d.forward(&self.real, &self.real_y, pass)?, true)?
+            + bce_const(&self.d.forward(&fake.detach(), &y, pass)?, false)?)?;
         self.opt_d.step(&d_loss.backward()?)?;
-        let g_loss = bce_const(&with_frozen_params(|| self.d.forward(&fake, &y))?, true)?;
+        let g_loss = bce_const(&self.d.forward(&fake, &y, pass.frozen())?, true)?;
         self.opt_g.step(&g_loss.backward()?)?;
         Ok(vec![scalar(&d_loss)?, scalar(&g_loss)?])
     }
@@ -475,14 +472,11 @@ impl WganGpCritic64 {
         let d = D64::new(false, ds.root("disc"))?;
         let mut rng = Rng::stream(seed, "bench.data");
         let real = uniform(&mut rng, &[batch, 3, 64, 64], -1.0, 1.0, dev)?;
-        let (fg, fd) = {
-            reset_forward_flops();
-            let x = g.forward(&normal(&mut rng, &[batch, 100, 1, 1], dev)?)?;
-            let fg = forward_flops();
-            reset_forward_flops();
-            d.forward(&x)?;
-            (fg, forward_flops())
-        };
+        let (fg, fd) = (FlopCounter::new(), FlopCounter::new());
+        let z = normal(&mut rng, &[batch, 100, 1, 1], dev)?;
+        let x = g.forward(&z, Pass::train().counting(&fg))?;
+        d.forward(&x, Pass::train().counting(&fd))?;
+        let (fg, fd) = (fg.get(), fd.get());
         Ok(Self {
             opt_d: adam(&ds)?,
             g,
@@ -504,12 +498,16 @@ impl Workload for WganGpCritic64 {
     fn step(&mut self) -> Result<Vec<f64>> {
         let b = self.batch;
         let z = normal(&mut self.rng, &[b, 100, 1, 1], &self.dev)?;
-        let fake = self.g.forward(&z)?.detach();
+        // The penalty's inner backward skips the critic's weight gradients through `mode`.
+        let mode = GradMode::new();
+        let pass = Pass::train().with_grad(&mode);
+        let fake = self.g.forward(&z, pass)?.detach();
         let e: Vec<f64> = (0..b).map(|_| self.rng.uniform()).collect();
         let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.dev)?.to_dtype(DType::F32)?;
-        let wd = (self.d.forward(&fake)?.mean_all()? - self.d.forward(&self.real)?.mean_all()?)?;
-        let d = &self.d;
-        let gp = crate::train::loss::gradient_penalty(&self.real, &fake, &eps, |x| d.forward(x))?;
+        let (d, real) = (&self.d, &self.real);
+        let wd = (d.forward(&fake, pass)?.mean_all()? - d.forward(real, pass)?.mean_all()?)?;
+        let gp =
+            crate::train::loss::gradient_penalty(real, &fake, &eps, &mode, |x| d.forward(x, pass))?;
         let loss = (&wd + gp.affine(10.0, 0.0)?)?;
         self.opt_d.step(&loss.backward()?)?;
         Ok(vec![scalar(&loss)?, scalar(&gp)?])
@@ -541,12 +539,14 @@ impl IclevrSagan {
             let (x, c) = data.batch(&idx, dev)?;
             let (x, c) = (x.to_dtype(DType::F32)?, c.to_dtype(DType::F32)?);
             let z = Tensor::zeros((batch, trainer.cfg.model.z_dim), DType::F32, dev)?;
-            reset_forward_flops();
-            trainer.generator.forward(&z, &c, false)?;
-            let fg = forward_flops();
-            reset_forward_flops();
-            trainer.discriminator.forward(&x, &c, false)?;
-            (fg, forward_flops())
+            let (fg, fd) = (FlopCounter::new(), FlopCounter::new());
+            trainer
+                .generator
+                .forward(&z, &c, Pass::eval().counting(&fg))?;
+            trainer
+                .discriminator
+                .forward(&x, &c, Pass::eval().counting(&fd))?;
+            (fg.get(), fd.get())
         };
         let l = &trainer.cfg.loss;
         let mut per_critic = fg + 6.0 * fd;

@@ -7,8 +7,15 @@
 //! `.cargo/config.toml`); the library never changes the environment: every trainer and every
 //! penalty *verifies* it ([`check_exact_second_order`]) on a tiny probe in the calling thread,
 //! returning an error instead of an inexact penalty.
+//!
+//! Which gradients a backward needs (all of them exactly, first order only, or the input's
+//! only) is a value, a [`GradMode`] handle that the forward pass hands to its fused ops and
+//! that [`first_order_backward`] and [`input_gradient`] set while their backward runs; no
+//! thread-local state decides it.
 
 use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
@@ -16,54 +23,93 @@ use candle_core::{Device, Tensor, Var};
 use crate::error::{Error, Result};
 
 thread_local! {
+    /// A cache of [`check_exact_second_order`]'s result (the environment is read once per
+    /// thread); it changes no behaviour.
     static VERIFIED: Cell<bool> = const { Cell::new(false) };
-    /// Set while [`first_order_backward`] runs in this thread.
-    static FIRST_ORDER: Cell<bool> = const { Cell::new(false) };
-    /// Set while the backward of [`input_gradient`] runs in this thread.
-    static INPUTS_ONLY: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Sets a thread-local flag for its lifetime and restores the previous value on drop (also
-/// when the backward fails).
-struct FlagGuard(&'static std::thread::LocalKey<Cell<bool>>, bool);
+/// What the backward now running through a network's fused ops needs from them: a shared
+/// handle, cheap to clone, created by whoever runs a step (the trainer, a benchmark, a test),
+/// handed to the forward pass (`crate::nn::Pass::with_grad`), whose custom ops keep a clone,
+/// and set around each backward by [`first_order_backward`] and [`input_gradient`] (restored
+/// when they return, also on error or panic). A fused op's backward receives no context in
+/// candle 0.11, and the same op can be differentiated twice in one step with different needs
+/// (a gradient penalty's inner backward wants exact input gradients only, the total loss's
+/// backward then passes the same ops again and wants weight gradients, first order only), so
+/// the op reads the handle when its backward runs. Ops built without a handle, and ops of a
+/// handle that is not inside either call, behave as by default: exact gradients of every
+/// order, for every argument that needs one.
+#[derive(Debug, Clone, Default)]
+pub struct GradMode(Arc<ModeFlags>);
 
-impl FlagGuard {
-    fn set(flag: &'static std::thread::LocalKey<Cell<bool>>) -> Self {
-        Self(flag, flag.with(|f| f.replace(true)))
+#[derive(Debug, Default)]
+struct ModeFlags {
+    first_order: AtomicBool,
+    inputs_only: AtomicBool,
+}
+
+impl GradMode {
+    /// A fresh handle, in the default mode.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a [`first_order_backward`] with this handle is running: its gradients will
+    /// not be differentiated again, so fused ops whose exact second-order backward is costly
+    /// may return plain values outside candle's graph.
+    pub fn first_order(&self) -> bool {
+        self.0.first_order.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backward inside an [`input_gradient`] with this handle is running: its
+    /// caller reads only the input's gradient, so ops may skip their weight gradients
+    /// (PyTorch's `autograd.grad(..., inputs=x)` prunes them the same way).
+    pub fn inputs_only(&self) -> bool {
+        self.0.inputs_only.load(Ordering::Relaxed)
+    }
+
+    /// [`GradMode::first_order`] of an op's optional handle (none: false).
+    pub fn first_order_in(mode: Option<&GradMode>) -> bool {
+        mode.is_some_and(GradMode::first_order)
+    }
+
+    /// [`GradMode::inputs_only`] of an op's optional handle (none: false).
+    pub fn inputs_only_in(mode: Option<&GradMode>) -> bool {
+        mode.is_some_and(GradMode::inputs_only)
+    }
+
+    /// Runs `f` (a backward) with [`GradMode::inputs_only`] set, restored afterwards. For
+    /// [`input_gradient`], and for tests that check an op's input-only backward.
+    pub fn inputs_only_while<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _flag = FlagGuard::set(&self.0.inputs_only);
+        f()
     }
 }
 
-impl Drop for FlagGuard {
+/// Sets one flag of a [`GradMode`] for its lifetime and restores the previous value on drop
+/// (also when the backward fails or panics).
+struct FlagGuard<'a>(&'a AtomicBool, bool);
+
+impl<'a> FlagGuard<'a> {
+    fn set(flag: &'a AtomicBool) -> Self {
+        Self(flag, flag.swap(true, Ordering::Relaxed))
+    }
+}
+
+impl Drop for FlagGuard<'_> {
     fn drop(&mut self) {
-        self.0.with(|f| f.set(self.1));
+        self.0.store(self.1, Ordering::Relaxed);
     }
 }
 
 /// `t.backward()` for gradients that will not be differentiated again (those of a training
-/// step's update). While it runs, fused ops whose exact second-order backward is costly
-/// (attention) may return their input gradients as plain values outside candle's graph; every
-/// other backward keeps the graph, so gradients of gradients stay exact by default.
-pub fn first_order_backward(t: &Tensor) -> Result<GradStore> {
-    let _flag = FlagGuard::set(&FIRST_ORDER);
+/// step's update). While it runs, [`GradMode::first_order`] is set on `mode`: the fused ops
+/// built with that handle whose exact second-order backward is costly (attention, the
+/// conditional affine) may return their gradients as plain values outside candle's graph;
+/// every other backward keeps the graph, so gradients of gradients stay exact by default.
+pub fn first_order_backward(t: &Tensor, mode: &GradMode) -> Result<GradStore> {
+    let _flag = FlagGuard::set(&mode.0.first_order);
     Ok(t.backward()?)
-}
-
-/// Whether the backward now running in this thread is a [`first_order_backward`].
-pub fn first_order_only() -> bool {
-    FIRST_ORDER.with(|f| f.get())
-}
-
-/// Whether the backward now running in this thread is the one inside [`input_gradient`],
-/// whose caller reads only the input's gradient: ops may then skip their weight gradients
-/// (PyTorch's `autograd.grad(..., inputs=x)` prunes them the same way).
-pub fn inputs_only() -> bool {
-    INPUTS_ONLY.with(|f| f.get())
-}
-
-/// Runs `f` (a backward) with [`inputs_only`] set in this thread.
-pub(crate) fn inputs_only_while<R>(f: impl FnOnce() -> R) -> R {
-    let _flag = FlagGuard::set(&INPUTS_ONLY);
-    f()
 }
 
 /// The environment variable that makes candle keep gradient graphs, and its value.
@@ -108,17 +154,18 @@ pub fn per_sample_sq_norm(g: &Tensor) -> Result<Tensor> {
 
 /// Gradient of `sum(f(x))` with respect to `x`, kept differentiable: `f` gets a fresh leaf
 /// variable holding the values of `x` and returns a per-sample output. Also returns f's output.
-/// The backward runs under [`inputs_only`], so the convolutions skip the weight gradients
-/// nobody reads (one critic forward's worth of work: 13.3 of the 172.9 GFLOP of the
+/// The backward runs with [`GradMode::inputs_only`] set on `mode`, so the convolutions built
+/// with that handle (`f`'s forward pass should carry it) skip the weight gradients nobody
+/// reads (one critic forward's worth of work: 13.3 of the 172.9 GFLOP of the
 /// `wgangp-critic64` benchmark step).
-pub fn input_gradient<F>(x: &Tensor, f: F) -> Result<(Tensor, Tensor)>
+pub fn input_gradient<F>(x: &Tensor, mode: &GradMode, f: F) -> Result<(Tensor, Tensor)>
 where
     F: FnOnce(&Tensor) -> Result<Tensor>,
 {
     check_exact_second_order()?;
     let xv = Var::from_tensor(&x.detach())?;
     let out = f(xv.as_tensor())?;
-    let grads = inputs_only_while(|| out.sum_all()?.backward())?;
+    let grads = mode.inputs_only_while(|| out.sum_all()?.backward())?;
     let g = grads
         .get(xv.as_tensor())
         .cloned()

@@ -60,17 +60,15 @@ pub fn tune_allocator() {
 /// Measured with `ganscope bench --threads 2` on the 2-core machine (see `bench/RESULTS.md`):
 /// `cdcgan28` 130 -> 119 ms per iteration, `dcgan64` 1247 -> 1213 ms.
 ///
-/// Equivalent to `f()` for the engine's thread-local state: the job runs with the caller's
-/// [`nn::with_frozen_params`] state, whatever the worker's own. (A worker that
-/// waits for a forked kernel may pick up another thread's job meanwhile; without this, a job
-/// picked up inside a frozen pass would train nothing.)
+/// Equivalent to `f()` otherwise: no engine state lives in threads (a pass's train, frozen
+/// and backward modes travel with it as [`nn::Pass`] and [`grad::GradMode`] values), so
+/// nothing has to be carried to the worker.
 pub fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         f()
     } else {
-        let frozen = nn::params_frozen();
         // `scope` runs its closure on a worker of the global pool and blocks until it returns.
-        rayon::scope(|_| nn::with_frozen_state(frozen, f))
+        rayon::scope(|_| f())
     }
 }
 

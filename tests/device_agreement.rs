@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use ganscope::config::{PRESETS, TrainConfig};
 use ganscope::data::{ConditionKind, Dataset};
 use ganscope::eval::classifier::{Classifier, EvaluatorConfig};
+use ganscope::nn::Pass;
 use ganscope::rng::Rng;
 use ganscope::train::Trainer;
 
@@ -127,13 +128,13 @@ fn compare_training(cfg: &TrainConfig, dtype: DType, dev: &Device, steps: usize)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let g_cpu = cpu.generator.forward(&z, &c, false).unwrap();
+    let g_cpu = cpu.generator.forward(&z, &c, Pass::eval()).unwrap();
     let g_acc = acc
         .generator
         .forward(
             &z.to_device(dev).unwrap(),
             &c.to_device(dev).unwrap(),
-            false,
+            Pass::eval(),
         )
         .unwrap();
     let g_init = max_abs_diff(&g_cpu, &g_acc);
@@ -145,10 +146,14 @@ fn compare_training(cfg: &TrainConfig, dtype: DType, dev: &Device, steps: usize)
             .max(rel(s1.d_loss, s2.d_loss))
             .max(rel(s1.g_loss, s2.g_loss));
     }
-    let g_cpu = cpu.generator.forward(&z, &c, true).unwrap();
+    let g_cpu = cpu.generator.forward(&z, &c, Pass::train()).unwrap();
     let g_acc = acc
         .generator
-        .forward(&z.to_device(dev).unwrap(), &c.to_device(dev).unwrap(), true)
+        .forward(
+            &z.to_device(dev).unwrap(),
+            &c.to_device(dev).unwrap(),
+            Pass::train(),
+        )
         .unwrap();
     Agreement {
         g_init,
@@ -214,8 +219,10 @@ fn evaluator_agrees_between_cpu_and_accelerator() {
             .to_dtype(DType::F32)
             .unwrap();
         for train in [false, true] {
-            let (l1, f1) = cpu.forward(&x, train).unwrap();
-            let (l2, f2) = acc.forward(&x.to_device(&dev).unwrap(), train).unwrap();
+            let (l1, f1) = cpu.forward(&x, Pass::new(train)).unwrap();
+            let (l2, f2) = acc
+                .forward(&x.to_device(&dev).unwrap(), Pass::new(train))
+                .unwrap();
             let (dl, df) = (max_abs_diff(&l1, &l2), max_abs_diff(&f1, &f2));
             println!(
                 "evaluator {size}px stem {}, train {train}: logits max|diff| {dl:.3e}, features {df:.3e}",

@@ -9,7 +9,9 @@
 use candle_core::{DType, Device, Tensor};
 use ganscope::config::{Arch, Conditioning, DNorm, ModelConfig};
 use ganscope::data::ConditionKind;
+use ganscope::grad::GradMode;
 use ganscope::model::Discriminator;
+use ganscope::nn::Pass;
 use ganscope::rng::Rng;
 use ganscope::train::loss::{gradient_penalty, r1_penalty};
 
@@ -154,10 +156,14 @@ fn check(case: &Case, which: &str) -> f64 {
     .unwrap();
     let train = case.train;
     let penalty = || -> Tensor {
-        let critic = |x: &Tensor| Ok(d.forward(x, &cond, train)?.logits);
+        // As the trainer runs it: the critic's pass carries the mode that the penalty's inner
+        // backward sets (input gradients only).
+        let mode = GradMode::new();
+        let pass = Pass::new(train).with_grad(&mode);
+        let critic = |x: &Tensor| Ok(d.forward(x, &cond, pass)?.logits);
         match which {
-            "wgan-gp" => gradient_penalty(&real, &fake, &eps, critic).unwrap(),
-            _ => r1_penalty(&real, critic).unwrap(),
+            "wgan-gp" => gradient_penalty(&real, &fake, &eps, &mode, critic).unwrap(),
+            _ => r1_penalty(&real, &mode, critic).unwrap(),
         }
     };
     let p = penalty();

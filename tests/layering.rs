@@ -32,10 +32,10 @@ const LAYERS: &[(&str, u32)] = &[
     ("export", 0),
     ("tune_allocator", 0),
     ("elementwise_threads_env", 0),
+    // Runs a closure on a rayon worker (lib.rs); uses no module of the crate.
+    ("on_pool_worker", 0),
     ("kernels", 1),
     ("nn", 2),
-    // Carries `nn`'s frozen-parameter state to a rayon worker (lib.rs).
-    ("on_pool_worker", 2),
     ("optim", 3),
     ("model", 4),
     ("data", 5),

@@ -8,6 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use ganscope::config::{PRESETS, TrainConfig};
 use ganscope::model::{Discriminator, Generator};
+use ganscope::nn::Pass;
 use ganscope::rng::Rng;
 
 #[test]
@@ -22,7 +23,7 @@ fn every_preset_builds_with_the_right_shapes() {
         let z = Tensor::randn(0f32, 1.0, (b, m.z_dim), &dev).unwrap();
         let c = Tensor::zeros((b, m.num_conditions), DType::F32, &dev).unwrap();
         for train in [true, false] {
-            let x = g.forward(&z, &c, train).unwrap();
+            let x = g.forward(&z, &c, Pass::new(train)).unwrap();
             assert_eq!(
                 x.dims(),
                 &[b, m.channels, m.image_size, m.image_size],
@@ -36,7 +37,7 @@ fn every_preset_builds_with_the_right_shapes() {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(mx <= 1.0, "{name}: tanh output out of range ({mx})");
-            let out = d.forward(&x, &c, train).unwrap();
+            let out = d.forward(&x, &c, Pass::new(train)).unwrap();
             assert_eq!(out.logits.dims(), &[b], "{name} D logits");
             match m.conditioning {
                 _ if ganscope::model::has_aux_head(m) => {
@@ -137,9 +138,9 @@ fn the_new_options_build_for_both_families() {
         let b = 8;
         let z = Tensor::randn(0f32, 1.0, (b, m.z_dim), &dev).unwrap();
         let c = Tensor::ones((b, m.num_conditions), DType::F32, &dev).unwrap();
-        let x = g.forward(&z, &c, true).unwrap();
+        let x = g.forward(&z, &c, Pass::train()).unwrap();
         assert_eq!(x.dims(), &[b, m.channels, m.image_size, m.image_size]);
-        let out = d.forward(&x, &c, true).unwrap();
+        let out = d.forward(&x, &c, Pass::train()).unwrap();
         assert_eq!(out.logits.dims(), &[b], "{base}");
         assert_eq!(out.aux.unwrap().dims(), &[b, m.num_conditions], "{base}");
         let t = g.store.model_tensors();

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::eval::metrics::{TopK, topk_accuracy};
 use crate::images::from_u8;
 use crate::nn::aux_loss;
-use crate::nn::{BatchNorm, Conv2d, LayerOpts, Linear, WeightInit};
+use crate::nn::{BatchNorm, Conv2d, LayerOpts, Linear, Pass, WeightInit};
 use crate::optim::adam::Adam;
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
@@ -142,14 +142,14 @@ impl BasicBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let h = self
             .bn1
-            .forward(&self.conv1.forward(x, train)?, train)?
+            .forward(&self.conv1.forward(x, pass)?, pass)?
             .relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h, train)?, train)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h, pass)?, pass)?;
         let s = match &self.shortcut {
-            Some((c, b)) => b.forward(&c.forward(x, train)?, train)?,
+            Some((c, b)) => b.forward(&c.forward(x, pass)?, pass)?,
             None => x.clone(),
         };
         Ok((h + s)?.relu()?)
@@ -227,16 +227,16 @@ impl Classifier {
     }
 
     /// x: (B, C, H, W) in [-1, 1] -> (logits (B, K), pooled features (B, 8w)).
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<(Tensor, Tensor)> {
         let mut h = self
             .stem_bn
-            .forward(&self.stem.forward(x, train)?, train)?
+            .forward(&self.stem.forward(x, pass)?, pass)?
             .relu()?;
         for b in &self.blocks {
-            h = b.forward(&h, train)?;
+            h = b.forward(&h, pass)?;
         }
         let feats = h.mean((2, 3))?; // (B, 8w)
-        Ok((self.head.forward(&feats, train)?, feats))
+        Ok((self.head.forward(&feats, pass)?, feats))
     }
 
     /// Per-image label probabilities (sigmoid or softmax) and features, in eval mode,
@@ -251,10 +251,10 @@ impl Classifier {
         while i < n {
             let m = PREDICT_CHUNK.min(n - i);
             let xi = x.narrow(0, i, m)?;
-            let (logits, f) = self.forward(&xi, false)?;
+            let (logits, f) = self.forward(&xi, Pass::eval())?;
             let mut p = self.probabilities(&logits)?;
             if self.cfg.tta_hflip {
-                let (mirrored, _) = self.forward(&mirror(&xi)?, false)?;
+                let (mirrored, _) = self.forward(&mirror(&xi)?, Pass::eval())?;
                 p = ((p + self.probabilities(&mirrored)?)? * 0.5)?;
             }
             probs.extend(p.to_dtype(DType::F32)?.to_vec2::<f32>()?);
@@ -525,7 +525,7 @@ pub fn train_evaluator(
             // On a rayon worker, as the GAN trainer's steps (`crate::on_pool_worker`).
             let lv = crate::on_pool_worker(|| -> Result<f64> {
                 let (x, y) = batch(data, idx, cfg, Some(&mut rng), device)?;
-                let (logits, _) = model.forward(&x, true)?;
+                let (logits, _) = model.forward(&x, Pass::train())?;
                 let loss = aux_loss(cfg.kind, &logits, &y)?;
                 let grads = loss.backward()?;
                 opt.step(&grads)?;

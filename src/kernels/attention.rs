@@ -14,9 +14,10 @@
 //! - backward, from g = do (B, Cv, N): dv = g A, dA = g^T v, dL = A * (dA - rowsum(dA * A)),
 //!   dq = k dL^T, dk = q dL.
 //!
-//! Gradients of gradients: inside [`crate::grad::first_order_backward`] (a training step's
-//! update, whose gradients nobody differentiates) the backward runs fused kernels and returns
-//! plain values. Every other backward (gradient penalties) gets the same formulas written with
+//! Gradients of gradients: inside a [`crate::grad::first_order_backward`] with the
+//! [`GradMode`] the op was built with (a training step's update, whose gradients nobody
+//! differentiates) the backward runs fused kernels and returns plain values. Every other
+//! backward (gradient penalties, ops built without a mode) gets the same formulas written with
 //! differentiable candle ops, so second and higher orders stay exact.
 
 use candle_core::backend::BackendStorage;
@@ -28,15 +29,20 @@ use super::matmul::matmul_in;
 use super::ops::{softmax_last, softmax_row};
 use super::{Float, cpu_slice};
 use crate::error::Result;
+use crate::grad::GradMode;
 
 const NAME: &str = "ganscope-attention";
 
 /// o = v softmax_rows(q^T k)^T for q, k (B, Ck, N) and v (B, Cv, N); returns (B, Cv, N).
-/// On the CPU (f32, f64) the fused [`AttentionOp`], elsewhere [`attention_basic`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// On the CPU (f32, f64) the fused [`AttentionOp`], elsewhere [`attention_basic`]. `mode`:
+/// the pass's backward mode, if any (see the module docs).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mode: Option<&GradMode>) -> Result<Tensor> {
     if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+        let op = AttentionOp {
+            mode: mode.cloned(),
+        };
         Ok(q.contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp)?)
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
     } else {
         attention_basic(q, k, v)
     }
@@ -103,9 +109,12 @@ impl Geom {
     }
 }
 
-/// The fused op: arguments q, k, v; result o.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionOp;
+/// The fused op: arguments q, k, v; result o. `mode`: the backward mode of the pass that
+/// built it, if any.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionOp {
+    pub mode: Option<GradMode>,
+}
 
 /// Run `f(sample, out_chunk, parallel_products)` for every sample, `out` split in `chunk`s.
 fn per_sample<T: Send>(
@@ -259,7 +268,7 @@ impl CustomOp3 for AttentionOp {
         if !(tq || tk || tv) {
             return Ok((None, None, None));
         }
-        let (dq, dk, dv) = if crate::grad::first_order_only() {
+        let (dq, dk, dv) = if GradMode::first_order_in(self.mode.as_ref()) {
             grads_fused(q, k, v, go)?
         } else {
             grads_basic(q, k, v, go)?
@@ -371,11 +380,13 @@ mod tests {
             let k = randn(&mut rng, &[b, ck, n], DType::F32, 1.0);
             let v = randn(&mut rng, &[b, cv, n], DType::F32, 1.0);
             let r = randn(&mut rng, &[b, cv, n], DType::F32, 1.0);
-            let ours = attention(&q, &k, &v).unwrap();
+            let mode = GradMode::new();
+            let ours = attention(&q, &k, &v, Some(&mode)).unwrap();
             let theirs = attention_basic(&q, &k, &v).unwrap();
             let e = max_rel_err(&ours, &theirs);
             assert!(e < 1e-5, "forward {b}x{ck}x{cv}x{n}: {e}");
-            // Both backward modes of the fused op against candle's own backward.
+            // Both backward modes of the fused op (one graph, differentiated inside a
+            // first-order backward of its mode, then outside it) against candle's own backward.
             let reference = (theirs * r.as_tensor())
                 .unwrap()
                 .sum_all()
@@ -383,9 +394,14 @@ mod tests {
                 .backward()
                 .unwrap();
             let loss = (ours * r.as_tensor()).unwrap().sum_all().unwrap();
-            let fused = crate::grad::first_order_backward(&loss).unwrap();
+            let fused = crate::grad::first_order_backward(&loss, &mode).unwrap();
+            assert!(!mode.first_order(), "restored");
             let graph = loss.backward().unwrap();
             for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                // The mode decides: plain values inside its first-order backward, a graph
+                // outside it.
+                assert!(!fused.get(x).unwrap().track_op(), "d{name} fused");
+                assert!(graph.get(x).unwrap().track_op(), "d{name} graph");
                 let want = reference.get(x).unwrap();
                 for (mode, g) in [("fused", &fused), ("graph", &graph)] {
                     let e = max_rel_err(g.get(x).unwrap(), want);
@@ -412,7 +428,7 @@ mod tests {
             let q = wq.as_tensor().broadcast_matmul(xt).unwrap();
             let k = wk.as_tensor().broadcast_matmul(xt).unwrap();
             let o = if fused {
-                attention(&q, &k, xt).unwrap()
+                attention(&q, &k, xt, None).unwrap()
             } else {
                 attention_basic(&q, &k, xt).unwrap()
             };
@@ -455,10 +471,11 @@ mod tests {
                     .unwrap()
             };
             let (q, k, v) = (z(ck), z(ck), z(cv));
-            let o = attention(&q, &k, &v).unwrap();
+            let mode = GradMode::new();
+            let o = attention(&q, &k, &v, Some(&mode)).unwrap();
             assert_eq!(o.dims(), [2, cv, n]);
             let loss = o.sum_all().unwrap();
-            let grads = crate::grad::first_order_backward(&loss).unwrap();
+            let grads = crate::grad::first_order_backward(&loss, &mode).unwrap();
             assert_eq!(grads.get(&v).unwrap().dims(), [2, cv, n]);
             // Zero logits: uniform attention, so o = the mean of v over positions (v = 1).
             if cv > 0 && n > 0 {
@@ -471,7 +488,7 @@ mod tests {
     #[test]
     fn mismatched_shapes_are_an_error() {
         let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
-        let err = attention(&z(&[2, 3, 8]), &z(&[2, 3, 7]), &z(&[2, 5, 8])).unwrap_err();
+        let err = attention(&z(&[2, 3, 8]), &z(&[2, 3, 7]), &z(&[2, 5, 8]), None).unwrap_err();
         assert!(err.to_string().contains("do not fit"), "{err}");
     }
 }

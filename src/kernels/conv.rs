@@ -21,6 +21,11 @@
 //!   y_b = col2im(W^T (Cout K K, Cin) @ x_b).
 //! - weight gradient of conv2d: dW (O, C K K) = sum_b g_b (O, OH OW) @ im2col(x_b)^T.
 //!
+//! Each op may carry the [`GradMode`] handle of the pass that built it (the ops its backward
+//! builds inherit it): inside a backward that wants only input gradients
+//! ([`GradMode::inputs_only`], a gradient penalty's inner backward) the weight gradients are
+//! skipped. Without a handle every gradient is computed.
+//!
 //! A [`conv2d`] whose weight needs a gradient keeps its forward im2col (up to
 //! [`COLS_CACHE_MAX_BYTES`]) for the weight gradient, which would otherwise build the same
 //! columns again.
@@ -37,13 +42,23 @@ use rayon::prelude::*;
 use super::matmul::{matmul, matmul_in};
 use super::ops::{ActSideOp, LeakyRelu};
 use super::{MIN_TASK, Slot, assume_init, contiguous, uninit};
+use crate::grad::GradMode;
 
 /// 2-D convolution, x (B, C, H, W), w (O, C, K, K) OIHW -> (B, O, OH, OW), with
 /// OH = (H + 2 padding - K) / stride + 1. Same result as `x.conv2d(w, padding, stride, 1, 1)`.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+/// `mode`: the backward mode of the pass (see the module docs), if any.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    mode: Option<&GradMode>,
+) -> Result<Tensor> {
     if fast_path(x, w) {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dOp::keeping(stride, padding, w))
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv2dOp::keeping(stride, padding, w, mode),
+        )
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
@@ -51,10 +66,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 
 /// 2-D transposed convolution, x (B, Cin, H, W), w (Cin, Cout, K, K) -> (B, Cout, OH, OW),
 /// with OH = (H - 1) stride - 2 padding + K. Same result as
-/// `x.conv_transpose2d(w, padding, 0, stride, 1)`.
-pub fn conv_transpose2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+/// `x.conv_transpose2d(w, padding, 0, stride, 1)`. `mode` as for [`conv2d`].
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    mode: Option<&GradMode>,
+) -> Result<Tensor> {
     if fast_path(x, w) {
-        conv_transpose2d_op(x, w, stride, padding, (0, 0))
+        conv_transpose2d_op(x, w, stride, padding, (0, 0), mode)
     } else {
         x.conv_transpose2d(w, padding, 0, stride, 1)
     }
@@ -64,16 +85,17 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -
 /// convolution's op on the CPU: no separate pass, output or graph node. The forward records
 /// which side of zero each pre-activation fell on, and the backward multiplies the incoming
 /// gradient by the derivative read from it ([`ActSideOp`]), so values and gradients of every
-/// order are those of the two ops in turn, ties at zero included.
+/// order are those of the two ops in turn, ties at zero included. `mode` as for [`conv2d`].
 pub fn conv2d_act(
     x: &Tensor,
     w: &Tensor,
     stride: usize,
     padding: usize,
     act: LeakyRelu,
+    mode: Option<&GradMode>,
 ) -> crate::error::Result<Tensor> {
     if fast_path(x, w) {
-        let mut op = Conv2dOp::keeping(stride, padding, w);
+        let mut op = Conv2dOp::keeping(stride, padding, w, mode);
         op.act = Some((act, Arc::default()));
         Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
     } else {
@@ -93,7 +115,13 @@ fn fast_path(x: &Tensor, w: &Tensor) -> bool {
         && dims[2] == dims[3]
 }
 
-fn conv2d_op(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
+fn conv2d_op(
+    x: &Tensor,
+    w: &Tensor,
+    s: usize,
+    p: usize,
+    mode: Option<&GradMode>,
+) -> Result<Tensor> {
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
         Conv2dOp {
@@ -101,6 +129,7 @@ fn conv2d_op(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
             p,
             cols: None,
             act: None,
+            mode: mode.cloned(),
         },
     )
 }
@@ -112,6 +141,7 @@ fn conv_transpose2d_op(
     s: usize,
     p: usize,
     op: (usize, usize),
+    mode: Option<&GradMode>,
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
@@ -120,6 +150,7 @@ fn conv_transpose2d_op(
             p,
             oph: op.0,
             opw: op.1,
+            mode: mode.cloned(),
         },
     )
 }
@@ -133,9 +164,16 @@ fn weight_grad_op(
     p: usize,
     k: usize,
     cols: Option<Arc<ColsSlot>>,
+    mode: Option<&GradMode>,
 ) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&g.contiguous()?, WeightGradOp { s, p, k, cols })
+    let op = WeightGradOp {
+        s,
+        p,
+        k,
+        cols,
+        mode: mode.cloned(),
+    };
+    x.contiguous()?.apply_op2(&g.contiguous()?, op)
 }
 
 /// Output padding that makes conv_transpose2d map a conv2d output of size `out` back to an
@@ -153,13 +191,15 @@ fn output_padding(img: usize, out: usize, k: usize, s: usize, p: usize) -> Resul
 
 /// conv2d: (x, w) -> y. With `cols`, the forward stores its im2col there (see
 /// [`KeptCols`]); with `act`, it applies the activation to y and stores the pre-activation's
-/// sides in the slot (see [`conv2d_act`]).
+/// sides in the slot (see [`conv2d_act`]). `mode`: the pass's backward mode, if any; the ops
+/// its backward builds inherit it.
 #[derive(Debug, Clone)]
 struct Conv2dOp {
     s: usize,
     p: usize,
     cols: Option<Arc<ColsSlot>>,
     act: Option<(LeakyRelu, Arc<SideSlot>)>,
+    mode: Option<GradMode>,
 }
 
 /// Where a conv2d with a fused activation leaves the pre-activation's sides for its backward.
@@ -167,12 +207,13 @@ type SideSlot = OnceLock<Arc<Vec<u8>>>;
 
 impl Conv2dOp {
     /// A conv2d that keeps its columns for the weight gradient, if `w` will get one.
-    fn keeping(s: usize, p: usize, w: &Tensor) -> Self {
+    fn keeping(s: usize, p: usize, w: &Tensor, mode: Option<&GradMode>) -> Self {
         Self {
             s,
             p,
             cols: w.track_op().then(Arc::default),
             act: None,
+            mode: mode.cloned(),
         }
     }
 }
@@ -207,12 +248,13 @@ impl std::fmt::Debug for KeptCols {
 const COLS_CACHE_MAX_BYTES: usize = 32 << 20;
 
 /// conv_transpose2d with output padding: (x, w) -> y.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ConvT2dOp {
     s: usize,
     p: usize,
     oph: usize,
     opw: usize,
+    mode: Option<GradMode>,
 }
 
 /// Weight gradient of conv2d: (x, g) -> dw (O, C, k, k); `cols`: the forward's im2col of x,
@@ -223,6 +265,7 @@ struct WeightGradOp {
     p: usize,
     k: usize,
     cols: Option<Arc<ColsSlot>>,
+    mode: Option<GradMode>,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -257,7 +300,7 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (s, p) = (self.s, self.p);
+        let (s, p, mode) = (self.s, self.p, self.mode.as_ref());
         let k = w.dim(2)?;
         // With a fused activation, the gradient at the pre-activation.
         let g = &match &self.act {
@@ -276,11 +319,13 @@ impl CustomOp2 for Conv2dOp {
                 output_padding(h, oh, k, s, p)?,
                 output_padding(wd, ow, k, s, p)?,
             );
-            Some(conv_transpose2d_op(g, w, s, p, op)?)
+            Some(conv_transpose2d_op(g, w, s, p, op, mode)?)
         } else {
             None
         };
-        let gw = weight_gradient(w, || weight_grad_op(x, g, s, p, k, self.cols.clone()))?;
+        let gw = weight_gradient(w, mode, || {
+            weight_grad_op(x, g, s, p, k, self.cols.clone(), mode)
+        })?;
         Ok((gx, gw))
     }
 }
@@ -307,26 +352,32 @@ impl CustomOp2 for ConvT2dOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (s, p) = (self.s, self.p);
+        let (s, p, mode) = (self.s, self.p, self.mode.as_ref());
         // x sits on the column side, g (the output's gradient) on the image side.
         let gx = if x.track_op() {
-            Some(conv2d_op(g, w, s, p)?)
+            Some(conv2d_op(g, w, s, p, mode)?)
         } else {
             None
         };
-        let gw = weight_gradient(w, || weight_grad_op(g, x, s, p, w.dim(2)?, None))?;
+        let gw = weight_gradient(w, mode, || {
+            weight_grad_op(g, x, s, p, w.dim(2)?, None, mode)
+        })?;
         Ok((gx, gw))
     }
 }
 
 /// The weight gradient a convolution's backward returns: `f()`, unless the weight needs none
-/// or the backward wants only input gradients ([`crate::grad::inputs_only`]). Then a weight
-/// that is a variable gets nothing, and one computed from variables (spectral norm) gets
-/// zeros: candle's backward requires a gradient for every such intermediate tensor.
-fn weight_gradient(w: &Tensor, f: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+/// or the backward wants only input gradients ([`GradMode::inputs_only`] of the op's `mode`).
+/// Then a weight that is a variable gets nothing, and one computed from variables (spectral
+/// norm) gets zeros: candle's backward requires a gradient for every such intermediate tensor.
+fn weight_gradient(
+    w: &Tensor,
+    mode: Option<&GradMode>,
+    f: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
     if !w.track_op() {
         Ok(None)
-    } else if !crate::grad::inputs_only() {
+    } else if !GradMode::inputs_only_in(mode) {
         f().map(Some)
     } else if w.is_variable() {
         Ok(None)
@@ -360,7 +411,7 @@ impl CustomOp2 for WeightGradOp {
         _res: &Tensor,
         gdw: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (s, p, k) = (self.s, self.p, self.k);
+        let (s, p, k, mode) = (self.s, self.p, self.k, self.mode.as_ref());
         let gx = if x.track_op() {
             let (_, _, h, wd) = x.dims4()?;
             let (_, _, oh, ow) = g.dims4()?;
@@ -368,12 +419,12 @@ impl CustomOp2 for WeightGradOp {
                 output_padding(h, oh, k, s, p)?,
                 output_padding(wd, ow, k, s, p)?,
             );
-            Some(conv_transpose2d_op(g, gdw, s, p, op)?)
+            Some(conv_transpose2d_op(g, gdw, s, p, op, mode)?)
         } else {
             None
         };
         let gg = if g.track_op() {
-            Some(conv2d_op(x, gdw, s, p)?)
+            Some(conv2d_op(x, gdw, s, p, mode)?)
         } else {
             None
         };
@@ -1378,7 +1429,7 @@ mod tests {
                 let x = randn(&mut rng, &[b, c, h, w], dtype);
                 let wt = randn(&mut rng, &[o, c, k, k], dtype);
                 let r = rel(
-                    &conv2d(&x, &wt, s, p).unwrap(),
+                    &conv2d(&x, &wt, s, p, None).unwrap(),
                     &x.conv2d(&wt, p, s, 1, 1).unwrap(),
                 );
                 assert!(
@@ -1392,7 +1443,7 @@ mod tests {
                 let x = randn(&mut rng, &[b, c, h, w], dtype);
                 let wt = randn(&mut rng, &[c, o, k, k], dtype);
                 let r = rel(
-                    &conv_transpose2d(&x, &wt, s, p).unwrap(),
+                    &conv_transpose2d(&x, &wt, s, p, None).unwrap(),
                     &x.conv_transpose2d(&wt, p, 0, s, 1).unwrap(),
                 );
                 assert!(
@@ -1407,7 +1458,7 @@ mod tests {
                 let x = randn(&mut rng, &[2, 3, 4, 5], dtype);
                 let wt = randn(&mut rng, &[3, 2, 3, 3], dtype);
                 let r = rel(
-                    &conv_transpose2d_op(&x, &wt, s, 1, (op, op)).unwrap(),
+                    &conv_transpose2d_op(&x, &wt, s, 1, (op, op), None).unwrap(),
                     &x.conv_transpose2d(&wt, 1, op, s, 1).unwrap(),
                 );
                 assert!(r < tol(dtype), "conv_t output padding {op}: {r:e}");
@@ -1420,25 +1471,25 @@ mod tests {
         }
     }
 
-    /// Inside an input-gradient backward, a variable weight gets no gradient and a computed
-    /// one zeros, while the input gradient is unchanged; outside it, both get theirs.
+    /// Inside an input-gradient backward of the ops' own mode, a variable weight gets no
+    /// gradient and a computed one zeros, while the input gradient is unchanged; the same graph
+    /// differentiated again outside it gives both theirs, and so do ops built without that
+    /// mode (or without any) while it is set.
     #[test]
     fn input_gradient_backward_skips_weight_gradients() {
         let mut rng = Rng::new(9);
         let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 8, 8], DType::F64)).unwrap();
         let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 4, 4], DType::F64)).unwrap();
         let wt = Var::from_tensor(&randn(&mut rng, &[4, 2, 4, 4], DType::F64)).unwrap();
-        let run = |inputs_only: bool| {
+        let mode = GradMode::new();
+        let build = |m: Option<&GradMode>| {
             // w as a variable; wt through a computed tensor (as spectral norm does).
             let wt2 = (wt.as_tensor() * 2.0).unwrap();
-            let y = conv2d(x.as_tensor(), &w, 2, 1).unwrap();
-            let z = conv_transpose2d(&y, &wt2, 2, 1).unwrap();
-            let loss = z.sqr().unwrap().sum_all().unwrap();
-            let g = if inputs_only {
-                crate::grad::inputs_only_while(|| loss.backward()).unwrap()
-            } else {
-                loss.backward().unwrap()
-            };
+            let y = conv2d(x.as_tensor(), &w, 2, 1, m).unwrap();
+            let z = conv_transpose2d(&y, &wt2, 2, 1, m).unwrap();
+            z.sqr().unwrap().sum_all().unwrap()
+        };
+        let grads = |g: &candle_core::backprop::GradStore| {
             let get = |t: &Tensor| g.get(t).cloned();
             (get(x.as_tensor()).unwrap(), get(&w), get(wt.as_tensor()))
         };
@@ -1446,13 +1497,22 @@ mod tests {
             let m = t.abs().unwrap().max_all().unwrap();
             m.to_scalar::<f64>().unwrap()
         };
-        let (gx_all, gw_all, gwt_all) = run(false);
-        let (gx, gw, gwt) = run(true);
+        let loss = build(Some(&mode));
+        let (gx, gw, gwt) = grads(&mode.inputs_only_while(|| loss.backward()).unwrap());
+        assert!(!mode.inputs_only(), "restored");
+        let (gx_all, gw_all, gwt_all) = grads(&loss.backward().unwrap());
         assert_eq!(rel(&gx, &gx_all), 0.0);
         assert!(gw.is_none());
         let gwt = gwt.expect("the zeros flow back to the variable");
         assert_eq!(max_abs(&gwt), 0.0);
         assert!(max_abs(&gw_all.unwrap()) > 0.0 && max_abs(&gwt_all.unwrap()) > 0.0);
+        // Another pass's mode, or none: every gradient, whatever `mode` says.
+        for other in [Some(&GradMode::new()), None] {
+            let loss = build(other);
+            let (gx2, gw2, gwt2) = grads(&mode.inputs_only_while(|| loss.backward()).unwrap());
+            assert_eq!(rel(&gx2, &gx_all), 0.0);
+            assert!(max_abs(&gw2.unwrap()) > 0.0 && max_abs(&gwt2.unwrap()) > 0.0);
+        }
     }
 
     #[test]
@@ -1463,8 +1523,8 @@ mod tests {
         let wt = randn(&mut rng, &[3, 4, 4, 4], DType::F64);
         let run = || {
             let xv = Var::from_tensor(&x).unwrap();
-            let y = conv2d(xv.as_tensor(), &w, 2, 1).unwrap();
-            let z = conv_transpose2d(xv.as_tensor(), &wt, 2, 1).unwrap();
+            let y = conv2d(xv.as_tensor(), &w, 2, 1, None).unwrap();
+            let z = conv_transpose2d(xv.as_tensor(), &wt, 2, 1, None).unwrap();
             let gx = (y.sqr().unwrap().sum_all().unwrap() + z.sum_all().unwrap())
                 .unwrap()
                 .backward()
@@ -1472,7 +1532,7 @@ mod tests {
                 .get(xv.as_tensor())
                 .unwrap()
                 .clone();
-            let gw = weight_grad_op(&x, &y, 2, 1, 3, None).unwrap();
+            let gw = weight_grad_op(&x, &y, 2, 1, 3, None, None).unwrap();
             [y, z, gx, gw]
         };
         let whole = run();
@@ -1520,6 +1580,7 @@ mod tests {
                 p,
                 cols: Some(slot.clone()),
                 act: None,
+                mode: None,
             };
             let y = x.apply_op2(w.as_tensor(), op).unwrap();
             BUDGET.with(|c| c.set(Some(3 * per_sample)));
@@ -1535,7 +1596,7 @@ mod tests {
             // differently, which is how a kept gradient that ignored the kept chunking would
             // show).
             BUDGET.with(|c| c.set(Some(2 * per_sample)));
-            let fresh = weight_grad_op(&x, &r, s, p, k, None).unwrap();
+            let fresh = weight_grad_op(&x, &r, s, p, k, None, None).unwrap();
             BUDGET.with(|c| c.set(None));
             let (a, b) = (
                 kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -1562,7 +1623,7 @@ mod tests {
         let x = randn(&mut rng, &[2, 3, 8, 8], DType::F32);
         let w = randn(&mut rng, &[4, 3, 4, 4], DType::F32);
         let kept = |w: &Tensor| {
-            let op = Conv2dOp::keeping(2, 1, w);
+            let op = Conv2dOp::keeping(2, 1, w, None);
             let slot = op.cols.clone();
             x.apply_op2(w, op).unwrap();
             slot.is_some_and(|s| s.get().is_some())
@@ -1606,12 +1667,12 @@ mod tests {
                 let (xt, wtt) = (x.as_tensor(), wt.as_tensor());
                 let (ours, theirs) = if transposed {
                     (
-                        conv_transpose2d(xt, wtt, s, p).unwrap(),
+                        conv_transpose2d(xt, wtt, s, p, None).unwrap(),
                         xt.conv_transpose2d(wtt, p, 0, s, 1).unwrap(),
                     )
                 } else {
                     (
-                        conv2d(xt, wtt, s, p).unwrap(),
+                        conv2d(xt, wtt, s, p, None).unwrap(),
                         reference_conv2d(xt, wtt, s, p),
                     )
                 };
@@ -1654,9 +1715,9 @@ mod tests {
                 let (xt, wtt) = (x.as_tensor(), wt.as_tensor());
                 BUDGET.with(|c| c.set(budget));
                 let ours = if transposed {
-                    conv_transpose2d(xt, wtt, 2, 1).unwrap()
+                    conv_transpose2d(xt, wtt, 2, 1, None).unwrap()
                 } else {
-                    conv2d(xt, wtt, 2, 1).unwrap()
+                    conv2d(xt, wtt, 2, 1, None).unwrap()
                 };
                 let r = randn(&mut rng, ours.dims(), dtype);
                 let g1 = grads_of(&ours, &r);
@@ -1681,7 +1742,7 @@ mod tests {
         let mut rng = Rng::new(4);
         let x = randn(&mut rng, &[2, 3, 8, 8], DType::F64);
         let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 4, 4], DType::F64)).unwrap();
-        let y = conv2d(&x, w.as_tensor(), 2, 1).unwrap();
+        let y = conv2d(&x, w.as_tensor(), 2, 1, None).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
         let want = x
@@ -1704,20 +1765,20 @@ mod tests {
         let x = randn(&mut rng, &[2, 3, 6, 6], DType::F16);
         let w = randn(&mut rng, &[4, 3, 3, 3], DType::F16);
         let wt = randn(&mut rng, &[3, 4, 3, 3], DType::F16);
-        let a = conv2d(&x, &w, 1, 1).unwrap();
+        let a = conv2d(&x, &w, 1, 1, None).unwrap();
         assert_eq!(rel(&a, &x.conv2d(&w, 1, 1, 1, 1).unwrap()), 0.0);
-        let a = conv_transpose2d(&x, &wt, 2, 1).unwrap();
+        let a = conv_transpose2d(&x, &wt, 2, 1, None).unwrap();
         assert_eq!(rel(&a, &x.conv_transpose2d(&wt, 1, 0, 2, 1).unwrap()), 0.0);
         // Mismatched dtypes are an error, not a panic.
         let w64 = w.to_dtype(DType::F64).unwrap();
-        assert!(conv2d(&x.to_dtype(DType::F32).unwrap(), &w64, 1, 1).is_err());
+        assert!(conv2d(&x.to_dtype(DType::F32).unwrap(), &w64, 1, 1, None).is_err());
         // Empty batches and channels give zeros of the right shape.
         let e = Tensor::zeros((0, 3, 6, 6), DType::F64, &Device::Cpu).unwrap();
         let w64 = randn(&mut rng, &[4, 3, 3, 3], DType::F64);
-        assert_eq!(conv2d(&e, &w64, 1, 1).unwrap().dims(), &[0, 4, 6, 6]);
+        assert_eq!(conv2d(&e, &w64, 1, 1, None).unwrap().dims(), &[0, 4, 6, 6]);
         let e = Tensor::zeros((2, 0, 6, 6), DType::F64, &Device::Cpu).unwrap();
         let w0 = Tensor::zeros((4, 0, 3, 3), DType::F64, &Device::Cpu).unwrap();
-        let y = conv2d(&e, &w0, 1, 1).unwrap();
+        let y = conv2d(&e, &w0, 1, 1, None).unwrap();
         assert_eq!(y.dims(), &[2, 4, 6, 6]);
         assert_eq!(
             y.abs()
@@ -1730,12 +1791,21 @@ mod tests {
         );
         let wt0 = Tensor::zeros((0, 4, 3, 3), DType::F64, &Device::Cpu).unwrap();
         assert_eq!(
-            conv_transpose2d(&e, &wt0, 2, 1).unwrap().dims(),
+            conv_transpose2d(&e, &wt0, 2, 1, None).unwrap().dims(),
             &[2, 4, 11, 11]
         );
         // So are mismatched channels.
         let x64 = x.to_dtype(DType::F64).unwrap();
-        assert!(conv2d(&x64, &randn(&mut rng, &[4, 2, 3, 3], DType::F64), 1, 1).is_err());
+        assert!(
+            conv2d(
+                &x64,
+                &randn(&mut rng, &[4, 2, 3, 3], DType::F64),
+                1,
+                1,
+                None
+            )
+            .is_err()
+        );
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -1752,8 +1822,8 @@ mod tests {
 
     fn apply(layer: Layer, x: &Tensor, w: &Tensor, s: usize, p: usize, ours: bool) -> Tensor {
         match (layer, ours) {
-            (Layer::Conv, true) => conv2d(x, w, s, p).unwrap(),
-            (Layer::ConvT, true) => conv_transpose2d(x, w, s, p).unwrap(),
+            (Layer::Conv, true) => conv2d(x, w, s, p, None).unwrap(),
+            (Layer::ConvT, true) => conv_transpose2d(x, w, s, p, None).unwrap(),
             (Layer::Conv, false) => x.conv2d(w, p, s, 1, 1).unwrap(),
             (Layer::ConvT, false) => x.conv_transpose2d(w, p, 0, s, 1).unwrap(),
         }
@@ -1952,9 +2022,10 @@ mod tests {
                         );
                         let f = |x: &Tensor| {
                             if fused {
-                                conv2d_act(x, w.as_tensor(), s, p, act).unwrap()
+                                conv2d_act(x, w.as_tensor(), s, p, act, None).unwrap()
                             } else {
-                                act.apply(&conv2d(x, w.as_tensor(), s, p).unwrap()).unwrap()
+                                act.apply(&conv2d(x, w.as_tensor(), s, p, None).unwrap())
+                                    .unwrap()
                             }
                         };
                         let y = f(x.as_tensor());
@@ -2168,9 +2239,9 @@ mod tests {
             let w = randn(&mut rng, &wd, f);
             let k = wd[2];
             let y = if transposed {
-                conv_transpose2d(&x, &w, s, p).unwrap()
+                conv_transpose2d(&x, &w, s, p, None).unwrap()
             } else {
-                conv2d(&x, &w, s, p).unwrap()
+                conv2d(&x, &w, s, p, None).unwrap()
             };
             let gy = randn(&mut rng, y.dims(), f);
             // MACs: column-side elements x image channels x k^2.
@@ -2200,17 +2271,17 @@ mod tests {
                     (
                         "forward",
                         Box::new(|| drop(x.conv_transpose2d(&w, p, 0, s, 1).unwrap())),
-                        Box::new(|| drop(conv_transpose2d(&x, &w, s, p).unwrap())),
+                        Box::new(|| drop(conv_transpose2d(&x, &w, s, p, None).unwrap())),
                     ),
                     (
                         "grad input",
                         Box::new(|| drop(gy.conv2d(&w, p, s, 1, 1).unwrap())),
-                        Box::new(|| drop(conv2d(&gy, &w, s, p).unwrap())),
+                        Box::new(|| drop(conv2d(&gy, &w, s, p, None).unwrap())),
                     ),
                     (
                         "grad weight",
                         Box::new(|| drop(candle_wgrad(&gy, &x).transpose(0, 1).unwrap())),
-                        Box::new(|| drop(weight_grad_op(&gy, &x, s, p, k, None).unwrap())),
+                        Box::new(|| drop(weight_grad_op(&gy, &x, s, p, k, None, None).unwrap())),
                     ),
                 ]
             } else {
@@ -2218,17 +2289,19 @@ mod tests {
                     (
                         "forward",
                         Box::new(|| drop(x.conv2d(&w, p, s, 1, 1).unwrap())),
-                        Box::new(|| drop(conv2d(&x, &w, s, p).unwrap())),
+                        Box::new(|| drop(conv2d(&x, &w, s, p, None).unwrap())),
                     ),
                     (
                         "grad input",
                         Box::new(|| drop(gy.conv_transpose2d(&w, p, op, s, 1).unwrap())),
-                        Box::new(|| drop(conv_transpose2d_op(&gy, &w, s, p, (op, op)).unwrap())),
+                        Box::new(|| {
+                            drop(conv_transpose2d_op(&gy, &w, s, p, (op, op), None).unwrap())
+                        }),
                     ),
                     (
                         "grad weight",
                         Box::new(|| drop(candle_wgrad(&x, &gy))),
-                        Box::new(|| drop(weight_grad_op(&x, &gy, s, p, k, None).unwrap())),
+                        Box::new(|| drop(weight_grad_op(&x, &gy, s, p, k, None, None).unwrap())),
                     ),
                 ]
             };
@@ -2255,13 +2328,13 @@ mod tests {
         let lrelu = |t: Tensor| t.maximum(&(&t * 0.2).unwrap()).unwrap();
         let disc = |x: &Tensor, ours: bool| -> Tensor {
             let h = if ours {
-                conv2d(x, d1.as_tensor(), 2, 1).unwrap()
+                conv2d(x, d1.as_tensor(), 2, 1, None).unwrap()
             } else {
                 x.conv2d(d1.as_tensor(), 1, 2, 1, 1).unwrap()
             };
             let h = lrelu(h);
             let h = if ours {
-                conv2d(&h, d2.as_tensor(), 2, 1).unwrap()
+                conv2d(&h, d2.as_tensor(), 2, 1, None).unwrap()
             } else {
                 h.conv2d(d2.as_tensor(), 1, 2, 1, 1).unwrap()
             };
@@ -2269,7 +2342,7 @@ mod tests {
         };
         let gen_step = |ours: bool| {
             let h = if ours {
-                conv_transpose2d(h0.as_tensor(), g1.as_tensor(), 2, 1).unwrap()
+                conv_transpose2d(h0.as_tensor(), g1.as_tensor(), 2, 1, None).unwrap()
             } else {
                 h0.as_tensor()
                     .conv_transpose2d(g1.as_tensor(), 1, 0, 2, 1)
@@ -2277,7 +2350,7 @@ mod tests {
             };
             let h = lrelu(h);
             let img = if ours {
-                conv_transpose2d(&h, g2.as_tensor(), 2, 1).unwrap()
+                conv_transpose2d(&h, g2.as_tensor(), 2, 1, None).unwrap()
             } else {
                 h.conv_transpose2d(g2.as_tensor(), 1, 0, 2, 1).unwrap()
             };

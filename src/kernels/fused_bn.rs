@@ -35,6 +35,7 @@ use rayon::prelude::*;
 
 use super::ops::{ActSideOp, LeakyRelu, times_act_derivative};
 use super::{Float, MIN_TASK, Slot, assume_init, contiguous, uninit};
+use crate::grad::GradMode;
 
 /// Train-mode batch normalisation of x (B, C, ...) over every dimension but the channel one
 /// (dimension 1): y = (x - mean) / sqrt(var + eps) * gamma + beta, with gamma and beta of shape
@@ -795,10 +796,15 @@ fn backward<T: Float>(g: Geom, x: &[T], gamma: &[T], dy: &[T], st: &Stats) -> Ve
 /// one pass forward, one backward); elsewhere [`cond_affine_basic`].
 ///
 /// Backward, per (sample, channel) plane: dy = g gamma, dgamma = sum(g y), dbeta = sum(g).
-/// Inside [`crate::grad::first_order_backward`] one fused pass computes all three as plain
-/// values; in every other backward (gradient penalties) they are candle ops, so higher orders
-/// stay exact.
-pub fn cond_affine(y: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+/// Inside a [`crate::grad::first_order_backward`] with `mode` (the backward mode of the pass,
+/// if any) one fused pass computes all three as plain values; in every other backward
+/// (gradient penalties, or no mode) they are candle ops, so higher orders stay exact.
+pub fn cond_affine(
+    y: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mode: Option<&GradMode>,
+) -> Result<Tensor> {
     let g = Geom::of(y.dims())?;
     for (name, t) in [("gamma", gamma), ("beta", beta)] {
         if t.dims() != [g.b, g.c] {
@@ -812,8 +818,11 @@ pub fn cond_affine(y: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> 
         }
     }
     if fast_path(y, Some(gamma), Some(beta)) {
+        let op = CondAffine {
+            mode: mode.cloned(),
+        };
         y.contiguous()?
-            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, CondAffine)
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
     } else {
         cond_affine_basic(y, gamma, beta)
     }
@@ -829,9 +838,12 @@ pub fn cond_affine_basic(y: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Te
     out.reshape(y.dims())
 }
 
-/// The fused conditional affine: arguments y, gamma, beta (see [`cond_affine`]).
-#[derive(Debug, Clone, Copy)]
-pub struct CondAffine;
+/// The fused conditional affine: arguments y, gamma, beta (see [`cond_affine`]); `mode`: the
+/// backward mode of the pass that built it, if any.
+#[derive(Debug, Clone, Default)]
+pub struct CondAffine {
+    pub mode: Option<GradMode>,
+}
 
 impl CustomOp3 for CondAffine {
     fn name(&self) -> &'static str {
@@ -901,7 +913,7 @@ impl CustomOp3 for CondAffine {
             return Ok((None, None, None));
         }
         let geom = Geom::of(y.dims())?;
-        let (dy, dg, db) = if crate::grad::first_order_only() {
+        let (dy, dg, db) = if GradMode::first_order_in(self.mode.as_ref()) {
             let packed = y.apply_op3(gamma, &g.contiguous()?, CondAffineBwd)?;
             let (n, m) = (geom.len(), geom.b * geom.c);
             (
@@ -924,7 +936,7 @@ impl CustomOp3 for CondAffine {
 }
 
 /// First-order backward of [`CondAffine`]: (y, gamma, g) -> [dy (flattened), dgamma (B C),
-/// dbeta (B C)] in one vector (a custom op has one output). Only used inside
+/// dbeta (B C)] in one vector (a custom op has one output). Only used inside a
 /// [`crate::grad::first_order_backward`], so it has no backward of its own.
 #[derive(Debug, Clone, Copy)]
 struct CondAffineBwd;
@@ -1043,8 +1055,8 @@ mod tests {
 
     /// The fused conditional affine against broadcast candle ops, f32, on (B, C, H, W),
     /// (B, C, 1, 1) and (B, C) inputs: values, gradients in both backward modes (fused inside
-    /// `first_order_backward`, candle ops outside) and a gradient penalty's second order agree
-    /// to 1e-5 relative; a gamma of the wrong shape is an error.
+    /// a `first_order_backward` of the op's mode, candle ops outside) and a gradient penalty's
+    /// second order agree to 1e-5 relative; a gamma of the wrong shape is an error.
     #[test]
     fn cond_affine_matches_candle_ops() {
         crate::grad::check_exact_second_order().unwrap();
@@ -1068,19 +1080,31 @@ mod tests {
                     Var::from_tensor(&g0).unwrap(),
                     Var::from_tensor(&b0).unwrap(),
                 );
-                let op = if fused {
-                    cond_affine
+                let mode = GradMode::new();
+                let (y_, ga_, be_) = (y.as_tensor(), ga.as_tensor(), be.as_tensor());
+                let out = if fused {
+                    cond_affine(y_, ga_, be_, Some(&mode))
                 } else {
-                    cond_affine_basic
-                };
-                let out = op(y.as_tensor(), ga.as_tensor(), be.as_tensor()).unwrap();
+                    cond_affine_basic(y_, ga_, be_)
+                }
+                .unwrap();
                 let loss = (&out * &r0).unwrap().sum_all().unwrap();
-                let first = crate::grad::first_order_backward(&loss).unwrap();
+                let first = crate::grad::first_order_backward(&loss, &mode).unwrap();
                 let graph = loss.backward().unwrap();
                 // Penalty on dy (= r gamma): its gradient in gamma is 2 sum(r^2 gamma).
                 let dy = graph.get(y.as_tensor()).unwrap();
                 let p = dy.sqr().unwrap().sum_all().unwrap();
                 let second = p.backward().unwrap();
+                if fused {
+                    // The mode decides: inside its first-order backward the fused backward op,
+                    // which has no backward of its own; outside it, differentiable candle ops.
+                    let again = |g: &candle_core::backprop::GradStore| {
+                        let d = g.get(y.as_tensor()).unwrap();
+                        d.sqr().unwrap().sum_all().unwrap().backward()
+                    };
+                    assert!(again(&first).is_err());
+                    assert!(again(&graph).is_ok());
+                }
                 let mut v = vec![out];
                 for t in [&y, &ga, &be] {
                     v.push(first.get(t.as_tensor()).unwrap().clone());
@@ -1096,7 +1120,7 @@ mod tests {
         let y = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let bad = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
         let ok = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        let err = cond_affine(&y, &bad, &ok).unwrap_err().to_string();
+        let err = cond_affine(&y, &bad, &ok, None).unwrap_err().to_string();
         assert!(err.contains("does not fit"), "{err}");
     }
 
@@ -1655,6 +1679,7 @@ mod tests {
 
     fn evaluator_step() {
         use crate::eval::classifier::{Classifier, EvaluatorConfig};
+        use crate::nn::Pass;
         use crate::optim::adam::Adam;
         use crate::train::loss::aux_loss;
         let cfg = EvaluatorConfig {
@@ -1678,7 +1703,7 @@ mod tests {
         )
         .unwrap();
         let mut step = || {
-            let (logits, _) = model.forward(&x, true).unwrap();
+            let (logits, _) = model.forward(&x, Pass::train()).unwrap();
             let loss = aux_loss(cfg.kind, &logits, &y).unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
         };

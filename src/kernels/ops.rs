@@ -1098,11 +1098,12 @@ mod tests {
         let w2 = Var::from_tensor(&random(&mut rng, &[1, 4, 3, 3])).unwrap();
         for act in [LeakyRelu::LEAKY, LeakyRelu::RELU] {
             let inner = std::cell::RefCell::new(None);
-            let (g, _) = crate::grad::input_gradient(&x, |x| {
-                let h = super::super::conv::conv2d(x, w1.as_tensor(), 1, 1)?;
+            let mode = crate::grad::GradMode::new();
+            let (g, _) = crate::grad::input_gradient(&x, &mode, |x| {
+                let h = super::super::conv::conv2d(x, w1.as_tensor(), 1, 1, Some(&mode))?;
                 *inner.borrow_mut() = Some(h.clone());
                 let h = act.apply(&h)?;
-                let y = super::super::conv::conv2d(&h, w2.as_tensor(), 1, 1)?;
+                let y = super::super::conv::conv2d(&h, w2.as_tensor(), 1, 1, Some(&mode))?;
                 Ok(y.flatten_from(1)?.sum(1)?)
             })
             .unwrap();

@@ -14,8 +14,8 @@ use crate::model::{
     CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
 };
 use crate::nn::{
-    BatchNorm, CondBatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, SelfAttention,
-    WeightInit, minibatch_std,
+    BatchNorm, CondBatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, Pass,
+    SelfAttention, WeightInit, minibatch_std,
 };
 use crate::params::Vb;
 
@@ -40,10 +40,10 @@ impl GenNorm {
     }
 
     /// ReLU(norm(x)); c: (B, K).
-    fn forward_relu(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_relu(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
         match self {
-            GenNorm::Plain(bn) => bn.forward_act(x, train, Some(LeakyRelu::RELU)),
-            GenNorm::Cond(cbn) => relu(&cbn.forward(x, c, train)?),
+            GenNorm::Plain(bn) => bn.forward_act(x, pass, Some(LeakyRelu::RELU)),
+            GenNorm::Cond(cbn) => relu(&cbn.forward(x, c, pass)?),
         }
     }
 }
@@ -63,9 +63,8 @@ impl GenBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn
-            .forward_relu(&self.conv.forward(x, train)?, c, train)
+    fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.bn.forward_relu(&self.conv.forward(x, pass)?, c, pass)
     }
 }
 
@@ -143,35 +142,35 @@ impl DcganGenerator {
     /// The first feature layer's output in eval mode, flattened: (B, C0 * s0 * s0).
     pub fn first_features(&self, z: &Tensor, c: &Tensor) -> Result<Tensor> {
         let zc = match &self.cond_embed {
-            Some(l) => Tensor::cat(&[z, &l.forward(c, false)?], 1)?, // (B, Z + E)
+            Some(l) => Tensor::cat(&[z, &l.forward(c, Pass::eval())?], 1)?, // (B, Z + E)
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
-        let h = self
-            .input_bn
-            .forward_relu(&self.input.forward(&x, false)?, c, false)?; // (B, C0, s0, s0)
+        let h =
+            self.input_bn
+                .forward_relu(&self.input.forward(&x, Pass::eval())?, c, Pass::eval())?; // (B, C0, s0, s0)
         Ok(h.flatten_from(1)?)
     }
 
-    pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.forward_raw(z, c, train)?.tanh()?)
+    pub fn forward(&self, z: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
+        Ok(self.forward_raw(z, c, pass)?.tanh()?)
     }
 
     /// The output before tanh, (B, C, H, W).
-    pub fn forward_raw(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward_raw(&self, z: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
         let zc = match &self.cond_embed {
-            Some(l) => Tensor::cat(&[z, &l.forward(c, train)?], 1)?, // (B, Z + E)
+            Some(l) => Tensor::cat(&[z, &l.forward(c, pass)?], 1)?, // (B, Z + E)
             None => z.clone(),
         };
         let x = zc.unsqueeze(2)?.unsqueeze(3)?; // (B, Z + E, 1, 1)
         let mut h = self
             .input_bn
-            .forward_relu(&self.input.forward(&x, train)?, c, train)?; // (B, C0, s0, s0)
+            .forward_relu(&self.input.forward(&x, pass)?, c, pass)?; // (B, C0, s0, s0)
         for (i, b) in self.blocks.iter().enumerate() {
-            h = b.forward(&h, c, train)?;
-            h = attend_after(&self.attention, i, h, train)?;
+            h = b.forward(&h, c, pass)?;
+            h = attend_after(&self.attention, i, h, pass)?;
         }
-        self.out.forward(&h, train) // (B, C, H, W)
+        self.out.forward(&h, pass) // (B, C, H, W)
     }
 }
 
@@ -193,10 +192,10 @@ impl Norm {
     }
 
     /// The normalisation followed by a leaky ReLU (fused with a BatchNorm).
-    fn forward_leaky(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_leaky(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         match self {
-            Norm::Batch(b) => b.forward_act(x, train, Some(LeakyRelu::LEAKY)),
-            Norm::Layer(l) => leaky_relu(&l.forward(x)?),
+            Norm::Batch(b) => b.forward_act(x, pass, Some(LeakyRelu::LEAKY)),
+            Norm::Layer(l) => leaky_relu(&l.forward(x, pass)?),
             Norm::None => leaky_relu(x),
         }
     }
@@ -210,13 +209,11 @@ pub struct DiscBlock {
 }
 
 impl DiscBlock {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         match self.norm {
             // The activation fused into the convolution (when it has no bias).
-            Norm::None => self.conv.forward_act(x, train, LeakyRelu::LEAKY),
-            _ => self
-                .norm
-                .forward_leaky(&self.conv.forward(x, train)?, train),
+            Norm::None => self.conv.forward_act(x, pass, LeakyRelu::LEAKY),
+            _ => self.norm.forward_leaky(&self.conv.forward(x, pass)?, pass),
         }
     }
 }
@@ -290,25 +287,25 @@ impl DcganDiscriminator {
     }
 
     /// x: (B, C, H, W), c: (B, K)
-    pub fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<DOut> {
+    pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
         let mut h = match &self.cond_plane {
-            Some(p) => p.concat(x, c, train)?, // (B, C + 1, H, W)
+            Some(p) => p.concat(x, c, pass)?, // (B, C + 1, H, W)
             None => x.clone(),
         };
         for (i, b) in self.blocks.iter().enumerate() {
-            h = b.forward(&h, train)?;
-            h = attend_after(&self.attention, i, h, train)?;
+            h = b.forward(&h, pass)?;
+            h = attend_after(&self.attention, i, h, pass)?;
         }
         if self.minibatch_std {
             h = minibatch_std(&h)?;
         }
         // h: (B, C_last, s0, s0)
-        let mut logits = self.out.forward(&h, train)?.flatten_all()?; // (B,)
+        let mut logits = self.out.forward(&h, pass)?.flatten_all()?; // (B,)
         if let Some(e) = &self.embed {
-            logits = e.add(&logits, &h.sum((2, 3))?, c, train)?; // phi: (B, C_last)
+            logits = e.add(&logits, &h.sum((2, 3))?, c, pass)?; // phi: (B, C_last)
         }
         let aux = match &self.aux {
-            Some(a) => Some(a.forward(&h.flatten_from(1)?, train)?), // (B, K)
+            Some(a) => Some(a.forward(&h.flatten_from(1)?, pass)?), // (B, K)
             None => None,
         };
         Ok(DOut { logits, aux })

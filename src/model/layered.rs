@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::dcgan::DcganGenerator;
+use crate::nn::Pass;
 use crate::params::{Init, Vb};
 
 /// Condition entries at or below this draw no layer.
@@ -149,7 +150,7 @@ impl LayeredGenerator {
     }
 
     /// z: (B, Z), c: (B, K) -> (B, C, H, W) in [-1, 1]
-    pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, z: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
         let b = z.dim(0)?;
         let cv = host_rows(c)?;
         let lay = Layout::new(&cv);
@@ -160,7 +161,7 @@ impl LayeredGenerator {
         }
         let m = lay.image.len();
         let (zs, cond) = self.layer_inputs(z, &lay, &cv)?;
-        let raw = self.layer.forward_raw(&zs, &cond, train)?; // (M, C + 1, H, W)
+        let raw = self.layer.forward_raw(&zs, &cond, pass)?; // (M, C + 1, H, W)
         let dev = raw.device();
         let dt = raw.dtype();
         let lw = on_device(lay.log_weight.clone(), &[m, 1, 1, 1], dt, dev)?;
@@ -291,7 +292,7 @@ mod tests {
                 let ct = Tensor::from_vec(cond, (1, 2 * k), &Device::Cpu).unwrap();
                 let raw: Vec<f64> = g
                     .layer
-                    .forward_raw(&zt, &ct, false)
+                    .forward_raw(&zt, &ct, Pass::eval())
                     .unwrap()
                     .flatten_all()
                     .unwrap()
@@ -331,7 +332,7 @@ mod tests {
         let zt = z(c.len());
         let ct = Tensor::from_vec(c.concat(), (c.len(), 4), &Device::Cpu).unwrap();
         let got: Vec<f64> = g
-            .forward(&zt, &ct, false)
+            .forward(&zt, &ct, Pass::eval())
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -392,7 +393,7 @@ mod tests {
         // In eval mode, image 1 does not depend on what image 0 holds.
         let one = |c0: Vec<f64>| -> Vec<f64> {
             let ct = Tensor::from_vec([c0, c[1].clone()].concat(), (2, 4), &Device::Cpu).unwrap();
-            let out = g.forward(&zt, &ct, false).unwrap();
+            let out = g.forward(&zt, &ct, Pass::eval()).unwrap();
             out.get(1)
                 .unwrap()
                 .flatten_all()
@@ -430,14 +431,14 @@ mod tests {
         )
         .unwrap();
         let f = |g: &LayeredGenerator| -> f64 {
-            (g.forward(&zt, &ct, true).unwrap() * &r)
+            (g.forward(&zt, &ct, Pass::train()).unwrap() * &r)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .to_scalar()
                 .unwrap()
         };
-        let loss = (g.forward(&zt, &ct, true).unwrap() * &r)
+        let loss = (g.forward(&zt, &ct, Pass::train()).unwrap() * &r)
             .unwrap()
             .sum_all()
             .unwrap();

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Arch, Conditioning, ModelConfig};
 use crate::error::{Error, Result};
 use crate::images::Images;
-use crate::nn::{LayerOpts, Linear, SelfAttention, WeightInit};
+use crate::nn::{LayerOpts, Linear, Pass, SelfAttention, WeightInit};
 use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
 
@@ -26,10 +26,10 @@ pub(crate) fn attend_after(
     attention: &Option<(usize, SelfAttention)>,
     i: usize,
     h: Tensor,
-    train: bool,
+    pass: Pass,
 ) -> Result<Tensor> {
     match attention {
-        Some((j, a)) if *j == i => a.forward(&h, train),
+        Some((j, a)) if *j == i => a.forward(&h, pass),
         _ => Ok(h),
     }
 }
@@ -80,11 +80,11 @@ impl CondPlane {
     }
 
     /// x: (B, C, H, W), c: (B, K) -> (B, C + 1, H, W)
-    pub fn concat(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn concat(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
         let b = x.dim(0)?;
         let plane = self
             .linear
-            .forward(c, train)?
+            .forward(c, pass)?
             .reshape((b, 1, self.size, self.size))?;
         Ok(Tensor::cat(&[x, &plane], 1)?)
     }
@@ -118,8 +118,8 @@ impl Projection {
     }
 
     /// logits (B,) + sum(embed(c) * phi, 1), with phi (B, C) and c (B, K).
-    pub fn add(&self, logits: &Tensor, phi: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
-        let term = (self.embed.forward(c, train)? * phi)?.sum(candle_core::D::Minus1)?;
+    pub fn add(&self, logits: &Tensor, phi: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
+        let term = (self.embed.forward(c, pass)? * phi)?.sum(candle_core::D::Minus1)?;
         Ok((logits + term)?)
     }
 }
@@ -163,13 +163,14 @@ impl Generator {
         })
     }
 
-    /// z: (B, Z), c: (B, K) -> images (B, C, H, W) in [-1, 1]. `train` selects batch
-    /// statistics (and updates running ones) vs running statistics.
-    pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+    /// z: (B, Z), c: (B, K) -> images (B, C, H, W) in [-1, 1]. `pass` selects batch
+    /// statistics (and updates running ones) or running statistics, and carries the pass's
+    /// frozen state, backward mode and FLOP counter ([`Pass`]).
+    pub fn forward(&self, z: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
         match &self.net {
-            GenNet::Dcgan(g) => g.forward(z, c, train),
-            GenNet::Layered(g) => g.forward(z, c, train),
-            GenNet::Resnet(g) => g.forward(z, c, train),
+            GenNet::Dcgan(g) => g.forward(z, c, pass),
+            GenNet::Layered(g) => g.forward(z, c, pass),
+            GenNet::Resnet(g) => g.forward(z, c, pass),
         }
     }
 
@@ -265,7 +266,7 @@ impl Generator {
         let dt = self.store.dtype();
         let zt = Tensor::from_vec(z.concat(), (n, zd), dev)?.to_dtype(dt)?;
         let ct = Tensor::from_vec(conditions.concat(), (n, k), dev)?.to_dtype(dt)?;
-        Images::from_tensor(&self.forward(&zt, &ct, false)?)
+        Images::from_tensor(&self.forward(&zt, &ct, Pass::eval())?)
     }
 }
 
@@ -308,10 +309,10 @@ impl Discriminator {
     }
 
     /// x: (B, C, H, W), c: (B, K)
-    pub fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<DOut> {
+    pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
         match &self.net {
-            DiscNet::Dcgan(d) => d.forward(x, c, train),
-            DiscNet::Resnet(d) => d.forward(x, c, train),
+            DiscNet::Dcgan(d) => d.forward(x, c, pass),
+            DiscNet::Resnet(d) => d.forward(x, c, pass),
         }
     }
 }

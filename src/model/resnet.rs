@@ -15,7 +15,8 @@ use crate::model::{
     CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
 };
 use crate::nn::{
-    BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, SelfAttention, WeightInit, minibatch_std,
+    BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, Pass, SelfAttention, WeightInit,
+    minibatch_std,
 };
 use crate::params::Vb;
 
@@ -41,13 +42,13 @@ impl ResBlockUp {
     }
 
     /// x: (B, Cin, H, W) -> (B, Cout, 2H, 2W)
-    fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
-        let h = upsample2(&relu(&self.bn1.forward(x, c, train)?)?)?;
-        let h = self.conv1.forward(&h, train)?;
+    fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
+        let h = upsample2(&relu(&self.bn1.forward(x, c, pass)?)?)?;
+        let h = self.conv1.forward(&h, pass)?;
         let h = self
             .conv2
-            .forward(&relu(&self.bn2.forward(&h, c, train)?)?, train)?;
-        let s = self.shortcut.forward(&upsample2(x)?, train)?;
+            .forward(&relu(&self.bn2.forward(&h, c, pass)?)?, pass)?;
+        let s = self.shortcut.forward(&upsample2(x)?, pass)?;
         Ok((h + s)?)
     }
 }
@@ -113,21 +114,21 @@ impl ResnetGenerator {
     /// z: (B, Z), c: (B, K) -> (B, C, H, W) in [-1, 1]
     /// The first feature layer's output in eval mode, flattened: (B, C0 * s0 * s0).
     pub fn first_features(&self, z: &Tensor) -> Result<Tensor> {
-        self.input.forward(z, false)
+        self.input.forward(z, Pass::eval())
     }
 
-    pub fn forward(&self, z: &Tensor, c: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, z: &Tensor, c: &Tensor, pass: Pass) -> Result<Tensor> {
         let b = z.dim(0)?;
         let mut h = self
             .input
-            .forward(z, train)?
+            .forward(z, pass)?
             .reshape((b, self.c0, self.s0, self.s0))?; // (B, C0, s0, s0)
         for (i, blk) in self.blocks.iter().enumerate() {
-            h = blk.forward(&h, c, train)?;
-            h = attend_after(&self.attention, i, h, train)?;
+            h = blk.forward(&h, c, pass)?;
+            h = attend_after(&self.attention, i, h, pass)?;
         }
-        let h = self.out_bn.forward_act(&h, train, Some(LeakyRelu::RELU))?;
-        Ok(self.out.forward(&h, train)?.tanh()?)
+        let h = self.out_bn.forward_act(&h, pass, Some(LeakyRelu::RELU))?;
+        Ok(self.out.forward(&h, pass)?.tanh()?)
     }
 }
 
@@ -166,17 +167,17 @@ impl ResBlockDown {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let h = if self.first { x.clone() } else { relu(x)? };
-        let h = relu(&self.conv1.forward(&h, train)?)?;
-        let mut h = self.conv2.forward(&h, train)?;
+        let h = relu(&self.conv1.forward(&h, pass)?)?;
+        let mut h = self.conv2.forward(&h, pass)?;
         if self.down {
             h = avg_pool2(&h)?;
         }
         let s = match (&self.shortcut, self.first) {
-            (Some(sc), true) => sc.forward(&avg_pool2(x)?, train)?,
+            (Some(sc), true) => sc.forward(&avg_pool2(x)?, pass)?,
             (Some(sc), false) => {
-                let s = sc.forward(x, train)?;
+                let s = sc.forward(x, pass)?;
                 if self.down { avg_pool2(&s)? } else { s }
             }
             (None, _) => x.clone(),
@@ -250,25 +251,25 @@ impl ResnetDiscriminator {
     }
 
     /// x: (B, C, H, W), c: (B, K)
-    pub fn forward(&self, x: &Tensor, c: &Tensor, train: bool) -> Result<DOut> {
+    pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
         let mut h = match &self.cond_plane {
-            Some(p) => p.concat(x, c, train)?,
+            Some(p) => p.concat(x, c, pass)?,
             None => x.clone(),
         };
         for (i, b) in self.blocks.iter().enumerate() {
-            h = b.forward(&h, train)?;
-            h = attend_after(&self.attention, i, h, train)?;
+            h = b.forward(&h, pass)?;
+            h = attend_after(&self.attention, i, h, pass)?;
         }
         if self.minibatch_std {
             h = minibatch_std(&h)?;
         }
         let phi = relu(&h)?.sum((2, 3))?; // (B, C)
-        let mut logits = self.linear.forward(&phi, train)?.squeeze(1)?; // (B,)
+        let mut logits = self.linear.forward(&phi, pass)?.squeeze(1)?; // (B,)
         if let Some(e) = &self.embed {
-            logits = e.add(&logits, &phi, c, train)?;
+            logits = e.add(&logits, &phi, c, pass)?;
         }
         let aux = match &self.aux {
-            Some(a) => Some(a.forward(&phi, train)?),
+            Some(a) => Some(a.forward(&phi, pass)?),
             None => None,
         };
         Ok(DOut { logits, aux })

@@ -1,9 +1,10 @@
 //! Layers shared by every network family: convolutions, linear layers, BatchNorm (plain and
 //! conditional), layer norm, spectral normalisation, self-attention, minibatch standard
-//! deviation, weight initialisation, and the frozen-parameter state of a pass
-//! ([`with_frozen_params`]). The arithmetic runs in [`crate::kernels`] (custom ops and their
-//! candle fallbacks); activations and resampling are called from there directly
-//! ([`crate::kernels::ops`]).
+//! deviation, weight initialisation, and [`Pass`], the value every layer's and network's
+//! forward takes: train or eval mode, frozen parameters, the backward mode of its fused ops
+//! ([`GradMode`]) and a FLOP counter ([`FlopCounter`]). The arithmetic runs in
+//! [`crate::kernels`] (custom ops and their candle fallbacks); activations and resampling are
+//! called from there directly ([`crate::kernels::ops`]).
 //!
 //! Every op used here is built from candle primitives that have a backward which is itself
 //! differentiable (checked against finite differences in `tests/gradient_penalty.rs`), so any
@@ -14,77 +15,122 @@
 //! Networks", ICLR 2018. Self-attention: Zhang et al., "Self-Attention Generative Adversarial
 //! Networks", ICML 2019. Conditional BatchNorm: de Vries et al. 2017 / Miyato & Koyama 2018.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{D, Tensor, Var};
 
 use crate::config::ConditionKind;
 use crate::error::Result;
+use crate::grad::GradMode;
 use crate::kernels::ops::{LeakyRelu, add_channel_bias, linear};
 use crate::params::{Init, Vb};
 
-thread_local! {
-    static FORWARD_FLOPS: Cell<f64> = const { Cell::new(0.0) };
+/// How a forward pass runs, handed by value to every layer's and network's forward (candle's
+/// `forward_t(x, train)`, with the rest of a pass's state explicit too):
+/// - `train`: batch statistics (and their running update, and a spectral-norm power
+///   iteration) vs running statistics;
+/// - `frozen`: every layer reads its parameters as constants (detached). The pass then gives
+///   gradients for its input (and for anything upstream of it) but none for those
+///   parameters, which saves their weight gradients in a backward that only needs the input's
+///   (the generator step through the discriminator). Values, batch statistics, running
+///   statistics and spectral-norm updates are as without it; gradients that are computed are
+///   unchanged;
+/// - `grad`: the backward mode the pass's fused ops follow ([`GradMode`]; none: exact, every
+///   gradient);
+/// - `flops`: a counter the pass adds its FLOPs to ([`FlopCounter`]; for benchmarks).
+///
+/// `Pass::train()`, `Pass::eval()`, then `.frozen()`, `.with_grad(&mode)`, `.counting(&c)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pass<'a> {
+    pub train: bool,
+    pub frozen: bool,
+    pub grad: Option<&'a GradMode>,
+    pub flops: Option<&'a FlopCounter>,
 }
 
-/// Floating-point operations of the forward passes run on this thread since the last
-/// [`reset_forward_flops`]: 2 per multiply-accumulate of every convolution, transposed
-/// convolution, linear layer and attention product (`2 B O OH OW C K K` for a conv,
-/// `2 B Cin H W Cout K K` for a transposed conv, `2 B in out` for a linear layer). Normalisation,
-/// activations, biases and spectral-norm power iterations are not counted. For benchmarks.
-pub fn forward_flops() -> f64 {
-    FORWARD_FLOPS.with(|c| c.get())
-}
+impl Pass<'static> {
+    /// A training-mode pass: batch statistics, parameters trainable.
+    pub const fn train() -> Self {
+        Self::new(true)
+    }
 
-/// Set the counter of [`forward_flops`] to zero.
-pub fn reset_forward_flops() {
-    FORWARD_FLOPS.with(|c| c.set(0.0));
-}
+    /// An eval-mode pass: running statistics, parameters trainable.
+    pub const fn eval() -> Self {
+        Self::new(false)
+    }
 
-thread_local! {
-    static FROZEN: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Run `f` with the parameters of every layer of this module read as constants: a pass
-/// made inside gives gradients for its input (and for anything upstream of it) but none for
-/// those parameters, which saves their weight gradients in a backward that only needs the
-/// input's (the generator step through the discriminator). Values, batch statistics,
-/// running statistics and spectral-norm updates are as without it; gradients that are computed
-/// are unchanged.
-pub fn with_frozen_params<R>(f: impl FnOnce() -> R) -> R {
-    with_frozen_state(true, f)
-}
-
-/// Whether this thread is inside [`with_frozen_params`].
-pub fn params_frozen() -> bool {
-    FROZEN.with(|c| c.get())
-}
-
-/// Run `f` with the frozen state of this thread set to `frozen`, restored afterwards (also
-/// on panic). [`crate::on_pool_worker`] uses it to carry the caller's state to the worker,
-/// and to keep a worker's own state out of a job that the worker picks up while it waits.
-pub fn with_frozen_state<R>(frozen: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FROZEN.with(|c| c.set(self.0));
+    /// [`Pass::train`] or [`Pass::eval`].
+    pub const fn new(train: bool) -> Self {
+        Self {
+            train,
+            frozen: false,
+            grad: None,
+            flops: None,
         }
     }
-    let _restore = Restore(FROZEN.with(|c| c.replace(frozen)));
-    f()
 }
 
-/// A layer's parameter as a pass should see it (detached inside [`with_frozen_params`]).
-fn param(t: &Tensor) -> Tensor {
-    if FROZEN.with(|c| c.get()) {
-        t.detach()
-    } else {
-        t.clone()
+impl<'a> Pass<'a> {
+    /// The same pass with every layer's parameters read as constants (see [`Pass`]).
+    pub fn frozen(self) -> Self {
+        Self {
+            frozen: true,
+            ..self
+        }
+    }
+
+    /// The same pass with its fused ops following `mode` (set around a backward by
+    /// [`crate::grad::first_order_backward`] and [`crate::grad::input_gradient`]).
+    pub fn with_grad(self, mode: &'a GradMode) -> Self {
+        Self {
+            grad: Some(mode),
+            ..self
+        }
+    }
+
+    /// The same pass adding its forward FLOPs to `counter`.
+    pub fn counting(self, counter: &'a FlopCounter) -> Self {
+        Self {
+            flops: Some(counter),
+            ..self
+        }
+    }
+
+    /// A layer's parameter as this pass should see it (detached when frozen).
+    fn param(self, t: &Tensor) -> Tensor {
+        if self.frozen { t.detach() } else { t.clone() }
+    }
+
+    /// Adds `macs` multiply-accumulates (2 FLOPs each) to the pass's counter, if any.
+    fn count(self, macs: usize) {
+        if let Some(c) = self.flops {
+            c.add_macs(macs);
+        }
     }
 }
 
-fn count_flops(f: usize) {
-    FORWARD_FLOPS.with(|c| c.set(c.get() + 2.0 * f as f64));
+/// Floating-point operations of the forward passes that carried it ([`Pass::counting`]):
+/// 2 per multiply-accumulate of every convolution, transposed convolution, linear layer and
+/// attention product (`2 B O OH OW C K K` for a conv, `2 B Cin H W Cout K K` for a transposed
+/// conv, `2 B in out` for a linear layer, `2 B N N (Ck + Cv)` for attention over N positions).
+/// Normalisation, activations, biases and spectral-norm power iterations are not counted. For
+/// benchmarks.
+#[derive(Debug, Default)]
+pub struct FlopCounter(AtomicU64);
+
+impl FlopCounter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// FLOPs counted so far.
+    pub fn get(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64
+    }
+
+    fn add_macs(&self, macs: usize) {
+        self.0.fetch_add(2 * macs as u64, Ordering::Relaxed);
+    }
 }
 
 /// How fresh weights are drawn.
@@ -214,36 +260,38 @@ impl Conv2d {
     }
 
     /// The kernel, spectrally normalised when configured.
-    fn kernel(&self, train: bool) -> Result<Tensor> {
-        let weight = param(&self.weight);
+    fn kernel(&self, pass: Pass) -> Result<Tensor> {
+        let weight = pass.param(&self.weight);
         Ok(match &self.sn {
             Some(sn) => {
                 let o = weight.dim(0)?;
-                sn.apply(&weight, &weight.reshape((o, ()))?, train)?
+                sn.apply(&weight, &weight.reshape((o, ()))?, pass.train)?
             }
             None => weight,
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let w = self.kernel(train)?;
-        let y = crate::kernels::conv::conv2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
-        count_flops(y.elem_count() * w.elem_count() / w.dim(0)?);
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let w = self.kernel(pass)?;
+        let (s, p) = (self.stride, self.padding);
+        let y = crate::kernels::conv::conv2d(x, &w, s, p, pass.grad)?; // (B, O, H', W')
+        pass.count(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
-            Some(b) => add_channel_bias(&y, &param(b))?,
+            Some(b) => add_channel_bias(&y, &pass.param(b))?,
             None => y,
         })
     }
 
     /// `act(self.forward(x))`; without a bias, one fused op
     /// ([`crate::kernels::conv::conv2d_act`]).
-    pub fn forward_act(&self, x: &Tensor, train: bool, act: LeakyRelu) -> Result<Tensor> {
+    pub fn forward_act(&self, x: &Tensor, pass: Pass, act: LeakyRelu) -> Result<Tensor> {
         if self.bias.is_some() {
-            return act.apply(&self.forward(x, train)?);
+            return act.apply(&self.forward(x, pass)?);
         }
-        let w = self.kernel(train)?;
-        let y = crate::kernels::conv::conv2d_act(x, &w, self.stride, self.padding, act)?;
-        count_flops(y.elem_count() * w.elem_count() / w.dim(0)?);
+        let w = self.kernel(pass)?;
+        let (s, p) = (self.stride, self.padding);
+        let y = crate::kernels::conv::conv2d_act(x, &w, s, p, act, pass.grad)?;
+        pass.count(y.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(y)
     }
 }
@@ -292,21 +340,22 @@ impl ConvTranspose2d {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let weight = param(&self.weight);
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let weight = pass.param(&self.weight);
         let w = match &self.sn {
             Some(sn) => {
                 // PyTorch normalises ConvTranspose along dim 1 (output channels).
                 let o = weight.dim(1)?;
                 let w_mat = weight.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
-                sn.apply(&weight, &w_mat, train)?
+                sn.apply(&weight, &w_mat, pass.train)?
             }
             None => weight,
         };
-        let y = crate::kernels::conv::conv_transpose2d(x, &w, self.stride, self.padding)?; // (B, O, H', W')
-        count_flops(x.elem_count() * w.elem_count() / w.dim(0)?);
+        let (s, p) = (self.stride, self.padding);
+        let y = crate::kernels::conv::conv_transpose2d(x, &w, s, p, pass.grad)?; // (B, O, H', W')
+        pass.count(x.elem_count() * w.elem_count() / w.dim(0)?);
         Ok(match &self.bias {
-            Some(b) => add_channel_bias(&y, &param(b))?,
+            Some(b) => add_channel_bias(&y, &pass.param(b))?,
             None => y,
         })
     }
@@ -337,14 +386,14 @@ impl Linear {
     }
 
     /// x: (B, in) -> (B, out)
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let weight = param(&self.weight);
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let weight = pass.param(&self.weight);
         let w = match &self.sn {
-            Some(sn) => sn.apply(&weight, &weight, train)?,
+            Some(sn) => sn.apply(&weight, &weight, pass.train)?,
             None => weight,
         };
-        count_flops(x.elem_count() * w.dim(0)?);
-        linear(x, &w, self.bias.as_ref().map(param).as_ref())
+        pass.count(x.elem_count() * w.dim(0)?);
+        linear(x, &w, self.bias.as_ref().map(|b| pass.param(b)).as_ref())
     }
 }
 
@@ -435,13 +484,14 @@ impl BatchNorm {
         Ok(y)
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_act(x, train, None)
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.forward_act(x, pass, None)
     }
 
     /// `act(self.forward(x))` for a (leaky) ReLU `act`; in train mode with the affine part,
     /// one fused op (see [`crate::kernels::fused_bn::batch_norm_train_act`]).
-    pub fn forward_act(&self, x: &Tensor, train: bool, act: Option<LeakyRelu>) -> Result<Tensor> {
+    pub fn forward_act(&self, x: &Tensor, pass: Pass, act: Option<LeakyRelu>) -> Result<Tensor> {
+        let train = pass.train;
         let dims = x.dims().to_vec();
         let x4 = if dims.len() == 2 {
             x.reshape((dims[0], dims[1], 1, 1))?
@@ -449,8 +499,8 @@ impl BatchNorm {
             x.clone()
         };
         let (weight, bias) = (
-            self.weight.as_ref().map(param),
-            self.bias.as_ref().map(param),
+            self.weight.as_ref().map(|t| pass.param(t)),
+            self.bias.as_ref().map(|t| pass.param(t)),
         );
         let y = match (&weight, &bias) {
             // The affine part and the activation fused into the op.
@@ -503,13 +553,15 @@ impl CondBatchNorm {
     }
 
     /// x: (B, C, H, W), cond: (B, K)
-    pub fn forward(&self, x: &Tensor, cond: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn.forward(x, train)?;
+    pub fn forward(&self, x: &Tensor, cond: &Tensor, pass: Pass) -> Result<Tensor> {
+        let y = self.bn.forward(x, pass)?;
         match (&self.gamma, &self.beta) {
             (Some(g), Some(b)) => {
-                let gamma = g.forward(cond, train)?.affine(1.0, 1.0)?; // (B, C)
-                let beta = b.forward(cond, train)?; // (B, C)
-                Ok(crate::kernels::fused_bn::cond_affine(&y, &gamma, &beta)?)
+                let gamma = g.forward(cond, pass)?.affine(1.0, 1.0)?; // (B, C)
+                let beta = b.forward(cond, pass)?; // (B, C)
+                Ok(crate::kernels::fused_bn::cond_affine(
+                    &y, &gamma, &beta, pass.grad,
+                )?)
             }
             _ => Ok(y),
         }
@@ -555,15 +607,15 @@ impl LayerNorm {
         })
     }
 
-    /// x: (B, C, H, W)
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// x: (B, C, H, W). Only `pass.frozen` matters (no statistics are kept).
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let mean = x.mean_keepdim((1, 2, 3))?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim((1, 2, 3))?;
         let y = xc.broadcast_div(&var.affine(1.0, BN_EPS)?.sqrt()?)?;
         Ok(
-            y.broadcast_mul(&param(&self.weight).reshape((1, (), 1, 1))?)?
-                .broadcast_add(&param(&self.bias).reshape((1, (), 1, 1))?)?,
+            y.broadcast_mul(&pass.param(&self.weight).reshape((1, (), 1, 1))?)?
+                .broadcast_add(&pass.param(&self.bias).reshape((1, (), 1, 1))?)?,
         )
     }
 }
@@ -596,16 +648,16 @@ impl SelfAttention {
     }
 
     /// x: (B, C, H, W)
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let (b, _c, h, w) = x.dims4()?;
         let n = h * w;
-        let q = self.query.forward(x, train)?.reshape((b, (), n))?; // (B, Ck, N)
-        let k = self.key.forward(x, train)?.reshape((b, (), n))?; // (B, Ck, N)
-        let v = self.value.forward(x, train)?.reshape((b, (), n))?; // (B, Cv, N)
-        let o = crate::kernels::attention::attention(&q, &k, &v)?; // (B, Cv, N)
-        count_flops(b * n * n * (q.dim(1)? + v.dim(1)?));
-        let o = self.out.forward(&o.reshape((b, (), h, w))?, train)?; // (B, C, H, W)
-        Ok(x.add(&o.broadcast_mul(&param(&self.gamma))?)?)
+        let q = self.query.forward(x, pass)?.reshape((b, (), n))?; // (B, Ck, N)
+        let k = self.key.forward(x, pass)?.reshape((b, (), n))?; // (B, Ck, N)
+        let v = self.value.forward(x, pass)?.reshape((b, (), n))?; // (B, Cv, N)
+        let o = crate::kernels::attention::attention(&q, &k, &v, pass.grad)?; // (B, Cv, N)
+        pass.count(b * n * n * (q.dim(1)? + v.dim(1)?));
+        let o = self.out.forward(&o.reshape((b, (), h, w))?, pass)?; // (B, C, H, W)
+        Ok(x.add(&o.broadcast_mul(&pass.param(&self.gamma))?)?)
     }
 }
 
@@ -737,59 +789,140 @@ mod tests {
         if d == 0.0 { 0.0 } else { d / s.max(1e-30) }
     }
 
-    /// Inside `with_frozen_params` a layer gives its input the same gradient and its
-    /// parameters none.
-    /// [`crate::on_pool_worker`] runs its closure on a rayon worker with the caller's frozen
-    /// state, on and off, and leaves the caller's state as it was.
-    #[test]
-    fn pool_worker_carries_the_frozen_state() {
-        // A thread outside any pool, as the trainer's and the CLI's.
-        std::thread::spawn(|| {
-            let probe = || (params_frozen(), rayon::current_thread_index().is_some());
-            assert_eq!(crate::on_pool_worker(probe), (false, true));
-            assert_eq!(
-                with_frozen_params(|| crate::on_pool_worker(probe)),
-                (true, true)
-            );
-            assert!(!params_frozen());
-        })
-        .join()
-        .unwrap();
+    /// A small network (conv, train-mode BatchNorm, linear) and its store.
+    struct Net {
+        store: crate::params::ParamStore,
+        conv: Conv2d,
+        bn: BatchNorm,
+        lin: Linear,
+        x0: Tensor,
     }
 
-    #[test]
-    fn frozen_params_keep_input_gradients() {
-        let store = crate::params::ParamStore::new(Rng::new(3), DType::F32, &Device::Cpu);
-        let vb = store.root("d");
-        let opts = LayerOpts {
-            bias: true,
-            spectral_norm: false,
-            init: WeightInit::Dcgan,
-        };
-        let conv = Conv2d::new(3, 4, 3, 1, 1, opts, vb.pp("conv")).unwrap();
-        let bn = BatchNorm::new(4, true, vb.pp("bn")).unwrap();
-        let lin = Linear::new(4 * 5 * 5, 2, opts, vb.pp("lin")).unwrap();
-        let mut rng = Rng::new(5);
-        let x0 = random(&mut rng, &[2, 3, 5, 5]);
-        let run = |frozen: bool| {
-            let x = Var::from_tensor(&x0).unwrap();
-            let f = || -> Result<Tensor> {
-                let h = leaky_relu(&bn.forward(&conv.forward(x.as_tensor(), true)?, true)?)?;
-                lin.forward(&h.flatten_from(1)?, true)
+    impl Net {
+        fn new() -> Self {
+            let store = crate::params::ParamStore::new(Rng::new(3), DType::F32, &Device::Cpu);
+            let vb = store.root("d");
+            let opts = LayerOpts {
+                bias: true,
+                spectral_norm: false,
+                init: WeightInit::Dcgan,
             };
-            let y = if frozen { with_frozen_params(f) } else { f() }.unwrap();
+            let conv = Conv2d::new(3, 4, 3, 1, 1, opts, vb.pp("conv")).unwrap();
+            let bn = BatchNorm::new(4, true, vb.pp("bn")).unwrap();
+            let lin = Linear::new(4 * 5 * 5, 2, opts, vb.pp("lin")).unwrap();
+            let x0 = random(&mut Rng::new(5), &[2, 3, 5, 5]);
+            Self {
+                store,
+                conv,
+                bn,
+                lin,
+                x0,
+            }
+        }
+
+        /// The input's gradient of sum(y^2) after a pass, and how many parameters got one.
+        fn run(&self, pass: Pass) -> (Tensor, usize) {
+            let x = Var::from_tensor(&self.x0).unwrap();
+            let h = self.conv.forward(x.as_tensor(), pass).unwrap();
+            let h = leaky_relu(&self.bn.forward(&h, pass).unwrap()).unwrap();
+            let y = self.lin.forward(&h.flatten_from(1).unwrap(), pass).unwrap();
             let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            let n_param_grads = store
+            let n_param_grads = self
+                .store
                 .trainable()
                 .iter()
                 .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
                 .count();
             (grads.get(x.as_tensor()).unwrap().clone(), n_param_grads)
-        };
-        let (g_free, n_free) = run(false);
-        let (g_frozen, n_frozen) = run(true);
-        assert_eq!(n_free, store.trainable().len());
+        }
+    }
+
+    /// A frozen pass gives the input the same gradient and the parameters none.
+    #[test]
+    fn frozen_params_keep_input_gradients() {
+        let net = Net::new();
+        let (g_free, n_free) = net.run(Pass::train());
+        let (g_frozen, n_frozen) = net.run(Pass::train().frozen());
+        assert_eq!(n_free, net.store.trainable().len());
         assert_eq!(n_frozen, 0);
         assert!(rel_err(&g_frozen, &g_free) < 1e-6);
+    }
+
+    /// Whether a pass is frozen travels with the pass, not with the thread: on a rayon worker
+    /// ([`crate::on_pool_worker`], from a thread outside any pool, as the trainer's and the
+    /// CLI's), and with a frozen and a trainable pass running at once on the pool's threads,
+    /// each gets its own.
+    #[test]
+    fn frozen_state_travels_with_the_pass() {
+        let net = Net::new();
+        let all = net.store.trainable().len();
+        std::thread::spawn(move || {
+            let on_worker = |pass: Pass| {
+                crate::on_pool_worker(|| {
+                    assert!(rayon::current_thread_index().is_some());
+                    net.run(pass).1
+                })
+            };
+            assert_eq!(on_worker(Pass::train()), all);
+            assert_eq!(on_worker(Pass::train().frozen()), 0);
+            let (a, b) = crate::on_pool_worker(|| {
+                rayon::join(
+                    || net.run(Pass::train().frozen()).1,
+                    || net.run(Pass::train()).1,
+                )
+            });
+            assert_eq!((a, b), (0, all));
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A counting pass adds the documented FLOPs of each layer (`2 B O OH OW C K K` for a
+    /// conv, `2 B Cin H W Cout K K` for a transposed conv, `2 B in out` for a linear layer,
+    /// `2 B N N (Ck + Cv)` for attention plus its four 1x1 convs); a pass without the counter
+    /// adds nothing to it.
+    #[test]
+    fn flop_counter_counts_the_hand_formula() {
+        let store = crate::params::ParamStore::new(Rng::new(4), DType::F32, &Device::Cpu);
+        let vb = store.root("f");
+        let opts = LayerOpts {
+            bias: true,
+            spectral_norm: true,
+            init: WeightInit::Dcgan,
+        };
+        let mut rng = Rng::new(6);
+        let (b, c, h, w) = (2usize, 3usize, 8usize, 8usize);
+        let x = random(&mut rng, &[b, c, h, w]);
+        let count = |f: &dyn Fn(Pass)| {
+            let counter = FlopCounter::new();
+            f(Pass::train().counting(&counter));
+            f(Pass::eval());
+            counter.get()
+        };
+        // Conv 3 -> 5, k4 s2 p1: 4x4 output.
+        let conv = Conv2d::new(c, 5, 4, 2, 1, opts, vb.pp("conv")).unwrap();
+        let want = (2 * b * 5 * 4 * 4 * c * 4 * 4) as f64;
+        assert_eq!(count(&|p| drop(conv.forward(&x, p).unwrap())), want);
+        let act = LeakyRelu::LEAKY;
+        assert_eq!(
+            count(&|p| drop(conv.forward_act(&x, p, act).unwrap())),
+            want
+        );
+        // Transposed conv 3 -> 6, k4 s2 p1, on the 8x8 input.
+        let convt = ConvTranspose2d::new(c, 6, 4, 2, 1, opts, vb.pp("convt")).unwrap();
+        let want = (2 * b * c * h * w * 6 * 4 * 4) as f64;
+        assert_eq!(count(&|p| drop(convt.forward(&x, p).unwrap())), want);
+        // Linear (B, C H W) -> 7.
+        let lin = Linear::new(c * h * w, 7, opts, vb.pp("lin")).unwrap();
+        let xf = x.flatten_from(1).unwrap();
+        let want = (2 * b * c * h * w * 7) as f64;
+        assert_eq!(count(&|p| drop(lin.forward(&xf, p).unwrap())), want);
+        // Self-attention on 16 channels: Ck = 2, Cv = 8, N = 64.
+        let xa = random(&mut rng, &[b, 16, h, w]);
+        let att = SelfAttention::new(16, opts, vb.pp("att")).unwrap();
+        let n = h * w;
+        let convs = 2 * b * n * (16 * 2 + 16 * 2 + 16 * 8 + 8 * 16);
+        let want = (convs + 2 * b * n * n * (2 + 8)) as f64;
+        assert_eq!(count(&|p| drop(att.forward(&xa, p).unwrap())), want);
     }
 }

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use crate::config::LossKind;
 use crate::error::Result;
-use crate::grad::{input_gradient, per_sample_sq_norm};
+use crate::grad::{GradMode, input_gradient, per_sample_sq_norm};
 use crate::nn::softplus;
 pub use crate::nn::{aux_loss, bce_with_logits};
 
@@ -51,25 +51,34 @@ pub fn mode_seeking(x: &Tensor, z: &Tensor) -> Result<Tensor> {
 }
 
 /// WGAN-GP penalty E[(||grad_x critic(x_hat)||_2 - 1)^2] at x_hat = eps real + (1 - eps) fake,
-/// with `eps` of shape (B, 1, 1, 1). `critic` maps images to per-sample values (B,).
-/// Differentiable with respect to the critic's weights (exact second order).
-pub fn gradient_penalty<F>(real: &Tensor, fake: &Tensor, eps: &Tensor, critic: F) -> Result<Tensor>
+/// with `eps` of shape (B, 1, 1, 1). `critic` maps images to per-sample values (B,); `mode`
+/// is the step's backward mode, which the critic's pass should carry (see
+/// [`input_gradient`]). Differentiable with respect to the critic's weights (exact second
+/// order).
+pub fn gradient_penalty<F>(
+    real: &Tensor,
+    fake: &Tensor,
+    eps: &Tensor,
+    mode: &GradMode,
+    critic: F,
+) -> Result<Tensor>
 where
     F: FnOnce(&Tensor) -> Result<Tensor>,
 {
     let x_hat = (real.broadcast_mul(eps)? + fake.broadcast_mul(&eps.affine(-1.0, 1.0)?)?)?;
-    let (g, _) = input_gradient(&x_hat, critic)?;
+    let (g, _) = input_gradient(&x_hat, mode, critic)?;
     // A tiny epsilon keeps the square root differentiable at a zero gradient.
     let norm = per_sample_sq_norm(&g)?.affine(1.0, 1e-12)?.sqrt()?; // (B,)
     Ok(norm.affine(1.0, -1.0)?.sqr()?.mean_all()?)
 }
 
-/// R1 penalty E[||grad_x critic(x_real)||^2] (multiply by gamma / 2 outside).
-pub fn r1_penalty<F>(real: &Tensor, critic: F) -> Result<Tensor>
+/// R1 penalty E[||grad_x critic(x_real)||^2] (multiply by gamma / 2 outside); `mode` as for
+/// [`gradient_penalty`].
+pub fn r1_penalty<F>(real: &Tensor, mode: &GradMode, critic: F) -> Result<Tensor>
 where
     F: FnOnce(&Tensor) -> Result<Tensor>,
 {
-    let (g, _) = input_gradient(real, critic)?;
+    let (g, _) = input_gradient(real, mode, critic)?;
     Ok(per_sample_sq_norm(&g)?.mean_all()?)
 }
 
@@ -147,9 +156,9 @@ mod tests {
             .unwrap();
         let critic =
             |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_mul(&w)?.flatten_from(1)?.sum(1)?) };
-        let gp = s(gradient_penalty(&real, &fake, &eps, critic).unwrap());
+        let gp = s(gradient_penalty(&real, &fake, &eps, &GradMode::new(), critic).unwrap());
         assert!((gp - 16.0).abs() < 1e-9, "{gp}");
-        let r1 = s(r1_penalty(&real, critic).unwrap());
+        let r1 = s(r1_penalty(&real, &GradMode::new(), critic).unwrap());
         assert!((r1 - 25.0).abs() < 1e-9, "{r1}");
     }
 }

@@ -21,7 +21,9 @@ use crate::config::{Conditioning, LossKind, TrainConfig};
 use crate::data::Dataset;
 pub use crate::diagnostics::StepStats;
 use crate::error::{Error, Result};
+use crate::grad::GradMode;
 use crate::model::{Discriminator, Generator};
+use crate::nn::Pass;
 use crate::optim::adam::Adam;
 use crate::rng::Rng;
 
@@ -261,10 +263,14 @@ impl Trainer {
         let b = self.cfg.batch_size;
         let (real, c) = self.real_batch()?;
         let z = self.noise(b)?;
-        let fake = self.generator.forward(&z, &c, true)?.detach();
+        // This step's backward mode: the penalties' inner backward and the update's backward
+        // set it around their own, and the passes' fused ops read it.
+        let mode = GradMode::new();
+        let pass = Pass::train().with_grad(&mode);
+        let fake = self.generator.forward(&z, &c, pass)?.detach();
         let (real_a, fake_a) = (self.augment(&real)?, self.augment(&fake)?);
-        let out_r = self.discriminator.forward(&real_a, &c, true)?;
-        let out_f = self.discriminator.forward(&fake_a, &c, true)?;
+        let out_r = self.discriminator.forward(&real_a, &c, pass)?;
+        let out_f = self.discriminator.forward(&fake_a, &c, pass)?;
         let lk = self.cfg.loss.kind;
         let mut total = loss::d_loss(lk, &out_r.logits, &out_f.logits)?;
         let mut st = StepStats {
@@ -279,15 +285,15 @@ impl Trainer {
             let e: Vec<f64> = (0..b).map(|_| self.rng.uniform()).collect();
             let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
             let disc = &self.discriminator;
-            let gp = loss::gradient_penalty(&real, &fake, &eps, |x| {
-                Ok(disc.forward(x, &c, true)?.logits)
+            let gp = loss::gradient_penalty(&real, &fake, &eps, &mode, |x| {
+                Ok(disc.forward(x, &c, pass)?.logits)
             })?;
             st.gp = Some(scalar(&gp)?);
             total = (total + gp.affine(self.cfg.loss.gp_lambda, 0.0)?)?;
         }
         if self.cfg.loss.r1_gamma > 0.0 {
             let disc = &self.discriminator;
-            let r1 = loss::r1_penalty(&real, |x| Ok(disc.forward(x, &c, true)?.logits))?;
+            let r1 = loss::r1_penalty(&real, &mode, |x| Ok(disc.forward(x, &c, pass)?.logits))?;
             st.r1 = Some(scalar(&r1)?);
             total = (total + r1.affine(self.cfg.loss.r1_gamma / 2.0, 0.0)?)?;
         }
@@ -302,7 +308,7 @@ impl Trainer {
         }
         st.d_loss = scalar(&total)?;
         check_finite("D loss", st.d_loss, self.step)?;
-        let grads = crate::grad::first_order_backward(&total)?;
+        let grads = crate::grad::first_order_backward(&total, &mode)?;
         st.d_grad_norm = grad_norm(&grads, &self.discriminator.store.trainable())?;
         self.opt_d.step(&grads)?;
         if lk == LossKind::Wgan {
@@ -326,11 +332,12 @@ impl Trainer {
             self.sample_conditions(b)?
         };
         let z = self.noise(b)?;
-        let fake = self.generator.forward(&z, &c, true)?;
+        let mode = GradMode::new();
+        let pass = Pass::train().with_grad(&mode);
+        let fake = self.generator.forward(&z, &c, pass)?;
         let fake_a = self.augment(&fake)?;
         // D's parameters as constants: their gradients are not needed here.
-        let disc = &self.discriminator;
-        let out = crate::nn::with_frozen_params(|| disc.forward(&fake_a, &c, true))?;
+        let out = self.discriminator.forward(&fake_a, &c, pass.frozen())?;
         let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
         if ms > 0.0 {
             let term = loss::mode_seeking(&fake, &z)?;
@@ -344,7 +351,7 @@ impl Trainer {
         }
         let g = scalar(&total)?;
         check_finite("G loss", g, self.step)?;
-        let grads = crate::grad::first_order_backward(&total)?;
+        let grads = crate::grad::first_order_backward(&total, &mode)?;
         let norm = grad_norm(&grads, &self.generator.store.trainable())?;
         self.opt_g.step(&grads)?;
         if let Some(e) = &self.ema {

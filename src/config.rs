@@ -784,7 +784,8 @@ pub struct MonitorConfig {
     /// Run the diagnostics every N generator steps (0 = never; the alarms on step statistics
     /// run at every step regardless).
     pub every: u64,
-    /// Evaluator folder; `None` = `checkpoints/evaluator-<data kind>`.
+    /// Evaluator folder, or a PyTorch checkpoint of the course's evaluator (`.pth`);
+    /// `None` = `checkpoints/evaluator-<data kind>`.
     pub evaluator: Option<PathBuf>,
     /// Real images whose evaluator features are computed once.
     pub n_real: usize,

@@ -270,3 +270,79 @@ fn mirrored_test_time_augmentation_averages_the_two_views() {
     assert!(text.contains("tta_hflip"));
     assert!(!serde_json::to_string(&cfg).unwrap().contains("tta_hflip"));
 }
+
+#[test]
+fn the_course_evaluator_file_is_an_evaluator_of_64_px_iclevr() {
+    // The committed stand-in for the course's checkpoint.pth (torchvision resnet18 layout
+    // at widths 4-32; tests/fixtures/course_evaluator/make_fixture.py) goes through the same
+    // `Classifier::load` as ganscope's evaluators: `eval`, `evaluator score`, the diagnostics
+    // and the explorer all read it directly. Its probabilities are PyTorch's.
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/course_evaluator");
+    let path = dir.join("checkpoint.pth");
+    let ev = Classifier::load(&path, &Device::Cpu).unwrap();
+    assert!(ev.is_pytorch());
+    assert_eq!(
+        (ev.cfg.image_size, ev.cfg.channels, ev.feature_dim()),
+        (64, 3, 32)
+    );
+    let names: Vec<String> = ganscope::data::iclevr::OBJECT_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    ev.check_fits(&path, 3, 64, &names).unwrap();
+    let e = ev.check_fits(&path, 3, 32, &names).unwrap_err().to_string();
+    assert!(e.contains("checkpoint.pth") && e.contains("64x64"), "{e}");
+    let e = ev.save(tempfile::tempdir().unwrap().path()).unwrap_err();
+    assert!(e.to_string().contains("PyTorch"), "{e}");
+
+    // fixed_input(3) of make_fixture.py.
+    let s = 64;
+    let mut x = Vec::with_capacity(3 * 3 * s * s);
+    for i in 0..3 {
+        for c in 0..3 {
+            for y in 0..s {
+                for xx in 0..s {
+                    let (i, c, y, xx) = (i as f64, c as f64, y as f64, xx as f64);
+                    x.push(
+                        (0.37 * i + 1.1 * c + 0.21 * y - 0.13 * xx + 0.005 * y * xx).sin() as f32,
+                    );
+                }
+            }
+        }
+    }
+    let x = candle_core::Tensor::from_vec(x, (3, 3, s, s), &Device::Cpu).unwrap();
+    let (probs, feats) = ev.predict(&x).unwrap();
+    assert_eq!(feats[0].len(), 32);
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    for (row, got) in want["probabilities"].as_array().unwrap().iter().zip(&probs) {
+        for (a, b) in row.as_array().unwrap().iter().zip(got) {
+            assert!((a.as_f64().unwrap() - *b as f64).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    // The CLI: `evaluator score` reads the file and scores 64-px renders with it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ganscope"))
+        .args([
+            "evaluator",
+            "score",
+            "--kind",
+            "iclevr",
+            "--n-scenes",
+            "4",
+            "--seed",
+            "1",
+        ])
+        .arg("--evaluator")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("top-k accuracy"), "{stdout}");
+}

@@ -84,6 +84,9 @@ pub struct Settings {
     pub target: u64,
     /// Diagnostics every N steps (0 = off).
     pub diagnostics_every: u64,
+    /// The diagnostics' evaluator: an evaluator folder or a PyTorch checkpoint (`.pth`, the
+    /// course's i-CLEVR evaluator); empty = the shipped one for the data.
+    pub evaluator_path: String,
     pub nan_policy: NanPolicy,
     pub checkpoint_path: String,
     pub export_path: String,
@@ -116,6 +119,7 @@ impl Default for Settings {
             // The check interval's floor: `monitor.max_share` spaces the checks out further
             // when they are slow next to training (a CPU i-CLEVR run: every few hundred steps).
             diagnostics_every: 50,
+            evaluator_path: String::new(),
             nan_policy: NanPolicy::RestorePause,
             checkpoint_path: "runs/explorer".into(),
             export_path: "exports".into(),
@@ -392,10 +396,12 @@ impl GanscopeApp {
         // A smaller sample than the CLI's default keeps a check to a few seconds on a CPU.
         cfg.monitor.n_real = 1000;
         cfg.monitor.n_generated = 500;
-        cfg.monitor.evaluator = Some(crate::train::monitor::default_evaluator_dir(
-            &self.checkpoints,
-            cfg,
-        ));
+        let chosen = self.settings.evaluator_path.trim();
+        cfg.monitor.evaluator = Some(if chosen.is_empty() {
+            crate::train::monitor::default_evaluator_dir(&self.checkpoints, cfg)
+        } else {
+            PathBuf::from(chosen)
+        });
     }
 
     /// (Re)start training from scratch or from a run folder. The old session is dropped

@@ -226,6 +226,18 @@ impl TrainPanel {
                     )
                     .on_hover_text("takes effect at the next Start; 0 = off");
                     ui.end_row();
+                    ui.label("Evaluator");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut ctx.settings.evaluator_path)
+                            .hint_text("shipped")
+                            .desired_width(110.0),
+                    )
+                    .on_hover_text(
+                        "the diagnostics' evaluator: empty = the shipped one for this data; or \
+                         an evaluator folder, or a PyTorch .pth file (the course's i-CLEVR \
+                         evaluator, for 64x64 generators). Takes effect at the next Start",
+                    );
+                    ui.end_row();
                     ui.label("On NaN/Inf");
                     let before = ctx.settings.nan_policy;
                     egui::ComboBox::from_id_salt("nan_policy")

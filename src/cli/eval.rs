@@ -26,7 +26,8 @@ pub(crate) struct EvalArgs {
     /// Unconditional models: images per seed whose predicted classes make the histogram.
     #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000))]
     pub(crate) n: usize,
-    /// Evaluator folder (default checkpoints/evaluator-<dataset>).
+    /// Evaluator folder (default checkpoints/evaluator-<dataset>), or a PyTorch checkpoint of
+    /// the course's i-CLEVR evaluator (`checkpoint.pth`, torchvision resnet18, read as is).
     #[arg(long)]
     pub(crate) evaluator: Option<PathBuf>,
     /// Real images for the Fréchet distance (default: the run's dataset, if it can be opened).

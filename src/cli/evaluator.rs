@@ -48,7 +48,8 @@ pub(crate) struct EvaluatorTrainArgs {
 
 #[derive(clap::Args)]
 pub(crate) struct EvaluatorScoreArgs {
-    /// Evaluator folder (evaluator.json + evaluator.safetensors).
+    /// Evaluator folder (evaluator.json + evaluator.safetensors), or a PyTorch checkpoint of
+    /// the course's i-CLEVR evaluator (`checkpoint.pth`, read as is).
     #[arg(long)]
     pub(crate) evaluator: PathBuf,
     /// Dataset kind: mnist, fashion-mnist, iclevr, cifar10.

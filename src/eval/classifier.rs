@@ -14,6 +14,7 @@ use crate::checkpoint::{check_shapes, write_atomic};
 use crate::data::{ConditionKind, Dataset};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{TopK, topk_accuracy};
+use crate::eval::torch_resnet::TorchResNet;
 use crate::images::from_u8;
 use crate::nn::aux_loss;
 use crate::nn::{BatchNorm, Conv2d, LayerOpts, Linear, Pass, WeightInit};
@@ -159,13 +160,26 @@ impl BasicBlock {
 /// One f32 vector per image.
 pub type Rows = Vec<Vec<f32>>;
 
-/// The evaluator network with its config and weights.
-pub struct Classifier {
+/// ganscope's own evaluator network.
+struct OwnNet {
     stem: Conv2d,
     stem_bn: BatchNorm,
     blocks: Vec<BasicBlock>,
     head: Linear,
+}
+
+/// The network behind an evaluator: ganscope's own (trained by `ganscope evaluator train`)
+/// or a PyTorch file read as is (the course's evaluator, eval mode only).
+enum Net {
+    Own(OwnNet),
+    Torch(Box<TorchResNet>),
+}
+
+/// The evaluator network with its config and weights.
+pub struct Classifier {
+    net: Net,
     pub cfg: EvaluatorConfig,
+    /// The own network's weights (empty for a PyTorch file).
     pub store: ParamStore,
 }
 
@@ -212,10 +226,12 @@ impl Classifier {
         }
         let head = Linear::new(cin, k, LayerOpts { bias: true, ..o }, vb.pp("head"))?;
         Ok(Self {
-            stem,
-            stem_bn,
-            blocks,
-            head,
+            net: Net::Own(OwnNet {
+                stem,
+                stem_bn,
+                blocks,
+                head,
+            }),
             cfg: cfg.clone(),
             store,
         })
@@ -226,17 +242,53 @@ impl Classifier {
         self.cfg.width * 8
     }
 
-    /// x: (B, C, H, W) in [-1, 1] -> (logits (B, K), pooled features (B, 8w)).
+    /// Whether this evaluator is a PyTorch file read as is (it cannot be trained or saved).
+    pub fn is_pytorch(&self) -> bool {
+        matches!(self.net, Net::Torch(_))
+    }
+
+    /// x: (B, C, H, W) in [-1, 1] -> (logits (B, K), pooled features (B, 8w)). A PyTorch
+    /// evaluator always runs in eval mode.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<(Tensor, Tensor)> {
-        let mut h = self
-            .stem_bn
-            .forward(&self.stem.forward(x, pass)?, pass)?
-            .relu()?;
-        for b in &self.blocks {
+        let n = match &self.net {
+            Net::Own(n) => n,
+            Net::Torch(t) => return t.forward(x),
+        };
+        let mut h = n.stem_bn.forward(&n.stem.forward(x, pass)?, pass)?.relu()?;
+        for b in &n.blocks {
             h = b.forward(&h, pass)?;
         }
         let feats = h.mean((2, 3))?; // (B, 8w)
-        Ok((self.head.forward(&feats, pass)?, feats))
+        Ok((n.head.forward(&feats, pass)?, feats))
+    }
+
+    /// The course's i-CLEVR evaluator (or any torchvision basic-block ResNet with a multi-label
+    /// head) from its PyTorch checkpoint: 64x64 RGB inputs in [-1, 1], sigmoid outputs; with
+    /// 24 outputs its labels are i-CLEVR's, in `objects.json` order (the course's).
+    pub fn load_pytorch(path: &Path, device: &Device) -> Result<Self> {
+        let t = TorchResNet::load(path, device)?;
+        let label_names = if t.num_labels == crate::data::iclevr::OBJECT_NAMES.len() {
+            crate::data::iclevr::OBJECT_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            (0..t.num_labels).map(|i| format!("label {i}")).collect()
+        };
+        let cfg = EvaluatorConfig {
+            image_size: 64,
+            channels: 3,
+            kind: ConditionKind::MultiHot,
+            label_names,
+            width: t.width,
+            hflip: false,
+            ..EvaluatorConfig::default()
+        };
+        Ok(Self {
+            net: Net::Torch(Box::new(t)),
+            cfg,
+            store: ParamStore::new(Rng::stream(0, "init.eval"), DType::F32, device),
+        })
     }
 
     /// Per-image label probabilities (sigmoid or softmax) and features, in eval mode,
@@ -308,6 +360,11 @@ impl Classifier {
 
     /// Save `evaluator.json` and `evaluator.safetensors` into `dir` (atomic writes).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.is_pytorch() {
+            return Err(Error::Config(
+                "a PyTorch evaluator is read as is, not saved in ganscope's format".into(),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&dir.join(CONFIG_FILE), &json)?;
@@ -323,8 +380,12 @@ impl Classifier {
         write_atomic(&path, &bytes)
     }
 
-    /// Load an evaluator saved by [`Classifier::save`].
+    /// Load an evaluator: a folder saved by [`Classifier::save`], or a PyTorch checkpoint
+    /// file ([`Classifier::load_pytorch`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            return Self::load_pytorch(dir, device);
+        }
         let cp = dir.join(CONFIG_FILE);
         let text = crate::checkpoint::read_regular(&cp).map_err(|e| Error::io(&cp, e))?;
         let cfg: EvaluatorConfig =

@@ -36,7 +36,10 @@ struct Folded {
 
 impl Folded {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(&conv2d(x, &self.w, self.stride, self.padding)?, &self.b)
+        add_channel_bias(
+            &conv2d(x, &self.w, self.stride, self.padding, None)?,
+            &self.b,
+        )
     }
 }
 
@@ -71,6 +74,16 @@ pub struct TorchResNet {
     pub num_labels: usize,
     /// Blocks per stage ([2, 2, 2, 2] for resnet18).
     pub layers: [usize; 4],
+}
+
+/// What a convolution of the file must look like: input channels, kernel size, and how it
+/// is applied (torchvision's strides and paddings).
+#[derive(Clone, Copy)]
+struct ConvShape {
+    cin: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
 }
 
 /// The tensors of a PyTorch file, by name, with the file's path for messages.
@@ -119,12 +132,15 @@ impl StateDict<'_> {
         &self,
         conv: &str,
         bn: &str,
-        cin: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
+        shape: ConvShape,
         device: &Device,
     ) -> Result<(Folded, usize)> {
+        let ConvShape {
+            cin,
+            k,
+            stride,
+            padding,
+        } = shape;
         let w = self.get(
             &format!("{conv}.weight"),
             &[None, Some(cin), Some(k), Some(k)],
@@ -193,13 +209,19 @@ impl TorchResNet {
 
     fn from_state_dict(path: &Path, t: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
         let sd = StateDict { path, t };
+        let shape = |cin, k, stride, padding| ConvShape {
+            cin,
+            k,
+            stride,
+            padding,
+        };
         if sd.t.keys().any(|k| k.ends_with(".conv3.weight")) {
             return Err(sd.bad(
                 "a bottleneck ResNet (50, 101, 152): only basic-block ResNets (18, 34) are read"
                     .into(),
             ));
         }
-        let (conv1, width) = sd.folded("conv1", "bn1", 3, 7, 2, 3, device)?;
+        let (conv1, width) = sd.folded("conv1", "bn1", shape(3, 7, 2, 3), device)?;
         let mut blocks = Vec::new();
         let mut layers = [0usize; 4];
         let mut cin = width;
@@ -214,19 +236,13 @@ impl TorchResNet {
                 let (c1, o1) = sd.folded(
                     &format!("{p}.conv1"),
                     &format!("{p}.bn1"),
-                    cin,
-                    3,
-                    stride,
-                    1,
+                    shape(cin, 3, stride, 1),
                     device,
                 )?;
                 let (c2, o2) = sd.folded(
                     &format!("{p}.conv2"),
                     &format!("{p}.bn2"),
-                    o1,
-                    3,
-                    1,
-                    1,
+                    shape(o1, 3, 1, 1),
                     device,
                 )?;
                 if o1 != cout || o2 != cout {
@@ -239,10 +255,7 @@ impl TorchResNet {
                     let (d, _) = sd.folded(
                         &format!("{p}.downsample.0"),
                         &format!("{p}.downsample.1"),
-                        cin,
-                        1,
-                        stride,
-                        0,
+                        shape(cin, 1, stride, 0),
                         device,
                     )?;
                     Some(d)

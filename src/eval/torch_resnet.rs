@@ -355,20 +355,18 @@ mod tests {
         Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu).unwrap()
     }
 
-    #[test]
-    fn the_course_layout_matches_pytorch_on_the_fixture() {
-        // expected.json: PyTorch 2.15's logits and sigmoid outputs of the fixture network
-        // (torchvision's resnet18 layout at widths 4-32, random BN statistics, eval mode).
-        let dir = fixture();
+    /// The worst difference between the network read from `dir/checkpoint.pth` and
+    /// PyTorch's logits and sigmoid outputs in `dir/expected.json` (make_fixture.py).
+    fn worst_difference(dir: &Path, width: usize) -> f64 {
         let net = TorchResNet::load(&dir.join("checkpoint.pth"), &Device::Cpu).unwrap();
         assert_eq!(
             (net.width, net.num_labels, net.layers),
-            (4, 24, [2, 2, 2, 2])
+            (width, 24, [2, 2, 2, 2])
         );
         let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
         let want: serde_json::Value = serde_json::from_str(&text).unwrap();
         let (logits, feats) = net.forward(&fixed_input(3)).unwrap();
-        assert_eq!(feats.dims(), &[3, 32]);
+        assert_eq!(feats.dims(), &[3, 8 * width]);
         let got_l = logits.to_vec2::<f32>().unwrap();
         let got_p = candle_nn::ops::sigmoid(&logits)
             .unwrap()
@@ -386,6 +384,28 @@ mod tests {
                 }
             }
         }
+        worst
+    }
+
+    #[test]
+    fn the_course_layout_matches_pytorch_on_the_fixture() {
+        // expected.json: PyTorch 2.15's logits and sigmoid outputs of the fixture network
+        // (torchvision's resnet18 layout at widths 4-32, random BN statistics, eval mode).
+        let worst = worst_difference(&fixture(), 4);
+        assert!(worst < 1e-4, "worst difference from PyTorch {worst:e}");
+    }
+
+    /// The real file's size and widths (64-512, about 45 MB) through the same code:
+    /// `python3 tests/fixtures/course_evaluator/make_fixture.py --width 64 --out DIR`, then
+    /// `GANSCOPE_FULL_EVALUATOR=DIR cargo test --lib full_width -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs a 45 MB file made by make_fixture.py --width 64"]
+    fn full_width_course_layout_matches_pytorch() {
+        let Some(dir) = std::env::var_os("GANSCOPE_FULL_EVALUATOR") else {
+            panic!("set GANSCOPE_FULL_EVALUATOR to the folder make_fixture.py --width 64 wrote");
+        };
+        let worst = worst_difference(Path::new(&dir), 64);
+        println!("full-width file: worst difference from PyTorch {worst:e}");
         assert!(worst < 1e-4, "worst difference from PyTorch {worst:e}");
     }
 

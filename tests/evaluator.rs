@@ -296,22 +296,8 @@ fn the_course_evaluator_file_is_an_evaluator_of_64_px_iclevr() {
     let e = ev.save(tempfile::tempdir().unwrap().path()).unwrap_err();
     assert!(e.to_string().contains("PyTorch"), "{e}");
 
-    // fixed_input(3) of make_fixture.py.
-    let s = 64;
-    let mut x = Vec::with_capacity(3 * 3 * s * s);
-    for i in 0..3 {
-        for c in 0..3 {
-            for y in 0..s {
-                for xx in 0..s {
-                    let (i, c, y, xx) = (i as f64, c as f64, y as f64, xx as f64);
-                    x.push(
-                        (0.37 * i + 1.1 * c + 0.21 * y - 0.13 * xx + 0.005 * y * xx).sin() as f32,
-                    );
-                }
-            }
-        }
-    }
-    let x = candle_core::Tensor::from_vec(x, (3, 3, s, s), &Device::Cpu).unwrap();
+    // The fixture's fixed inputs (make_fixture.py's fixed_input(3)).
+    let x = ganscope::eval::torch_resnet::fixture_input(3).unwrap();
     let (probs, feats) = ev.predict(&x).unwrap();
     assert_eq!(feats[0].len(), 32);
     let want: serde_json::Value =

@@ -327,6 +327,25 @@ impl TorchResNet {
     }
 }
 
+/// The fixed inputs of the committed fixture (`fixed_input` of
+/// `tests/fixtures/course_evaluator/make_fixture.py`): n x 3 x 64 x 64 values
+/// sin(0.37 i + 1.1 c + 0.21 y - 0.13 x + 0.005 y x), computed in f64 and rounded to f32.
+pub fn fixture_input(n: usize) -> Result<Tensor> {
+    let s = 64;
+    let mut v = Vec::with_capacity(n * 3 * s * s);
+    for i in 0..n {
+        for c in 0..3 {
+            for y in 0..s {
+                for x in 0..s {
+                    let (i, c, y, x) = (i as f64, c as f64, y as f64, x as f64);
+                    v.push((0.37 * i + 1.1 * c + 0.21 * y - 0.13 * x + 0.005 * y * x).sin() as f32);
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests may unwrap")]
@@ -334,25 +353,6 @@ mod tests {
 
     fn fixture() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/course_evaluator")
-    }
-
-    /// `fixed_input` of make_fixture.py: sin(0.37 i + 1.1 c + 0.21 y - 0.13 x + 0.005 y x).
-    fn fixed_input(n: usize) -> Tensor {
-        let s = 64;
-        let mut v = Vec::with_capacity(n * 3 * s * s);
-        for i in 0..n {
-            for c in 0..3 {
-                for y in 0..s {
-                    for x in 0..s {
-                        let (i, c, y, x) = (i as f64, c as f64, y as f64, x as f64);
-                        v.push(
-                            (0.37 * i + 1.1 * c + 0.21 * y - 0.13 * x + 0.005 * y * x).sin() as f32,
-                        );
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu).unwrap()
     }
 
     /// The worst difference between the network read from `dir/checkpoint.pth` and
@@ -365,7 +365,7 @@ mod tests {
         );
         let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
         let want: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let (logits, feats) = net.forward(&fixed_input(3)).unwrap();
+        let (logits, feats) = net.forward(&fixture_input(3).unwrap()).unwrap();
         assert_eq!(feats.dims(), &[3, 8 * width]);
         let got_l = logits.to_vec2::<f32>().unwrap();
         let got_p = candle_nn::ops::sigmoid(&logits)

@@ -39,6 +39,12 @@
 //! The "floor" is that count at the measured sgemm rate: the time the iteration would take
 //! if all of it ran as one large matrix multiply (on the CPU a 2048^3 product with the `gemm`
 //! crate, on a GPU an 8192^3 candle matmul on that device).
+//!
+//! Two more "models" time something else: [`EXPLORE`] the explorer's slider path
+//! ([`explore_latency`]) and [`KERNELS`] the CPU kernels against candle's own ops
+//! ([`kernels`]).
+
+pub mod kernels;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +63,11 @@ use crate::params::{ParamStore, Vb};
 use crate::rng::Rng;
 use crate::train::Trainer;
 
+/// Timed iterations of a workload (and requests of [`EXPLORE`]) unless told otherwise.
+pub const DEFAULT_ITERS: usize = 10;
+/// Untimed iterations first unless told otherwise.
+pub const DEFAULT_WARMUP: usize = 2;
+
 /// The workloads, in the order `ganscope bench` runs them.
 pub const MODELS: [&str; 4] = ["dcgan64", "cdcgan28", "wgangp-critic64", "iclevr-sagan"];
 
@@ -67,10 +78,10 @@ pub struct BenchOptions {
     pub model: Option<String>,
     /// Batch size (default [`default_batch`]).
     pub batch: Option<usize>,
-    /// Timed iterations.
-    pub iters: usize,
-    /// Untimed iterations first.
-    pub warmup: usize,
+    /// Timed iterations ([`DEFAULT_ITERS`] when `None`; [`KERNELS`]: each case's own).
+    pub iters: Option<usize>,
+    /// Untimed iterations first ([`DEFAULT_WARMUP`] when `None`; [`KERNELS`]: each case's own).
+    pub warmup: Option<usize>,
     /// Worker threads (rayon and candle); the machine's default when `None`.
     pub threads: Option<usize>,
     /// Where the workloads run. On a GPU the floor is the device's own f32 matmul rate
@@ -745,10 +756,28 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     if let Some(t) = opts.threads {
         set_threads(t)?;
     }
+    let (iters, warmup) = (
+        opts.iters.unwrap_or(DEFAULT_ITERS).max(1),
+        opts.warmup.unwrap_or(DEFAULT_WARMUP),
+    );
     if opts.model.as_deref() == Some(EXPLORE) {
         for training in [false, true] {
-            explore_latency(opts.iters.max(1), opts.warmup, training)?;
+            explore_latency(iters, warmup, training)?;
         }
+        return Ok(Vec::new());
+    }
+    if opts.model.as_deref() == Some(KERNELS) {
+        if !opts.device.is_cpu() {
+            return Err(Error::Config(format!(
+                "bench --model {KERNELS} times the CPU kernels: --device cpu"
+            )));
+        }
+        kernels::run(&kernels::KernelBenchOptions {
+            quick: false,
+            iters: opts.iters,
+            warmup: opts.warmup,
+            threads: opts.threads,
+        })?;
         return Ok(Vec::new());
     }
     let threads = candle_core::utils::get_num_threads();
@@ -756,7 +785,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         Some(m) => {
             if !MODELS.contains(&m.as_str()) {
                 return Err(Error::Config(format!(
-                    "unknown bench model `{m}` (one of {}, or {EXPLORE})",
+                    "unknown bench model `{m}` (one of {}, or {EXPLORE} or {KERNELS})",
                     MODELS.join(", ")
                 )));
             }
@@ -798,7 +827,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
     for name in names {
         let batch = opts.batch.unwrap_or_else(|| default_batch(name));
         let mut w = workload(name, batch, 0, dev)?;
-        let t = time_workload(name, w.as_mut(), dev, opts.warmup, opts.iters.max(1))?;
+        let t = time_workload(name, w.as_mut(), dev, warmup, iters)?;
         let floor = t.flops / (sgemm * 1e9) * 1e3;
         println!(
             "{:<16} {:>5} {:>10.1} {:>21} {:>9.1} {:>10.1} {:>8.1} {:>9.1} {:>8.2}",
@@ -843,6 +872,10 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// The bench "model" that times the explorer's slider path instead of a training iteration.
 pub const EXPLORE: &str = "explore";
+
+/// The bench "model" that times the CPU kernels against candle's own ops, case by case
+/// ([`kernels::run`]).
+pub const KERNELS: &str = "kernels";
 
 /// Latencies of [`explore_latency`], in milliseconds.
 #[derive(Debug, Clone)]

@@ -44,7 +44,8 @@ enum Command {
     #[command(subcommand)]
     Data(DataCommand),
     /// Time training iterations (dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan), on the CPU
-    /// unless --device says otherwise.
+    /// unless --device says otherwise; or the explorer's latency (--model explore) or the CPU
+    /// kernels (--model kernels).
     Bench(BenchArgs),
     /// Mutation-fuzz the file readers (IDX, CIFAR, i-CLEVR JSON, attribute lists, config and
     /// latent JSON, checkpoints, PNG): a reader may refuse an input, never panic.

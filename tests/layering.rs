@@ -7,8 +7,9 @@
 //!
 //! Reads every source file under `src/` and fails on a `crate::<module>` path (in a `use` or
 //! inline) that names a module above the file's own. Modules of the same layer (the base ones,
-//! the top ones) may use each other. Comments and the unit tests at the end of a file
-//! (`#[cfg(test)] mod tests { .. }`) are not checked: a kernel's test may drive a whole model.
+//! the top ones) may use each other. Comments and the unit tests are not checked (those at the
+//! end of a file, `#[cfg(test)] mod tests { .. }`, and those in a file of their own,
+//! `foo/tests.rs` behind `#[cfg(test)] mod tests;`): a kernel's test may drive a whole model.
 //! Imports that break the order today are listed in [`EXCEPTIONS`]; an exception that is no
 //! longer needed fails the test too, so the list only shrinks.
 
@@ -76,6 +77,12 @@ fn owner(src: &Path, file: &Path) -> Option<String> {
     let first = rel.components().next()?.as_os_str().to_str()?.to_string();
     let name = first.strip_suffix(".rs").unwrap_or(&first).to_string();
     (name != "lib" && name != "main").then_some(name)
+}
+
+/// A unit-test module in a file of its own (`conv/tests.rs` for `#[cfg(test)] mod tests;` in
+/// `conv.rs`).
+fn is_test_file(file: &Path) -> bool {
+    file.file_name().is_some_and(|n| n == "tests.rs")
 }
 
 /// The file's code without its unit tests and without comments.
@@ -152,6 +159,9 @@ fn no_module_imports_a_layer_above_it() {
         let Some(from) = owner(&src, file) else {
             continue;
         };
+        if is_test_file(file) {
+            continue;
+        }
         let Some(from_layer) = layer(&from) else {
             unknown.insert(format!("{from} (module of {})", file.display()));
             continue;
@@ -208,4 +218,6 @@ fn the_scanner_finds_plain_and_grouped_paths() {
                 #[cfg(test)]\nmod tests {\n    use crate::cli::X;\n}\n";
     let found: Vec<String> = crate_paths(&code(text)).into_iter().collect();
     assert_eq!(found, ["kernels", "model", "nn", "optim"]);
+    assert!(is_test_file(Path::new("src/kernels/conv/tests.rs")));
+    assert!(!is_test_file(Path::new("src/kernels/conv.rs")));
 }

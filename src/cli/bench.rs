@@ -2,19 +2,21 @@
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
-    /// One of dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan (all when omitted), or
+    /// One of dcgan64, cdcgan28, wgangp-critic64, iclevr-sagan (all when omitted);
     /// `explore`: the explorer's slider -> image latency (paused, then while training),
-    /// `--iters` requests after `--warmup`.
+    /// `--iters` requests after `--warmup`; or `kernels`: the CPU kernels against candle's
+    /// own ops, one line per case (each case's own run counts unless `--iters` / `--warmup`
+    /// are given; its linear and BN + activation cases on 2 threads unless `--threads`).
     #[arg(long)]
     pub(crate) model: Option<String>,
     #[arg(long)]
     pub(crate) batch: Option<usize>,
-    /// Timed iterations.
-    #[arg(long, default_value_t = 10)]
-    pub(crate) iters: usize,
-    /// Untimed iterations first.
-    #[arg(long, default_value_t = 2)]
-    pub(crate) warmup: usize,
+    /// Timed iterations [default: 10].
+    #[arg(long)]
+    pub(crate) iters: Option<usize>,
+    /// Untimed iterations first [default: 2].
+    #[arg(long)]
+    pub(crate) warmup: Option<usize>,
     /// Worker threads (default: the machine's).
     #[arg(long)]
     pub(crate) threads: Option<usize>,

@@ -38,7 +38,7 @@ use crate::kernels::conv::{
     im2col_f32, output_padding,
 };
 use crate::kernels::fused_bn::{
-    backward_kernel, batch_norm_train, batch_norm_train_act, batch_norm_train_basic, with_basic_ops,
+    backward_kernel, batch_norm_train, batch_norm_train_act, batch_norm_train_basic,
 };
 use crate::kernels::ops::{LeakyRelu, linear};
 use crate::rng::Rng;
@@ -161,7 +161,6 @@ pub fn run(opts: &KernelBenchOptions) -> Result<Vec<String>> {
     pool.install(|| linear_cases(&timer, batch, &mut out))?;
     pool.install(|| bn_act_cases(&timer, batch, &mut out))?;
     bn_cases(&timer, batch, &mut out)?;
-    evaluator_step(&timer, batch, &mut out)?;
     im2col_cases(&timer, opts.quick, &mut out)?;
     conv_cases(&timer, batch, &mut out)?;
     Ok(out.0)
@@ -296,48 +295,6 @@ fn bn_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
             (tbb - tl) / (tfb - tl)
         ));
     }
-    Ok(())
-}
-
-/// One evaluator training step with BatchNorm on basic ops and fused.
-fn evaluator_step(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
-    use crate::eval::classifier::{Classifier, EvaluatorConfig};
-    use crate::nn::Pass;
-    use crate::optim::adam::Adam;
-    use crate::train::loss::aux_loss;
-    let cfg = EvaluatorConfig {
-        label_names: (0..24).map(|i| format!("l{i}")).collect(),
-        batch_size: batch,
-        ..EvaluatorConfig::default()
-    };
-    let dev = Device::Cpu;
-    let model = Classifier::new(&cfg, &dev)?;
-    let mut opt = Adam::new(model.store.trainable(), 1e-3, 0.9, 0.999, 1e-8)?;
-    let mut rng = Rng::new(9);
-    let s = cfg.image_size;
-    let x = randn(&mut rng, &[cfg.batch_size, cfg.channels, s, s], 0.0, 0.5)?;
-    let y = Tensor::from_vec(
-        (0..cfg.batch_size * 24)
-            .map(|_| if rng.uniform() < 0.1 { 1.0f32 } else { 0.0 })
-            .collect::<Vec<_>>(),
-        (cfg.batch_size, 24),
-        &dev,
-    )?;
-    let mut step = || -> Result<()> {
-        let (logits, _) = model.forward(&x, Pass::train())?;
-        let loss = aux_loss(cfg.kind, &logits, &y)?;
-        opt.step(&loss.backward()?)?;
-        Ok(())
-    };
-    let basic = with_basic_ops(|| timer.best(1, 5, &mut step))?;
-    let fused = timer.best(1, 5, &mut step)?;
-    out.line(format!(
-        "evaluator training step (EvaluatorConfig::default(), {s}x{s}x{}, batch {}, f32): \
-         BatchNorm on basic ops {basic:.0} ms, fused {fused:.0} ms ({:.2}x)",
-        cfg.channels,
-        cfg.batch_size,
-        basic / fused
-    ));
     Ok(())
 }
 
@@ -625,13 +582,9 @@ mod tests {
             ..KernelBenchOptions::default()
         })
         .unwrap();
-        // Header, 2 linear, 5 BN + activation, 2 BN, evaluator, 4 im2col, matmul, 5 layers x 3
-        // passes, 2 DCGAN-28 steps.
-        assert_eq!(
-            lines.len(),
-            1 + 2 + 5 + 2 + 1 + 4 + 1 + 15 + 2,
-            "{lines:#?}"
-        );
+        // Header, 2 linear, 5 BN + activation, 2 BN, 4 im2col, matmul, 5 layers x 3 passes,
+        // 2 DCGAN-28 steps.
+        assert_eq!(lines.len(), 1 + 2 + 5 + 2 + 4 + 1 + 15 + 2, "{lines:#?}");
         assert!(lines[1..].iter().all(|l| l.contains(" ms")), "{lines:#?}");
     }
 }

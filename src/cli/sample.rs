@@ -36,8 +36,14 @@ pub(crate) struct SampleArgs {
     pub(crate) scale: u32,
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
+    /// The sample sheet (PNG).
+    #[arg(long, required_unless_present = "npy")]
+    pub(crate) out: Option<PathBuf>,
+    /// Also (or only) the images as a NumPy float32 array in [-1, 1], N x C x H x W (N x H x W
+    /// for one channel), conditions in order, `--n` samples each; with conditions, the
+    /// N x K condition vectors go to FILE with `.npy` replaced by `.conditions.npy`.
     #[arg(long)]
-    pub(crate) out: PathBuf,
+    pub(crate) npy: Option<PathBuf>,
 }
 
 pub(crate) fn sample(a: SampleArgs) -> Result<()> {
@@ -50,16 +56,21 @@ pub(crate) fn sample(a: SampleArgs) -> Result<()> {
             std::slice::from_ref(&spec.z),
             std::slice::from_ref(&spec.condition),
         )?;
-        let layout = ganscope::export::sheet::SheetLayout::grid(1, 1).with_scale(a.scale);
-        save_png(
-            &ganscope::export::sheet::sample_sheet(&images, &layout)?,
-            &a.out,
-        )?;
-        eprintln!(
-            "wrote {} (the latent of {}, weights of step {step})",
-            a.out.display(),
-            p.display()
-        );
+        if let Some(out) = &a.out {
+            let layout = ganscope::export::sheet::SheetLayout::grid(1, 1).with_scale(a.scale);
+            save_png(
+                &ganscope::export::sheet::sample_sheet(&images, &layout)?,
+                out,
+            )?;
+            eprintln!(
+                "wrote {} (the latent of {}, weights of step {step})",
+                out.display(),
+                p.display()
+            );
+        }
+        if let Some(npy) = &a.npy {
+            write_npy(npy, &images, std::slice::from_ref(&spec.condition))?;
+        }
         return Ok(());
     }
     let m = &cfg.model;
@@ -93,13 +104,67 @@ pub(crate) fn sample(a: SampleArgs) -> Result<()> {
             bail!("give --conditions, --labels or --class for a multi-label model");
         }
     }
-    let img = run::render_rows(&g, &rows, a.n, a.seed, a.scale)?;
-    save_png(&img, &a.out)?;
+    let frame = run::WallFrame::render(&g, &rows, a.n, a.seed, 0)?;
     let what = if m.num_conditions == 0 {
         format!("{} x {} unconditional samples", rows.len(), a.n)
     } else {
         format!("{} conditions x {} samples", rows.len(), a.n)
     };
-    eprintln!("wrote {} ({what}, step {step})", a.out.display());
+    if let Some(out) = &a.out {
+        save_png(&frame.sheet(a.scale)?, out)?;
+        eprintln!("wrote {} ({what}, step {step})", out.display());
+    }
+    if let Some(npy) = &a.npy {
+        // Row-major like the sheet: condition 0's samples, then condition 1's, ...
+        let conds: Vec<Vec<f32>> = rows
+            .iter()
+            .flat_map(|(_, c)| std::iter::repeat_n(c.clone(), a.n))
+            .collect();
+        write_npy(npy, &frame.images, &conds)?;
+    }
     Ok(())
+}
+
+/// `images` as an N x C x H x W (N x H x W for one channel) float32 array in [-1, 1] at
+/// `path`, and the conditions (N x K, when K > 0) beside it as `<stem>.conditions.npy`.
+fn write_npy(
+    path: &std::path::Path,
+    images: &ganscope::images::Images,
+    conds: &[Vec<f32>],
+) -> Result<()> {
+    use ganscope::export::npy::save_npy_f32;
+    let im = images;
+    let shape: Vec<usize> = if im.channels == 1 {
+        vec![im.n, im.height, im.width]
+    } else {
+        vec![im.n, im.channels, im.height, im.width]
+    };
+    let data: Vec<f32> = im.data.iter().map(|v| v.clamp(-1.0, 1.0)).collect();
+    save_npy_f32(path, &shape, &data).with_context(|| format!("writing {}", path.display()))?;
+    let k = conds.first().map_or(0, Vec::len);
+    if k == 0 {
+        eprintln!("wrote {} (float32 {shape:?} in [-1, 1])", path.display());
+        return Ok(());
+    }
+    let cpath = conditions_path(path);
+    let flat: Vec<f32> = conds.iter().flatten().copied().collect();
+    save_npy_f32(&cpath, &[conds.len(), k], &flat)
+        .with_context(|| format!("writing {}", cpath.display()))?;
+    eprintln!(
+        "wrote {} (float32 {shape:?} in [-1, 1]) and {} ({} x {k} conditions)",
+        path.display(),
+        cpath.display(),
+        conds.len()
+    );
+    Ok(())
+}
+
+/// `x.npy` -> `x.conditions.npy` (any other name gets `.conditions.npy` appended).
+fn conditions_path(path: &std::path::Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".npy").unwrap_or(&name);
+    path.with_file_name(format!("{stem}.conditions.npy"))
 }

@@ -1,2 +1,3 @@
 pub mod gif;
+pub mod npy;
 pub mod sheet;

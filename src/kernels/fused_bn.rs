@@ -150,20 +150,6 @@ fn channels(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>) -> Result
     Ok(c)
 }
 
-thread_local! {
-    /// Benchmarks: run the basic-op implementation instead (this thread only).
-    static FORCE_BASIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with train-mode BatchNorm on basic candle ops in this thread (as if the custom ops
-/// did not exist), for `ganscope bench --model kernels`.
-pub(crate) fn with_basic_ops<R>(f: impl FnOnce() -> R) -> R {
-    FORCE_BASIC.with(|b| b.set(true));
-    let r = f();
-    FORCE_BASIC.with(|b| b.set(false));
-    r
-}
-
 /// The first-order backward kernel alone, for `ganscope bench --model kernels`: x's batch
 /// statistics (no activation) are computed here once; the closure runs the kernel on
 /// (x, gamma, dy) and returns its output (dx, dgamma and dbeta in one vector).
@@ -194,9 +180,6 @@ pub(crate) fn backward_kernel(
 
 /// Whether the custom ops handle these arguments (else basic candle ops do).
 fn fast_path(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>) -> bool {
-    if FORCE_BASIC.with(|f| f.get()) {
-        return false;
-    }
     let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
     matches!(x.dtype(), DType::F32 | DType::F64)
         && ok(x)

@@ -75,7 +75,8 @@ fn toy_trainer(tmp: &std::path::Path, every: u64, max_share: f64) -> Trainer {
 fn diagnostics_reports_land_in_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     // No share limit: every multiple of `every` (the checks of this toy dwarf its steps).
-    let t = toy_trainer(tmp.path(), 2, 1.0);
+    let mut t = toy_trainer(tmp.path(), 2, 1.0);
+    t.cfg.log_every = 1;
     let out = tmp.path().join("run");
     let mut checks = vec![];
     let cost = train_until(t, &out, 4, |c| {
@@ -98,6 +99,42 @@ fn diagnostics_reports_land_in_metrics() {
     let r = &diag[1]["diagnostics"]["report"];
     assert!(r["prdc"]["precision"].as_f64().is_some(), "{r}");
     assert_eq!(r["class_coverage"]["num_classes"].as_u64(), Some(10));
+
+    // The same numbers as TensorBoard scalars in the run folder's event file.
+    let events: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let recs = ganscope::export::tensorboard::read_events(&events[0]).unwrap();
+    let scalar = |tag: &str| -> Vec<(i64, f32)> {
+        recs.iter()
+            .flat_map(|r| r.2.iter().filter(|s| s.0 == tag).map(move |s| (r.1, s.1)))
+            .collect()
+    };
+    let logged: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("d_loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    let d_loss = scalar("train/d_loss");
+    assert!(!logged.is_empty());
+    assert_eq!(
+        d_loss.iter().map(|s| s.0 as u64).collect::<Vec<_>>(),
+        logged
+    );
+    let first = lines.iter().find(|l| l.get("d_loss").is_some()).unwrap();
+    assert_eq!(d_loss[0].1, first["d_loss"].as_f64().unwrap() as f32);
+    let precision = scalar("diagnostics/precision");
+    assert_eq!(
+        precision.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![2, 4]
+    );
+    let want = diag[1]["diagnostics"]["report"]["prdc"]["precision"]
+        .as_f64()
+        .unwrap() as f32;
+    assert_eq!(precision[1].1, want);
 }
 
 #[test]

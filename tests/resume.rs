@@ -904,3 +904,61 @@ fn kill_9_during_training_always_leaves_a_loadable_run() {
     let back = ganscope::checkpoint::load_latest(&run, &Device::Cpu).unwrap();
     assert_eq!(back.step.to_string(), target);
 }
+
+#[test]
+fn sample_writes_numpy_arrays_of_the_images_and_their_conditions() {
+    // `sample --npy`: the shipped MNIST cDCGAN, class 3, 4 samples -> a 4 x 28 x 28 float32
+    // array in [-1, 1] (one channel: no channel axis, like seed 001's generate(n, c)) and the
+    // 4 x 10 one-hot conditions beside it. The header is parsed as numpy writes it.
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let tmp = tempfile::tempdir().unwrap();
+    let npy = tmp.path().join("digits.npy");
+    let out = Command::new(bin)
+        .args([
+            "sample",
+            "--run",
+            "checkpoints/mnist-cdcgan",
+            "--class",
+            "3",
+            "--n",
+            "4",
+        ])
+        .args(["--device", "cpu", "--npy"])
+        .arg(&npy)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |p: &std::path::Path| -> (String, Vec<f32>) {
+        let b = std::fs::read(p).unwrap();
+        assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+        let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
+        assert_eq!((10 + hl) % 64, 0);
+        let header = String::from_utf8(b[10..10 + hl].to_vec()).unwrap();
+        let data = b[10 + hl..]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        (header, data)
+    };
+    let (h, x) = read(&npy);
+    assert!(
+        h.contains("'descr': '<f4'") && h.contains("'shape': (4, 28, 28)"),
+        "{h}"
+    );
+    assert_eq!(x.len(), 4 * 28 * 28);
+    assert!(x.iter().all(|v| (-1.0..=1.0).contains(v)));
+    // Digits: dark background (near -1) and bright strokes.
+    assert!(x.iter().filter(|v| **v < -0.9).count() > x.len() / 2);
+    assert!(x.iter().any(|v| *v > 0.5));
+    let (h, c) = read(&tmp.path().join("digits.conditions.npy"));
+    assert!(h.contains("'shape': (4, 10)"), "{h}");
+    for row in c.chunks(10) {
+        assert_eq!(row.iter().position(|v| *v == 1.0), Some(3));
+        assert_eq!(row.iter().sum::<f32>(), 1.0);
+    }
+}

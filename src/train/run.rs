@@ -25,6 +25,7 @@ use crate::data::{ConditionKind, Dataset};
 use crate::diagnostics::{Alarm, SnapshotRing};
 use crate::error::{Error, Result};
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
+use crate::export::tensorboard::EventWriter;
 use crate::images::Images;
 use crate::model::Generator;
 use crate::rng::Rng;
@@ -639,6 +640,8 @@ pub struct RunFolder {
     lock: Option<checkpoint::RunLock>,
     /// Bytes that must be free when the folder is first locked (0: not checked).
     space_needed: u64,
+    /// TensorBoard event file (created at the first write; see [`crate::export::tensorboard`]).
+    events: Option<EventWriter>,
 }
 
 impl RunFolder {
@@ -656,6 +659,7 @@ impl RunFolder {
             wrote: None,
             lock: None,
             space_needed: 0,
+            events: None,
         }
     }
 
@@ -693,6 +697,42 @@ impl RunFolder {
         checkpoint::append_metrics(&self.dir, line)
     }
 
+    /// The TensorBoard event file, opened at the first use.
+    fn events(&mut self) -> Result<&mut EventWriter> {
+        self.lock()?;
+        if self.events.is_none() {
+            self.events = Some(EventWriter::create(&self.dir)?);
+        }
+        self.events
+            .as_mut()
+            .ok_or_else(|| Error::Msg("tensorboard: no event file".into()))
+    }
+
+    /// Every number of `line` (a metrics.jsonl object, nested objects flattened with `/`) as
+    /// TensorBoard scalars under `prefix`.
+    fn scalars(&mut self, step: u64, prefix: &str, line: &serde_json::Value) -> Result<()> {
+        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f64)>) {
+            match v {
+                serde_json::Value::Number(n) => {
+                    if let Some(x) = n.as_f64() {
+                        out.push((prefix.to_string(), x));
+                    }
+                }
+                serde_json::Value::Bool(b) => out.push((prefix.to_string(), f64::from(*b))),
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        walk(&format!("{prefix}/{k}"), v, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut values = Vec::new();
+        walk(prefix, line, &mut values);
+        values.retain(|(k, _)| !k.ends_with("/step"));
+        self.events()?.scalars(step, &values)
+    }
+
     fn sample_due(&self, step: u64, last: bool) -> bool {
         self.sample_every > 0 && (last || (step > 0 && step.is_multiple_of(self.sample_every)))
     }
@@ -710,11 +750,29 @@ impl Sink for RunFolder {
                     line["elapsed_s"] = e.elapsed_s.into();
                     line["images_per_s"] = e.images_per_s.into();
                     self.append(&line)?;
+                    line["lr_g"] = e.lr_g.into();
+                    line["lr_d"] = e.lr_d.into();
+                    self.scalars(s, "train", &line)?;
                     self.logged = Some(s);
                 }
             }
             LoopEvent::Check(c) => {
                 self.append(&serde_json::json!({ "step": c.step, "diagnostics": c }))?;
+                let r = &c.report;
+                let m = serde_json::json!({
+                    "precision": r.prdc.precision,
+                    "recall": r.prdc.recall,
+                    "density": r.prdc.density,
+                    "coverage": r.prdc.coverage,
+                    "coverage_real_vs_real": r.prdc_baseline.coverage,
+                    "ndb_significant_fraction": r.ndb.significant.iter().filter(|s| **s).count() as f64
+                        / r.ndb.k.max(1) as f64,
+                    "label_hit_rate": r.label_hits.as_ref().map(|h| h.accuracy),
+                    "class_accuracy": r.confusion.as_ref().map(|c| c.accuracy),
+                    "diversity_flagged": r.diversity.per_condition.iter().filter(|d| d.flagged).count(),
+                    "seconds": c.seconds,
+                });
+                self.scalars(c.step, "diagnostics", &m)?;
             }
             LoopEvent::Alarm(a) => {
                 self.append(&serde_json::json!({ "step": a.step, "alarm": a }))?;
@@ -747,6 +805,7 @@ impl Sink for RunFolder {
             let sheet = f.sheet(self.scale)?;
             self.lock()?;
             save_png(&sheet, &path)?;
+            self.events()?.image(s, "samples/wall", &sheet)?;
             self.wrote = Some(path);
         }
         // Step 0 (a D-only step before any G step) is not a checkpoint of the schedule.

@@ -31,6 +31,9 @@ enum Command {
     Sample(SampleArgs),
     /// List the named presets.
     Presets,
+    /// Write a run's metrics.jsonl as metrics.csv (a row per logged step) and
+    /// diagnostics.csv (a row per check) beside it.
+    Metrics(MetricsArgs),
     /// Train or inspect evaluator classifiers.
     #[command(subcommand)]
     Evaluator(EvaluatorCommand),
@@ -96,6 +99,7 @@ fn main() {
         }
         Some(Command::Train(a)) => train(a),
         Some(Command::Sample(a)) => sample(a),
+        Some(Command::Metrics(a)) => metrics(a),
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),
         Some(Command::Evaluator(EvaluatorCommand::Score(a))) => evaluator_score(a),
         Some(Command::Eval(a)) => eval(a),

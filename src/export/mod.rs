@@ -1,3 +1,4 @@
+pub mod csv;
 pub mod gif;
 pub mod npy;
 pub mod sheet;

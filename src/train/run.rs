@@ -711,24 +711,8 @@ impl RunFolder {
     /// Every number of `line` (a metrics.jsonl object, nested objects flattened with `/`) as
     /// TensorBoard scalars under `prefix`.
     fn scalars(&mut self, step: u64, prefix: &str, line: &serde_json::Value) -> Result<()> {
-        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f64)>) {
-            match v {
-                serde_json::Value::Number(n) => {
-                    if let Some(x) = n.as_f64() {
-                        out.push((prefix.to_string(), x));
-                    }
-                }
-                serde_json::Value::Bool(b) => out.push((prefix.to_string(), f64::from(*b))),
-                serde_json::Value::Object(m) => {
-                    for (k, v) in m {
-                        walk(&format!("{prefix}/{k}"), v, out);
-                    }
-                }
-                _ => {}
-            }
-        }
         let mut values = Vec::new();
-        walk(prefix, line, &mut values);
+        crate::export::csv::flatten(prefix, line, &mut values);
         values.retain(|(k, _)| !k.ends_with("/step"));
         self.events()?.scalars(step, &values)
     }

@@ -1,0 +1,104 @@
+//! metrics.jsonl as CSV (one row per logged step, one per diagnostics check), for
+//! spreadsheets and pandas; metrics.jsonl stays the run's record.
+
+use std::collections::BTreeSet;
+
+/// Every number (and boolean, as 0/1) in `v`, nested objects flattened with `/` under
+/// `prefix` (arrays are left out). TensorBoard scalars use the same names.
+pub fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f64)>) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(x) = n.as_f64() {
+                out.push((prefix.to_string(), x));
+            }
+        }
+        serde_json::Value::Bool(b) => out.push((prefix.to_string(), f64::from(*b))),
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}/{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A CSV table of `rows` (each a list of named numbers): the columns are `step` and then
+/// every name in any row, sorted; a missing value is an empty cell.
+fn table(rows: &[(u64, Vec<(String, f64)>)]) -> String {
+    let names: BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|(_, r)| r.iter().map(|(k, _)| k.as_str()))
+        .filter(|k| *k != "step")
+        .collect();
+    let mut out = String::from("step");
+    for n in &names {
+        out.push(',');
+        out.push_str(n);
+    }
+    out.push('\n');
+    for (step, r) in rows {
+        out.push_str(&step.to_string());
+        for n in &names {
+            out.push(',');
+            if let Some((_, v)) = r.iter().find(|(k, _)| k == n) {
+                out.push_str(&v.to_string());
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// (steps CSV, diagnostics CSV or None when there were no checks) from the lines of a
+/// metrics.jsonl: step lines are those with a `d_loss`, checks those with `diagnostics`
+/// (its `report` flattened; per-label arrays are left out).
+pub fn metrics_csv(lines: &[serde_json::Value]) -> (String, Option<String>) {
+    let mut steps = Vec::new();
+    let mut checks = Vec::new();
+    for l in lines {
+        let Some(step) = l.get("step").and_then(|s| s.as_u64()) else {
+            continue;
+        };
+        if l.get("d_loss").is_some() {
+            let mut r = Vec::new();
+            flatten("", l, &mut r);
+            steps.push((step, r));
+        } else if let Some(d) = l.get("diagnostics") {
+            let mut r = Vec::new();
+            flatten("", d, &mut r);
+            checks.push((step, r));
+        }
+    }
+    let diag = (!checks.is_empty()).then(|| table(&checks));
+    (table(&steps), diag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_and_checks_become_tables() {
+        let lines: Vec<serde_json::Value> = [
+            r#"{"step": 1, "d_loss": 1.5, "g_loss": 0.25, "gp": null}"#,
+            r#"{"step": 2, "d_loss": 1.0, "g_loss": 0.5, "r1": 0.125}"#,
+            r#"{"step": 2, "diagnostics": {"seconds": 2.5, "report": {"prdc": {"precision": 0.75}, "hits": [1, 2]}}}"#,
+            r#"{"step": 2, "alarm": {"message": "x"}}"#,
+        ]
+        .iter()
+        .map(|s| serde_json::from_str(s).unwrap_or_default())
+        .collect();
+        let (steps, diag) = metrics_csv(&lines);
+        assert_eq!(steps, "step,d_loss,g_loss,r1\n1,1.5,0.25,\n2,1,0.5,0.125\n");
+        assert_eq!(
+            diag.as_deref(),
+            Some("step,report/prdc/precision,seconds\n2,0.75,2.5\n")
+        );
+        assert_eq!(metrics_csv(&lines[..2]).1, None);
+    }
+}

@@ -743,33 +743,6 @@ impl GanscopeApp {
         });
     }
 
-    /// The frame the wall shows: the scrubbed one or the newest.
-    pub fn shown_frame(&self) -> Option<&Arc<WallFrame>> {
-        self.run.shown_frame()
-    }
-
-    /// Read the condition list named in the composer's path field (as its Load button does).
-    pub fn load_condition_list(&mut self) {
-        self.commands.push(AppCommand::LoadConditionList);
-        self.apply();
-    }
-
-    /// The wall frame on screen as a PNG sheet (as the Export panel's button does).
-    pub fn export_wall_png(&mut self) -> crate::error::Result<()> {
-        self.export.wall_png(&self.run, &self.settings)
-    }
-
-    /// The kept wall frames as a GIF (as the Export panel's button does).
-    pub fn export_history_gif(&mut self) -> crate::error::Result<()> {
-        self.export.history_gif(&self.run, &self.settings)
-    }
-
-    /// The loaded condition list x the wall's seeds (as the Export panel's button does).
-    pub fn export_list_sheet(&mut self) -> crate::error::Result<()> {
-        self.export
-            .list_sheet(&self.composer, &self.run, &self.settings)
-    }
-
     fn handle_dropped_files(&mut self, ui: &egui::Ui) {
         let dropped: Vec<PathBuf> = ui.ctx().input(|i| {
             i.raw

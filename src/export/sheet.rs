@@ -183,9 +183,26 @@ pub fn sample_sheet(images: &Images, layout: &SheetLayout) -> Result<RgbImage> {
     Ok(img)
 }
 
+/// `img` encoded as PNG bytes.
+pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Msg(format!("cannot encode PNG: {e}")))?;
+    Ok(bytes)
+}
+
 /// Write `img` as a PNG at `path` atomically: encode in memory, write `<path>.tmp-<pid>` in the
 /// same directory, fsync it, rename it over `path`. Creates the parent directory if missing.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    let bytes = png_bytes(img).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    save_png_bytes(&bytes, path)
+}
+
+/// Write PNG bytes (from [`png_bytes`]) at `path` atomically, as [`save_png`] does.
+pub fn save_png_bytes(bytes: &[u8], path: &Path) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::Msg(format!("{}: not a file path", path.display())))?;
@@ -194,19 +211,12 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
 
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Msg(format!("{}: cannot encode PNG: {e}", path.display())))?;
-
     let mut tmp_name = name.to_os_string();
     tmp_name.push(crate::checkpoint::tmp_suffix());
     let tmp: PathBuf = path.with_file_name(tmp_name);
     let write_tmp = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()
     };
     if let Err(e) = write_tmp() {

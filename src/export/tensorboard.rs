@@ -175,30 +175,22 @@ impl EventWriter {
         self.record(&event(now(), step as i64, &rest))
     }
 
-    /// An RGB image at `step`, PNG-encoded.
-    pub fn image(&mut self, step: u64, tag: &str, img: &image::RgbImage) -> Result<()> {
-        let mut png = Vec::new();
-        image::codecs::png::PngEncoder::new(&mut png)
-            .write_image(
-                img.as_raw(),
-                img.width(),
-                img.height(),
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(|e| Error::Msg(format!("tensorboard image: {e}")))?;
+    /// An RGB image at `step`: `png` is its PNG encoding ([`crate::export::sheet::png_bytes`]).
+    pub fn image(
+        &mut self,
+        step: u64,
+        tag: &str,
+        png: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
         let mut summary = Vec::new();
-        bytes_field(
-            &mut summary,
-            1,
-            &image_value(tag, &png, img.height(), img.width(), 3),
-        );
+        bytes_field(&mut summary, 1, &image_value(tag, png, height, width, 3));
         let mut rest = Vec::new();
         bytes_field(&mut rest, 5, &summary);
         self.record(&event(now(), step as i64, &rest))
     }
 }
-
-use image::ImageEncoder;
 
 /// The records of an event file: (wall time, step, [(tag, scalar)], [(tag, png bytes)]), with
 /// every CRC checked (for tests and `ganscope` itself; TensorBoard reads the file directly).
@@ -348,7 +340,8 @@ mod tests {
         .unwrap();
         let img =
             image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
-        w.image(9, "samples/wall", &img).unwrap();
+        let png = crate::export::sheet::png_bytes(&img).unwrap();
+        w.image(9, "samples/wall", &png, 5, 3).unwrap();
         let recs = read_events(&w.path).unwrap();
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[1].1, 7);

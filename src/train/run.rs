@@ -24,7 +24,7 @@ use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{ConditionKind, Dataset};
 use crate::diagnostics::{Alarm, SnapshotRing};
 use crate::error::{Error, Result};
-use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
+use crate::export::sheet::{SheetLayout, png_bytes, sample_sheet, save_png_bytes};
 use crate::export::tensorboard::EventWriter;
 use crate::images::Images;
 use crate::model::Generator;
@@ -787,9 +787,12 @@ impl Sink for RunFolder {
         {
             let path = self.dir.join("samples").join(format!("step_{s:06}.png"));
             let sheet = f.sheet(self.scale)?;
+            // Encoded once: the sample file and the TensorBoard image share the bytes.
+            let png = png_bytes(&sheet)?;
             self.lock()?;
-            save_png(&sheet, &path)?;
-            self.events()?.image(s, "samples/wall", &sheet)?;
+            save_png_bytes(&png, &path)?;
+            self.events()?
+                .image(s, "samples/wall", &png, sheet.width(), sheet.height())?;
             self.wrote = Some(path);
         }
         // Step 0 (a D-only step before any G step) is not a checkpoint of the schedule.

@@ -44,6 +44,7 @@ fn quadrants(n: usize, multi: bool) -> InMemoryDataset {
         },
         label_names: (0..4).map(|q| format!("q{q}")).collect(),
         labels,
+        steps: vec![],
     }
 }
 

@@ -109,6 +109,24 @@ fn cases() -> Vec<Case> {
             ),
             train: false,
         },
+        Case {
+            name: "sequential pair critic: (previous, next) stacked, [added, so far] projection + aux head, minibatch std, spectral norm (iclevr-sequential)",
+            cfg: ModelConfig {
+                arch: Arch::Sequential,
+                d_norm: DNorm::None,
+                image_size: 32,
+                channels: 3,
+                d_spectral_norm: true,
+                num_conditions: 3,
+                condition_kind: ConditionKind::MultiHot,
+                conditioning: Conditioning::Projection,
+                aux_head: true,
+                minibatch_std: true,
+                g_object_layers: 3,
+                ..base.clone()
+            },
+            train: false,
+        },
     ]
 }
 
@@ -140,7 +158,10 @@ fn check(case: &Case, which: &str) -> f64 {
         var.set(&t).unwrap();
     }
     let b = 3;
-    let (c, s) = (m.channels, m.image_size);
+    // A sequential model's critic sees (previous, next) pairs and [added, so far] conditions.
+    let pair = m.arch == Arch::Sequential;
+    let c = if pair { 2 * m.channels } else { m.channels };
+    let s = m.image_size;
     let real = tensor(&mut rng, &[b, c, s, s], 0.5, 0.0);
     let fake = tensor(&mut rng, &[b, c, s, s], 0.5, 0.0);
     let eps = Tensor::new(&[0.2f64, 0.5, 0.9], &dev)
@@ -154,6 +175,22 @@ fn check(case: &Case, which: &str) -> f64 {
     .unwrap()
     .narrow(1, 0, m.num_conditions)
     .unwrap();
+    let cond = if pair {
+        // added: one of the labels so far.
+        let added = Tensor::new(
+            &[[1.0f64, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]],
+            &dev,
+        )
+        .unwrap();
+        let so_far = Tensor::new(
+            &[[1.0f64, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]],
+            &dev,
+        )
+        .unwrap();
+        Tensor::cat(&[&added, &so_far], 1).unwrap()
+    } else {
+        cond
+    };
     let train = case.train;
     let penalty = || -> Tensor {
         // As the trainer runs it: the critic's pass carries the mode that the penalty's inner

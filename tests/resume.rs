@@ -54,7 +54,11 @@ fn configs() -> Vec<TrainConfig> {
     recipe.augment.cutout = 0.25;
     recipe.ema.decay = 0.9;
     recipe.ema.start = 1;
+    // The scene-step model (pair D, floor, encoder) on synthetic scenes.
+    let mut sequential = tiny(TrainConfig::iclevr_sequential_small());
+    sequential.model.z_dim = 9;
     vec![
+        sequential,
         tiny(TrainConfig::mnist_cdcgan()),
         wgan,
         sagan,
@@ -66,6 +70,15 @@ fn configs() -> Vec<TrainConfig> {
 
 fn data_for(c: &TrainConfig) -> Arc<dyn Dataset> {
     let m = &c.model;
+    if m.arch == Arch::Sequential {
+        // 7 scenes x 3 steps: each image's previous step is in the data.
+        return Arc::new(ganscope::data::render::synthetic_dataset(
+            7,
+            m.image_size,
+            3,
+            None,
+        ));
+    }
     let (k, kind) = match m.condition_kind {
         ConditionKind::None => (10, ConditionKind::OneHot), // unconditional model on labelled data
         kind => (m.num_conditions, kind),

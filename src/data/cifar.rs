@@ -281,6 +281,7 @@ pub fn load_cifar10(path: &Path, train: bool) -> Result<InMemoryDataset> {
         kind: ConditionKind::OneHot,
         label_names,
         labels,
+        steps: vec![],
     })
 }
 

@@ -371,6 +371,7 @@ pub fn load_class_folder_with_skipped(
         kind: ConditionKind::OneHot,
         label_names,
         labels,
+        steps: vec![],
     };
     Ok((ds, skipped))
 }
@@ -633,6 +634,7 @@ pub fn load_attribute_folder(path: &Path, size: usize) -> Result<InMemoryDataset
         kind: ConditionKind::MultiHot,
         label_names: list.names,
         labels: list.entries.into_iter().map(|e| e.labels).collect(),
+        steps: vec![],
     })
 }
 

@@ -277,6 +277,7 @@ pub fn load_iclevr(dir: &Path, size: usize) -> Result<InMemoryDataset> {
         pixels,
         kind: ConditionKind::MultiHot,
         label_names: names,
+        steps: super::scene_steps(&entries),
         labels: entries.into_iter().map(|(_, ids)| ids).collect(),
     })
 }

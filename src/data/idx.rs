@@ -601,6 +601,7 @@ pub fn load_mnist(
         kind: ConditionKind::OneHot,
         label_names: names.iter().map(|s| s.to_string()).collect(),
         labels: raw_labels.into_iter().map(|l| vec![l as u16]).collect(),
+        steps: vec![],
     })
 }
 

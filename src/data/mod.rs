@@ -36,6 +36,12 @@ pub trait Dataset: Send + Sync {
     fn image_u8(&self, i: usize) -> &[u8];
     /// The condition vector of image `i` (length K; 0/1 entries).
     fn condition(&self, i: usize) -> Vec<f32>;
+    /// Where image `i` sits in a scene built one object at a time (i-CLEVR's `_0`, `_1`,
+    /// `_2`): the first object, or one object added to an earlier image. `None` where the
+    /// data has no such structure or the image's previous step is missing.
+    fn scene_step(&self, _i: usize) -> Option<SceneStep> {
+        None
+    }
 
     /// K, the length of a condition vector.
     fn num_conditions(&self) -> usize {
@@ -65,6 +71,50 @@ pub trait Dataset: Send + Sync {
     }
 }
 
+/// An image's place in a scene built one object at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SceneStep {
+    /// The scene's first object, drawn on the empty floor.
+    First,
+    /// One object added to image `previous` (whose labels are this image's minus one).
+    After { previous: usize },
+}
+
+/// `CLEVR_train_000123_2.png` -> ("CLEVR_train_000123", 2).
+pub(crate) fn split_step(file: &str) -> Option<(&str, usize)> {
+    let stem = file.strip_suffix(".png")?;
+    let (scene, step) = stem.rsplit_once('_')?;
+    if step.is_empty() || !step.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((scene, step.parse().ok()?))
+}
+
+/// The scene steps of i-CLEVR-named entries (`<scene>_<k>.png` -> labels): `_0` with one
+/// label is [`SceneStep::First`]; `_k` is [`SceneStep::After`] the same scene's `_<k-1>` when
+/// that entry exists and holds exactly this entry's labels but one. Anything else (no step
+/// suffix, a missing step, labels that do not grow by one) gets `None`.
+pub fn scene_steps(entries: &[(String, Vec<u16>)]) -> Vec<Option<SceneStep>> {
+    let index: std::collections::HashMap<(&str, usize), usize> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (f, _))| split_step(f).map(|k| (k, i)))
+        .collect();
+    entries
+        .iter()
+        .map(|(file, labels)| {
+            let (scene, k) = split_step(file)?;
+            if k == 0 {
+                return (labels.len() == 1).then_some(SceneStep::First);
+            }
+            let j = *index.get(&(scene, k - 1))?;
+            let prev = &entries[j].1;
+            let grows = prev.len() + 1 == labels.len() && prev.iter().all(|l| labels.contains(l));
+            grows.then_some(SceneStep::After { previous: j })
+        })
+        .collect()
+}
+
 /// The in-memory dataset every loader produces.
 #[derive(Debug, Clone)]
 pub struct InMemoryDataset {
@@ -79,6 +129,9 @@ pub struct InMemoryDataset {
     pub label_names: Vec<String>,
     /// Per image: the indices of its active labels (one for one-hot, any number for multi-hot).
     pub labels: Vec<Vec<u16>>,
+    /// Per image, its place in a scene built one object at a time ([`scene_steps`]); empty
+    /// for data without that structure.
+    pub steps: Vec<Option<SceneStep>>,
 }
 
 impl InMemoryDataset {
@@ -88,6 +141,13 @@ impl InMemoryDataset {
         self.pixels
             .truncate(n * self.channels * self.height * self.width);
         self.labels.truncate(n);
+        self.steps.truncate(n);
+        // A step whose previous image was cut off has no previous any more.
+        for s in &mut self.steps {
+            if matches!(s, Some(SceneStep::After { previous }) if *previous >= n) {
+                *s = None;
+            }
+        }
     }
 }
 
@@ -119,6 +179,9 @@ impl Dataset for InMemoryDataset {
             }
         }
         v
+    }
+    fn scene_step(&self, i: usize) -> Option<SceneStep> {
+        self.steps.get(i).copied().flatten()
     }
 }
 
@@ -234,4 +297,69 @@ pub fn detect_kind(path: &std::path::Path) -> Option<crate::config::DataKind> {
         return Some(DataKind::ClassFolder);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(file: &str, labels: &[u16]) -> (String, Vec<u16>) {
+        (file.to_string(), labels.to_vec())
+    }
+
+    #[test]
+    fn scene_steps_link_each_addition_to_its_previous_image() {
+        let entries = [
+            e("CLEVR_train_000001_1.png", &[3, 5]),
+            e("CLEVR_train_000001_0.png", &[5]),
+            e("CLEVR_train_000001_2.png", &[3, 5, 9]),
+            // A scene whose `_0` is missing: its `_1` has no previous image.
+            e("CLEVR_train_000002_1.png", &[1, 2]),
+            // Labels that do not grow by one, a first step with two objects, no suffix.
+            e("CLEVR_train_000003_0.png", &[4]),
+            e("CLEVR_train_000003_1.png", &[6, 7]),
+            e("CLEVR_train_000004_0.png", &[1, 2]),
+            e("scene.png", &[1]),
+        ];
+        use SceneStep::*;
+        assert_eq!(
+            scene_steps(&entries),
+            vec![
+                Some(After { previous: 1 }),
+                Some(First),
+                Some(After { previous: 0 }),
+                None,
+                Some(First),
+                None,
+                None,
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn synthetic_scenes_come_in_linked_steps_and_truncation_drops_dangling_links() {
+        let mut ds = render::synthetic_dataset(4, 16, 2, None);
+        assert_eq!(ds.len(), 12);
+        for i in 0..ds.len() {
+            match ds.scene_step(i) {
+                Some(SceneStep::First) => assert_eq!(ds.labels[i].len(), 1, "image {i}"),
+                Some(SceneStep::After { previous }) => {
+                    let (now, before) = (&ds.labels[i], &ds.labels[previous]);
+                    assert_eq!(before.len() + 1, now.len(), "image {i}");
+                    assert!(before.iter().all(|l| now.contains(l)), "image {i}");
+                }
+                None => panic!("image {i} of a synthetic scene has no step"),
+            }
+        }
+        // Truncation keeps the links inside the kept images and drops those that would
+        // point past the end.
+        ds.truncate(5);
+        assert_eq!(ds.steps.len(), 5);
+        assert_eq!(ds.scene_step(4), Some(SceneStep::After { previous: 3 }));
+        ds.steps[0] = Some(SceneStep::After { previous: 4 });
+        ds.truncate(3);
+        assert_eq!(ds.scene_step(0), None);
+        assert_eq!(ds.scene_step(2), Some(SceneStep::After { previous: 1 }));
+    }
 }

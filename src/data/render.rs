@@ -29,7 +29,7 @@ use std::ops::{Add, Mul, Neg, Sub};
 use std::path::Path;
 
 use super::iclevr::{OBJECT_NAMES, default_object_names, worker_threads};
-use super::{ConditionKind, InMemoryDataset};
+use super::{ConditionKind, InMemoryDataset, split_step};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -1228,16 +1228,6 @@ struct SceneJob {
     steps: Vec<(usize, Vec<u16>)>,
 }
 
-/// `CLEVR_train_000123_2.png` -> ("CLEVR_train_000123", 2).
-fn split_step(file: &str) -> Option<(&str, usize)> {
-    let stem = file.strip_suffix(".png")?;
-    let (scene, step) = stem.rsplit_once('_')?;
-    if step.is_empty() || !step.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((scene, step.parse().ok()?))
-}
-
 /// The scenes of a label list: entries grouped by scene prefix (first appearance order),
 /// steps sorted; only the first `n_scenes` scenes. Returns the jobs and the kept entries'
 /// indices into `label_sets` (in their original order).
@@ -1466,6 +1456,7 @@ pub fn synthetic_dataset_with(
         pixels,
         kind: ConditionKind::MultiHot,
         label_names: default_object_names(),
+        steps: super::scene_steps(&entries),
         labels: entries.into_iter().map(|(_, l)| l).collect(),
     }
 }

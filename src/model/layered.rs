@@ -44,13 +44,13 @@ pub struct LayeredGenerator {
 }
 
 /// c: (B, K) on any device as rows of f64 on the host (Metal has no f64: convert on the CPU).
-fn host_rows(c: &Tensor) -> Result<Vec<Vec<f64>>> {
+pub(crate) fn host_rows(c: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(c.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.to_vec2()?)
 }
 
 /// f64 values as a tensor of `dt` on `dev`, converted on the CPU (exact for f64 tests, and
 /// no f64 tensor on a device without f64).
-fn on_device(v: Vec<f64>, shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
+pub(crate) fn on_device(v: Vec<f64>, shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
         .to_dtype(dt)?
         .to_device(dev)?)

@@ -1,4 +1,4 @@
-//! Networks: one file per family ([`dcgan`], [`resnet`], [`layered`]), built from the layers of
+//! Networks: one file per family ([`dcgan`], [`resnet`], [`layered`], [`sequential`]), built from the layers of
 //! [`crate::nn`].
 //!
 //! [`Generator`] and [`Discriminator`] wrap a family's network with its config; they are what
@@ -7,6 +7,7 @@
 pub mod dcgan;
 pub mod layered;
 pub mod resnet;
+pub mod sequential;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -129,6 +130,7 @@ enum GenNet {
     Dcgan(dcgan::DcganGenerator),
     Layered(layered::LayeredGenerator),
     Resnet(resnet::ResnetGenerator),
+    Sequential(sequential::SequentialGenerator),
 }
 
 /// A generator with its config and parameters.
@@ -155,6 +157,7 @@ impl Generator {
             }
             Arch::Dcgan => GenNet::Dcgan(dcgan::DcganGenerator::new(cfg, vb)?),
             Arch::Resnet => GenNet::Resnet(resnet::ResnetGenerator::new(cfg, vb)?),
+            Arch::Sequential => GenNet::Sequential(sequential::SequentialGenerator::new(cfg, vb)?),
         };
         Ok(Self {
             net,
@@ -171,6 +174,7 @@ impl Generator {
             GenNet::Dcgan(g) => g.forward(z, c, pass),
             GenNet::Layered(g) => g.forward(z, c, pass),
             GenNet::Resnet(g) => g.forward(z, c, pass),
+            GenNet::Sequential(g) => g.forward(z, c, pass),
         }
     }
 
@@ -180,6 +184,15 @@ impl Generator {
             GenNet::Dcgan(g) => g.first_features(z, c),
             GenNet::Layered(g) => g.first_features(z, c),
             GenNet::Resnet(g) => g.first_features(z),
+            GenNet::Sequential(g) => g.first_features(z, c),
+        }
+    }
+
+    /// The scene-step network of a sequential generator (`model.arch = sequential`).
+    pub fn sequential(&self) -> Option<&sequential::SequentialGenerator> {
+        match &self.net {
+            GenNet::Sequential(g) => Some(g),
+            _ => None,
         }
     }
 
@@ -300,6 +313,11 @@ impl Discriminator {
         let net = match cfg.arch {
             Arch::Dcgan => DiscNet::Dcgan(dcgan::DcganDiscriminator::new(cfg, vb)?),
             Arch::Resnet => DiscNet::Resnet(resnet::ResnetDiscriminator::new(cfg, vb)?),
+            // The pair discriminator: (previous, next) stacked, [added, so far] conditions.
+            Arch::Sequential => DiscNet::Dcgan(dcgan::DcganDiscriminator::new(
+                &sequential::pair_config(cfg),
+                vb,
+            )?),
         };
         Ok(Self {
             net,

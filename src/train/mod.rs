@@ -17,8 +17,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint;
-use crate::config::{Conditioning, LossKind, TrainConfig};
-use crate::data::Dataset;
+use crate::config::{Arch, Conditioning, LossKind, TrainConfig};
+use crate::data::{Dataset, SceneStep};
 pub use crate::diagnostics::StepStats;
 use crate::error::{Error, Result};
 use crate::grad::GradMode;
@@ -98,8 +98,32 @@ pub struct Trainer {
     /// incomplete save): empty normally; front ends show it.
     pub load_notes: Vec<String>,
     data: Arc<dyn Dataset>,
+    /// The images a step samples from: all of them, or for a sequential model those with a
+    /// scene step (a first object, or an addition whose previous image is in the data).
+    usable: Vec<usize>,
     device: Device,
     dtype: DType,
+}
+
+/// A batch of scene steps for a sequential model ([`crate::model::sequential`]).
+struct StepBatch {
+    /// The previous images, (B, C, H, W): real for later steps, zeros where `first`.
+    prev: Tensor,
+    /// Rows whose previous image is the empty floor (G's own, filled in by the step).
+    first: Vec<bool>,
+    /// The real next images, (B, C, H, W).
+    next: Tensor,
+    /// The object added (one-hot), (B, K).
+    added: Tensor,
+    /// The labels after the step, (B, K).
+    so_far: Tensor,
+}
+
+impl StepBatch {
+    /// D's conditions for the pair: [added, so far], (B, 2K).
+    fn pair_conditions(&self) -> Result<Tensor> {
+        Ok(Tensor::cat(&[&self.added, &self.so_far], 1)?)
+    }
 }
 
 impl std::fmt::Debug for Trainer {
@@ -165,7 +189,14 @@ impl Trainer {
             o.beta2,
             o.eps,
         )?;
-        let sampler = Sampler::new(cfg.seed, data.len());
+        let usable: Vec<usize> = if cfg.model.arch == Arch::Sequential {
+            (0..data.len())
+                .filter(|&i| data.scene_step(i).is_some())
+                .collect()
+        } else {
+            (0..data.len()).collect()
+        };
+        let sampler = Sampler::new(cfg.seed, usable.len());
         Ok(Self {
             rng: Rng::stream(cfg.seed, "train"),
             cfg,
@@ -178,6 +209,7 @@ impl Trainer {
             step: 0,
             load_notes: Vec::new(),
             data,
+            usable,
             device: device.clone(),
             dtype,
         })
@@ -247,6 +279,82 @@ impl Trainer {
         Ok(Tensor::from_vec(v, (b, k), &self.device)?.to_dtype(self.dtype)?)
     }
 
+    /// Scene steps `idx` (indices into the data, each with a scene step).
+    fn step_batch(&self, idx: &[usize]) -> Result<StepBatch> {
+        let (c, h, w) = self.data.image_shape();
+        let k = self.cfg.model.num_conditions;
+        let b = idx.len();
+        let mut prev = Vec::with_capacity(b * c * h * w);
+        let mut first = Vec::with_capacity(b);
+        let mut added = Vec::with_capacity(b * k);
+        for &i in idx {
+            let now = self.data.condition(i);
+            match self.data.scene_step(i) {
+                Some(SceneStep::First) => {
+                    prev.extend(std::iter::repeat_n(0f32, c * h * w));
+                    first.push(true);
+                    added.extend(now);
+                }
+                Some(SceneStep::After { previous }) => {
+                    prev.extend(
+                        self.data
+                            .image_u8(previous)
+                            .iter()
+                            .map(|&v| crate::images::from_u8(v)),
+                    );
+                    first.push(false);
+                    let before = self.data.condition(previous);
+                    added.extend(now.iter().zip(&before).map(|(a, p)| a - p));
+                }
+                None => {
+                    return Err(Error::Msg(format!(
+                        "image {i} has no scene step (a sequential model trains on additions)"
+                    )));
+                }
+            }
+        }
+        let (next, so_far) = self.data.batch(idx, &self.device)?;
+        let dt = self.dtype;
+        Ok(StepBatch {
+            prev: Tensor::from_vec(prev, (b, c, h, w), &self.device)?.to_dtype(dt)?,
+            first,
+            next: next.to_dtype(dt)?,
+            added: Tensor::from_vec(added, (b, k), &self.device)?.to_dtype(dt)?,
+            so_far: so_far.to_dtype(dt)?,
+        })
+    }
+
+    /// The sequential network of this run's G (an error for other families).
+    fn seq_net(&self) -> Result<&crate::model::sequential::SequentialGenerator> {
+        self.generator
+            .sequential()
+            .ok_or_else(|| Error::Msg("not a sequential generator".into()))
+    }
+
+    /// One D update for a sequential model: real pairs (previous, next) against (previous,
+    /// G's next) with the same previous images and conditions [added, so far].
+    fn d_step_sequential(&mut self) -> Result<StepStats> {
+        let b = self.cfg.batch_size;
+        let idx: Vec<usize> = self
+            .sampler
+            .next(b)
+            .into_iter()
+            .map(|i| self.usable[i])
+            .collect();
+        let sb = self.step_batch(&idx)?;
+        let z = self.noise(b)?;
+        let mode = GradMode::new();
+        let pass = Pass::train().with_grad(&mode);
+        let net = self.seq_net()?;
+        let prev = net.with_floor(&sb.prev, &sb.first)?.detach();
+        let fake = net
+            .step(&prev, &z, &sb.added, &sb.so_far, None, pass)?
+            .detach();
+        let real = Tensor::cat(&[&prev, &sb.next], 1)?;
+        let fake = Tensor::cat(&[&prev, &fake], 1)?;
+        self.d_update(real, fake, sb.pair_conditions()?, mode)
+    }
+
     fn real_batch(&mut self) -> Result<(Tensor, Tensor)> {
         let idx = self.sampler.next(self.cfg.batch_size);
         let (x, c) = self.data.batch(&idx, &self.device)?;
@@ -260,6 +368,9 @@ impl Trainer {
 
     /// One discriminator update on a fresh real batch and fakes for its conditions.
     pub fn d_step(&mut self) -> Result<StepStats> {
+        if self.cfg.model.arch == Arch::Sequential {
+            return self.d_step_sequential();
+        }
         let b = self.cfg.batch_size;
         let (real, c) = self.real_batch()?;
         let z = self.noise(b)?;
@@ -268,6 +379,20 @@ impl Trainer {
         let mode = GradMode::new();
         let pass = Pass::train().with_grad(&mode);
         let fake = self.generator.forward(&z, &c, pass)?.detach();
+        self.d_update(real, fake, c, mode)
+    }
+
+    /// D's update on a real and a fake batch (images, or pairs for a sequential model) with
+    /// the conditions D sees.
+    fn d_update(
+        &mut self,
+        real: Tensor,
+        fake: Tensor,
+        c: Tensor,
+        mode: GradMode,
+    ) -> Result<StepStats> {
+        let b = self.cfg.batch_size;
+        let pass = Pass::train().with_grad(&mode);
         let (real_a, fake_a) = (self.augment(&real)?, self.augment(&fake)?);
         let out_r = self.discriminator.forward(&real_a, &c, pass)?;
         let out_f = self.discriminator.forward(&fake_a, &c, pass)?;
@@ -324,18 +449,39 @@ impl Trainer {
     pub fn g_step(&mut self) -> Result<(f64, Option<f64>, f64)> {
         let b = self.cfg.batch_size;
         let ms = self.cfg.loss.mode_seeking;
-        let c = if ms > 0.0 {
-            // Two halves with the same conditions (validate keeps the batch even).
-            let half = self.sample_conditions(b / 2)?;
-            Tensor::cat(&[&half, &half], 0)?
-        } else {
-            self.sample_conditions(b)?
-        };
-        let z = self.noise(b)?;
+        let sequential = self.cfg.model.arch == Arch::Sequential;
         let mode = GradMode::new();
         let pass = Pass::train().with_grad(&mode);
-        let fake = self.generator.forward(&z, &c, pass)?;
-        let fake_a = self.augment(&fake)?;
+        // Two halves with the same conditions under mode seeking (validate keeps the batch
+        // even).
+        let draw = if ms > 0.0 { b / 2 } else { b };
+        let (z, c, fake, d_in) = if sequential {
+            let mut idx: Vec<usize> = (0..draw)
+                .map(|_| self.usable[self.rng.below(self.usable.len())])
+                .collect();
+            if ms > 0.0 {
+                idx.extend_from_within(..);
+            }
+            let sb = self.step_batch(&idx)?;
+            let z = self.noise(b)?;
+            let net = self.seq_net()?;
+            // The floor keeps its gradient: G learns it through its first steps.
+            let prev = net.with_floor(&sb.prev, &sb.first)?;
+            let fake = net.step(&prev, &z, &sb.added, &sb.so_far, None, pass)?;
+            let pair = Tensor::cat(&[&prev, &fake], 1)?;
+            (z, sb.pair_conditions()?, fake, pair)
+        } else {
+            let c = self.sample_conditions(draw)?;
+            let c = if ms > 0.0 {
+                Tensor::cat(&[&c, &c], 0)?
+            } else {
+                c
+            };
+            let z = self.noise(b)?;
+            let fake = self.generator.forward(&z, &c, pass)?;
+            (z, c, fake.clone(), fake)
+        };
+        let fake_a = self.augment(&d_in)?;
         // D's parameters as constants: their gradients are not needed here.
         let out = self.discriminator.forward(&fake_a, &c, pass.frozen())?;
         let mut total = loss::g_loss(self.cfg.loss.kind, &out.logits)?;
@@ -605,13 +751,12 @@ impl Trainer {
         let step = get("trainer.step", 1)?[0];
         let rng = get("trainer.rng", 4)?;
         let smp = get("trainer.sampler", 3)?;
-        if smp[2] as usize != self.data.len() {
+        if smp[2] as usize != self.sampler.n {
             return Err(Error::bad_file(
                 &op,
                 format!(
                     "the checkpoint was trained on {} images, the dataset given has {}",
-                    smp[2],
-                    self.data.len()
+                    smp[2], self.sampler.n
                 ),
             ));
         }

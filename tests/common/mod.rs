@@ -43,6 +43,7 @@ pub fn random_dataset(
         kind,
         label_names: (0..k).map(|i| format!("label{i}")).collect(),
         labels,
+        steps: vec![],
     }
 }
 

@@ -992,6 +992,7 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
             id,
             z: vec![z.clone()],
             c: vec![c.clone()],
+            scene: None,
         });
         loop {
             match renderer.results.recv_timeout(Duration::from_secs(60)) {

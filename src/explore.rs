@@ -113,6 +113,54 @@ pub fn slerp_at(a: &[f32], b: &[f32], t: f32) -> Vec<f32> {
         .collect()
 }
 
+/// A scene built one object at a time (sequential generators), `n` times: row j uses the
+/// latent `latent(seed, j)`; its columns are the floor and the image after each object of
+/// `order` (label indices, in the order they are added). Returns the images row by row
+/// (n x (1 + order.len())) and the column captions ("floor", "+ red cube", ...).
+pub fn scene_strip(
+    g: &Generator,
+    order: &[usize],
+    n: usize,
+    seed: u64,
+) -> Result<(crate::images::Images, Vec<String>)> {
+    let names = &g.cfg.label_names;
+    if let Some(&bad) = order.iter().find(|&&l| l >= g.cfg.num_conditions) {
+        return Err(Error::Msg(format!(
+            "label {bad} in a scene (the model has K = {})",
+            g.cfg.num_conditions
+        )));
+    }
+    let z: Vec<Vec<f32>> = (0..n).map(|j| g.latent(seed, j)).collect();
+    let steps = g.scene_from(&z, &vec![order.to_vec(); n])?;
+    let first = &steps[0];
+    let mut data = Vec::with_capacity(n * steps.len() * first.image_len());
+    for row in 0..n {
+        for s in &steps {
+            data.extend_from_slice(s.image(row));
+        }
+    }
+    let mut captions = vec!["floor".to_string()];
+    captions.extend(order.iter().map(|&l| {
+        format!(
+            "+ {}",
+            names
+                .get(l)
+                .cloned()
+                .unwrap_or_else(|| format!("label {l}"))
+        )
+    }));
+    Ok((
+        crate::images::Images {
+            n: n * steps.len(),
+            channels: first.channels,
+            height: first.height,
+            width: first.width,
+            data,
+        },
+        captions,
+    ))
+}
+
 /// Principal latent directions: `k` unit vectors in z-space, strongest first, with the share
 /// of first-layer variance each explains. `n` latents (with condition `c`) are pushed through
 /// G's first feature layer; PCA of those activations via the n x n Gram matrix; component j's

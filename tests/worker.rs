@@ -249,6 +249,7 @@ fn renderer_answers_the_newest_request_per_slot() {
             id,
             z: vec![g.latent(id, 0)],
             c: vec![vec![0.0; k]],
+            scene: None,
         });
     }
     let mut got = Vec::new();
@@ -272,6 +273,7 @@ fn renderer_answers_the_newest_request_per_slot() {
         id: 6,
         z: vec![g.latent(5, 0)],
         c: vec![vec![0.0; k]],
+        scene: None,
     });
     let res = r
         .results

@@ -54,6 +54,12 @@ pub enum AppCommand {
     ExportInterp {
         gif: bool,
     },
+    /// Draw the Scene tab's sequence again.
+    RenderScene,
+    /// Write the scene's sequence as a strip PNG or a GIF.
+    ExportScene {
+        gif: bool,
+    },
 }
 
 /// What a panel gets for one frame: the settings (persisted; a panel edits its own fields),

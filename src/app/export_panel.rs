@@ -13,7 +13,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 
 use super::dialogs::{Purpose, path_field, prompt_note};
 use super::latent::InterpState;
-use super::{AppCommand, Composer, PanelCtx, RunView, Settings};
+use super::{AppCommand, Composer, PanelCtx, RunView, ScenePanel, Settings};
 use crate::error::{Error, Result};
 use crate::export::gif::save_gif_with_progress;
 use crate::export::sheet::{SheetLayout, sample_sheet, save_png};
@@ -44,11 +44,16 @@ pub enum ExportJob {
         scale: u32,
         path: PathBuf,
     },
-    /// The interpolation strip: a PNG row with t under each image, or a GIF.
-    Interpolation {
+    /// A strip of images (the interpolation, a scene's steps): a PNG row with a caption
+    /// under each image, or a GIF of them.
+    Strip {
+        /// "interpolation" or "scene".
+        what: &'static str,
         strip: Images,
+        captions: Vec<String>,
         title: String,
         gif: bool,
+        delay_ms: u32,
         scale: u32,
         path: PathBuf,
     },
@@ -60,8 +65,14 @@ impl ExportJob {
             ExportJob::WallPng { .. } => "wall PNG",
             ExportJob::HistoryGif { .. } => "wall history GIF",
             ExportJob::ListSheet { .. } => "condition list sheet",
-            ExportJob::Interpolation { gif: true, .. } => "interpolation GIF",
-            ExportJob::Interpolation { .. } => "interpolation PNG",
+            ExportJob::Strip {
+                what: "scene",
+                gif: true,
+                ..
+            } => "scene GIF",
+            ExportJob::Strip { what: "scene", .. } => "scene strip PNG",
+            ExportJob::Strip { gif: true, .. } => "interpolation GIF",
+            ExportJob::Strip { .. } => "interpolation PNG",
         }
     }
 
@@ -111,15 +122,18 @@ impl ExportJob {
                 save_png(&frame.sheet(scale)?, &path)?;
                 Ok(path)
             }
-            ExportJob::Interpolation {
+            ExportJob::Strip {
                 strip,
+                captions,
                 title,
                 gif,
+                delay_ms,
                 scale,
                 path,
+                ..
             } => {
                 let n = strip.n;
-                let t = |i: usize| format!("t={:.2}", i as f64 / (n.max(2) - 1) as f64);
+                let t = |i: usize| captions.get(i).cloned().unwrap_or_default();
                 if gif {
                     let mut frames = Vec::with_capacity(n);
                     for i in 0..n {
@@ -134,7 +148,7 @@ impl ExportJob {
                         };
                         frames.push(sample_sheet(&one, &layout)?);
                     }
-                    save_gif_with_progress(&frames, 120, &path, progress)?;
+                    save_gif_with_progress(&frames, delay_ms, &path, progress)?;
                 } else {
                     let layout = SheetLayout {
                         col_captions: (0..n).map(t).collect(),
@@ -449,12 +463,47 @@ impl ExportPanel {
             or_none(&interp.b.caption)
         );
         let ext = if gif { "gif" } else { "png" };
-        let job = ExportJob::Interpolation {
+        let n = strip.n;
+        let job = ExportJob::Strip {
+            what: "interpolation",
+            captions: (0..n)
+                .map(|i| format!("t={:.2}", i as f64 / (n.max(2) - 1) as f64))
+                .collect(),
             strip,
             title,
             gif,
+            delay_ms: 120,
             scale: settings.export_scale.max(1),
             path: Self::export_file(run, settings, "interpolation", ext),
+        };
+        self.exporter.submit(job)
+    }
+
+    /// The Scene tab's sequence (floor + each step) as a PNG row or a GIF.
+    pub fn scene(
+        &mut self,
+        scene: &ScenePanel,
+        names: &[String],
+        gif: bool,
+        run: &RunView,
+        settings: &Settings,
+    ) -> Result<()> {
+        let strip = scene
+            .images
+            .clone()
+            .ok_or_else(|| Error::Msg("no scene drawn yet".into()))?;
+        let captions = scene.captions(names);
+        let title = format!("scene, weights of step {}", scene.images_step);
+        let ext = if gif { "gif" } else { "png" };
+        let job = ExportJob::Strip {
+            what: "scene",
+            strip,
+            captions,
+            title,
+            gif,
+            delay_ms: 800,
+            scale: settings.export_scale.max(1),
+            path: Self::export_file(run, settings, "scene", ext),
         };
         self.exporter.submit(job)
     }

@@ -13,6 +13,7 @@ pub mod dialogs;
 mod export_panel;
 mod latent;
 mod plots;
+mod scene;
 mod status;
 pub mod train_panel;
 pub mod wall;
@@ -43,6 +44,7 @@ pub use dialogs::{Dialogs, NoDialogs, PathPrompt, Purpose, RfdDialogs};
 pub use export_panel::ExportPanel;
 pub use latent::{InterpState, LatentPanel};
 pub use plots::PlotsPanel;
+pub use scene::ScenePanel;
 pub use status::StatusBar;
 pub use train_panel::TrainPanel;
 pub use wall::{HeatMode, WallView};
@@ -60,6 +62,8 @@ pub enum Tab {
     Explore,
     Diagnostics,
     Plots,
+    /// Build a scene one object at a time (sequential generators).
+    Scene,
 }
 
 /// The user's choices, restored on the next launch (eframe persistence).
@@ -292,6 +296,7 @@ pub struct GanscopeApp {
     pub export: ExportPanel,
     pub composer: Composer,
     pub latent: LatentPanel,
+    pub scene: ScenePanel,
     pub wall: WallView,
     pub diagnostics: DiagnosticsPanel,
     pub plots: PlotsPanel,
@@ -304,6 +309,8 @@ pub struct GanscopeApp {
     started: Instant,
     wake: Waker,
     request_id: u64,
+    /// Scene requests in flight: id -> the order drawn.
+    scene_requests: std::collections::HashMap<u64, Vec<usize>>,
 }
 
 impl GanscopeApp {
@@ -340,6 +347,7 @@ impl GanscopeApp {
             export: ExportPanel::spawn(wake.clone()),
             composer: Composer::default(),
             latent: LatentPanel::default(),
+            scene: ScenePanel::default(),
             wall: WallView::new(gpu),
             diagnostics: DiagnosticsPanel::default(),
             plots: PlotsPanel,
@@ -351,6 +359,7 @@ impl GanscopeApp {
             started: Instant::now(),
             wake,
             request_id: 0,
+            scene_requests: Default::default(),
             settings,
         };
         if let Some(dir) = opts.open {
@@ -474,6 +483,12 @@ impl GanscopeApp {
         let results: Vec<_> = self.renderer.results.try_iter().collect();
         for r in results {
             match r {
+                Ok(r) if r.slot == "scene" => {
+                    let order = self.scene_requests.remove(&r.id).unwrap_or_default();
+                    // Older requests were dropped by the renderer.
+                    self.scene_requests.retain(|id, _| *id > r.id);
+                    self.scene.on_rendered(r, order);
+                }
                 Ok(r) => self.latent.on_rendered(r),
                 Err(e) => self.push_log(e),
             }
@@ -492,6 +507,7 @@ impl GanscopeApp {
                 self.train.on_ready(&info);
                 self.composer.reset(&info);
                 self.latent.reset(info.cfg.model.z_dim, &self.composer);
+                self.scene.reset();
                 if let Some(off) = &info.diagnostics_off {
                     self.status.push(format!("diagnostics {off}"));
                 }
@@ -530,6 +546,9 @@ impl GanscopeApp {
                 self.renderer.set_weights(w);
                 self.request_latent(false);
                 self.request_interp();
+                if self.settings.tab == Tab::Scene {
+                    self.request_scene();
+                }
             }
             Event::Loop(LoopEvent::Check(c)) => {
                 let r = &c.report;
@@ -619,6 +638,24 @@ impl GanscopeApp {
             AppCommand::DismissBanner => self.run.banner = None,
             AppCommand::RenderLatent { timed } => self.request_latent(timed),
             AppCommand::RenderInterp => self.request_interp(),
+            AppCommand::RenderScene => self.request_scene(),
+            AppCommand::ExportScene { gif } => {
+                let names = self
+                    .run
+                    .info
+                    .as_ref()
+                    .map(|i| i.cfg.model.label_names.clone());
+                let r = self.export.scene(
+                    &self.scene,
+                    &names.unwrap_or_default(),
+                    gif,
+                    &self.run,
+                    &self.settings,
+                );
+                if let Some(m) = self.export.report_submit(r) {
+                    self.push_log(m);
+                }
+            }
             AppCommand::SetEndpoint { b } => {
                 let e = self.latent.endpoint(&self.composer);
                 if b {
@@ -722,6 +759,27 @@ impl GanscopeApp {
             id,
             z: vec![z],
             c: vec![self.composer.cond.clone()],
+            scene: None,
+        });
+    }
+
+    /// Ask the renderer for the scene sequence (floor + each step).
+    pub fn request_scene(&mut self) {
+        let Some(info) = &self.run.info else {
+            return;
+        };
+        if info.cfg.model.arch != crate::config::Arch::Sequential {
+            return;
+        }
+        let z = self.scene.latents(info.cfg.model.z_dim);
+        let id = self.next_id();
+        self.scene_requests.insert(id, self.scene.order.clone());
+        self.renderer.request(RenderRequest {
+            slot: "scene",
+            id,
+            z,
+            c: vec![],
+            scene: Some(self.scene.order.clone()),
         });
     }
 
@@ -740,6 +798,7 @@ impl GanscopeApp {
             id,
             z,
             c,
+            scene: None,
         });
     }
 
@@ -843,6 +902,7 @@ impl eframe::App for GanscopeApp {
                     (Tab::Explore, "Explore"),
                     (Tab::Diagnostics, "Diagnostics"),
                     (Tab::Plots, "Plots"),
+                    (Tab::Scene, "Scene"),
                 ] {
                     ui.selectable_value(&mut ctx.settings.tab, tab, name);
                 }
@@ -887,6 +947,7 @@ impl eframe::App for GanscopeApp {
                 Tab::Explore => self.latent.explore_ui(ui, &mut ctx, &self.composer),
                 Tab::Diagnostics => self.diagnostics.ui(ui, &mut ctx, &self.composer),
                 Tab::Plots => self.plots.ui(ui, &mut ctx),
+                Tab::Scene => self.scene.ui(ui, &mut ctx, &self.composer),
             }
         });
         if self.latent.interp.animate && self.settings.tab == Tab::Explore {

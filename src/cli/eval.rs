@@ -38,6 +38,12 @@ pub(crate) struct EvalArgs {
     pub(crate) n_real: usize,
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
+    /// Sequential models: build each condition's scene one object at a time in the file's
+    /// label order and score the final image, every intermediate image against the labels
+    /// added so far, and (on synthetic training scenes) how much of the previous image a step
+    /// keeps.
+    #[arg(long)]
+    pub(crate) sequential: bool,
 }
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
@@ -67,6 +73,17 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         lists.push((p.display().to_string(), read_condition_file(p)?));
     }
     let mut gen_feats = Vec::new();
+    if a.sequential && g.sequential().is_none() {
+        bail!(
+            "--sequential scores a scene built one object at a time: {} is not a sequential \
+             model (model.arch {:?})",
+            a.run.display(),
+            m.arch
+        );
+    }
+    if a.sequential && lists.is_empty() {
+        bail!("--sequential needs --conditions (e.g. test.json)");
+    }
     if m.num_conditions == 0 {
         if !lists.is_empty() {
             bail!(
@@ -107,8 +124,39 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             .collect();
         let mut accs = Vec::new();
         let mut per_label = vec![(0usize, 0usize); names.len()];
+        // Sequential scoring: each step's accuracy against the labels added so far.
+        let orders: Vec<Vec<usize>> = truth_in_file_order(names, items);
+        let longest = orders.iter().map(Vec::len).max().unwrap_or(0);
+        let mut step_accs: Vec<Vec<f64>> = vec![Vec::new(); longest];
         for seed in 0..a.seeds {
-            let imgs = g.generate(conds.len(), &conds, seed * 1_000_003)?;
+            let imgs = if a.sequential {
+                let z: Vec<Vec<f32>> = (0..conds.len())
+                    .map(|i| g.latent(seed * 1_000_003, i))
+                    .collect();
+                let mut steps = g.scene_from(&z, &orders)?;
+                for (j, acc) in step_accs.iter_mut().enumerate() {
+                    // Images with at least j + 1 objects, against their first j + 1 labels.
+                    let rows: Vec<usize> =
+                        (0..orders.len()).filter(|&i| orders[i].len() > j).collect();
+                    let sub = ganscope::images::Images {
+                        n: rows.len(),
+                        data: rows
+                            .iter()
+                            .flat_map(|&i| steps[j + 1].image(i).to_vec())
+                            .collect(),
+                        ..steps[j + 1].clone()
+                    };
+                    let so_far: Vec<Vec<u16>> = rows
+                        .iter()
+                        .map(|&i| orders[i][..=j].iter().map(|&l| l as u16).collect())
+                        .collect();
+                    let (sc, _) = ev.predict(&sub.to_tensor(&dev)?)?;
+                    acc.push(topk_accuracy(&sc, &so_far)?.accuracy());
+                }
+                steps.pop().context("a scene with no steps")?
+            } else {
+                g.generate(conds.len(), &conds, seed * 1_000_003)?
+            };
             let (scores, feats) = ev.predict(&imgs.to_tensor(&dev)?)?;
             let r = topk_accuracy(&scores, &truth)?;
             accs.push(r.accuracy());
@@ -131,6 +179,18 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             .map(|((n, h), l)| format!("{l} {:.2}", *h as f64 / *n as f64))
             .collect();
         println!("  per-label hit rate: {}", rates.join(", "));
+        if a.sequential {
+            for (j, acc) in step_accs.iter().enumerate() {
+                let (m, sd) = mean_sd(acc);
+                println!(
+                    "  after object {}: top-k accuracy {m:.4} +- {sd:.4} against the labels added so far",
+                    j + 1
+                );
+            }
+        }
+    }
+    if a.sequential {
+        sequential_preservation(&a, &g, &cfg)?;
     }
     let mut dc = cfg.data.clone();
     if let Some(p) = &a.data {
@@ -216,4 +276,59 @@ pub(crate) fn eval_class_histogram(
         .collect();
     println!("  shares: {}", shares.join(", "));
     Ok(feats_all)
+}
+
+/// Each entry's label indices in the order the file lists them (entries already checked by
+/// `parse_condition`; names that do not resolve are left out).
+fn truth_in_file_order(names: &[String], items: &[Vec<String>]) -> Vec<Vec<usize>> {
+    items
+        .iter()
+        .map(|it| {
+            it.iter()
+                .filter_map(|l| {
+                    let l = l.trim();
+                    names
+                        .iter()
+                        .position(|n| n.eq_ignore_ascii_case(l))
+                        .or_else(|| l.parse::<usize>().ok().filter(|&i| i < names.len()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The step's preservation of the previous image on the synthetic training scenes (the
+/// renderer's empty floor is the ground truth of where the previous objects are).
+fn sequential_preservation(
+    a: &EvalArgs,
+    g: &ganscope::model::Generator,
+    cfg: &ganscope::config::TrainConfig,
+) -> Result<()> {
+    use ganscope::data::render::{RenderOptions, render_scene};
+    let mut dc = cfg.data.clone();
+    if let Some(p) = &a.data {
+        dc.path = Some(p.clone());
+    }
+    if dc.path.is_some() {
+        println!(
+            "preservation skipped: it needs the renderer's ground truth (the synthetic training \
+             scenes), not a folder of images"
+        );
+        return Ok(());
+    }
+    let size = cfg.model.image_size;
+    let ds = data::open(&dc, size).context("opening the synthetic training scenes")?;
+    let floor = render_scene(&[], size, RenderOptions::default());
+    let p = ganscope::eval::sequential::preservation(g, &ds, &floor, 1000, 0)?;
+    println!(
+        "preservation over {} additions to training scenes (G adds the labelled object to the real previous image): \
+         mean |change| on the previous objects' pixels {:.4} (real next image {:.4}); \
+         pixels changed visibly {:.3} (real {:.3})",
+        p.steps,
+        p.object_change_generated,
+        p.object_change_real,
+        p.changed_share_generated,
+        p.changed_share_real
+    );
+    Ok(())
 }

@@ -2,4 +2,5 @@
 
 pub mod classifier;
 pub mod metrics;
+pub mod sequential;
 pub mod torch_resnet;

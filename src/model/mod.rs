@@ -243,6 +243,86 @@ impl Generator {
         self.generate_from(&z, &conds)
     }
 
+    /// Scenes built one object at a time (sequential generators only): image i adds the
+    /// labels of `orders[i]` in that order to the floor, with latent `z[i]`. Returns the floor
+    /// and the images after each step (1 + the longest order's length image sets of `z.len()`
+    /// images; an image with fewer objects stays as it is), in eval mode.
+    pub fn scene_from(&self, z: &[Vec<f32>], orders: &[Vec<usize>]) -> Result<Vec<Images>> {
+        let net = self.sequential().ok_or_else(|| {
+            Error::Msg(format!(
+                "building a scene step by step needs a sequential generator (model.arch \
+                 sequential); this one is {:?}",
+                self.cfg.arch
+            ))
+        })?;
+        let n = z.len();
+        let zd = self.cfg.z_dim;
+        if orders.len() != n {
+            return Err(Error::Msg(format!(
+                "{} orders for {n} latents",
+                orders.len()
+            )));
+        }
+        if let Some(bad) = z.iter().find(|v| v.len() != zd) {
+            return Err(Error::Msg(format!(
+                "latent of length {} (z_dim is {zd})",
+                bad.len()
+            )));
+        }
+        let dev = self.device();
+        let dt = self.store.dtype();
+        let zt = Tensor::from_vec(z.concat(), (n, zd), dev)?.to_dtype(dt)?;
+        let seqs: Vec<Vec<sequential::Addition>> = orders
+            .iter()
+            .map(|o| o.iter().map(|&l| (l, 1.0)).collect())
+            .collect();
+        let floor = net.floor_batch(n)?;
+        let mut out = vec![Images::from_tensor(&floor)?];
+        for step in net.scene(&zt, &seqs, Pass::eval())? {
+            out.push(Images::from_tensor(&step)?);
+        }
+        Ok(out)
+    }
+
+    /// One scene built one object at a time with a latent per step (`zs[j]` draws object j of
+    /// `order`; sequential generators only): the floor and the image after each step, as one
+    /// batch of `1 + order.len()` images, in eval mode.
+    pub fn scene_per_step(&self, zs: &[Vec<f32>], order: &[usize]) -> Result<Images> {
+        let net = self.sequential().ok_or_else(|| {
+            Error::Msg(format!(
+                "building a scene step by step needs a sequential generator (model.arch \
+                 sequential); this one is {:?}",
+                self.cfg.arch
+            ))
+        })?;
+        let zd = self.cfg.z_dim;
+        if zs.len() != order.len() {
+            return Err(Error::Msg(format!(
+                "{} latents for {} objects (one per step)",
+                zs.len(),
+                order.len()
+            )));
+        }
+        if let Some(bad) = zs.iter().find(|v| v.len() != zd) {
+            return Err(Error::Msg(format!(
+                "latent of length {} (z_dim is {zd})",
+                bad.len()
+            )));
+        }
+        let dev = self.device();
+        let dt = self.store.dtype();
+        let mut images = vec![net.floor_batch(1)?];
+        if !order.is_empty() {
+            let zt = zs
+                .iter()
+                .map(|z| Ok(Tensor::from_slice(z, (1, zd), dev)?.to_dtype(dt)?))
+                .collect::<Result<Vec<_>>>()?;
+            let seq = vec![order.iter().map(|&l| (l, 1.0)).collect::<Vec<_>>()];
+            images.extend(net.scene_latents(&zt, &seq, Pass::eval())?);
+        }
+        Images::from_tensor(&Tensor::cat(&images, 0)?)
+    }
+
     /// Images for explicit latents and conditions (one each per image), in eval mode.
     pub fn generate_from(&self, z: &[Vec<f32>], conditions: &[Vec<f32>]) -> Result<Images> {
         let n = z.len();

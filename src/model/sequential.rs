@@ -186,6 +186,21 @@ impl SequentialGenerator {
     /// the image after every step (`max_len` tensors of (B, C, H, W); an image with fewer
     /// objects stays as it is in the later steps).
     pub fn scene(&self, z: &Tensor, orders: &[Vec<Addition>], pass: Pass) -> Result<Vec<Tensor>> {
+        self.scene_latents(std::slice::from_ref(z), orders, pass)
+    }
+
+    /// [`Self::scene`] with a latent per step: step j uses `zs[j]` (the last one for later
+    /// steps), rotated as usual, so re-drawing one step's noise leaves the earlier steps as
+    /// they were.
+    pub fn scene_latents(
+        &self,
+        zs: &[Tensor],
+        orders: &[Vec<Addition>],
+        pass: Pass,
+    ) -> Result<Vec<Tensor>> {
+        let z = zs
+            .first()
+            .ok_or_else(|| Error::Msg("a scene needs at least one latent".into()))?;
         let b = z.dim(0)?;
         if orders.len() != b {
             return Err(Error::Msg(format!(
@@ -218,7 +233,8 @@ impl SequentialGenerator {
             let added = on_device(added, &[b, k], dt, dev)?;
             let sf = on_device(so_far.clone(), &[b, k], dt, dev)?;
             let lw = on_device(lw, &[b, 1, 1, 1], dt, dev)?;
-            prev = self.step(&prev, &self.rotated(z, j)?, &added, &sf, Some(&lw), pass)?;
+            let zj = &zs[j.min(zs.len() - 1)];
+            prev = self.step(&prev, &self.rotated(zj, j)?, &added, &sf, Some(&lw), pass)?;
             out.push(prev.clone());
         }
         Ok(out)

@@ -546,6 +546,9 @@ pub struct RenderRequest {
     pub id: u64,
     pub z: Vec<Vec<f32>>,
     pub c: Vec<Vec<f32>>,
+    /// A scene built one object at a time (sequential generators): these labels in order,
+    /// `z` one latent per step, `c` unused; the answer is the floor and every step.
+    pub scene: Option<Vec<usize>>,
 }
 
 /// The renderer's answer.
@@ -617,9 +620,13 @@ impl Renderer {
                             continue;
                         };
                         let t = Instant::now();
-                        let res = match &pool {
-                            Some(p) => p.install(|| g.generate_from(&r.z, &r.c)),
+                        let draw = || match &r.scene {
+                            Some(order) => g.scene_per_step(&r.z, order),
                             None => g.generate_from(&r.z, &r.c),
+                        };
+                        let res = match &pool {
+                            Some(p) => p.install(draw),
+                            None => draw(),
                         };
                         let res = res.map(|images| Rendered {
                             slot: r.slot,

@@ -223,6 +223,83 @@ fn open_a_run_folder_paused_and_a_missing_one_is_an_error() {
 }
 
 #[test]
+fn scene_tab_adds_undoes_rerolls_and_exports() {
+    // A two-step run of a narrow sequential model, saved like `ganscope train` saves it.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let mut cfg = ganscope::config::TrainConfig::preset("iclevr-sequential-small").unwrap();
+    cfg.model.g_ch = 8;
+    cfg.model.d_ch = 8;
+    cfg.batch_size = 4;
+    let data = ganscope::data::open(&cfg.data, cfg.model.image_size).unwrap();
+    let mut t =
+        ganscope::train::Trainer::new(cfg, Arc::new(data), &candle_core::Device::Cpu).unwrap();
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    t.save(&dir).unwrap();
+    let s = Settings {
+        export_path: tmp.path().join("exports").display().to_string(),
+        export_scale: 2,
+        ..settings()
+    };
+    let mut h = harness_opening(s, true, Some(dir));
+    ready(&mut h);
+    h.get_by_label("Scene").click();
+    wait_for(&mut h, "the floor", |a| {
+        a.scene.images.as_ref().is_some_and(|im| im.n == 1)
+    });
+    // Add "red cube" (label 1) with the picker's button.
+    h.state_mut().scene.pick = 1;
+    h.get_by_label("Add").click();
+    wait_for(&mut h, "the first object", |a| a.scene.images_for == vec![1]);
+    // Then the composer's ticked labels (the wall's first row, purple sphere).
+    h.get_by_label("Add the composer's labels").click();
+    wait_for(&mut h, "the second object", |a| a.scene.images_for.len() == 2);
+    assert_eq!(h.state().scene.images_for, vec![1, 13]);
+    h.get_by_label_contains("previous: + red cube");
+    h.get_by_label_contains("new: + purple sphere");
+    let before = h.state().scene.images.clone().unwrap();
+    assert_eq!(before.n, 3);
+    // Re-roll: the last image changes, the floor and the first step stay.
+    h.get_by_label("Re-roll last").click();
+    wait_for(&mut h, "the re-rolled step", |a| {
+        a.scene
+            .images
+            .as_ref()
+            .is_some_and(|im| im.image(2) != before.image(2))
+    });
+    let after = h.state().scene.images.clone().unwrap();
+    assert_eq!(after.image(0), before.image(0));
+    assert_eq!(after.image(1), before.image(1));
+    h.get_by_label("Undo").click();
+    wait_for(&mut h, "the undone step", |a| a.scene.images_for == vec![1]);
+    assert_eq!(h.state().scene.images.as_ref().unwrap().image(1), before.image(1));
+    // Export the sequence: a PNG strip of the floor and the step, and a GIF.
+    h.get_by_label("Export strip PNG").click();
+    wait_for(&mut h, "the strip export", |a| a.export.message.is_some());
+    let msg = h.state().export.message.clone().unwrap_or_default();
+    assert!(msg.starts_with("wrote ") && msg.ends_with(".png"), "{msg}");
+    let img = image::open(msg.trim_start_matches("wrote ")).unwrap().to_rgb8();
+    assert!(img.width() >= 2 * 32 * 2, "{}", img.width());
+    h.state_mut().export.message = None;
+    h.get_by_label("Export GIF").click();
+    wait_for(&mut h, "the GIF export", |a| a.export.message.is_some());
+    let msg = h.state().export.message.clone().unwrap_or_default();
+    assert!(msg.ends_with(".gif"), "{msg}");
+    assert!(image::open(msg.trim_start_matches("wrote ")).is_ok());
+}
+
+#[test]
+fn scene_tab_explains_itself_for_a_one_shot_generator() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    h.get_by_label("Scene").click();
+    h.run_steps(2);
+    h.get_by_label_contains("Scene mode needs a sequential generator");
+    assert!(h.state().scene.images.is_none());
+}
+
+#[test]
 fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
     // The shipped default generator (checkpoints/iclevr-small, weights only) opens paused on
     // the first launch; ticking a label changes the wall at once; Resume trains on from its

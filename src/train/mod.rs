@@ -196,6 +196,16 @@ impl Trainer {
         } else {
             (0..data.len()).collect()
         };
+        if usable.len() < cfg.batch_size {
+            return Err(Error::Config(format!(
+                "a sequential model trains on additions, and {} of the {} images is one (an \
+                 i-CLEVR `<scene>_<k>.png` whose `_<k-1>` is in the data with one label fewer, \
+                 or a `_0` with one label); that is fewer than one batch of {}",
+                usable.len(),
+                data.len(),
+                cfg.batch_size
+            )));
+        }
         let sampler = Sampler::new(cfg.seed, usable.len());
         Ok(Self {
             rng: Rng::stream(cfg.seed, "train"),
@@ -929,6 +939,22 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::grad_norm;
+
+    #[test]
+    fn a_sequential_model_refuses_data_without_scene_steps() {
+        use std::sync::Arc;
+        let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
+        cfg.model.g_ch = 4;
+        cfg.model.d_ch = 4;
+        cfg.batch_size = 4;
+        let mut data = crate::data::render::synthetic_dataset(2, 32, 1, None);
+        data.steps.clear();
+        let e = super::Trainer::new(cfg, Arc::new(data), &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("0 of the 6 images"), "{e}");
+    }
 
     #[test]
     fn grad_norm_is_the_global_l2_norm() {

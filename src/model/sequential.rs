@@ -12,8 +12,10 @@
 //! (one-hot), labels so far (multi-hot, the carried state), the previous image's features] and
 //! outputs a colour image and a mask logit; a 3x3 convolution over [that output, the previous
 //! image] corrects the mask where the previous image has objects (occlusion); the next image is
-//! `prev * (1 - a) + tanh(colour) * a` with `a = sigmoid(mask)`. The empty floor is a learned
-//! image (`background`). Step j uses z rotated by `j * z_dim / g_object_layers` (as the layered
+//! `prev * (1 - a) + tanh(colour) * a` with `a = sigmoid(mask)`. The empty floor is a fixed
+//! image saved with the weights (`floor`, a buffer): the trainer sets it to the per-pixel
+//! median of the data's first-step images (one small object each at a random place, so the
+//! median is the empty floor), for real i-CLEVR folders as for the renderer's. Step j uses z rotated by `j * z_dim / g_object_layers` (as the layered
 //! generator does), so one latent draws a whole scene.
 //!
 //! The discriminator is the DCGAN discriminator on the pair (previous and next stacked as 2C
@@ -69,8 +71,8 @@ pub struct SequentialGenerator {
     layer: DcganGenerator,
     /// [layer output, previous image] -> a correction of the mask logit (3x3).
     occlusion: Conv2d,
-    /// The empty floor before tanh, (1, C, H, W).
-    background: Tensor,
+    /// The empty floor, (1, C, H, W) in [-1, 1] (no gradient; set from the data).
+    floor: candle_core::Var,
     z_dim: usize,
     shift: usize,
     channels: usize,
@@ -115,7 +117,7 @@ impl SequentialGenerator {
             encode,
             layer: DcganGenerator::new(&layer_cfg, vb.pp("layer"))?,
             occlusion: Conv2d::new(2 * c + 1, 1, 3, 1, 1, opts, vb.pp("occlusion"))?,
-            background: vb.param("background", &[1, c, s, s], Init::Const(0.0))?,
+            floor: vb.buffer("floor", &[1, c, s, s], Init::Const(0.0))?,
             z_dim: cfg.z_dim,
             shift: (cfg.z_dim / cfg.g_object_layers.max(1)).max(1),
             channels: c,
@@ -125,7 +127,21 @@ impl SequentialGenerator {
 
     /// The empty floor, (1, C, H, W) in [-1, 1].
     pub fn floor(&self) -> Result<Tensor> {
-        Ok(self.background.tanh()?)
+        Ok(self.floor.as_tensor().clone())
+    }
+
+    /// Set the empty floor: `values` (C * H * W, CHW, in [-1, 1]).
+    pub fn set_floor(&self, values: &[f32]) -> Result<()> {
+        let t = self.floor.as_tensor();
+        if values.len() != t.elem_count() {
+            return Err(Error::Msg(format!(
+                "a floor of {} values for a {:?} image",
+                values.len(),
+                t.dims()
+            )));
+        }
+        let new = Tensor::from_slice(values, t.dims(), t.device())?.to_dtype(t.dtype())?;
+        Ok(self.floor.set(&new)?)
     }
 
     /// z rotated for step `j`: entry d of the result is z[(d + j * shift) mod Z].
@@ -297,13 +313,13 @@ impl SequentialGenerator {
 
     /// The floor as the "previous image" of a batch's first steps, detached, (B, C, H, W).
     pub fn floor_batch(&self, b: usize) -> Result<Tensor> {
-        let fl = self.floor()?.detach();
+        let fl = self.floor()?;
         let (ch, s) = (self.channels, fl.dim(2)?);
         Ok(fl.broadcast_as((b, ch, s, s))?.contiguous()?)
     }
 
-    /// The floor (with its gradient) in the rows of `prev` where `first` is 1: a training
-    /// batch's previous images, real for later steps and this G's floor for first steps.
+    /// The floor in the rows of `prev` where `first` is 1: a training batch's previous
+    /// images, real for later steps and the floor for first steps.
     pub fn with_floor(&self, prev: &Tensor, first: &[bool]) -> Result<Tensor> {
         let b = prev.dim(0)?;
         let mask: Vec<f64> = first.iter().map(|f| f64::from(u8::from(*f))).collect();
@@ -313,7 +329,7 @@ impl SequentialGenerator {
     }
 
     pub fn dtype(&self) -> DType {
-        self.background.dtype()
+        self.floor.as_tensor().dtype()
     }
 }
 

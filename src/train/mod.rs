@@ -180,6 +180,17 @@ impl Trainer {
         } else {
             None
         };
+        if let Some(floor) = (m.arch == Arch::Sequential)
+            .then(|| median_first_step(data.as_ref()))
+            .flatten()
+        {
+            // The empty floor of a scene model: from the data, the same in G and its average.
+            for g in std::iter::once(&generator).chain(&ema) {
+                if let Some(net) = g.sequential() {
+                    net.set_floor(&floor)?;
+                }
+            }
+        }
         let o = &cfg.optim;
         let opt_g = Adam::new(generator.store.trainable(), o.lr_g, o.beta1, o.beta2, o.eps)?;
         let opt_d = Adam::new(
@@ -901,6 +912,33 @@ fn check_finite(what: &'static str, v: f64, step: u64) -> Result<()> {
 }
 
 /// The dataset must match what the model was configured for.
+/// The empty floor of a dataset of scenes: the per-pixel median (CHW, in [-1, 1]) of up to
+/// 2001 of its first-step images (one small object each, at a random place), or None when it
+/// has none.
+pub fn median_first_step(data: &dyn Dataset) -> Option<Vec<f32>> {
+    let firsts: Vec<usize> = (0..data.len())
+        .filter(|&i| data.scene_step(i) == Some(SceneStep::First))
+        .collect();
+    if firsts.is_empty() {
+        return None;
+    }
+    // Evenly spread over the data, an odd count (a true middle element).
+    let n = firsts.len().min(2001);
+    let n = if n % 2 == 0 { n - 1 } else { n }.max(1);
+    let picked: Vec<usize> = (0..n).map(|j| firsts[j * firsts.len() / n]).collect();
+    let (c, h, w) = data.image_shape();
+    let mut column = vec![0u8; n];
+    let mut out = Vec::with_capacity(c * h * w);
+    for p in 0..c * h * w {
+        for (v, &i) in column.iter_mut().zip(&picked) {
+            *v = data.image_u8(i)[p];
+        }
+        let (_, mid, _) = column.select_nth_unstable(n / 2);
+        out.push(crate::images::from_u8(*mid));
+    }
+    Some(out)
+}
+
 pub fn check_data(cfg: &TrainConfig, data: &dyn Dataset) -> Result<()> {
     let m = &cfg.model;
     let (c, h, w) = data.image_shape();
@@ -939,6 +977,28 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::grad_norm;
+
+    #[test]
+    fn the_floor_is_the_median_of_the_first_steps() {
+        use crate::data::render::{RenderOptions, render_scene, synthetic_dataset};
+        let data = synthetic_dataset(60, 32, 1, None);
+        let floor = super::median_first_step(&data).unwrap();
+        let empty = render_scene(&[], 32, RenderOptions::default());
+        // Within a few grey levels of the renderer's empty floor almost everywhere.
+        let off = floor
+            .iter()
+            .zip(&empty)
+            .filter(|(a, b)| (**a - crate::images::from_u8(**b)).abs() > 0.05)
+            .count();
+        assert!(
+            off * 100 < floor.len(),
+            "{off} of {} values off",
+            floor.len()
+        );
+        let mut none = data.clone();
+        none.steps.clear();
+        assert!(super::median_first_step(&none).is_none());
+    }
 
     #[test]
     fn a_sequential_model_refuses_data_without_scene_steps() {

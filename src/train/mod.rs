@@ -924,7 +924,7 @@ pub fn median_first_step(data: &dyn Dataset) -> Option<Vec<f32>> {
     }
     // Evenly spread over the data, an odd count (a true middle element).
     let n = firsts.len().min(2001);
-    let n = if n % 2 == 0 { n - 1 } else { n }.max(1);
+    let n = if n.is_multiple_of(2) { n - 1 } else { n }.max(1);
     let picked: Vec<usize> = (0..n).map(|j| firsts[j * firsts.len() / n]).collect();
     let (c, h, w) = data.image_shape();
     let mut column = vec![0u8; n];

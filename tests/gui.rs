@@ -244,6 +244,8 @@ fn scene_tab_adds_undoes_rerolls_and_exports() {
     };
     let mut h = harness_opening(s, true, Some(dir));
     ready(&mut h);
+    // The training panel names the opened run's preset.
+    assert_eq!(h.state().settings.preset, "iclevr-sequential-small");
     h.get_by_label("Scene").click();
     wait_for(&mut h, "the floor", |a| {
         a.scene.images.as_ref().is_some_and(|im| im.n == 1)
@@ -251,10 +253,14 @@ fn scene_tab_adds_undoes_rerolls_and_exports() {
     // Add "red cube" (label 1) with the picker's button.
     h.state_mut().scene.pick = 1;
     h.get_by_label("Add").click();
-    wait_for(&mut h, "the first object", |a| a.scene.images_for == vec![1]);
+    wait_for(&mut h, "the first object", |a| {
+        a.scene.images_for == vec![1]
+    });
     // Then the composer's ticked labels (the wall's first row, purple sphere).
     h.get_by_label("Add the composer's labels").click();
-    wait_for(&mut h, "the second object", |a| a.scene.images_for.len() == 2);
+    wait_for(&mut h, "the second object", |a| {
+        a.scene.images_for.len() == 2
+    });
     assert_eq!(h.state().scene.images_for, vec![1, 13]);
     h.get_by_label_contains("previous: + red cube");
     h.get_by_label_contains("new: + purple sphere");
@@ -273,13 +279,18 @@ fn scene_tab_adds_undoes_rerolls_and_exports() {
     assert_eq!(after.image(1), before.image(1));
     h.get_by_label("Undo").click();
     wait_for(&mut h, "the undone step", |a| a.scene.images_for == vec![1]);
-    assert_eq!(h.state().scene.images.as_ref().unwrap().image(1), before.image(1));
+    assert_eq!(
+        h.state().scene.images.as_ref().unwrap().image(1),
+        before.image(1)
+    );
     // Export the sequence: a PNG strip of the floor and the step, and a GIF.
     h.get_by_label("Export strip PNG").click();
     wait_for(&mut h, "the strip export", |a| a.export.message.is_some());
     let msg = h.state().export.message.clone().unwrap_or_default();
     assert!(msg.starts_with("wrote ") && msg.ends_with(".png"), "{msg}");
-    let img = image::open(msg.trim_start_matches("wrote ")).unwrap().to_rgb8();
+    let img = image::open(msg.trim_start_matches("wrote "))
+        .unwrap()
+        .to_rgb8();
     assert!(img.width() >= 2 * 32 * 2, "{}", img.width());
     h.state_mut().export.message = None;
     h.get_by_label("Export GIF").click();

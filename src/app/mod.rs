@@ -420,6 +420,11 @@ impl GanscopeApp {
             Some(Ok(mut c)) => {
                 // Data come from the saved run, diagnostics from the explorer.
                 self.set_explorer_monitor(&mut c);
+                // The training panel names the opened run's preset (so Start trains that
+                // family from scratch), when it is one of the named presets.
+                if TrainConfig::preset(&c.preset).is_ok() {
+                    self.settings.preset = c.preset.clone();
+                }
                 Ok(c)
             }
             Some(Err(e)) => Err(e),

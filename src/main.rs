@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a preset (or resume a run) headless.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Draw a captioned sample sheet from a run's newest checkpoint.
     Sample(SampleArgs),
     /// List the named presets.
@@ -100,7 +100,7 @@ fn main() {
             }
             Ok(())
         }
-        Some(Command::Train(a)) => train(a),
+        Some(Command::Train(a)) => train(*a),
         Some(Command::Sample(a)) => sample(a),
         Some(Command::Metrics(a)) => metrics(a),
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),

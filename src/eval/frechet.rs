@@ -15,12 +15,6 @@
 //! KID: the unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, averaged over random
 //! subsets (torch-fidelity's defaults: 100 subsets of 1000, here at most the smaller set).
 
-// Dense matrix code reads best with explicit indices.
-#![expect(
-    clippy::needless_range_loop,
-    reason = "dense matrix code reads best with explicit indices"
-)]
-
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};

@@ -558,20 +558,7 @@ impl FidInception {
 /// `tests/fixtures/fid_inception/make_fixture.py`): n x 3 x 32 x 32 values
 /// 0.5 + 0.5 sin(0.37 i + 1.1 c + 0.21 y - 0.13 x + 0.005 y x), in f64 rounded to f32.
 pub fn fixture_input(n: usize) -> Result<Tensor> {
-    let s = 32;
-    let mut v = Vec::with_capacity(n * 3 * s * s);
-    for i in 0..n {
-        for c in 0..3 {
-            for y in 0..s {
-                for x in 0..s {
-                    let (i, c, y, x) = (i as f64, c as f64, y as f64, x as f64);
-                    let a = 0.37 * i + 1.1 * c + 0.21 * y - 0.13 * x + 0.005 * y * x;
-                    v.push((0.5 + 0.5 * a.sin()) as f32);
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu)?)
+    super::torch_state::sine_pattern(n, 32, |v| 0.5 + 0.5 * v)
 }
 
 #[cfg(test)]

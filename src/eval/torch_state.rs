@@ -411,6 +411,25 @@ impl StateDict<'_> {
     }
 }
 
+/// The fixed inputs of the committed fixtures' scripts: n x 3 x s x s values
+/// f(sin(0.37 i + 1.1 c + 0.21 y - 0.13 x + 0.005 y x)), computed in f64 and rounded to f32.
+pub fn sine_pattern(n: usize, s: usize, f: impl Fn(f64) -> f64) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(n * 3 * s * s);
+    for i in 0..n {
+        for c in 0..3 {
+            for y in 0..s {
+                for x in 0..s {
+                    let (i, c, y, x) = (i as f64, c as f64, y as f64, x as f64);
+                    v.push(
+                        f((0.37 * i + 1.1 * c + 0.21 * y - 0.13 * x + 0.005 * y * x).sin()) as f32,
+                    );
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests may unwrap")]

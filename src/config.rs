@@ -735,6 +735,26 @@ impl TrainConfig {
                 )));
             }
         }
+        let mo = &self.monitor;
+        if mo.fid_every > 0 {
+            if mo.fid_weights.is_none() {
+                return Err(Error::Config(format!(
+                    "monitor.fid_every = {} needs monitor.fid_weights (pytorch-fid's \
+                     pt_inception-2015-12-05-6726825d.pth; --fid-weights FILE)",
+                    mo.fid_every
+                )));
+            }
+            for (name, v) in [
+                ("monitor.fid_n_real", mo.fid_n_real),
+                ("monitor.fid_n_generated", mo.fid_n_generated),
+            ] {
+                if !(2..=100_000).contains(&v) {
+                    return Err(Error::Config(format!(
+                        "{name} must be in 2..=100000 (FID needs at least 2 images), not {v}"
+                    )));
+                }
+            }
+        }
         if !m.label_names.is_empty() && m.label_names.len() != m.num_conditions {
             return Err(Error::Config(format!(
                 "{} label names for K = {}",
@@ -844,6 +864,16 @@ pub struct MonitorConfig {
     /// (as long as the last) fits this share. 1.0 or more turns the limit off (every
     /// multiple of `every` is checked).
     pub max_share: f64,
+    /// pytorch-fid's FID (generated vs real images, Inception pool3 features) every N
+    /// generator steps (0 = never); needs `fid_weights`. Costly on a CPU: every check runs
+    /// `fid_n_generated` images through Inception-v3 at 299x299 (the real side once).
+    pub fid_every: u64,
+    /// pytorch-fid's weights file (`pt_inception-2015-12-05-6726825d.pth`, not shipped).
+    pub fid_weights: Option<PathBuf>,
+    /// Real images whose Inception features are computed once (at the first FID check).
+    pub fid_n_real: usize,
+    /// Generated images per FID check.
+    pub fid_n_generated: usize,
     pub diagnostics: DiagnosticsConfig,
 }
 
@@ -856,6 +886,10 @@ impl Default for MonitorConfig {
             n_generated: 1000,
             seeds_per_condition: 4,
             max_share: 0.08,
+            fid_every: 0,
+            fid_weights: None,
+            fid_n_real: 1000,
+            fid_n_generated: 500,
             diagnostics: DiagnosticsConfig::default(),
         }
     }
@@ -1048,6 +1082,12 @@ mod tests {
             ("model.g_object_layers", |c| c.model.g_object_layers = 17),
             ("model.g_object_layers", |c| c.model.arch = Arch::Resnet),
             ("steps", |c| c.steps = 0),
+            ("monitor.fid_weights", |c| c.monitor.fid_every = 500),
+            ("monitor.fid_n_real", |c| {
+                c.monitor.fid_every = 500;
+                c.monitor.fid_weights = Some("pt_inception.pth".into());
+                c.monitor.fid_n_real = 1;
+            }),
         ];
         for (name, set) in cases {
             let mut c = TrainConfig::mnist_cdcgan();

@@ -26,19 +26,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a preset (or resume a run) headless.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Draw a captioned sample sheet from a run's newest checkpoint.
     Sample(SampleArgs),
     /// List the named presets.
     Presets,
     /// Write a run's metrics.jsonl as metrics.csv (a row per logged step) and
-    /// diagnostics.csv (a row per check) beside it.
+    /// diagnostics.csv (a row per check) and fid.csv (a row per FID) beside it.
     Metrics(MetricsArgs),
     /// Train or inspect evaluator classifiers.
     #[command(subcommand)]
     Evaluator(EvaluatorCommand),
     /// Score a run's generator with an evaluator (course top-k accuracy, domain-feature FD).
     Eval(EvalArgs),
+    /// pytorch-fid's FID between two folders of PNG images (`python -m pytorch_fid A B`),
+    /// with pytorch-fid's Inception weights from --fid-weights.
+    Fid(FidArgs),
     /// Write a run's newest generator and discriminator as a weights-only folder (config.json,
     /// generator.safetensors, discriminator.safetensors; no optimizer state), the form in
     /// which generators ship in checkpoints/.
@@ -97,12 +100,13 @@ fn main() {
             }
             Ok(())
         }
-        Some(Command::Train(a)) => train(a),
+        Some(Command::Train(a)) => train(*a),
         Some(Command::Sample(a)) => sample(a),
         Some(Command::Metrics(a)) => metrics(a),
         Some(Command::Evaluator(EvaluatorCommand::Train(a))) => evaluator_train(a),
         Some(Command::Evaluator(EvaluatorCommand::Score(a))) => evaluator_score(a),
         Some(Command::Eval(a)) => eval(a),
+        Some(Command::Fid(a)) => fid(a),
         Some(Command::Ship(a)) => ship(a),
         Some(Command::Fuzz(a)) => fuzz(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),

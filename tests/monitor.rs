@@ -349,3 +349,73 @@ fn the_loop_under_halve_lr_goes_on_and_logs_the_continued_run() {
     let (_, _, step) = ganscope::train::load_generator(&out, &Device::Cpu).unwrap();
     assert_eq!(step, 5);
 }
+
+/// The committed stand-in for pytorch-fid's weights (tests/fixtures/fid_inception).
+fn fid_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fid_inception/inception.pth")
+}
+
+#[test]
+fn fid_lands_in_metrics_and_tensorboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = toy_trainer(tmp.path(), 0, 1.0);
+    t.cfg.monitor.fid_every = 2;
+    t.cfg.monitor.fid_weights = Some(fid_fixture());
+    t.cfg.monitor.fid_n_real = 8;
+    t.cfg.monitor.fid_n_generated = 6;
+    t.cfg.validate().unwrap();
+    let out = tmp.path().join("run");
+    let mut folder = RunFolder::new(&out, &t.cfg);
+    let opts = LoopOptions::for_trainer(&t);
+    let mut lp = TrainLoop::new(t, opts).unwrap();
+    let mut seen = vec![];
+    let mut watch = FnSink(|e: &LoopEvent| {
+        if let LoopEvent::Fid(p) = e {
+            seen.push((p.step, p.n_generated, p.n_real, p.fid));
+        }
+    });
+    lp.run_until(4, None, &mut [&mut folder, &mut watch])
+        .unwrap();
+    assert_eq!(
+        seen.iter().map(|s| (s.0, s.1, s.2)).collect::<Vec<_>>(),
+        vec![(2, 6, 8), (4, 6, 8)]
+    );
+    assert!(
+        seen.iter().all(|s| s.3.is_finite() && s.3 > 0.0),
+        "{seen:?}"
+    );
+    let lines = ganscope::checkpoint::read_metrics(&out).unwrap();
+    let fid: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.get("fid").and_then(|f| f["fid"].as_f64()))
+        .collect();
+    assert_eq!(fid, seen.iter().map(|s| s.3).collect::<Vec<_>>());
+    let events: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .collect();
+    let recs = ganscope::export::tensorboard::read_events(&events[0]).unwrap();
+    let tb: Vec<(i64, f32)> = recs
+        .iter()
+        .flat_map(|r| {
+            r.2.iter()
+                .filter(|s| s.0 == "fid/fid")
+                .map(move |s| (r.1, s.1))
+        })
+        .collect();
+    assert_eq!(tb, vec![(2, fid[0] as f32), (4, fid[1] as f32)]);
+    assert!(ganscope::export::csv::metrics_csv(&lines).fid.is_some());
+
+    // A weights file that is not there stops the run before any step, naming the file.
+    let mut t = toy_trainer(tmp.path(), 0, 1.0);
+    t.cfg.monitor.fid_every = 2;
+    t.cfg.monitor.fid_weights = Some(tmp.path().join("pt_inception-missing.pth"));
+    let opts = LoopOptions::for_trainer(&t);
+    let e = TrainLoop::new(t, opts).err().unwrap().to_string();
+    assert!(
+        e.contains("pt_inception-missing.pth") && e.contains("FID"),
+        "{e}"
+    );
+}

@@ -237,6 +237,8 @@ pub struct RunView {
     pub scrub: Option<usize>,
     pub last_check: Option<Box<Check>>,
     pub check_series: Vec<CheckPoint>,
+    /// FID measurements (`monitor.fid_every`).
+    pub fid_series: Vec<crate::train::fid::FidPoint>,
     pub alarms: Vec<Alarm>,
     /// The newest generator weights (for exports and principal directions).
     pub last_weights: Option<Arc<crate::train::worker::GeneratorWeights>>,
@@ -254,6 +256,7 @@ impl Default for RunView {
             scrub: None,
             last_check: None,
             check_series: Vec::new(),
+            fid_series: Vec::new(),
             alarms: Vec::new(),
             last_weights: None,
             error: None,
@@ -573,6 +576,13 @@ impl GanscopeApp {
                 });
                 run.last_check = Some(c);
             }
+            Event::Loop(LoopEvent::Fid(p)) => {
+                self.status.push(format!(
+                    "FID {:.2} at step {} ({} generated vs {} real images, {:.0} s)",
+                    p.fid, p.step, p.n_generated, p.n_real, p.seconds
+                ));
+                run.fid_series.push(p);
+            }
             Event::Loop(LoopEvent::Diagnostics(off)) => {
                 if let Some(why) = &off {
                     self.status.push(format!("diagnostics {why}"));
@@ -588,6 +598,7 @@ impl GanscopeApp {
             Event::Loop(LoopEvent::Recovered(r)) => {
                 // The steps after the restored snapshot were undone: so are their numbers.
                 run.history.retain(|h| h.stats.step <= r.to);
+                run.fid_series.retain(|p| p.step <= r.to);
                 self.status.push(r.message.clone());
                 run.banner = Some(r.message);
             }

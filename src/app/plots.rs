@@ -1,5 +1,6 @@
 //! Plots (egui_plot): D and G losses, D(real) / D(fake) (or the critic values), D accuracy,
-//! gradient penalty, gradient norms, and the evaluator's accuracy and feature-space measures per check.
+//! gradient penalty, gradient norms, FID (when the run has `monitor.fid_every`), and the
+//! evaluator's accuracy and feature-space measures per check.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
@@ -135,6 +136,40 @@ impl PlotsPanel {
                         PlotPoints::from(series(&|s| log(s.stats.g_grad_norm))),
                     ));
                 });
+            let fid_every = run.info.as_ref().map_or(0, |i| i.cfg.monitor.fid_every);
+            if !run.fid_series.is_empty() || fid_every > 0 {
+                ui.label(format!(
+                    "FID (pytorch-fid's Inception pool3, every {fid_every} steps; lower is better)"
+                ));
+                if run.fid_series.is_empty() {
+                    ui.label("No FID yet (the first one also reads the real images).");
+                } else {
+                    let fs = &run.fid_series;
+                    Plot::new("fid")
+                        .height(height * 0.7)
+                        .legend(Legend::default())
+                        .include_y(0.0)
+                        .link_axis(link, [true, false])
+                        .show(ui, |p| {
+                            p.line(Line::new(
+                                "FID",
+                                PlotPoints::from(
+                                    fs.iter()
+                                        .map(|f| [f.step as f64, f.fid])
+                                        .collect::<Vec<_>>(),
+                                ),
+                            ));
+                            p.line(Line::new(
+                                "KID x1000",
+                                PlotPoints::from(
+                                    fs.iter()
+                                        .map(|f| [f.step as f64, f.kid * 1e3])
+                                        .collect::<Vec<_>>(),
+                                ),
+                            ));
+                        });
+                }
+            }
             ui.label("Evaluator (per diagnostics check)");
             if run.check_series.is_empty() {
                 ui.label("No diagnostics checks yet (an evaluator for this data is needed).");

@@ -6,6 +6,11 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
 use ganscope::data::{self, Dataset};
+use ganscope::eval::fid::{self, FidInception};
+use ganscope::eval::frechet;
+
+/// Images per Inception forward pass.
+const FID_BATCH: usize = 25;
 
 use super::*;
 
@@ -36,6 +41,11 @@ pub(crate) struct EvalArgs {
     /// Real images used for the Fréchet distance.
     #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000))]
     pub(crate) n_real: usize,
+    /// Also compute pytorch-fid's FID (and KID) of the generated images against --n-real
+    /// real images of the run's dataset, with pytorch-fid's weights
+    /// (pt_inception-2015-12-05-6726825d.pth, not shipped). Slow on a CPU.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) fid_weights: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
     /// Sequential models: build each condition's scene one object at a time in the file's
@@ -50,6 +60,13 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     use ganscope::eval::classifier::Classifier;
     use ganscope::eval::metrics::{frechet_distance, topk_accuracy};
     let dev = device(&a.device)?;
+    // The weights first: a wrong file is an error before any work.
+    let fid_net = match &a.fid_weights {
+        Some(p) => Some(load_fid_inception(p, &dev)?),
+        None => None,
+    };
+    // Inception pool3 features of generated images, for FID.
+    let mut gen_fid: Vec<Vec<f32>> = Vec::new();
     let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
     println!("{} at step {step}", a.run.display());
     let m = &cfg.model;
@@ -91,7 +108,14 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                 a.run.display()
             );
         }
-        gen_feats = eval_class_histogram(&g, &ev, a.n, a.seeds, &dev)?;
+        gen_feats = eval_class_histogram(
+            &g,
+            &ev,
+            a.n,
+            a.seeds,
+            &dev,
+            fid_net.as_ref().map(|n| (n, &mut gen_fid)),
+        )?;
     } else if lists.is_empty() {
         if !one_hot {
             bail!("give --conditions (e.g. test.json) for a multi-label model");
@@ -157,7 +181,11 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             } else {
                 g.generate(conds.len(), &conds, seed * 1_000_003)?
             };
-            let (scores, feats) = ev.predict(&imgs.to_tensor(&dev)?)?;
+            let x = imgs.to_tensor(&dev)?;
+            let (scores, feats) = ev.predict(&x)?;
+            if let Some(net) = &fid_net {
+                gen_fid.extend(fid::tensor_features(net, &x, 3, FID_BATCH)?);
+            }
             let r = topk_accuracy(&scores, &truth)?;
             accs.push(r.accuracy());
             for (acc, (n, h)) in per_label.iter_mut().zip(&r.per_label) {
@@ -208,8 +236,30 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                 "domain-feature FD (evaluator features, not FID): {fd:.3} ({} generated vs {n} real images)",
                 gen_feats.len()
             );
+            if let Some(net) = &fid_net {
+                let real_fid = fid::tensor_features(net, &x, 3, FID_BATCH)?;
+                let fid = frechet::frechet_distance(&gen_fid, &real_fid)?;
+                let (kid, kid_sd) = frechet::kid(
+                    &gen_fid,
+                    &real_fid,
+                    frechet::KID_SUBSETS,
+                    frechet::KID_SUBSET_SIZE,
+                    1,
+                )?;
+                println!(
+                    "FID (pytorch-fid's Inception pool3): {fid:.3}, KID {kid:.5} +- {kid_sd:.5} ({} generated vs {n} real images at {}x{}, resized to 299x299)",
+                    gen_fid.len(),
+                    m.image_size,
+                    m.image_size
+                );
+            }
         }
-        Err(e) => println!("domain-feature FD skipped: cannot open the real data ({e})"),
+        Err(e) => {
+            println!("domain-feature FD skipped: cannot open the real data ({e})");
+            if fid_net.is_some() {
+                bail!("FID needs the run's real images: cannot open the data ({e}); give --data");
+            }
+        }
     }
     Ok(())
 }
@@ -232,6 +282,7 @@ pub(crate) fn eval_class_histogram(
     n: usize,
     seeds: u64,
     dev: &Device,
+    mut fid_feats: Option<(&FidInception, &mut Vec<Vec<f32>>)>,
 ) -> Result<Vec<Vec<f32>>> {
     if n == 0 || seeds == 0 {
         bail!("--n and --seeds must be at least 1");
@@ -251,7 +302,11 @@ pub(crate) fn eval_class_histogram(
             let m = 500.min(n - i);
             let z: Vec<Vec<f32>> = (i..i + m).map(|j| g.latent(seed * 1_000_003, j)).collect();
             let imgs = g.generate_from(&z, &vec![vec![]; m])?;
-            let (p, feats) = ev.predict(&imgs.to_tensor(dev)?)?;
+            let x = imgs.to_tensor(dev)?;
+            let (p, feats) = ev.predict(&x)?;
+            if let Some((net, out)) = fid_feats.as_mut() {
+                out.extend(fid::tensor_features(net, &x, 3, FID_BATCH)?);
+            }
             probs.extend(p);
             feats_all.extend(feats);
             i += m;

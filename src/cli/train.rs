@@ -65,6 +65,13 @@ pub(crate) struct TrainArgs {
     /// Evaluator folder for the diagnostics (default checkpoints/evaluator-<dataset>).
     #[arg(long)]
     pub(crate) evaluator: Option<PathBuf>,
+    /// pytorch-fid's FID every N generator steps, written to metrics.jsonl (and CSV,
+    /// TensorBoard, the explorer's plots); needs --fid-weights. Costly on a CPU (see README).
+    #[arg(long)]
+    pub(crate) fid_every: Option<u64>,
+    /// pytorch-fid's weights file, pt_inception-2015-12-05-6726825d.pth (not shipped).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) fid_weights: Option<PathBuf>,
     /// Continue the run in this folder (its config.json; flags override steps, rates, intervals).
     #[arg(long)]
     pub(crate) resume: Option<PathBuf>,
@@ -179,7 +186,23 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     if let Some(p) = &a.evaluator {
         cfg.monitor.evaluator = Some(p.clone());
     }
+    if let Some(v) = a.fid_every {
+        cfg.monitor.fid_every = v;
+    }
+    if let Some(p) = &a.fid_weights {
+        cfg.monitor.fid_weights = Some(p.clone());
+    }
     cfg.validate()?;
+    if cfg.monitor.fid_every > 0
+        && let Some(p) = &cfg.monitor.fid_weights
+        && !p.is_file()
+    {
+        bail!(
+            "--fid-weights {}: no such file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth; not shipped, pytorch-fid downloads it from {})",
+            p.display(),
+            ganscope::eval::fid::FID_WEIGHTS_URL
+        );
+    }
     // One writer per run folder, and a folder that cannot be written is an error now, not at
     // the first save after training (and before a resume truncates its metrics).
     let lock = ganscope::checkpoint::RunLock::acquire(&out)
@@ -293,6 +316,10 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         run::LoopEvent::Alarm(a) => say(format!("ALARM {}", a.message)),
         run::LoopEvent::Recovered(r) => say(r.message.clone()),
         run::LoopEvent::Log(m) => say(m.clone()),
+        run::LoopEvent::Fid(p) => say(format!(
+            "FID at step {}: {:.3} (KID {:.5} +- {:.5}; {} generated vs {} real images, {:.1} s)",
+            p.step, p.fid, p.kid, p.kid_sd, p.n_generated, p.n_real, p.seconds
+        )),
         run::LoopEvent::Check(c) => {
             let r = &c.report;
             say(format!(

@@ -4,9 +4,9 @@
 //!   k highest-scoring labels and count how many are true; accuracy = all hits / all labels
 //!   over the whole set (micro-averaged: one hit is 1/72 on test.json, 1/84 on new_test.json).
 //!   For one-hot conditions this is ordinary top-1 accuracy.
-//! - [`frechet_distance`]: Fréchet distance between Gaussians fitted to two feature sets
-//!   (Heusel et al. 2017's formula). On evaluator features it is a *domain-feature FD*, not FID
-//!   (which is defined on Inception-v3 pool features).
+//! - [`frechet_distance`] (from [`super::frechet`]): Fréchet distance between Gaussians fitted
+//!   to two feature sets (Heusel et al. 2017's formula). On evaluator features it is a
+//!   *domain-feature FD*; on pytorch-fid's Inception pool3 features ([`super::fid`]) it is FID.
 
 // Dense matrix code reads best with explicit indices.
 #![expect(
@@ -142,42 +142,7 @@ pub fn topk_accuracy(scores: &[Vec<f32>], truth: &[Vec<u16>]) -> Result<TopK> {
     Ok(out)
 }
 
-/// Mean and sample covariance (divided by n - 1) of rows of equal length.
-pub fn mean_cov(feats: &[Vec<f32>]) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
-    let n = feats.len();
-    if n < 2 {
-        return Err(Error::Msg(format!(
-            "need at least 2 feature vectors, got {n}"
-        )));
-    }
-    let d = feats[0].len();
-    let mut mu = vec![0.0; d];
-    for f in feats {
-        for (m, &v) in mu.iter_mut().zip(f) {
-            *m += v as f64;
-        }
-    }
-    mu.iter_mut().for_each(|m| *m /= n as f64);
-    let mut cov = vec![vec![0.0; d]; d];
-    let mut c = vec![0.0; d];
-    for f in feats {
-        for i in 0..d {
-            c[i] = f[i] as f64 - mu[i];
-        }
-        for i in 0..d {
-            for j in i..d {
-                cov[i][j] += c[i] * c[j];
-            }
-        }
-    }
-    for i in 0..d {
-        for j in i..d {
-            cov[i][j] /= (n - 1) as f64;
-            cov[j][i] = cov[i][j];
-        }
-    }
-    Ok((mu, cov))
-}
+pub use super::frechet::frechet_distance;
 
 /// Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations:
 /// returns (eigenvalues, eigenvectors as columns).
@@ -226,63 +191,6 @@ pub fn sym_eigen(a: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
         }
     }
     ((0..n).map(|i| a[i][i]).collect(), v)
-}
-
-/// Square root of a symmetric positive semi-definite matrix (negative eigenvalues from
-/// round-off are clamped to 0).
-pub fn sqrtm_psd(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let (w, v) = sym_eigen(a);
-    let n = a.len();
-    let mut out = vec![vec![0.0; n]; n];
-    for (k, &wk) in w.iter().enumerate() {
-        let s = wk.max(0.0).sqrt();
-        for i in 0..n {
-            let vik = v[i][k] * s;
-            for j in 0..n {
-                out[i][j] += vik * v[j][k];
-            }
-        }
-    }
-    out
-}
-
-fn matmul(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let n = a.len();
-    let m = b[0].len();
-    let mut out = vec![vec![0.0; m]; n];
-    for i in 0..n {
-        for (k, bk) in b.iter().enumerate() {
-            let aik = a[i][k];
-            for j in 0..m {
-                out[i][j] += aik * bk[j];
-            }
-        }
-    }
-    out
-}
-
-/// Fréchet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) between
-/// Gaussians fitted to two feature sets. Uses the symmetric form, so only PSD square roots
-/// are needed.
-pub fn frechet_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> Result<f64> {
-    let (m1, s1) = mean_cov(a)?;
-    let (m2, s2) = mean_cov(b)?;
-    if m1.len() != m2.len() {
-        return Err(Error::Msg("feature sets of different dimension".into()));
-    }
-    let r1 = sqrtm_psd(&s1);
-    let inner = matmul(&matmul(&r1, &s2), &r1);
-    // Symmetrise against round-off before the square root.
-    let n = inner.len();
-    let sym: Vec<Vec<f64>> = (0..n)
-        .map(|i| (0..n).map(|j| 0.5 * (inner[i][j] + inner[j][i])).collect())
-        .collect();
-    let cross = sqrtm_psd(&sym);
-    let mean_term: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y) * (x - y)).sum();
-    let tr: f64 = (0..n)
-        .map(|i| s1[i][i] + s2[i][i] - 2.0 * cross[i][i])
-        .sum();
-    Ok((mean_term + tr).max(0.0))
 }
 
 #[cfg(test)]
@@ -347,41 +255,18 @@ mod tests {
     }
 
     #[test]
-    fn eigen_and_sqrt() {
+    fn jacobi_eigen_reconstructs() {
         let a = vec![
             vec![4.0, 1.0, 0.0],
             vec![1.0, 3.0, 0.5],
             vec![0.0, 0.5, 2.0],
         ];
-        let r = sqrtm_psd(&a);
-        let back = matmul(&r, &r);
+        let (w, v) = sym_eigen(&a);
         for i in 0..3 {
             for j in 0..3 {
-                assert!((back[i][j] - a[i][j]).abs() < 1e-10);
+                let back: f64 = (0..3).map(|k| v[i][k] * w[k] * v[j][k]).sum();
+                assert!((back - a[i][j]).abs() < 1e-10);
             }
         }
-    }
-
-    #[test]
-    fn frechet_of_known_gaussians() {
-        // Same samples shifted by (3, 4): FD = |shift|^2 = 25 exactly (covariances equal).
-        let mut rng = crate::rng::Rng::new(1);
-        let a: Vec<Vec<f32>> = (0..500)
-            .map(|_| rng.normal_vec(2).into_iter().map(|v| v as f32).collect())
-            .collect();
-        let b: Vec<Vec<f32>> = a.iter().map(|v| vec![v[0] + 3.0, v[1] + 4.0]).collect();
-        assert!((frechet_distance(&a, &b).unwrap() - 25.0).abs() < 1e-3);
-        assert!(frechet_distance(&a, &a).unwrap() < 1e-6);
-        // Scaled by 2 (1-D view): FD = (s1 - s2)^2 summed over dims for commuting covariances:
-        // sum_i (sigma_i - 2 sigma_i)^2 = sum_i sigma_i^2 = tr(S1).
-        let c: Vec<Vec<f32>> = a.iter().map(|v| vec![2.0 * v[0], 2.0 * v[1]]).collect();
-        let (mu, s1) = mean_cov(&a).unwrap();
-        // plus the mean term |mu - 2 mu|^2 = |mu|^2
-        let want = s1[0][0] + s1[1][1] + mu[0] * mu[0] + mu[1] * mu[1];
-        let got = frechet_distance(&a, &c).unwrap();
-        assert!(
-            (got - want).abs() < 1e-6 * want.max(1.0) + 1e-4,
-            "{got} vs {want}"
-        );
     }
 }

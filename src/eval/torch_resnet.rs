@@ -4,13 +4,13 @@
 //! `torch.save({'model': state_dict}, 'checkpoint.pth')` and run in eval mode on 64x64 images
 //! in [-1, 1] (exactly what a generator's tanh gives).
 //!
-//! The file is read with candle's PyTorch reader (zip + pickle), under the key `model` if it
-//! has one (else as a plain state_dict; a `module.` prefix from `DataParallel` is dropped).
+//! The file is read by [`super::torch_state::read_pth`] (either `torch.save` format), under the
+//! key `model` if it has one (else as a plain state_dict; a `module.` prefix from `DataParallel` is dropped).
 //! Every width and the number of blocks per stage come from the tensor shapes, so the same
 //! code reads the real 45 MB file and the small committed fixture of the same layout
 //! (`tests/fixtures/course_evaluator/make_fixture.py`). Eval-mode BatchNorm is folded into the
-//! convolution before it (w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps),
-//! eps = 1e-5, PyTorch's default), computed in f64.
+//! convolution before it ([`super::torch_state::StateDict::folded`], eps = 1e-5, PyTorch's
+//! default).
 //!
 //! Only basic-block ResNets (18, 34) are read; a bottleneck file (50 and up) is refused by name.
 
@@ -19,29 +19,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
-use crate::kernels::conv::conv2d;
-use crate::kernels::ops::add_channel_bias;
+use super::torch_state::{ConvShape, Folded, StateDict, read_pth};
+use crate::error::Result;
 
 /// PyTorch's BatchNorm2d default.
 const BN_EPS: f64 = 1e-5;
-
-/// A convolution with the eval-mode BatchNorm after it folded in.
-struct Folded {
-    w: Tensor,
-    b: Tensor,
-    stride: usize,
-    padding: usize,
-}
-
-impl Folded {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(
-            &conv2d(x, &self.w, self.stride, self.padding, None)?,
-            &self.b,
-        )
-    }
-}
 
 /// torchvision's `BasicBlock`: relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x)).
 struct Block {
@@ -76,144 +58,25 @@ pub struct TorchResNet {
     pub layers: [usize; 4],
 }
 
-/// What a convolution of the file must look like: input channels, kernel size, and how it
-/// is applied (torchvision's strides and paddings).
-#[derive(Clone, Copy)]
-struct ConvShape {
-    cin: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-}
-
-/// The tensors of a PyTorch file, by name, with the file's path for messages.
-struct StateDict<'a> {
-    path: &'a Path,
-    t: HashMap<String, Tensor>,
-}
-
-impl StateDict<'_> {
-    fn bad(&self, msg: String) -> Error {
-        Error::bad_file(self.path, msg)
-    }
-
-    /// Tensor `name` as f64 on the CPU, with exactly `dims` (an empty `dims` entry = any).
-    fn get(&self, name: &str, dims: &[Option<usize>]) -> Result<Tensor> {
-        let t = self.t.get(name).ok_or_else(|| {
-            self.bad(format!(
-                "no tensor `{name}`: not a torchvision ResNet state_dict (it has {} tensors{})",
-                self.t.len(),
-                self.t
-                    .keys()
-                    .min()
-                    .map_or(String::new(), |k| format!(", e.g. `{k}`"))
-            ))
-        })?;
-        let ok = t.rank() == dims.len()
-            && t.dims()
-                .iter()
-                .zip(dims)
-                .all(|(a, b)| b.is_none_or(|b| *a == b));
-        if !ok {
-            return Err(self.bad(format!(
-                "tensor `{name}` has shape {:?}, expected {}",
-                t.dims(),
-                dims.iter()
-                    .map(|d| d.map_or("*".to_string(), |d| d.to_string()))
-                    .collect::<Vec<_>>()
-                    .join(" x ")
-            )));
-        }
-        Ok(t.to_dtype(DType::F64)?)
-    }
-
-    /// Conv `conv` (no bias) followed by BatchNorm `bn`, folded, on `device` in f32.
-    fn folded(
-        &self,
-        conv: &str,
-        bn: &str,
-        shape: ConvShape,
-        device: &Device,
-    ) -> Result<(Folded, usize)> {
-        let ConvShape {
-            cin,
-            k,
-            stride,
-            padding,
-        } = shape;
-        let w = self.get(
-            &format!("{conv}.weight"),
-            &[None, Some(cin), Some(k), Some(k)],
-        )?;
-        let cout = w.dim(0)?;
-        let c = [Some(cout)];
-        let gamma = self.get(&format!("{bn}.weight"), &c)?;
-        let beta = self.get(&format!("{bn}.bias"), &c)?;
-        let mean = self.get(&format!("{bn}.running_mean"), &c)?;
-        let var = self.get(&format!("{bn}.running_var"), &c)?;
-        let v = var.to_vec1::<f64>()?;
-        if v.iter().any(|v| !v.is_finite() || *v < 0.0) {
-            return Err(self.bad(format!(
-                "`{bn}.running_var` holds a negative or non-finite value"
-            )));
-        }
-        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
-        let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
-        let b = (beta - (mean * &scale)?)?;
-        let to = |t: Tensor| -> Result<Tensor> {
-            let t = t.to_dtype(DType::F32)?;
-            if t.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .any(|v| !v.is_finite())
-            {
-                return Err(self.bad(format!("`{conv}` or `{bn}` holds a non-finite value")));
-            }
-            Ok(t.to_device(device)?)
-        };
-        Ok((
-            Folded {
-                w: to(w)?,
-                b: to(b)?,
-                stride,
-                padding,
-            },
-            cout,
-        ))
-    }
-}
-
 impl TorchResNet {
     /// Read a PyTorch checkpoint (`.pth`) of a torchvision basic-block ResNet.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::bad_file(path, "not a regular file"));
-        }
-        let read = |key: Option<&str>| candle_core::pickle::read_all_with_key(path, key);
-        let tensors = match read(Some("model")) {
-            Ok(t) => t,
-            Err(_) => read(None).map_err(|e| {
-                Error::bad_file(
-                    path,
-                    format!("not a PyTorch checkpoint that candle can read: {e}"),
-                )
-            })?,
-        };
-        let t = tensors
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
-            .collect();
+        let t = read_pth(path, Some("model"))?;
         Self::from_state_dict(path, t, device)
     }
 
     fn from_state_dict(path: &Path, t: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
-        let sd = StateDict { path, t };
-        let shape = |cin, k, stride, padding| ConvShape {
+        let sd = StateDict {
+            path,
+            t,
+            what: "a torchvision ResNet",
+        };
+        // torchvision's paddings keep the size at stride 1 (k / 2 for k = 7, 3, 1).
+        let shape = |cin, k, stride| ConvShape {
             cin,
-            k,
+            k: Some((k, k)),
             stride,
-            padding,
+            same: true,
         };
         if sd.t.keys().any(|k| k.ends_with(".conv3.weight")) {
             return Err(sd.bad(
@@ -221,7 +84,7 @@ impl TorchResNet {
                     .into(),
             ));
         }
-        let (conv1, width) = sd.folded("conv1", "bn1", shape(3, 7, 2, 3), device)?;
+        let (conv1, width) = sd.folded("conv1", "bn1", shape(3, 7, 2), BN_EPS, device)?;
         let mut blocks = Vec::new();
         let mut layers = [0usize; 4];
         let mut cin = width;
@@ -236,13 +99,15 @@ impl TorchResNet {
                 let (c1, o1) = sd.folded(
                     &format!("{p}.conv1"),
                     &format!("{p}.bn1"),
-                    shape(cin, 3, stride, 1),
+                    shape(cin, 3, stride),
+                    BN_EPS,
                     device,
                 )?;
                 let (c2, o2) = sd.folded(
                     &format!("{p}.conv2"),
                     &format!("{p}.bn2"),
-                    shape(o1, 3, 1, 1),
+                    shape(o1, 3, 1),
+                    BN_EPS,
                     device,
                 )?;
                 if o1 != cout || o2 != cout {
@@ -255,7 +120,8 @@ impl TorchResNet {
                     let (d, _) = sd.folded(
                         &format!("{p}.downsample.0"),
                         &format!("{p}.downsample.1"),
-                        shape(cin, 1, stride, 0),
+                        shape(cin, 1, stride),
+                        BN_EPS,
                         device,
                     )?;
                     Some(d)
@@ -331,19 +197,7 @@ impl TorchResNet {
 /// `tests/fixtures/course_evaluator/make_fixture.py`): n x 3 x 64 x 64 values
 /// sin(0.37 i + 1.1 c + 0.21 y - 0.13 x + 0.005 y x), computed in f64 and rounded to f32.
 pub fn fixture_input(n: usize) -> Result<Tensor> {
-    let s = 64;
-    let mut v = Vec::with_capacity(n * 3 * s * s);
-    for i in 0..n {
-        for c in 0..3 {
-            for y in 0..s {
-                for x in 0..s {
-                    let (i, c, y, x) = (i as f64, c as f64, y as f64, x as f64);
-                    v.push((0.37 * i + 1.1 * c + 0.21 * y - 0.13 * x + 0.005 * y * x).sin() as f32);
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu)?)
+    super::torch_state::sine_pattern(n, 64, |v| v)
 }
 
 #[cfg(test)]
@@ -427,11 +281,7 @@ mod tests {
 
         // The fixture's tensors with one missing / one of the wrong shape / a bottleneck key.
         let path = fixture().join("checkpoint.pth");
-        let full: HashMap<String, Tensor> =
-            candle_core::pickle::read_all_with_key(&path, Some("model"))
-                .unwrap()
-                .into_iter()
-                .collect();
+        let full: HashMap<String, Tensor> = read_pth(&path, Some("model")).unwrap();
         let mut t = full.clone();
         t.remove("layer3.0.downsample.0.weight");
         t.remove("layer3.0.downsample.1.weight");

@@ -1,4 +1,4 @@
-//! metrics.jsonl as CSV (one row per logged step, one per diagnostics check), for
+//! metrics.jsonl as CSV (one row per logged step, one per diagnostics check, one per FID), for
 //! spreadsheets and pandas; metrics.jsonl stays the run's record.
 
 use std::collections::BTreeSet;
@@ -54,12 +54,23 @@ fn table(rows: &[(u64, Vec<(String, f64)>)]) -> String {
     out
 }
 
-/// (steps CSV, diagnostics CSV or None when there were no checks) from the lines of a
-/// metrics.jsonl: step lines are those with a `d_loss`, checks those with `diagnostics`
-/// (its `report` flattened; per-label arrays are left out).
-pub fn metrics_csv(lines: &[serde_json::Value]) -> (String, Option<String>) {
+/// The CSV tables of a metrics.jsonl.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsTables {
+    /// A row per logged step (lines with a `d_loss`).
+    pub steps: String,
+    /// A row per diagnostics check (lines with `diagnostics`, its `report` flattened;
+    /// per-label arrays are left out); None when there were none.
+    pub diagnostics: Option<String>,
+    /// A row per FID measurement (lines with `fid`); None when there were none.
+    pub fid: Option<String>,
+}
+
+/// The tables of the lines of a metrics.jsonl.
+pub fn metrics_csv(lines: &[serde_json::Value]) -> MetricsTables {
     let mut steps = Vec::new();
     let mut checks = Vec::new();
+    let mut fids = Vec::new();
     for l in lines {
         let Some(step) = l.get("step").and_then(|s| s.as_u64()) else {
             continue;
@@ -72,10 +83,17 @@ pub fn metrics_csv(lines: &[serde_json::Value]) -> (String, Option<String>) {
             let mut r = Vec::new();
             flatten("", d, &mut r);
             checks.push((step, r));
+        } else if let Some(f) = l.get("fid") {
+            let mut r = Vec::new();
+            flatten("", f, &mut r);
+            fids.push((step, r));
         }
     }
-    let diag = (!checks.is_empty()).then(|| table(&checks));
-    (table(&steps), diag)
+    MetricsTables {
+        steps: table(&steps),
+        diagnostics: (!checks.is_empty()).then(|| table(&checks)),
+        fid: (!fids.is_empty()).then(|| table(&fids)),
+    }
 }
 
 #[cfg(test)]
@@ -89,16 +107,25 @@ mod tests {
             r#"{"step": 2, "d_loss": 1.0, "g_loss": 0.5, "r1": 0.125}"#,
             r#"{"step": 2, "diagnostics": {"seconds": 2.5, "report": {"prdc": {"precision": 0.75}, "hits": [1, 2]}}}"#,
             r#"{"step": 2, "alarm": {"message": "x"}}"#,
+            r#"{"step": 2, "fid": {"step": 2, "fid": 31.5, "kid": 0.25, "n_real": 8}}"#,
         ]
         .iter()
         .map(|s| serde_json::from_str(s).unwrap_or_default())
         .collect();
-        let (steps, diag) = metrics_csv(&lines);
-        assert_eq!(steps, "step,d_loss,g_loss,r1\n1,1.5,0.25,\n2,1,0.5,0.125\n");
+        let t = metrics_csv(&lines);
         assert_eq!(
-            diag.as_deref(),
+            t.steps,
+            "step,d_loss,g_loss,r1\n1,1.5,0.25,\n2,1,0.5,0.125\n"
+        );
+        assert_eq!(
+            t.diagnostics.as_deref(),
             Some("step,report/prdc/precision,seconds\n2,0.75,2.5\n")
         );
-        assert_eq!(metrics_csv(&lines[..2]).1, None);
+        assert_eq!(
+            t.fid.as_deref(),
+            Some("step,fid,kid,n_real\n2,31.5,0.25,8\n")
+        );
+        let t = metrics_csv(&lines[..2]);
+        assert_eq!((t.diagnostics, t.fid), (None, None));
     }
 }

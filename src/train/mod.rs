@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod ema;
+pub mod fid;
 pub mod loss;
 pub mod monitor;
 pub mod run;

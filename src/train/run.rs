@@ -29,6 +29,7 @@ use crate::export::tensorboard::EventWriter;
 use crate::images::Images;
 use crate::model::Generator;
 use crate::rng::Rng;
+use crate::train::fid::{FidPoint, FidTracker};
 use crate::train::monitor::{Check, Monitor, MonitorCost};
 use crate::train::{Snapshot, StepKind, StepStats, Trainer};
 
@@ -223,6 +224,8 @@ pub enum LoopEvent {
     /// The sampling generator's weights (sent with every wall, to sinks that ask).
     Weights(Arc<GeneratorWeights>),
     Check(Box<Check>),
+    /// A FID measurement (`monitor.fid_every`).
+    Fid(FidPoint),
     /// Diagnostics switched on (None) or off (why).
     Diagnostics(Option<String>),
     Alarm(Alarm),
@@ -304,6 +307,8 @@ pub struct TrainLoop {
     monitor: Monitor,
     /// The full monitor while its fit runs in the background.
     monitor_rx: Option<Receiver<Result<Monitor>>>,
+    /// FID every `monitor.fid_every` steps (None: off).
+    fid: Option<FidTracker>,
     pub opts: LoopOptions,
     ring: SnapshotRing<Snapshot>,
     /// Wall time and step at which images/s is counted from.
@@ -355,7 +360,9 @@ impl TrainLoop {
         monitor: Monitor,
         monitor_rx: Option<Receiver<Result<Monitor>>>,
     ) -> Result<Self> {
+        let fid = FidTracker::new(&trainer.cfg, trainer.device())?;
         let mut l = Self {
+            fid,
             ring: SnapshotRing::new(opts.ring.max(1)),
             step0: trainer.step,
             trainer,
@@ -497,6 +504,14 @@ impl TrainLoop {
                 .check(s, generator, self.trainer.data().as_ref())?;
             alarms.extend(more);
             emit(sinks, &LoopEvent::Check(Box::new(check)))?;
+        }
+        if g_step && let Some(fid) = self.fid.as_mut().filter(|f| f.due(s)) {
+            let generator = self.trainer.sampling_generator();
+            // A failed measurement is reported, not a reason to stop training.
+            match fid.measure(s, generator, self.trainer.data().as_ref()) {
+                Ok(p) => emit(sinks, &LoopEvent::Fid(p))?,
+                Err(e) => emit(sinks, &LoopEvent::Log(format!("FID at step {s}: {e}")))?,
+            }
         }
         for a in alarms {
             emit(sinks, &LoopEvent::Alarm(a))?;
@@ -757,6 +772,11 @@ impl Sink for RunFolder {
                     "seconds": c.seconds,
                 });
                 self.scalars(c.step, "diagnostics", &m)?;
+            }
+            LoopEvent::Fid(p) => {
+                let line = serde_json::json!({ "step": p.step, "fid": p });
+                self.append(&line)?;
+                self.scalars(p.step, "fid", &line["fid"])?;
             }
             LoopEvent::Alarm(a) => {
                 self.append(&serde_json::json!({ "step": a.step, "alarm": a }))?;

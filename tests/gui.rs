@@ -311,6 +311,36 @@ fn scene_tab_explains_itself_for_a_one_shot_generator() {
 }
 
 #[test]
+fn fid_set_in_the_training_panel_reaches_the_plots() {
+    // The committed same-layout fixture (pytorch-fid's Inception at 1/16 width) stands in for
+    // pt_inception-2015-12-05-6726825d.pth.
+    let weights = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fid_inception/inception.pth");
+    let s = Settings {
+        fid_every: 2,
+        fid_weights: weights.display().to_string(),
+        ..settings()
+    };
+    let mut h = harness(s, true);
+    wait_for(&mut h, "the first FID", |a| !a.run.fid_series.is_empty());
+    let p = h.state().run.fid_series[0].clone();
+    assert!(p.fid.is_finite() && p.fid > 0.0, "{p:?}");
+    assert_eq!(p.step % 2, 0);
+    h.get_by_label("Plots").click();
+    h.run_steps(2);
+    h.get_by_label_contains("FID (pytorch-fid's Inception pool3, every 2 steps");
+    // Without weights the session refuses to start, naming the missing setting.
+    let s = Settings {
+        fid_every: 2,
+        ..settings()
+    };
+    let mut h = harness(s, true);
+    wait_for(&mut h, "the error", |a| a.run.error.is_some());
+    let e = h.state().run.error.clone().unwrap();
+    assert!(e.contains("fid_weights"), "{e}");
+}
+
+#[test]
 fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
     // The shipped default generator (checkpoints/iclevr-small, weights only) opens paused on
     // the first launch; ticking a label changes the wall at once; Resume trains on from its

@@ -91,6 +91,10 @@ pub struct Settings {
     /// The diagnostics' evaluator: an evaluator folder or a PyTorch checkpoint (`.pth`, the
     /// course's i-CLEVR evaluator); empty = the shipped one for the data.
     pub evaluator_path: String,
+    /// pytorch-fid's FID every N steps (0 = off, or as the opened run's config says).
+    pub fid_every: u64,
+    /// pytorch-fid's Inception weights (`pt_inception-2015-12-05-6726825d.pth`).
+    pub fid_weights: String,
     pub nan_policy: NanPolicy,
     pub checkpoint_path: String,
     pub export_path: String,
@@ -124,6 +128,8 @@ impl Default for Settings {
             // when they are slow next to training (a CPU i-CLEVR run: every few hundred steps).
             diagnostics_every: 50,
             evaluator_path: String::new(),
+            fid_every: 0,
+            fid_weights: String::new(),
             nan_policy: NanPolicy::RestorePause,
             checkpoint_path: "runs/explorer".into(),
             export_path: "exports".into(),
@@ -414,6 +420,13 @@ impl GanscopeApp {
         } else {
             PathBuf::from(chosen)
         });
+        // FID when asked for here (an opened run otherwise keeps its own setting); without
+        // weights the session refuses to start with the config's message.
+        if self.settings.fid_every > 0 {
+            cfg.monitor.fid_every = self.settings.fid_every;
+            let w = self.settings.fid_weights.trim();
+            cfg.monitor.fid_weights = (!w.is_empty()).then(|| PathBuf::from(w));
+        }
     }
 
     /// (Re)start training from scratch or from a run folder. The old session is dropped

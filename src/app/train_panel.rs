@@ -238,6 +238,29 @@ impl TrainPanel {
                          evaluator, for 64x64 generators). Takes effect at the next Start",
                     );
                     ui.end_row();
+                    ui.label("FID every");
+                    ui.add(
+                        egui::DragValue::new(&mut ctx.settings.fid_every)
+                            .range(0..=1_000_000)
+                            .suffix(" steps"),
+                    )
+                    .on_hover_text(
+                        "pytorch-fid's FID (and KID) every N steps, plotted under Plots; 0 = \
+                         off. About 2 minutes per measurement on a 2-core CPU. Takes effect at \
+                         the next Start",
+                    );
+                    ui.end_row();
+                    ui.label("FID weights");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut ctx.settings.fid_weights)
+                            .hint_text("pt_inception…pth")
+                            .desired_width(110.0),
+                    )
+                    .on_hover_text(
+                        "pytorch-fid's Inception weights, pt_inception-2015-12-05-6726825d.pth \
+                         (not shipped: pytorch-fid downloads it from its GitHub release)",
+                    );
+                    ui.end_row();
                     ui.label("On NaN/Inf");
                     let before = ctx.settings.nan_policy;
                     egui::ComboBox::from_id_salt("nan_policy")

@@ -201,6 +201,83 @@ pub fn unsupported_ops(graph: &pb::GraphProto) -> Vec<String> {
     out
 }
 
+/// Rewrite each MatMul of two vectors (a dot product: tract refuses rank-1 x rank-1) as
+/// Mul + ReduceSum over all axes, which is the same scalar. PyTorch's `spectral_norm` exports
+/// sigma = u . (W v) this way (seed 004's SAGAN). Ranks are followed only as far as they
+/// are certain: initializers, Constant nodes, Reshape to a constant shape, MatMul of known
+/// ranks. Returns how many were rewritten.
+pub fn fix_vector_dots(graph: &mut pb::GraphProto) -> usize {
+    use std::collections::HashMap;
+    let mut rank: HashMap<String, usize> = HashMap::new();
+    // The length of 1-D constant tensors (a Reshape's target shape gives its output rank).
+    let mut len1: HashMap<String, usize> = HashMap::new();
+    for t in &graph.initializer {
+        rank.insert(t.name.clone(), t.dims.len());
+        if t.dims.len() == 1 {
+            len1.insert(t.name.clone(), t.dims[0].max(0) as usize);
+        }
+    }
+    let mut out = Vec::with_capacity(graph.node.len());
+    let mut fixed = 0;
+    for mut n in std::mem::take(&mut graph.node) {
+        let r = |i: usize| n.input.get(i).and_then(|x| rank.get(x)).copied();
+        let (r0, r1) = (r(0), r(1));
+        let known = match n.op_type.as_str() {
+            "Constant" => n
+                .attribute
+                .iter()
+                .find(|a| a.name == "value")
+                .and_then(|a| a.t.as_ref())
+                .map(|t| {
+                    if t.dims.len() == 1
+                        && let Some(o) = n.output.first()
+                    {
+                        len1.insert(o.clone(), t.dims[0].max(0) as usize);
+                    }
+                    t.dims.len()
+                }),
+            "Reshape" => n.input.get(1).and_then(|s| len1.get(s)).copied(),
+            "MatMul" => match (r0, r1) {
+                (Some(1), Some(1)) => Some(0),
+                (Some(2), Some(1)) | (Some(1), Some(2)) => Some(1),
+                (Some(a), Some(b)) if a >= 2 && b >= 2 => Some(a.max(b)),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(k) = known
+            && let Some(o) = n.output.first()
+        {
+            rank.insert(o.clone(), k);
+        }
+        if n.op_type == "MatMul" && r0 == Some(1) && r1 == Some(1) && n.output.len() == 1 {
+            let dot = n.output[0].clone();
+            let prod = format!("{dot}__ganscope_dot_product");
+            n.op_type = "Mul".into();
+            n.output = vec![prod.clone()];
+            out.push(n);
+            out.push(pb::NodeProto {
+                input: vec![prod],
+                output: vec![dot.clone()],
+                name: format!("{dot}__ganscope_dot_sum"),
+                op_type: "ReduceSum".into(),
+                attribute: vec![pb::AttributeProto {
+                    name: "keepdims".into(),
+                    r#type: pb::attribute_proto::AttributeType::Int as i32,
+                    i: 0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            fixed += 1;
+        } else {
+            out.push(n);
+        }
+    }
+    graph.node = out;
+    fixed
+}
+
 /// Pick the noise and condition inputs: by the given names, else by the usual names, else
 /// the only input is the noise.
 fn pick_inputs(
@@ -346,7 +423,10 @@ impl OnnxGenerator {
         names: &InputNames,
         num_conditions: Option<usize>,
     ) -> Result<Self> {
-        let proto = decode(path, bytes)?;
+        let mut proto = decode(path, bytes)?;
+        if let Some(g) = proto.graph.as_mut() {
+            fix_vector_dots(g);
+        }
         let Some(graph) = proto.graph.as_ref() else {
             return Err(Error::bad_file(path, "not an ONNX model (no graph)"));
         };

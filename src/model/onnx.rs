@@ -403,6 +403,15 @@ fn feature_tensor(graph: &pb::GraphProto, noise: &str) -> Option<String> {
     None
 }
 
+/// One run of the graph: the images (row-major), their shape, the first features (n x F
+/// row-major) and F.
+struct RunOut {
+    images: Vec<f32>,
+    shape: Vec<usize>,
+    features: Vec<f32>,
+    feature_dim: usize,
+}
+
 fn tract_err(path: &Path, what: &str, e: impl fmt::Display) -> Error {
     Error::bad_file(path, format!("{what}: {e}"))
 }
@@ -580,7 +589,12 @@ impl OnnxGenerator {
             c[0] = 1.0;
             c[num_conditions + num_conditions - 1] = 1.0;
         }
-        let (img, shape, feats, fdim) = g.run(&z, &c, n)?;
+        let RunOut {
+            images: img,
+            shape,
+            features: feats,
+            feature_dim: fdim,
+        } = g.run(&z, &c, n)?;
         if shape.len() != 4 || shape[0] != n {
             return Err(Error::bad_file(
                 path,
@@ -603,12 +617,7 @@ impl OnnxGenerator {
 
     /// Run one batch: z (n x Z), c (n x K) row-major -> (images, their shape, features
     /// flattened per sample, feature width).
-    fn run(
-        &self,
-        z: &[f32],
-        c: &[f32],
-        n: usize,
-    ) -> Result<(Vec<f32>, Vec<usize>, Vec<f32>, usize)> {
+    fn run(&self, z: &[f32], c: &[f32], n: usize) -> Result<RunOut> {
         match self.fixed_batch {
             Some(b) if b != n => {
                 // Chunks of the exported batch size, the last one padded with zeros.
@@ -621,7 +630,12 @@ impl OnnxGenerator {
                     zc.resize(b * zd, 0.0);
                     let mut cc = c[start * k..(start + m) * k].to_vec();
                     cc.resize(b * k, 0.0);
-                    let (i, s, f, d) = self.run_exact(&zc, &cc, b)?;
+                    let RunOut {
+                        images: i,
+                        shape: s,
+                        features: f,
+                        feature_dim: d,
+                    } = self.run_exact(&zc, &cc, b)?;
                     let per = i.len() / b.max(1);
                     img.extend_from_slice(&i[..m * per]);
                     feats.extend_from_slice(&f[..m * d]);
@@ -631,18 +645,18 @@ impl OnnxGenerator {
                 if let Some(s0) = shape.first_mut() {
                     *s0 = n;
                 }
-                Ok((img, shape, feats, fdim))
+                Ok(RunOut {
+                    images: img,
+                    shape,
+                    features: feats,
+                    feature_dim: fdim,
+                })
             }
             _ => self.run_exact(z, c, n),
         }
     }
 
-    fn run_exact(
-        &self,
-        z: &[f32],
-        c: &[f32],
-        n: usize,
-    ) -> Result<(Vec<f32>, Vec<usize>, Vec<f32>, usize)> {
+    fn run_exact(&self, z: &[f32], c: &[f32], n: usize) -> Result<RunOut> {
         let p = &self.path;
         let terr = |e: TractError| tract_err(p, "running the graph", format!("{e:#}"));
         let zshape: Vec<usize> = if self.noise_4d {
@@ -694,12 +708,19 @@ impl OnnxGenerator {
         let shape = out[0].shape().to_vec();
         let feats = read(&out[1])?;
         let fdim = feats.len() / n.max(1);
-        Ok((img, shape, feats, fdim))
+        Ok(RunOut {
+            images: img,
+            shape,
+            features: feats,
+            feature_dim: fdim,
+        })
     }
 
     /// z (n x Z), c (n x K), row-major -> images (n x C x H x W) row-major.
     pub fn generate(&self, z: &[f32], c: &[f32], n: usize) -> Result<Vec<f32>> {
-        let (img, shape, _, _) = self.run(z, c, n)?;
+        let RunOut {
+            images: img, shape, ..
+        } = self.run(z, c, n)?;
         let (ch, h, w) = self.image_shape;
         if shape != [n, ch, h, w] {
             return Err(Error::bad_file(
@@ -714,6 +735,6 @@ impl OnnxGenerator {
 
     /// The features of [`OnnxGenerator::feature_tensor`], n x F row-major.
     pub fn first_features(&self, z: &[f32], c: &[f32], n: usize) -> Result<Vec<f32>> {
-        Ok(self.run(z, c, n)?.2)
+        Ok(self.run(z, c, n)?.features)
     }
 }

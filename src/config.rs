@@ -90,6 +90,20 @@ pub enum Arch {
     /// -> next image, D judges the (previous, next) pair (`model::sequential`; issue 23, seed
     /// 003). Needs multi-hot conditions and data in scene steps (i-CLEVR's `_0`, `_1`, `_2`).
     Sequential,
+    /// A generator imported from PyTorch through ONNX (`ganscope import`): the graph file
+    /// `generator.onnx` beside config.json, run by tract; eval-only (no discriminator, no
+    /// training). [`ModelConfig::onnx`] names its inputs.
+    Onnx,
+}
+
+/// The inputs of an imported ONNX generator ([`Arch::Onnx`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxInputs {
+    /// The noise input, (B, Z) or (B, Z, 1, 1) float32.
+    pub noise: String,
+    /// The condition input: float32 (B, K) or an integer class index (B,); none when K = 0.
+    pub condition: Option<String>,
 }
 
 /// How the condition vector enters the networks.
@@ -165,6 +179,8 @@ pub struct ModelConfig {
     /// layers (`model::layered`); the value is how many objects an image usually holds (each
     /// layer's latent is z rotated by `z_dim / g_object_layers` per layer). 0 = off.
     pub g_object_layers: usize,
+    /// `arch: onnx` only: the graph's input names.
+    pub onnx: Option<OnnxInputs>,
 }
 
 impl Default for ModelConfig {
@@ -190,6 +206,7 @@ impl Default for ModelConfig {
             minibatch_std: false,
             g_cond_bn: false,
             g_object_layers: 0,
+            onnx: None,
         }
     }
 }
@@ -634,6 +651,21 @@ impl TrainConfig {
                     m.image_size
                 )));
             }
+        }
+        if (m.arch == Arch::Onnx) != m.onnx.is_some() {
+            return Err(Error::Config(
+                "model.onnx (the imported graph's input names) goes with arch onnx, and only \
+                 with it"
+                    .into(),
+            ));
+        }
+        if let Some(o) = &m.onnx
+            && o.condition.is_some() != (m.num_conditions > 0)
+        {
+            return Err(Error::Config(format!(
+                "arch onnx: a condition input goes with K > 0 (K = {}, condition input {:?})",
+                m.num_conditions, o.condition
+            )));
         }
         if m.g_object_layers > 0
             && (m.arch == Arch::Resnet || m.num_conditions == 0 || m.g_object_layers > 16)

@@ -46,6 +46,9 @@ enum Command {
     /// generator.safetensors, discriminator.safetensors; no optimizer state), the form in
     /// which generators ship in checkpoints/.
     Ship(ShipArgs),
+    /// Import a generator trained in PyTorch, exported to ONNX, as a run folder that sample,
+    /// eval and the explorer open (eval-only: it cannot be trained further here).
+    Import(ImportArgs),
     /// Generate datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -108,6 +111,7 @@ fn main() {
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Fid(a)) => fid(a),
         Some(Command::Ship(a)) => ship(a),
+        Some(Command::Import(a)) => import(a),
         Some(Command::Fuzz(a)) => fuzz(a),
         Some(Command::Data(DataCommand::Iclevr(a))) => render_iclevr(a),
         Some(Command::Bench(a)) => device(&a.device).and_then(|device| {

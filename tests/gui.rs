@@ -693,3 +693,61 @@ fn snapshots_of_the_main_panels() {
     h.run_steps(3);
     h.snapshot("explorer_diagnostics");
 }
+
+#[test]
+fn an_imported_pytorch_generator_opens_and_its_latent_slider_moves_the_image() {
+    // `ganscope import` of seed 000's generator (ONNX fixture), then `ganscope --open DIR`.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("seed000");
+    let fixtures =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_generators");
+    ganscope::train::import::import_onnx(&ganscope::train::import::ImportSpec {
+        onnx: fixtures.join("seed000_cdcgan.onnx"),
+        data: ganscope::config::DataConfig {
+            kind: ganscope::config::DataKind::Iclevr,
+            limit: Some(64),
+            ..Default::default()
+        },
+        names: Default::default(),
+        out: dir.clone(),
+    })
+    .unwrap();
+    let mut h = harness_opening(settings(), true, Some(dir));
+    ready(&mut h);
+    let a = h.state();
+    assert_eq!(a.run.run_state, RunState::Paused);
+    assert_eq!(a.run.info.as_ref().unwrap().cfg.model.z_dim, 8);
+    assert!(
+        a.status
+            .log
+            .iter()
+            .any(|l| l.contains("imported from PyTorch")),
+        "{:?}",
+        a.status.log
+    );
+    h.get_by_label("Explore").click();
+    wait_for(&mut h, "the first latent image", |a| {
+        a.latent.image.is_some()
+    });
+    let before = h.state().latent.image.clone().unwrap();
+    assert_eq!((before.channels, before.height), (3, 64));
+    let z0 = h.state().latent.dims[0];
+    let rect = h.get_by_role_and_label(Role::Slider, "z[0]").rect();
+    let p = if z0 < 0.0 {
+        egui::pos2(rect.right() - 4.0, rect.center().y)
+    } else {
+        egui::pos2(rect.left() + rect.width() * 0.05 + 2.0, rect.center().y)
+    };
+    h.hover_at(p);
+    h.step();
+    h.drag_at(p);
+    h.step();
+    h.drop_at(p);
+    h.step();
+    wait_for(&mut h, "the re-rendered image", |a| {
+        a.latent
+            .image
+            .as_ref()
+            .is_some_and(|im| im.data != before.data)
+    });
+}

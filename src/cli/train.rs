@@ -203,6 +203,16 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             ganscope::eval::fid::FID_WEIGHTS_URL
         );
     }
+    if cfg.model.arch == ganscope::config::Arch::Onnx {
+        bail!(
+            "{}: an imported PyTorch generator (arch onnx) cannot be trained here (no \
+             discriminator, no trainable weights); use sample, eval or the explorer with it",
+            a.resume
+                .as_deref()
+                .or(a.config.as_deref())
+                .map_or_else(|| "this config".into(), |p| p.display().to_string())
+        );
+    }
     // One writer per run folder, and a folder that cannot be written is an error now, not at
     // the first save after training (and before a resume truncates its metrics).
     let lock = ganscope::checkpoint::RunLock::acquire(&out)

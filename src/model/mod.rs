@@ -1,13 +1,17 @@
-//! Networks: one file per family ([`dcgan`], [`resnet`], [`layered`], [`sequential`]), built from the layers of
-//! [`crate::nn`].
+//! Networks: one file per family ([`dcgan`], [`resnet`], [`layered`], [`sequential`]), built
+//! from the layers of [`crate::nn`]; [`onnx`] runs a generator imported from PyTorch.
 //!
 //! [`Generator`] and [`Discriminator`] wrap a family's network with its config; they are what
 //! the trainer, the CLI and the explorer use.
 
 pub mod dcgan;
 pub mod layered;
+pub mod onnx;
 pub mod resnet;
 pub mod sequential;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -131,6 +135,7 @@ enum GenNet {
     Layered(layered::LayeredGenerator),
     Resnet(resnet::ResnetGenerator),
     Sequential(sequential::SequentialGenerator),
+    Onnx(Arc<onnx::OnnxGenerator>),
 }
 
 /// A generator with its config and parameters.
@@ -158,12 +163,52 @@ impl Generator {
             Arch::Dcgan => GenNet::Dcgan(dcgan::DcganGenerator::new(cfg, vb)?),
             Arch::Resnet => GenNet::Resnet(resnet::ResnetGenerator::new(cfg, vb)?),
             Arch::Sequential => GenNet::Sequential(sequential::SequentialGenerator::new(cfg, vb)?),
+            Arch::Onnx => return Err(Error::Config(onnx_not_trainable())),
         };
         Ok(Self {
             net,
             cfg: cfg.clone(),
             store,
         })
+    }
+
+    /// The generator of an imported run folder ([`Arch::Onnx`]): the graph at `path`,
+    /// checked against the config (its inputs, Z, K and the image shape). It runs on the
+    /// CPU; tensors from another device are copied there and the images back.
+    pub fn from_onnx(path: &Path, cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let inputs = cfg.onnx.as_ref().ok_or_else(|| {
+            Error::Config("Generator::from_onnx needs a config with arch onnx".into())
+        })?;
+        let names = onnx::InputNames {
+            noise: Some(inputs.noise.clone()),
+            condition: inputs.condition.clone(),
+        };
+        let g = onnx::OnnxGenerator::load(path, &names, Some(cfg.num_conditions))?;
+        let found = (g.z_dim, g.num_conditions, g.image_shape);
+        let want = (
+            cfg.z_dim,
+            cfg.num_conditions,
+            (cfg.channels, cfg.image_size, cfg.image_size),
+        );
+        if found != want {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "the graph has (Z, K, image C x H x W) = {found:?}, its config.json says \
+                     {want:?}"
+                ),
+            ));
+        }
+        Ok(Self {
+            net: GenNet::Onnx(Arc::new(g)),
+            cfg: cfg.clone(),
+            store: ParamStore::new(Rng::new(0), DType::F32, device),
+        })
+    }
+
+    /// Whether this generator was imported (ONNX) and so cannot be trained or saved.
+    pub fn is_imported(&self) -> bool {
+        matches!(self.net, GenNet::Onnx(_))
     }
 
     /// z: (B, Z), c: (B, K) -> images (B, C, H, W) in [-1, 1]. `pass` selects batch
@@ -174,6 +219,15 @@ impl Generator {
             GenNet::Dcgan(g) => g.forward(z, c, pass),
             GenNet::Layered(g) => g.forward(z, c, pass),
             GenNet::Resnet(g) => g.forward(z, c, pass),
+            GenNet::Onnx(g) => {
+                if pass.train {
+                    return Err(Error::Config(onnx_not_trainable()));
+                }
+                let (n, zv, cv) = onnx_inputs(z, c)?;
+                let img = g.generate(&zv, &cv, n)?;
+                let (ch, h, w) = g.image_shape;
+                onnx_output(img, (n, ch, h, w), z)
+            }
             GenNet::Sequential(g) => g.forward(z, c, pass),
         }
     }
@@ -185,6 +239,12 @@ impl Generator {
             GenNet::Layered(g) => g.first_features(z, c),
             GenNet::Resnet(g) => g.first_features(z),
             GenNet::Sequential(g) => g.first_features(z, c),
+            GenNet::Onnx(g) => {
+                let (n, zv, cv) = onnx_inputs(z, c)?;
+                let f = g.first_features(&zv, &cv, n)?;
+                let width = f.len() / n.max(1);
+                onnx_output(f, (n, width), z)
+            }
         }
     }
 
@@ -363,6 +423,36 @@ impl Generator {
     }
 }
 
+fn onnx_not_trainable() -> String {
+    "this run folder holds a generator imported from PyTorch (arch onnx): ganscope can \
+     sample, evaluate and explore it, but not train it (there is no discriminator and no \
+     trainable weight); train the original in PyTorch, or start a ganscope run from a preset"
+        .into()
+}
+
+/// (B, Z) and (B, K) tensors as CPU f32 rows for an imported graph.
+fn onnx_inputs(z: &Tensor, c: &Tensor) -> Result<(usize, Vec<f32>, Vec<f32>)> {
+    let n = z.dim(0)?;
+    let rows = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    Ok((n, rows(z)?, rows(c)?))
+}
+
+/// An imported graph's f32 output as a tensor on `like`'s device and dtype.
+fn onnx_output<S: Into<candle_core::Shape>>(
+    v: Vec<f32>,
+    shape: S,
+    like: &Tensor,
+) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(like.dtype())?
+        .to_device(like.device())?)
+}
+
 /// Standard-normal latent of length `z_dim` for a seed.
 pub fn latent(z_dim: usize, seed: u64) -> Vec<f32> {
     Rng::stream(seed, "latent")
@@ -398,6 +488,7 @@ impl Discriminator {
                 &sequential::pair_config(cfg),
                 vb,
             )?),
+            Arch::Onnx => return Err(Error::Config(onnx_not_trainable())),
         };
         Ok(Self {
             net,

@@ -6,6 +6,7 @@
 pub mod augment;
 pub mod ema;
 pub mod fid;
+pub mod import;
 pub mod loss;
 pub mod monitor;
 pub mod run;
@@ -840,6 +841,11 @@ pub struct Snapshot {
 /// and scoring; returns it with the run's config and the checkpoint's step.
 pub fn load_generator(dir: &Path, device: &Device) -> Result<(Generator, TrainConfig, u64)> {
     let cfg = read_config(dir)?;
+    if cfg.model.arch == crate::config::Arch::Onnx {
+        // An imported generator (`ganscope import`): the graph beside the config, no steps.
+        let path = dir.join(crate::model::onnx::ONNX_FILE);
+        return Ok((Generator::from_onnx(&path, &cfg.model, device)?, cfg, 0));
+    }
     let g = Generator::new(&cfg.model, Rng::new(0), DType::F32, device)?;
     let set = match checkpoint::load_latest(dir, device) {
         Err(Error::NoCheckpoint { .. }) if checkpoint::is_weights_folder(dir) => {

@@ -172,10 +172,21 @@ pub struct GeneratorWeights {
     pub model: ModelConfig,
     pub params: HashMap<String, Tensor>,
     pub state: HashMap<String, Tensor>,
+    /// An imported (ONNX) generator has no tensors to copy: the graph itself is shared.
+    pub imported: Option<Generator>,
 }
 
 impl GeneratorWeights {
     pub fn of(g: &Generator, step: u64) -> Result<Self> {
+        if g.is_imported() {
+            return Ok(Self {
+                step,
+                model: g.cfg.clone(),
+                params: HashMap::new(),
+                state: HashMap::new(),
+                imported: Some(g.clone()),
+            });
+        }
         let cpu = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
             m.into_iter()
                 .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.copy()?)))
@@ -186,11 +197,15 @@ impl GeneratorWeights {
             model: g.cfg.clone(),
             params: cpu(g.store.model_tensors())?,
             state: cpu(g.store.state_tensors())?,
+            imported: None,
         })
     }
 
     /// Build a CPU generator holding these weights.
     pub fn build(&self) -> Result<Generator> {
+        if let Some(g) = &self.imported {
+            return Ok(g.clone());
+        }
         let g = Generator::new(&self.model, Rng::new(0), DType::F32, &Device::Cpu)?;
         self.load_into(&g)?;
         Ok(g)
@@ -198,6 +213,10 @@ impl GeneratorWeights {
 
     /// Copy these weights into `g` (same architecture).
     pub fn load_into(&self, g: &Generator) -> Result<()> {
+        if self.imported.is_some() {
+            // Same config, same graph: nothing to copy.
+            return Ok(());
+        }
         let p = PathBuf::from(format!("<generator weights of step {}>", self.step));
         g.store.load(&p, &self.params, true)?;
         g.store.load(&p, &self.state, false)

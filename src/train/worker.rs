@@ -173,6 +173,13 @@ impl Session {
             .spawn(move || {
                 let mut out = Outbox { tx: etx, wake };
                 out.send(Event::State(RunState::Loading));
+                if spec.cfg.model.arch == crate::config::Arch::Onnx {
+                    if let Err(e) = view_imported(spec, &rx, &mut out) {
+                        out.send(Event::Error(e.to_string()));
+                    }
+                    out.send(Event::State(RunState::Stopped));
+                    return;
+                }
                 match Worker::build(spec, &mut out) {
                     Ok(mut w) => {
                         if let Err(e) = w.run(&rx, &mut out) {
@@ -525,6 +532,151 @@ impl Worker {
             Command::Shutdown => return Ok(false),
         }
         Ok(true)
+    }
+}
+
+/// A session for a generator imported from PyTorch (`arch: onnx`, `ganscope import`): no
+/// trainer, no discriminator. It sends the session info, the wall and the generator (for the
+/// composer, sliders, principal directions, interpolation and exports), re-renders the wall
+/// when asked, and answers training commands with a log line saying why not.
+fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) -> Result<()> {
+    let t0 = Instant::now();
+    let dir = spec.resume.clone().ok_or_else(|| {
+        Error::Config(
+            "an imported generator (arch onnx) opens from its run folder (ganscope import)".into(),
+        )
+    })?;
+    let (g, saved, _) = crate::train::load_generator(&dir, &Device::Cpu)?;
+    // The explorer's monitor settings, the saved model.
+    let cfg = TrainConfig {
+        model: saved.model.clone(),
+        ..spec.cfg.clone()
+    };
+    let m = &cfg.model;
+    // Real images and label sets for the wall when the dataset opens; the label names alone
+    // otherwise (the generator needs no data).
+    let (data, data_note): (data::InMemoryDataset, Option<String>) =
+        match data::open(&cfg.data, m.image_size) {
+            Ok(d) => (d, None),
+            Err(e) => (
+                data::InMemoryDataset {
+                    source: "none".into(),
+                    channels: m.channels,
+                    height: m.image_size,
+                    width: m.image_size,
+                    pixels: vec![],
+                    kind: m.condition_kind,
+                    label_names: m.label_names.clone(),
+                    labels: vec![],
+                    steps: vec![],
+                },
+                Some(format!(
+                    "the dataset did not open ({e}); the wall shows single labels"
+                )),
+            ),
+        };
+    let mut rows = wall_rows(&data, m.num_conditions, spec.wall_max_rows);
+    if rows.is_empty() {
+        rows = (0..m.num_conditions.min(spec.wall_max_rows))
+            .map(|i| {
+                let mut v = vec![0.0; m.num_conditions];
+                v[i] = 1.0;
+                (m.label_names.get(i).cloned().unwrap_or_default(), v)
+            })
+            .collect();
+    }
+    let n_ex = 64.min(data.len());
+    let real_examples = if n_ex > 0 {
+        let (x, _) = data.batch(&(0..n_ex).collect::<Vec<_>>(), &Device::Cpu)?;
+        Images::from_tensor(&x)?
+    } else {
+        Images {
+            n: 0,
+            channels: m.channels,
+            height: m.image_size,
+            width: m.image_size,
+            data: vec![],
+        }
+    };
+    let info = SessionInfo {
+        step: 0,
+        data_source: data_source(&cfg, &data),
+        data_len: data.len(),
+        label_names: m.label_names.clone(),
+        condition_kind: m.condition_kind,
+        g_params: 0,
+        d_params: 0,
+        device: "CPU (ONNX, tract)".into(),
+        diagnostics_off: Some(
+            "are off for an imported generator (it has no training steps to check); score it \
+             with ganscope eval"
+                .into(),
+        ),
+        real_examples,
+        wall_rows: rows.clone(),
+        wall_cols: spec.wall_cols,
+        run_dir: None,
+        seconds_to_build: t0.elapsed().as_secs_f64(),
+        cfg: cfg.clone(),
+    };
+    out.send(Event::Ready(Box::new(info)));
+    let (mut rows, mut cols) = (rows, spec.wall_cols);
+    let send_wall = |out: &mut Outbox, rows: &[(String, Vec<f32>)], cols: usize| -> Result<()> {
+        let frame = WallFrame::render(&g, rows, cols, crate::train::run::WALL_SEED, 0)?;
+        out.send(Event::Loop(LoopEvent::Wall(Arc::new(frame))));
+        let w = GeneratorWeights::of(&g, 0)?;
+        out.send(Event::Loop(LoopEvent::Weights(Arc::new(w))));
+        Ok(())
+    };
+    let why = format!(
+        "{} holds a generator imported from PyTorch: explore it (composer, sliders, \
+         directions, interpolation, exports); it cannot be trained here",
+        dir.display()
+    );
+    out.send(Event::log(why.clone()));
+    if let Some(n) = data_note {
+        out.send(Event::log(n));
+    }
+    send_wall(out, &rows, cols)?;
+    out.send(Event::State(RunState::Paused));
+    loop {
+        let c = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        match c {
+            Command::Run | Command::Step(_) | Command::InjectNan => {
+                out.send(Event::log(why.clone()));
+                out.send(Event::State(RunState::Paused));
+            }
+            Command::Save(d) | Command::Load(d) => out.send(Event::log(format!(
+                "{}: nothing saved or loaded; the imported run folder {} is the generator \
+                 (copy that folder to keep it)",
+                d.display(),
+                dir.display()
+            ))),
+            Command::SetWall { rows: r, cols: c } => {
+                let k = m.num_conditions;
+                if let Some((cap, bad)) = r.iter().find(|(_, c)| c.len() != k) {
+                    out.send(Event::log(format!(
+                        "wall row `{cap}` has {} labels, the model has {k}",
+                        bad.len()
+                    )));
+                } else if !r.is_empty() {
+                    rows = r;
+                    cols = c.clamp(1, 32);
+                    send_wall(out, &rows, cols)?;
+                }
+            }
+            Command::Pause
+            | Command::SetLearningRates { .. }
+            | Command::SetNCritic(_)
+            | Command::SetWallEvery(_)
+            | Command::SetTarget(_)
+            | Command::SetNanPolicy(_) => {}
+            Command::Shutdown => return Ok(()),
+        }
     }
 }
 

@@ -278,6 +278,7 @@ fn imported_runs_cannot_be_trained() {
         kind: ganscope::data::ConditionKind::None,
         labels: vec![vec![]; 64],
         label_names: vec![],
+        steps: vec![],
     });
     let e = ganscope::train::Trainer::new(imported.cfg.clone(), data, &Device::Cpu)
         .err()

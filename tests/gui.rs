@@ -705,18 +705,29 @@ fn an_imported_pytorch_generator_opens_and_its_latent_slider_moves_the_image() {
         onnx: fixtures.join("seed000_cdcgan.onnx"),
         data: ganscope::config::DataConfig {
             kind: ganscope::config::DataKind::Iclevr,
-            limit: Some(64),
+            // Enough real images for the diagnostics' reference and holdout halves.
+            limit: Some(240),
             ..Default::default()
         },
         names: Default::default(),
         out: dir.clone(),
     })
     .unwrap();
-    let mut h = harness_opening(settings(), true, Some(dir));
+    // Diagnostics on: the imported generator gets its one check (64-pixel evaluator).
+    let s = Settings {
+        diagnostics_every: 50,
+        ..settings()
+    };
+    let mut h = harness_opening(s, true, Some(dir));
     ready(&mut h);
+    wait_for(&mut h, "the imported generator's check", |a| {
+        a.run.last_check.is_some()
+    });
     let a = h.state();
     assert_eq!(a.run.run_state, RunState::Paused);
     assert_eq!(a.run.info.as_ref().unwrap().cfg.model.z_dim, 8);
+    let c = a.run.last_check.as_ref().unwrap();
+    assert!(c.report.prdc.coverage.is_finite(), "{:?}", c.report.prdc);
     assert!(
         a.status
             .log

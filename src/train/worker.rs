@@ -607,11 +607,11 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
         g_params: 0,
         d_params: 0,
         device: "CPU (ONNX, tract)".into(),
-        diagnostics_off: Some(
-            "are off for an imported generator (it has no training steps to check); score it \
-             with ganscope eval"
-                .into(),
-        ),
+        diagnostics_off: (cfg.monitor.every == 0 || data.is_empty()).then(|| {
+            "are off for this imported generator (no check interval set, or no real data to \
+             compare with); score it with ganscope eval"
+                .into()
+        }),
         real_examples,
         wall_rows: rows.clone(),
         wall_cols: spec.wall_cols,
@@ -639,6 +639,23 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
     }
     send_wall(out, &rows, cols)?;
     out.send(Event::State(RunState::Paused));
+    // The imported generator does not change: one check of the mode-collapse diagnostics
+    // (evaluator, real-data fit, every measure), as a training run has at its checks.
+    if cfg.monitor.every > 0 && !data.is_empty() {
+        let checked = crate::train::monitor::Monitor::new(&cfg, &data, &Device::Cpu)
+            .and_then(|mut mon| mon.check(0, &g, &data));
+        match checked {
+            Ok((check, alarms)) => {
+                out.send(Event::Loop(LoopEvent::Check(Box::new(check))));
+                for a in alarms {
+                    out.send(Event::Loop(LoopEvent::Alarm(a)));
+                }
+            }
+            Err(e) => out.send(Event::log(format!(
+                "diagnostics of the imported generator: {e}"
+            ))),
+        }
+    }
     loop {
         let c = match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(c) => c,

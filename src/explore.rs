@@ -113,6 +113,21 @@ pub fn slerp_at(a: &[f32], b: &[f32], t: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Column captions of a scene's sequence: "floor", then "+ red cube", ... for `order`.
+pub fn scene_captions(names: &[String], order: &[usize]) -> Vec<String> {
+    let mut c = vec!["floor".to_string()];
+    c.extend(order.iter().map(|&l| {
+        format!(
+            "+ {}",
+            names
+                .get(l)
+                .cloned()
+                .unwrap_or_else(|| format!("label {l}"))
+        )
+    }));
+    c
+}
+
 /// A scene built one object at a time (sequential generators), `n` times: row j uses the
 /// latent `latent(seed, j)`; its columns are the floor and the image after each object of
 /// `order` (label indices, in the order they are added). Returns the images row by row
@@ -139,16 +154,7 @@ pub fn scene_strip(
             data.extend_from_slice(s.image(row));
         }
     }
-    let mut captions = vec!["floor".to_string()];
-    captions.extend(order.iter().map(|&l| {
-        format!(
-            "+ {}",
-            names
-                .get(l)
-                .cloned()
-                .unwrap_or_else(|| format!("label {l}"))
-        )
-    }));
+    let captions = scene_captions(names, order);
     Ok((
         crate::images::Images {
             n: n * steps.len(),

@@ -87,6 +87,21 @@ fn ready(h: &mut Harness<'_, GanscopeApp>) {
     });
 }
 
+/// A two-step run of a narrow `preset` (widths 8, batch 4) saved in `dir`, as `ganscope
+/// train` saves it.
+fn two_step_run(preset: &str, dir: &std::path::Path) {
+    let mut cfg = ganscope::config::TrainConfig::preset(preset).unwrap();
+    cfg.model.g_ch = 8;
+    cfg.model.d_ch = 8;
+    cfg.batch_size = 4;
+    let data = ganscope::data::open(&cfg.data, cfg.model.image_size).unwrap();
+    let mut t =
+        ganscope::train::Trainer::new(cfg, Arc::new(data), &candle_core::Device::Cpu).unwrap();
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    t.save(dir).unwrap();
+}
+
 fn active_labels(a: &GanscopeApp) -> Vec<String> {
     a.composer
         .cond
@@ -184,16 +199,7 @@ fn open_a_run_folder_paused_and_a_missing_one_is_an_error() {
     // A two-step run of a narrow iclevr-small, saved like `ganscope train` saves it.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
-    let mut cfg = ganscope::config::TrainConfig::preset("iclevr-small").unwrap();
-    cfg.model.g_ch = 8;
-    cfg.model.d_ch = 8;
-    cfg.batch_size = 4;
-    let data = ganscope::data::open(&cfg.data, cfg.model.image_size).unwrap();
-    let mut t =
-        ganscope::train::Trainer::new(cfg, Arc::new(data), &candle_core::Device::Cpu).unwrap();
-    t.train_step().unwrap();
-    t.train_step().unwrap();
-    t.save(&dir).unwrap();
+    two_step_run("iclevr-small", &dir);
 
     let mut h = harness_opening(settings(), true, Some(dir.clone()));
     ready(&mut h);
@@ -227,16 +233,7 @@ fn scene_tab_adds_undoes_rerolls_and_exports() {
     // A two-step run of a narrow sequential model, saved like `ganscope train` saves it.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
-    let mut cfg = ganscope::config::TrainConfig::preset("iclevr-sequential-small").unwrap();
-    cfg.model.g_ch = 8;
-    cfg.model.d_ch = 8;
-    cfg.batch_size = 4;
-    let data = ganscope::data::open(&cfg.data, cfg.model.image_size).unwrap();
-    let mut t =
-        ganscope::train::Trainer::new(cfg, Arc::new(data), &candle_core::Device::Cpu).unwrap();
-    t.train_step().unwrap();
-    t.train_step().unwrap();
-    t.save(&dir).unwrap();
+    two_step_run("iclevr-sequential-small", &dir);
     let s = Settings {
         export_path: tmp.path().join("exports").display().to_string(),
         export_scale: 2,

@@ -37,15 +37,22 @@ fn every_preset_builds_with_the_right_shapes() {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(mx <= 1.0, "{name}: tanh output out of range ({mx})");
-            let out = d.forward(&x, &c, Pass::new(train)).unwrap();
+            // A sequential model's D judges (previous, next) pairs with [added, so far].
+            let pair = m.arch == ganscope::config::Arch::Sequential;
+            let (dx, dc, k) = if pair {
+                (
+                    Tensor::cat(&[&x, &x], 1).unwrap(),
+                    Tensor::cat(&[&c, &c], 1).unwrap(),
+                    2 * m.num_conditions,
+                )
+            } else {
+                (x.clone(), c.clone(), m.num_conditions)
+            };
+            let out = d.forward(&dx, &dc, Pass::new(train)).unwrap();
             assert_eq!(out.logits.dims(), &[b], "{name} D logits");
             match m.conditioning {
                 _ if ganscope::model::has_aux_head(m) => {
-                    assert_eq!(
-                        out.aux.unwrap().dims(),
-                        &[b, m.num_conditions],
-                        "{name} aux"
-                    )
+                    assert_eq!(out.aux.unwrap().dims(), &[b, k], "{name} aux")
                 }
                 _ => assert!(out.aux.is_none()),
             }

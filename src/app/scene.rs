@@ -91,17 +91,7 @@ impl ScenePanel {
 
     /// Column captions of the drawn images: "floor", "+ red cube", ...
     pub fn captions(&self, names: &[String]) -> Vec<String> {
-        let mut c = vec!["floor".to_string()];
-        c.extend(self.images_for.iter().map(|&l| {
-            format!(
-                "+ {}",
-                names
-                    .get(l)
-                    .cloned()
-                    .unwrap_or_else(|| format!("label {l}"))
-            )
-        }));
-        c
+        crate::explore::scene_captions(names, &self.images_for)
     }
 
     pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, composer: &Composer) {

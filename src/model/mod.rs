@@ -256,6 +256,29 @@ impl Generator {
         }
     }
 
+    /// [`Self::sequential`], or an error saying a scene needs one.
+    fn sequential_net(&self) -> Result<&sequential::SequentialGenerator> {
+        self.sequential().ok_or_else(|| {
+            Error::Msg(format!(
+                "building a scene step by step needs a sequential generator (model.arch \
+                 sequential); this one is {:?}",
+                self.cfg.arch
+            ))
+        })
+    }
+
+    /// Every latent has z_dim entries.
+    fn check_latents(&self, z: &[Vec<f32>]) -> Result<()> {
+        let zd = self.cfg.z_dim;
+        match z.iter().find(|v| v.len() != zd) {
+            Some(bad) => Err(Error::Msg(format!(
+                "latent of length {} (z_dim is {zd})",
+                bad.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn device(&self) -> &Device {
         self.store.device()
     }
@@ -308,13 +331,7 @@ impl Generator {
     /// and the images after each step (1 + the longest order's length image sets of `z.len()`
     /// images; an image with fewer objects stays as it is), in eval mode.
     pub fn scene_from(&self, z: &[Vec<f32>], orders: &[Vec<usize>]) -> Result<Vec<Images>> {
-        let net = self.sequential().ok_or_else(|| {
-            Error::Msg(format!(
-                "building a scene step by step needs a sequential generator (model.arch \
-                 sequential); this one is {:?}",
-                self.cfg.arch
-            ))
-        })?;
+        let net = self.sequential_net()?;
         let n = z.len();
         let zd = self.cfg.z_dim;
         if orders.len() != n {
@@ -323,12 +340,7 @@ impl Generator {
                 orders.len()
             )));
         }
-        if let Some(bad) = z.iter().find(|v| v.len() != zd) {
-            return Err(Error::Msg(format!(
-                "latent of length {} (z_dim is {zd})",
-                bad.len()
-            )));
-        }
+        self.check_latents(z)?;
         let dev = self.device();
         let dt = self.store.dtype();
         let zt = Tensor::from_vec(z.concat(), (n, zd), dev)?.to_dtype(dt)?;
@@ -348,13 +360,7 @@ impl Generator {
     /// `order`; sequential generators only): the floor and the image after each step, as one
     /// batch of `1 + order.len()` images, in eval mode.
     pub fn scene_per_step(&self, zs: &[Vec<f32>], order: &[usize]) -> Result<Images> {
-        let net = self.sequential().ok_or_else(|| {
-            Error::Msg(format!(
-                "building a scene step by step needs a sequential generator (model.arch \
-                 sequential); this one is {:?}",
-                self.cfg.arch
-            ))
-        })?;
+        let net = self.sequential_net()?;
         let zd = self.cfg.z_dim;
         if zs.len() != order.len() {
             return Err(Error::Msg(format!(
@@ -363,12 +369,7 @@ impl Generator {
                 order.len()
             )));
         }
-        if let Some(bad) = zs.iter().find(|v| v.len() != zd) {
-            return Err(Error::Msg(format!(
-                "latent of length {} (z_dim is {zd})",
-                bad.len()
-            )));
-        }
+        self.check_latents(zs)?;
         let dev = self.device();
         let dt = self.store.dtype();
         let mut images = vec![net.floor_batch(1)?];

@@ -430,48 +430,16 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let f = |g: &LayeredGenerator| -> f64 {
-            (g.forward(&zt, &ct, Pass::train()).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let loss = (g.forward(&zt, &ct, Pass::train()).unwrap() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let grads = loss.backward().unwrap();
-        for name in ["gen.background", "gen.layer.out.weight"] {
-            let var = store.get(name).unwrap();
-            let grad: Vec<f64> = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            let shape = var.as_tensor().shape().clone();
-            for i in [0, base.len() / 3, base.len() - 1] {
-                let h = 1e-5;
-                let at = |d: f64| {
-                    let mut v = base.clone();
-                    v[i] += d;
-                    // The network holds the parameter's storage: setting the Var changes it.
-                    var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    f(&g)
-                };
-                let fd = (at(h) - at(-h)) / (2.0 * h);
-                at(0.0);
-                assert!(
-                    (fd - grad[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
-                    "{name}[{i}]: backward {} vs finite difference {fd}",
-                    grad[i]
-                );
-            }
-        }
+        crate::model::test_util::assert_param_gradients(
+            &store,
+            &["gen.background", "gen.layer.out.weight"],
+            1e-5,
+            || {
+                (g.forward(&zt, &ct, Pass::train()).unwrap() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            },
+        );
     }
 }

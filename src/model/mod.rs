@@ -506,3 +506,47 @@ impl Discriminator {
         }
     }
 }
+
+/// Test helpers shared by the network families' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    #![expect(clippy::unwrap_used, reason = "test helper")]
+    use candle_core::{Device, Tensor};
+
+    use crate::params::ParamStore;
+
+    /// d loss / d theta from `loss().backward()` against central differences with step `h`
+    /// (f64 stores), at the first, a middle and the last entry of each named parameter;
+    /// `loss` must read the parameters afresh on every call (the networks hold their storage).
+    pub fn assert_param_gradients(
+        store: &ParamStore,
+        names: &[&str],
+        h: f64,
+        loss: impl Fn() -> Tensor,
+    ) {
+        let grads = loss().backward().unwrap();
+        for name in names {
+            let var = store.get(name).unwrap();
+            let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let grad = flat(grads.get(var.as_tensor()).unwrap());
+            let base = flat(var.as_tensor());
+            let shape = var.as_tensor().shape().clone();
+            for i in [0, base.len() / 3, base.len() - 1] {
+                let at = |d: f64| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss().to_scalar::<f64>().unwrap()
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h);
+                at(0.0);
+                assert!(
+                    (fd - grad[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                    "{name}[{i}]: backward {} vs finite difference {fd}",
+                    grad[i]
+                );
+            }
+        }
+    }
+}

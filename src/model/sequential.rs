@@ -26,7 +26,7 @@
 //! `eval` and the diagnostics treat it like any generator; [`SequentialGenerator::scene`]
 //! builds it in a given order and returns every step.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -326,10 +326,6 @@ impl SequentialGenerator {
         let m = on_device(mask, &[b, 1, 1, 1], prev.dtype(), prev.device())?;
         let fl = self.floor()?;
         Ok((prev.broadcast_mul(&m.affine(-1.0, 1.0)?)? + fl.broadcast_mul(&m)?)?)
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.floor.as_tensor().dtype()
     }
 }
 

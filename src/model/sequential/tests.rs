@@ -4,7 +4,7 @@ use crate::config::{Arch, Conditioning};
 use crate::data::ConditionKind;
 use crate::params::ParamStore;
 use crate::rng::Rng;
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 const K: usize = 4;
 const Z: usize = 6;
@@ -192,39 +192,21 @@ fn gradients_match_finite_differences() {
     let zt = z(2);
     let orders = vec![vec![(1, 1.0), (3, 1.0)], vec![(2, 0.6)]];
     let r = t(Rng::new(9).normal_vec(2 * 3 * S * S), &[2, 3, S, S]);
-    let f = |g: &SequentialGenerator| -> Tensor {
+    let loss = || -> Tensor {
         let last = g.scene(&zt, &orders, Pass::train()).unwrap().pop().unwrap();
         (last * &r).unwrap().sum_all().unwrap()
     };
-    let grads = f(&g).backward().unwrap();
-    for name in [
-        "gen.encoder.0.weight",
-        "gen.encode.weight",
-        "gen.occlusion.weight",
-        "gen.layer.out.weight",
-    ] {
-        let var = store.get(name).unwrap();
-        let grad = rows(grads.get(var.as_tensor()).unwrap());
-        let base = rows(var.as_tensor());
-        let shape = var.as_tensor().shape().clone();
-        for i in [0, base.len() / 3, base.len() - 1] {
-            // 1e-6: at 1e-5 one of the encoder's leaky-ReLU units crosses its kink (the
-            // difference then changes with h; at 1e-6 and 1e-7 it agrees with backward).
-            let h = 1e-6;
-            let at = |d: f64| {
-                let mut v = base.clone();
-                v[i] += d;
-                var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
-                    .unwrap();
-                f(&g).to_scalar::<f64>().unwrap()
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            at(0.0);
-            assert!(
-                (fd - grad[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
-                "{name}[{i}]: backward {} vs finite difference {fd}",
-                grad[i]
-            );
-        }
-    }
+    // h 1e-6: at 1e-5 one of the encoder's leaky-ReLU units crosses its kink (the difference
+    // then changes with h; at 1e-6 and 1e-7 it agrees with backward).
+    crate::model::test_util::assert_param_gradients(
+        &store,
+        &[
+            "gen.encoder.0.weight",
+            "gen.encode.weight",
+            "gen.occlusion.weight",
+            "gen.layer.out.weight",
+        ],
+        1e-6,
+        loss,
+    );
 }

@@ -179,6 +179,11 @@ pub struct ModelConfig {
     /// layers (`model::layered`); the value is how many objects an image usually holds (each
     /// layer's latent is z rotated by `z_dim / g_object_layers` per layer). 0 = off.
     pub g_object_layers: usize,
+    /// DCGAN D only (also the sequential model's pair D): a 3x3 stride-1 convolution to
+    /// `d_ch` channels (leaky ReLU) at full resolution before the first downsampling block, so
+    /// that D looks at every pixel of objects a few pixels wide before it halves the image (the
+    /// evaluators' stride-1 stem does the same). The first block then takes `d_ch` channels.
+    pub d_stem: bool,
     /// `arch: onnx` only: the graph's input names.
     pub onnx: Option<OnnxInputs>,
 }
@@ -206,6 +211,7 @@ impl Default for ModelConfig {
             minibatch_std: false,
             g_cond_bn: false,
             g_object_layers: 0,
+            d_stem: false,
             onnx: None,
         }
     }
@@ -326,6 +332,9 @@ pub struct TrainConfig {
     pub augment: AugmentConfig,
     /// Exponential moving average of G's weights, the generator that is sampled and saved.
     pub ema: EmaConfig,
+    /// How latents are drawn when sampling (sheets, the wall, `eval`, the explorer); training
+    /// always draws plain N(0, I).
+    pub sampling: SamplingConfig,
 }
 
 impl Default for TrainConfig {
@@ -345,6 +354,7 @@ impl Default for TrainConfig {
             monitor: Default::default(),
             augment: Default::default(),
             ema: Default::default(),
+            sampling: Default::default(),
         }
     }
 }
@@ -521,6 +531,10 @@ impl TrainConfig {
         c.model.image_size = 64;
         // The most objects a scene gets, and z's rotation per step (z_dim / 3).
         c.model.g_object_layers = 3;
+        // A full-resolution first layer in the pair D: at 32x32 and 4500 steps, 0.576 against
+        // 0.539 on the training conditions and half the domain FD (35 against 72), the
+        // speckled patches gone (issue 17, session 18).
+        c.model.d_stem = true;
         c
     }
 
@@ -676,6 +690,12 @@ impl TrainConfig {
                 m.g_object_layers
             )));
         }
+        if m.d_stem && !matches!(m.arch, Arch::Dcgan | Arch::Sequential) {
+            return Err(Error::Config(format!(
+                "model.d_stem adds a full-resolution layer to the DCGAN discriminator: arch                  {:?} has none",
+                m.arch
+            )));
+        }
         if m.arch == Arch::Sequential
             && (m.condition_kind != ConditionKind::MultiHot || m.g_object_layers == 0)
         {
@@ -757,6 +777,7 @@ impl TrainConfig {
                 self.ema.decay
             )));
         }
+        validate_truncation(self.sampling.truncation)?;
         for (name, v) in [
             ("augment.translation", self.augment.translation),
             ("augment.cutout", self.augment.cutout),
@@ -871,6 +892,32 @@ impl Default for EmaConfig {
             decay: 0.0,
             start: 0,
         }
+    }
+}
+
+/// How sampling draws its latents.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// The truncation trick (Brock, Donahue & Simonyan, "Large Scale GAN Training for High
+    /// Fidelity Natural Image Synthesis", ICLR 2019, section 3.1): every latent entry whose
+    /// magnitude exceeds this threshold is drawn again, which trades variety for fidelity.
+    /// `None` = plain N(0, I), what G was trained on. See [`validate_truncation`].
+    pub truncation: Option<f64>,
+}
+
+/// Smallest and largest truncation threshold accepted. Below 0.05 a standard-normal draw
+/// lands inside the interval less than 4% of the time; above 8 truncation changes nothing.
+pub const TRUNCATION_RANGE: (f64, f64) = (0.05, 8.0);
+
+/// A truncation threshold is finite and within [`TRUNCATION_RANGE`].
+pub fn validate_truncation(t: Option<f64>) -> Result<()> {
+    let (lo, hi) = TRUNCATION_RANGE;
+    match t {
+        Some(v) if !(lo..=hi).contains(&v) => Err(Error::Config(format!(
+            "sampling.truncation must be between {lo} and {hi} (or null for none), not {v}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1047,6 +1094,27 @@ mod tests {
     }
 
     #[test]
+    fn sampling_truncation_is_optional_set_by_override_and_checked() {
+        // Configs written before the field existed read as no truncation.
+        let old: TrainConfig = serde_json::from_str(r#"{"batch_size": 8}"#).unwrap();
+        assert_eq!(old.sampling.truncation, None);
+        let c = TrainConfig::mnist_cdcgan();
+        let t = apply_overrides(c.clone(), &["sampling.truncation=1.5".into()]).unwrap();
+        assert_eq!(t.sampling.truncation, Some(1.5));
+        t.validate().unwrap();
+        let back: TrainConfig = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+        for bad in ["0", "0.01", "20", "-1"] {
+            let s = format!("sampling.truncation={bad}");
+            let e = apply_overrides(c.clone(), &[s])
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains("sampling.truncation"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         // A typo used to be ignored silently (batch 64 trained instead of 16).
         for (json, key) in [
@@ -1113,6 +1181,11 @@ mod tests {
             ("batch_size", |c| c.batch_size = 100_000),
             ("model.g_object_layers", |c| c.model.g_object_layers = 17),
             ("model.g_object_layers", |c| c.model.arch = Arch::Resnet),
+            ("model.d_stem", |c| {
+                c.model.arch = Arch::Resnet;
+                c.model.g_object_layers = 0;
+                c.model.d_stem = true;
+            }),
             ("steps", |c| c.steps = 0),
             ("monitor.fid_weights", |c| c.monitor.fid_every = 500),
             ("monitor.fid_n_real", |c| {

@@ -195,6 +195,51 @@ fn latent_slider_changes_the_image() {
 }
 
 #[test]
+fn truncation_redraws_the_latent_and_the_wall() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    let z_before = h.state().latent.base.clone();
+    assert!(
+        z_before.iter().any(|v| v.abs() > 1.0),
+        "seed 0 has no entry beyond +-1"
+    );
+    let wall_before = h.state().run.frames.back().unwrap().images.clone();
+    h.get_by_label("Truncation").click();
+    h.step();
+    assert_eq!(h.state().latent.truncation, Some(1.0));
+    let z = h.state().latent.base.clone();
+    assert!(
+        z.iter().all(|v| v.abs() <= 1.0),
+        "a latent entry beyond +-1"
+    );
+    // Entries already inside are kept: the seed keeps its look.
+    for (a, b) in z.iter().zip(&z_before) {
+        if b.abs() <= 1.0 {
+            assert_eq!(a, b);
+        }
+    }
+    // The session samples its wall the same way: the frame of this step drawn again, with
+    // different images.
+    wait_for(&mut h, "the truncated wall", |a| {
+        a.run.frames.back().is_some_and(|f| f.images != wall_before)
+    });
+    assert!(
+        h.state()
+            .status
+            .log
+            .iter()
+            .any(|l| l.contains("truncation trick")),
+        "{:?}",
+        h.state().status.log
+    );
+    // Off again: the plain latent of the seed.
+    h.get_by_label("Truncation").click();
+    h.step();
+    assert_eq!(h.state().latent.truncation, None);
+    assert_eq!(h.state().latent.base, z_before);
+}
+
+#[test]
 fn open_a_run_folder_paused_and_a_missing_one_is_an_error() {
     // A two-step run of a narrow iclevr-small, saved like `ganscope train` saves it.
     let tmp = tempfile::tempdir().unwrap();

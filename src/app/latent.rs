@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::{AppCommand, Composer, PanelCtx};
 use crate::explore::{LatentSpec, interpolate, latent_directions, lerp_at};
 use crate::images::Images;
-use crate::model::latent;
+use crate::model::latent_truncated;
 use crate::train::worker::{GeneratorWeights, Rendered, Waker};
 
 /// Principal directions (unit vectors, explained share), or why they failed.
@@ -27,6 +27,11 @@ pub const DIRECTIONS: usize = 6;
 #[derive(Default)]
 pub struct LatentPanel {
     pub seed: u64,
+    /// The truncation trick's threshold for latents drawn from a seed (`None` = plain
+    /// N(0, I)); the wall follows it too (`Command::SetTruncation`).
+    pub truncation: Option<f64>,
+    /// The threshold the control shows while truncation is off.
+    pub truncation_edit: f64,
     /// The base latent (from the seed, or pasted).
     pub base: Vec<f32>,
     /// Edits of z[0..SLIDERS] (absolute values).
@@ -53,9 +58,10 @@ pub struct LatentPanel {
 impl LatentPanel {
     /// A new session with latents of `z_dim`; the interpolation starts at the image on
     /// screen.
-    pub fn reset(&mut self, z_dim: usize, composer: &Composer) {
-        if self.base.len() != z_dim {
-            self.base = latent(z_dim, self.seed);
+    pub fn reset(&mut self, z_dim: usize, truncation: Option<f64>, composer: &Composer) {
+        if self.base.len() != z_dim || truncation != self.truncation {
+            self.truncation = truncation;
+            self.base = self.seed_latent(z_dim, self.seed);
         }
         self.dims = self.base.iter().take(SLIDERS).copied().collect();
         self.directions.clear();
@@ -66,9 +72,14 @@ impl LatentPanel {
         self.interp.strip = None;
     }
 
+    /// The latent of a seed at the panel's truncation.
+    pub fn seed_latent(&self, z_dim: usize, seed: u64) -> Vec<f32> {
+        latent_truncated(z_dim, seed, self.truncation)
+    }
+
     pub fn set_seed(&mut self, seed: u64) {
         self.seed = seed;
-        self.base = latent(self.base.len(), seed);
+        self.base = self.seed_latent(self.base.len(), seed);
         self.dims = self.base.iter().take(SLIDERS).copied().collect();
         self.coeffs.iter_mut().for_each(|c| *c = 0.0);
     }
@@ -220,7 +231,7 @@ impl InterpState {
     pub fn ends(l: &LatentPanel, c: &Composer) -> (Endpoint, Endpoint) {
         let a = l.endpoint(c);
         let b = Endpoint {
-            z: latent(l.base.len(), l.seed.wrapping_add(1)),
+            z: l.seed_latent(l.base.len(), l.seed.wrapping_add(1)),
             ..a.clone()
         };
         (a, b)
@@ -250,6 +261,47 @@ pub fn texture_of(
 }
 
 impl LatentPanel {
+    /// The truncation control: a checkbox and its threshold. A change redraws the seed's
+    /// latent and asks the session to sample its wall the same way; returns whether the
+    /// latent changed.
+    fn truncation_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>) -> bool {
+        if self.truncation_edit <= 0.0 {
+            self.truncation_edit = 1.0;
+        }
+        let (lo, hi) = crate::config::TRUNCATION_RANGE;
+        let mut on = self.truncation.is_some();
+        let mut t = self.truncation.unwrap_or(self.truncation_edit);
+        let mut edited = false;
+        ui.horizontal(|ui| {
+            edited |= ui
+                .checkbox(&mut on, "Truncation")
+                .on_hover_text(
+                    "the truncation trick (BigGAN): latent entries beyond +-t are drawn again;                      smaller t gives cleaner, less varied samples. Applies to the seed's latent                      and to the wall; training is not affected",
+                )
+                .changed();
+            edited |= ui
+                .add_enabled(
+                    on,
+                    egui::DragValue::new(&mut t)
+                        .range(lo.max(0.1)..=hi.min(4.0))
+                        .speed(0.02)
+                        .fixed_decimals(2),
+                )
+                .changed();
+        });
+        if !edited {
+            return false;
+        }
+        self.truncation_edit = t;
+        self.truncation = on.then_some(t);
+        let seed = self.seed;
+        self.set_seed(seed);
+        ctx.send(AppCommand::Trainer(
+            crate::train::worker::Command::SetTruncation(self.truncation),
+        ));
+        true
+    }
+
     /// Sliders in the conditions panel (they drive the Explore tab's image).
     pub fn sliders_ui(&mut self, ui: &mut egui::Ui, ctx: &mut PanelCtx<'_>, composer: &Composer) {
         ui.heading("Latent");
@@ -280,6 +332,7 @@ impl LatentPanel {
                 changed = true;
             }
         });
+        changed |= self.truncation_ui(ui, ctx);
         for i in 0..self.dims.len() {
             let r =
                 ui.add(egui::Slider::new(&mut self.dims[i], -3.0..=3.0).text(format!("z[{i}]")));

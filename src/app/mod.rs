@@ -527,7 +527,11 @@ impl GanscopeApp {
                 self.timings.launch_to_ready_s = Some(self.started.elapsed().as_secs_f64());
                 self.train.on_ready(&info);
                 self.composer.reset(&info);
-                self.latent.reset(info.cfg.model.z_dim, &self.composer);
+                self.latent.reset(
+                    info.cfg.model.z_dim,
+                    info.cfg.sampling.truncation,
+                    &self.composer,
+                );
                 self.scene.reset();
                 if let Some(off) = &info.diagnostics_off {
                     self.status.push(format!("diagnostics {off}"));
@@ -800,7 +804,9 @@ impl GanscopeApp {
         if info.cfg.model.arch != crate::config::Arch::Sequential {
             return;
         }
-        let z = self.scene.latents(info.cfg.model.z_dim);
+        let z = self
+            .scene
+            .latents(info.cfg.model.z_dim, self.latent.truncation);
         let id = self.next_id();
         self.scene_requests.insert(id, self.scene.order.clone());
         self.renderer.request(RenderRequest {

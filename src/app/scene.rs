@@ -10,7 +10,7 @@ use super::latent::texture_of;
 use super::{AppCommand, Composer, PanelCtx};
 use crate::config::Arch;
 use crate::images::Images;
-use crate::model::latent;
+use crate::model::latent_truncated;
 use crate::train::worker::Rendered;
 
 /// The scene being built and its images.
@@ -43,9 +43,12 @@ impl ScenePanel {
         self.textures.clear();
     }
 
-    /// Latents for the renderer: one per step.
-    pub fn latents(&self, z_dim: usize) -> Vec<Vec<f32>> {
-        self.seeds.iter().map(|&s| latent(z_dim, s)).collect()
+    /// Latents for the renderer: one per step, truncated like the latent panel's.
+    pub fn latents(&self, z_dim: usize, truncation: Option<f64>) -> Vec<Vec<f32>> {
+        self.seeds
+            .iter()
+            .map(|&s| latent_truncated(z_dim, s, truncation))
+            .collect()
     }
 
     fn fresh_seed(&mut self) -> u64 {
@@ -262,7 +265,7 @@ mod tests {
         assert_eq!(s.order, vec![3, 7, 1]);
         assert!(s.undo());
         assert_eq!((s.order.len(), s.seeds.len()), (2, 2));
-        assert_eq!(s.latents(5).len(), 2);
+        assert_eq!(s.latents(5, None).len(), 2);
         s.reset();
         assert!(!s.undo() && !s.reroll());
     }

@@ -14,6 +14,19 @@ pub(crate) fn device(name: &str) -> Result<Device> {
     })?)
 }
 
+/// `--truncation T` over the run's own setting: 0 turns truncation off, any other value is
+/// checked like `sampling.truncation`. Says on stderr what sampling uses when it truncates.
+pub(crate) fn set_truncation(g: &mut ganscope::model::Generator, t: Option<f64>) -> Result<()> {
+    if let Some(t) = t {
+        g.set_truncation((t != 0.0).then_some(t))
+            .map_err(|e| anyhow::anyhow!("--truncation {t}: {e}"))?;
+    }
+    if let Some(t) = g.truncation() {
+        eprintln!("sampling with the truncation trick: latent entries within +-{t}");
+    }
+    Ok(())
+}
+
 pub(crate) fn has_checkpoint(dir: &Path) -> bool {
     ganscope::checkpoint::FILES
         .iter()

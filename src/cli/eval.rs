@@ -48,6 +48,10 @@ pub(crate) struct EvalArgs {
     pub(crate) fid_weights: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
+    /// Truncation trick: redraw every latent entry beyond +-T (BigGAN); 0 = off. Default: the
+    /// run's `sampling.truncation` (off unless its config.json sets it).
+    #[arg(long, value_name = "T")]
+    pub(crate) truncation: Option<f64>,
     /// Sequential models: build each condition's scene one object at a time in the file's
     /// label order and score the final image, every intermediate image against the labels
     /// added so far, and (on synthetic training scenes) how much of the previous image a step
@@ -67,7 +71,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     };
     // Inception pool3 features of generated images, for FID.
     let mut gen_fid: Vec<Vec<f32>> = Vec::new();
-    let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    let (mut g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    set_truncation(&mut g, a.truncation)?;
     println!("{} at step {step}", a.run.display());
     let m = &cfg.model;
     let ev_dir = a

@@ -39,6 +39,10 @@ pub(crate) struct SampleArgs {
     pub(crate) n: usize,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Truncation trick: redraw every latent entry beyond +-T (BigGAN); 0 = off. Default: the
+    /// run's `sampling.truncation` (off unless its config.json sets it).
+    #[arg(long, value_name = "T")]
+    pub(crate) truncation: Option<f64>,
     /// Integer zoom.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub(crate) scale: u32,
@@ -56,7 +60,8 @@ pub(crate) struct SampleArgs {
 
 pub(crate) fn sample(a: SampleArgs) -> Result<()> {
     let dev = device(&a.device)?;
-    let (g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    let (mut g, cfg, step) = ganscope::train::load_generator(&a.run, &dev)?;
+    set_truncation(&mut g, a.truncation)?;
     if let Some(p) = &a.latent {
         let spec = ganscope::explore::LatentSpec::read(p)?;
         spec.check(&g, &p.display().to_string())?;

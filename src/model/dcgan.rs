@@ -221,6 +221,8 @@ impl DiscBlock {
 #[derive(Debug, Clone)]
 pub struct DcganDiscriminator {
     cond_plane: Option<CondPlane>,
+    /// `model.d_stem`: Conv(k3, s1, p1) -> LeakyReLU(0.2) at full resolution.
+    stem: Option<DiscBlock>,
     blocks: Vec<DiscBlock>,
     attention: Option<(usize, SelfAttention)>,
     /// Conv with kernel s0 to one logit.
@@ -246,6 +248,16 @@ impl DcganDiscriminator {
         let k = cfg.num_conditions;
         let cond_plane = CondPlane::maybe_new(cfg, opts, vb.pp("cond_plane"))?;
         let mut cin = cfg.channels + usize::from(cond_plane.is_some());
+        let stem = if cfg.d_stem {
+            let conv = Conv2d::new(cin, cfg.d_ch, 3, 1, 1, opts, vb.pp("stem").pp("conv"))?;
+            cin = cfg.d_ch;
+            Some(DiscBlock {
+                conv,
+                norm: Norm::None,
+            })
+        } else {
+            None
+        };
         let mut blocks = Vec::new();
         let mut attention = None;
         for level in 0..n_down {
@@ -277,6 +289,7 @@ impl DcganDiscriminator {
         };
         Ok(Self {
             cond_plane,
+            stem,
             blocks,
             attention,
             out,
@@ -292,6 +305,9 @@ impl DcganDiscriminator {
             Some(p) => p.concat(x, c, pass)?, // (B, C + 1, H, W)
             None => x.clone(),
         };
+        if let Some(s) = &self.stem {
+            h = s.forward(&h, pass)?; // (B, d_ch, H, W)
+        }
         for (i, b) in self.blocks.iter().enumerate() {
             h = b.forward(&h, pass)?;
             h = attend_after(&self.attention, i, h, pass)?;

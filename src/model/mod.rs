@@ -144,6 +144,9 @@ pub struct Generator {
     net: GenNet,
     pub cfg: ModelConfig,
     pub store: ParamStore,
+    /// Truncation of the latents this generator's sampling draws ([`latent_truncated`]);
+    /// `None` = plain N(0, I).
+    truncation: Option<f64>,
 }
 
 /// Tensor prefix of generator parameters.
@@ -169,6 +172,7 @@ impl Generator {
             net,
             cfg: cfg.clone(),
             store,
+            truncation: None,
         })
     }
 
@@ -203,6 +207,7 @@ impl Generator {
             net: GenNet::Onnx(Arc::new(g)),
             cfg: cfg.clone(),
             store: ParamStore::new(Rng::new(0), DType::F32, device),
+            truncation: None,
         })
     }
 
@@ -283,9 +288,23 @@ impl Generator {
         self.store.device()
     }
 
-    /// The latent vector image `i` of a `generate(.., seed)` call uses.
+    /// The latent vector image `i` of a `generate(.., seed)` call uses (truncated when
+    /// [`Generator::set_truncation`] set a threshold).
     pub fn latent(&self, seed: u64, i: usize) -> Vec<f32> {
-        latent(self.cfg.z_dim, seed.wrapping_add(i as u64))
+        latent_truncated(self.cfg.z_dim, seed.wrapping_add(i as u64), self.truncation)
+    }
+
+    /// Sample with the truncation trick at threshold `t` (`None` = off); see
+    /// [`latent_truncated`]. Checked like `sampling.truncation`.
+    pub fn set_truncation(&mut self, t: Option<f64>) -> Result<()> {
+        crate::config::validate_truncation(t)?;
+        self.truncation = t;
+        Ok(())
+    }
+
+    /// The truncation threshold sampling uses (`None` = off).
+    pub fn truncation(&self) -> Option<f64> {
+        self.truncation
     }
 
     /// `n` images in eval mode. `conditions` holds one K-vector per image, or a single one
@@ -456,11 +475,39 @@ fn onnx_output<S: Into<candle_core::Shape>>(
 
 /// Standard-normal latent of length `z_dim` for a seed.
 pub fn latent(z_dim: usize, seed: u64) -> Vec<f32> {
-    Rng::stream(seed, "latent")
-        .normal_vec(z_dim)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect()
+    latent_truncated(z_dim, seed, None)
+}
+
+/// The latent of `seed` drawn from N(0, I) truncated to |z_i| <= `truncation` (BigGAN's
+/// truncation trick). The entries of [`latent`]'s vector that lie inside are kept, so a seed
+/// keeps its look; each one outside is drawn again from the seed's stream until it falls
+/// inside. `None` gives exactly [`latent`]'s vector. The threshold is checked by
+/// [`crate::config::validate_truncation`]; a smaller one is raised to the lowest accepted, so
+/// that the loop always ends.
+pub fn latent_truncated(z_dim: usize, seed: u64, truncation: Option<f64>) -> Vec<f32> {
+    let mut rng = Rng::stream(seed, "latent");
+    let mut v = rng.normal_vec(z_dim);
+    if let Some(t) = truncation.filter(|t| !t.is_nan()) {
+        let t = t.max(crate::config::TRUNCATION_RANGE.0);
+        let mut pair = [0.0; 2];
+        let mut fresh = 0..0;
+        for x in v.iter_mut().filter(|x| x.abs() > t) {
+            *x = loop {
+                let i = match fresh.next() {
+                    Some(i) => i,
+                    None => {
+                        rng.fill_normal(&mut pair);
+                        fresh = 1..2;
+                        0
+                    }
+                };
+                if pair[i].abs() <= t {
+                    break pair[i];
+                }
+            };
+        }
+    }
+    v.into_iter().map(|x| x as f32).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -548,5 +595,110 @@ pub(crate) mod test_util {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn truncated_latents_stay_inside_and_keep_the_entries_already_inside() {
+        let plain = latent(512, 7);
+        assert_eq!(latent_truncated(512, 7, None), plain);
+        for t in [0.05, 0.5, 1.0, 2.0] {
+            let z = latent_truncated(512, 7, Some(t));
+            assert_eq!(z.len(), 512);
+            assert_eq!(z, latent_truncated(512, 7, Some(t)), "deterministic");
+            let mut redrawn = 0;
+            for (a, b) in z.iter().zip(&plain) {
+                assert!(f64::from(a.abs()) <= t, "{a} outside +-{t}");
+                if f64::from(b.abs()) <= t {
+                    assert_eq!(a, b, "an entry inside +-{t} was changed");
+                } else {
+                    redrawn += 1;
+                }
+            }
+            // P(|N(0,1)| > 1) = 0.317: about 162 of 512 entries are redrawn at t = 1.
+            if t == 1.0 {
+                assert!((120..200).contains(&redrawn), "{redrawn} redrawn at t = 1");
+            }
+        }
+        // Truncation narrows the distribution: the variance of N(0,1) truncated to +-1 is
+        // 1 - 2 phi(1) / (2 Phi(1) - 1) = 0.2911.
+        let z: Vec<f32> = (0..200)
+            .flat_map(|s| latent_truncated(100, s, Some(1.0)))
+            .collect();
+        let var = z.iter().map(|v| f64::from(v * v)).sum::<f64>() / z.len() as f64;
+        assert!((var - 0.2911).abs() < 0.02, "variance {var}");
+    }
+
+    #[test]
+    fn d_stem_sees_full_resolution_and_its_gradients_match_finite_differences() {
+        // The 32-px i-CLEVR D with a stride-1 stem: named like its fields, (out, in, 3, 3).
+        let mut cfg = crate::config::TrainConfig::preset("iclevr-small").unwrap();
+        cfg.model.d_stem = true;
+        cfg.model.d_ch = 4;
+        // Spectral norm's power iteration moves u at every training pass: off, so that the
+        // loss is a fixed function of the weights.
+        cfg.model.d_spectral_norm = false;
+        cfg.validate().unwrap();
+        let m = &cfg.model;
+        let d = Discriminator::new(m, Rng::new(2), DType::F64, &Device::Cpu).unwrap();
+        let t = d.store.model_tensors();
+        assert_eq!(t["disc.stem.conv.weight"].dims(), &[4, 3, 3, 3]);
+        assert_eq!(t["disc.blocks.0.conv.weight"].dims(), &[4, 4, 4, 4]);
+        // The sequential model's pair D stacks (previous, next): six input channels.
+        let pair = sequential::pair_config(m);
+        let dp = Discriminator::new(&pair, Rng::new(2), DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            dp.store.model_tensors()["disc.stem.conv.weight"].dims(),
+            &[4, 6, 3, 3]
+        );
+        // d sum(logits * r + aux * s) / d theta at the stem and the first block, against
+        // central differences (f64; the leaky ReLU's kink is not crossed at h = 1e-6).
+        let b = 4;
+        let mut rng = Rng::new(5);
+        let mut t = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu).unwrap()
+        };
+        let x = t(&[b, 3, 32, 32]);
+        let c = t(&[b, 24]).ge(0.8).unwrap().to_dtype(DType::F64).unwrap();
+        let (r, s) = (t(&[b]), t(&[b, 24]));
+        test_util::assert_param_gradients(
+            &d.store,
+            &["disc.stem.conv.weight", "disc.blocks.0.conv.weight"],
+            1e-6,
+            || {
+                let o = d.forward(&x, &c, Pass::train()).unwrap();
+                let aux = (o.aux.unwrap() * &s).unwrap().sum_all().unwrap();
+                ((o.logits * &r).unwrap().sum_all().unwrap() + aux).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn a_generator_samples_with_its_truncation_and_refuses_bad_thresholds() {
+        let mut cfg = crate::config::TrainConfig::preset("mnist-cdcgan")
+            .unwrap()
+            .model;
+        cfg.g_ch = 4;
+        let mut g = Generator::new(&cfg, Rng::new(0), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(g.latent(3, 2), latent(cfg.z_dim, 5));
+        g.set_truncation(Some(0.7)).unwrap();
+        assert_eq!(g.latent(3, 2), latent_truncated(cfg.z_dim, 5, Some(0.7)));
+        for bad in [0.0, -1.0, 0.01, 9.0, f64::NAN, f64::INFINITY] {
+            let e = g.set_truncation(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("sampling.truncation"), "{bad}: {e}");
+        }
+        assert_eq!(
+            g.truncation(),
+            Some(0.7),
+            "a refused threshold keeps the old one"
+        );
+        g.set_truncation(None).unwrap();
+        assert_eq!(g.latent(3, 2), latent(cfg.z_dim, 5));
     }
 }

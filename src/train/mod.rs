@@ -168,17 +168,17 @@ impl Trainer {
             cfg.model.label_names = data.label_names().to_vec();
         }
         let m = &cfg.model;
-        let generator = Generator::new(m, Rng::stream(cfg.seed, "init.gen"), dtype, device)?;
+        let mut generator = Generator::new(m, Rng::stream(cfg.seed, "init.gen"), dtype, device)?;
+        // Training draws its own N(0, I) latents; the truncation is for the samples (wall,
+        // sheets) drawn through `Generator::latent`.
+        generator.set_truncation(cfg.sampling.truncation)?;
         let discriminator =
             Discriminator::new(m, Rng::stream(cfg.seed, "init.disc"), dtype, device)?;
         let ema = if cfg.ema.is_on() {
             // The same stream: the average starts as an exact copy.
-            Some(Generator::new(
-                m,
-                Rng::stream(cfg.seed, "init.gen"),
-                dtype,
-                device,
-            )?)
+            let mut g = Generator::new(m, Rng::stream(cfg.seed, "init.gen"), dtype, device)?;
+            g.set_truncation(cfg.sampling.truncation)?;
+            Some(g)
         } else {
             None
         };
@@ -250,6 +250,18 @@ impl Trainer {
         let d = self.discriminator.store.num_params() as u64;
         let trained_g = if self.ema.is_some() { g } else { 0 };
         4 * (3 * (g + d) + trained_g)
+    }
+
+    /// Sample (wall, sheets, `sampling_generator().latent`) with the truncation trick at `t`
+    /// (`None` = off); kept in `cfg.sampling`, so the next config.json records it. Training
+    /// latents are not affected.
+    pub fn set_sampling_truncation(&mut self, t: Option<f64>) -> Result<()> {
+        self.generator.set_truncation(t)?;
+        if let Some(e) = &mut self.ema {
+            e.set_truncation(t)?;
+        }
+        self.cfg.sampling.truncation = t;
+        Ok(())
     }
 
     /// The generator to sample from: the moving average when `cfg.ema` is on, else the
@@ -838,15 +850,19 @@ pub struct Snapshot {
 }
 
 /// The generator of a run folder (its config and newest complete checkpoint), for sampling
-/// and scoring; returns it with the run's config and the checkpoint's step.
+/// and scoring, with the config's `sampling.truncation`; returns it with the run's config and
+/// the checkpoint's step.
 pub fn load_generator(dir: &Path, device: &Device) -> Result<(Generator, TrainConfig, u64)> {
     let cfg = read_config(dir)?;
     if cfg.model.arch == crate::config::Arch::Onnx {
         // An imported generator (`ganscope import`): the graph beside the config, no steps.
         let path = dir.join(crate::model::onnx::ONNX_FILE);
-        return Ok((Generator::from_onnx(&path, &cfg.model, device)?, cfg, 0));
+        let mut g = Generator::from_onnx(&path, &cfg.model, device)?;
+        g.set_truncation(cfg.sampling.truncation)?;
+        return Ok((g, cfg, 0));
     }
-    let g = Generator::new(&cfg.model, Rng::new(0), DType::F32, device)?;
+    let mut g = Generator::new(&cfg.model, Rng::new(0), DType::F32, device)?;
+    g.set_truncation(cfg.sampling.truncation)?;
     let set = match checkpoint::load_latest(dir, device) {
         Err(Error::NoCheckpoint { .. }) if checkpoint::is_weights_folder(dir) => {
             checkpoint::load_weights(dir, device)?

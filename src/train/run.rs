@@ -174,6 +174,8 @@ pub struct GeneratorWeights {
     pub state: HashMap<String, Tensor>,
     /// An imported (ONNX) generator has no tensors to copy: the graph itself is shared.
     pub imported: Option<Generator>,
+    /// The sampling truncation of the generator they came from ([`Generator::truncation`]).
+    pub truncation: Option<f64>,
 }
 
 impl GeneratorWeights {
@@ -185,6 +187,7 @@ impl GeneratorWeights {
                 params: HashMap::new(),
                 state: HashMap::new(),
                 imported: Some(g.clone()),
+                truncation: g.truncation(),
             });
         }
         let cpu = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
@@ -198,16 +201,21 @@ impl GeneratorWeights {
             params: cpu(g.store.model_tensors())?,
             state: cpu(g.store.state_tensors())?,
             imported: None,
+            truncation: g.truncation(),
         })
     }
 
-    /// Build a CPU generator holding these weights.
+    /// Build a CPU generator holding these weights (and sampling with their truncation).
     pub fn build(&self) -> Result<Generator> {
-        if let Some(g) = &self.imported {
-            return Ok(g.clone());
-        }
-        let g = Generator::new(&self.model, Rng::new(0), DType::F32, &Device::Cpu)?;
-        self.load_into(&g)?;
+        let mut g = match &self.imported {
+            Some(g) => g.clone(),
+            None => {
+                let g = Generator::new(&self.model, Rng::new(0), DType::F32, &Device::Cpu)?;
+                self.load_into(&g)?;
+                g
+            }
+        };
+        g.set_truncation(self.truncation)?;
         Ok(g)
     }
 

@@ -53,6 +53,9 @@ pub enum Command {
         cols: usize,
     },
     SetNanPolicy(NanPolicy),
+    /// Sample the wall (and what the weights snapshots build) with the truncation trick at
+    /// this threshold (`None` = off); see [`crate::model::latent_truncated`].
+    SetTruncation(Option<f64>),
     /// Write a checkpoint (and config.json) into this folder.
     Save(PathBuf),
     /// Replace the state by the newest checkpoint of this folder (same config).
@@ -477,6 +480,13 @@ impl Worker {
                 out.send(Event::log(format!("n_critic: {}", n.max(1))));
             }
             Command::SetWallEvery(n) => self.lp.opts.wall_every = n.max(1),
+            Command::SetTruncation(t) => match self.lp.trainer.set_sampling_truncation(t) {
+                Ok(()) => {
+                    out.send(Event::log(truncation_note(t)));
+                    self.lp.send_wall(&mut [out])?;
+                }
+                Err(e) => out.send(Event::log(format!("truncation: {e}"))),
+            },
             Command::SetTarget(t) => self.target = t,
             Command::SetWall { rows, cols } => {
                 let k = self.lp.trainer.cfg.model.num_conditions;
@@ -621,13 +631,15 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
     };
     out.send(Event::Ready(Box::new(info)));
     let (mut rows, mut cols) = (rows, spec.wall_cols);
-    let send_wall = |out: &mut Outbox, rows: &[(String, Vec<f32>)], cols: usize| -> Result<()> {
-        let frame = WallFrame::render(&g, rows, cols, crate::train::run::WALL_SEED, 0)?;
-        out.send(Event::Loop(LoopEvent::Wall(Arc::new(frame))));
-        let w = GeneratorWeights::of(&g, 0)?;
-        out.send(Event::Loop(LoopEvent::Weights(Arc::new(w))));
-        Ok(())
-    };
+    let mut g = g;
+    let send_wall =
+        |out: &mut Outbox, g: &Generator, rows: &[(String, Vec<f32>)], cols: usize| -> Result<()> {
+            let frame = WallFrame::render(g, rows, cols, crate::train::run::WALL_SEED, 0)?;
+            out.send(Event::Loop(LoopEvent::Wall(Arc::new(frame))));
+            let w = GeneratorWeights::of(g, 0)?;
+            out.send(Event::Loop(LoopEvent::Weights(Arc::new(w))));
+            Ok(())
+        };
     let why = format!(
         "{} holds a generator imported from PyTorch: explore it (composer, sliders, \
          directions, interpolation, exports); it cannot be trained here",
@@ -637,7 +649,7 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
     if let Some(n) = data_note {
         out.send(Event::log(n));
     }
-    send_wall(out, &rows, cols)?;
+    send_wall(out, &g, &rows, cols)?;
     out.send(Event::State(RunState::Paused));
     // The imported generator does not change: one check of the mode-collapse diagnostics
     // (evaluator, real-data fit, every measure), as a training run has at its checks.
@@ -683,9 +695,16 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
                 } else if !r.is_empty() {
                     rows = r;
                     cols = c.clamp(1, 32);
-                    send_wall(out, &rows, cols)?;
+                    send_wall(out, &g, &rows, cols)?;
                 }
             }
+            Command::SetTruncation(t) => match g.set_truncation(t) {
+                Ok(()) => {
+                    out.send(Event::log(truncation_note(t)));
+                    send_wall(out, &g, &rows, cols)?;
+                }
+                Err(e) => out.send(Event::log(format!("truncation: {e}"))),
+            },
             Command::Pause
             | Command::SetLearningRates { .. }
             | Command::SetNCritic(_)
@@ -694,6 +713,14 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
             | Command::SetNanPolicy(_) => {}
             Command::Shutdown => return Ok(()),
         }
+    }
+}
+
+/// The log line after a truncation change.
+fn truncation_note(t: Option<f64>) -> String {
+    match t {
+        Some(t) => format!("sampling with the truncation trick: latent entries within +-{t}"),
+        None => "sampling from the full N(0, I) (no truncation)".into(),
     }
 }
 

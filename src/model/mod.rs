@@ -489,22 +489,16 @@ pub fn latent_truncated(z_dim: usize, seed: u64, truncation: Option<f64>) -> Vec
     let mut v = rng.normal_vec(z_dim);
     if let Some(t) = truncation.filter(|t| !t.is_nan()) {
         let t = t.max(crate::config::TRUNCATION_RANGE.0);
-        let mut pair = [0.0; 2];
-        let mut fresh = 0..0;
+        // Fresh standard normals from the same stream, in Box-Muller pairs.
+        let mut fresh = std::iter::repeat_with(|| {
+            let mut pair = [0.0; 2];
+            rng.fill_normal(&mut pair);
+            pair
+        })
+        .flatten();
         for x in v.iter_mut().filter(|x| x.abs() > t) {
-            *x = loop {
-                let i = match fresh.next() {
-                    Some(i) => i,
-                    None => {
-                        rng.fill_normal(&mut pair);
-                        fresh = 1..2;
-                        0
-                    }
-                };
-                if pair[i].abs() <= t {
-                    break pair[i];
-                }
-            };
+            // The stream is endless: `find` always finds one inside.
+            *x = fresh.find(|d| d.abs() <= t).unwrap_or(0.0);
         }
     }
     v.into_iter().map(|x| x as f32).collect()

@@ -975,3 +975,65 @@ fn sample_writes_numpy_arrays_of_the_images_and_their_conditions() {
         assert_eq!(row.iter().sum::<f32>(), 1.0);
     }
 }
+
+#[test]
+fn training_on_from_shipped_weights_takes_set_an_exact_resume_refuses_it() {
+    // `train --resume checkpoints/NAME --out DIR` starts a new run (fresh Adam state), so its
+    // recipe may change; a run folder's own resume stays exact.
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("checkpoints/iclevr-small");
+    let before = std::fs::read(shipped.join("config.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let more = tmp.path().join("more");
+    let step: u64 = {
+        let c = ganscope::checkpoint::load_weights(&shipped, &Device::Cpu).unwrap();
+        c.step
+    };
+    let train = |args: &[&str]| {
+        Command::new(bin)
+            .args(["train", "--device", "cpu", "--sample-every", "0"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let next = (step + 1).to_string();
+    let out = train(&[
+        "--resume",
+        shipped.to_str().unwrap(),
+        "--out",
+        more.to_str().unwrap(),
+        "--steps",
+        &next,
+        "--set",
+        "loss.mode_seeking_until=40000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(more.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg.loss.mode_seeking_until, 40000);
+    assert_eq!(std::fs::read(shipped.join("config.json")).unwrap(), before);
+    let set = ganscope::checkpoint::load_latest(&more, &Device::Cpu).unwrap();
+    assert_eq!(set.step, step + 1);
+    // The new run folder resumes exactly: --set is refused there, and nothing is written.
+    let out = train(&[
+        "--resume",
+        more.to_str().unwrap(),
+        "--steps",
+        &(step + 2).to_string(),
+        "--set",
+        "loss.mode_seeking=0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot change when resuming"), "{err}");
+    assert_eq!(
+        ganscope::checkpoint::load_latest(&more, &Device::Cpu)
+            .unwrap()
+            .step,
+        step + 1
+    );
+}

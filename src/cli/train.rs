@@ -77,7 +77,8 @@ pub(crate) struct TrainArgs {
     pub(crate) resume: Option<PathBuf>,
     /// Override any config field by its dotted path, e.g. `--set loss.mode_seeking=1
     /// --set ema.decay=0.999 --set model.aux_head=true` (the value is JSON; a bare word is
-    /// taken as a string). Repeatable; new runs only.
+    /// taken as a string). Repeatable; new runs only, or training on from shipped weights
+    /// (`--resume checkpoints/NAME --out DIR`).
     #[arg(long = "set", value_name = "PATH=VALUE")]
     pub(crate) set: Vec<String>,
 }
@@ -135,6 +136,15 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             (cfg, out)
         }
     };
+    // Training on from shipped weights starts a new run (fresh optimizer state): its recipe
+    // may change (`--set loss.mode_seeking=0`); an exact resume keeps the run's.
+    let from_weights = a
+        .resume
+        .as_deref()
+        .is_some_and(ganscope::checkpoint::is_weights_folder);
+    if from_weights {
+        cfg = ganscope::config::apply_overrides(cfg, &a.set)?;
+    }
     if a.resume.is_none() {
         if let Some(s) = a.seed {
             cfg.seed = s;
@@ -153,10 +163,11 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         || a.batch.is_some()
         || a.n_critic.is_some()
         || a.limit.is_some()
-        || !a.set.is_empty()
+        || (!a.set.is_empty() && !from_weights)
     {
         bail!(
-            "--seed, --batch, --n-critic, --limit and --set cannot change when resuming (exact resume)"
+            "--seed, --batch, --n-critic, --limit and --set cannot change when resuming (exact resume); \
+             --set can when training on from shipped weights into a new --out folder"
         );
     }
     if let Some(p) = &a.data {

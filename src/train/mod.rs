@@ -483,7 +483,7 @@ impl Trainer {
     /// One generator update; returns (G loss, auxiliary loss, gradient norm).
     pub fn g_step(&mut self) -> Result<(f64, Option<f64>, f64)> {
         let b = self.cfg.batch_size;
-        let ms = self.cfg.loss.mode_seeking;
+        let ms = self.cfg.loss.mode_seeking_at(self.step);
         let sequential = self.cfg.model.arch == Arch::Sequential;
         let mode = GradMode::new();
         let pass = Pass::train().with_grad(&mode);
@@ -1037,6 +1037,52 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("0 of the 6 images"), "{e}");
+    }
+
+    #[test]
+    fn mode_seeking_switches_off_after_its_last_step() {
+        use std::sync::Arc;
+        let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
+        cfg.model.g_ch = 4;
+        cfg.model.d_ch = 4;
+        cfg.model.z_dim = 9;
+        cfg.batch_size = 4;
+        cfg.loss.mode_seeking = 1.0;
+        assert_eq!(cfg.loss.mode_seeking_at(5), 1.0);
+        cfg.loss.mode_seeking_until = 1;
+        assert_eq!(
+            [0, 1, 7].map(|s| cfg.loss.mode_seeking_at(s)),
+            [1.0, 0.0, 0.0]
+        );
+        let data = Arc::new(crate::data::render::synthetic_dataset(6, 32, 1, None));
+        let bits = |t: &super::Trainer| -> Vec<Vec<u32>> {
+            let mut m: Vec<_> = t.generator.store.model_tensors().into_iter().collect();
+            m.sort_by(|a, b| a.0.cmp(&b.0));
+            m.iter()
+                .map(|(_, v)| {
+                    let v = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect()
+        };
+        let trainer = |until: u64, ms: f64| {
+            let mut c = cfg.clone();
+            c.loss.mode_seeking_until = until;
+            c.loss.mode_seeking = ms;
+            super::Trainer::new(c, data.clone(), &Device::Cpu).unwrap()
+        };
+        // Switched off after one step / never / never on: the first step of the first two is
+        // the same update, the second is not; the run without the term differs from step 1.
+        let (mut once, mut always, mut never) = (trainer(1, 1.0), trainer(0, 1.0), trainer(0, 0.0));
+        for t in [&mut once, &mut always, &mut never] {
+            t.train_step().unwrap();
+        }
+        assert_eq!(bits(&once), bits(&always));
+        assert_ne!(bits(&once), bits(&never));
+        for t in [&mut once, &mut always] {
+            t.train_step().unwrap();
+        }
+        assert_ne!(bits(&once), bits(&always));
     }
 
     #[test]

@@ -93,7 +93,10 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         None => None,
     };
     let dev = device(&a.device)?;
-    let (mut cfg, out) = match &a.resume {
+    // `from_weights`: training on from shipped weights starts a new run (fresh optimizer
+    // state), so its recipe may change (`--set loss.mode_seeking=0`); an exact resume keeps
+    // the run's.
+    let (mut cfg, out, from_weights) = match &a.resume {
         // A shipped (weights-only) folder is not written into: training on from it goes to a
         // new run folder.
         Some(dir) if ganscope::checkpoint::is_weights_folder(dir) => {
@@ -109,9 +112,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
                     out.display()
                 );
             }
-            (read_config(dir)?, out)
+            (read_config(dir)?, out, true)
         }
-        Some(dir) => (read_config(dir)?, dir.clone()),
+        Some(dir) => (read_config(dir)?, dir.clone(), false),
         None => {
             let cfg = match &a.config {
                 Some(p) => {
@@ -133,15 +136,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
                     out.display()
                 );
             }
-            (cfg, out)
+            (cfg, out, false)
         }
     };
-    // Training on from shipped weights starts a new run (fresh optimizer state): its recipe
-    // may change (`--set loss.mode_seeking=0`); an exact resume keeps the run's.
-    let from_weights = a
-        .resume
-        .as_deref()
-        .is_some_and(ganscope::checkpoint::is_weights_folder);
     if from_weights {
         cfg = ganscope::config::apply_overrides(cfg, &a.set)?;
     }

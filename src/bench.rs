@@ -897,6 +897,15 @@ impl Latency {
         let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
         v[i]
     }
+
+    /// Share of the requests answered within the explorer's same-frame budget
+    /// ([`crate::train::worker::SAME_FRAME_WAIT`]): those images are painted in the frame that
+    /// handled the input; the rest one frame later.
+    pub fn same_frame_share(&self) -> f64 {
+        let budget = crate::train::worker::SAME_FRAME_WAIT.as_secs_f64() * 1e3;
+        let n = self.ms.iter().filter(|&&m| m <= budget).count();
+        n as f64 / self.ms.len().max(1) as f64
+    }
 }
 
 /// `ganscope bench --model explore`: the explorer's slider path without a window. A training
@@ -905,8 +914,10 @@ impl Latency {
 /// the renderer thread as the explorer forwards them; then, every 30 ms (a slider drag's
 /// event rate), one latent coordinate moves and the explorer image is requested. Each latency
 /// is the time from the request to the rendered image arriving back on the asking thread,
-/// which is what the explorer's "slider -> image" timing measures up to the UI's next frame
-/// (the window adds its frame scheduling and drawing). `warmup` requests are not counted.
+/// which is the part of the explorer's "slider -> image" timing that happens before the frame
+/// is painted: the window waits up to [`crate::train::worker::SAME_FRAME_WAIT`] for it and
+/// paints the image in the same frame (the window adds its own drawing). `warmup` requests are
+/// not counted.
 pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result<Latency> {
     use crate::train::run::LoopEvent;
     use crate::train::worker::{Command, Event, RenderRequest, Renderer, Session, SessionSpec};
@@ -1021,19 +1032,23 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
     let state = if training { "training" } else { "paused" };
     println!(
         "explore ({state}, {} requests, {trained} training steps meanwhile): slider -> image ms \
-         p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+         p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}; {:.1}% within the same-frame budget ({} ms)",
         lat.ms.len(),
         lat.quantile(0.5),
         lat.quantile(0.95),
         lat.quantile(0.99),
-        lat.quantile(1.0)
+        lat.quantile(1.0),
+        100.0 * lat.same_frame_share(),
+        crate::train::worker::SAME_FRAME_WAIT.as_millis()
     );
     println!(
-        "bench model=explore state={state} requests={} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2}",
+        "bench model=explore state={state} requests={} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2} \
+         same_frame={:.3}",
         lat.ms.len(),
         lat.quantile(0.5),
         lat.quantile(0.95),
-        lat.quantile(0.99)
+        lat.quantile(0.99),
+        lat.same_frame_share()
     );
     Ok(lat)
 }
@@ -1083,13 +1098,16 @@ mod tests {
         }
         let l = Latency {
             training: false,
-            ms: vec![5.0, 1.0, 3.0, 2.0, 4.0],
+            ms: vec![5.0, 1.0, 3.0, 2.0, 40.0],
             steps: 0,
         };
         assert_eq!(
             (l.quantile(0.5), l.quantile(0.95), l.quantile(0.0)),
-            (3.0, 5.0, 1.0)
+            (3.0, 40.0, 1.0)
         );
+        // 4 of 5 within the 8 ms budget.
+        assert_eq!(crate::train::worker::SAME_FRAME_WAIT.as_millis(), 8);
+        assert!((l.same_frame_share() - 0.8).abs() < 1e-12);
         assert!(peak_rss_mib().is_some_and(|m| m > 1.0));
     }
 

@@ -194,6 +194,47 @@ fn latent_slider_changes_the_image() {
     assert!(!h.state().latent.slider_to_image_ms.is_empty());
 }
 
+/// The frame whose input moved a slider waits for the renderer's answer and runs its UI pass
+/// again, so the new image is already in that frame: no `wait_for` between the drag and the
+/// check. (The wait is raised from the app's 8 ms so that a loaded machine cannot make the
+/// test depend on timing; `ganscope bench --model explore` measures the real budget's hit rate.)
+#[test]
+fn a_slider_move_is_drawn_in_the_frame_that_made_it() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    h.get_by_label("Explore").click();
+    wait_for(&mut h, "the first latent image", |a| {
+        a.latent.image.is_some() && a.latent.texture.is_some()
+    });
+    h.state_mut().same_frame_wait = Duration::from_secs(60);
+    let before = h.state().latent.image.clone().unwrap();
+    let shown = h.state().latent.slider_to_image_ms.len();
+    let z0 = h.state().latent.dims[3];
+    let rect = h.get_by_role_and_label(Role::Slider, "z[3]").rect();
+    let p = egui::pos2(rect.right() - 4.0, rect.center().y);
+    h.hover_at(p);
+    h.step();
+    h.drag_at(p);
+    h.step();
+    let a = h.state();
+    assert!(
+        (a.latent.dims[3] - z0).abs() > 0.5,
+        "slider moved z[3] from {z0} to {}",
+        a.latent.dims[3]
+    );
+    assert!(a.latent.pending.is_empty(), "an answer is still pending");
+    assert_eq!(
+        a.latent.slider_to_image_ms.len(),
+        shown + 1,
+        "the new image was not drawn in the frame of the drag"
+    );
+    assert!(!a.latent.texture_dirty, "the texture was not rebuilt");
+    let after = a.latent.image.as_ref().unwrap();
+    assert_ne!(before.data, after.data, "the image did not change");
+    h.drop_at(p);
+    h.step();
+}
+
 #[test]
 fn truncation_redraws_the_latent_and_the_wall() {
     let mut h = harness(settings(), false);

@@ -33,8 +33,8 @@ use crate::diagnostics::Alarm;
 use crate::train::monitor::Check;
 use crate::train::run::LoopEvent;
 use crate::train::worker::{
-    Command, Event, NanPolicy, RenderRequest, Renderer, RunState, Session, SessionInfo,
-    SessionSpec, StepEvent, Waker, WallFrame,
+    Command, Event, NanPolicy, RenderRequest, Rendered, Renderer, RunState, SAME_FRAME_WAIT,
+    Session, SessionInfo, SessionSpec, StepEvent, Waker, WallFrame,
 };
 
 pub use commands::{AppCommand, PanelCtx};
@@ -320,6 +320,11 @@ pub struct GanscopeApp {
     request_id: u64,
     /// Scene requests in flight: id -> the order drawn.
     scene_requests: std::collections::HashMap<u64, Vec<usize>>,
+    /// The explorer-image request that this frame's input sent (see [`SAME_FRAME_WAIT`]).
+    awaiting: Option<u64>,
+    /// How long a frame waits for it: [`SAME_FRAME_WAIT`] (tests set more, so that a loaded
+    /// machine cannot make them depend on timing).
+    pub same_frame_wait: Duration,
 }
 
 impl GanscopeApp {
@@ -369,6 +374,8 @@ impl GanscopeApp {
             wake,
             request_id: 0,
             scene_requests: Default::default(),
+            awaiting: None,
+            same_frame_wait: SAME_FRAME_WAIT,
             settings,
         };
         if let Some(dir) = opts.open {
@@ -503,21 +510,48 @@ impl GanscopeApp {
         }
         let results: Vec<_> = self.renderer.results.try_iter().collect();
         for r in results {
-            match r {
-                Ok(r) if r.slot == "scene" => {
-                    let order = self.scene_requests.remove(&r.id).unwrap_or_default();
-                    // Older requests were dropped by the renderer.
-                    self.scene_requests.retain(|id, _| *id > r.id);
-                    self.scene.on_rendered(r, order);
-                }
-                Ok(r) => self.latent.on_rendered(r),
-                Err(e) => self.push_log(e),
-            }
+            self.on_rendered(r);
         }
         if let Some(r) = self.latent.poll_directions() {
             self.run.error = Some(format!("principal directions: {r}"));
         }
         self.poll_dialog();
+    }
+
+    /// One answer of the renderer thread, handed to the panel that asked.
+    fn on_rendered(&mut self, r: std::result::Result<Rendered, String>) {
+        match r {
+            Ok(r) if r.slot == "scene" => {
+                let order = self.scene_requests.remove(&r.id).unwrap_or_default();
+                // Older requests were dropped by the renderer.
+                self.scene_requests.retain(|id, _| *id > r.id);
+                self.scene.on_rendered(r, order);
+            }
+            Ok(r) => self.latent.on_rendered(r),
+            Err(e) => self.push_log(e),
+        }
+    }
+
+    /// Wait up to `budget` for the renderer's answer to the explorer-image request `id` (sent
+    /// by this frame's input), handling whatever arrives meanwhile. True when it arrived: the
+    /// caller then runs the frame's UI pass again so the image is painted in this frame rather
+    /// than after the next wake-up. A slow forward pass (a 64-pixel G while training) simply
+    /// misses the budget and arrives through the usual wake-up.
+    pub fn await_latent(&mut self, id: u64, budget: Duration) -> bool {
+        let deadline = Instant::now() + budget;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.renderer.results.recv_timeout(left) {
+                Ok(r) => {
+                    let answered = matches!(&r, Ok(x) if x.slot == "latent" && x.id >= id);
+                    self.on_rendered(r);
+                    if answered {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     fn on_event(&mut self, e: Event) {
@@ -786,6 +820,7 @@ impl GanscopeApp {
         let z = self.latent.current_z();
         if timed {
             self.latent.pending.insert(id, Instant::now());
+            self.awaiting = Some(id);
         }
         self.renderer.request(RenderRequest {
             slot: "latent",
@@ -989,6 +1024,13 @@ impl eframe::App for GanscopeApp {
             ui.ctx().request_repaint_after(Duration::from_millis(60));
         }
         self.apply();
+        if let Some(id) = self.awaiting.take()
+            && self.settings.tab == Tab::Explore
+            && self.await_latent(id, self.same_frame_wait)
+        {
+            ui.ctx()
+                .request_discard("the explorer image for this frame's input arrived");
+        }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if self.timings.frame_ms.len() >= 120 {
             self.timings.frame_ms.pop_front();

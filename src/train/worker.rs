@@ -763,6 +763,14 @@ enum RenderMsg {
     Request(RenderRequest),
 }
 
+/// How long a frame waits, after its input asked for a new explorer image, for the renderer's
+/// answer before painting. When the answer comes in time (a 32x32 G's forward pass takes
+/// 1-7 ms here) the UI pass runs again with it (`egui::Context::request_discard`), so the
+/// image is painted in the frame that handled the slider (`GanscopeApp::await_latent`)
+/// instead of one frame later. Half a 60 Hz frame: a frame that waits in vain is still in
+/// time for the next refresh.
+pub const SAME_FRAME_WAIT: std::time::Duration = std::time::Duration::from_millis(8);
+
 /// A thread holding a CPU copy of G that answers [`RenderRequest`]s, newest first: requests
 /// that were overtaken by a newer one for the same slot are dropped unanswered.
 pub struct Renderer {

@@ -60,6 +60,7 @@ fn harness_sized(
                     show_timings: false,
                     open,
                     runs: None,
+                    feature_cache: None,
                 },
             )
         })

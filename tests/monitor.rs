@@ -419,3 +419,81 @@ fn fid_lands_in_metrics_and_tensorboard() {
         "{e}"
     );
 }
+
+/// The real images' evaluator features are kept in the feature cache: the second fit reads
+/// them (and its check reports exactly what the first one's did); a damaged file, another
+/// evaluator or other real images are computed afresh, and nothing else lands in the cache.
+#[test]
+fn real_features_come_from_the_cache_until_something_they_depend_on_changes() {
+    use ganscope::train::monitor::Monitor;
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let t = toy_trainer(tmp.path(), 1, 1.0);
+    let cfg = t.cfg.clone();
+    let data = t.data().clone();
+    let g = t.sampling_generator();
+    let files = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&cache)
+            .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let fit = |cfg: &TrainConfig, data: &dyn Dataset| {
+        Monitor::with_feature_cache(cfg, data, &dev, Some(&cache)).unwrap()
+    };
+    // Everything a check reports but its timings.
+    let report = |m: &mut Monitor| {
+        let (c, _) = m.check(1, g, data.as_ref()).unwrap();
+        let mut v = serde_json::to_value(&c.report).unwrap();
+        v.as_object_mut().unwrap().remove("timings").unwrap();
+        v.to_string()
+    };
+
+    let mut first = fit(&cfg, data.as_ref());
+    assert!(!first.cost().fit_cached);
+    let written = files();
+    assert_eq!(written.len(), 1, "{written:?}");
+    // 64 real images x the evaluator's feature width, after a 24-byte header.
+    let len = std::fs::metadata(&written[0]).unwrap().len();
+    assert_eq!((len - 24) % (64 * 4), 0, "{len}");
+
+    let mut second = fit(&cfg, data.as_ref());
+    assert!(second.cost().fit_cached);
+    assert_eq!(report(&mut first), report(&mut second));
+    // Without a cache: the same report again, nothing read.
+    let mut uncached = Monitor::new(&cfg, data.as_ref(), &dev).unwrap();
+    assert!(!uncached.cost().fit_cached);
+    assert_eq!(report(&mut first), report(&mut uncached));
+
+    // A damaged file is recomputed and rewritten.
+    let bytes = std::fs::read(&written[0]).unwrap();
+    std::fs::write(&written[0], &bytes[..bytes.len() - 3]).unwrap();
+    assert!(!fit(&cfg, data.as_ref()).cost().fit_cached);
+    assert_eq!(std::fs::read(&written[0]).unwrap(), bytes);
+    // So is a file whose numbers are not finite (the header intact).
+    let mut nan = bytes.clone();
+    nan[24..28].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&written[0], &nan).unwrap();
+    assert!(!fit(&cfg, data.as_ref()).cost().fit_cached);
+    assert_eq!(std::fs::read(&written[0]).unwrap(), bytes);
+
+    // Another evaluator (other weights in the same folder): a new file.
+    let ev_dir = cfg.monitor.evaluator.clone().unwrap();
+    let ecfg = EvaluatorConfig {
+        width: 4,
+        seed: 99,
+        ..EvaluatorConfig::for_data(data.as_ref())
+    };
+    Classifier::new(&ecfg, &dev).unwrap().save(&ev_dir).unwrap();
+    assert!(!fit(&cfg, data.as_ref()).cost().fit_cached);
+    assert_eq!(files().len(), 2);
+    assert!(fit(&cfg, data.as_ref()).cost().fit_cached);
+
+    // Other real images (another seed picks other ones): a new file.
+    let mut other = cfg.clone();
+    other.seed += 1;
+    assert!(!fit(&other, data.as_ref()).cost().fit_cached);
+    assert_eq!(files().len(), 3);
+}

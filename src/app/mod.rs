@@ -160,6 +160,9 @@ pub struct AppOptions {
     /// Each session writes metrics.jsonl, sample grids and periodic checkpoints into a new
     /// folder `<runs>/<preset>-<UTC time>` (created at its first step); None: no run folder.
     pub runs: Option<PathBuf>,
+    /// Keep the diagnostics' real-image features here between sessions (the window uses
+    /// [`crate::train::monitor::user_feature_cache`]); None: fit them every session.
+    pub feature_cache: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -173,6 +176,7 @@ impl Default for AppOptions {
             show_timings: true,
             open: None,
             runs: Some(PathBuf::from("runs")),
+            feature_cache: None,
         }
     }
 }
@@ -320,6 +324,8 @@ pub struct GanscopeApp {
     request_id: u64,
     /// Scene requests in flight: id -> the order drawn.
     scene_requests: std::collections::HashMap<u64, Vec<usize>>,
+    /// Where sessions keep the diagnostics' real-image features ([`AppOptions::feature_cache`]).
+    feature_cache: Option<PathBuf>,
     /// The explorer-image request that this frame's input sent (see [`SAME_FRAME_WAIT`]).
     awaiting: Option<u64>,
     /// How long a frame waits for it: [`SAME_FRAME_WAIT`] (tests set more, so that a loaded
@@ -369,6 +375,7 @@ impl GanscopeApp {
             timings: Timings::default(),
             checkpoints: opts.checkpoints,
             runs: opts.runs,
+            feature_cache: opts.feature_cache,
             show_timings: opts.show_timings,
             started: Instant::now(),
             wake,
@@ -478,6 +485,7 @@ impl GanscopeApp {
             .runs
             .as_deref()
             .map(|root| train_panel::new_run_folder_in(root, &spec.cfg.preset));
+        spec.feature_cache = self.feature_cache.clone();
         self.session = Some(Session::spawn(spec, self.wake.clone()));
         self.run = RunView {
             run_state: RunState::Loading,
@@ -1085,6 +1093,7 @@ pub fn run_native(open: Option<PathBuf>, checkpoints: PathBuf) -> eframe::Result
                 AppOptions {
                     open,
                     checkpoints,
+                    feature_cache: crate::train::monitor::user_feature_cache(),
                     ..AppOptions::default()
                 },
             )))

@@ -362,7 +362,8 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         _ => {}
     });
     let mut folder = run::RunFolder::new(&out, &cfg).with_lock(lock);
-    let opts = run::LoopOptions::for_trainer(&trainer);
+    let mut opts = run::LoopOptions::for_trainer(&trainer);
+    opts.feature_cache = ganscope::train::monitor::user_feature_cache();
     let mut lp = run::TrainLoop::new(trainer, opts).context("setting up the diagnostics")?;
     let res = lp.run_until(target, deadline, &mut [&mut folder, &mut progress]);
     pb.finish();
@@ -380,8 +381,13 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     })?;
     if cost.checks > 0 || cost.fit_seconds > 0.0 {
         eprintln!(
-            "diagnostics: fit {:.1} s, {} checks {:.1} s ({:.1} s each), training {:.1} s: checks took {:.1}% of checks + training; {} due checks postponed (monitor.max_share {})",
+            "diagnostics: fit {:.1} s{}, {} checks {:.1} s ({:.1} s each), training {:.1} s: checks took {:.1}% of checks + training; {} due checks postponed (monitor.max_share {})",
             cost.fit_seconds,
+            if cost.fit_cached {
+                " (real features from the cache)"
+            } else {
+                ""
+            },
             cost.checks,
             cost.check_seconds,
             cost.check_seconds / cost.checks.max(1) as f64,

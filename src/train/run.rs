@@ -289,6 +289,9 @@ pub struct LoopOptions {
     pub snapshot_every: u64,
     pub ring: usize,
     pub nan_policy: NanPolicy,
+    /// Keep the diagnostics' real-image features here between runs
+    /// ([`Monitor::with_feature_cache`]); None: compute them every time.
+    pub feature_cache: Option<PathBuf>,
 }
 
 impl LoopOptions {
@@ -301,6 +304,7 @@ impl LoopOptions {
             snapshot_every: 25,
             ring: 4,
             nan_policy: NanPolicy::RestorePause,
+            feature_cache: None,
         }
     }
 }
@@ -350,7 +354,12 @@ pub struct TrainLoop {
 impl TrainLoop {
     /// A loop whose diagnostics (if `cfg.monitor.every > 0`) are fitted now.
     pub fn new(trainer: Trainer, opts: LoopOptions) -> Result<Self> {
-        let monitor = Monitor::new(&trainer.cfg, trainer.data().as_ref(), trainer.device())?;
+        let monitor = Monitor::with_feature_cache(
+            &trainer.cfg,
+            trainer.data().as_ref(),
+            trainer.device(),
+            opts.feature_cache.as_deref(),
+        )?;
         Self::with_monitor(trainer, opts, monitor, None)
     }
 
@@ -369,10 +378,12 @@ impl TrainLoop {
         }
         let (tx, rx) = mpsc::channel();
         let (data, dev) = (trainer.data().clone(), trainer.device().clone());
+        let cache = opts.feature_cache.clone();
         let _ = std::thread::Builder::new()
             .name("ganscope-monitor-fit".into())
             .spawn(move || {
-                let _ = tx.send(Monitor::new(&cfg, data.as_ref(), &dev));
+                let m = Monitor::with_feature_cache(&cfg, data.as_ref(), &dev, cache.as_deref());
+                let _ = tx.send(m);
             });
         let l = Self::with_monitor(trainer, opts, monitor, Some(rx))?;
         Ok((
@@ -435,9 +446,15 @@ impl TrainLoop {
                 self.monitor.carry_over(old);
                 self.monitor_rx = None;
                 emit(sinks, &LoopEvent::Diagnostics(None))?;
+                let cost = self.monitor.cost();
                 let msg = format!(
-                    "diagnostics on (evaluator fit on real images took {:.1} s)",
-                    self.monitor.cost().fit_seconds
+                    "diagnostics on (evaluator fit on real images took {:.1} s{})",
+                    cost.fit_seconds,
+                    if cost.fit_cached {
+                        ", their features from the cache"
+                    } else {
+                        ""
+                    }
                 );
                 emit(sinks, &LoopEvent::Log(msg))?;
             }

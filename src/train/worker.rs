@@ -137,6 +137,9 @@ pub struct SessionSpec {
     /// Write metrics.jsonl, sample grids and a checkpoint every `cfg.checkpoint_every` steps
     /// into this folder (created at the first write).
     pub run_dir: Option<PathBuf>,
+    /// Keep the diagnostics' real-image features here between sessions (see
+    /// [`crate::train::monitor::Monitor::with_feature_cache`]).
+    pub feature_cache: Option<PathBuf>,
 }
 
 impl SessionSpec {
@@ -154,6 +157,7 @@ impl SessionSpec {
             nan_policy: NanPolicy::default(),
             adapt_to_data: false,
             run_dir: None,
+            feature_cache: None,
         }
     }
 }
@@ -322,6 +326,7 @@ impl Worker {
             snapshot_every: spec.snapshot_every,
             ring: spec.ring,
             nan_policy: spec.nan_policy,
+            feature_cache: spec.feature_cache.clone(),
         };
         // The explorer's run folder holds up to three checkpoint sets during a save, plus
         // samples and metrics.

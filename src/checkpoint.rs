@@ -234,7 +234,7 @@ fn verify_header(header: &[u8], meta: &HashMap<String, String>) -> std::result::
 /// 64-bit checksum of the tensor data. Every step is a bijection of the state, so any change
 /// confined to one 8-byte word is always detected; this guards against bit rot and torn
 /// writes, not against deliberate tampering.
-fn data_hash(bytes: &[u8]) -> u64 {
+pub(crate) fn data_hash(bytes: &[u8]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mix = |h: u64, w: u64| (h.rotate_left(23) ^ w).wrapping_mul(K);
     let mut h = 0x243F_6A88_85A3_08D3 ^ (bytes.len() as u64).wrapping_mul(K);

@@ -226,20 +226,19 @@ impl Monitor {
             let (x, _) = data.batch(chunk, device)?;
             let im = Images::from_tensor(&x)?;
             if let Some(k) = key.as_mut() {
-                for v in &im.data {
-                    k.write(&v.to_le_bytes());
-                }
+                let pixels = crate::checkpoint::data_hash(bytemuck::cast_slice(&im.data));
+                k.extend_from_slice(&pixels.to_le_bytes());
             }
             rows.extend(pixel_rows(&im.data, (im.channels, im.height, im.width)));
         }
         let file = cache.zip(key).map(|(c, mut k)| {
             for l in &labels {
-                k.write(&(l.len() as u64).to_le_bytes());
+                k.extend_from_slice(&(l.len() as u64).to_le_bytes());
                 for v in l {
-                    k.write(&v.to_le_bytes());
+                    k.extend_from_slice(&v.to_le_bytes());
                 }
             }
-            c.join(format!("{:016x}.bin", k.finish()))
+            c.join(format!("{:016x}.bin", crate::checkpoint::data_hash(&k)))
         });
         let cached = file.as_deref().and_then(|f| read_features(f, n).ok());
         m.cost.fit_cached = cached.is_some();
@@ -483,54 +482,14 @@ pub fn user_feature_cache() -> Option<PathBuf> {
         .map(|c| c.join("ganscope").join("real-features"))
 }
 
-/// A streaming 64-bit hash (not cryptographic: it names cache files).
-struct KeyHash {
-    h: u64,
-    buf: Vec<u8>,
-}
-
-impl KeyHash {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-
-    fn new() -> Self {
-        Self {
-            h: 0x243F_6A88_85A3_08D3,
-            buf: Vec::with_capacity(8),
-        }
-    }
-
-    fn word(&mut self, w: u64) {
-        self.h = (self.h.rotate_left(23) ^ w).wrapping_mul(Self::K);
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.buf.push(b);
-            if self.buf.len() == 8 {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&self.buf);
-                self.buf.clear();
-                self.word(u64::from_le_bytes(w));
-            }
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        let mut w = [0u8; 8];
-        w[..self.buf.len()].copy_from_slice(&self.buf);
-        let tail = self.buf.len() as u64;
-        self.word(u64::from_le_bytes(w));
-        self.word(tail);
-        self.h
-    }
-}
-
-/// The part of the feature cache's key that is not the data: the evaluator's files (a
-/// folder's files in name order, or the one `.pth` file), the device and the build.
-fn feature_key(evaluator: &Path, device: &Device) -> KeyHash {
-    let mut k = KeyHash::new();
-    k.write(env!("CARGO_PKG_VERSION").as_bytes());
-    k.write(format!("{:?}", device.location()).as_bytes());
+/// The start of the feature cache's key: the build, the device and the evaluator's files (a
+/// folder's files in name order, or the one `.pth` file), each file as its name and
+/// [`crate::checkpoint::data_hash`]. The caller appends hashes of the data and names the file
+/// by the hash of the whole.
+fn feature_key(evaluator: &Path, device: &Device) -> Vec<u8> {
+    let mut k = Vec::new();
+    k.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+    k.extend_from_slice(format!("{:?}", device.location()).as_bytes());
     let mut files = vec![];
     if evaluator.is_dir() {
         if let Ok(rd) = std::fs::read_dir(evaluator) {
@@ -541,11 +500,10 @@ fn feature_key(evaluator: &Path, device: &Device) -> KeyHash {
         files.push(evaluator.to_path_buf());
     }
     for f in files.iter().filter(|f| f.is_file()) {
-        k.write(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+        k.extend_from_slice(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
         // Unreadable: the key still differs from a readable file's.
         let bytes = std::fs::read(f).unwrap_or_default();
-        k.write(&(bytes.len() as u64).to_le_bytes());
-        k.write(&bytes);
+        k.extend_from_slice(&crate::checkpoint::data_hash(&bytes).to_le_bytes());
     }
     k
 }

@@ -184,7 +184,7 @@ fn linear_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
         let time = |fused: bool| {
             timer.median(0, 31, || {
                 let y = if fused {
-                    linear(xt, wt, Some(bt))?
+                    linear(xt, wt, Some(bt), None)?
                 } else {
                     xt.matmul(&wt.t()?)?.broadcast_add(bt)?
                 };
@@ -228,7 +228,7 @@ fn bn_act_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
             backward(&act.apply(&y)?, &r)
         })?;
         let fused = timer.best(1, 30, || {
-            let (y, ..) = batch_norm_train_act(xt, Some(gt), Some(bt), EPS, Some(act))?;
+            let (y, ..) = batch_norm_train_act(xt, Some(gt), Some(bt), EPS, Some(act), None)?;
             backward(&y, &r)
         })?;
         out.line(format!(

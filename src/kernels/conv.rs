@@ -344,7 +344,7 @@ impl CustomOp2 for Conv2dOp {
         let gw = weight_gradient(w, mode, || {
             weight_grad_op(x, g, s, p, k, self.cols.clone(), mode)
         })?;
-        Ok((gx, gw))
+        Ok((GradMode::settle(mode, gx), GradMode::settle(mode, gw)))
     }
 }
 
@@ -380,7 +380,7 @@ impl CustomOp2 for ConvT2dOp {
         let gw = weight_gradient(w, mode, || {
             weight_grad_op(g, x, s, p, w.dim(2)?, None, mode)
         })?;
-        Ok((gx, gw))
+        Ok((GradMode::settle(mode, gx), GradMode::settle(mode, gw)))
     }
 }
 

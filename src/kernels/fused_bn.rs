@@ -49,7 +49,7 @@ pub fn batch_norm_train(
     beta: Option<&Tensor>,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    batch_norm_train_act(x, gamma, beta, eps, None)
+    batch_norm_train_act(x, gamma, beta, eps, None, None)
 }
 
 /// [`batch_norm_train`] followed by the activation `act` (ReLU or leaky ReLU), fused into
@@ -61,6 +61,7 @@ pub fn batch_norm_train_act(
     beta: Option<&Tensor>,
     eps: f64,
     act: Option<LeakyRelu>,
+    mode: Option<&GradMode>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let c = channels(x, gamma, beta)?;
     if !fast_path(x, gamma, beta) {
@@ -90,6 +91,7 @@ pub fn batch_norm_train_act(
             eps,
             act,
             stats: slot.clone(),
+            mode: mode.cloned(),
         },
     )?;
     let stats = slot
@@ -265,6 +267,9 @@ struct BnOp {
     eps: f64,
     act: Option<LeakyRelu>,
     stats: Arc<OnceLock<Arc<Stats>>>,
+    /// The pass's backward mode, if any: a first-order backward gets plain values
+    /// ([`GradMode::settle`]).
+    mode: Option<GradMode>,
 }
 
 /// First-order backward: (x, gamma, dy) -> [dx (flattened), dgamma (C), dbeta (C)], one
@@ -375,7 +380,12 @@ impl CustomOp3 for BnOp {
         let gx = nx.then(|| p.narrow(0, 0, m)?.reshape(x.dims()));
         let gg = ng.then(|| p.narrow(0, m, c));
         let gb = nb.then(|| p.narrow(0, m + c, c));
-        Ok((gx.transpose()?, gg.transpose()?, gb.transpose()?))
+        let mode = self.mode.as_ref();
+        Ok((
+            GradMode::settle(mode, gx.transpose()?),
+            GradMode::settle(mode, gg.transpose()?),
+            GradMode::settle(mode, gb.transpose()?),
+        ))
     }
 }
 
@@ -949,7 +959,12 @@ impl CustomOp3 for CondAffine {
                 g3.sum(2)?,
             )
         };
-        Ok((ty.then_some(dy), tg.then_some(dg), tb.then_some(db)))
+        let mode = self.mode.as_ref();
+        Ok((
+            GradMode::settle(mode, ty.then_some(dy)),
+            GradMode::settle(mode, tg.then_some(dg)),
+            GradMode::settle(mode, tb.then_some(db)),
+        ))
     }
 }
 

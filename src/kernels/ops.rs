@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::{Float, MIN_TASK, cpu_slice};
 use crate::error::Result;
+use crate::grad::GradMode;
 
 /// x (B, in) @ w^T + b, w (out, in), b (out): a linear layer. On the CPU (f32, f64) one op
 /// ([`LinearOp`]) whose backward returns each gradient contiguous in its argument's layout:
@@ -25,8 +26,13 @@ use crate::error::Result;
 /// through a transposed (strided) view, reduces the bias gradient with a strided generic
 /// reduction and keeps two more zero-initialised accumulators of the output's size. Same
 /// values; the bias gradient's sum runs in another order ([`ChannelSum`]). Elsewhere candle's
-/// ops.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// ops. `mode`: the pass's backward mode, if any (see [`GradMode::settle`]).
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    mode: Option<&GradMode>,
+) -> Result<Tensor> {
     let (n, cin) = x.dims2()?;
     let (cout, win) = w.dims2()?;
     if win != cin || b.is_some_and(|b| b.dims() != [cout]) {
@@ -50,16 +56,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp)?,
-        None => x.apply_op2(&w, LinearOp)?,
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp::new(mode))?,
+        None => x.apply_op2(&w, LinearOp::new(mode))?,
     })
 }
 
 /// The op of [`linear`]: (x, w[, b]) -> x w^T [+ b].
-#[derive(Debug, Clone, Copy)]
-struct LinearOp;
+/// `mode`: the pass's backward mode, if any (a first-order backward gets plain values,
+/// [`GradMode::settle`]).
+#[derive(Debug, Clone)]
+struct LinearOp {
+    mode: Option<GradMode>,
+}
 
 impl LinearOp {
+    fn new(mode: Option<&GradMode>) -> Self {
+        Self {
+            mode: mode.cloned(),
+        }
+    }
+
     fn fwd(
         x: (&CpuStorage, &Layout),
         w: (&CpuStorage, &Layout),
@@ -169,7 +185,8 @@ impl CustomOp2 for LinearOp {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (gx, gw, _) = Self::bwd(x, w, None, g)?;
-        Ok((gx, gw))
+        let mode = self.mode.as_ref();
+        Ok((GradMode::settle(mode, gx), GradMode::settle(mode, gw)))
     }
 }
 
@@ -198,7 +215,13 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Self::bwd(x, w, Some(b), g)
+        let (gx, gw, gb) = Self::bwd(x, w, Some(b), g)?;
+        let mode = self.mode.as_ref();
+        Ok((
+            GradMode::settle(mode, gx),
+            GradMode::settle(mode, gw),
+            GradMode::settle(mode, gb),
+        ))
     }
 }
 

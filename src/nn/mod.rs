@@ -393,7 +393,12 @@ impl Linear {
             None => weight,
         };
         pass.count(x.elem_count() * w.dim(0)?);
-        linear(x, &w, self.bias.as_ref().map(|b| pass.param(b)).as_ref())
+        linear(
+            x,
+            &w,
+            self.bias.as_ref().map(|b| pass.param(b)).as_ref(),
+            pass.grad,
+        )
     }
 }
 
@@ -439,10 +444,10 @@ impl BatchNorm {
     }
 
     /// Normalised input without the affine part; shape (B, C, H, W).
-    fn normalize(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn normalize(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let c = x.dim(1)?;
-        if train {
-            self.train_forward(x, None, None, None)
+        if pass.train {
+            self.train_forward(x, None, None, None, pass.grad)
         } else {
             let mean = self.running_mean.as_tensor().reshape((1, c, 1, 1))?;
             let std = self
@@ -464,11 +469,12 @@ impl BatchNorm {
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
         act: Option<LeakyRelu>,
+        mode: Option<&GradMode>,
     ) -> Result<Tensor> {
         let c = x.dim(1)?;
         let n = x.elem_count() / c;
         let (y, mean, var) =
-            crate::kernels::fused_bn::batch_norm_train_act(x, gamma, beta, BN_EPS, act)?;
+            crate::kernels::fused_bn::batch_norm_train_act(x, gamma, beta, BN_EPS, act, mode)?;
         let unbias = if n > 1 {
             n as f64 / (n - 1) as f64
         } else {
@@ -506,14 +512,14 @@ impl BatchNorm {
             // The affine part and the activation fused into the op.
             (Some(w), Some(b)) if train => {
                 return Ok(self
-                    .train_forward(&x4, Some(w), Some(b), act)?
+                    .train_forward(&x4, Some(w), Some(b), act, pass.grad)?
                     .reshape(dims)?);
             }
             (Some(w), Some(b)) => self
-                .normalize(&x4, train)?
+                .normalize(&x4, pass)?
                 .broadcast_mul(&w.reshape((1, (), 1, 1))?)?
                 .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            _ => self.normalize(&x4, train)?,
+            _ => self.normalize(&x4, pass)?,
         };
         let y = y.reshape(dims)?;
         match act {
@@ -835,6 +841,67 @@ mod tests {
                 .count();
             (grads.get(x.as_tensor()).unwrap().clone(), n_param_grads)
         }
+    }
+
+    /// Inside a first-order backward of the pass's mode (a training step's update), the
+    /// layers' gradients come back as plain values: no recorded op, so none of them holds the
+    /// gradients before it alive (`GradMode::settle`). The values are those of an ordinary
+    /// backward, which keeps the graph (the tests run with candle's graphs kept, as the
+    /// binary does) so that gradients of gradients stay exact.
+    #[test]
+    fn a_first_order_backward_returns_plain_gradients() {
+        let net = Net::new();
+        let convt_store = crate::params::ParamStore::new(Rng::new(4), DType::F32, &Device::Cpu);
+        let opts = LayerOpts {
+            bias: true,
+            spectral_norm: false,
+            init: WeightInit::Dcgan,
+        };
+        let convt = ConvTranspose2d::new(3, 3, 4, 2, 1, opts, convt_store.root("t")).unwrap();
+        let x = Var::from_tensor(&random(&mut Rng::new(8), &[2, 3, 3, 3])).unwrap();
+        let params: Vec<Var> = net
+            .store
+            .trainable()
+            .into_iter()
+            .chain(convt_store.trainable())
+            .map(|(_, v)| v)
+            .collect();
+        let grads = |first_order: bool| {
+            let mode = GradMode::new();
+            let pass = Pass::train().with_grad(&mode);
+            // (2, 3, 3, 3) -> transposed conv (2, 3, 6, 6) -> conv (2, 4, 6, 6) -> 5x5 crop
+            // -> BatchNorm + leaky ReLU -> linear (2, 2).
+            let h = convt.forward(x.as_tensor(), pass).unwrap();
+            let h = net.conv.forward(&h, pass).unwrap();
+            let h = h.narrow(2, 0, 5).unwrap().narrow(3, 0, 5).unwrap();
+            let h = net
+                .bn
+                .forward_act(&h, pass, Some(LeakyRelu::LEAKY))
+                .unwrap();
+            let y = net.lin.forward(&h.flatten_from(1).unwrap(), pass).unwrap();
+            let loss = y.sqr().unwrap().sum_all().unwrap();
+            let store = if first_order {
+                crate::grad::first_order_backward(&loss, &mode).unwrap()
+            } else {
+                loss.backward().unwrap()
+            };
+            std::iter::once(x.as_tensor())
+                .chain(params.iter().map(Var::as_tensor))
+                .map(|t| store.get(t).unwrap().clone())
+                .collect::<Vec<_>>()
+        };
+        let (plain, graph) = (grads(true), grads(false));
+        assert_eq!(plain.len(), 1 + 2 + 2 + 2 + 2);
+        for (i, (p, g)) in plain.iter().zip(&graph).enumerate() {
+            assert!(
+                !p.track_op(),
+                "gradient {i} of the first-order backward has a graph"
+            );
+            assert_eq!(rel_err(p, g), 0.0, "gradient {i}");
+        }
+        // The ordinary backward kept its graph: the input's and the first layer's gradients
+        // depend on every layer after them.
+        assert!(graph[0].track_op());
     }
 
     /// A frozen pass gives the input the same gradient and the parameters none.

@@ -59,7 +59,7 @@ fn linear_op_matches_candle_ops() {
                 );
                 let bt = bias.then(|| b.as_tensor().clone());
                 let y = if fused {
-                    linear(x.as_tensor(), w.as_tensor(), bt.as_ref()).unwrap()
+                    linear(x.as_tensor(), w.as_tensor(), bt.as_ref(), None).unwrap()
                 } else {
                     let y = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
                     match &bt {
@@ -112,11 +112,11 @@ fn linear_op_matches_candle_ops() {
     let dev = &candle_core::Device::Cpu;
     let x = Tensor::zeros((2, 3), DType::F32, dev).unwrap();
     let w = Tensor::zeros((4, 5), DType::F32, dev).unwrap();
-    assert!(linear(&x, &w, None).is_err());
+    assert!(linear(&x, &w, None, None).is_err());
     let w = Tensor::zeros((4, 3), DType::F32, dev).unwrap();
     let b = Tensor::zeros(3, DType::F32, dev).unwrap();
-    assert!(linear(&x, &w, Some(&b)).is_err());
-    assert_eq!(linear(&x, &w, None).unwrap().dims(), [2, 4]);
+    assert!(linear(&x, &w, Some(&b), None).is_err());
+    assert_eq!(linear(&x, &w, None, None).unwrap().dims(), [2, 4]);
 }
 
 /// The fused channel bias against candle's broadcast_add, f32 and f64: the same values

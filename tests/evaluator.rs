@@ -5,7 +5,9 @@
 
 use candle_core::Device;
 use ganscope::data::{ConditionKind, Dataset, InMemoryDataset};
-use ganscope::eval::classifier::{Classifier, EvaluatorConfig, STATE_FILE, train_evaluator};
+use ganscope::eval::classifier::{
+    Classifier, EvaluatorConfig, STATE_FILE, train_evaluator, train_evaluator_from,
+};
 use ganscope::rng::Rng;
 
 /// 16x16 grey images; class i = quadrant i is bright (plus noise). Multi-hot variant:
@@ -159,6 +161,60 @@ fn training_resumes_exactly_after_an_interruption() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("another config"), "{err}");
+}
+
+#[test]
+fn fine_tuning_starts_from_the_given_weights_and_refuses_another_network() {
+    let dev = Device::Cpu;
+    let data = quadrants(640, true);
+    let cfg = EvaluatorConfig {
+        width: 4,
+        epochs: 3,
+        batch_size: 32,
+        max_shift: 1,
+        hflip: false,
+        ..EvaluatorConfig::for_data(&data)
+    };
+    let trained = tempfile::tempdir().unwrap();
+    let (_, acc) = train_evaluator(&cfg, &data, &dev, Some(trained.path()), |_| {}).unwrap();
+    assert!(acc.accuracy() > 0.95, "{}", acc.accuracy());
+    // The first step's loss (before any update) of a fine-tuning run is the trained
+    // network's, far below a fresh one's (multi-label BCE of an untrained net: about ln 2).
+    let first_loss = |init: Option<&std::path::Path>| {
+        let mut first = None;
+        let tune = EvaluatorConfig {
+            epochs: 1,
+            lr: 1e-4,
+            ..cfg.clone()
+        };
+        let (_, acc) = train_evaluator_from(&tune, &data, &dev, None, init, |p| {
+            if p.step == 0 && p.holdout_accuracy.is_none() {
+                first = Some(p.loss);
+            }
+        })
+        .unwrap();
+        (first.unwrap(), acc.accuracy())
+    };
+    let (fresh, _) = first_loss(None);
+    let (tuned, tuned_acc) = first_loss(Some(trained.path()));
+    assert!(fresh > 0.4, "fresh first loss {fresh}");
+    assert!(
+        tuned < 0.25 * fresh,
+        "fine-tuning first loss {tuned} vs fresh {fresh}"
+    );
+    assert!(tuned_acc > 0.95, "fine-tuned held-out accuracy {tuned_acc}");
+    // Weights of another width are refused with the folder named, before any training.
+    let wider = EvaluatorConfig { width: 8, ..cfg };
+    let err = train_evaluator_from(&wider, &data, &dev, None, Some(trained.path()), |_| {
+        panic!("no training step with a mismatched init")
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("width 4") && err.contains(&trained.path().display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]

@@ -241,6 +241,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                 "domain-feature FD (evaluator features, not FID): {fd:.3} ({} generated vs {n} real images)",
                 gen_feats.len()
             );
+            prdc_line(&gen_feats, &real_feats);
             if let Some(net) = &fid_net {
                 let real_fid = fid::tensor_features(net, &x, 3, FID_BATCH)?;
                 let fid = frechet::frechet_distance(&gen_fid, &real_fid)?;
@@ -267,6 +268,41 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Precision, recall, density and coverage (Naeem et al. 2020, the diagnostics' k) of the
+/// generated features against the first half of the real ones, beside the real-vs-real
+/// baseline of the second half; both sides compare the same number of points.
+fn prdc_line(gen_feats: &[Vec<f32>], real_feats: &[Vec<f32>]) {
+    use ganscope::diagnostics::RealManifold;
+    let k = ganscope::config::DiagnosticsConfig::default();
+    let half = real_feats.len() / 2;
+    let m = half.min(gen_feats.len());
+    if m <= k.pr_k.max(k.dc_k) {
+        println!("coverage skipped: {m} points are too few");
+        return;
+    }
+    let res = RealManifold::new(&real_feats[..half], k.pr_k, k.dc_k).and_then(|man| {
+        Ok((
+            man.evaluate(&gen_feats[..m])?,
+            man.evaluate(&real_feats[half..half + m])?,
+        ))
+    });
+    match res {
+        Ok((g, r)) => println!(
+            "evaluator features, {m} generated vs {half} real (real-vs-real in brackets): \
+             coverage {:.3} ({:.3}), density {:.3} ({:.3}), precision {:.3} ({:.3}), recall {:.3} ({:.3})",
+            g.coverage,
+            r.coverage,
+            g.density,
+            r.density,
+            g.precision,
+            r.precision,
+            g.recall,
+            r.recall
+        ),
+        Err(e) => println!("coverage skipped: {e}"),
+    }
 }
 
 /// Mean and sample standard deviation over seeds (sd 0 for a single seed).

@@ -42,6 +42,13 @@ pub(crate) struct EvaluatorTrainArgs {
     /// Image side for formats that are resized (i-CLEVR, image folders).
     #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(8..=512))]
     pub(crate) size: usize,
+    /// Peak learning rate of the cosine schedule (default 1e-3).
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
+    /// Fine-tune: start from this saved evaluator's weights (same network: size, width, stem)
+    /// with fresh Adam moments, instead of a random initialisation.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) init: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
 }
@@ -80,7 +87,7 @@ pub(crate) fn data_kind(name: &str) -> Result<ganscope::config::DataKind> {
 }
 
 pub(crate) fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
-    use ganscope::eval::classifier::{EvaluatorConfig, train_evaluator};
+    use ganscope::eval::classifier::{EvaluatorConfig, train_evaluator_from};
     let dev = device(&a.device)?;
     let kind = data_kind(&a.kind)?;
     let t0 = std::time::Instant::now();
@@ -95,6 +102,18 @@ pub(crate) fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     if a.stem_stride.is_some() {
         cfg.stem_stride = a.stem_stride;
     }
+    if let Some(lr) = a.lr {
+        if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
+            bail!("--lr must be in (0, 1), not {lr}");
+        }
+        cfg.lr = lr;
+    }
+    if a.init.as_deref() == Some(a.out.as_path()) {
+        bail!(
+            "--init {} is also --out: fine-tuning writes to another folder",
+            a.out.display()
+        );
+    }
     eprintln!(
         "evaluator: {} images {:?} from {} ({:.1} s), device {}, {:?}",
         ds.len(),
@@ -106,25 +125,26 @@ pub(crate) fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
     );
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let (model, acc) = train_evaluator(&cfg, &ds, &dev, Some(&a.out), |p| {
-        if let Some(h) = p.holdout_accuracy {
-            eprintln!(
-                "epoch {} held-out top-k accuracy {:.4} ({:.0} s)",
-                p.epoch + 1,
-                h,
-                t0.elapsed().as_secs_f64()
-            );
-        } else if p.step % 50 == 0 && (tty || p.step % 200 == 0) {
-            eprintln!(
-                "epoch {} step {}/{} loss {:.4} ({:.0} s)",
-                p.epoch + 1,
-                p.step,
-                p.steps_per_epoch,
-                p.loss,
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    })?;
+    let (model, acc) =
+        train_evaluator_from(&cfg, &ds, &dev, Some(&a.out), a.init.as_deref(), |p| {
+            if let Some(h) = p.holdout_accuracy {
+                eprintln!(
+                    "epoch {} held-out top-k accuracy {:.4} ({:.0} s)",
+                    p.epoch + 1,
+                    h,
+                    t0.elapsed().as_secs_f64()
+                );
+            } else if p.step % 50 == 0 && (tty || p.step % 200 == 0) {
+                eprintln!(
+                    "epoch {} step {}/{} loss {:.4} ({:.0} s)",
+                    p.epoch + 1,
+                    p.step,
+                    p.steps_per_epoch,
+                    p.loss,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        })?;
     model.save(&a.out)?;
     let card = format!(
         "# Evaluator: {kind}\n\nCommand: `ganscope evaluator train --kind {kind} --out {out}{extra}`\n\n\
@@ -141,6 +161,8 @@ pub(crate) fn evaluator_train(a: EvaluatorTrainArgs) -> Result<()> {
             a.limit.map(|l| format!(" --limit {l}")),
             a.n_scenes.map(|n| format!(" --n-scenes {n}")),
             (a.size != 64).then(|| format!(" --size {}", a.size)),
+            a.lr.map(|l| format!(" --lr {l}")),
+            a.init.as_ref().map(|d| format!(" --init {}", d.display())),
         ]
         .into_iter()
         .flatten()
@@ -196,7 +218,7 @@ pub(crate) fn open_eval_data(
 }
 
 pub(crate) fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
-    use ganscope::eval::classifier::{Classifier, score_on};
+    use ganscope::eval::classifier::{Classifier, label_ids, score_on};
     let dev = device(&a.device)?;
     let mut ev = Classifier::load(&a.evaluator, &dev)
         .with_context(|| format!("loading the evaluator from {}", a.evaluator.display()))?;
@@ -235,5 +257,33 @@ pub(crate) fn evaluator_score(a: EvaluatorScoreArgs) -> Result<()> {
         ds.len(),
         t1.elapsed().as_secs_f64()
     );
+    // Where the misses are: per label, and (multi-label data) by the number of true labels.
+    let names = ds.label_names();
+    let rates: Vec<String> = (0..acc.per_label.len())
+        .filter_map(|i| {
+            let rate = acc.label_rate(i)?;
+            let name = names.get(i).cloned().unwrap_or_else(|| i.to_string());
+            Some(format!("{name} {rate:.3}"))
+        })
+        .collect();
+    println!("  per-label hit rate: {}", rates.join(", "));
+    let counts: Vec<usize> = idx.iter().map(|&i| label_ids(&ds, i).len()).collect();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    if most > 1 {
+        for n in 1..=most {
+            let sub: Vec<usize> = idx.iter().copied().filter(|&i| counts[i] == n).collect();
+            if sub.is_empty() {
+                continue;
+            }
+            let a = score_on(&ev, &ds, &sub)?;
+            println!(
+                "  images with {n} label(s): {:.4} ({}/{} labels, {} images)",
+                a.accuracy(),
+                a.hits,
+                a.labels,
+                sub.len()
+            );
+        }
+    }
     Ok(())
 }

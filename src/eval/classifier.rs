@@ -536,9 +536,54 @@ pub fn train_evaluator(
     data: &dyn Dataset,
     device: &Device,
     dir: Option<&Path>,
+    progress: impl FnMut(&EvalProgress),
+) -> Result<(Classifier, TopK)> {
+    train_evaluator_from(cfg, data, device, dir, None, progress)
+}
+
+/// [`train_evaluator`] starting from the weights of the saved evaluator in `init` (fine-tuning:
+/// fresh Adam moments, `cfg`'s learning rate and cosine schedule), which must have the same
+/// network (size, channels, labels, width, stem). A training state already in `dir` is
+/// resumed instead, as in [`train_evaluator`].
+pub fn train_evaluator_from(
+    cfg: &EvaluatorConfig,
+    data: &dyn Dataset,
+    device: &Device,
+    dir: Option<&Path>,
+    init: Option<&Path>,
     mut progress: impl FnMut(&EvalProgress),
 ) -> Result<(Classifier, TopK)> {
     let model = Classifier::new(cfg, device)?;
+    let resuming = dir.is_some_and(|d| d.join(STATE_FILE).exists());
+    if let (Some(src), false) = (init, resuming) {
+        let from = Classifier::load(src, device)?;
+        let f = &from.cfg;
+        let same_net = f.image_size == cfg.image_size
+            && f.channels == cfg.channels
+            && f.kind == cfg.kind
+            && f.label_names == cfg.label_names
+            && f.width == cfg.width
+            && f.stem_stride() == cfg.stem_stride();
+        if !same_net {
+            return Err(Error::Config(format!(
+                "{} is a {}x{} evaluator of width {} (stem stride {}, {} labels); this training \
+                 needs {}x{}, width {}, stem stride {}, {} labels",
+                src.display(),
+                f.image_size,
+                f.image_size,
+                f.width,
+                f.stem_stride(),
+                f.label_names.len(),
+                cfg.image_size,
+                cfg.image_size,
+                cfg.width,
+                cfg.stem_stride(),
+                cfg.label_names.len()
+            )));
+        }
+        let wp = src.join(WEIGHTS_FILE);
+        model.store.load(&wp, &from.store.model_tensors(), true)?;
+    }
     let n = data.len();
     let n_hold = ((n as f64) * cfg.holdout).round() as usize;
     let n_train = n - n_hold;

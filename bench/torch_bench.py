@@ -22,11 +22,13 @@ Usage: python bench/torch_bench.py [--model M] [--batch B] [--iters N] [--warmup
        [--device cpu|cuda]
 
 On a GPU (`--device cuda`, PyTorch eager with its defaults) every tensor and module is
-created there (torch.set_default_device), each iteration ends with torch.cuda.synchronize(),
+created there (modules under `with torch.device(...)`, tensors with `device=`; not through
+torch.set_default_device, whose per-call overhead would only slow PyTorch), each iteration ends with torch.cuda.synchronize(),
 and the floor is an 8192^3 f32 matmul on the device, as `ganscope bench --device cuda`.
 """
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -34,6 +36,24 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# The device every workload runs on (set by main). Tensors are created there directly
+# (`device=DEV`), not through torch.set_default_device: that mode intercepts every torch call
+# in Python, an overhead PyTorch's users do not pay.
+DEV = torch.device("cpu")
+
+
+def randn(*shape):
+    return torch.randn(*shape, device=DEV)
+
+
+def rand(*shape):
+    return torch.rand(*shape, device=DEV)
+
+
+def randint(lo, hi, shape):
+    return torch.randint(lo, hi, shape, device=DEV)
+
 
 MODELS = ["dcgan64", "cdcgan28", "wgangp-critic64", "iclevr-sagan"]
 
@@ -146,13 +166,13 @@ class Dcgan64:
         self.d.apply(init_weights)
         self.og, self.od = adam(self.g), adam(self.d)
         self.b = b
-        self.real = torch.rand(b, 3, 64, 64) * 2 - 1
-        fg, x = forward_flops(self.g, torch.randn(b, 100, 1, 1))
+        self.real = rand(b, 3, 64, 64) * 2 - 1
+        fg, x = forward_flops(self.g, randn(b, 100, 1, 1))
         fd, _ = forward_flops(self.d, x)
         self.flops = 3 * fg + 9 * fd
 
     def step(self):
-        z = torch.randn(self.b, 100, 1, 1)
+        z = randn(self.b, 100, 1, 1)
         fake = self.g(z)
         self.od.zero_grad(set_to_none=True)
         d_loss = bce(self.d(self.real).view(-1), True) + bce(self.d(fake.detach()).view(-1), False)
@@ -173,15 +193,15 @@ class Cdcgan28:
         self.d.apply(init_weights)
         self.og, self.od = adam(self.g), adam(self.d)
         self.b = b
-        self.real = torch.rand(b, 1, 28, 28) * 2 - 1
-        self.real_y = F.one_hot(torch.randint(0, 10, (b,)), 10).float()
-        fg, x = forward_flops(self.g, torch.randn(b, 100), self.real_y)
+        self.real = rand(b, 1, 28, 28) * 2 - 1
+        self.real_y = F.one_hot(randint(0, 10, (b,)), 10).float()
+        fg, x = forward_flops(self.g, randn(b, 100), self.real_y)
         fd, _ = forward_flops(self.d, x, self.real_y)
         self.flops = 3 * fg + 9 * fd
 
     def step(self):
-        z = torch.randn(self.b, 100)
-        y = F.one_hot(torch.randint(0, 10, (self.b,)), 10).float()
+        z = randn(self.b, 100)
+        y = F.one_hot(randint(0, 10, (self.b,)), 10).float()
         fake = self.g(z, y)
         self.od.zero_grad(set_to_none=True)
         d_loss = bce(self.d(self.real, self.real_y), True) + bce(self.d(fake.detach(), y), False)
@@ -202,16 +222,16 @@ class WganGpCritic64:
         self.d.apply(init_weights)
         self.od = adam(self.d)
         self.b = b
-        self.real = torch.rand(b, 3, 64, 64) * 2 - 1
-        fg, x = forward_flops(self.g, torch.randn(b, 100, 1, 1))
+        self.real = rand(b, 3, 64, 64) * 2 - 1
+        fg, x = forward_flops(self.g, randn(b, 100, 1, 1))
         fd, _ = forward_flops(self.d, x)
         self.flops = fg + 12 * fd
 
     def step(self):
         b = self.b
         with torch.no_grad():
-            fake = self.g(torch.randn(b, 100, 1, 1))
-        eps = torch.rand(b, 1, 1, 1)
+            fake = self.g(randn(b, 100, 1, 1))
+        eps = rand(b, 1, 1, 1)
         self.od.zero_grad(set_to_none=True)
         wd = self.d(fake).mean() - self.d(self.real).mean()
         x_hat = (eps * self.real + (1 - eps) * fake).requires_grad_(True)
@@ -357,10 +377,10 @@ class SaganD(nn.Module):
 
 
 def multi_hot(b, k=24):
-    y = torch.zeros(b, k)
+    y = torch.zeros(b, k, device="cpu")
     for i in range(b):
         y[i, torch.randperm(k)[: int(torch.randint(1, 4, (1,)))]] = 1.0
-    return y
+    return y.to(DEV)
 
 
 class IclevrSagan:
@@ -370,11 +390,11 @@ class IclevrSagan:
         self.og = torch.optim.Adam(self.g.parameters(), lr=1e-4, betas=(0.0, 0.9), eps=1e-8)
         self.od = torch.optim.Adam(self.d.parameters(), lr=4e-4, betas=(0.0, 0.9), eps=1e-8)
         self.b = b
-        self.real = torch.rand(b, 3, 64, 64) * 2 - 1
+        self.real = rand(b, 3, 64, 64) * 2 - 1
         self.real_c = multi_hot(b)
         self.g.eval()
         self.d.eval()
-        fg, x = forward_flops(self.g, torch.randn(b, 100), self.real_c)
+        fg, x = forward_flops(self.g, randn(b, 100), self.real_c)
         fd, _ = forward_flops(self.d, x, self.real_c)
         self.g.train()
         self.d.train()
@@ -383,14 +403,14 @@ class IclevrSagan:
     def step(self):
         b = self.b
         with torch.no_grad():
-            fake = self.g(torch.randn(b, 100), self.real_c)
+            fake = self.g(randn(b, 100), self.real_c)
         self.od.zero_grad(set_to_none=True)
         d_loss = F.relu(1 - self.d(self.real, self.real_c)).mean() + F.relu(1 + self.d(fake, self.real_c)).mean()
         d_loss.backward()
         self.od.step()
         c = multi_hot(b)
         self.og.zero_grad(set_to_none=True)
-        g_loss = -self.d(self.g(torch.randn(b, 100), c), c).mean()
+        g_loss = -self.d(self.g(randn(b, 100), c), c).mean()
         g_loss.backward()
         self.og.step()
         return [d_loss.item(), g_loss.item()]
@@ -411,7 +431,7 @@ def sync(device):
 
 
 def sgemm_gflops(device, n=2048):
-    a, b = torch.rand(n, n), torch.rand(n, n)
+    a, b = rand(n, n), rand(n, n)
     torch.mm(a, b)
     sync(device)
     ts = []
@@ -443,9 +463,12 @@ def main():
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("torch_bench: --device cuda, but this PyTorch sees no CUDA device")
-    if device.type != "cpu":
-        # Not on the CPU: the default-device mode intercepts every torch call (overhead).
-        torch.set_default_device(device)
+    global DEV
+    DEV = device
+    if device.type == "cuda" and os.environ.get("TORCH_CUDNN_BENCHMARK") == "1":
+        # Not PyTorch's default: cuDNN times its algorithms on the first call of each shape
+        # and keeps the fastest (an extra column, the best setting we know for PyTorch).
+        torch.backends.cudnn.benchmark = True
     names = [a.model] if a.model else MODELS
     for n in names:
         if n not in WORKLOADS:
@@ -467,7 +490,8 @@ def main():
           f"{'images/s':>9} {'GFLOP/iter':>10} {'GFLOP/s':>8} {'floor ms':>9} {'x floor':>8}")
     for n in names:
         batch = a.batch or DEFAULT_BATCH.get(n, 64)
-        w = WORKLOADS[n](batch)
+        with torch.device(device):  # modules' parameters are made on the device
+            w = WORKLOADS[n](batch)
         for _ in range(a.warmup):
             w.step()
         sync(device)

@@ -344,6 +344,13 @@ pub struct TrainConfig {
     pub sample_every: u64,
     /// Save a checkpoint every N steps (0 = only at the end).
     pub checkpoint_every: u64,
+    /// Also keep G's and D's weights of every Nth step for good, each in
+    /// `<run>/kept/step_NNNNNN/` (a weights-only folder, as `ganscope ship` writes, with
+    /// `config.json`): `eval --run` and the explorer open it, and `train --resume` trains on
+    /// from it. For choosing a step afterwards on training conditions, or comparing runs at
+    /// equal steps when they run at different speeds. 0 = off (the checkpoint keeps only the
+    /// newest step).
+    pub keep_every: u64,
     /// Append a metrics line every N steps.
     pub log_every: u64,
     /// Live diagnostics and alarms.
@@ -370,6 +377,7 @@ impl Default for TrainConfig {
             steps: 5000,
             sample_every: 500,
             checkpoint_every: 1000,
+            keep_every: 0,
             log_every: 50,
             monitor: Default::default(),
             augment: Default::default(),

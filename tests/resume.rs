@@ -1037,3 +1037,58 @@ fn training_on_from_shipped_weights_takes_set_an_exact_resume_refuses_it() {
         step + 1
     );
 }
+
+#[test]
+fn keep_every_leaves_weights_folders_of_those_steps() {
+    // `train --keep-every N` keeps every Nth step's weights in <run>/kept/step_NNNNNN/: a
+    // weights-only folder with config.json (what `ship` writes) holding that step's sampling
+    // G and D, so runs of different speeds can be compared at equal steps afterwards.
+    use ganscope::checkpoint;
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("checkpoints/iclevr-small");
+    let step = checkpoint::load_weights(&shipped, &Device::Cpu)
+        .unwrap()
+        .step;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = Command::new(bin)
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--sample-every",
+            "0",
+            "--resume",
+        ])
+        .arg(&shipped)
+        .arg("--out")
+        .arg(&run)
+        .args(["--keep-every", "1", "--steps", &(step + 2).to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = |s: u64| run.join("kept").join(format!("step_{s:06}"));
+    let last = checkpoint::load_latest(&run, &Device::Cpu).unwrap();
+    assert_eq!(last.step, step + 2);
+    let mut gens = Vec::new();
+    for s in [step + 1, step + 2] {
+        let dir = kept(s);
+        assert!(checkpoint::is_weights_folder(&dir), "{}", dir.display());
+        let cfg: TrainConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg.keep_every, 1);
+        let w = checkpoint::load_weights(&dir, &Device::Cpu).unwrap();
+        assert_eq!(w.step, s);
+        gens.push(w.files[0].clone());
+    }
+    let key = "gen.layer.blocks.0.conv.weight";
+    // The last kept step is the run's checkpoint of that step; the one before differs.
+    assert_eq!(values(&gens[1], key), values(&last.files[0], key));
+    assert_ne!(values(&gens[0], key), values(&gens[1], key));
+    assert!(!kept(step).exists());
+}

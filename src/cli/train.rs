@@ -49,6 +49,10 @@ pub(crate) struct TrainArgs {
     pub(crate) sample_every: Option<u64>,
     #[arg(long)]
     pub(crate) checkpoint_every: Option<u64>,
+    /// Keep the weights of every Nth step in `<out>/kept/step_NNNNNN/` (weights-only folders
+    /// for `eval --run`; 0 = off).
+    #[arg(long)]
+    pub(crate) keep_every: Option<u64>,
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
@@ -184,6 +188,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     }
     if let Some(v) = a.checkpoint_every {
         cfg.checkpoint_every = v;
+    }
+    if let Some(v) = a.keep_every {
+        cfg.keep_every = v;
     }
     if let Some(v) = a.diagnostics_every {
         cfg.monitor.every = v;

@@ -625,6 +625,17 @@ impl Trainer {
         checkpoint::save(dir, self.step, [&g, &d, &o])
     }
 
+    /// Write G's (sampling) and D's weights of this step to `dir` as a weights-only folder
+    /// with `config.json` ([`checkpoint::save_weights`], what `ganscope ship` writes): the
+    /// kept steps of `keep_every`.
+    pub fn save_weights(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        let g = self.sampling_generator().store.model_tensors();
+        let d = self.discriminator.store.model_tensors();
+        checkpoint::save_weights(dir, self.step, &g, &d)?;
+        checkpoint::write_atomic(&dir.join("config.json"), &json)
+    }
+
     /// Rebuild a run from `dir` (its `config.json` and newest complete checkpoint).
     pub fn resume(dir: &Path, data: Arc<dyn Dataset>, device: &Device) -> Result<Self> {
         let cfg = read_config(dir)?;

@@ -677,7 +677,8 @@ impl<F: FnMut(&LoopEvent)> Sink for FnSink<F> {
 /// Writes a run folder, created at its first write: `metrics.jsonl` (a line every
 /// `log_every` steps, and every check, alarm and recovery), `samples/step_NNNNNN.png` every
 /// `sample_every` steps and at the end, and a checkpoint (with `config.json`) every
-/// `checkpoint_every` steps and at the end. After a NaN/Inf restore, the metrics lines of the
+/// `checkpoint_every` steps and at the end, and the weights of every `keep_every`th step in
+/// `kept/step_NNNNNN/`. After a NaN/Inf restore, the metrics lines of the
 /// undone steps are dropped, so the file reads as the run that continues.
 /// Room kept for a run folder's samples and metrics beside its checkpoints when free space is
 /// checked (16 MiB).
@@ -688,6 +689,7 @@ pub struct RunFolder {
     log_every: u64,
     sample_every: u64,
     checkpoint_every: u64,
+    keep_every: u64,
     /// Pixel zoom of the sample grids.
     pub scale: u32,
     frame: Option<Arc<WallFrame>>,
@@ -711,6 +713,7 @@ impl RunFolder {
             log_every: cfg.log_every,
             sample_every: cfg.sample_every,
             checkpoint_every: cfg.checkpoint_every,
+            keep_every: cfg.keep_every,
             scale: 2,
             frame: None,
             logged: None,
@@ -867,6 +870,14 @@ impl Sink for RunFolder {
             trainer.save(&self.dir)?;
             self.saved = Some(s);
             self.wrote = Some(self.dir.clone());
+        }
+        if self.keep_every > 0 && s > 0 && s.is_multiple_of(self.keep_every) {
+            let kept = self.dir.join("kept").join(format!("step_{s:06}"));
+            // Written once: a resumed run that passes the step again keeps the first.
+            if !kept.join(checkpoint::CONFIG_FILE).exists() {
+                self.lock()?;
+                trainer.save_weights(&kept)?;
+            }
         }
         Ok(())
     }

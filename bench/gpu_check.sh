@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (the device tool gives a session 15 minutes of one):
+#   1. a smoke test of the `cuda` build (exits 3 at once if it fails, so a fix can be rerun);
+#   2. issue 20 item 6: bench/compare.sh --device cuda for dcgan64 at batch 64 and 256 against
+#      PyTorch eager on the same GPU, 3 alternating rounds each;
+#   3. issue 17 item 5: the 64-px i-CLEVR ablation, all seven variants trained at once on the
+#      GPU until 160 s before DEADLINE_S (seconds after the start) at batch 32 with `--keep-every 250`, then each scored by
+#      `ganscope eval` at the largest step that every variant kept (equal steps, batch and
+#      device), on test.json and new_test.json with 5 seeds, with its training sample sheet.
+#
+# Usage (repo root of the device machine): bench/gpu_check.sh BIN LABELS OUT DEADLINE_S
+#   BIN: a binary built with `cargo build --release --features cuda` (docs: README, "GPU");
+#   LABELS: a folder with the course's test.json and new_test.json; OUT: where results go.
+# The CUDA libraries candle links (cublas, cublasLt, curand, cudart, nvrtc) are taken from the
+# machine's PyTorch wheels (python3's site-packages/nvidia/...).
+set -uo pipefail
+BIN=$1 LABELS=$2 OUT=$3 DEADLINE_S=$4
+# DEVICE=cpu SKIP_COMPARE=1 KEEP=1 SEEDS=1 EVAL_EXTRA='--n-real 100' for a dry run of the script's logic on a machine without a GPU.
+DEVICE=${DEVICE:-cuda}
+KEEP=${KEEP:-250}
+SEEDS=${SEEDS:-5}
+# Runs and the fine-tuned evaluator go outside the repository.
+WORK=${WORK:-/tmp/gpu_check}
+EVAL_EXTRA=${EVAL_EXTRA:-}
+mkdir -p "$OUT"
+t0=$(date +%s)
+el() { echo "[$(($(date +%s) - t0)) s]"; }
+libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = set()
+for n in ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13"]:
+    for sp in site.getsitepackages():
+        for f in glob.glob(os.path.join(sp, "nvidia", "**", n), recursive=True):
+            dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "$(el) nproc $(nproc); LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+ldd "$BIN" | grep -E "cuda|cublas|curand|nvrtc|not found"
+
+echo "== $(el) 1. smoke"
+if ! timeout 120 "$BIN" bench --model dcgan64 --device "$DEVICE" --iters 3 --warmup 1; then
+    echo "SMOKE-FAILED"
+    exit 3
+fi
+
+echo "== $(el) 2. compare.sh --device cuda"
+for b in 64 256; do
+    [[ -n ${SKIP_COMPARE:-} ]] && break
+    GANSCOPE=$BIN PYTHON=python3 timeout 100 bench/compare.sh --device cuda --model dcgan64 \
+        --batch "$b" --iters 20 --warmup 3 --rounds 3 2>&1 | tee "$OUT/compare_cuda_b$b.txt"
+done
+
+# PyTorch with cuDNN's autotuner on (not its default): the best setting we know for it.
+for b in 64 256; do
+    [[ -n ${SKIP_COMPARE:-} ]] && break
+    TORCH_CUDNN_BENCHMARK=1 timeout 60 python3 bench/torch_bench.py --device cuda --model dcgan64 \
+        --batch "$b" --iters 20 --warmup 3 --threads "$(nproc)" 2>&1 | tee -a "$OUT/compare_cuda_b$b.txt"
+done
+
+TRAIN_MIN=$(python3 -c "print(round(($DEADLINE_S - $(date +%s) + $t0 - 160) / 60, 2))")
+echo "== $(el) 3. ablation, $TRAIN_MIN min each, all at once"
+declare -A ARGS=(
+    [g-only]="--preset iclevr-cdcgan --set model.conditioning=g-only"
+    [bce]="--preset iclevr-cdcgan"
+    [wgan-gp]="--preset iclevr-wgan-gp"
+    [acgan]="--preset iclevr-acgan"
+    [sagan]="--preset iclevr-sagan"
+    [projection]="--preset iclevr-projection"
+    [sequential]="--preset iclevr-sequential"
+)
+runs=$WORK/abl
+pids=()
+for v in "${!ARGS[@]}"; do
+    # shellcheck disable=SC2086 # ARGS holds words
+    RAYON_NUM_THREADS=2 "$BIN" train ${ARGS[$v]} --device "$DEVICE" --batch 32 --steps 1000000 \
+        --minutes "$TRAIN_MIN" --keep-every "$KEEP" --sample-every "$KEEP" --checkpoint-every 0 \
+        --out "$runs/$v" >"$OUT/train_$v.log" 2>&1 &
+    pids+=($!)
+done
+# Beside them, issue 17 item 1: fine-tune the 32-px i-CLEVR evaluator (0.9836 on unseen
+# renders; 85 minutes on one CPU core) and score it on unseen 32-px renders (seed 1).
+(
+    RAYON_NUM_THREADS=4 timeout $((DEADLINE_S - $(date +%s) + t0 - 20)) "$BIN" evaluator train --kind iclevr \
+        --size 32 --width 32 --stem-stride 1 --epochs 4 --n-scenes 30000 --lr 2e-4 \
+        --init checkpoints/evaluator-iclevr-32 --device "$DEVICE" --out "$WORK/ev32ft" &&
+        "$BIN" evaluator score --kind iclevr --n-scenes 2000 --seed 1 --evaluator "$WORK/ev32ft" \
+            --device "$DEVICE"
+) >"$OUT/ev32.log" 2>&1 &
+evpid=$!
+for p in "${pids[@]}"; do wait "$p"; done
+echo "$(el) trained"
+common=""
+for v in "${!ARGS[@]}"; do
+    last=$(ls "$runs/$v/kept" 2>/dev/null | sort | tail -1)
+    echo "$v: last kept ${last:-none}; $(tail -1 "$OUT/train_$v.log")"
+    n=${last#step_}
+    n=$((10#${n:-0}))
+    if [[ -z $common ]] || ((n < common)); then common=$n; fi
+done
+echo "== $(el) common kept step: $common"
+if ((common > 0)); then
+    k=$(printf 'step_%06d' "$common")
+    epids=()
+    for v in "${!ARGS[@]}"; do
+        seq=()
+        [[ $v == sequential ]] && seq=(--sequential)
+        RAYON_NUM_THREADS=2 timeout 140 "$BIN" eval --run "$runs/$v/kept/$k" "${seq[@]}" \
+            --conditions "$LABELS/test.json" --conditions "$LABELS/new_test.json" --seeds "$SEEDS" \
+            --evaluator checkpoints/evaluator-iclevr --device "$DEVICE" $EVAL_EXTRA >"$OUT/eval_$v.txt" 2>&1 &
+        epids+=($!)
+    done
+    for p in "${epids[@]}"; do wait "$p"; done
+    echo "$(el) evaluated"
+    for v in "${!ARGS[@]}"; do
+        echo "-- $v"
+        cat "$OUT/eval_$v.txt"
+        cp "$runs/$v/samples/$k.png" "$OUT/sheet_$v.png" 2>/dev/null
+    done
+fi
+wait "$evpid"
+echo "$(el) evaluator: $(tail -3 "$OUT/ev32.log")"
+[[ -d $WORK/ev32ft ]] && tar czf "$OUT/ev32ft.tgz" --exclude='evaluator_state*' -C "$WORK" ev32ft
+# At most 8 files come back: pack the logs, evaluations and sheets into one archive.
+(cd "$OUT" && tar czf ablation.tgz train_*.log eval_*.txt sheet_*.png 2>/dev/null && rm -f train_*.log eval_*.txt sheet_*.png)
+echo "== $(el) done"

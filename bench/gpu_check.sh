@@ -11,6 +11,16 @@
 # Usage (repo root of the device machine): bench/gpu_check.sh BIN LABELS OUT DEADLINE_S
 #   BIN: a binary built with `cargo build --release --features cuda` (docs: README, "GPU");
 #   LABELS: a folder with the course's test.json and new_test.json; OUT: where results go.
+# Getting it there (session 23): build here with the platform notes' CUDA 13.0 nvcc and link
+# stubs, `strip` the binary and `xz` it (111 MB -> 29 MB) into an ignored folder (`.dev/`, in
+# .git/info/exclude) with test.json and new_test.json; the device tool sends at most 64 MiB and
+# the tracked tree is larger, so move every checkpoint folder but evaluator-iclevr and
+# evaluator-iclevr-32, tests/ and assets/readme out of the checkout for the call (and back
+# after). Then, with carry [".dev"]:
+#   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/ganscope-cuda.xz'),
+#     open('/tmp/ganscope','wb'))" && chmod +x /tmp/ganscope &&
+#   bash bench/gpu_check.sh /tmp/ganscope .dev/labels $OUT 540 2>&1 | tee $OUT/gpu_check.log
+# (523 s of a 585 s limit on an H200, plus about a minute to start the machine).
 # The CUDA libraries candle links (cublas, cublasLt, curand, cudart, nvrtc) are taken from the
 # machine's PyTorch wheels (python3's site-packages/nvidia/...).
 set -uo pipefail

@@ -610,26 +610,31 @@ impl Trainer {
     /// Write `config.json` and a crash-safe checkpoint of the current state into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
-        // A config that would not read back (a NaN written as `null`) is never written.
-        let back: TrainConfig = serde_json::from_slice(&json).map_err(|e| {
-            Error::Config(format!(
-                "the run's config would not read back from config.json: {e}"
-            ))
-        })?;
-        back.validate()?;
-        checkpoint::write_atomic(&dir.join("config.json"), &json)?;
+        checkpoint::write_atomic(&dir.join("config.json"), &self.config_json()?)?;
         let g = self.sampling_generator().store.model_tensors();
         let d = self.discriminator.store.model_tensors();
         let o = self.optimizer_tensors()?;
         checkpoint::save(dir, self.step, [&g, &d, &o])
     }
 
+    /// The run's config as `config.json` bytes. A config that would not read back (a NaN
+    /// written as `null`) is an error, never written.
+    fn config_json(&self) -> Result<Vec<u8>> {
+        let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        let back: TrainConfig = serde_json::from_slice(&json).map_err(|e| {
+            Error::Config(format!(
+                "the run's config would not read back from config.json: {e}"
+            ))
+        })?;
+        back.validate()?;
+        Ok(json)
+    }
+
     /// Write G's (sampling) and D's weights of this step to `dir` as a weights-only folder
     /// with `config.json` ([`checkpoint::save_weights`], what `ganscope ship` writes): the
     /// kept steps of `keep_every`.
     pub fn save_weights(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        let json = self.config_json()?;
         let g = self.sampling_generator().store.model_tensors();
         let d = self.discriminator.store.model_tensors();
         checkpoint::save_weights(dir, self.step, &g, &d)?;

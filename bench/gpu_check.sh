@@ -2,7 +2,9 @@
 # One prepared run on a lent GPU machine (the device tool gives a session 15 minutes of one):
 #   1. a smoke test of the `cuda` build (exits 3 at once if it fails, so a fix can be rerun);
 #   2. issue 20 item 6: bench/compare.sh --device cuda for dcgan64 at batch 64 and 256 against
-#      PyTorch eager on the same GPU, 3 alternating rounds each;
+#      PyTorch eager on the same GPU, 3 alternating rounds each; then ganscope with candle's
+#      own CUDA convolutions (GANSCOPE_CONV=candle) beside its default, and an nsys kernel
+#      summary where nsys is installed;
 #   3. issue 17 item 5: the 64-px i-CLEVR ablation, all seven variants trained at once on the
 #      GPU until 160 s before DEADLINE_S (seconds after the start) at batch 32 with `--keep-every 250`, then each scored by
 #      `ganscope eval` at the largest step that every variant kept (equal steps, batch and
@@ -32,7 +34,7 @@ SEEDS=${SEEDS:-5}
 # Runs and the fine-tuned evaluator go outside the repository.
 WORK=${WORK:-/tmp/gpu_check}
 EVAL_EXTRA=${EVAL_EXTRA:-}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
 t0=$(date +%s)
 el() { echo "[$(($(date +%s) - t0)) s]"; }
 libs=$(python3 - <<'PY'
@@ -69,6 +71,25 @@ for b in 64 256; do
     TORCH_CUDNN_BENCHMARK=1 timeout 60 python3 bench/torch_bench.py --device cuda --model dcgan64 \
         --batch "$b" --iters 20 --warmup 3 --threads "$(nproc)" 2>&1 | tee -a "$OUT/compare_cuda_b$b.txt"
 done
+
+# ganscope with candle's own CUDA convolutions (GANSCOPE_CONV=candle: the path before session
+# 24, whose conv_transpose2d and conv input gradients run candle's direct kernel) beside the
+# default (conv_gemm: every convolution one cuBLAS gemm around copies), same binary.
+for b in 64 256; do
+    [[ -n ${SKIP_COMPARE:-} ]] && break
+    for conv in candle auto; do
+        echo "GANSCOPE_CONV=$conv batch $b" | tee -a "$OUT/compare_cuda_b$b.txt"
+        GANSCOPE_CONV=$conv timeout 60 "$BIN" bench --model dcgan64 --device "$DEVICE" \
+            --batch "$b" --iters 20 --warmup 3 2>&1 | tail -2 | tee -a "$OUT/compare_cuda_b$b.txt"
+    done
+done
+# Where the time goes, if a profiler is there (kernel summary of 5 dcgan64 iterations).
+if [[ -z ${SKIP_COMPARE:-} ]] && command -v nsys >/dev/null; then
+    timeout 90 nsys profile -o "$WORK/dcgan64" --force-overwrite true --stats=true \
+        "$BIN" bench --model dcgan64 --device "$DEVICE" --iters 5 --warmup 2 \
+        > "$OUT/nsys_dcgan64.txt" 2>&1
+    grep -A25 "cuda_gpu_kern_sum" "$OUT/nsys_dcgan64.txt" | head -30
+fi
 
 TRAIN_MIN=$(python3 -c "print(round(($DEADLINE_S - $(date +%s) + $t0 - 160) / 60, 2))")
 echo "== $(el) 3. ablation, $TRAIN_MIN min each, all at once"

@@ -9,8 +9,9 @@
 //! candle tracks (a variable or something computed from one): the input gradient of the first
 //! conv of a discriminator fed real images is skipped.
 //!
-//! Off the CPU, for dtypes other than f32/f64, or for non-square kernels, both fall back to
-//! candle's own ops, so CUDA/Metal keep working.
+//! Off the CPU both run [`super::conv_gemm`] (candle tensor ops around one matmul, for the
+//! GPU); for dtypes other than f32/f64 on the CPU, or for non-square kernels, candle's own ops.
+//! `GANSCOPE_CONV` overrides the choice (see [`ConvImpl`]).
 //!
 //! Index conventions shared by all three ops ("image side" and "column side"): with stride s,
 //! padding p and a K x K kernel, column position (oh, ow) of an output channel sees image
@@ -36,9 +37,13 @@ use std::sync::{Arc, OnceLock};
 use std::thread::LocalKey;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Tensor,
+    WithDType, bail,
+};
 use rayon::prelude::*;
 
+use super::conv_gemm::{self, ConvImpl, OnDevice, forward_on};
 use super::matmul::{matmul, matmul_in};
 use super::ops::{ActSideOp, LeakyRelu};
 use super::{MIN_TASK, Slot, assume_init, contiguous, uninit};
@@ -54,13 +59,12 @@ pub fn conv2d(
     padding: usize,
     mode: Option<&GradMode>,
 ) -> Result<Tensor> {
-    if fast_path(x, w) {
-        x.contiguous()?.apply_op2(
+    match route(x, w) {
+        Route::Ops => x.contiguous()?.apply_op2(
             &w.contiguous()?,
-            Conv2dOp::keeping(stride, padding, w, mode),
-        )
-    } else {
-        x.conv2d(w, padding, stride, 1, 1)
+            Conv2dOp::keeping(stride, padding, x, w, mode),
+        ),
+        Route::Candle => x.conv2d(w, padding, stride, 1, 1),
     }
 }
 
@@ -74,10 +78,9 @@ pub fn conv_transpose2d(
     padding: usize,
     mode: Option<&GradMode>,
 ) -> Result<Tensor> {
-    if fast_path(x, w) {
-        conv_transpose2d_op(x, w, stride, padding, (0, 0), mode)
-    } else {
-        x.conv_transpose2d(w, padding, 0, stride, 1)
+    match route(x, w) {
+        Route::Ops => conv_transpose2d_op(x, w, stride, padding, (0, 0), mode),
+        Route::Candle => x.conv_transpose2d(w, padding, 0, stride, 1),
     }
 }
 
@@ -94,25 +97,69 @@ pub fn conv2d_act(
     act: LeakyRelu,
     mode: Option<&GradMode>,
 ) -> crate::error::Result<Tensor> {
-    if fast_path(x, w) {
-        let mut op = Conv2dOp::keeping(stride, padding, w, mode);
-        op.act = Some((act, Arc::default()));
-        Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
-    } else {
-        act.apply(&x.conv2d(w, padding, stride, 1, 1)?)
+    match route(x, w) {
+        Route::Ops if fuses_activation(x) => {
+            let mut op = Conv2dOp::keeping(stride, padding, x, w, mode);
+            op.act = Some((act, Arc::default()));
+            Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+        }
+        Route::Ops => act.apply(&conv2d(x, w, stride, padding, mode)?),
+        Route::Candle => act.apply(&x.conv2d(w, padding, stride, 1, 1)?),
     }
 }
 
-/// Whether the custom ops handle these arguments (else candle's ops do).
-fn fast_path(x: &Tensor, w: &Tensor) -> bool {
-    let dims = w.dims();
-    x.device().is_cpu()
-        && w.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
+/// Which implementation runs a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// The custom ops of this module: the CPU kernels on the CPU, [`super::conv_gemm`]'s
+    /// forward elsewhere (or with `GANSCOPE_CONV=gemm`); their backward passes are these ops
+    /// again on every device.
+    Ops,
+    /// candle's own conv2d / conv_transpose2d.
+    Candle,
+}
+
+fn route(x: &Tensor, w: &Tensor) -> Route {
+    let usable = x.rank() == 4
+        && w.rank() == 4
+        && w.dims()[2] == w.dims()[3]
         && x.dtype() == w.dtype()
-        && x.rank() == 4
-        && dims.len() == 4
-        && dims[2] == dims[3]
+        && x.dtype().is_float()
+        && x.device().same_device(w.device());
+    match ConvImpl::current() {
+        ConvImpl::Candle => Route::Candle,
+        _ if !usable => Route::Candle,
+        ConvImpl::Gemm => Route::Ops,
+        // Other dtypes on the CPU: candle's ops, unless a test asks for the gemm path.
+        ConvImpl::Auto
+            if x.device().is_cpu()
+                && !matches!(x.dtype(), DType::F32 | DType::F64)
+                && !GEMM_ON_CPU.with(|g| g.get()) =>
+        {
+            Route::Candle
+        }
+        ConvImpl::Auto => Route::Ops,
+    }
+}
+
+/// Whether the CPU kernels run a custom op's forward on the CPU (else [`super::conv_gemm`]'s
+/// composite does): f32 / f64, unless `GANSCOPE_CONV=gemm` or [`GEMM_ON_CPU`] asks for the
+/// composite.
+fn cpu_kernels_take(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F64)
+        && ConvImpl::current() != ConvImpl::Gemm
+        && !GEMM_ON_CPU.with(|g| g.get())
+}
+
+thread_local! {
+    /// Runs the custom ops' forwards on the CPU through [`super::conv_gemm`] in this thread:
+    /// the GPU path, checked on the CPU by the tests.
+    pub(crate) static GEMM_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a conv2d on `x` fuses its activation (the CPU kernels only).
+fn fuses_activation(x: &Tensor) -> bool {
+    x.device().is_cpu() && cpu_kernels_take(x.dtype())
 }
 
 fn conv2d_op(
@@ -224,12 +271,13 @@ struct Conv2dOp {
 type SideSlot = OnceLock<Arc<Vec<u8>>>;
 
 impl Conv2dOp {
-    /// A conv2d that keeps its columns for the weight gradient, if `w` will get one.
-    fn keeping(s: usize, p: usize, w: &Tensor, mode: Option<&GradMode>) -> Self {
+    /// A conv2d that keeps its columns for the weight gradient, if `w` will get one and the
+    /// CPU kernels run it.
+    fn keeping(s: usize, p: usize, x: &Tensor, w: &Tensor, mode: Option<&GradMode>) -> Self {
         Self {
             s,
             p,
-            cols: w.track_op().then(Arc::default),
+            cols: (w.track_op() && fuses_activation(x)).then(Arc::default),
             act: None,
             mode: mode.cloned(),
         }
@@ -298,6 +346,12 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if !cpu_kernels_take(s1.dtype()) {
+            if self.act.is_some() {
+                bail!("{}: a fused activation needs the CPU kernels", self.name());
+            }
+            return self.gemm_fwd(s1, l1, s2, l2);
+        }
         let (mut storage, shape) = dispatch(self, s1, l1, s2, l2)?;
         if let Some((act, slot)) = &self.act {
             let side = match &mut storage {
@@ -309,6 +363,26 @@ impl CustomOp2 for Conv2dOp {
             let _ = slot.set(Arc::new(side));
         }
         Ok((storage, shape))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.gemm_fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.gemm_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -360,7 +434,30 @@ impl CustomOp2 for ConvT2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if !cpu_kernels_take(s1.dtype()) {
+            return self.gemm_fwd(s1, l1, s2, l2);
+        }
         dispatch(self, s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.gemm_fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.gemm_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -416,7 +513,30 @@ impl CustomOp2 for WeightGradOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if !cpu_kernels_take(s1.dtype()) {
+            return self.gemm_fwd(s1, l1, s2, l2);
+        }
         dispatch(self, s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.gemm_fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.gemm_fwd(s1, l1, s2, l2)
     }
 
     /// dw[o,c,kh,kw] = sum g[b,o,oh,ow] x[b,c,oh s-p+kh,ow s-p+kw] is bilinear in (x, g):
@@ -447,6 +567,50 @@ impl CustomOp2 for WeightGradOp {
             None
         };
         Ok((gx, gg))
+    }
+}
+
+// The forwards off the CPU kernels: [`conv_gemm`]'s composites, run outside candle's graph.
+
+impl Conv2dOp {
+    fn gemm_fwd<S: OnDevice>(
+        &self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> Result<(S, Shape)> {
+        forward_on(s1, l1, s2, l2, |x, w| {
+            conv_gemm::conv2d(x, w, self.s, self.p)
+        })
+    }
+}
+
+impl ConvT2dOp {
+    fn gemm_fwd<S: OnDevice>(
+        &self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> Result<(S, Shape)> {
+        forward_on(s1, l1, s2, l2, |x, w| {
+            conv_gemm::conv_transpose2d(x, w, self.s, self.p, (self.oph, self.opw))
+        })
+    }
+}
+
+impl WeightGradOp {
+    fn gemm_fwd<S: OnDevice>(
+        &self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> Result<(S, Shape)> {
+        forward_on(s1, l1, s2, l2, |x, g| {
+            conv_gemm::conv2d_weight_grad(x, g, self.s, self.p, self.k)
+        })
     }
 }
 

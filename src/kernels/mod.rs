@@ -1,6 +1,7 @@
 //! CPU kernels and candle custom ops: the bottom layer of the engine, below [`crate::nn`].
 //!
 //! - [`conv`]: 2-D convolutions and transposed convolutions (im2col / col2im around gemm);
+//! - [`conv_gemm`]: the same off the CPU, as candle tensor ops around one matmul;
 //! - [`fused_bn`]: train-mode BatchNorm (optionally with its activation) and the conditional
 //!   affine of conditional BatchNorm;
 //! - [`attention`]: SAGAN self-attention in one op;
@@ -15,6 +16,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_gemm;
 pub mod fused_bn;
 pub mod matmul;
 pub mod ops;

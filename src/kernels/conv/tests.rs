@@ -290,7 +290,7 @@ fn columns_are_kept_only_for_a_weight_that_needs_a_gradient() {
     let x = randn(&mut rng, &[2, 3, 8, 8], DType::F32);
     let w = randn(&mut rng, &[4, 3, 4, 4], DType::F32);
     let kept = |w: &Tensor| {
-        let op = Conv2dOp::keeping(2, 1, w, None);
+        let op = Conv2dOp::keeping(2, 1, &x, w, None);
         let slot = op.cols.clone();
         x.apply_op2(w, op).unwrap();
         slot.is_some_and(|s| s.get().is_some())
@@ -767,4 +767,79 @@ fn table_and_row_paths_agree() {
         col2im_gather(&g, nb, &cols, &mut b);
         assert_eq!(a, b, "col2im {:?}", (nb, c, h, w, k, s, p));
     }
+}
+
+/// Runs `f` with the custom ops' forwards on [`conv_gemm`] (the GPU path) in this thread;
+/// returns its result and how many forwards took that path.
+fn on_gemm_path<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = conv_gemm::GEMM_FORWARDS.with(|c| c.get());
+    GEMM_ON_CPU.with(|g| g.set(true));
+    let r = f();
+    GEMM_ON_CPU.with(|g| g.set(false));
+    (r, conv_gemm::GEMM_FORWARDS.with(|c| c.get()) - before)
+}
+
+/// The custom ops with their forwards on the GPU path (conv_gemm's composites inside the
+/// same ops) give the CPU kernels' values and gradients of every order: both penalties above
+/// (input-gradient and weight-gradient), differentiated with respect to weights and input,
+/// through conv2d, conv_transpose2d with an output padding and the weight-gradient op's own
+/// backward.
+#[test]
+fn gemm_forwards_give_the_cpu_kernels_gradients_of_every_order() {
+    crate::grad::check_exact_second_order().unwrap();
+    let mut rng = Rng::new(9);
+    for net in &NETS {
+        let (x, w1, w2, r) = setup(net, &mut rng);
+        let penalties = |gemm: bool| -> Vec<Tensor> {
+            let run = || {
+                let out = net_out(net, x.as_tensor(), [&w1, &w2], &r, true);
+                let g = out.backward().unwrap();
+                let sq = |v: &Var| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                let pen = ((sq(&w1) + sq(&w2)).unwrap() + sq(&x)).unwrap();
+                let gg = pen.backward().unwrap();
+                let mut v = vec![out, pen];
+                v.extend([&w1, &w2, &x].map(|t| gg.get(t.as_tensor()).unwrap().clone()));
+                v
+            };
+            if gemm {
+                let (v, n) = on_gemm_path(run);
+                assert!(n >= 6, "{net:?}: only {n} forwards on the gemm path");
+                v
+            } else {
+                run()
+            }
+        };
+        let (a, b) = (penalties(true), penalties(false));
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            let e = rel(a, b);
+            assert!(e < 1e-11, "{net:?} result {i}: {e:e}");
+        }
+    }
+}
+
+/// On the gemm path a conv2d with an activation runs the activation as its own op (the fused
+/// op records the pre-activation's sides on the CPU only), with the same result.
+#[test]
+fn activation_conv_on_the_gemm_path_matches_the_fused_op() {
+    let mut rng = Rng::new(10);
+    let x = randn(&mut rng, &[2, 3, 8, 8], DType::F64);
+    let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 4, 4], DType::F64)).unwrap();
+    let act = LeakyRelu::LEAKY;
+    let fused = conv2d_act(&x, &w, 2, 1, act, None).unwrap();
+    let gf = fused.sum_all().unwrap().backward().unwrap();
+    let ((plain, gp), n) = on_gemm_path(|| {
+        let y = conv2d_act(&x, &w, 2, 1, act, None).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        (y, g)
+    });
+    assert!(n >= 2, "{n} forwards on the gemm path");
+    assert!(rel(&plain, &fused) < 1e-12);
+    assert!(rel(gp.get(&w).unwrap(), gf.get(&w).unwrap()) < 1e-12);
 }

@@ -74,13 +74,16 @@ done
 
 # ganscope with candle's own CUDA convolutions (GANSCOPE_CONV=candle: the path before session
 # 24, whose conv_transpose2d and conv input gradients run candle's direct kernel) beside the
-# default (conv_gemm: every convolution one cuBLAS gemm around copies), same binary.
+# default (conv_gemm: every convolution one cuBLAS gemm around copies), same binary; and the
+# default with TF32 products (GANSCOPE_TF32=1: PyTorch's default for its cuDNN convolutions).
 for b in 64 256; do
     [[ -n ${SKIP_COMPARE:-} ]] && break
-    for conv in candle auto; do
+    for conv in candle auto auto-tf32; do
         echo "GANSCOPE_CONV=$conv batch $b" | tee -a "$OUT/compare_cuda_b$b.txt"
-        GANSCOPE_CONV=$conv timeout 60 "$BIN" bench --model dcgan64 --device "$DEVICE" \
-            --batch "$b" --iters 20 --warmup 3 2>&1 | tail -2 | tee -a "$OUT/compare_cuda_b$b.txt"
+        tf32=0; [[ $conv == auto-tf32 ]] && tf32=1
+        GANSCOPE_CONV=${conv%-tf32} GANSCOPE_TF32=$tf32 timeout 60 "$BIN" bench --model dcgan64 \
+            --device "$DEVICE" --batch "$b" --iters 20 --warmup 3 2>&1 | tail -2 |
+            tee -a "$OUT/compare_cuda_b$b.txt"
     done
 done
 # Where the time goes, if a profiler is there (kernel summary of 5 dcgan64 iterations).

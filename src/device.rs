@@ -12,7 +12,20 @@ fn cuda() -> Result<Device> {
                 .into(),
         ));
     }
-    Device::new_cuda(0).map_err(|e| Error::Msg(format!("opening CUDA device 0: {e}")))
+    let dev =
+        Device::new_cuda(0).map_err(|e| Error::Msg(format!("opening CUDA device 0: {e}")))?;
+    if tf32_requested(std::env::var("GANSCOPE_TF32").ok().as_deref()) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
+    Ok(dev)
+}
+
+/// Whether `GANSCOPE_TF32` asks for TF32 tensor-core products in f32 gemms on CUDA (every
+/// convolution is one, see `kernels::conv_gemm`): off by default (exact f32, as PyTorch's
+/// matmuls); `1` matches PyTorch's default for cuDNN convolutions
+/// (`torch.backends.cudnn.allow_tf32 = True`), with a 10-bit mantissa in the products.
+fn tf32_requested(v: Option<&str>) -> bool {
+    matches!(v.map(str::trim), Some("1" | "true" | "on" | "yes"))
 }
 
 fn metal() -> Result<Device> {
@@ -60,5 +73,18 @@ pub fn name(dev: &Device) -> String {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tf32_only_when_asked() {
+        for v in [None, Some(""), Some("0"), Some("off"), Some("false")] {
+            assert!(!super::tf32_requested(v), "{v:?}");
+        }
+        for v in ["1", "true", " on", "yes"] {
+            assert!(super::tf32_requested(Some(v)), "{v:?}");
+        }
     }
 }

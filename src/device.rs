@@ -12,8 +12,7 @@ fn cuda() -> Result<Device> {
                 .into(),
         ));
     }
-    let dev =
-        Device::new_cuda(0).map_err(|e| Error::Msg(format!("opening CUDA device 0: {e}")))?;
+    let dev = Device::new_cuda(0).map_err(|e| Error::Msg(format!("opening CUDA device 0: {e}")))?;
     if tf32_requested(std::env::var("GANSCOPE_TF32").ok().as_deref()) {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
     }

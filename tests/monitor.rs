@@ -497,3 +497,27 @@ fn real_features_come_from_the_cache_until_something_they_depend_on_changes() {
     assert!(!fit(&other, data.as_ref()).cost().fit_cached);
     assert_eq!(files().len(), 3);
 }
+
+#[test]
+fn a_stop_request_ends_the_run_after_the_step_in_progress_with_a_checkpoint() {
+    // `train`'s Ctrl-C / SIGTERM path: the flag is set while the loop runs toward a far
+    // target; the loop finishes the next step and ends as at a deadline, so the folder holds
+    // a checkpoint and a sample grid of that step although neither was scheduled.
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = toy_trainer(tmp.path(), 0, 1.0);
+    t.cfg.checkpoint_every = 1000;
+    t.cfg.sample_every = 1000;
+    let out = tmp.path().join("run");
+    let mut folder = RunFolder::new(&out, &t.cfg);
+    let opts = LoopOptions::for_trainer(&t);
+    let mut lp = TrainLoop::new(t, opts).unwrap();
+    lp.stop_when(&STOP);
+    lp.run_until(2, None, &mut [&mut folder]).unwrap();
+    assert_eq!((lp.trainer.step, folder.saved_step()), (2, Some(2)));
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    lp.run_until(1000, None, &mut [&mut folder]).unwrap();
+    assert_eq!(lp.trainer.step, 3, "one step after the request");
+    assert_eq!(folder.saved_step(), Some(3));
+    assert!(out.join("samples").join("step_000003.png").is_file());
+}

@@ -4,6 +4,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -28,7 +30,8 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     pub(crate) steps: Option<u64>,
     /// Wall-time budget in minutes, counted from the start of the command (data loading
-    /// included): stop after the step that crosses it, with a checkpoint and a sample grid.
+    /// included): stop after the step that crosses it, with a checkpoint and a sample grid
+    /// (Ctrl-C / SIGTERM stop the same way; a second one exits at once).
     #[arg(long)]
     pub(crate) minutes: Option<f64>,
     #[arg(long)]
@@ -372,6 +375,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let mut opts = run::LoopOptions::for_trainer(&trainer);
     opts.feature_cache = ganscope::train::monitor::user_feature_cache();
     let mut lp = run::TrainLoop::new(trainer, opts).context("setting up the diagnostics")?;
+    lp.stop_when(stop_requested());
     let res = lp.run_until(target, deadline, &mut [&mut folder, &mut progress]);
     pb.finish();
     let cost = lp.monitor_cost();
@@ -404,6 +408,40 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             cfg.monitor.max_share
         );
     }
+    if stop_requested().load(Ordering::Relaxed) {
+        eprintln!(
+            "stopped on request after step {}; go on with `ganscope train --resume {}`",
+            trainer.step,
+            out.display()
+        );
+    }
     eprintln!("done: {} steps in {}", trainer.step, out.display());
     Ok(())
+}
+
+/// Set by the first Ctrl-C / SIGTERM (SIGHUP too on Unix): the loop finishes the step it is in
+/// and ends as at `--minutes`, with a checkpoint and a sample grid. A second one exits at once
+/// (status 130) without writing anything; a checkpoint on disk is whole either way (written
+/// atomically).
+fn stop_requested() -> &'static AtomicBool {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        let set = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                eprintln!(
+                    "\nsecond stop request: exiting now (the last checkpoint stays as it is)"
+                );
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nstop requested: finishing this step, then a checkpoint and samples \
+                 (once more to exit at once)"
+            );
+        });
+        if let Err(e) = set {
+            eprintln!("note: Ctrl-C will not save a checkpoint ({e})");
+        }
+    });
+    &STOP
 }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::time::Instant;
 
@@ -318,17 +319,21 @@ pub enum StepOutcome {
     Recovered(Recovery),
 }
 
-/// When a run ends: at a generator step, at the first step that ends after a wall time, or
-/// neither (the explorer runs until paused).
+/// When a run ends: at a generator step, at the first step that ends after a wall time or
+/// after a stop request (Ctrl-C / SIGTERM in the CLI), or none of them (the explorer runs until
+/// paused).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Until {
     pub target: Option<u64>,
     pub deadline: Option<Instant>,
+    pub stop: Option<&'static AtomicBool>,
 }
 
 impl Until {
     fn reached(&self, step: u64) -> bool {
-        self.target.is_some_and(|t| step >= t) || self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.target.is_some_and(|t| step >= t)
+            || self.deadline.is_some_and(|d| Instant::now() >= d)
+            || self.stop.is_some_and(|f| f.load(Ordering::Relaxed))
     }
 }
 
@@ -349,6 +354,8 @@ pub struct TrainLoop {
     /// step): "elapsed" counts training, not pauses, and does not reset on Resume.
     trained_before: f64,
     last_step_end: Instant,
+    /// See [`Self::stop_when`].
+    stop: Option<&'static AtomicBool>,
 }
 
 impl TrainLoop {
@@ -410,6 +417,7 @@ impl TrainLoop {
             t0: Instant::now(),
             trained_before: 0.0,
             last_step_end: Instant::now(),
+            stop: None,
         };
         l.take_snapshot()?;
         Ok(l)
@@ -566,7 +574,15 @@ impl TrainLoop {
         Ok(StepOutcome::Healthy { last })
     }
 
-    /// Train until `target` generator steps (or the first step that ends after `deadline`).
+    /// Makes [`Self::run_until`] end at the first generator step that ends after `flag` is set,
+    /// as at a deadline: the sinks see that step as the last (the run folder writes its
+    /// checkpoint and samples).
+    pub fn stop_when(&mut self, flag: &'static AtomicBool) {
+        self.stop = Some(flag);
+    }
+
+    /// Train until `target` generator steps (or the first step that ends after `deadline`, or
+    /// after the [`Self::stop_when`] flag is set).
     /// A NaN/Inf under [`NanPolicy::RestorePause`] stops with an error saying where it
     /// happened and what was restored (the run folder keeps its last healthy checkpoint).
     pub fn run_until(
@@ -579,6 +595,7 @@ impl TrainLoop {
         let until = Until {
             target: Some(target),
             deadline,
+            stop: self.stop,
         };
         while self.trainer.step < target {
             match self.step(StepKind::Both, until, sinks)? {

@@ -334,6 +334,31 @@ struct WeightGradOp {
     mode: Option<GradMode>,
 }
 
+/// `cuda_fwd` and `metal_fwd` of a conv custom op: its `gemm_fwd` (see below).
+macro_rules! gpu_forwards {
+    () => {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.gemm_fwd(s1, l1, s2, l2)
+        }
+
+        fn metal_fwd(
+            &self,
+            s1: &MetalStorage,
+            l1: &Layout,
+            s2: &MetalStorage,
+            l2: &Layout,
+        ) -> Result<(MetalStorage, Shape)> {
+            self.gemm_fwd(s1, l1, s2, l2)
+        }
+    };
+}
+
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "ganscope-conv2d"
@@ -365,25 +390,7 @@ impl CustomOp2 for Conv2dOp {
         Ok((storage, shape))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.gemm_fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.gemm_fwd(s1, l1, s2, l2)
-    }
+    gpu_forwards!();
 
     fn bwd(
         &self,
@@ -440,25 +447,7 @@ impl CustomOp2 for ConvT2dOp {
         dispatch(self, s1, l1, s2, l2)
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.gemm_fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.gemm_fwd(s1, l1, s2, l2)
-    }
+    gpu_forwards!();
 
     fn bwd(
         &self,
@@ -519,25 +508,7 @@ impl CustomOp2 for WeightGradOp {
         dispatch(self, s1, l1, s2, l2)
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.gemm_fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.gemm_fwd(s1, l1, s2, l2)
-    }
+    gpu_forwards!();
 
     /// dw[o,c,kh,kw] = sum g[b,o,oh,ow] x[b,c,oh s-p+kh,ow s-p+kw] is bilinear in (x, g):
     /// d/dx is conv_transpose2d(g, gdw) (gdw read as (O, C, k, k) = (Cin, Cout, k, k)), with

@@ -305,41 +305,25 @@ pub(crate) trait OnDevice: BackendStorage<Device: BackendDevice<Storage = Self>>
     fn of(s: &Storage) -> Option<&Self>;
 }
 
-impl OnDevice for CpuStorage {
-    fn wrap(self) -> Storage {
-        Storage::Cpu(self)
-    }
-    fn of(s: &Storage) -> Option<&Self> {
-        match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
+macro_rules! on_device {
+    ($storage:ident, $variant:ident) => {
+        impl OnDevice for $storage {
+            fn wrap(self) -> Storage {
+                Storage::$variant(self)
+            }
+            fn of(s: &Storage) -> Option<&Self> {
+                match s {
+                    Storage::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
         }
-    }
+    };
 }
 
-impl OnDevice for CudaStorage {
-    fn wrap(self) -> Storage {
-        Storage::Cuda(self)
-    }
-    fn of(s: &Storage) -> Option<&Self> {
-        match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-impl OnDevice for MetalStorage {
-    fn wrap(self) -> Storage {
-        Storage::Metal(self)
-    }
-    fn of(s: &Storage) -> Option<&Self> {
-        match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        }
-    }
-}
+on_device!(CpuStorage, Cpu);
+on_device!(CudaStorage, Cuda);
+on_device!(MetalStorage, Metal);
 
 /// A copy of a custom op's argument as a tensor outside any graph.
 fn detached<S: OnDevice>(s: &S, l: &Layout) -> Result<Tensor> {

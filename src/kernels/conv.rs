@@ -129,26 +129,27 @@ fn route(x: &Tensor, w: &Tensor) -> Route {
     match ConvImpl::current() {
         ConvImpl::Candle => Route::Candle,
         _ if !usable => Route::Candle,
-        ConvImpl::Gemm => Route::Ops,
-        // Other dtypes on the CPU: candle's ops, unless a test asks for the gemm path.
-        ConvImpl::Auto
-            if x.device().is_cpu()
-                && !matches!(x.dtype(), DType::F32 | DType::F64)
-                && !GEMM_ON_CPU.with(|g| g.get()) =>
-        {
-            Route::Candle
-        }
-        ConvImpl::Auto => Route::Ops,
+        // Other dtypes on the CPU: candle's ops, unless the gemm path is asked for.
+        _ if x.device().is_cpu() && !cpu_dtype(x.dtype()) && !gemm_on_cpu() => Route::Candle,
+        _ => Route::Ops,
     }
 }
 
-/// Whether the CPU kernels run a custom op's forward on the CPU (else [`super::conv_gemm`]'s
-/// composite does): f32 / f64, unless `GANSCOPE_CONV=gemm` or [`GEMM_ON_CPU`] asks for the
-/// composite.
-fn cpu_kernels_take(dtype: DType) -> bool {
+/// The dtypes of the CPU kernels.
+fn cpu_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F64)
-        && ConvImpl::current() != ConvImpl::Gemm
-        && !GEMM_ON_CPU.with(|g| g.get())
+}
+
+/// Whether the custom ops run [`super::conv_gemm`]'s composite on the CPU too:
+/// `GANSCOPE_CONV=gemm`, or [`GEMM_ON_CPU`] in this thread.
+fn gemm_on_cpu() -> bool {
+    ConvImpl::current() == ConvImpl::Gemm || GEMM_ON_CPU.with(|g| g.get())
+}
+
+/// Whether the CPU kernels run a custom op's forward on the CPU (else [`super::conv_gemm`]'s
+/// composite does).
+fn cpu_kernels_take(dtype: DType) -> bool {
+    cpu_dtype(dtype) && !gemm_on_cpu()
 }
 
 thread_local! {
@@ -334,7 +335,7 @@ struct WeightGradOp {
     mode: Option<GradMode>,
 }
 
-/// `cuda_fwd` and `metal_fwd` of a conv custom op: its `gemm_fwd` (see below).
+/// `cuda_fwd` and `metal_fwd` of a conv custom op: its [`Composite::gemm_fwd`].
 macro_rules! gpu_forwards {
     () => {
         fn cuda_fwd(
@@ -541,9 +542,11 @@ impl CustomOp2 for WeightGradOp {
     }
 }
 
-// The forwards off the CPU kernels: [`conv_gemm`]'s composites, run outside candle's graph.
+/// A conv op's forward as [`conv_gemm`]'s composite of tensor ops: what it runs off the CPU
+/// kernels, on copies of its arguments outside candle's graph ([`forward_on`]).
+trait Composite {
+    fn composite(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
 
-impl Conv2dOp {
     fn gemm_fwd<S: OnDevice>(
         &self,
         s1: &S,
@@ -551,37 +554,25 @@ impl Conv2dOp {
         s2: &S,
         l2: &Layout,
     ) -> Result<(S, Shape)> {
-        forward_on(s1, l1, s2, l2, |x, w| {
-            conv_gemm::conv2d(x, w, self.s, self.p)
-        })
+        forward_on(s1, l1, s2, l2, |a, b| self.composite(a, b))
     }
 }
 
-impl ConvT2dOp {
-    fn gemm_fwd<S: OnDevice>(
-        &self,
-        s1: &S,
-        l1: &Layout,
-        s2: &S,
-        l2: &Layout,
-    ) -> Result<(S, Shape)> {
-        forward_on(s1, l1, s2, l2, |x, w| {
-            conv_gemm::conv_transpose2d(x, w, self.s, self.p, (self.oph, self.opw))
-        })
+impl Composite for Conv2dOp {
+    fn composite(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        conv_gemm::conv2d(x, w, self.s, self.p)
     }
 }
 
-impl WeightGradOp {
-    fn gemm_fwd<S: OnDevice>(
-        &self,
-        s1: &S,
-        l1: &Layout,
-        s2: &S,
-        l2: &Layout,
-    ) -> Result<(S, Shape)> {
-        forward_on(s1, l1, s2, l2, |x, g| {
-            conv_gemm::conv2d_weight_grad(x, g, self.s, self.p, self.k)
-        })
+impl Composite for ConvT2dOp {
+    fn composite(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        conv_gemm::conv_transpose2d(x, w, self.s, self.p, (self.oph, self.opw))
+    }
+}
+
+impl Composite for WeightGradOp {
+    fn composite(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        conv_gemm::conv2d_weight_grad(x, g, self.s, self.p, self.k)
     }
 }
 

@@ -140,6 +140,9 @@ fn pad_kernel(w: &Tensor, s: usize) -> Result<(Tensor, usize)> {
     Ok((w, k))
 }
 
+// The three composites below may return strided views: their caller, [`forward_on`], copies
+// the result into fresh contiguous storage anyway.
+
 /// Output size of a convolution over `n` pixels (padding p each side, kernel k, stride s).
 fn out_size(n: usize, k: usize, s: usize, p: usize) -> Result<usize> {
     if s == 0 || n + 2 * p < k {
@@ -185,10 +188,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
         .permute((0, 2, 4, 1, 3, 5))?
         .contiguous()?
         .reshape((o, c * s * s * k * k))?;
-    w.matmul(&cols)?
-        .reshape((o, b, oh, ow))?
-        .transpose(0, 1)?
-        .contiguous()
+    w.matmul(&cols)?.reshape((o, b, oh, ow))?.transpose(0, 1)
 }
 
 /// The gradient of conv2d(x, w) with respect to its k x k weight w (O, C, k, k), given
@@ -218,8 +218,7 @@ pub fn conv2d_weight_grad(x: &Tensor, g: &Tensor, s: usize, p: usize, k: usize) 
         .contiguous()?
         .reshape((o, c, kp * s, kp * s))?
         .narrow(2, 0, k)?
-        .narrow(3, 0, k)?
-        .contiguous()
+        .narrow(3, 0, k)
 }
 
 /// 2-D transposed convolution, x (B, Ci, H, W), w (Ci, Co, K, K) -> (B, Co, OH, OW) with
@@ -290,7 +289,7 @@ pub fn conv_transpose2d(
         }
     };
     let y = fit(full, 2, oh)?;
-    fit(y, 3, ow)?.contiguous()
+    fit(y, 3, ow)
 }
 
 #[cfg(test)]

@@ -975,6 +975,12 @@ pub struct MonitorConfig {
     /// Latents drawn per condition in a check (the intra-condition diversity compares
     /// samples of the same condition; 1 leaves it without generated pairs).
     pub seeds_per_condition: usize,
+    /// Test-time mirroring in the checks' label probabilities (the mean over each image and
+    /// its mirror image). Off by default whatever the evaluator's own `tta_hflip` says
+    /// (`ganscope eval` follows the evaluator): it doubles the evaluator's pass over the
+    /// generated images, and a check stops training while it runs. Needs an evaluator
+    /// trained with flips.
+    pub tta_hflip: bool,
     /// Most of the wall time the checks may take over the run (checks / (checks +
     /// training)): a due check is postponed to a later multiple of `every` until one more
     /// (as long as the last) fits this share. 1.0 or more turns the limit off (every
@@ -1001,6 +1007,7 @@ impl Default for MonitorConfig {
             n_real: 2000,
             n_generated: 1000,
             seeds_per_condition: 4,
+            tta_hflip: false,
             max_share: 0.08,
             fid_every: 0,
             fid_weights: None,

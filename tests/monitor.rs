@@ -521,3 +521,52 @@ fn a_stop_request_ends_the_run_after_the_step_in_progress_with_a_checkpoint() {
     assert_eq!(folder.saved_step(), Some(3));
     assert!(out.join("samples").join("step_000003.png").is_file());
 }
+
+#[test]
+fn the_checks_leave_test_time_mirroring_off_unless_asked() {
+    // An evaluator saved with `tta_hflip` on (as evaluator-iclevr-32 ships): `eval` follows
+    // it, but a check reads each generated image once unless `monitor.tta_hflip` is set, so
+    // its report is that of the same weights with mirroring off. Asked for, mirroring changes
+    // the probabilities (so the label statistics); an evaluator trained without flips
+    // refuses it.
+    use ganscope::train::monitor::Monitor;
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = toy_trainer(tmp.path(), 1, 1.0);
+    let data = t.data().clone();
+    let g = t.sampling_generator();
+    let save = |dir: &str, hflip: bool, tta: bool| -> std::path::PathBuf {
+        let ecfg = EvaluatorConfig {
+            width: 4,
+            hflip,
+            tta_hflip: tta,
+            ..EvaluatorConfig::for_data(data.as_ref())
+        };
+        let path = tmp.path().join(dir);
+        Classifier::new(&ecfg, &dev).unwrap().save(&path).unwrap();
+        path
+    };
+    let (mirrored, plain, unflipped) = (
+        save("mirrored", true, true),
+        save("plain", true, false),
+        save("unflipped", false, false),
+    );
+    assert!(Classifier::load(&mirrored, &dev).unwrap().cfg.tta_hflip);
+    let report = |ev: &std::path::Path, tta: bool| -> Result<String, String> {
+        let mut cfg = t.cfg.clone();
+        cfg.monitor.evaluator = Some(ev.to_path_buf());
+        cfg.monitor.tta_hflip = tta;
+        let mut m = Monitor::new(&cfg, data.as_ref(), &dev).map_err(|e| e.to_string())?;
+        let (c, _) = m.check(1, g, data.as_ref()).unwrap();
+        let mut v = serde_json::to_value(&c.report).unwrap();
+        v.as_object_mut().unwrap().remove("timings").unwrap();
+        Ok(v.to_string())
+    };
+    let off = report(&plain, false).unwrap();
+    assert_eq!(report(&mirrored, false).unwrap(), off);
+    let on = report(&mirrored, true).unwrap();
+    assert_eq!(report(&plain, true).unwrap(), on);
+    assert_ne!(on, off);
+    let err = report(&unflipped, true).unwrap_err();
+    assert!(err.contains("tta_hflip"), "{err}");
+}

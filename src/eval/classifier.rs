@@ -316,6 +316,21 @@ impl Classifier {
         Ok((probs, feats))
     }
 
+    /// Per-image features alone (eval mode, chunks as [`Classifier::predict`]; no mirrored
+    /// pass even with `tta_hflip`: the features are always the image's own).
+    pub fn features(&self, x: &Tensor) -> Result<Rows> {
+        let n = x.dim(0)?;
+        let mut feats = Vec::with_capacity(n);
+        let mut i = 0;
+        while i < n {
+            let m = PREDICT_CHUNK.min(n - i);
+            let (_, f) = self.forward(&x.narrow(0, i, m)?, Pass::eval())?;
+            feats.extend(f.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+            i += m;
+        }
+        Ok(feats)
+    }
+
     /// Turn test-time mirroring on or off; an error for an evaluator trained without flips.
     pub fn set_tta_hflip(&mut self, on: bool) -> Result<()> {
         if on && !self.cfg.hflip {

@@ -210,7 +210,8 @@ impl Monitor {
         }
         cfg.monitor.diagnostics.validate()?;
         let dir = cfg.monitor.evaluator_dir(cfg);
-        let ev = Classifier::load(&dir, device)?;
+        let mut ev = Classifier::load(&dir, device)?;
+        ev.set_tta_hflip(cfg.monitor.tta_hflip)?;
         let (c, h, _) = data.image_shape();
         ev.check_fits(&dir, c, h, data.label_names())?;
         let n = cfg.monitor.n_real.min(data.len());
@@ -248,7 +249,7 @@ impl Monitor {
                 let mut feats = Vec::with_capacity(n);
                 for chunk in idx.chunks(256) {
                     let (x, _) = data.batch(chunk, device)?;
-                    feats.extend(ev.predict(&x)?.1);
+                    feats.extend(ev.features(&x)?);
                 }
                 if let Some(f) = &file {
                     // A cache that cannot be written costs the next run the fit, nothing else.

@@ -8,7 +8,12 @@
 #   3. issue 17 item 5: the 64-px i-CLEVR ablation, all seven variants trained at once on the
 #      GPU until 160 s before DEADLINE_S (seconds after the start) at batch 32 with `--keep-every 250`, then each scored by
 #      `ganscope eval` at the largest step that every variant kept (equal steps, batch and
-#      device), on test.json and new_test.json with 5 seeds, with its training sample sheet.
+#      device), on test.json and new_test.json with 5 seeds, with its training sample sheet;
+#      beside them, issue 17 item 3: the 64-px generator (checkpoints/iclevr-sequential-64-wip,
+#      weights only, so fresh Adam moments as at every session's resume) trains on on the GPU
+#      for the same minutes; its weights, config and last sample sheets come back as s64.tgz
+#      (ship them with `ganscope ship --run <unpacked> --out checkpoints/iclevr-sequential-64-wip`
+#      if it got further than the CPU run of the session, and score it with the card's command).
 #
 # Usage (repo root of the device machine): bench/gpu_check.sh BIN LABELS OUT DEADLINE_S
 #   BIN: a binary built with `cargo build --release --features cuda` (docs: README, "GPU");
@@ -16,9 +21,9 @@
 # Getting it there (session 23): build here with the platform notes' CUDA 13.0 nvcc and link
 # stubs, `strip` the binary and `xz` it (111 MB -> 29 MB) into an ignored folder (`.dev/`, in
 # .git/info/exclude) with test.json and new_test.json; the device tool sends at most 64 MiB and
-# the tracked tree is larger, so move every checkpoint folder but evaluator-iclevr and
-# evaluator-iclevr-32, tests/ and assets/readme out of the checkout for the call (and back
-# after). Then, with carry [".dev"]:
+# the tracked tree is larger (67 MB in session 25), so move every checkpoint folder but
+# evaluator-iclevr and iclevr-sequential-64-wip, tests/ and assets/readme out of the checkout
+# for the call (and back after): about 28 MB of tree plus the 29 MB binary. Then, with carry [".dev"]:
 #   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/ganscope-cuda.xz'),
 #     open('/tmp/ganscope','wb'))" && chmod +x /tmp/ganscope &&
 #   bash bench/gpu_check.sh /tmp/ganscope .dev/labels $OUT 540 2>&1 | tee $OUT/gpu_check.log
@@ -114,15 +119,13 @@ for v in "${!ARGS[@]}"; do
         --out "$runs/$v" >"$OUT/train_$v.log" 2>&1 &
     pids+=($!)
 done
-# Beside them, issue 17 item 1: fine-tune the 32-px i-CLEVR evaluator (0.9836 on unseen
-# renders; 85 minutes on one CPU core) and score it on unseen 32-px renders (seed 1).
+# Beside them, issue 17 item 3: the 64-px generator trains on from its shipped weights.
+S64_FROM=${S64_FROM:-checkpoints/iclevr-sequential-64-wip}
 (
-    RAYON_NUM_THREADS=4 timeout $((DEADLINE_S - $(date +%s) + t0 - 20)) "$BIN" evaluator train --kind iclevr \
-        --size 32 --width 32 --stem-stride 1 --epochs 4 --n-scenes 30000 --lr 2e-4 \
-        --init checkpoints/evaluator-iclevr-32 --device "$DEVICE" --out "$WORK/ev32ft" &&
-        "$BIN" evaluator score --kind iclevr --n-scenes 2000 --seed 1 --evaluator "$WORK/ev32ft" \
-            --device "$DEVICE"
-) >"$OUT/ev32.log" 2>&1 &
+    [[ -f $S64_FROM/generator.safetensors ]] &&
+        RAYON_NUM_THREADS=2 "$BIN" train --resume "$S64_FROM" --out "$WORK/S64" --device "$DEVICE" \
+            --minutes "$TRAIN_MIN" --steps 1000000 --checkpoint-every 250 --sample-every 500
+) >"$OUT/train_s64.log" 2>&1 &
 evpid=$!
 for p in "${pids[@]}"; do wait "$p"; done
 echo "$(el) trained"
@@ -155,8 +158,15 @@ if ((common > 0)); then
     done
 fi
 wait "$evpid"
-echo "$(el) evaluator: $(tail -3 "$OUT/ev32.log")"
-[[ -d $WORK/ev32ft ]] && tar czf "$OUT/ev32ft.tgz" --exclude='evaluator_state*' -C "$WORK" ev32ft
+echo "$(el) 64-px generator: $(tail -2 "$OUT/train_s64.log")"
+if [[ -f $WORK/S64/generator.safetensors ]]; then
+    # Weights, config, the last two sample sheets and the log (the optimizer state, 27 MB,
+    # is over the 16 MiB a returned file may have).
+    sheets=$(cd "$WORK/S64" && ls samples/*.png 2>/dev/null | sort | tail -2)
+    # shellcheck disable=SC2086 # two file names
+    tar czf "$OUT/s64.tgz" -C "$WORK/S64" config.json generator.safetensors \
+        discriminator.safetensors metrics.jsonl $sheets
+fi
 # At most 8 files come back: pack the logs, evaluations and sheets into one archive.
 (cd "$OUT" && tar czf ablation.tgz train_*.log eval_*.txt sheet_*.png 2>/dev/null && rm -f train_*.log eval_*.txt sheet_*.png)
 echo "== $(el) done"

@@ -1092,3 +1092,62 @@ fn keep_every_leaves_weights_folders_of_those_steps() {
     assert_ne!(values(&gens[0], key), values(&gens[1], key));
     assert!(!kept(step).exists());
 }
+
+#[test]
+fn ship_with_sheet_copies_the_grid_of_the_shipped_step() {
+    // `ganscope ship --sheet` takes the run's sample grid of the step it ships as the
+    // folder's samples.png; where the run has no grid at that step it fails before writing
+    // anything, naming the missing file.
+    let bin = env!("CARGO_BIN_EXE_ganscope");
+    let mut cfg = tiny(TrainConfig::iclevr_small());
+    cfg.model.g_object_layers = 0;
+    cfg.data.limit = Some(32);
+    cfg.sample_every = 2;
+    cfg.checkpoint_every = 0;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg_path = tmp.path().join("tiny.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap()
+    };
+    let (r, out) = (tmp.path().join("run"), tmp.path().join("ship"));
+    let (rs, os) = (r.to_str().unwrap(), out.to_str().unwrap());
+    let c = cfg_path.to_str().unwrap();
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(run(&[
+        "train", "--config", c, "--device", "cpu", "--steps", "2", "--out", rs,
+    ]));
+    ok(run(&["ship", "--run", rs, "--out", os, "--sheet"]));
+    assert_eq!(
+        std::fs::read(out.join("samples.png")).unwrap(),
+        std::fs::read(r.join("samples/step_000002.png")).unwrap()
+    );
+    // A run whose grid of the newest step is gone (or was never written, with
+    // `--sample-every 0`): refused, and nothing is written.
+    ok(run(&[
+        "train", "--resume", rs, "--device", "cpu", "--steps", "3",
+    ]));
+    std::fs::remove_file(r.join("samples/step_000003.png")).unwrap();
+    let out3 = tmp.path().join("ship3");
+    let o = run(&[
+        "ship",
+        "--run",
+        rs,
+        "--out",
+        out3.to_str().unwrap(),
+        "--sheet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("step_000003.png") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert!(!out3.exists());
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
 use ganscope::train::read_config;
@@ -15,6 +15,11 @@ pub(crate) struct ShipArgs {
     /// The new folder (refused if it holds a run's optimizer state).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// Also copy the run's sample grid of the shipped step (`samples/step_NNNNNN.png`) to
+    /// OUT/samples.png, replacing one there; an error, before anything is written, if the run
+    /// has no grid at that step.
+    #[arg(long)]
+    pub(crate) sheet: bool,
 }
 
 /// The explorer's default generator (`checkpoints/iclevr-small`) and its 32-px evaluator,
@@ -107,6 +112,19 @@ pub(crate) fn ship(a: ShipArgs) -> Result<()> {
         eprintln!("note: {note}");
     }
     let [g, d, _] = &set.files;
+    let grid = a
+        .run
+        .join("samples")
+        .join(format!("step_{:06}.png", set.step));
+    if a.sheet && !grid.is_file() {
+        bail!(
+            "--sheet: {} has no sample grid at step {} ({} does not exist; `train \
+             --sample-every N` writes one every N steps); nothing was written",
+            a.run.display(),
+            set.step,
+            grid.display()
+        );
+    }
     checkpoint::save_weights(&a.out, set.step, g, d)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let json = serde_json::to_vec_pretty(&cfg)?;
@@ -123,5 +141,16 @@ pub(crate) fn ship(a: ShipArgs) -> Result<()> {
         a.out.display(),
         size as f64 / 1e6
     );
+    if a.sheet {
+        let to = a.out.join("samples.png");
+        let bytes = std::fs::read(&grid).with_context(|| format!("reading {}", grid.display()))?;
+        checkpoint::write_atomic(&to, &bytes)?;
+        println!("copied {} to {}", grid.display(), to.display());
+    } else if grid.is_file() {
+        println!(
+            "the run's sample grid at this step: {} (`--sheet` copies it to samples.png)",
+            grid.display()
+        );
+    }
     Ok(())
 }

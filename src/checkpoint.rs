@@ -117,6 +117,25 @@ pub struct CheckpointSet {
     pub notes: Vec<String>,
 }
 
+/// The folders where shipped checkpoints are looked for, in order: `./checkpoints`,
+/// `checkpoints/` beside the executable, three levels up from it (cargo's
+/// `target/<profile>/`), and the source tree's (`CARGO_MANIFEST_DIR`, for a binary run from
+/// another folder on the machine that built it).
+pub fn checkpoint_roots() -> Vec<PathBuf> {
+    let mut places = vec![PathBuf::from("checkpoints")];
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        places.push(exe_dir.join("checkpoints"));
+        if let Some(root) = exe_dir.ancestors().nth(2) {
+            places.push(root.join("checkpoints"));
+        }
+    }
+    places.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints"));
+    places
+}
+
 /// Path of the current file of a role.
 pub fn file_path(dir: &Path, role: usize) -> PathBuf {
     dir.join(FILES[role])

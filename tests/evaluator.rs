@@ -389,3 +389,55 @@ fn the_course_evaluator_file_is_an_evaluator_of_64_px_iclevr() {
     );
     assert!(stdout.contains("top-k accuracy"), "{stdout}");
 }
+
+#[test]
+fn the_default_evaluator_is_looked_for_in_every_checkpoints_folder() {
+    // `eval` and `train` without an evaluator take the default one of the run's data and
+    // size from the first checkpoints folder that has it (the working folder's, the
+    // executable's, the source tree's), so they work from any folder; when none has one the
+    // error names the kind, the size and the folder names tried.
+    use ganscope::train::monitor::{find_evaluator, load_evaluator};
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let roots: Vec<_> = ["a", "b", "c"].iter().map(|r| tmp.path().join(r)).collect();
+    let cfg32 = ganscope::config::TrainConfig::iclevr_small();
+    // None anywhere: the first root's folder (to be reported missing).
+    assert_eq!(
+        find_evaluator(&roots, &cfg32),
+        roots[0].join("evaluator-iclevr")
+    );
+    let err = load_evaluator(&find_evaluator(&roots, &cfg32), &cfg32, &dev)
+        .err()
+        .expect("no evaluator anywhere")
+        .to_string();
+    assert!(
+        err.contains("32x32 iclevr")
+            && err.contains("evaluator-iclevr-32 and evaluator-iclevr")
+            && err.contains("--evaluator"),
+        "{err}"
+    );
+    let names: Vec<String> = (0..24).map(|i| format!("l{i}")).collect();
+    let make = |root: &std::path::Path, size: usize, dir: &str| {
+        let cfg = EvaluatorConfig {
+            image_size: size,
+            channels: 3,
+            kind: ConditionKind::MultiHot,
+            label_names: names.clone(),
+            width: 4,
+            ..EvaluatorConfig::default()
+        };
+        let d = root.join(dir);
+        Classifier::new(&cfg, &dev).unwrap().save(&d).unwrap();
+        d
+    };
+    // The 64-px one in the first root, the 32-px one in the second: each run gets its size.
+    let e64 = make(&roots[0], 64, "evaluator-iclevr");
+    let e32 = make(&roots[1], 32, "evaluator-iclevr-32");
+    assert_eq!(find_evaluator(&roots, &cfg32), e32);
+    let cfg64 = ganscope::config::TrainConfig::iclevr_sagan();
+    assert_eq!(find_evaluator(&roots, &cfg64), e64);
+    assert!(load_evaluator(&e32, &cfg32, &dev).is_ok());
+    // Two roots with one: the earlier wins.
+    make(&roots[2], 32, "evaluator-iclevr-32");
+    assert_eq!(find_evaluator(&roots, &cfg32), e32);
+}

@@ -187,17 +187,7 @@ impl Default for AppOptions {
 /// (`./checkpoints` when none does). The binary adds its embedded copy of the default
 /// generator when none is found ([`run_native`]'s caller).
 pub fn checkpoints_dir() -> PathBuf {
-    let mut places = vec![PathBuf::from("checkpoints")];
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        places.push(exe_dir.join("checkpoints"));
-        if let Some(root) = exe_dir.ancestors().nth(2) {
-            places.push(root.join("checkpoints"));
-        }
-    }
-    places.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints"));
+    let places = crate::checkpoint::checkpoint_roots();
     places
         .iter()
         .find(|p| has_shipped_default(p))

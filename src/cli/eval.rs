@@ -75,12 +75,16 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     set_truncation(&mut g, a.truncation)?;
     println!("{} at step {step}", a.run.display());
     let m = &cfg.model;
-    let ev_dir = a
-        .evaluator
-        .clone()
-        .unwrap_or_else(|| cfg.monitor.evaluator_dir(&cfg));
-    let ev = Classifier::load(&ev_dir, &dev)
-        .with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
+    let ev_dir = match &a.evaluator {
+        Some(p) => p.clone(),
+        None => default_evaluator(&cfg),
+    };
+    let ev = if a.evaluator.is_some() {
+        Classifier::load(&ev_dir, &dev)
+    } else {
+        ganscope::train::monitor::load_evaluator(&ev_dir, &cfg, &dev)
+    }
+    .with_context(|| format!("loading the evaluator from {}", ev_dir.display()))?;
     // An unconditional generator has no labels of its own: only the geometry must match.
     let want = if m.num_conditions == 0 {
         &ev.cfg.label_names
@@ -427,4 +431,28 @@ fn sequential_preservation(
         p.changed_share_real
     );
     Ok(())
+}
+
+/// The run's evaluator when `--evaluator` is not given: its config's, else the shipped one for
+/// its data and size (found as [`MonitorConfig::evaluator_dir`] says), else the copy of the
+/// 32-px i-CLEVR evaluator embedded in this binary (unpacked once into the user's cache), so
+/// that `eval` works from any folder.
+///
+/// [`MonitorConfig::evaluator_dir`]: ganscope::train::monitor::MonitorConfig::evaluator_dir
+fn default_evaluator(cfg: &ganscope::config::TrainConfig) -> std::path::PathBuf {
+    let found = cfg.monitor.evaluator_dir(cfg);
+    if cfg.monitor.evaluator.is_some() || found.exists() {
+        return found;
+    }
+    match super::ship::extract_embedded() {
+        Ok(root) => {
+            let d = ganscope::train::monitor::default_evaluator_dir(&root, cfg);
+            if d.join(ganscope::eval::classifier::CONFIG_FILE).is_file() {
+                d
+            } else {
+                found
+            }
+        }
+        Err(_) => found,
+    }
 }

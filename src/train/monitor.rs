@@ -24,12 +24,67 @@ use crate::rng::Rng;
 use crate::train::StepStats;
 
 impl MonitorConfig {
-    /// The evaluator folder this config points at.
+    /// The evaluator folder this config points at: `evaluator` when set, else the default
+    /// evaluator of the run's data and size ([`default_evaluator_dir`]) in the first of
+    /// [`checkpoint_roots`](crate::checkpoint::checkpoint_roots) that holds one (so `eval` and
+    /// `train` find the shipped evaluators from any folder), else `./checkpoints`' (which
+    /// [`load_evaluator`] then reports as missing).
     pub fn evaluator_dir(&self, cfg: &TrainConfig) -> PathBuf {
-        self.evaluator
-            .clone()
-            .unwrap_or_else(|| default_evaluator_dir(std::path::Path::new("checkpoints"), cfg))
+        match &self.evaluator {
+            Some(p) => p.clone(),
+            None => find_evaluator(&crate::checkpoint::checkpoint_roots(), cfg),
+        }
     }
+}
+
+/// The default evaluator for `cfg` in `roots`: `evaluator-<kind>-<size>` in the first root
+/// that has one, else `evaluator-<kind>` in the first root that has one (as
+/// [`default_evaluator_dir`] prefers the sized folder in one root), else the first root's
+/// [`default_evaluator_dir`] (to be reported missing).
+pub fn find_evaluator(roots: &[PathBuf], cfg: &TrainConfig) -> PathBuf {
+    let kind = cfg.data.kind.name();
+    let has = |d: &PathBuf| d.join(crate::eval::classifier::CONFIG_FILE).is_file();
+    let names = [
+        format!("evaluator-{kind}-{}", cfg.model.image_size),
+        format!("evaluator-{kind}"),
+    ];
+    names
+        .iter()
+        .find_map(|n| roots.iter().map(|r| r.join(n)).find(has))
+        .unwrap_or_else(|| {
+            let first = roots
+                .first()
+                .map_or(Path::new("checkpoints"), |r| r.as_path());
+            default_evaluator_dir(first, cfg)
+        })
+}
+
+/// [`Classifier::load`] of an evaluator folder, with an error that says what was looked for
+/// when the folder is not there: the data kind and image size, the folder names tried and
+/// how to give one.
+pub fn load_evaluator(dir: &Path, cfg: &TrainConfig, device: &Device) -> Result<Classifier> {
+    let is_pth = dir.extension().is_some_and(|e| e == "pth");
+    if !is_pth && !dir.exists() {
+        let kind = cfg.data.kind.name();
+        let size = cfg.model.image_size;
+        let looked = if cfg.monitor.evaluator.is_some() {
+            format!("{} (monitor.evaluator)", dir.display())
+        } else {
+            let roots: Vec<String> = crate::checkpoint::checkpoint_roots()
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect();
+            format!(
+                "evaluator-{kind}-{size} and evaluator-{kind} in {}",
+                roots.join(", ")
+            )
+        };
+        return Err(Error::Config(format!(
+            "no evaluator for {size}x{size} {kind} images: looked for {looked}; give one with \
+             --evaluator DIR (or train one: `ganscope evaluator train --kind {kind} --size {size}`)"
+        )));
+    }
+    Classifier::load(dir, device)
 }
 
 /// One row of pixel values per image of `data` (CHW images of `shape` back to back) for the
@@ -210,7 +265,7 @@ impl Monitor {
         }
         cfg.monitor.diagnostics.validate()?;
         let dir = cfg.monitor.evaluator_dir(cfg);
-        let mut ev = Classifier::load(&dir, device)?;
+        let mut ev = load_evaluator(&dir, cfg, device)?;
         ev.set_tta_hflip(cfg.monitor.tta_hflip)?;
         let (c, h, _) = data.image_shape();
         ev.check_fits(&dir, c, h, data.label_names())?;

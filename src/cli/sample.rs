@@ -93,19 +93,26 @@ pub(crate) fn sample(a: SampleArgs) -> Result<()> {
     let names = &m.label_names;
     let one_hot = m.condition_kind == ganscope::data::ConditionKind::OneHot;
     // Each condition as a list of label names (or class ids).
-    let mut wanted: Vec<Vec<String>> = Vec::new();
+    // ... with where it came from, for error messages.
+    let mut wanted: Vec<(String, Vec<String>)> = Vec::new();
     if let Some(p) = &a.conditions {
-        wanted.extend(read_condition_file(p)?);
+        let list = read_condition_file(p)?;
+        wanted.extend(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, c)| (format!("{}: entry {i}", p.display()), c)),
+        );
     }
     if let Some(c) = &a.class {
-        wanted.push(vec![c.clone()]);
+        wanted.push(("--class".into(), vec![c.clone()]));
     }
     if let Some(l) = &a.labels {
-        wanted.push(l.split(',').map(|s| s.trim().to_string()).collect());
+        let items = l.split(',').map(|s| s.trim().to_string()).collect();
+        wanted.push(("--labels".into(), items));
     }
     let mut rows: Vec<(String, Vec<f32>)> = Vec::new();
-    for (i, items) in wanted.iter().enumerate() {
-        let v = parse_condition(names, items, one_hot).with_context(|| format!("condition {i}"))?;
+    for (from, items) in &wanted {
+        let v = parse_condition(names, items, one_hot).with_context(|| from.clone())?;
         rows.push((ganscope::train::run::caption(&v, names), v));
     }
     if rows.is_empty() {

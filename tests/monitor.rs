@@ -181,13 +181,26 @@ fn missing_evaluator_is_a_clear_error() {
     cfg.model.d_ch = 4;
     cfg.batch_size = 16;
     cfg.monitor.every = 2;
+    // No such folder: the error says what was looked for.
     cfg.monitor.evaluator = Some(tmp.path().join("nowhere"));
-    let t = Trainer::new(cfg, data, &dev).unwrap();
+    let t = Trainer::new(cfg.clone(), data.clone(), &dev).unwrap();
     let err = train_until(t, &tmp.path().join("run"), 2, |_| {})
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("nowhere") && err.contains("evaluator.json"),
+        err.contains("nowhere") && err.contains("no evaluator for 28x28 mnist"),
+        "{err}"
+    );
+    // A folder without evaluator.json: the error names the file.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    cfg.monitor.evaluator = Some(empty);
+    let t = Trainer::new(cfg, data, &dev).unwrap();
+    let err = train_until(t, &tmp.path().join("run2"), 2, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("empty") && err.contains("evaluator.json"),
         "{err}"
     );
 }

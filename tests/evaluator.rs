@@ -245,21 +245,10 @@ fn an_evaluator_judges_only_its_own_image_size() {
     // enlargement), and the default evaluator folder follows the run's image size.
     let dev = Device::Cpu;
     let tmp = tempfile::tempdir().unwrap();
-    let names: Vec<String> = (0..24).map(|i| format!("l{i}")).collect();
+    let names = label_names_24();
     let make = |size: usize, dir: &str| {
-        let cfg = EvaluatorConfig {
-            image_size: size,
-            channels: 3,
-            kind: ConditionKind::MultiHot,
-            label_names: names.clone(),
-            width: 4,
-            ..EvaluatorConfig::default()
-        };
-        Classifier::new(&cfg, &dev)
-            .unwrap()
-            .save(&tmp.path().join(dir))
-            .unwrap();
-        Classifier::load(&tmp.path().join(dir), &dev).unwrap()
+        let d = save_multi_hot_evaluator(tmp.path(), size, dir);
+        Classifier::load(&d, &dev).unwrap()
     };
     let e64 = make(64, "evaluator-iclevr");
     let p = tmp.path().join("evaluator-iclevr");
@@ -416,20 +405,7 @@ fn the_default_evaluator_is_looked_for_in_every_checkpoints_folder() {
             && err.contains("--evaluator"),
         "{err}"
     );
-    let names: Vec<String> = (0..24).map(|i| format!("l{i}")).collect();
-    let make = |root: &std::path::Path, size: usize, dir: &str| {
-        let cfg = EvaluatorConfig {
-            image_size: size,
-            channels: 3,
-            kind: ConditionKind::MultiHot,
-            label_names: names.clone(),
-            width: 4,
-            ..EvaluatorConfig::default()
-        };
-        let d = root.join(dir);
-        Classifier::new(&cfg, &dev).unwrap().save(&d).unwrap();
-        d
-    };
+    let make = save_multi_hot_evaluator;
     // The 64-px one in the first root, the 32-px one in the second: each run gets its size.
     let e64 = make(&roots[0], 64, "evaluator-iclevr");
     let e32 = make(&roots[1], 32, "evaluator-iclevr-32");
@@ -440,4 +416,28 @@ fn the_default_evaluator_is_looked_for_in_every_checkpoints_folder() {
     // Two roots with one: the earlier wins.
     make(&roots[2], 32, "evaluator-iclevr-32");
     assert_eq!(find_evaluator(&roots, &cfg32), e32);
+}
+
+/// 24 placeholder label names (i-CLEVR's count).
+fn label_names_24() -> Vec<String> {
+    (0..24).map(|i| format!("l{i}")).collect()
+}
+
+/// An untrained width-4 evaluator of 3 x `size` x `size` images with [`label_names_24`],
+/// saved as `root/dir`; returns that folder.
+fn save_multi_hot_evaluator(root: &std::path::Path, size: usize, dir: &str) -> std::path::PathBuf {
+    let cfg = EvaluatorConfig {
+        image_size: size,
+        channels: 3,
+        kind: ConditionKind::MultiHot,
+        label_names: label_names_24(),
+        width: 4,
+        ..EvaluatorConfig::default()
+    };
+    let d = root.join(dir);
+    Classifier::new(&cfg, &Device::Cpu)
+        .unwrap()
+        .save(&d)
+        .unwrap();
+    d
 }

@@ -35,6 +35,18 @@ const MIRROR_UNSAFE: &str = "test-time mirroring (tta_hflip) needs an evaluator 
 /// Images per evaluator forward in [`Classifier::predict`].
 const PREDICT_CHUNK: usize = 32;
 
+/// `f` on consecutive slices of at most [`PREDICT_CHUNK`] images of `x`, in order.
+fn for_chunks(x: &Tensor, mut f: impl FnMut(&Tensor) -> Result<()>) -> Result<()> {
+    let n = x.dim(0)?;
+    let mut i = 0;
+    while i < n {
+        let m = PREDICT_CHUNK.min(n - i);
+        f(&x.narrow(0, i, m)?)?;
+        i += m;
+    }
+    Ok(())
+}
+
 /// Everything that defines an evaluator and how it was trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -299,35 +311,29 @@ impl Classifier {
         // pages (40% of the time in the kernel, measured with `ganscope evaluator score`).
         let n = x.dim(0)?;
         let (mut probs, mut feats) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        let mut i = 0;
-        while i < n {
-            let m = PREDICT_CHUNK.min(n - i);
-            let xi = x.narrow(0, i, m)?;
-            let (logits, f) = self.forward(&xi, Pass::eval())?;
+        for_chunks(x, |xi| {
+            let (logits, f) = self.forward(xi, Pass::eval())?;
             let mut p = self.probabilities(&logits)?;
             if self.cfg.tta_hflip {
-                let (mirrored, _) = self.forward(&mirror(&xi)?, Pass::eval())?;
+                let (mirrored, _) = self.forward(&mirror(xi)?, Pass::eval())?;
                 p = ((p + self.probabilities(&mirrored)?)? * 0.5)?;
             }
             probs.extend(p.to_dtype(DType::F32)?.to_vec2::<f32>()?);
             feats.extend(f.to_dtype(DType::F32)?.to_vec2::<f32>()?);
-            i += m;
-        }
+            Ok(())
+        })?;
         Ok((probs, feats))
     }
 
     /// Per-image features alone (eval mode, chunks as [`Classifier::predict`]; no mirrored
     /// pass even with `tta_hflip`: the features are always the image's own).
     pub fn features(&self, x: &Tensor) -> Result<Rows> {
-        let n = x.dim(0)?;
-        let mut feats = Vec::with_capacity(n);
-        let mut i = 0;
-        while i < n {
-            let m = PREDICT_CHUNK.min(n - i);
-            let (_, f) = self.forward(&x.narrow(0, i, m)?, Pass::eval())?;
+        let mut feats = Vec::with_capacity(x.dim(0)?);
+        for_chunks(x, |xi| {
+            let (_, f) = self.forward(xi, Pass::eval())?;
             feats.extend(f.to_dtype(DType::F32)?.to_vec2::<f32>()?);
-            i += m;
-        }
+            Ok(())
+        })?;
         Ok(feats)
     }
 

@@ -42,13 +42,8 @@ impl MonitorConfig {
 /// [`default_evaluator_dir`] prefers the sized folder in one root), else the first root's
 /// [`default_evaluator_dir`] (to be reported missing).
 pub fn find_evaluator(roots: &[PathBuf], cfg: &TrainConfig) -> PathBuf {
-    let kind = cfg.data.kind.name();
     let has = |d: &PathBuf| d.join(crate::eval::classifier::CONFIG_FILE).is_file();
-    let names = [
-        format!("evaluator-{kind}-{}", cfg.model.image_size),
-        format!("evaluator-{kind}"),
-    ];
-    names
+    evaluator_names(cfg)
         .iter()
         .find_map(|n| roots.iter().map(|r| r.join(n)).find(has))
         .unwrap_or_else(|| {
@@ -65,8 +60,7 @@ pub fn find_evaluator(roots: &[PathBuf], cfg: &TrainConfig) -> PathBuf {
 pub fn load_evaluator(dir: &Path, cfg: &TrainConfig, device: &Device) -> Result<Classifier> {
     let is_pth = dir.extension().is_some_and(|e| e == "pth");
     if !is_pth && !dir.exists() {
-        let kind = cfg.data.kind.name();
-        let size = cfg.model.image_size;
+        let (kind, size) = (cfg.data.kind.name(), cfg.model.image_size);
         let looked = if cfg.monitor.evaluator.is_some() {
             format!("{} (monitor.evaluator)", dir.display())
         } else {
@@ -74,10 +68,8 @@ pub fn load_evaluator(dir: &Path, cfg: &TrainConfig, device: &Device) -> Result<
                 .iter()
                 .map(|r| r.display().to_string())
                 .collect();
-            format!(
-                "evaluator-{kind}-{size} and evaluator-{kind} in {}",
-                roots.join(", ")
-            )
+            let [sized, plain] = evaluator_names(cfg);
+            format!("{sized} and {plain} in {}", roots.join(", "))
         };
         return Err(Error::Config(format!(
             "no evaluator for {size}x{size} {kind} images: looked for {looked}; give one with \
@@ -120,13 +112,23 @@ pub fn pixel_rows(data: &[f32], shape: (usize, usize, usize)) -> Vec<Vec<f32>> {
 /// size). Loading checks that the evaluator's size is the generator's: images are never
 /// resized to fit an evaluator.
 pub fn default_evaluator_dir(root: &std::path::Path, cfg: &TrainConfig) -> PathBuf {
-    let kind = cfg.data.kind.name();
-    let sized = root.join(format!("evaluator-{kind}-{}", cfg.model.image_size));
+    let [sized, plain] = evaluator_names(cfg);
+    let sized = root.join(sized);
     if sized.join(crate::eval::classifier::CONFIG_FILE).is_file() {
         sized
     } else {
-        root.join(format!("evaluator-{kind}"))
+        root.join(plain)
     }
+}
+
+/// The default evaluator folder names for a run, preferred first: `evaluator-<kind>-<size>`,
+/// `evaluator-<kind>`.
+fn evaluator_names(cfg: &TrainConfig) -> [String; 2] {
+    let kind = cfg.data.kind.name();
+    [
+        format!("evaluator-{kind}-{}", cfg.model.image_size),
+        format!("evaluator-{kind}"),
+    ]
 }
 
 /// One diagnostics check.

@@ -362,6 +362,8 @@ pub struct TrainConfig {
     /// How latents are drawn when sampling (sheets, the wall, `eval`, the explorer); training
     /// always draws plain N(0, I).
     pub sampling: SamplingConfig,
+    /// What the loop does when D wins outright (see [`GuardConfig`]).
+    pub guard: GuardConfig,
 }
 
 impl Default for TrainConfig {
@@ -383,6 +385,7 @@ impl Default for TrainConfig {
             augment: Default::default(),
             ema: Default::default(),
             sampling: Default::default(),
+            guard: Default::default(),
         }
     }
 }
@@ -572,6 +575,11 @@ impl TrainConfig {
         // within 2000 steps of switching it off at step 30,000; switched off at 8,500 instead,
         // the training conditions scored 0.729 / 0.739 at 10,500 / 12,500 against 0.744 / 0.760
         // with it: it still helps while G learns to draw; session 19).
+        //
+        // Session 25's 64-px run collapsed 5,400 steps after mode seeking went off (D loss
+        // 1.2-1.7 to 0.14-0.24 within 200 steps, D(x) to +10, empty floors from then on) and
+        // nothing of it could be kept: roll back instead, D's rate halved.
+        c.guard.on_d_wins = OnDWins::Rollback;
         c
     }
 
@@ -815,6 +823,7 @@ impl TrainConfig {
             )));
         }
         validate_truncation(self.sampling.truncation)?;
+        self.guard.validate(&self.monitor.diagnostics.alarms)?;
         for (name, v) in [
             ("augment.translation", self.augment.translation),
             ("augment.cutout", self.augment.cutout),
@@ -929,6 +938,88 @@ impl Default for EmaConfig {
             decay: 0.0,
             start: 0,
         }
+    }
+}
+
+/// What the loop does when the "D accuracy pinned" alarm fires (D wins every batch, the usual
+/// prelude to a collapse; see `crate::diagnostics::alarms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDWins {
+    /// Raise the alarm and train on.
+    #[default]
+    Alarm,
+    /// Go back to the newest guard snapshot taken before the alarm's window began, scale the
+    /// learning rates by [`GuardConfig::lr_d_factor`] / [`GuardConfig::lr_g_factor`] and train
+    /// on from there.
+    Rollback,
+}
+
+/// The collapse guard: snapshots of the whole training state (G, its moving average, D and
+/// the optimisers) kept in memory every `snapshot_every` steps, and the rollback to one of
+/// them when D wins outright ([`OnDWins::Rollback`]). Only snapshots taken while D was not
+/// winning outright are kept; the one restored was taken at or before the first step of the
+/// alarm's window (`monitor.diagnostics.alarms.d_acc_window` steps before it fired).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardConfig {
+    pub on_d_wins: OnDWins,
+    /// Take a guard snapshot every N generator steps.
+    pub snapshot_every: u64,
+    /// Keep the newest N of them (each holds the whole training state in memory: about 40 MB
+    /// for `iclevr-sequential`).
+    pub keep: usize,
+    /// Multiply D's and G's learning rates by these at each rollback (0 < f <= 1; the new rates
+    /// are written to the next checkpoint's `config.json`).
+    pub lr_d_factor: f64,
+    pub lr_g_factor: f64,
+    /// After this many rollbacks in one run (process), the alarm only warns.
+    pub max_rollbacks: u32,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            on_d_wins: OnDWins::Alarm,
+            snapshot_every: 1000,
+            keep: 3,
+            lr_d_factor: 0.5,
+            lr_g_factor: 1.0,
+            max_rollbacks: 3,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Reject settings that cannot work, with a reason.
+    pub fn validate(&self, alarms: &AlarmConfig) -> Result<()> {
+        for (name, f) in [
+            ("lr_d_factor", self.lr_d_factor),
+            ("lr_g_factor", self.lr_g_factor),
+        ] {
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+                return Err(Error::Config(format!(
+                    "guard.{name} = {f}: use a factor in (0, 1]"
+                )));
+            }
+        }
+        if self.on_d_wins == OnDWins::Rollback {
+            if self.snapshot_every == 0 || self.keep == 0 || self.keep > 64 {
+                return Err(Error::Config(format!(
+                    "guard.on_d_wins = rollback needs guard.snapshot_every >= 1 and guard.keep \
+                     in 1..=64 (have {} and {})",
+                    self.snapshot_every, self.keep
+                )));
+            }
+            if alarms.d_acc_window == 0 {
+                return Err(Error::Config(
+                    "guard.on_d_wins = rollback needs the D-accuracy alarm \
+                     (monitor.diagnostics.alarms.d_acc_window >= 1)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1156,6 +1247,38 @@ mod tests {
                 .unwrap_err();
             assert!(e.to_string().contains("sampling.truncation"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_collapse_guard_reads_from_old_configs_and_refuses_what_cannot_work() {
+        // Configs written before the section existed keep the old behaviour: alarm only.
+        let old: TrainConfig = serde_json::from_str(r#"{"batch_size": 8}"#).unwrap();
+        assert_eq!(old.guard, GuardConfig::default());
+        assert_eq!(old.guard.on_d_wins, OnDWins::Alarm);
+        let c = TrainConfig::iclevr_sequential();
+        let r = apply_overrides(c.clone(), &["guard.on_d_wins=rollback".into()]).unwrap();
+        assert_eq!(r.guard.on_d_wins, OnDWins::Rollback);
+        r.validate().unwrap();
+        let bad: Vec<(&str, &str)> = vec![
+            ("guard.lr_d_factor=0", "guard.lr_d_factor"),
+            ("guard.lr_g_factor=1.5", "guard.lr_g_factor"),
+            ("guard.snapshot_every=0", "snapshot_every"),
+            ("guard.keep=0", "guard.keep"),
+            ("monitor.diagnostics.alarms.d_acc_window=0", "d_acc_window"),
+        ];
+        for (set, needle) in bad {
+            let e = apply_overrides(r.clone(), &[set.into()])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{set}: {e}");
+        }
+        // Alarm only: the snapshot settings are not used, so they are not checked.
+        apply_overrides(c, &["guard.snapshot_every=0".into()])
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

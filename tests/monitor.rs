@@ -363,6 +363,136 @@ fn the_loop_under_halve_lr_goes_on_and_logs_the_continued_run() {
     assert_eq!(step, 5);
 }
 
+/// Records rollbacks, log lines and the generator weights sent right after the first rollback.
+#[derive(Default)]
+struct GuardWatch {
+    recoveries: Vec<(u64, u64, bool, String)>,
+    logs: Vec<String>,
+    restored: Option<Arc<ganscope::train::run::GeneratorWeights>>,
+}
+
+impl ganscope::train::run::Sink for GuardWatch {
+    fn event(&mut self, ev: &LoopEvent) -> ganscope::Result<()> {
+        match ev {
+            LoopEvent::Recovered(r) => {
+                self.recoveries
+                    .push((r.at, r.to, r.paused, r.message.clone()))
+            }
+            LoopEvent::Log(m) => self.logs.push(m.clone()),
+            LoopEvent::Weights(w) if self.recoveries.len() == 1 && self.restored.is_none() => {
+                self.restored = Some(w.clone())
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    fn wants_weights(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn when_d_wins_outright_the_guard_rolls_back_to_a_snapshot_before_the_alarm_window() {
+    // The rule is made to hold at every step (pinned at >= 0% accuracy) so that the alarm's
+    // timing is exact: silent during a 7-step warm-up, it fires at step 7 over the window of
+    // steps 5-7. Guard snapshots every 2 steps, the newest 3 kept (2, 4, 6; the one of the
+    // start, step 0, evicted); the newest at or before the window's first step minus one
+    // (7 - 3 = 4) is step 4's. Each rollback halves D's rate and leaves G's; after two
+    // (guard.max_rollbacks) the alarm only warns and the run reaches its target.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = toy_trainer(tmp.path(), 0, 1.0);
+    t.cfg.log_every = 1;
+    t.cfg.keep_every = 1;
+    let alarms = &mut t.cfg.monitor.diagnostics.alarms;
+    alarms.d_acc_pinned = 0.0;
+    alarms.d_acc_window = 3;
+    alarms.warmup_steps = 7;
+    t.cfg.guard = ganscope::config::GuardConfig {
+        on_d_wins: ganscope::config::OnDWins::Rollback,
+        snapshot_every: 2,
+        keep: 3,
+        lr_d_factor: 0.5,
+        lr_g_factor: 1.0,
+        max_rollbacks: 2,
+    };
+    t.cfg.validate().unwrap();
+    let (g0, d0) = t.learning_rates();
+    let out = tmp.path().join("run");
+    let mut folder = RunFolder::new(&out, &t.cfg);
+    let opts = LoopOptions::for_trainer(&t);
+    let mut lp = TrainLoop::new(t, opts).unwrap();
+    // The weights of step 4 as first trained, to compare with what a rollback restores.
+    lp.run_until(4, None, &mut [&mut folder]).unwrap();
+    // (Copied: the store's tensors share storage with its variables.)
+    let at4: std::collections::HashMap<String, candle_core::Tensor> = lp
+        .trainer
+        .sampling_generator()
+        .store
+        .model_tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.copy().unwrap()))
+        .collect();
+    let mut watch = GuardWatch::default();
+    lp.run_until(9, None, &mut [&mut folder, &mut watch])
+        .unwrap();
+    assert_eq!(lp.trainer.step, 9);
+    let got: Vec<(u64, u64, bool)> = watch.recoveries.iter().map(|r| (r.0, r.1, r.2)).collect();
+    assert_eq!(
+        got,
+        vec![(7, 4, false), (7, 4, false)],
+        "{:?}",
+        watch.recoveries
+    );
+    assert!(
+        watch.recoveries[0].3.contains("D wins outright at step 7"),
+        "{:?}",
+        watch.recoveries
+    );
+    assert!(
+        watch
+            .logs
+            .iter()
+            .any(|m| m.contains("no rollback, 2 already")),
+        "{:?}",
+        watch.logs
+    );
+    assert_eq!(lp.trainer.learning_rates(), (g0, d0 * 0.25));
+    // A rollback restores the snapshot itself: the weights right after it are step 4's.
+    let restored = watch
+        .restored
+        .expect("the wall's weights after the rollback");
+    assert_eq!(restored.step, 4);
+    assert_eq!(restored.params.len(), at4.len());
+    for (name, t) in &at4 {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = restored.params[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "{name}");
+    }
+    // metrics.jsonl reads as the run that went on: each step once, in order.
+    let lines = ganscope::checkpoint::read_metrics(&out).unwrap();
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("d_loss").is_some())
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=9).collect::<Vec<_>>(), "{lines:?}");
+    // Kept weights of undone steps (5 and 6, twice) are set aside, not lost; kept/ holds the
+    // run that went on.
+    for s in 1..=9 {
+        assert!(
+            out.join(format!("kept/step_{s:06}/config.json")).exists(),
+            "{s}"
+        );
+    }
+    let undone = out.join("undone/at_000007");
+    assert!(undone.join("step_000005/config.json").exists());
+    assert!(undone.join("step_000006/config.json").exists());
+}
+
 /// The committed stand-in for pytorch-fid's weights (tests/fixtures/fid_inception).
 fn fid_fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

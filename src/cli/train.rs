@@ -56,6 +56,11 @@ pub(crate) struct TrainArgs {
     /// for `eval --run`; 0 = off).
     #[arg(long)]
     pub(crate) keep_every: Option<u64>,
+    /// When D wins outright (the "D accuracy pinned" alarm): `alarm` only, or `rollback` to the
+    /// newest guard snapshot before the alarm's window with D's learning rate halved (the
+    /// `guard` section of the config; may change when resuming).
+    #[arg(long, value_parser = ["alarm", "rollback"])]
+    pub(crate) on_d_wins: Option<String>,
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
@@ -194,6 +199,12 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     }
     if let Some(v) = a.keep_every {
         cfg.keep_every = v;
+    }
+    if let Some(v) = &a.on_d_wins {
+        cfg.guard.on_d_wins = match v.as_str() {
+            "rollback" => ganscope::config::OnDWins::Rollback,
+            _ => ganscope::config::OnDWins::Alarm,
+        };
     }
     if let Some(v) = a.diagnostics_every {
         cfg.monitor.every = v;

@@ -277,6 +277,11 @@ impl AlarmMonitor {
         self.active = [false; RULES];
     }
 
+    /// Whether the "D accuracy pinned" rule holds now (D is winning outright).
+    pub fn d_wins(&self) -> bool {
+        self.active[1]
+    }
+
     /// Apply one rule's verdict: an alarm only on its rising edge (and, but for NaN/Inf,
     /// not during the warm-up, which leaves the rule armed).
     fn edge(&mut self, rule: usize, hit: Option<AlarmKind>, step: u64, out: &mut Vec<Alarm>) {

@@ -392,6 +392,11 @@ impl Monitor {
         self.alarms.reset();
     }
 
+    /// Whether the "D accuracy pinned" rule holds now.
+    pub fn d_wins(&self) -> bool {
+        self.alarms.d_wins()
+    }
+
     /// Whether a check is due after `step`: a multiple of `every`, unless the checks would
     /// take more than `max_share` of the wall time (then it is postponed and counted).
     pub fn due(&mut self, step: u64) -> bool {

@@ -2,7 +2,9 @@
 //!
 //! [`TrainLoop`] owns a step from start to end: the update, the step statistics and images/s,
 //! the alarm rules and the diagnostics checks, the NaN/Inf guard (a ring of healthy in-memory
-//! snapshots, restored by [`NanPolicy`]), and the sample wall (built here and nowhere else).
+//! snapshots, restored by [`NanPolicy`]), the collapse guard (older snapshots, rolled back to
+//! when D wins outright: [`crate::config::GuardConfig`]), and the sample wall (built here and
+//! nowhere else).
 //! What happens with the results is up to [`Sink`]s: [`RunFolder`] writes `metrics.jsonl`,
 //! sample grids and checkpoints into a run folder (CLI and explorer alike); the explorer's
 //! worker forwards the events to the UI; the CLI prints progress. A checkpoint is written only
@@ -21,9 +23,9 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::{ModelConfig, OnDWins, TrainConfig};
 use crate::data::{ConditionKind, Dataset};
-use crate::diagnostics::{Alarm, SnapshotRing};
+use crate::diagnostics::{Alarm, AlarmKind, SnapshotRing};
 use crate::error::{Error, Result};
 use crate::export::sheet::{SheetLayout, png_bytes, sample_sheet, save_png_bytes};
 use crate::export::tensorboard::EventWriter;
@@ -232,10 +234,10 @@ impl GeneratorWeights {
     }
 }
 
-/// A restore after a NaN/Inf.
+/// A restore after a NaN/Inf, or a rollback after D won outright.
 #[derive(Debug, Clone)]
 pub struct Recovery {
-    /// Step at which the NaN/Inf appeared.
+    /// Step at which the NaN/Inf appeared (or the alarm fired).
     pub at: u64,
     /// Step of the snapshot restored.
     pub to: u64,
@@ -347,6 +349,9 @@ pub struct TrainLoop {
     fid: Option<FidTracker>,
     pub opts: LoopOptions,
     ring: SnapshotRing<Snapshot>,
+    /// The collapse guard's snapshots (`guard.snapshot_every` apart) and its rollbacks so far.
+    guard_ring: SnapshotRing<Snapshot>,
+    rollbacks: u32,
     /// Wall time and step at which images/s is counted from.
     t0: Instant,
     step0: u64,
@@ -409,6 +414,8 @@ impl TrainLoop {
         let mut l = Self {
             fid,
             ring: SnapshotRing::new(opts.ring.max(1)),
+            guard_ring: SnapshotRing::new(trainer.cfg.guard.keep.max(1)),
+            rollbacks: 0,
             step0: trainer.step,
             trainer,
             monitor,
@@ -420,6 +427,7 @@ impl TrainLoop {
             stop: None,
         };
         l.take_snapshot()?;
+        l.take_guard_snapshot()?;
         Ok(l)
     }
 
@@ -481,7 +489,9 @@ impl TrainLoop {
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         self.trainer.load_checkpoint(dir)?;
         self.ring.clear();
+        self.guard_ring.clear();
         self.take_snapshot()?;
+        self.take_guard_snapshot()?;
         self.restart_clock();
         Ok(())
     }
@@ -542,8 +552,26 @@ impl TrainLoop {
             return self.recover(s, sinks);
         }
         let g_step = kind != StepKind::DOnly;
+        let guard = self.trainer.cfg.guard;
+        if g_step
+            && guard.on_d_wins == OnDWins::Rollback
+            && let Some(at) = alarms
+                .iter()
+                .find(|a| matches!(a.kind, AlarmKind::DAccuracyPinned { .. }))
+                .map(|a| a.step)
+        {
+            for a in std::mem::take(&mut alarms) {
+                emit(sinks, &LoopEvent::Alarm(a))?;
+            }
+            if let Some(r) = self.rollback(at, sinks)? {
+                return Ok(StepOutcome::Recovered(r));
+            }
+        }
         if g_step && s.is_multiple_of(self.opts.snapshot_every.max(1)) {
             self.take_snapshot()?;
+        }
+        if g_step && s.is_multiple_of(guard.snapshot_every.max(1)) {
+            self.take_guard_snapshot()?;
         }
         let scheduled = self.opts.wall_every > 0 && s.is_multiple_of(self.opts.wall_every);
         if kind != StepKind::Both || scheduled || sinks.iter().any(|k| k.wants_wall(s, last)) {
@@ -620,6 +648,19 @@ impl TrainLoop {
         Ok(())
     }
 
+    /// A collapse-guard snapshot of now, under [`OnDWins::Rollback`], unless D is winning
+    /// outright already or a weight is not finite.
+    fn take_guard_snapshot(&mut self) -> Result<()> {
+        if self.trainer.cfg.guard.on_d_wins == OnDWins::Rollback
+            && !self.monitor.d_wins()
+            && self.trainer.weights_finite()?
+        {
+            let snap = self.trainer.snapshot()?;
+            self.guard_ring.push(snap.step, snap);
+        }
+        Ok(())
+    }
+
     fn recover(&mut self, at: u64, sinks: &mut [&mut dyn Sink]) -> Result<StepOutcome> {
         let Some((to, snap)) = self.ring.latest() else {
             return Err(Error::Msg(format!(
@@ -658,6 +699,57 @@ impl TrainLoop {
         emit(sinks, &LoopEvent::Recovered(r.clone()))?;
         self.send_wall(sinks)?;
         Ok(StepOutcome::Recovered(r))
+    }
+
+    /// D won outright at step `at` (the alarm fired): under [`OnDWins::Rollback`], restore the
+    /// newest guard snapshot taken at or before the first step of the alarm's window, scale
+    /// the learning rates and go on. None (after a log line saying why) when the rollbacks are
+    /// used up or no snapshot is old enough: the alarm stands and training goes on.
+    fn rollback(&mut self, at: u64, sinks: &mut [&mut dyn Sink]) -> Result<Option<Recovery>> {
+        let cfg = &self.trainer.cfg;
+        let guard = cfg.guard;
+        if self.rollbacks >= guard.max_rollbacks {
+            let msg = format!(
+                "D wins outright at step {at}: no rollback, {} already (guard.max_rollbacks)",
+                self.rollbacks
+            );
+            emit(sinks, &LoopEvent::Log(msg))?;
+            return Ok(None);
+        }
+        // Every step feeds the alarm window, so it began `d_acc_window` steps ago.
+        let window = cfg.monitor.diagnostics.alarms.d_acc_window as u64;
+        let before = at.saturating_sub(window);
+        let Some((to, snap)) = self.guard_ring.latest_at_or_before(before) else {
+            let msg = format!(
+                "D wins outright at step {at}: no rollback, no guard snapshot from step {before} \
+                 or earlier (one every {} steps from the start of this run)",
+                guard.snapshot_every
+            );
+            emit(sinks, &LoopEvent::Log(msg))?;
+            return Ok(None);
+        };
+        self.trainer.restore(snap)?;
+        self.guard_ring.truncate_after(to);
+        let (g, d) = self.trainer.learning_rates();
+        let (g, d) = (g * guard.lr_g_factor, d * guard.lr_d_factor);
+        self.trainer.set_learning_rates(g, d);
+        self.rollbacks += 1;
+        self.monitor.reset_alarms();
+        self.ring.clear();
+        self.take_snapshot()?;
+        let r = Recovery {
+            at,
+            to,
+            paused: false,
+            message: format!(
+                "D wins outright at step {at}: rolled back to the snapshot of step {to} \
+                 (rollback {} of at most {}), learning rates now G {g:.2e}, D {d:.2e}",
+                self.rollbacks, guard.max_rollbacks
+            ),
+        };
+        emit(sinks, &LoopEvent::Recovered(r.clone()))?;
+        self.send_wall(sinks)?;
+        Ok(Some(r))
     }
 
     /// Build the wall of the sampling generator (and its weights, for sinks that ask).
@@ -796,6 +888,43 @@ impl RunFolder {
         self.events()?.scalars(step, &values)
     }
 
+    /// Kept weights of the steps a restore undid (after `r.to`) move to
+    /// `undone/at_<r.at>[_n]/step_NNNNNN/`: `kept/` then holds the run that goes on, and passing
+    /// those steps again keeps the new weights, while nothing already written is lost.
+    fn set_aside_kept_after(&mut self, r: &Recovery) -> Result<()> {
+        let kept = self.dir.join("kept");
+        let Ok(entries) = std::fs::read_dir(&kept) else {
+            return Ok(());
+        };
+        let mut undone: Vec<(u64, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let step: u64 = name.strip_prefix("step_")?.parse().ok()?;
+                (step > r.to).then(|| (step, e.path()))
+            })
+            .collect();
+        undone.sort();
+        if undone.is_empty() {
+            return Ok(());
+        }
+        self.lock()?;
+        // A second rollback from the same step gets its own folder.
+        let base = self.dir.join("undone");
+        let mut to = base.join(format!("at_{:06}", r.at));
+        let mut n = 1;
+        while to.exists() {
+            n += 1;
+            to = base.join(format!("at_{:06}_{n}", r.at));
+        }
+        std::fs::create_dir_all(&to).map_err(|e| Error::io(&to, e))?;
+        for (step, from) in undone {
+            let dest = to.join(format!("step_{step:06}"));
+            std::fs::rename(&from, &dest).map_err(|e| Error::io(&from, e))?;
+        }
+        Ok(())
+    }
+
     fn sample_due(&self, step: u64, last: bool) -> bool {
         self.sample_every > 0 && (last || (step > 0 && step.is_multiple_of(self.sample_every)))
     }
@@ -847,6 +976,7 @@ impl Sink for RunFolder {
             }
             LoopEvent::Recovered(r) => {
                 checkpoint::truncate_metrics_after(&self.dir, r.to)?;
+                self.set_aside_kept_after(r)?;
                 self.append(&serde_json::json!({
                     "step": r.to,
                     "recovered": { "at": r.at, "to": r.to, "message": r.message },

@@ -425,6 +425,27 @@ fn fid_set_in_the_training_panel_reaches_the_plots() {
 }
 
 #[test]
+fn when_d_wins_is_chosen_in_the_training_panel_and_reaches_the_session() {
+    let mut h = harness(settings(), false);
+    ready(&mut h);
+    assert_eq!(h.state().settings.on_d_wins, None);
+    h.get_by_value("as the preset says").click();
+    h.run_steps(2);
+    h.get_by_label("roll back + halve D's LR").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().settings.on_d_wins,
+        Some(ganscope::config::OnDWins::Rollback)
+    );
+    wait_for(&mut h, "the session's answer", |a| {
+        a.status
+            .log
+            .iter()
+            .any(|l| l.contains("when D wins outright: roll back"))
+    });
+}
+
+#[test]
 fn first_launch_opens_the_shipped_generator_paused_and_resume_trains_on() {
     // The shipped default generator (checkpoints/iclevr-small, weights only) opens paused on
     // the first launch; ticking a label changes the wall at once; Resume trains on from its

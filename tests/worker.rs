@@ -131,6 +131,60 @@ fn lower_lr_policy_halves_both_rates_and_keeps_running() {
 }
 
 #[test]
+fn the_collapse_guard_switched_on_mid_run_rolls_back_when_d_wins() {
+    // The explorer's "When D wins: roll back": switched on at step 2 (its first snapshot is
+    // taken then), it answers the "D accuracy pinned" alarm, rigged here to hold at every step
+    // (>= 0%) and to fire at step 5, the first after a 5-step warm-up, over steps 3-5. The
+    // newest guard snapshot at or before step 5 - 3 = 2 is the one taken when it was switched
+    // on; D's rate is halved, G's kept.
+    let mut cfg = small();
+    let alarms = &mut cfg.monitor.diagnostics.alarms;
+    alarms.d_acc_pinned = 0.0;
+    alarms.d_acc_window = 3;
+    alarms.warmup_steps = 5;
+    cfg.guard.snapshot_every = 2;
+    assert_eq!(cfg.guard.on_d_wins, ganscope::config::OnDWins::Alarm);
+    let (g0, d0) = (cfg.optim.lr_g, cfg.optim.lr_d);
+    let s = spawn(cfg, NanPolicy::RestorePause);
+    for want in 1..=2 {
+        s.send(Command::Step(StepKind::Both));
+        assert_eq!(until(&s.events, "a step", step_of), want);
+    }
+    s.send(Command::SetOnDWins(ganscope::config::OnDWins::Rollback));
+    let log = until(&s.events, "the guard's log line", |e| match e {
+        Event::Loop(LoopEvent::Log(m)) if m.contains("when D wins outright") => Some(m.clone()),
+        _ => None,
+    });
+    assert!(
+        log.contains("roll back") && log.contains("from step 2"),
+        "{log}"
+    );
+    for _ in 0..3 {
+        s.send(Command::Step(StepKind::Both));
+    }
+    let r = until(&s.events, "the rollback", |e| match e {
+        Event::Loop(LoopEvent::Recovered(r)) => Some(r.clone()),
+        _ => None,
+    });
+    assert_eq!((r.at, r.to, r.paused), (5, 2, false), "{}", r.message);
+    assert!(
+        r.message.contains("D wins outright at step 5"),
+        "{}",
+        r.message
+    );
+    s.send(Command::Step(StepKind::Both));
+    let st = until(&s.events, "a step after the rollback", |e| match e {
+        Event::Loop(LoopEvent::Step(st)) => Some(st.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        st.stats.step, 3,
+        "training goes on from the snapshot of step 2"
+    );
+    assert_eq!((st.lr_g, st.lr_d), (g0, d0 * 0.5));
+}
+
+#[test]
 fn an_explorer_session_writes_its_run_folder() {
     // The explorer trains through the same loop as the CLI: its run folder gets a
     // metrics.jsonl line every `log_every` steps and a checkpoint every `checkpoint_every`.

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DataKind, TrainConfig};
+use crate::config::{DataKind, OnDWins, TrainConfig};
 use crate::diagnostics::Alarm;
 use crate::train::monitor::Check;
 use crate::train::run::LoopEvent;
@@ -96,6 +96,8 @@ pub struct Settings {
     /// pytorch-fid's Inception weights (`pt_inception-2015-12-05-6726825d.pth`).
     pub fid_weights: String,
     pub nan_policy: NanPolicy,
+    /// When D wins outright: alarm only or roll back (None: as the preset or run says).
+    pub on_d_wins: Option<OnDWins>,
     pub checkpoint_path: String,
     pub export_path: String,
     pub export_scale: u32,
@@ -131,6 +133,7 @@ impl Default for Settings {
             fid_every: 0,
             fid_weights: String::new(),
             nan_policy: NanPolicy::RestorePause,
+            on_d_wins: None,
             checkpoint_path: "runs/explorer".into(),
             export_path: "exports".into(),
             export_scale: 2,
@@ -464,6 +467,10 @@ impl GanscopeApp {
                 return;
             }
         };
+        let mut cfg = cfg;
+        if let Some(v) = self.settings.on_d_wins {
+            cfg.guard.on_d_wins = v;
+        }
         let mut spec = SessionSpec::new(cfg, device);
         spec.resume = resume;
         spec.run = run;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::dialogs::{Purpose, path_field, prompt_note};
 use super::{AppCommand, PanelCtx};
-use crate::config::PRESETS;
+use crate::config::{OnDWins, PRESETS};
 use crate::train::StepKind;
 use crate::train::worker::{Command, NanPolicy, RunState, SessionInfo};
 
@@ -282,6 +282,34 @@ impl TrainPanel {
                         });
                     if before != ctx.settings.nan_policy {
                         ctx.trainer(Command::SetNanPolicy(ctx.settings.nan_policy));
+                    }
+                    ui.end_row();
+                    ui.label("When D wins");
+                    let before = ctx.settings.on_d_wins;
+                    let name = |v: Option<OnDWins>| match v {
+                        None => "as the preset says",
+                        Some(OnDWins::Alarm) => "alarm only",
+                        Some(OnDWins::Rollback) => "roll back + halve D's LR",
+                    };
+                    egui::ComboBox::from_id_salt("on_d_wins")
+                        .selected_text(name(ctx.settings.on_d_wins))
+                        .show_ui(ui, |ui| {
+                            for v in [None, Some(OnDWins::Alarm), Some(OnDWins::Rollback)] {
+                                ui.selectable_value(&mut ctx.settings.on_d_wins, v, name(v));
+                            }
+                        })
+                        .response
+                        .on_hover_text(
+                            "When the \"D accuracy pinned\" alarm fires (D wins every batch, the \
+                             usual prelude to a collapse): only raise it, or go back to a \
+                             snapshot of the whole training state from before the alarm's \
+                             window (one is kept every 1000 steps, the newest 3) with D's \
+                             learning rate halved, at most 3 times",
+                        );
+                    if before != ctx.settings.on_d_wins
+                        && let Some(v) = ctx.settings.on_d_wins
+                    {
+                        ctx.trainer(Command::SetOnDWins(v));
                     }
                     ui.end_row();
                 });

@@ -701,6 +701,21 @@ impl TrainLoop {
         Ok(StepOutcome::Recovered(r))
     }
 
+    /// Switch the collapse guard mid-run (the explorer's "When D wins"); switched on, it
+    /// takes its first snapshot now (the training state as it is, unless D already wins).
+    pub fn set_on_d_wins(&mut self, v: OnDWins) -> Result<()> {
+        let mut guard = self.trainer.cfg.guard;
+        guard.on_d_wins = v;
+        guard.validate(&self.trainer.cfg.monitor.diagnostics.alarms)?;
+        self.trainer.cfg.guard = guard;
+        if v == OnDWins::Rollback {
+            self.take_guard_snapshot()?;
+        } else {
+            self.guard_ring.clear();
+        }
+        Ok(())
+    }
+
     /// D won outright at step `at` (the alarm fired): under [`OnDWins::Rollback`], restore the
     /// newest guard snapshot taken at or before the first step of the alarm's window, scale
     /// the learning rates and go on. None (after a log line saying why) when the rollbacks are

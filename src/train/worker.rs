@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-use crate::config::TrainConfig;
+use crate::config::{OnDWins, TrainConfig};
 use crate::data::{self, ConditionKind, Dataset};
 use crate::error::{Error, Result};
 use crate::images::Images;
@@ -53,6 +53,8 @@ pub enum Command {
         cols: usize,
     },
     SetNanPolicy(NanPolicy),
+    /// What the loop does when D wins outright (see [`crate::config::GuardConfig`]).
+    SetOnDWins(OnDWins),
     /// Sample the wall (and what the weights snapshots build) with the truncation trick at
     /// this threshold (`None` = off); see [`crate::model::latent_truncated`].
     SetTruncation(Option<f64>),
@@ -507,6 +509,19 @@ impl Worker {
                 }
             }
             Command::SetNanPolicy(p) => self.lp.opts.nan_policy = p,
+            Command::SetOnDWins(v) => match self.lp.set_on_d_wins(v) {
+                Ok(()) => out.send(Event::log(match v {
+                    OnDWins::Alarm => "when D wins outright: alarm only".to_string(),
+                    OnDWins::Rollback => format!(
+                        "when D wins outright: roll back to a snapshot from before the alarm \
+                         (one every {} steps, from step {} on) and scale D's rate by {}",
+                        self.lp.trainer.cfg.guard.snapshot_every,
+                        self.lp.trainer.step,
+                        self.lp.trainer.cfg.guard.lr_d_factor
+                    ),
+                })),
+                Err(e) => out.send(Event::log(format!("collapse guard: {e}"))),
+            },
             Command::Save(dir) => {
                 // The session's own run folder is locked by its sink already; any other
                 // folder is locked for the save (a CLI run training there refuses it).
@@ -715,7 +730,8 @@ fn view_imported(spec: SessionSpec, rx: &Receiver<Command>, out: &mut Outbox) ->
             | Command::SetNCritic(_)
             | Command::SetWallEvery(_)
             | Command::SetTarget(_)
-            | Command::SetNanPolicy(_) => {}
+            | Command::SetNanPolicy(_)
+            | Command::SetOnDWins(_) => {}
             Command::Shutdown => return Ok(()),
         }
     }

@@ -125,7 +125,7 @@ S64_FROM=${S64_FROM:-checkpoints/iclevr-sequential-64-wip}
     [[ -f $S64_FROM/generator.safetensors ]] &&
         RAYON_NUM_THREADS=2 "$BIN" train --resume "$S64_FROM" --out "$WORK/S64" --device "$DEVICE" \
             --minutes "$TRAIN_MIN" --steps 1000000 --checkpoint-every 250 --sample-every 500 \
-            --keep-every 1000
+            --keep-every 1000 --on-d-wins rollback
 ) >"$OUT/train_s64.log" 2>&1 &
 evpid=$!
 for p in "${pids[@]}"; do wait "$p"; done

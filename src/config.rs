@@ -1255,7 +1255,13 @@ mod tests {
         let old: TrainConfig = serde_json::from_str(r#"{"batch_size": 8}"#).unwrap();
         assert_eq!(old.guard, GuardConfig::default());
         assert_eq!(old.guard.on_d_wins, OnDWins::Alarm);
-        let c = TrainConfig::iclevr_sequential();
+        // On by default only where a long run collapsed.
+        assert_eq!(
+            TrainConfig::iclevr_sequential().guard.on_d_wins,
+            OnDWins::Rollback
+        );
+        let c = TrainConfig::iclevr_small();
+        assert_eq!(c.guard.on_d_wins, OnDWins::Alarm);
         let r = apply_overrides(c.clone(), &["guard.on_d_wins=rollback".into()]).unwrap();
         assert_eq!(r.guard.on_d_wins, OnDWins::Rollback);
         r.validate().unwrap();

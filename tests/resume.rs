@@ -1104,6 +1104,7 @@ fn ship_with_sheet_copies_the_grid_of_the_shipped_step() {
     cfg.data.limit = Some(32);
     cfg.sample_every = 2;
     cfg.checkpoint_every = 0;
+    cfg.keep_every = 2;
     let tmp = tempfile::tempdir().unwrap();
     let cfg_path = tmp.path().join("tiny.json");
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
@@ -1128,6 +1129,35 @@ fn ship_with_sheet_copies_the_grid_of_the_shipped_step() {
         std::fs::read(out.join("samples.png")).unwrap(),
         std::fs::read(r.join("samples/step_000002.png")).unwrap()
     );
+    // A kept step ships as it is, with the run's grid of that step.
+    let kept = r.join("kept/step_000002");
+    let outk = tmp.path().join("ship-kept");
+    ok(run(&[
+        "ship",
+        "--run",
+        kept.to_str().unwrap(),
+        "--out",
+        outk.to_str().unwrap(),
+        "--sheet",
+    ]));
+    assert_eq!(
+        std::fs::read(outk.join("samples.png")).unwrap(),
+        std::fs::read(r.join("samples/step_000002.png")).unwrap()
+    );
+    let g = |d: &std::path::Path| {
+        ganscope::train::load_generator(d, &candle_core::Device::Cpu)
+            .unwrap()
+            .0
+            .store
+            .model_tensors()
+    };
+    let (a, b) = (g(&kept), g(&outk));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(x, y, "{name}");
+    }
     // A run whose grid of the newest step is gone (or was never written, with
     // `--sample-every 0`): refused, and nothing is written.
     ok(run(&[

@@ -9,7 +9,8 @@ use ganscope::train::read_config;
 
 #[derive(clap::Args)]
 pub(crate) struct ShipArgs {
-    /// The run folder to take the newest checkpoint from.
+    /// The run folder to take the newest checkpoint from, or one of its kept steps
+    /// (`RUN/kept/step_NNNNNN`, written by `train --keep-every`).
     #[arg(long)]
     pub(crate) run: PathBuf,
     /// The new folder (refused if it holds a run's optimizer state).
@@ -106,14 +107,26 @@ pub(crate) fn extract_embedded() -> Result<PathBuf> {
 pub(crate) fn ship(a: ShipArgs) -> Result<()> {
     use ganscope::checkpoint;
     let cfg = read_config(&a.run)?;
-    let set = checkpoint::load_latest(&a.run, &Device::Cpu)
-        .with_context(|| format!("reading the checkpoint of {}", a.run.display()))?;
+    // A kept step (`<run>/kept/step_NNNNNN`, weights only, chosen on training conditions)
+    // ships as it is; its sample grid is the run's.
+    let kept = checkpoint::is_weights_folder(&a.run);
+    let set = if kept {
+        checkpoint::load_weights(&a.run, &Device::Cpu)
+    } else {
+        checkpoint::load_latest(&a.run, &Device::Cpu)
+    }
+    .with_context(|| format!("reading the checkpoint of {}", a.run.display()))?;
     for note in &set.notes {
         eprintln!("note: {note}");
     }
     let [g, d, _] = &set.files;
-    let grid = a
-        .run
+    let run_root = match a.run.parent() {
+        Some(k) if kept && k.file_name().is_some_and(|n| n == "kept") => {
+            k.parent().unwrap_or(k).to_path_buf()
+        }
+        _ => a.run.clone(),
+    };
+    let grid = run_root
         .join("samples")
         .join(format!("step_{:06}.png", set.step));
     if a.sheet && !grid.is_file() {

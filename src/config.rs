@@ -966,7 +966,7 @@ pub struct GuardConfig {
     pub on_d_wins: OnDWins,
     /// Take a guard snapshot every N generator steps.
     pub snapshot_every: u64,
-    /// Keep the newest N of them (each holds the whole training state in memory: about 40 MB
+    /// Keep the newest N of them (each holds the whole training state in memory: about 36 MB
     /// for `iclevr-sequential`).
     pub keep: usize,
     /// Multiply D's and G's learning rates by these at each rollback (0 < f <= 1; the new rates

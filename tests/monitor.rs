@@ -44,6 +44,17 @@ fn train_until(
     train_until_with(t, out, target, on_check, |_| {})
 }
 
+/// The steps of the training lines of `out/metrics.jsonl`, in file order, and every line.
+fn step_lines(out: &std::path::Path) -> (Vec<u64>, Vec<serde_json::Value>) {
+    let lines = ganscope::checkpoint::read_metrics(out).unwrap();
+    let steps = lines
+        .iter()
+        .filter(|l| l.get("d_loss").is_some())
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    (steps, lines)
+}
+
 /// A tiny cDCGAN on random 28x28 data with an (untrained) evaluator, which is enough to
 /// exercise the plumbing: diagnostics every `every` steps under `max_share`.
 fn toy_trainer(tmp: &std::path::Path, every: u64, max_share: f64) -> Trainer {
@@ -351,12 +362,7 @@ fn the_loop_under_halve_lr_goes_on_and_logs_the_continued_run() {
     lp.run_until(5, None, &mut [&mut folder]).unwrap();
     assert_eq!(lp.trainer.step, 5);
     assert_eq!(lp.trainer.learning_rates(), (g0 * 0.5, d0 * 0.5));
-    let lines = ganscope::checkpoint::read_metrics(&out).unwrap();
-    let steps: Vec<u64> = lines
-        .iter()
-        .filter(|l| l.get("d_loss").is_some())
-        .filter_map(|l| l["step"].as_u64())
-        .collect();
+    let (steps, lines) = step_lines(&out);
     assert_eq!(steps, vec![1, 2, 3, 4, 5], "{lines:?}");
     // The end of the run is checkpointed even with checkpoint_every = 0.
     let (_, _, step) = ganscope::train::load_generator(&out, &Device::Cpu).unwrap();
@@ -473,12 +479,7 @@ fn when_d_wins_outright_the_guard_rolls_back_to_a_snapshot_before_the_alarm_wind
         assert_eq!(a, b, "{name}");
     }
     // metrics.jsonl reads as the run that went on: each step once, in order.
-    let lines = ganscope::checkpoint::read_metrics(&out).unwrap();
-    let steps: Vec<u64> = lines
-        .iter()
-        .filter(|l| l.get("d_loss").is_some())
-        .filter_map(|l| l["step"].as_u64())
-        .collect();
+    let (steps, lines) = step_lines(&out);
     assert_eq!(steps, (1..=9).collect::<Vec<_>>(), "{lines:?}");
     // Kept weights of undone steps (5 and 6, twice) are set aside, not lost; kept/ holds the
     // run that went on.

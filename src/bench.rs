@@ -909,7 +909,8 @@ impl Latency {
 }
 
 /// `ganscope bench --model explore`: the explorer's slider path without a window. A training
-/// session of the explorer's default preset (`iclevr-small`, embedded data) runs in its own
+/// session of the one-shot `iclevr-small` preset (embedded data; the explorer's default when the
+/// README's numbers were measured, one generator pass per image) runs in its own
 /// thread exactly as the explorer starts it, paused or training; its generator weights go to
 /// the renderer thread as the explorer forwards them; then, every 30 ms (a slider drag's
 /// event rate), one latent coordinate moves and the explorer image is requested. Each latency

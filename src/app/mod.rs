@@ -49,8 +49,10 @@ pub use status::StatusBar;
 pub use train_panel::TrainPanel;
 pub use wall::{HeatMode, WallView};
 
-/// The preset the explorer starts on.
-pub const DEFAULT_PRESET: &str = "iclevr-small";
+/// The preset the explorer starts on: the scene-building i-CLEVR generator at 32x32, which
+/// learns more in 15 minutes on a 2-core CPU than the one-shot `iclevr-small` (README, "The
+/// default recipe") and whose shipped generator is the best at that size.
+pub const DEFAULT_PRESET: &str = "iclevr-sequential-small";
 /// Frames of the wall kept for the timeline.
 pub const FRAMES_KEPT: usize = 240;
 /// Step events kept for the plots.

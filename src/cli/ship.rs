@@ -23,10 +23,27 @@ pub(crate) struct ShipArgs {
     pub(crate) sheet: bool,
 }
 
-/// The explorer's default generator (`checkpoints/iclevr-small`) and its 32-px evaluator,
+/// The explorer's default generator (`checkpoints/iclevr-sequential-small`), the one-shot
+/// `checkpoints/iclevr-small` (one click away in the training panel) and their 32-px evaluator,
 /// compiled into the binary so that the first launch opens a trained generator wherever the
-/// binary runs (about 15 MB; the library and its tests do not carry them).
+/// binary runs (about 18 MB; the library and its tests do not carry them).
 pub(crate) const EMBEDDED: &[(&str, &[u8])] = &[
+    (
+        "iclevr-sequential-small/config.json",
+        include_bytes!("../../checkpoints/iclevr-sequential-small/config.json"),
+    ),
+    (
+        "iclevr-sequential-small/generator.safetensors",
+        include_bytes!("../../checkpoints/iclevr-sequential-small/generator.safetensors"),
+    ),
+    (
+        "iclevr-sequential-small/discriminator.safetensors",
+        include_bytes!("../../checkpoints/iclevr-sequential-small/discriminator.safetensors"),
+    ),
+    (
+        "iclevr-sequential-small/CARD.md",
+        include_bytes!("../../checkpoints/iclevr-sequential-small/CARD.md"),
+    ),
     (
         "iclevr-small/config.json",
         include_bytes!("../../checkpoints/iclevr-small/config.json"),

@@ -87,6 +87,9 @@ pub struct BenchOptions {
     /// Where the workloads run. On a GPU the floor is the device's own f32 matmul rate
     /// ([`device_sgemm_gflops`]) and every iteration ends with a device synchronisation.
     pub device: Device,
+    /// [`EXPLORE`] only: the preset whose session and generator the slider path drives
+    /// (`iclevr-small` when `None`; the CLI passes the explorer's default).
+    pub preset: Option<String>,
 }
 
 /// One benchmark workload: a model with its optimizers and data, advanced one iteration at a
@@ -761,8 +764,9 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         opts.warmup.unwrap_or(DEFAULT_WARMUP),
     );
     if opts.model.as_deref() == Some(EXPLORE) {
+        let preset = opts.preset.as_deref().unwrap_or("iclevr-small");
         for training in [false, true] {
-            explore_latency(iters, warmup, training)?;
+            explore_latency(iters, warmup, training, preset)?;
         }
         return Ok(Vec::new());
     }
@@ -909,9 +913,8 @@ impl Latency {
 }
 
 /// `ganscope bench --model explore`: the explorer's slider path without a window. A training
-/// session of the one-shot `iclevr-small` preset (embedded data; the explorer's default when the
-/// README's numbers were measured, one generator pass per image) runs in its own
-/// thread exactly as the explorer starts it, paused or training; its generator weights go to
+/// session of `preset` (embedded data; `ganscope bench` passes the explorer's default) runs in
+/// its own thread exactly as the explorer starts it, paused or training; its generator weights go to
 /// the renderer thread as the explorer forwards them; then, every 30 ms (a slider drag's
 /// event rate), one latent coordinate moves and the explorer image is requested. Each latency
 /// is the time from the request to the rendered image arriving back on the asking thread,
@@ -919,13 +922,18 @@ impl Latency {
 /// is painted: the window waits up to [`crate::train::worker::SAME_FRAME_WAIT`] for it and
 /// paints the image in the same frame (the window adds its own drawing). `warmup` requests are
 /// not counted.
-pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result<Latency> {
+pub fn explore_latency(
+    requests: usize,
+    warmup: usize,
+    training: bool,
+    preset: &str,
+) -> Result<Latency> {
     use crate::train::run::LoopEvent;
     use crate::train::worker::{Command, Event, RenderRequest, Renderer, Session, SessionSpec};
     use std::sync::mpsc::RecvTimeoutError;
     use std::time::Duration;
 
-    let cfg = TrainConfig::preset("iclevr-small")?;
+    let cfg = TrainConfig::preset(preset)?;
     let mut spec = SessionSpec::new(cfg, Device::Cpu);
     spec.run = false;
     let session = Session::spawn(spec, Arc::new(|| {}));
@@ -1032,7 +1040,7 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
     };
     let state = if training { "training" } else { "paused" };
     println!(
-        "explore ({state}, {} requests, {trained} training steps meanwhile): slider -> image ms \
+        "explore {preset} ({state}, {} requests, {trained} training steps meanwhile): slider -> image ms \
          p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}; {:.1}% within the same-frame budget ({} ms)",
         lat.ms.len(),
         lat.quantile(0.5),
@@ -1043,7 +1051,7 @@ pub fn explore_latency(requests: usize, warmup: usize, training: bool) -> Result
         crate::train::worker::SAME_FRAME_WAIT.as_millis()
     );
     println!(
-        "bench model=explore state={state} requests={} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2} \
+        "bench model=explore preset={preset} state={state} requests={} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2} \
          same_frame={:.3}",
         lat.ms.len(),
         lat.quantile(0.5),
@@ -1089,7 +1097,7 @@ mod tests {
     fn explore_latency_answers_every_request() {
         crate::grad::check_exact_second_order().unwrap();
         for training in [false, true] {
-            let l = explore_latency(3, 1, training).unwrap();
+            let l = explore_latency(3, 1, training, "iclevr-small").unwrap();
             assert_eq!(l.ms.len(), 3);
             if !training {
                 assert_eq!(l.steps, 0, "{l:?}");

@@ -23,4 +23,8 @@ pub(crate) struct BenchArgs {
     /// cpu, cuda, metal or auto (cuda and metal need a binary built with that feature).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// `--model explore` only: the preset whose session and generator the slider path drives
+    /// (default: the explorer's, `iclevr-sequential-small`).
+    #[arg(long)]
+    pub(crate) preset: Option<String>,
 }

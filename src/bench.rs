@@ -87,9 +87,9 @@ pub struct BenchOptions {
     /// Where the workloads run. On a GPU the floor is the device's own f32 matmul rate
     /// ([`device_sgemm_gflops`]) and every iteration ends with a device synchronisation.
     pub device: Device,
-    /// [`EXPLORE`] only: the preset whose session and generator the slider path drives
-    /// (`iclevr-small` when `None`; the CLI passes the explorer's default).
-    pub preset: Option<String>,
+    /// [`EXPLORE`] only: the preset whose session and generator the slider path drives (the
+    /// CLI passes the explorer's default unless `--preset` names another).
+    pub preset: String,
 }
 
 /// One benchmark workload: a model with its optimizers and data, advanced one iteration at a
@@ -764,9 +764,8 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         opts.warmup.unwrap_or(DEFAULT_WARMUP),
     );
     if opts.model.as_deref() == Some(EXPLORE) {
-        let preset = opts.preset.as_deref().unwrap_or("iclevr-small");
         for training in [false, true] {
-            explore_latency(iters, warmup, training, preset)?;
+            explore_latency(iters, warmup, training, &opts.preset)?;
         }
         return Ok(Vec::new());
     }

@@ -122,10 +122,9 @@ fn main() {
                 warmup: a.warmup,
                 threads: a.threads,
                 device,
-                preset: Some(
-                    a.preset
-                        .unwrap_or_else(|| ganscope::app::DEFAULT_PRESET.into()),
-                ),
+                preset: a
+                    .preset
+                    .unwrap_or_else(|| ganscope::app::DEFAULT_PRESET.into()),
             })
             .map(|_| ())
             .map_err(Into::into)

@@ -281,7 +281,11 @@ impl DcganDiscriminator {
             Some(Linear::new(
                 cin * s0 * s0,
                 k,
-                LayerOpts { bias: true, ..opts },
+                LayerOpts {
+                    bias: true,
+                    spectral_norm: opts.spectral_norm && cfg.aux_spectral_norm,
+                    ..opts
+                },
                 vb.pp("aux"),
             )?)
         } else {

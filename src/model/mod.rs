@@ -674,6 +674,69 @@ mod tests {
     }
 
     #[test]
+    fn an_aux_head_without_spectral_norm_scales_with_its_weights() {
+        // With spectral norm the head computes W / sigma(W) h + b: scaling W by 10 changes
+        // nothing. Without it (`aux_spectral_norm: false`) the logits minus the bias scale by
+        // 10, and D keeps no power-iteration vector for the head; the real/fake logit is
+        // normalised either way.
+        for preset in ["iclevr-small", "iclevr-projection"] {
+            let mut cfg = crate::config::TrainConfig::preset(preset).unwrap();
+            cfg.model.aux_head = true;
+            cfg.model.image_size = 32;
+            cfg.model.d_ch = 4;
+            cfg.model.attention = None;
+            cfg.model.d_spectral_norm = true;
+            let mut rng = Rng::new(5);
+            let x = Tensor::from_vec(
+                rng.normal_vec(2 * 3 * 32 * 32),
+                (2, 3, 32, 32),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let c = Tensor::from_vec(rng.normal_vec(2 * 24), (2, 24), &Device::Cpu)
+                .unwrap()
+                .ge(0.8)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            for free in [false, true] {
+                cfg.model.aux_spectral_norm = !free;
+                cfg.validate().unwrap();
+                let d =
+                    Discriminator::new(&cfg.model, Rng::new(2), DType::F64, &Device::Cpu).unwrap();
+                let has_u = d.store.state_tensors().contains_key("disc.aux.sn.u");
+                assert_eq!(has_u, !free, "{preset}: aux power-iteration vector");
+                let flat = |t: Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+                let out = |d: &Discriminator| {
+                    let o = d.forward(&x, &c, Pass::eval()).unwrap();
+                    (flat(o.logits), flat(o.aux.unwrap()))
+                };
+                let (l0, a0) = out(&d);
+                let w = d.store.get("disc.aux.weight").unwrap();
+                let bias = flat(d.store.get("disc.aux.bias").unwrap().as_tensor().clone());
+                w.set(&w.as_tensor().affine(10.0, 0.0).unwrap()).unwrap();
+                let (l1, a1) = out(&d);
+                assert_eq!(
+                    l0, l1,
+                    "{preset}: the real/fake logit does not use the head"
+                );
+                for (i, (p, q)) in a0.iter().zip(&a1).enumerate() {
+                    let b = bias[i % bias.len()];
+                    let want = if free { (p - b) * 10.0 + b } else { *p };
+                    assert!(
+                        (q - want).abs() <= 1e-9 * (1.0 + want.abs()),
+                        "{preset} free={free} [{i}]: {q} vs {want}"
+                    );
+                }
+                assert!(
+                    a0.iter().any(|v| v.abs() > 1e-6),
+                    "{preset}: logits all zero"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_generator_samples_with_its_truncation_and_refuses_bad_thresholds() {
         let mut cfg = crate::config::TrainConfig::preset("mnist-cdcgan")
             .unwrap()

@@ -235,6 +235,10 @@ impl ResnetDiscriminator {
         let cin = cin + usize::from(cfg.minibatch_std);
         let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
         let aux = if has_aux_head(cfg) {
+            let opts = LayerOpts {
+                spectral_norm: opts.spectral_norm && cfg.aux_spectral_norm,
+                ..opts
+            };
             Some(Linear::new(cin, k, opts, vb.pp("aux"))?)
         } else {
             None

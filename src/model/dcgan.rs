@@ -11,7 +11,8 @@ use crate::config::{DNorm, ModelConfig};
 use crate::error::Result;
 use crate::kernels::ops::{LeakyRelu, leaky_relu, relu};
 use crate::model::{
-    CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
+    CondPlane, DOut, Projection, attend_after, aux_head_opts, base_size, has_aux_head,
+    num_resamples,
 };
 use crate::nn::{
     BatchNorm, CondBatchNorm, Conv2d, ConvTranspose2d, LayerNorm, LayerOpts, Linear, Pass,
@@ -283,8 +284,7 @@ impl DcganDiscriminator {
                 k,
                 LayerOpts {
                     bias: true,
-                    spectral_norm: opts.spectral_norm && cfg.aux_spectral_norm,
-                    ..opts
+                    ..aux_head_opts(cfg, opts)
                 },
                 vb.pp("aux"),
             )?)

@@ -45,6 +45,15 @@ pub fn has_aux_head(cfg: &ModelConfig) -> bool {
     cfg.num_conditions > 0 && (cfg.conditioning == Conditioning::Acgan || cfg.aux_head)
 }
 
+/// The auxiliary head's layer options: D's own, with spectral norm only where
+/// `aux_spectral_norm` keeps it (every D family builds its head with these).
+pub fn aux_head_opts(cfg: &ModelConfig, opts: LayerOpts) -> LayerOpts {
+    LayerOpts {
+        spectral_norm: opts.spectral_norm && cfg.aux_spectral_norm,
+        ..opts
+    }
+}
+
 /// What a discriminator says about a batch.
 #[derive(Debug, Clone)]
 pub struct DOut {

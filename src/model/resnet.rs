@@ -12,7 +12,8 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kernels::ops::{LeakyRelu, avg_pool2, relu, upsample2};
 use crate::model::{
-    CondPlane, DOut, Projection, attend_after, base_size, has_aux_head, num_resamples,
+    CondPlane, DOut, Projection, attend_after, aux_head_opts, base_size, has_aux_head,
+    num_resamples,
 };
 use crate::nn::{
     BatchNorm, CondBatchNorm, Conv2d, LayerOpts, Linear, Pass, SelfAttention, WeightInit,
@@ -235,11 +236,7 @@ impl ResnetDiscriminator {
         let cin = cin + usize::from(cfg.minibatch_std);
         let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
         let aux = if has_aux_head(cfg) {
-            let opts = LayerOpts {
-                spectral_norm: opts.spectral_norm && cfg.aux_spectral_norm,
-                ..opts
-            };
-            Some(Linear::new(cin, k, opts, vb.pp("aux"))?)
+            Some(Linear::new(cin, k, aux_head_opts(cfg, opts), vb.pp("aux"))?)
         } else {
             None
         };

@@ -75,7 +75,7 @@ impl PlotsPanel {
                     });
             });
             ui.columns(2, |cols| {
-                cols[0].label("D accuracy (0.5 is ideal)");
+                cols[0].label("D accuracy (0.5 is ideal); the auxiliary head's label hit rate (1 is ideal)");
                 Plot::new("d_acc")
                     .height(height)
                     .legend(Legend::default())
@@ -91,6 +91,15 @@ impl PlotsPanel {
                             "on fake",
                             PlotPoints::from(series(&|s| Some(s.stats.d_acc_fake))),
                         ));
+                        // An auxiliary head's top-k hit rate: how well D reads the labels.
+                        let aux_real = series(&|s| s.stats.aux_acc_real);
+                        if !aux_real.is_empty() {
+                            p.line(Line::new("aux reads real", PlotPoints::from(aux_real)));
+                            p.line(Line::new(
+                                "aux reads fake",
+                                PlotPoints::from(series(&|s| s.stats.aux_acc_fake)),
+                            ));
+                        }
                     });
                 cols[1].label("Penalties and learning rates");
                 Plot::new("gp")

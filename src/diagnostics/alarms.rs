@@ -51,6 +51,12 @@ pub struct StepStats {
     /// ACGAN auxiliary losses.
     pub aux_d: Option<f64>,
     pub aux_g: Option<f64>,
+    /// How well D's auxiliary head reads the conditions (the course's top-k hit rate: for a
+    /// row with k labels, the share of them among its k highest logits; top-1 for one-hot
+    /// conditions): on the real batch (D's classifier), and on G's batch against the
+    /// conditions G was asked for (how much of them D finds in the fakes).
+    pub aux_acc_real: Option<f64>,
+    pub aux_acc_fake: Option<f64>,
     /// Global L2 norm of D's gradient (last D update, penalties included) and of G's (the
     /// G update), before the optimiser step.
     #[serde(default)]
@@ -85,6 +91,8 @@ impl From<&StepStats> for StepPoint {
             ("r1", s.r1),
             ("aux_d", s.aux_d),
             ("aux_g", s.aux_g),
+            ("aux_acc_real", s.aux_acc_real),
+            ("aux_acc_fake", s.aux_acc_fake),
         ] {
             if let Some(v) = v {
                 other.push((name.to_string(), v));

@@ -29,6 +29,17 @@ use crate::nn::Pass;
 use crate::optim::adam::Adam;
 use crate::rng::Rng;
 
+/// What one generator update reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GStats {
+    pub loss: f64,
+    /// The auxiliary loss on G's batch, and D's top-k hit rate there ([`StepStats::aux_acc_fake`]).
+    pub aux: Option<f64>,
+    pub aux_acc: Option<f64>,
+    /// Global L2 norm of G's gradient before the optimiser step.
+    pub grad_norm: f64,
+}
+
 /// Which networks a single step updates (the explorer's "step D / step G / step both").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKind {
@@ -464,6 +475,7 @@ impl Trainer {
                 aux = (aux + loss::aux_loss(ck, af, &c)?)?;
             }
             st.aux_d = Some(scalar(&aux)?);
+            st.aux_acc_real = aux_hit_rate(ar, &c)?;
             total = (total + aux.affine(self.cfg.loss.aux_weight, 0.0)?)?;
         }
         st.d_loss = scalar(&total)?;
@@ -480,8 +492,8 @@ impl Trainer {
         Ok(st)
     }
 
-    /// One generator update; returns (G loss, auxiliary loss, gradient norm).
-    pub fn g_step(&mut self) -> Result<(f64, Option<f64>, f64)> {
+    /// One generator update; returns its numbers.
+    pub fn g_step(&mut self) -> Result<GStats> {
         let b = self.cfg.batch_size;
         let ms = self.cfg.loss.mode_seeking_at(self.step);
         let sequential = self.cfg.model.arch == Arch::Sequential;
@@ -524,10 +536,11 @@ impl Trainer {
             let term = loss::mode_seeking(&fake, &z)?;
             total = (total + term.affine(ms, 0.0)?)?;
         }
-        let mut aux_v = None;
+        let (mut aux_v, mut aux_acc) = (None, None);
         if let Some(a) = &out.aux {
             let aux = loss::aux_loss(self.cfg.model.condition_kind, a, &c)?;
             aux_v = Some(scalar(&aux)?);
+            aux_acc = aux_hit_rate(a, &c)?;
             total = (total + aux.affine(self.cfg.loss.aux_weight, 0.0)?)?;
         }
         let g = scalar(&total)?;
@@ -539,7 +552,12 @@ impl Trainer {
             let decay = self.cfg.ema.decay_at(self.step + 1);
             ema::update(&e.store, &self.generator.store, decay)?;
         }
-        Ok((g, aux_v, norm))
+        Ok(GStats {
+            loss: g,
+            aux: aux_v,
+            aux_acc,
+            grad_norm: norm,
+        })
     }
 
     /// n_critic D updates then one G update; advances the step counter.
@@ -569,10 +587,11 @@ impl Trainer {
             }
         }
         if kind != StepKind::DOnly {
-            let (g, aux, norm) = self.g_step()?;
-            st.g_loss = g;
-            st.aux_g = aux;
-            st.g_grad_norm = norm;
+            let g = self.g_step()?;
+            st.g_loss = g.loss;
+            st.aux_g = g.aux;
+            st.aux_acc_fake = g.aux_acc;
+            st.g_grad_norm = g.grad_norm;
             self.step += 1;
         }
         st.step = self.step;
@@ -928,6 +947,26 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// The course's top-k hit rate of an auxiliary head's logits (B, K) against the conditions
+/// (B, K): for a row with k labels (entries above 0.5), the share of them among its k highest
+/// logits, summed over the batch (top-1 for one-hot rows); `None` when no row has a label.
+fn aux_hit_rate(logits: &Tensor, c: &Tensor) -> Result<Option<f64>> {
+    let scores: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    let truth: Vec<Vec<u16>> = c
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|row| {
+            (0..row.len())
+                .filter(|&j| row[j] > 0.5)
+                .map(|j| j as u16)
+                .collect()
+        })
+        .collect();
+    let t = crate::eval::metrics::topk_accuracy(&scores, &truth)?;
+    Ok((t.labels > 0).then(|| t.hits as f64 / t.labels as f64))
+}
+
 fn frac_positive(t: &Tensor) -> Result<f64> {
     let n = t.elem_count().max(1) as f64;
     Ok(t.gt(0.0)?
@@ -1099,6 +1138,51 @@ mod tests {
             t.train_step().unwrap();
         }
         assert_ne!(bits(&once), bits(&always));
+    }
+
+    #[test]
+    fn aux_hit_rate_is_the_course_top_k_by_hand() {
+        let dev = Device::Cpu;
+        let t = |v: &[[f32; 3]; 2]| Tensor::new(v, &dev).unwrap();
+        // Row 0 has labels {0, 2}: its top 2 logits are 0 (3.0) and 2 (2.0), two hits. Row 1
+        // has label {2}: its top logit is 1 (5.0), a miss. 2 hits of 3 labels.
+        let logits = t(&[[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]]);
+        let c = t(&[[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]);
+        let r = super::aux_hit_rate(&logits, &c).unwrap().unwrap();
+        assert!((r - 2.0 / 3.0).abs() < 1e-12, "{r}");
+        // One-hot rows: top-1 accuracy (row 0 right, row 1 wrong).
+        let c1 = t(&[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]);
+        assert_eq!(super::aux_hit_rate(&logits, &c1).unwrap(), Some(0.5));
+        // No labels at all: nothing to read.
+        let c0 = t(&[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]);
+        assert_eq!(super::aux_hit_rate(&logits, &c0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_step_reports_the_aux_heads_hit_rates_only_with_an_aux_head() {
+        use std::sync::Arc;
+        let data = Arc::new(crate::data::render::synthetic_dataset(6, 32, 1, None));
+        let step = |aux_head: bool| {
+            let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
+            cfg.model.g_ch = 4;
+            cfg.model.d_ch = 4;
+            cfg.model.z_dim = 9;
+            cfg.batch_size = 4;
+            cfg.model.aux_head = aux_head;
+            let mut t = super::Trainer::new(cfg, data.clone(), &Device::Cpu).unwrap();
+            t.train_step().unwrap()
+        };
+        let with = step(true);
+        for r in [with.aux_acc_real, with.aux_acc_fake] {
+            let r = r.expect("a hit rate with an aux head");
+            assert!((0.0..=1.0).contains(&r), "{r}");
+        }
+        // A batch of 4 pairs holds 2 to 6 labels of each kind ([added, so far]): the rate is
+        // a multiple of 1/labels, so it lands on a fraction with such a denominator.
+        let fracs = |r: f64| (2..=24).any(|n| ((r * n as f64).round() - r * n as f64).abs() < 1e-9);
+        assert!(fracs(with.aux_acc_real.unwrap()) && fracs(with.aux_acc_fake.unwrap()));
+        let without = step(false);
+        assert_eq!((without.aux_acc_real, without.aux_acc_fake), (None, None));
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub(crate) struct EvalArgs {
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     use ganscope::eval::classifier::Classifier;
-    use ganscope::eval::metrics::{frechet_distance, topk_accuracy};
+    use ganscope::eval::metrics::{active_labels, frechet_distance, topk_accuracy};
     let dev = device(&a.device)?;
     // The weights first: a wrong file is an error before any work.
     let fid_net = match &a.fid_weights {
@@ -145,16 +145,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                 parse_condition(names, it, one_hot).with_context(|| format!("{name}: entry {i}"))
             })
             .collect::<Result<_>>()?;
-        let truth: Vec<Vec<u16>> = conds
-            .iter()
-            .map(|c| {
-                c.iter()
-                    .enumerate()
-                    .filter(|(_, v)| **v > 0.5)
-                    .map(|(j, _)| j as u16)
-                    .collect()
-            })
-            .collect();
+        let truth: Vec<Vec<u16>> = conds.iter().map(|c| active_labels(c)).collect();
         let mut accs = Vec::new();
         let mut per_label = vec![(0usize, 0usize); names.len()];
         // Sequential scoring: each step's accuracy against the labels added so far.

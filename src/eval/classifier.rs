@@ -472,12 +472,7 @@ fn batch(
 
 /// Label ids of image `i` (the active entries of its condition vector).
 pub fn label_ids(data: &dyn Dataset, i: usize) -> Vec<u16> {
-    data.condition(i)
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| **v > 0.5)
-        .map(|(j, _)| j as u16)
-        .collect()
+    crate::eval::metrics::active_labels(&data.condition(i))
 }
 
 /// Top-k accuracy (course scoring) of `model` on images `idx` of `data`.

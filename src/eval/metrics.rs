@@ -95,6 +95,15 @@ pub fn class_spread(probs: &[Vec<f32>], k: usize) -> Result<ClassSpread> {
     })
 }
 
+/// The label ids of a condition row: its entries above 0.5 (one for a one-hot row).
+pub fn active_labels(cond: &[f32]) -> Vec<u16> {
+    cond.iter()
+        .enumerate()
+        .filter(|(_, v)| **v > 0.5)
+        .map(|(j, _)| j as u16)
+        .collect()
+}
+
 /// `scores`: one row of K scores per image; `truth`: the true label ids of each image.
 pub fn topk_accuracy(scores: &[Vec<f32>], truth: &[Vec<u16>]) -> Result<TopK> {
     if scores.len() != truth.len() {

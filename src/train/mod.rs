@@ -23,6 +23,7 @@ use crate::config::{Arch, Conditioning, LossKind, TrainConfig};
 use crate::data::{Dataset, SceneStep};
 pub use crate::diagnostics::StepStats;
 use crate::error::{Error, Result};
+use crate::eval::metrics;
 use crate::grad::GradMode;
 use crate::model::{Discriminator, Generator};
 use crate::nn::Pass;
@@ -33,8 +34,9 @@ use crate::rng::Rng;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GStats {
     pub loss: f64,
-    /// The auxiliary loss on G's batch, and D's top-k hit rate there ([`StepStats::aux_acc_fake`]).
+    /// The auxiliary loss on G's batch.
     pub aux: Option<f64>,
+    /// D's top-k hit rate on G's batch ([`StepStats::aux_acc_fake`]).
     pub aux_acc: Option<f64>,
     /// Global L2 norm of G's gradient before the optimiser step.
     pub grad_norm: f64,
@@ -956,15 +958,10 @@ fn aux_hit_rate(logits: &Tensor, c: &Tensor) -> Result<Option<f64>> {
         .to_dtype(DType::F32)?
         .to_vec2::<f32>()?
         .iter()
-        .map(|row| {
-            (0..row.len())
-                .filter(|&j| row[j] > 0.5)
-                .map(|j| j as u16)
-                .collect()
-        })
+        .map(|row| metrics::active_labels(row))
         .collect();
-    let t = crate::eval::metrics::topk_accuracy(&scores, &truth)?;
-    Ok((t.labels > 0).then(|| t.hits as f64 / t.labels as f64))
+    let t = metrics::topk_accuracy(&scores, &truth)?;
+    Ok((t.labels > 0).then(|| t.accuracy()))
 }
 
 fn frac_positive(t: &Tensor) -> Result<f64> {
@@ -1177,8 +1174,8 @@ mod tests {
             let r = r.expect("a hit rate with an aux head");
             assert!((0.0..=1.0).contains(&r), "{r}");
         }
-        // A batch of 4 pairs holds 2 to 6 labels of each kind ([added, so far]): the rate is
-        // a multiple of 1/labels, so it lands on a fraction with such a denominator.
+        // A batch of 4 pairs holds 8 to 16 labels of [added, so far] (one added and 1 to 3 so
+        // far per pair): the rate is hits / labels, a fraction with such a denominator.
         let fracs = |r: f64| (2..=24).any(|n| ((r * n as f64).round() - r * n as f64).abs() < 1e-9);
         assert!(fracs(with.aux_acc_real.unwrap()) && fracs(with.aux_acc_fake.unwrap()));
         let without = step(false);

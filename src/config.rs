@@ -192,6 +192,17 @@ pub struct ModelConfig {
     /// that D looks at every pixel of objects a few pixels wide before it halves the image (the
     /// evaluators' stride-1 stem does the same). The first block then takes `d_ch` channels.
     pub d_stem: bool,
+    /// Width of a classifier network of its own inside D that gives the auxiliary logits in
+    /// place of the head on D's last features (0 = off, the head reads D's body). The branch
+    /// is a plain convolutional net on D's input (the image, or the sequential model's pair):
+    /// Conv(k3, s1) at full resolution, then Conv(k4, s2) stages doubling from this width
+    /// down to the base map, a linear layer to K logits; leaky ReLU, biases, no spectral or
+    /// batch normalisation. D's body stays a Lipschitz-bounded real/fake judge and the
+    /// branch an unconstrained multi-label classifier (ACGAN, Odena et al. 2017, with the
+    /// classifier split from D as in Triple-GAN, Li et al. 2017). Trained by `loss.aux_weight`
+    /// on real data only (unless `loss.aux_on_fakes`); G is trained to satisfy it. Needs an
+    /// auxiliary head (`aux_head` or conditioning `acgan`).
+    pub aux_branch: usize,
     /// `arch: onnx` only: the graph's input names.
     pub onnx: Option<OnnxInputs>,
 }
@@ -221,6 +232,7 @@ impl Default for ModelConfig {
             g_cond_bn: false,
             g_object_layers: 0,
             d_stem: false,
+            aux_branch: 0,
             onnx: None,
         }
     }
@@ -750,9 +762,24 @@ impl TrainConfig {
         }
         if m.d_stem && !matches!(m.arch, Arch::Dcgan | Arch::Sequential) {
             return Err(Error::Config(format!(
-                "model.d_stem adds a full-resolution layer to the DCGAN discriminator: arch                  {:?} has none",
+                "model.d_stem adds a full-resolution layer to the DCGAN discriminator: arch \
+                 {:?} has none",
                 m.arch
             )));
+        }
+        if m.aux_branch > 0
+            && !(m.num_conditions > 0 && (m.aux_head || m.conditioning == Conditioning::Acgan))
+        {
+            return Err(Error::Config(format!(
+                "model.aux_branch = {}: the branch gives D's auxiliary logits; turn on an \
+                 auxiliary head (model.aux_head = true or conditioning acgan) or set it to 0",
+                m.aux_branch
+            )));
+        }
+        if m.aux_branch > 0 && m.arch == Arch::Onnx {
+            return Err(Error::Config(
+                "model.aux_branch: an imported (onnx) generator trains no discriminator".into(),
+            ));
         }
         if m.arch == Arch::Sequential
             && (m.condition_kind != ConditionKind::MultiHot || m.g_object_layers == 0)
@@ -784,6 +811,7 @@ impl TrainConfig {
         for (name, v, lo, hi) in [
             ("model.g_ch", m.g_ch, 1, 1024),
             ("model.d_ch", m.d_ch, 1, 1024),
+            ("model.aux_branch", m.aux_branch, 0, 512),
             ("model.z_dim", m.z_dim, 1, 4096),
             ("model.cond_embed", m.cond_embed, 1, 4096),
             ("model.num_conditions", m.num_conditions, 0, 1000),
@@ -1371,6 +1399,11 @@ mod tests {
                 c.model.arch = Arch::Resnet;
                 c.model.g_object_layers = 0;
                 c.model.d_stem = true;
+            }),
+            ("model.aux_branch", |c| c.model.aux_branch = 8),
+            ("model.aux_branch", |c| {
+                c.model.aux_head = true;
+                c.model.aux_branch = 513;
             }),
             ("steps", |c| c.steps = 0),
             ("monitor.fid_weights", |c| c.monitor.fid_every = 500),

@@ -190,6 +190,32 @@ impl ParamStore {
         Ok(())
     }
 
+    /// [`Self::load`] of the entries whose names `fresh` does not pick: those keep their
+    /// initial values (and `tensors` must not hold them). Names and shapes of the rest are
+    /// checked first; nothing changes unless they all match.
+    pub fn load_except(
+        &self,
+        path: &Path,
+        tensors: &HashMap<String, Tensor>,
+        model: bool,
+        fresh: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
+        let expected: Vec<_> = self
+            .shapes(model)
+            .into_iter()
+            .filter(|(n, _)| !fresh(n))
+            .collect();
+        crate::checkpoint::check_shapes(path, &expected, tensors)?;
+        let inner = self.lock();
+        for (name, _) in expected {
+            let t = tensors[&name]
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
+            inner.entries[&name].var.set(&t)?;
+        }
+        Ok(())
+    }
+
     /// Number of trainable scalars.
     pub fn num_params(&self) -> usize {
         self.trainable().iter().map(|(_, v)| v.elem_count()).sum()

@@ -11,7 +11,7 @@ use crate::config::{DNorm, ModelConfig};
 use crate::error::Result;
 use crate::kernels::ops::{LeakyRelu, leaky_relu, relu};
 use crate::model::{
-    CondPlane, DOut, Projection, attend_after, aux_head_opts, base_size, has_aux_head,
+    AuxBranch, CondPlane, DOut, Projection, attend_after, aux_head_opts, base_size, has_aux_head,
     num_resamples,
 };
 use crate::nn::{
@@ -232,6 +232,8 @@ pub struct DcganDiscriminator {
     embed: Option<Projection>,
     /// ACGAN: flattened features -> K logits.
     aux: Option<Linear>,
+    /// `model.aux_branch`: the auxiliary logits from a classifier of their own instead.
+    aux_branch: Option<AuxBranch>,
     /// Minibatch standard deviation appended before `out` (one more feature map).
     minibatch_std: bool,
 }
@@ -278,7 +280,8 @@ impl DcganDiscriminator {
         let cin = cin + usize::from(cfg.minibatch_std);
         let out = Conv2d::new(cin, 1, s0, 1, 0, opts, vb.pp("out"))?;
         let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
-        let aux = if has_aux_head(cfg) {
+        let aux_branch = AuxBranch::maybe_new(cfg, cfg.channels, vb.pp("aux_branch"))?;
+        let aux = if has_aux_head(cfg) && aux_branch.is_none() {
             Some(Linear::new(
                 cin * s0 * s0,
                 k,
@@ -299,12 +302,17 @@ impl DcganDiscriminator {
             out,
             embed,
             aux,
+            aux_branch,
             minibatch_std: cfg.minibatch_std,
         })
     }
 
     /// x: (B, C, H, W), c: (B, K)
     pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
+        let branch = match &self.aux_branch {
+            Some(b) => Some(b.forward(x, pass)?), // (B, K)
+            None => None,
+        };
         let mut h = match &self.cond_plane {
             Some(p) => p.concat(x, c, pass)?, // (B, C + 1, H, W)
             None => x.clone(),
@@ -326,7 +334,7 @@ impl DcganDiscriminator {
         }
         let aux = match &self.aux {
             Some(a) => Some(a.forward(&h.flatten_from(1)?, pass)?), // (B, K)
-            None => None,
+            None => branch,
         };
         Ok(DOut { logits, aux })
     }

@@ -104,6 +104,69 @@ impl CondPlane {
     }
 }
 
+/// `model.aux_branch`: D's auxiliary logits from a classifier network of its own (see the
+/// option's doc): Conv(k3, s1, p1) at full resolution to `w` channels, then one Conv(k4, s2,
+/// p1) stage per resample (`w`, `2w`, ... channels) down to the base map, each with a leaky
+/// ReLU(0.2) (fused, no bias), then a linear layer (with bias) from the flattened base map
+/// to K logits. No spectral or batch normalisation: a classifier free of D's Lipschitz bound
+/// and of batch statistics (real and fake batches pass separately).
+#[derive(Debug, Clone)]
+pub struct AuxBranch {
+    stem: crate::nn::Conv2d,
+    blocks: Vec<crate::nn::Conv2d>,
+    out: Linear,
+}
+
+impl AuxBranch {
+    /// Present when `cfg.aux_branch > 0`; `channels` is what D's input has (the image's, or
+    /// twice that for a sequential pair).
+    pub fn maybe_new(cfg: &ModelConfig, channels: usize, vb: Vb) -> Result<Option<Self>> {
+        let w = cfg.aux_branch;
+        if w == 0 {
+            return Ok(None);
+        }
+        let opts = LayerOpts {
+            bias: false,
+            spectral_norm: false,
+            init: WeightInit::Xavier,
+        };
+        let stem = crate::nn::Conv2d::new(channels, w, 3, 1, 1, opts, vb.pp("stem"))?;
+        let mut blocks = Vec::new();
+        let mut cin = w;
+        for level in 0..num_resamples(cfg.image_size) {
+            let cout = w << level;
+            blocks.push(crate::nn::Conv2d::new(
+                cin,
+                cout,
+                4,
+                2,
+                1,
+                opts,
+                vb.pp("blocks").pp(level),
+            )?);
+            cin = cout;
+        }
+        let s0 = base_size(cfg.image_size);
+        let out = Linear::new(
+            cin * s0 * s0,
+            cfg.num_conditions,
+            LayerOpts { bias: true, ..opts },
+            vb.pp("out"),
+        )?;
+        Ok(Some(Self { stem, blocks, out }))
+    }
+
+    /// x: (B, C, H, W) -> (B, K) logits.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        use crate::kernels::ops::LeakyRelu;
+        let mut h = self.stem.forward_act(x, pass, LeakyRelu::LEAKY)?; // (B, w, H, W)
+        for b in &self.blocks {
+            h = b.forward_act(&h, pass, LeakyRelu::LEAKY)?;
+        }
+        self.out.forward(&h.flatten_from(1)?, pass) // (B, K)
+    }
+}
+
 /// The projection discriminator's condition term <embed(c), phi(x)> (Miyato & Koyama 2018),
 /// added to D's logit; `phi` are D's spatially pooled features.
 #[derive(Debug, Clone)]
@@ -680,6 +743,79 @@ mod tests {
                 ((o.logits * &r).unwrap().sum_all().unwrap() + aux).unwrap()
             },
         );
+    }
+
+    #[test]
+    fn an_aux_branch_gives_the_aux_logits_and_its_gradients_match_finite_differences() {
+        // 32-px i-CLEVR D with a width-2 branch: stem (2, 3, 3, 3), stages 2 -> 2 -> 4 -> 8
+        // channels at 16, 8, 4 px, a linear layer from 8 * 4 * 4 features to 24 logits; no
+        // head on D's body.
+        let mut cfg = crate::config::TrainConfig::preset("iclevr-small").unwrap();
+        cfg.model.aux_head = true;
+        cfg.model.aux_branch = 2;
+        cfg.model.d_ch = 4;
+        cfg.model.d_spectral_norm = false;
+        cfg.validate().unwrap();
+        let m = &cfg.model;
+        let d = Discriminator::new(m, Rng::new(2), DType::F64, &Device::Cpu).unwrap();
+        let t = d.store.model_tensors();
+        assert_eq!(t["disc.aux_branch.stem.weight"].dims(), &[2, 3, 3, 3]);
+        assert_eq!(t["disc.aux_branch.blocks.0.weight"].dims(), &[2, 2, 4, 4]);
+        assert_eq!(t["disc.aux_branch.blocks.2.weight"].dims(), &[8, 4, 4, 4]);
+        assert_eq!(t["disc.aux_branch.out.weight"].dims(), &[24, 8 * 4 * 4]);
+        assert!(!t.contains_key("disc.aux.weight"));
+        let mut rng = Rng::new(5);
+        let mut r = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu).unwrap()
+        };
+        let b = 3;
+        let x = r(&[b, 3, 32, 32]);
+        let c = r(&[b, 24]).ge(0.8).unwrap().to_dtype(DType::F64).unwrap();
+        // The logits are the branch's alone: its output bias moves them one for one, and the
+        // condition does not enter them.
+        let aux =
+            |d: &Discriminator, c: &Tensor| d.forward(&x, c, Pass::eval()).unwrap().aux.unwrap();
+        let before = aux(&d, &c);
+        assert_eq!(before.dims(), &[b, 24]);
+        assert_eq!(
+            before.to_vec2::<f64>().unwrap(),
+            aux(&d, &c.zeros_like().unwrap()).to_vec2::<f64>().unwrap()
+        );
+        let bias = d.store.get("disc.aux_branch.out.bias").unwrap();
+        bias.set(&(bias.as_tensor() + 1.5).unwrap()).unwrap();
+        let moved = (aux(&d, &c) - &before).unwrap().flatten_all().unwrap();
+        for v in moved.to_vec1::<f64>().unwrap() {
+            assert!((v - 1.5).abs() < 1e-12, "{v}");
+        }
+        // d sum(aux * s) / d theta through the branch, against central differences (f64).
+        let s = r(&[b, 24]);
+        test_util::assert_param_gradients(
+            &d.store,
+            &[
+                "disc.aux_branch.stem.weight",
+                "disc.aux_branch.blocks.1.weight",
+            ],
+            1e-6,
+            || {
+                let o = d.forward(&x, &c, Pass::train()).unwrap();
+                (o.aux.unwrap() * &s).unwrap().sum_all().unwrap()
+            },
+        );
+        // The ResNet D takes the branch the same way.
+        let mut p = crate::config::TrainConfig::preset("iclevr-projection").unwrap();
+        p.model.image_size = 32;
+        p.model.d_ch = 4;
+        p.model.attention = None;
+        p.model.aux_head = true;
+        p.model.aux_branch = 2;
+        p.validate().unwrap();
+        let dr = Discriminator::new(&p.model, Rng::new(2), DType::F64, &Device::Cpu).unwrap();
+        let tr = dr.store.model_tensors();
+        assert!(
+            tr.contains_key("disc.aux_branch.out.weight") && !tr.contains_key("disc.aux.weight")
+        );
+        assert_eq!(aux(&dr, &c).dims(), &[b, 24]);
     }
 
     #[test]

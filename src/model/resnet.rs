@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kernels::ops::{LeakyRelu, avg_pool2, relu, upsample2};
 use crate::model::{
-    CondPlane, DOut, Projection, attend_after, aux_head_opts, base_size, has_aux_head,
+    AuxBranch, CondPlane, DOut, Projection, attend_after, aux_head_opts, base_size, has_aux_head,
     num_resamples,
 };
 use crate::nn::{
@@ -198,6 +198,8 @@ pub struct ResnetDiscriminator {
     embed: Option<Projection>,
     /// ACGAN: pooled features -> K logits.
     aux: Option<Linear>,
+    /// `model.aux_branch`: the auxiliary logits from a classifier of their own instead.
+    aux_branch: Option<AuxBranch>,
     /// Minibatch standard deviation appended after the blocks (one more feature map).
     minibatch_std: bool,
 }
@@ -235,7 +237,8 @@ impl ResnetDiscriminator {
         }
         let cin = cin + usize::from(cfg.minibatch_std);
         let embed = Projection::maybe_new(cfg, cin, opts, vb.pp("embed"))?;
-        let aux = if has_aux_head(cfg) {
+        let aux_branch = AuxBranch::maybe_new(cfg, cfg.channels, vb.pp("aux_branch"))?;
+        let aux = if has_aux_head(cfg) && aux_branch.is_none() {
             Some(Linear::new(cin, k, aux_head_opts(cfg, opts), vb.pp("aux"))?)
         } else {
             None
@@ -247,12 +250,17 @@ impl ResnetDiscriminator {
             linear: Linear::new(cin, 1, opts, vb.pp("linear"))?,
             embed,
             aux,
+            aux_branch,
             minibatch_std: cfg.minibatch_std,
         })
     }
 
     /// x: (B, C, H, W), c: (B, K)
     pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
+        let branch = match &self.aux_branch {
+            Some(b) => Some(b.forward(x, pass)?), // (B, K)
+            None => None,
+        };
         let mut h = match &self.cond_plane {
             Some(p) => p.concat(x, c, pass)?,
             None => x.clone(),
@@ -271,7 +279,7 @@ impl ResnetDiscriminator {
         }
         let aux = match &self.aux {
             Some(a) => Some(a.forward(&phi, pass)?),
-            None => None,
+            None => branch,
         };
         Ok(DOut { logits, aux })
     }

@@ -704,18 +704,53 @@ impl Trainer {
     /// Load a weights-only folder (see [`Trainer::load_checkpoint`]).
     pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
         let set = checkpoint::load_weights(dir, &self.device)?;
+        self.load_notes = set.notes.clone();
         let [gp, dp, _] = &set.paths;
         let [g, d, _] = &set.files;
         checkpoint::check_shapes(gp, &self.generator.store.shapes(true), g)?;
-        if !d.is_empty() {
-            checkpoint::check_shapes(dp, &self.discriminator.store.shapes(true), d)?;
-        }
+        let grown = if d.is_empty() {
+            None
+        } else {
+            let expected = self.discriminator.store.shapes(true);
+            match aux_branch_growth(&expected, d) {
+                Some(g) => Some(g),
+                None => {
+                    checkpoint::check_shapes(dp, &expected, d)?;
+                    None
+                }
+            }
+        };
         self.generator.store.load(gp, g, true)?;
         if let Some(e) = &self.ema {
             e.store.load(gp, g, true)?;
         }
-        if !d.is_empty() {
-            self.discriminator.store.load(dp, d, true)?;
+        match &grown {
+            None if !d.is_empty() => self.discriminator.store.load(dp, d, true)?,
+            None => {}
+            Some((fresh, dropped)) => {
+                let kept: HashMap<String, Tensor> = d
+                    .iter()
+                    .filter(|(n, _)| !dropped.contains(n))
+                    .map(|(n, t)| (n.clone(), t.clone()))
+                    .collect();
+                self.discriminator
+                    .store
+                    .load_except(dp, &kept, true, &|n| fresh.iter().any(|f| f == n))?;
+                self.load_notes.push(format!(
+                    "D gains model.aux_branch: its {} tensors start fresh; the rest of D comes \
+                     from {}{}",
+                    fresh.len(),
+                    dp.display(),
+                    if dropped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", except the auxiliary head it replaces ({})",
+                            dropped.join(", ")
+                        )
+                    }
+                ));
+            }
         }
         self.step = set.step;
         Ok(())
@@ -949,6 +984,36 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// Training on from a D saved without `model.aux_branch` with a config that adds one: the
+/// branch's tensors (missing from the file) start fresh and the auxiliary head it replaces
+/// (in the file, not in the model) is dropped; every other tensor must match. Returns (fresh,
+/// dropped) names, or `None` when the file is not such a D (then the strict check applies).
+fn aux_branch_growth(
+    expected: &[(String, Vec<usize>)],
+    found: &HashMap<String, Tensor>,
+) -> Option<(Vec<String>, Vec<String>)> {
+    let branch = |n: &str| n.contains(".aux_branch.");
+    let head = |n: &str| n.contains(".aux.");
+    if found.keys().any(|n| branch(n)) {
+        return None;
+    }
+    let fresh: Vec<String> = expected
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| branch(n))
+        .collect();
+    if fresh.is_empty() {
+        return None;
+    }
+    let mut dropped: Vec<String> = found
+        .keys()
+        .filter(|n| head(n) && !expected.iter().any(|(e, _)| e == *n))
+        .cloned()
+        .collect();
+    dropped.sort_unstable();
+    Some((fresh, dropped))
+}
+
 /// The course's top-k hit rate of an auxiliary head's logits (B, K) against the conditions
 /// (B, K): for a row with k labels (entries above 0.5), the share of them among its k highest
 /// logits, summed over the batch (top-1 for one-hot rows); `None` when no row has a label.
@@ -1180,6 +1245,65 @@ mod tests {
         assert!(fracs(with.aux_acc_real.unwrap()) && fracs(with.aux_acc_fake.unwrap()));
         let without = step(false);
         assert_eq!((without.aux_acc_real, without.aux_acc_fake), (None, None));
+    }
+
+    #[test]
+    fn training_on_adds_an_aux_branch_to_a_saved_d_and_keeps_the_rest() {
+        use std::sync::Arc;
+        let data = Arc::new(crate::data::render::synthetic_dataset(6, 32, 1, None));
+        let small = |branch: usize| {
+            let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
+            cfg.model.g_ch = 4;
+            cfg.model.d_ch = 4;
+            cfg.model.z_dim = 9;
+            cfg.batch_size = 4;
+            cfg.model.aux_head = true;
+            cfg.model.aux_branch = branch;
+            cfg
+        };
+        // A D without the branch, trained a step (so its tensors differ from any init), saved
+        // as a weights folder.
+        let mut old = super::Trainer::new(small(0), data.clone(), &Device::Cpu).unwrap();
+        old.train_step().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        old.save_weights(dir.path()).unwrap();
+        let saved = old.discriminator.store.model_tensors();
+        assert!(saved.contains_key("disc.aux.weight"));
+
+        let mut t = super::Trainer::new(small(3), data.clone(), &Device::Cpu).unwrap();
+        let init = t.discriminator.store.model_tensors();
+        t.load_checkpoint(dir.path()).unwrap();
+        let now = t.discriminator.store.model_tensors();
+        let bits = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The body comes from the file, bit for bit; the branch keeps its initial values; the
+        // replaced head is gone.
+        let mut n_branch = 0;
+        for (name, v) in &now {
+            if name.contains(".aux_branch.") {
+                n_branch += 1;
+                assert_eq!(bits(v), bits(&init[name]), "{name} was overwritten");
+            } else {
+                assert_eq!(bits(v), bits(&saved[name]), "{name} not loaded");
+            }
+        }
+        // stem, one stage per resample of a 32-px model (3), out (weight and bias).
+        assert_eq!(n_branch, 1 + 3 + 2);
+        assert!(!now.contains_key("disc.aux.weight"));
+        assert!(
+            t.load_notes
+                .iter()
+                .any(|n| n.contains("aux_branch") && n.contains("disc.aux.weight")),
+            "{:?}",
+            t.load_notes
+        );
+        t.train_step().unwrap();
+
+        // Anything else that differs is still refused, naming the file and the tensor.
+        let mut wider = small(3);
+        wider.model.d_ch = 5;
+        let mut t = super::Trainer::new(wider, data, &Device::Cpu).unwrap();
+        let e = t.load_checkpoint(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("discriminator.safetensors"), "{e}");
     }
 
     #[test]

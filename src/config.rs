@@ -317,6 +317,10 @@ impl Default for LossConfig {
 pub struct OptimConfig {
     pub lr_g: f64,
     pub lr_d: f64,
+    /// The learning rate of D's `model.aux_branch` (a classifier, which learns at rates a
+    /// GAN's discriminator does not take); `None`: `lr_d`. Not touched by the collapse
+    /// guard's `lr_d_factor`.
+    pub lr_aux_branch: Option<f64>,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -340,6 +344,7 @@ impl Default for OptimConfig {
         Self {
             lr_g: 2e-4,
             lr_d: 2e-4,
+            lr_aux_branch: None,
             beta1: 0.5,
             beta2: 0.999,
             eps: 1e-8,
@@ -828,6 +833,13 @@ impl TrainConfig {
         for (name, v, lo, hi, lo_open) in [
             ("optim.lr_g", o.lr_g, 0.0, 1.0, true),
             ("optim.lr_d", o.lr_d, 0.0, 1.0, true),
+            (
+                "optim.lr_aux_branch",
+                o.lr_aux_branch.unwrap_or(o.lr_d),
+                0.0,
+                1.0,
+                true,
+            ),
             ("optim.beta1", o.beta1, 0.0, 0.999_999, false),
             ("optim.beta2", o.beta2, 0.0, 0.999_999_9, false),
             ("optim.eps", o.eps, 0.0, 1.0, true),
@@ -1383,6 +1395,7 @@ mod tests {
             ("optim.lr_g", |c| c.optim.lr_g = f64::NAN),
             ("optim.lr_d", |c| c.optim.lr_d = 1e6),
             ("optim.lr_g", |c| c.optim.lr_g = 0.0),
+            ("optim.lr_aux_branch", |c| c.optim.lr_aux_branch = Some(-1e-3)),
             ("optim.beta1", |c| c.optim.beta1 = 1.0),
             ("optim.beta2", |c| c.optim.beta2 = -0.1),
             ("optim.eps", |c| c.optim.eps = f64::INFINITY),

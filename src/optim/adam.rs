@@ -25,6 +25,9 @@ pub struct Adam {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// A learning rate of its own per variable (`None`: [`Adam::lr`]); see
+    /// [`Adam::set_lr_of`].
+    own_lr: Vec<Option<f64>>,
     /// Number of updates taken.
     pub t: u64,
     pub lr: f64,
@@ -48,16 +51,31 @@ impl Adam {
                 .collect::<candle_core::Result<Vec<_>>>()
         };
         let (m, v) = (zeros()?, zeros()?);
+        let own_lr = vec![None; vars.len()];
         Ok(Self {
             vars,
             m,
             v,
+            own_lr,
             t: 0,
             lr,
             beta1,
             beta2,
             eps,
         })
+    }
+
+    /// Give the variables whose names `pick` picks a learning rate of their own (`None`: back
+    /// to [`Adam::lr`]), like a PyTorch parameter group; returns how many it picked.
+    pub fn set_lr_of(&mut self, pick: &dyn Fn(&str) -> bool, lr: Option<f64>) -> usize {
+        let mut n = 0;
+        for ((name, _), own) in self.vars.iter().zip(&mut self.own_lr) {
+            if pick(name) {
+                *own = lr;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// One update of every variable that has a gradient in `grads`
@@ -82,6 +100,7 @@ impl Adam {
                 continue;
             };
             let p = var.as_tensor();
+            let lr = self.own_lr[i].unwrap_or(self.lr);
             if fused && fused_ok(p, g, &self.m[i], &self.v[i]) {
                 let g = g.detach();
                 self.m[i].inplace_op2(
@@ -96,7 +115,7 @@ impl Adam {
                     &self.m[i],
                     &self.v[i],
                     &ApplyOp {
-                        step: self.lr / bc1,
+                        step: lr / bc1,
                         inv_bc2: 1.0 / bc2,
                         eps: self.eps,
                     },
@@ -109,7 +128,7 @@ impl Adam {
             let m = ((self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?).detach();
             let v = ((self.v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?).detach();
             let denom = v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, self.eps)?;
-            let update = m.affine(self.lr / bc1, 0.0)?.div(&denom)?;
+            let update = m.affine(lr / bc1, 0.0)?.div(&denom)?;
             let new = var.as_tensor().detach().sub(&update)?;
             var.set(&new)?;
             self.m[i] = m;
@@ -383,6 +402,36 @@ mod tests {
             fresh.m[0].to_vec1::<f64>().unwrap(),
             opt.m[0].to_vec1::<f64>().unwrap()
         );
+    }
+
+    /// A variable with a learning rate of its own moves by that rate: Adam's first step is
+    /// lr * g / (|g| + eps), so p -= lr * sign(g) to within eps / |g|. Both step forms.
+    #[test]
+    fn a_variable_with_its_own_rate_steps_by_it() {
+        for fused in [true, false] {
+            let vars: Vec<(String, Var)> = ["disc.body.w", "disc.aux_branch.w"]
+                .iter()
+                .map(|n| {
+                    let t = Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+                    (n.to_string(), Var::from_tensor(&t).unwrap())
+                })
+                .collect();
+            let mut opt = Adam::new(vars.clone(), 1e-4, 0.0, 0.99, 1e-8).unwrap();
+            assert_eq!(opt.set_lr_of(&|n| n.contains(".aux_branch."), Some(1e-3)), 1);
+            // Loss sum(p^2): gradient 2p, signs (+, -).
+            let loss = |v: &Var| v.as_tensor().sqr().unwrap().sum_all().unwrap();
+            let l = (loss(&vars[0].1) + loss(&vars[1].1)).unwrap();
+            opt.step_impl(&l.backward().unwrap(), fused).unwrap();
+            for ((_, v), lr) in vars.iter().zip([1e-4, 1e-3]) {
+                let got = v.as_tensor().to_vec1::<f32>().unwrap();
+                for (g, want) in got.iter().zip([1.0 - lr, -2.0 + lr]) {
+                    assert!((f64::from(*g) - want).abs() < 1e-7, "{fused}: {g} vs {want}");
+                }
+            }
+            // Back to the shared rate.
+            assert_eq!(opt.set_lr_of(&|n| n.contains(".aux_branch."), None), 1);
+            assert_eq!(opt.own_lr, vec![None, None]);
+        }
     }
 
     /// The fused in-place step against the basic-op step on random shapes, f32 and f64, over

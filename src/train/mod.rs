@@ -208,13 +208,14 @@ impl Trainer {
         }
         let o = &cfg.optim;
         let opt_g = Adam::new(generator.store.trainable(), o.lr_g, o.beta1, o.beta2, o.eps)?;
-        let opt_d = Adam::new(
+        let mut opt_d = Adam::new(
             discriminator.store.trainable(),
             o.lr_d,
             o.beta1,
             o.beta2,
             o.eps,
         )?;
+        opt_d.set_lr_of(&is_aux_branch, o.lr_aux_branch);
         let usable: Vec<usize> = if cfg.model.arch == Arch::Sequential {
             (0..data.len())
                 .filter(|&i| data.scene_step(i).is_some())
@@ -905,6 +906,8 @@ impl Trainer {
             (new.lr, new.beta1, new.beta2, new.eps) = (lr, o.beta1, o.beta2, o.eps);
             *opt = new;
         }
+        let branch_lr = self.cfg.optim.lr_aux_branch;
+        self.opt_d.set_lr_of(&is_aux_branch, branch_lr);
         self.step = step;
         self.rng = Rng::from_state([rng[0], rng[1], rng[2], rng[3]]);
         self.sampler.epoch = smp[0];
@@ -984,6 +987,11 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// Whether a D parameter belongs to `model.aux_branch`.
+fn is_aux_branch(name: &str) -> bool {
+    name.contains(".aux_branch.")
+}
+
 /// Training on from a D saved without `model.aux_branch` with a config that adds one: the
 /// branch's tensors (missing from the file) start fresh and the auxiliary head it replaces
 /// (in the file, not in the model) is dropped; every other tensor must match. Returns (fresh,
@@ -992,7 +1000,7 @@ fn aux_branch_growth(
     expected: &[(String, Vec<usize>)],
     found: &HashMap<String, Tensor>,
 ) -> Option<(Vec<String>, Vec<String>)> {
-    let branch = |n: &str| n.contains(".aux_branch.");
+    let branch = is_aux_branch;
     let head = |n: &str| n.contains(".aux.");
     if found.keys().any(|n| branch(n)) {
         return None;

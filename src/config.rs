@@ -1395,7 +1395,9 @@ mod tests {
             ("optim.lr_g", |c| c.optim.lr_g = f64::NAN),
             ("optim.lr_d", |c| c.optim.lr_d = 1e6),
             ("optim.lr_g", |c| c.optim.lr_g = 0.0),
-            ("optim.lr_aux_branch", |c| c.optim.lr_aux_branch = Some(-1e-3)),
+            ("optim.lr_aux_branch", |c| {
+                c.optim.lr_aux_branch = Some(-1e-3)
+            }),
             ("optim.beta1", |c| c.optim.beta1 = 1.0),
             ("optim.beta2", |c| c.optim.beta2 = -0.1),
             ("optim.eps", |c| c.optim.eps = f64::INFINITY),

@@ -417,7 +417,10 @@ mod tests {
                 })
                 .collect();
             let mut opt = Adam::new(vars.clone(), 1e-4, 0.0, 0.99, 1e-8).unwrap();
-            assert_eq!(opt.set_lr_of(&|n| n.contains(".aux_branch."), Some(1e-3)), 1);
+            assert_eq!(
+                opt.set_lr_of(&|n| n.contains(".aux_branch."), Some(1e-3)),
+                1
+            );
             // Loss sum(p^2): gradient 2p, signs (+, -).
             let loss = |v: &Var| v.as_tensor().sqr().unwrap().sum_all().unwrap();
             let l = (loss(&vars[0].1) + loss(&vars[1].1)).unwrap();
@@ -425,7 +428,10 @@ mod tests {
             for ((_, v), lr) in vars.iter().zip([1e-4, 1e-3]) {
                 let got = v.as_tensor().to_vec1::<f32>().unwrap();
                 for (g, want) in got.iter().zip([1.0 - lr, -2.0 + lr]) {
-                    assert!((f64::from(*g) - want).abs() < 1e-7, "{fused}: {g} vs {want}");
+                    assert!(
+                        (f64::from(*g) - want).abs() < 1e-7,
+                        "{fused}: {g} vs {want}"
+                    );
                 }
             }
             // Back to the shared rate.

@@ -177,17 +177,7 @@ impl ParamStore {
     /// Overwrite entries from `tensors` (as read from `path`), checking names and shapes first:
     /// nothing is changed unless everything matches.
     pub fn load(&self, path: &Path, tensors: &HashMap<String, Tensor>, model: bool) -> Result<()> {
-        let expected = self.shapes(model);
-        crate::checkpoint::check_shapes(path, &expected, tensors)?;
-        let inner = self.lock();
-        for (name, _) in expected {
-            let entry = &inner.entries[&name];
-            let t = tensors[&name]
-                .to_device(&self.device)?
-                .to_dtype(self.dtype)?;
-            entry.var.set(&t)?;
-        }
-        Ok(())
+        self.load_except(path, tensors, model, &|_| false)
     }
 
     /// [`Self::load`] of the entries whose names `fresh` does not pick: those keep their

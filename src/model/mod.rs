@@ -613,9 +613,21 @@ impl Discriminator {
 
     /// x: (B, C, H, W), c: (B, K)
     pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
+        self.forward_with(x, c, pass, true)
+    }
+
+    /// [`Self::forward`] for the realness logits only: skips `model.aux_branch` (a network
+    /// as large as D's body) where nothing reads the auxiliary logits (the gradient
+    /// penalties, D's fake batch without `loss.aux_on_fakes`). A head on D's body still runs:
+    /// its spectral norm steps on every training pass, so skipping it would change training.
+    pub fn forward_realness(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
+        self.forward_with(x, c, pass, false)
+    }
+
+    fn forward_with(&self, x: &Tensor, c: &Tensor, pass: Pass, branch: bool) -> Result<DOut> {
         match &self.net {
-            DiscNet::Dcgan(d) => d.forward(x, c, pass),
-            DiscNet::Resnet(d) => d.forward(x, c, pass),
+            DiscNet::Dcgan(d) => d.forward(x, c, pass, branch),
+            DiscNet::Resnet(d) => d.forward(x, c, pass, branch),
         }
     }
 }
@@ -627,6 +639,13 @@ pub(crate) mod test_util {
     use candle_core::{Device, Tensor};
 
     use crate::params::ParamStore;
+    use crate::rng::Rng;
+
+    /// A tensor of N(0, 1) draws from `rng` (f64, on the CPU).
+    pub fn normal(rng: &mut Rng, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu).unwrap()
+    }
 
     /// d loss / d theta from `loss().backward()` against central differences with step `h`
     /// (f64 stores), at the first, a middle and the last entry of each named parameter;
@@ -726,10 +745,7 @@ mod tests {
         // central differences (f64; the leaky ReLU's kink is not crossed at h = 1e-6).
         let b = 4;
         let mut rng = Rng::new(5);
-        let mut t = |shape: &[usize]| {
-            let n = shape.iter().product();
-            Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu).unwrap()
-        };
+        let mut t = |shape: &[usize]| test_util::normal(&mut rng, shape);
         let x = t(&[b, 3, 32, 32]);
         let c = t(&[b, 24]).ge(0.8).unwrap().to_dtype(DType::F64).unwrap();
         let (r, s) = (t(&[b]), t(&[b, 24]));
@@ -765,10 +781,7 @@ mod tests {
         assert_eq!(t["disc.aux_branch.out.weight"].dims(), &[24, 8 * 4 * 4]);
         assert!(!t.contains_key("disc.aux.weight"));
         let mut rng = Rng::new(5);
-        let mut r = |shape: &[usize]| {
-            let n = shape.iter().product();
-            Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu).unwrap()
-        };
+        let mut r = |shape: &[usize]| test_util::normal(&mut rng, shape);
         let b = 3;
         let x = r(&[b, 3, 32, 32]);
         let c = r(&[b, 24]).ge(0.8).unwrap().to_dtype(DType::F64).unwrap();

@@ -255,11 +255,11 @@ impl ResnetDiscriminator {
         })
     }
 
-    /// x: (B, C, H, W), c: (B, K)
-    pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass) -> Result<DOut> {
+    /// x: (B, C, H, W), c: (B, K); `branch`: run `model.aux_branch` (if there is one).
+    pub fn forward(&self, x: &Tensor, c: &Tensor, pass: Pass, branch: bool) -> Result<DOut> {
         let branch = match &self.aux_branch {
-            Some(b) => Some(b.forward(x, pass)?), // (B, K)
-            None => None,
+            Some(b) if branch => Some(b.forward(x, pass)?), // (B, K)
+            _ => None,
         };
         let mut h = match &self.cond_plane {
             Some(p) => p.concat(x, c, pass)?,

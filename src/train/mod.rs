@@ -444,7 +444,11 @@ impl Trainer {
         let pass = Pass::train().with_grad(&mode);
         let (real_a, fake_a) = (self.augment(&real)?, self.augment(&fake)?);
         let out_r = self.discriminator.forward(&real_a, &c, pass)?;
-        let out_f = self.discriminator.forward(&fake_a, &c, pass)?;
+        let out_f = if self.cfg.loss.aux_on_fakes {
+            self.discriminator.forward(&fake_a, &c, pass)?
+        } else {
+            self.discriminator.forward_realness(&fake_a, &c, pass)?
+        };
         let lk = self.cfg.loss.kind;
         let mut total = loss::d_loss(lk, &out_r.logits, &out_f.logits)?;
         let mut st = StepStats {
@@ -460,21 +464,23 @@ impl Trainer {
             let eps = Tensor::from_vec(e, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
             let disc = &self.discriminator;
             let gp = loss::gradient_penalty(&real, &fake, &eps, &mode, |x| {
-                Ok(disc.forward(x, &c, pass)?.logits)
+                Ok(disc.forward_realness(x, &c, pass)?.logits)
             })?;
             st.gp = Some(scalar(&gp)?);
             total = (total + gp.affine(self.cfg.loss.gp_lambda, 0.0)?)?;
         }
         if self.cfg.loss.r1_gamma > 0.0 {
             let disc = &self.discriminator;
-            let r1 = loss::r1_penalty(&real, &mode, |x| Ok(disc.forward(x, &c, pass)?.logits))?;
+            let r1 = loss::r1_penalty(&real, &mode, |x| {
+                Ok(disc.forward_realness(x, &c, pass)?.logits)
+            })?;
             st.r1 = Some(scalar(&r1)?);
             total = (total + r1.affine(self.cfg.loss.r1_gamma / 2.0, 0.0)?)?;
         }
-        if let (Some(ar), Some(af)) = (&out_r.aux, &out_f.aux) {
+        if let Some(ar) = &out_r.aux {
             let ck = self.cfg.model.condition_kind;
             let mut aux = loss::aux_loss(ck, ar, &c)?;
-            if self.cfg.loss.aux_on_fakes {
+            if let (true, Some(af)) = (self.cfg.loss.aux_on_fakes, &out_f.aux) {
                 aux = (aux + loss::aux_loss(ck, af, &c)?)?;
             }
             st.aux_d = Some(scalar(&aux)?);
@@ -713,13 +719,11 @@ impl Trainer {
             None
         } else {
             let expected = self.discriminator.store.shapes(true);
-            match aux_branch_growth(&expected, d) {
-                Some(g) => Some(g),
-                None => {
-                    checkpoint::check_shapes(dp, &expected, d)?;
-                    None
-                }
+            let grown = aux_branch_growth(&expected, d);
+            if grown.is_none() {
+                checkpoint::check_shapes(dp, &expected, d)?;
             }
+            grown
         };
         self.generator.store.load(gp, g, true)?;
         if let Some(e) = &self.ema {
@@ -1000,15 +1004,14 @@ fn aux_branch_growth(
     expected: &[(String, Vec<usize>)],
     found: &HashMap<String, Tensor>,
 ) -> Option<(Vec<String>, Vec<String>)> {
-    let branch = is_aux_branch;
     let head = |n: &str| n.contains(".aux.");
-    if found.keys().any(|n| branch(n)) {
+    if found.keys().any(|n| is_aux_branch(n)) {
         return None;
     }
     let fresh: Vec<String> = expected
         .iter()
         .map(|(n, _)| n.clone())
-        .filter(|n| branch(n))
+        .filter(|n| is_aux_branch(n))
         .collect();
     if fresh.is_empty() {
         return None;
@@ -1228,17 +1231,25 @@ mod tests {
         assert_eq!(super::aux_hit_rate(&logits, &c0).unwrap(), None);
     }
 
+    /// The 32-px sequential preset at widths 4, z 9, batch 4, with the given auxiliary
+    /// head and branch.
+    fn tiny_sequential(aux_head: bool, aux_branch: usize) -> crate::config::TrainConfig {
+        let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
+        cfg.model.g_ch = 4;
+        cfg.model.d_ch = 4;
+        cfg.model.z_dim = 9;
+        cfg.batch_size = 4;
+        cfg.model.aux_head = aux_head;
+        cfg.model.aux_branch = aux_branch;
+        cfg
+    }
+
     #[test]
     fn a_step_reports_the_aux_heads_hit_rates_only_with_an_aux_head() {
         use std::sync::Arc;
         let data = Arc::new(crate::data::render::synthetic_dataset(6, 32, 1, None));
         let step = |aux_head: bool| {
-            let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
-            cfg.model.g_ch = 4;
-            cfg.model.d_ch = 4;
-            cfg.model.z_dim = 9;
-            cfg.batch_size = 4;
-            cfg.model.aux_head = aux_head;
+            let cfg = tiny_sequential(aux_head, 0);
             let mut t = super::Trainer::new(cfg, data.clone(), &Device::Cpu).unwrap();
             t.train_step().unwrap()
         };
@@ -1259,16 +1270,7 @@ mod tests {
     fn training_on_adds_an_aux_branch_to_a_saved_d_and_keeps_the_rest() {
         use std::sync::Arc;
         let data = Arc::new(crate::data::render::synthetic_dataset(6, 32, 1, None));
-        let small = |branch: usize| {
-            let mut cfg = crate::config::TrainConfig::iclevr_sequential_small();
-            cfg.model.g_ch = 4;
-            cfg.model.d_ch = 4;
-            cfg.model.z_dim = 9;
-            cfg.batch_size = 4;
-            cfg.model.aux_head = true;
-            cfg.model.aux_branch = branch;
-            cfg
-        };
+        let small = |branch: usize| tiny_sequential(true, branch);
         // A D without the branch, trained a step (so its tensors differ from any init), saved
         // as a weights folder.
         let mut old = super::Trainer::new(small(0), data.clone(), &Device::Cpu).unwrap();

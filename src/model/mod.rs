@@ -325,6 +325,75 @@ impl Generator {
         }
     }
 
+    /// G's tensors `found` (read from `path`), saved by this generator's architecture at a
+    /// narrower `model.g_ch` (`narrow_g_ch`), widened to this generator's shapes (Net2WiderNet,
+    /// [`crate::params::widen`]): first without noise, checked to draw what the narrow
+    /// generator draws (eval mode, 4 latents and conditions; refused if not, e.g. through
+    /// attention or spectral norm, whose outputs change when channels repeat), then with
+    /// `noise` from `rng` so the repeated channels can part.
+    pub fn widen_from(
+        &self,
+        narrow_g_ch: usize,
+        path: &Path,
+        found: &std::collections::HashMap<String, Tensor>,
+        noise: f64,
+        rng: &mut Rng,
+    ) -> Result<std::collections::HashMap<String, Tensor>> {
+        let (from, to) = (narrow_g_ch, self.cfg.g_ch);
+        if from == 0 || to <= from || to % from != 0 {
+            return Err(Error::Config(format!(
+                "cannot widen the generator of {} from model.g_ch {from} to {to}: the new \
+                 width must be a whole multiple of the old",
+                path.display()
+            )));
+        }
+        let narrow = ModelConfig {
+            g_ch: from,
+            ..self.cfg.clone()
+        };
+        let device = self.store.device().clone();
+        let old = Generator::new(&narrow, Rng::new(0), DType::F32, &device)?;
+        old.store.load(path, found, true)?;
+        let expected = self.store.shapes(true);
+        let fan_in = |n: &str| self.store.fan_in_axis(n);
+        let exact = crate::params::widen(path, &expected, found, &fan_in, 0.0, rng)?;
+        let wide = Generator::new(&self.cfg, Rng::new(0), DType::F32, &device)?;
+        wide.store.load(path, &exact, true)?;
+        let n = 4;
+        let z = Tensor::from_vec(
+            Rng::new(1).normal_vec(n * self.cfg.z_dim),
+            (n, self.cfg.z_dim),
+            &device,
+        )?
+        .to_dtype(DType::F32)?;
+        let k = self.cfg.num_conditions;
+        let mut c = vec![0f32; n * k];
+        for i in 0..n {
+            if k > 0 {
+                c[i * k + i % k] = 1.0;
+                if self.cfg.condition_kind == crate::config::ConditionKind::MultiHot {
+                    c[i * k + (3 * i + 5) % k] = 1.0;
+                }
+            }
+        }
+        let c = Tensor::from_vec(c, (n, k), &device)?;
+        let a = old.forward(&z, &c, Pass::eval())?;
+        let b = wide.forward(&z, &c, Pass::eval())?;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        if diff.is_nan() || diff > 1e-3 {
+            return Err(Error::Config(format!(
+                "widening the generator of {} from g_ch {from} to {to} does not keep what it \
+                 draws (largest pixel difference {diff:.4}): this architecture does not widen by \
+                 repeating channels",
+                path.display()
+            )));
+        }
+        if noise == 0.0 {
+            return Ok(exact);
+        }
+        crate::params::widen(path, &expected, found, &fan_in, noise, rng)
+    }
+
     /// The scene-step network of a sequential generator (`model.arch = sequential`).
     pub fn sequential(&self) -> Option<&sequential::SequentialGenerator> {
         match &self.net {
@@ -915,5 +984,100 @@ mod tests {
         );
         g.set_truncation(None).unwrap();
         assert_eq!(g.latent(3, 2), latent(cfg.z_dim, 5));
+    }
+
+    /// A trained-looking narrow G (weights drawn from another seed than the wide one's),
+    /// widened 2x: without noise it draws the same images; with noise nearly the same, not
+    /// identical; the wide G's own initial values are all replaced.
+    #[test]
+    fn a_widened_generator_draws_what_the_narrow_one_drew() {
+        use crate::config::TrainConfig;
+        let mut sequential = TrainConfig::iclevr_sequential_small().model;
+        sequential.g_ch = 4;
+        sequential.z_dim = 9;
+        let mut dcgan = TrainConfig::mnist_cdcgan().model;
+        dcgan.g_ch = 4;
+        let mut layered = TrainConfig::iclevr_small().model;
+        layered.g_ch = 4;
+        for narrow in [sequential, dcgan, layered] {
+            let old = Generator::new(&narrow, Rng::new(11), DType::F32, &Device::Cpu).unwrap();
+            let wide_cfg = ModelConfig {
+                g_ch: 8,
+                ..narrow.clone()
+            };
+            let wide = Generator::new(&wide_cfg, Rng::new(0), DType::F32, &Device::Cpu).unwrap();
+            let found = old.store.model_tensors();
+            let p = Path::new("g.safetensors");
+            let z = Tensor::randn(0f32, 1., (3, narrow.z_dim), &Device::Cpu).unwrap();
+            let k = narrow.num_conditions;
+            let c: Vec<f32> = (0..3 * k)
+                .map(|i| f32::from(u8::from(i % 5 == 0)))
+                .collect();
+            let c = Tensor::from_vec(c, (3, k), &Device::Cpu).unwrap();
+            let img = |g: &Generator| g.forward(&z, &c, Pass::eval()).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let exact = wide
+                .widen_from(4, p, &found, 0.0, &mut Rng::new(5))
+                .unwrap();
+            wide.store.load(p, &exact, true).unwrap();
+            let d0 = diff(&img(&old), &img(&wide));
+            assert!(d0 < 1e-5, "{:?}: {d0}", narrow.arch);
+            let noisy = wide
+                .widen_from(4, p, &found, 0.02, &mut Rng::new(5))
+                .unwrap();
+            wide.store.load(p, &noisy, true).unwrap();
+            let d1 = diff(&img(&old), &img(&wide));
+            assert!(d1 > 1e-6 && d1 < 0.3, "{:?}: {d1}", narrow.arch);
+        }
+
+        // Attention and a spectrally normalised G do not widen by repeating channels: refused.
+        let mut sagan = TrainConfig::cifar10_sagan().model;
+        sagan.g_ch = 8;
+        let old = Generator::new(&sagan, Rng::new(11), DType::F32, &Device::Cpu).unwrap();
+        let wide = Generator::new(
+            &ModelConfig {
+                g_ch: 16,
+                ..sagan.clone()
+            },
+            Rng::new(0),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let e = wide
+            .widen_from(
+                8,
+                Path::new("g.safetensors"),
+                &old.store.model_tensors(),
+                0.0,
+                &mut Rng::new(5),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not keep") && e.contains("g.safetensors"),
+            "{e}"
+        );
+        // Not a whole multiple.
+        let e = wide
+            .widen_from(
+                6,
+                Path::new("g.safetensors"),
+                &old.store.model_tensors(),
+                0.0,
+                &mut Rng::new(5),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole multiple"), "{e}");
     }
 }

@@ -235,10 +235,11 @@ impl Conv2d {
         opts: LayerOpts,
         vb: Vb,
     ) -> Result<Self> {
-        let weight = vb.param(
+        let weight = vb.weight(
             "weight",
             &[cout, cin, k, k],
             opts.init.init(cin * k * k, cout * k * k),
+            1,
         )?;
         let bias = if opts.bias {
             Some(vb.param("bias", &[cout], Init::Const(0.0))?)
@@ -316,10 +317,11 @@ impl ConvTranspose2d {
         opts: LayerOpts,
         vb: Vb,
     ) -> Result<Self> {
-        let weight = vb.param(
+        let weight = vb.weight(
             "weight",
             &[cin, cout, k, k],
             opts.init.init(cout * k * k, cin * k * k),
+            0,
         )?;
         let bias = if opts.bias {
             Some(vb.param("bias", &[cout], Init::Const(0.0))?)
@@ -371,7 +373,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(cin: usize, cout: usize, opts: LayerOpts, vb: Vb) -> Result<Self> {
-        let weight = vb.param("weight", &[cout, cin], opts.init.init(cin, cout))?;
+        let weight = vb.weight("weight", &[cout, cin], opts.init.init(cin, cout), 1)?;
         let bias = if opts.bias {
             Some(vb.param("bias", &[cout], Init::Const(0.0))?)
         } else {

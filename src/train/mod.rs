@@ -714,7 +714,8 @@ impl Trainer {
         self.load_notes = set.notes.clone();
         let [gp, dp, _] = &set.paths;
         let [g, d, _] = &set.files;
-        checkpoint::check_shapes(gp, &self.generator.store.shapes(true), g)?;
+        let widened = self.widened_generator(dir, gp, g)?;
+        let g = widened.as_ref().unwrap_or(g);
         let grown = if d.is_empty() {
             None
         } else {
@@ -759,6 +760,38 @@ impl Trainer {
         }
         self.step = set.step;
         Ok(())
+    }
+
+    /// G's tensors `g` (read from `gp` in the weights folder `dir`) as they are when their
+    /// shapes fit this trainer's G (`None`), else, when the folder's `config.json` has a
+    /// smaller `model.g_ch`, widened to this G (Net2WiderNet, [`Generator::widen_from`],
+    /// noise [`WIDEN_NOISE`] from the config's seed) with a note; else the shape error.
+    fn widened_generator(
+        &mut self,
+        dir: &Path,
+        gp: &Path,
+        g: &HashMap<String, Tensor>,
+    ) -> Result<Option<HashMap<String, Tensor>>> {
+        let mismatch = match checkpoint::check_shapes(gp, &self.generator.store.shapes(true), g) {
+            Ok(()) => return Ok(None),
+            Err(e) => e,
+        };
+        let from = match read_config(dir) {
+            Ok(saved) if saved.model.g_ch < self.cfg.model.g_ch => saved.model.g_ch,
+            _ => return Err(mismatch),
+        };
+        let mut rng = Rng::stream(self.cfg.seed, "widen.gen");
+        let wide = self
+            .generator
+            .widen_from(from, gp, g, WIDEN_NOISE, &mut rng)?;
+        self.load_notes.push(format!(
+            "G widened from model.g_ch {from} to {} (Net2WiderNet: channels repeated, their \
+             inputs shared out, noise {WIDEN_NOISE} of each weight's sd on the copies; the \
+             narrow G's images checked first) from {}",
+            self.cfg.model.g_ch,
+            gp.display()
+        ));
+        Ok(Some(wide))
     }
 
     /// An in-memory copy of the whole training state (weights, optimizer moments, SN vectors,
@@ -1024,6 +1057,10 @@ fn aux_branch_growth(
     dropped.sort_unstable();
     Some((fresh, dropped))
 }
+
+/// The noise that lets a widened generator's repeated channels part, as a share of each
+/// weight's standard deviation ([`Trainer::widened_generator`]).
+pub const WIDEN_NOISE: f64 = 0.02;
 
 /// The course's top-k hit rate of an auxiliary head's logits (B, K) against the conditions
 /// (B, K): for a row with k labels (entries above 0.5), the share of them among its k highest
@@ -1314,6 +1351,54 @@ mod tests {
         let mut t = super::Trainer::new(wider, data, &Device::Cpu).unwrap();
         let e = t.load_checkpoint(dir.path()).unwrap_err().to_string();
         assert!(e.contains("discriminator.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn training_on_with_a_wider_g_widens_the_saved_one() {
+        use std::sync::Arc;
+        let data = Arc::new(crate::data::render::synthetic_dataset(6, 32, 1, None));
+        let mut old =
+            super::Trainer::new(tiny_sequential(true, 0), data.clone(), &Device::Cpu).unwrap();
+        old.train_step().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        old.save_weights(dir.path()).unwrap();
+
+        let mut cfg = tiny_sequential(true, 0);
+        cfg.model.g_ch = 8;
+        let mut t = super::Trainer::new(cfg, data.clone(), &Device::Cpu).unwrap();
+        t.load_checkpoint(dir.path()).unwrap();
+        assert!(
+            t.load_notes
+                .iter()
+                .any(|n| n.contains("widened from model.g_ch 4 to 8")),
+            "{:?}",
+            t.load_notes
+        );
+        let shape = |g: &crate::model::Generator| g.store.shapes(true);
+        assert_eq!(shape(&t.generator), shape(t.sampling_generator()));
+        // What G draws stays within the copies' noise of what the saved G drew.
+        let z = Tensor::randn(0f32, 1., (4, 9), &Device::Cpu).unwrap();
+        let (_, c) =
+            crate::data::Dataset::batch(data.as_ref(), &[0, 1, 2, 3], &Device::Cpu).unwrap();
+        let pass = crate::nn::Pass::eval();
+        let img = |g: &crate::model::Generator| g.forward(&z, &c, pass).unwrap();
+        let d = (img(old.sampling_generator()) - img(t.sampling_generator()))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0 && d < 0.3, "{d}");
+        t.train_step().unwrap();
+
+        // Narrower than the saved G: refused, naming the file.
+        let mut cfg = tiny_sequential(true, 0);
+        cfg.model.g_ch = 2;
+        let mut t = super::Trainer::new(cfg, data, &Device::Cpu).unwrap();
+        let e = t.load_checkpoint(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("generator.safetensors"), "{e}");
     }
 
     #[test]

@@ -716,6 +716,18 @@ pub(crate) mod test_util {
         Tensor::from_vec(rng.normal_vec(n), shape, &Device::Cpu).unwrap()
     }
 
+    /// The largest absolute difference between two tensors of one shape (any float type).
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let v = |t: &Tensor| -> Vec<f64> {
+            let t = t.to_dtype(candle_core::DType::F64).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        v(a).iter()
+            .zip(v(b))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
     /// d loss / d theta from `loss().backward()` against central differences with step `h`
     /// (f64 stores), at the first, a middle and the last entry of each named parameter;
     /// `loss` must read the parameters afresh on every call (the networks hold their storage).
@@ -1008,9 +1020,7 @@ mod tests {
             let wide = Generator::new(&wide_cfg, Rng::new(0), DType::F32, &Device::Cpu).unwrap();
             let found = old.store.model_tensors();
             let p = Path::new("g.safetensors");
-            let z = Rng::new(2).normal_vec(3 * narrow.z_dim);
-            let z = Tensor::from_vec(z, (3, narrow.z_dim), &Device::Cpu)
-                .unwrap()
+            let z = test_util::normal(&mut Rng::new(2), &[3, narrow.z_dim])
                 .to_dtype(DType::F32)
                 .unwrap();
             let k = narrow.num_conditions;
@@ -1019,27 +1029,18 @@ mod tests {
                 .collect();
             let c = Tensor::from_vec(c, (3, k), &Device::Cpu).unwrap();
             let img = |g: &Generator| g.forward(&z, &c, Pass::eval()).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = |a: &Generator, b: &Generator| test_util::max_abs_diff(&img(a), &img(b));
             let exact = wide
                 .widen_from(4, p, &found, 0.0, &mut Rng::new(5))
                 .unwrap();
             wide.store.load(p, &exact, true).unwrap();
-            let d0 = diff(&img(&old), &img(&wide));
+            let d0 = diff(&old, &wide);
             assert!(d0 < 1e-5, "{:?}: {d0}", narrow.arch);
             let noisy = wide
                 .widen_from(4, p, &found, 0.02, &mut Rng::new(5))
                 .unwrap();
             wide.store.load(p, &noisy, true).unwrap();
-            let d1 = diff(&img(&old), &img(&wide));
+            let d1 = diff(&old, &wide);
             assert!(d1 > 1e-6 && d1 < 0.3, "{:?}: {d1}", narrow.arch);
         }
 
@@ -1057,31 +1058,20 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let e = wide
-            .widen_from(
-                8,
-                Path::new("g.safetensors"),
-                &old.store.model_tensors(),
-                0.0,
-                &mut Rng::new(5),
-            )
-            .unwrap_err()
-            .to_string();
+        let refuse = |from: usize| {
+            let found = old.store.model_tensors();
+            let p = Path::new("g.safetensors");
+            wide.widen_from(from, p, &found, 0.0, &mut Rng::new(5))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refuse(8);
         assert!(
             e.contains("does not keep") && e.contains("g.safetensors"),
             "{e}"
         );
         // Not a whole multiple.
-        let e = wide
-            .widen_from(
-                6,
-                Path::new("g.safetensors"),
-                &old.store.model_tensors(),
-                0.0,
-                &mut Rng::new(5),
-            )
-            .unwrap_err()
-            .to_string();
+        let e = refuse(6);
         assert!(e.contains("whole multiple"), "{e}");
     }
 }

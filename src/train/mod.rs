@@ -1377,23 +1377,15 @@ mod tests {
         let shape = |g: &crate::model::Generator| g.store.shapes(true);
         assert_eq!(shape(&t.generator), shape(t.sampling_generator()));
         // What G draws stays within the copies' noise of what the saved G drew.
-        let z = crate::rng::Rng::new(2).normal_vec(4 * 9);
-        let z = Tensor::from_vec(z, (4, 9), &Device::Cpu)
-            .unwrap()
+        use crate::model::test_util::{max_abs_diff, normal};
+        let z = normal(&mut crate::rng::Rng::new(2), &[4, 9])
             .to_dtype(candle_core::DType::F32)
             .unwrap();
         let (_, c) =
             crate::data::Dataset::batch(data.as_ref(), &[0, 1, 2, 3], &Device::Cpu).unwrap();
         let pass = crate::nn::Pass::eval();
         let img = |g: &crate::model::Generator| g.forward(&z, &c, pass).unwrap();
-        let d = (img(old.sampling_generator()) - img(t.sampling_generator()))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&img(old.sampling_generator()), &img(t.sampling_generator()));
         assert!(d > 0.0 && d < 0.3, "{d}");
         t.train_step().unwrap();
 

@@ -2,6 +2,7 @@
 use super::*;
 use crate::config::{Arch, Conditioning};
 use crate::data::ConditionKind;
+use crate::model::test_util::max_abs_diff;
 use crate::params::ParamStore;
 use crate::rng::Rng;
 use candle_core::{DType, Device};
@@ -50,14 +51,6 @@ fn rows(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    rows(a)
-        .iter()
-        .zip(rows(b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
-
 fn t(v: Vec<f64>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
@@ -91,17 +84,17 @@ fn a_scene_is_its_steps_in_order_from_the_floor() {
     );
     let both = t(vec![1.0, 0.0, 1.0, 0.0], &[1, K]);
     let b = g.step(&a, &zr, &one(0), &both, None, Pass::eval()).unwrap();
-    assert!(max_diff(&steps[0].narrow(0, 0, 1).unwrap(), &a) < 1e-12);
-    assert!(max_diff(&steps[1].narrow(0, 0, 1).unwrap(), &b) < 1e-12);
+    assert!(max_abs_diff(&steps[0].narrow(0, 0, 1).unwrap(), &a) < 1e-12);
+    assert!(max_abs_diff(&steps[1].narrow(0, 0, 1).unwrap(), &b) < 1e-12);
     // Image 1 has one object: its second step leaves it as it was (mask weight e^-30).
     let i1 = |s: usize| steps[s].narrow(0, 1, 1).unwrap();
-    assert!(max_diff(&i1(0), &i1(1)) < 1e-9);
+    assert!(max_abs_diff(&i1(0), &i1(1)) < 1e-9);
     assert!(
-        max_diff(&i1(0), &floor) > 1e-3,
+        max_abs_diff(&i1(0), &floor) > 1e-3,
         "the object changed nothing"
     );
     // Image 2 stays the floor.
-    assert!(max_diff(&steps[1].narrow(0, 2, 1).unwrap(), &floor) < 1e-9);
+    assert!(max_abs_diff(&steps[1].narrow(0, 2, 1).unwrap(), &floor) < 1e-9);
 
     // forward(z, c) builds in label-index order: {0, 2} adds 0 first, then 2.
     let c = t(
@@ -116,12 +109,12 @@ fn a_scene_is_its_steps_in_order_from_the_floor() {
             Pass::eval(),
         )
         .unwrap();
-    assert!(max_diff(&f, &in_order[1]) < 1e-12);
+    assert!(max_abs_diff(&f, &in_order[1]) < 1e-12);
     // No labels anywhere: the floor for every image.
     let empty = g
         .forward(&zt, &t(vec![0.0; 3 * K], &[3, K]), Pass::eval())
         .unwrap();
-    assert!(max_diff(&empty.narrow(0, 1, 1).unwrap(), &floor) < 1e-12);
+    assert!(max_abs_diff(&empty.narrow(0, 1, 1).unwrap(), &floor) < 1e-12);
     // A label past K is refused, not a panic.
     assert!(
         g.scene(&zt, &[vec![(K, 1.0)], vec![], vec![]], Pass::eval())
@@ -149,11 +142,11 @@ fn the_next_image_keeps_the_previous_one_outside_the_mask() {
     let kept = g
         .step(&prev, &zt, &added, &so_far, Some(&off), Pass::eval())
         .unwrap();
-    assert!(max_diff(&kept, &prev) < 1e-9);
+    assert!(max_abs_diff(&kept, &prev) < 1e-9);
     let drawn = g
         .step(&prev, &zt, &added, &so_far, None, Pass::eval())
         .unwrap();
-    assert!(max_diff(&drawn, &prev) > 1e-3);
+    assert!(max_abs_diff(&drawn, &prev) > 1e-3);
     assert!(rows(&drawn).iter().all(|v| v.abs() <= 1.0 + 1e-12));
     // Very negative logits give finite gradients (the stable sigmoid): d sum(next) / d floor.
     let huge = t(vec![-1e4; 2], &[2, 1, 1, 1]);
@@ -179,8 +172,8 @@ fn the_floor_fills_first_steps_only() {
     let (_store, g) = build();
     let prev = t(vec![0.5; 2 * 3 * S * S], &[2, 3, S, S]);
     let p = g.with_floor(&prev, &[true, false]).unwrap();
-    assert!(max_diff(&p.narrow(0, 0, 1).unwrap(), &g.floor().unwrap()) < 1e-15);
-    assert!(max_diff(&p.narrow(0, 1, 1).unwrap(), &prev.narrow(0, 1, 1).unwrap()) < 1e-15);
+    assert!(max_abs_diff(&p.narrow(0, 0, 1).unwrap(), &g.floor().unwrap()) < 1e-15);
+    assert!(max_abs_diff(&p.narrow(0, 1, 1).unwrap(), &prev.narrow(0, 1, 1).unwrap()) < 1e-15);
 }
 
 #[test]

@@ -69,11 +69,11 @@ fn harness_sized(
         })
 }
 
-/// How long a `wait_for` (or the GIF export's loop) waits before the test fails: a hang
-/// still fails, while a slow shared CI host passes. Session 33 saw two of these waits exceed 120 s
-/// on a 2-core host at a third of its usual speed (sgemm 36-73 GFLOP/s) while other work ran,
-/// and 300 s beside two release builds;
-/// alone, the same two tests took 75 s together.
+/// How long a `wait_for` (or the GIF export's loop) waits before the test fails: a hang still
+/// fails, while a slow shared CI host passes. In session 33, on a 2-core host at a third of its
+/// usual speed (sgemm 36-73 GFLOP/s), two of these waits (the imported generator's check, the
+/// first FID) exceeded 120 s while a training run shared the cores, and 300 s beside two
+/// release builds; alone, the two tests took 75 s together.
 const WAIT_LIMIT: Duration = Duration::from_secs(600);
 
 /// Step the harness (real time passing) until `done` holds.

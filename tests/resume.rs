@@ -1158,6 +1158,44 @@ fn ship_with_sheet_copies_the_grid_of_the_shipped_step() {
         let y = b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(x, y, "{name}");
     }
+    // With standing statistics: G's BatchNorm running statistics measured again, everything
+    // else as it was; with --sheet too it is refused (the run's grid does not show them).
+    let outs = tmp.path().join("ship-standing");
+    let os_ = outs.to_str().unwrap();
+    let ks = kept.to_str().unwrap();
+    let o = run(&[
+        "ship",
+        "--run",
+        ks,
+        "--out",
+        os_,
+        "--standing-stats",
+        "16",
+        "--sheet",
+    ]);
+    assert!(!o.status.success() && !outs.exists());
+    let o = run(&["ship", "--run", ks, "--out", os_, "--standing-stats", "16"]);
+    ok(o.clone());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("standing statistics:"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let c = g(&outs);
+    assert_eq!(a.len(), c.len());
+    let mut running = 0;
+    for (name, t) in &a {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = c[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if name.contains(".running_") {
+            running += 1;
+            assert_ne!(x, y, "{name}");
+            assert!(y.iter().all(|v| v.is_finite()), "{name}");
+        } else {
+            assert_eq!(x, y, "{name}");
+        }
+    }
+    assert!(running > 0);
     // A run whose grid of the newest step is gone (or was never written, with
     // `--sample-every 0`): refused, and nothing is written.
     ok(run(&[

@@ -21,6 +21,17 @@ pub(crate) struct ShipArgs {
     /// has no grid at that step.
     #[arg(long)]
     pub(crate) sheet: bool,
+    /// Measure the generator's BatchNorm statistics again before writing it ("standing
+    /// statistics", BigGAN): over ROWS rows of the run's training conditions (for a
+    /// sequential model, scene steps on the generator's own previous images) with fresh
+    /// latents, in batches of the run's `batch_size`. The weights are unchanged. The run's
+    /// sample grid does not show these statistics, so --sheet is refused with it (draw the
+    /// sheet with `ganscope sample`).
+    #[arg(long, value_name = "ROWS", conflicts_with = "sheet")]
+    pub(crate) standing_stats: Option<usize>,
+    /// With --standing-stats: the seed of its latents and draws.
+    #[arg(long, default_value_t = 0, requires = "standing_stats")]
+    pub(crate) standing_seed: u64,
 }
 
 /// The explorer's default generator (`checkpoints/iclevr-sequential-small`), the one-shot
@@ -155,6 +166,11 @@ pub(crate) fn ship(a: ShipArgs) -> Result<()> {
             grid.display()
         );
     }
+    let standing = match a.standing_stats {
+        Some(rows) => Some(standing_generator(&a, &cfg, &set.paths[0], g, rows)?),
+        None => None,
+    };
+    let g = standing.as_ref().unwrap_or(g);
     checkpoint::save_weights(&a.out, set.step, g, d)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let json = serde_json::to_vec_pretty(&cfg)?;
@@ -183,4 +199,54 @@ pub(crate) fn ship(a: ShipArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The generator tensors `g` (read from `path`) with standing statistics measured on the
+/// run's training data (`ship --standing-stats`).
+fn standing_generator(
+    a: &ShipArgs,
+    cfg: &ganscope::config::TrainConfig,
+    path: &std::path::Path,
+    g: &std::collections::HashMap<String, candle_core::Tensor>,
+    rows: usize,
+) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    use ganscope::train::standing::{StandingOptions, standing_statistics, training_orders};
+    let gen_ = ganscope::model::Generator::new(
+        &cfg.model,
+        ganscope::rng::Rng::new(0),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    gen_.store
+        .load(path, g, true)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let ds = ganscope::data::open(&cfg.data, cfg.model.image_size).with_context(|| {
+        format!(
+            "--standing-stats measures on the run's training data ({}): it cannot be opened",
+            a.run.display()
+        )
+    })?;
+    let sequential = gen_.sequential().is_some();
+    let orders = training_orders(&ds, sequential)?;
+    let opts = StandingOptions {
+        rows,
+        batch_size: cfg.batch_size,
+        seed: a.standing_seed,
+    };
+    let t = std::time::Instant::now();
+    let r = standing_statistics(&gen_, &orders, opts)
+        .with_context(|| format!("standing statistics for {}", a.run.display()))?;
+    println!(
+        "standing statistics: {} BatchNorm layers measured again over {} {} ({} batches of {}, \
+         from {} training {}; {:.1} s)",
+        r.layers,
+        r.rows,
+        if sequential { "scene steps" } else { "images" },
+        r.batches,
+        cfg.batch_size,
+        orders.len(),
+        if sequential { "scenes" } else { "images" },
+        t.elapsed().as_secs_f64()
+    );
+    Ok(gen_.store.model_tensors())
 }

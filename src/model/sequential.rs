@@ -144,8 +144,9 @@ impl SequentialGenerator {
         Ok(self.floor.set(&new)?)
     }
 
-    /// z rotated for step `j`: entry d of the result is z[(d + j * shift) mod Z].
-    fn rotated(&self, z: &Tensor, j: usize) -> Result<Tensor> {
+    /// z rotated for step `j`: entry d of the result is z[(d + j * shift) mod Z] (what
+    /// [`Self::scene`] hands step `j`).
+    pub fn rotated(&self, z: &Tensor, j: usize) -> Result<Tensor> {
         let r = (j * self.shift) % self.z_dim;
         if r == 0 {
             return Ok(z.clone());

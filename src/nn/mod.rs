@@ -37,15 +37,20 @@ use crate::params::{Init, Vb};
 ///   unchanged;
 /// - `grad`: the backward mode the pass's fused ops follow ([`GradMode`]; none: exact, every
 ///   gradient);
-/// - `flops`: a counter the pass adds its FLOPs to ([`FlopCounter`]; for benchmarks).
+/// - `flops`: a counter the pass adds its FLOPs to ([`FlopCounter`]; for benchmarks);
+/// - `standing`: in a train-mode pass, every BatchNorm hands its batch statistics to this
+///   accumulator instead of updating its running statistics, and spectral norm skips its
+///   power iteration: nothing in the network changes until [`StandingStats::apply`].
 ///
-/// `Pass::train()`, `Pass::eval()`, then `.frozen()`, `.with_grad(&mode)`, `.counting(&c)`.
+/// `Pass::train()`, `Pass::eval()`, then `.frozen()`, `.with_grad(&mode)`, `.counting(&c)`,
+/// `.standing(&s)`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pass<'a> {
     pub train: bool,
     pub frozen: bool,
     pub grad: Option<&'a GradMode>,
     pub flops: Option<&'a FlopCounter>,
+    pub standing: Option<&'a StandingStats>,
 }
 
 impl Pass<'static> {
@@ -66,6 +71,7 @@ impl Pass<'static> {
             frozen: false,
             grad: None,
             flops: None,
+            standing: None,
         }
     }
 }
@@ -94,6 +100,20 @@ impl<'a> Pass<'a> {
             flops: Some(counter),
             ..self
         }
+    }
+
+    /// The same pass collecting BatchNorm batch statistics into `stats` (see [`Pass`]).
+    pub fn standing(self, stats: &'a StandingStats) -> Self {
+        Self {
+            standing: Some(stats),
+            ..self
+        }
+    }
+
+    /// Whether this pass updates the network's state: running statistics and spectral-norm
+    /// vectors (train mode, not collecting standing statistics).
+    fn updates_state(self) -> bool {
+        self.train && self.standing.is_none()
     }
 
     /// A layer's parameter as this pass should see it (detached when frozen).
@@ -266,7 +286,7 @@ impl Conv2d {
         Ok(match &self.sn {
             Some(sn) => {
                 let o = weight.dim(0)?;
-                sn.apply(&weight, &weight.reshape((o, ()))?, pass.train)?
+                sn.apply(&weight, &weight.reshape((o, ()))?, pass.updates_state())?
             }
             None => weight,
         })
@@ -349,7 +369,7 @@ impl ConvTranspose2d {
                 // PyTorch normalises ConvTranspose along dim 1 (output channels).
                 let o = weight.dim(1)?;
                 let w_mat = weight.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
-                sn.apply(&weight, &w_mat, pass.train)?
+                sn.apply(&weight, &w_mat, pass.updates_state())?
             }
             None => weight,
         };
@@ -391,7 +411,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let weight = pass.param(&self.weight);
         let w = match &self.sn {
-            Some(sn) => sn.apply(&weight, &weight, pass.train)?,
+            Some(sn) => sn.apply(&weight, &weight, pass.updates_state())?,
             None => weight,
         };
         pass.count(x.elem_count() * w.dim(0)?);
@@ -449,7 +469,7 @@ impl BatchNorm {
     fn normalize(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let c = x.dim(1)?;
         if pass.train {
-            self.train_forward(x, None, None, None, pass.grad)
+            self.train_forward(x, None, None, None, pass)
         } else {
             let mean = self.running_mean.as_tensor().reshape((1, c, 1, 1))?;
             let std = self
@@ -464,19 +484,23 @@ impl BatchNorm {
 
     /// Train mode: the fused batch-norm op (batch statistics, with the affine part and the
     /// activation when given; exact under double backward), then the running-statistics
-    /// update.
+    /// update, or the statistics handed to the pass's standing accumulator.
     fn train_forward(
         &self,
         x: &Tensor,
         gamma: Option<&Tensor>,
         beta: Option<&Tensor>,
         act: Option<LeakyRelu>,
-        mode: Option<&GradMode>,
+        pass: Pass,
     ) -> Result<Tensor> {
         let c = x.dim(1)?;
         let n = x.elem_count() / c;
         let (y, mean, var) =
-            crate::kernels::fused_bn::batch_norm_train_act(x, gamma, beta, BN_EPS, act, mode)?;
+            crate::kernels::fused_bn::batch_norm_train_act(x, gamma, beta, BN_EPS, act, pass.grad)?;
+        if let Some(acc) = pass.standing {
+            acc.add(&self.running_mean, &self.running_var, &mean, &var, n)?;
+            return Ok(y);
+        }
         let unbias = if n > 1 {
             n as f64 / (n - 1) as f64
         } else {
@@ -514,7 +538,7 @@ impl BatchNorm {
             // The affine part and the activation fused into the op.
             (Some(w), Some(b)) if train => {
                 return Ok(self
-                    .train_forward(&x4, Some(w), Some(b), act, pass.grad)?
+                    .train_forward(&x4, Some(w), Some(b), act, pass)?
                     .reshape(dims)?);
             }
             (Some(w), Some(b)) => self
@@ -528,6 +552,114 @@ impl BatchNorm {
             Some(a) => a.apply(&y),
             None => Ok(y),
         }
+    }
+}
+
+/// Standing statistics (Brock, Donahue & Simonyan, "Large Scale GAN Training for High
+/// Fidelity Natural Image Synthesis", ICLR 2019, appendix: a generator's BatchNorm statistics
+/// re-estimated for the weights that are sampled, here the EMA average, whose running
+/// statistics are an average of other weights' batches). A train-mode pass carrying it
+/// ([`Pass::standing`]) hands every BatchNorm call's batch mean and variance here (a layer
+/// called several times in a pass adds each call); [`StandingStats::apply`] then writes each
+/// layer's statistics over every row it saw (pooled exactly: the mean of the means and the
+/// variance of all rows together, unbiased as PyTorch keeps it) into its running statistics.
+#[derive(Debug, Default)]
+pub struct StandingStats {
+    layers: std::sync::Mutex<Vec<StandingLayer>>,
+}
+
+#[derive(Debug)]
+struct StandingLayer {
+    running_mean: Var,
+    running_var: Var,
+    /// Rows seen (B * H * W per call).
+    n: f64,
+    /// Per channel: the sum of x and of x^2 over those rows.
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+}
+
+impl StandingStats {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One BatchNorm call: its batch `mean` and biased `var` over `n` rows per channel.
+    fn add(
+        &self,
+        running_mean: &Var,
+        running_var: &Var,
+        mean: &Tensor,
+        var: &Tensor,
+        n: usize,
+    ) -> Result<()> {
+        let m: Vec<f64> = mean.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let v: Vec<f64> = var.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let id = running_mean.as_tensor().id();
+        let at = match layers
+            .iter()
+            .position(|l| l.running_mean.as_tensor().id() == id)
+        {
+            Some(i) => i,
+            None => {
+                layers.push(StandingLayer {
+                    running_mean: running_mean.clone(),
+                    running_var: running_var.clone(),
+                    n: 0.0,
+                    sum: vec![0.0; m.len()],
+                    sum_sq: vec![0.0; m.len()],
+                });
+                layers.len() - 1
+            }
+        };
+        let l = &mut layers[at];
+        let nf = n as f64;
+        l.n += nf;
+        for (c, (mu, var)) in m.iter().zip(&v).enumerate() {
+            l.sum[c] += nf * mu;
+            l.sum_sq[c] += nf * (var + mu * mu);
+        }
+        Ok(())
+    }
+
+    /// BatchNorm layers that saw at least one call.
+    pub fn layers(&self) -> usize {
+        self.layers.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Write every layer's pooled statistics into its running mean and variance; returns the
+    /// number of layers written. An error, with nothing written, if any statistic is not
+    /// finite.
+    pub fn apply(&self) -> Result<usize> {
+        let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(layers.len());
+        for l in layers.iter() {
+            let mean: Vec<f64> = l.sum.iter().map(|s| s / l.n).collect();
+            let unbias = if l.n > 1.0 { l.n / (l.n - 1.0) } else { 1.0 };
+            let var: Vec<f64> = l
+                .sum_sq
+                .iter()
+                .zip(&mean)
+                .map(|(sq, mu)| (sq / l.n - mu * mu).max(0.0) * unbias)
+                .collect();
+            if mean.iter().chain(&var).any(|v| !v.is_finite()) {
+                return Err(crate::error::Error::Msg(
+                    "standing statistics: a BatchNorm layer saw non-finite values; nothing \
+                     was written"
+                        .into(),
+                ));
+            }
+            out.push((mean, var));
+        }
+        for (l, (mean, var)) in layers.iter().zip(out) {
+            for (v, vals) in [(&l.running_mean, mean), (&l.running_var, var)] {
+                let t = v.as_tensor();
+                let new = Tensor::from_vec(vals, t.dims(), t.device())?.to_dtype(t.dtype())?;
+                v.set(&new)?;
+            }
+        }
+        Ok(layers.len())
     }
 }
 
@@ -993,5 +1125,79 @@ mod tests {
         let convs = 2 * b * n * (16 * 2 + 16 * 2 + 16 * 8 + 8 * 16);
         let want = (convs + 2 * b * n * n * (2 + 8)) as f64;
         assert_eq!(count(&|p| drop(att.forward(&xa, p).unwrap())), want);
+    }
+
+    /// Standing statistics pool every call exactly: two batches through a BatchNorm (one of
+    /// them twice, as a layer called twice in one pass) give the running statistics of all
+    /// rows together, by hand: channel 0 sees 1, 3 | 5, 7 | 5, 7, mean 14/3, variance
+    /// (sum of x^2 = 158) 158/6 - (14/3)^2 = 41/9 biased, 41/9 * 6/5 = 82/15 unbiased. The
+    /// pass changes nothing until `apply`, and a spectral-norm vector is never refined.
+    #[test]
+    fn standing_statistics_pool_every_call_and_change_nothing_before_apply() {
+        let store = crate::params::ParamStore::new(Rng::new(3), DType::F64, &Device::Cpu);
+        let vb = store.root("g");
+        let bn = BatchNorm::new(2, true, vb.pp("bn")).unwrap();
+        let opts = LayerOpts {
+            bias: false,
+            spectral_norm: true,
+            init: WeightInit::Dcgan,
+        };
+        let lin = Linear::new(2, 2, opts, vb.pp("lin")).unwrap();
+        let before = |name: &str| -> Vec<f64> {
+            store
+                .get(name)
+                .unwrap()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let u0 = before("g.lin.sn.u");
+        let dev = Device::Cpu;
+        // (B, C) rows: channel 1 is channel 0 times -2.
+        let a = Tensor::new(&[[1.0f64, -2.0], [3.0, -6.0]], &dev).unwrap();
+        let b = Tensor::new(&[[5.0f64, -10.0], [7.0, -14.0]], &dev).unwrap();
+        let acc = StandingStats::new();
+        let pass = Pass::train().standing(&acc);
+        for x in [&a, &b, &b] {
+            let y = bn.forward(x, pass).unwrap();
+            lin.forward(&y, pass).unwrap();
+        }
+        assert_eq!(before("g.bn.running_mean"), vec![0.0, 0.0]);
+        assert_eq!(before("g.bn.running_var"), vec![1.0, 1.0]);
+        assert_eq!(acc.layers(), 1);
+        assert_eq!(acc.apply().unwrap(), 1);
+        let (m, v) = (before("g.bn.running_mean"), before("g.bn.running_var"));
+        let want_m = [14.0 / 3.0, -28.0 / 3.0];
+        let want_v = [82.0 / 15.0, 4.0 * 82.0 / 15.0];
+        for c in 0..2 {
+            assert!((m[c] - want_m[c]).abs() < 1e-12, "{m:?}");
+            assert!((v[c] - want_v[c]).abs() < 1e-12, "{v:?}");
+        }
+        assert_eq!(before("g.lin.sn.u"), u0);
+        // An ordinary train pass still refines u and moves the running statistics.
+        let y = bn.forward(&a, Pass::train()).unwrap();
+        lin.forward(&y, Pass::train()).unwrap();
+        assert_ne!(before("g.lin.sn.u"), u0);
+        assert_ne!(before("g.bn.running_mean"), m);
+    }
+
+    /// Nothing is written when a layer saw a non-finite value.
+    #[test]
+    fn standing_statistics_refuse_non_finite_values() {
+        let store = crate::params::ParamStore::new(Rng::new(3), DType::F64, &Device::Cpu);
+        let bn = BatchNorm::new(1, true, store.root("g").pp("bn")).unwrap();
+        let acc = StandingStats::new();
+        let x = Tensor::new(&[[1.0f64], [f64::INFINITY]], &Device::Cpu).unwrap();
+        bn.forward(&x, Pass::train().standing(&acc)).unwrap();
+        assert!(acc.apply().is_err());
+        let m: Vec<f64> = store
+            .get("g.bn.running_mean")
+            .unwrap()
+            .as_tensor()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(m, vec![0.0]);
     }
 }

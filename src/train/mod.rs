@@ -10,6 +10,7 @@ pub mod import;
 pub mod loss;
 pub mod monitor;
 pub mod run;
+pub mod standing;
 pub mod worker;
 
 use std::collections::HashMap;

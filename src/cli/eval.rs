@@ -152,6 +152,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         let orders: Vec<Vec<usize>> = truth_in_file_order(names, items);
         let longest = orders.iter().map(Vec::len).max().unwrap_or(0);
         let mut step_accs: Vec<Vec<f64>> = vec![Vec::new(); longest];
+        // The first step's images hold one object each: what the evaluator reads instead.
+        let mut first_read = vec![vec![0usize; names.len()]; names.len()];
         for seed in 0..a.seeds {
             let imgs = if a.sequential {
                 let z: Vec<Vec<f32>> = (0..conds.len())
@@ -176,6 +178,13 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
                         .collect();
                     let (sc, _) = ev.predict(&sub.to_tensor(&dev)?)?;
                     acc.push(topk_accuracy(&sc, &so_far)?.accuracy());
+                    if j == 0 {
+                        for (row, t) in sc.iter().zip(&so_far) {
+                            if let (Some(&l), Some(top)) = (t.first(), top1(row)) {
+                                first_read[l as usize][top] += 1;
+                            }
+                        }
+                    }
                 }
                 steps.pop().context("a scene with no steps")?
             } else {
@@ -208,6 +217,10 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
             .collect();
         println!("  per-label hit rate: {}", rates.join(", "));
         if a.sequential {
+            println!(
+                "  {}",
+                first_object_misreadings(names, &first_read, MISREAD_SHOWN)
+            );
             for (j, acc) in step_accs.iter().enumerate() {
                 let (m, sd) = mean_sd(acc);
                 println!(
@@ -369,6 +382,55 @@ pub(crate) fn eval_class_histogram(
     Ok(feats_all)
 }
 
+/// How many labels [`first_object_misreadings`] lists.
+const MISREAD_SHOWN: usize = 6;
+
+/// The index of the highest score (the lower index on ties; NaN ranks lowest); `None` for an
+/// empty row.
+fn top1(row: &[f32]) -> Option<usize> {
+    (0..row.len()).reduce(|best, i| {
+        let (b, x) = (row[best], row[i]);
+        if x > b || (b.is_nan() && !x.is_nan()) {
+            i
+        } else {
+            best
+        }
+    })
+}
+
+/// One line on the first step's images (one object on the floor): the `shown` labels the
+/// evaluator reads least often as themselves (top-1), each with the label it reads most often
+/// instead. `read[t][p]`: images of label t read as p.
+fn first_object_misreadings(names: &[String], read: &[Vec<usize>], shown: usize) -> String {
+    let mut rows: Vec<(f64, String)> = read
+        .iter()
+        .enumerate()
+        .filter_map(|(t, r)| {
+            let n: usize = r.iter().sum();
+            let wrong = (0..r.len())
+                .filter(|&p| p != t)
+                .max_by_key(|&p| (r[p], usize::MAX - p))?;
+            (n > 0 && r[t] < n).then(|| {
+                let rate = r[t] as f64 / n as f64;
+                let line = format!(
+                    "{} {:.2} (as {} {}/{n})",
+                    names[t], rate, names[wrong], r[wrong]
+                );
+                (rate, line)
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return "first objects alone: every one read as itself (top-1)".into();
+    }
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let list: Vec<String> = rows.into_iter().take(shown).map(|(_, l)| l).collect();
+    format!(
+        "first objects alone, read as themselves (top-1), the weakest: {}",
+        list.join(", ")
+    )
+}
+
 /// Each entry's label indices in the order the file lists them (entries already checked by
 /// `parse_condition`; names that do not resolve are left out).
 fn truth_in_file_order(names: &[String], items: &[Vec<String>]) -> Vec<Vec<usize>> {
@@ -445,5 +507,37 @@ fn default_evaluator(cfg: &ganscope::config::TrainConfig) -> std::path::PathBuf 
             }
         }
         Err(_) => found,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests may unwrap")]
+    use super::*;
+
+    #[test]
+    fn top1_takes_the_first_highest_and_ranks_nan_lowest() {
+        assert_eq!(top1(&[0.1, 0.7, 0.7, 0.2]), Some(1));
+        assert_eq!(top1(&[f32::NAN, 0.3, 0.5]), Some(2));
+        assert_eq!(top1(&[]), None);
+    }
+
+    /// Three labels: `a` always read right (left out), `b` read as `c` 3 of 4 times, `c` read
+    /// as `a` 1 of 4 times: the weakest first, each with what it is read as most.
+    #[test]
+    fn misreadings_list_the_weakest_labels_with_their_most_common_reading() {
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let read = vec![vec![5, 0, 0], vec![0, 1, 3], vec![1, 0, 3]];
+        assert_eq!(
+            first_object_misreadings(&names, &read, 6),
+            "first objects alone, read as themselves (top-1), the weakest: b 0.25 (as c 3/4), \
+             c 0.75 (as a 1/4)"
+        );
+        assert_eq!(
+            first_object_misreadings(&names, &read, 1),
+            "first objects alone, read as themselves (top-1), the weakest: b 0.25 (as c 3/4)"
+        );
+        let perfect = vec![vec![2, 0, 0], vec![0, 0, 0], vec![0, 0, 1]];
+        assert!(first_object_misreadings(&names, &perfect, 6).contains("every one"));
     }
 }

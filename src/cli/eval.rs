@@ -512,7 +512,6 @@ fn default_evaluator(cfg: &ganscope::config::TrainConfig) -> std::path::PathBuf 
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests may unwrap")]
     use super::*;
 
     #[test]

@@ -449,6 +449,70 @@ def quantile(s, q):
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+# The convolutions of dcgan64 / wgangp-critic64 and cdcgan28, as `ganscope bench --model
+# conv-layers` lists them (src/bench/kernels.rs, CONV_LAYERS): (name, transposed, x dims
+# without the batch, w dims, stride, padding).
+CONV_LAYERS = {
+    "dcgan64": [
+        ("G convT 100->512 1->4", True, (100, 1, 1), (100, 512, 4, 4), 1, 0),
+        ("G convT 512->256 4->8", True, (512, 4, 4), (512, 256, 4, 4), 2, 1),
+        ("G convT 256->128 8->16", True, (256, 8, 8), (256, 128, 4, 4), 2, 1),
+        ("G convT 128->64 16->32", True, (128, 16, 16), (128, 64, 4, 4), 2, 1),
+        ("G convT 64->3 32->64", True, (64, 32, 32), (64, 3, 4, 4), 2, 1),
+        ("D conv 3->64 64->32", False, (3, 64, 64), (64, 3, 4, 4), 2, 1),
+        ("D conv 64->128 32->16", False, (64, 32, 32), (128, 64, 4, 4), 2, 1),
+        ("D conv 128->256 16->8", False, (128, 16, 16), (256, 128, 4, 4), 2, 1),
+        ("D conv 256->512 8->4", False, (256, 8, 8), (512, 256, 4, 4), 2, 1),
+        ("D conv 512->1 4->1", False, (512, 4, 4), (1, 512, 4, 4), 1, 0),
+    ],
+    "cdcgan28": [
+        ("G convT 100->256 1->7 k7", True, (100, 1, 1), (100, 256, 7, 7), 1, 0),
+        ("G convT 128->64 7->14", True, (128, 7, 7), (128, 64, 4, 4), 2, 1),
+        ("G convT 64->1 14->28", True, (64, 14, 14), (64, 1, 4, 4), 2, 1),
+        ("D conv 1->64 28->14", False, (1, 28, 28), (64, 1, 4, 4), 2, 1),
+        ("D conv 64->128 14->7", False, (64, 14, 14), (128, 64, 4, 4), 2, 1),
+    ],
+}
+
+
+def conv_layers(batch, iters, warmup):
+    """Every pass of every convolution of CONV_LAYERS as autograd runs it: the forward
+    (F.conv2d / F.conv_transpose2d) and aten.convolution_backward for the input gradient alone
+    and for the weight gradient alone; median ms of `iters` runs after `warmup`, one line per
+    pass in ganscope's format. The MAC count is the forward's."""
+    with torch.no_grad():
+        for model, layers in CONV_LAYERS.items():
+            for name, transposed, xd, wd, s, p in layers:
+                x, w = randn(batch, *xd), randn(*wd)
+                if transposed:
+                    fwd = lambda: F.conv_transpose2d(x, w, stride=s, padding=p)  # noqa: E731
+                else:
+                    fwd = lambda: F.conv2d(x, w, stride=s, padding=p)  # noqa: E731
+                y = fwd()
+                gy = randn(*y.shape)
+                cols, img_c = (x.numel(), wd[1]) if transposed else (y.numel(), xd[0])
+                gflop = 2 * cols * img_c * wd[2] * wd[3] / 1e9
+
+                def bwd(mask):
+                    return lambda: torch.ops.aten.convolution_backward(
+                        gy, x, w, None, [s, s], [p, p], [1, 1], transposed, [0, 0], 1, mask)
+
+                passes = [("forward", fwd), ("grad-input", bwd([True, False, False])),
+                          ("grad-weight", bwd([False, True, False]))]
+                for pass_name, f in passes:
+                    for _ in range(warmup):
+                        f()
+                    ms = []
+                    for _ in range(max(iters, 1)):
+                        t = time.perf_counter()
+                        f()
+                        ms.append((time.perf_counter() - t) * 1e3)
+                    ms.sort()
+                    med = ms[len(ms) // 2]
+                    print(f"layer {model} {name.replace(' ', '_')} {pass_name} ms={med:.3f} "
+                          f"gflops={gflop / med * 1e3:.1f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -469,6 +533,9 @@ def main():
         # Not PyTorch's default: cuDNN times its algorithms on the first call of each shape
         # and keeps the fastest (an extra column, the best setting we know for PyTorch).
         torch.backends.cudnn.benchmark = True
+    if a.model == "conv-layers":
+        conv_layers(a.batch or 64, a.iters, a.warmup)
+        return
     names = [a.model] if a.model else MODELS
     for n in names:
         if n not in WORKLOADS:

@@ -783,12 +783,21 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>> {
         })?;
         return Ok(Vec::new());
     }
+    if opts.model.as_deref() == Some(CONV_LAYERS) {
+        if !opts.device.is_cpu() {
+            return Err(Error::Config(format!(
+                "bench --model {CONV_LAYERS} times the CPU kernels: --device cpu"
+            )));
+        }
+        crate::on_pool_worker(|| kernels::conv_layers(opts.batch.unwrap_or(64), iters, warmup))?;
+        return Ok(Vec::new());
+    }
     let threads = candle_core::utils::get_num_threads();
     let names: Vec<&str> = match &opts.model {
         Some(m) => {
             if !MODELS.contains(&m.as_str()) {
                 return Err(Error::Config(format!(
-                    "unknown bench model `{m}` (one of {}, or {EXPLORE} or {KERNELS})",
+                    "unknown bench model `{m}` (one of {}, or {EXPLORE}, {KERNELS} or {CONV_LAYERS})",
                     MODELS.join(", ")
                 )));
             }
@@ -879,6 +888,10 @@ pub const EXPLORE: &str = "explore";
 /// The bench "model" that times the CPU kernels against candle's own ops, case by case
 /// ([`kernels::run`]).
 pub const KERNELS: &str = "kernels";
+
+/// The bench "model" that times every pass of every convolution of the benchmark models
+/// ([`kernels::conv_layers`]), to set beside `bench/torch_bench.py --model conv-layers`.
+pub const CONV_LAYERS: &str = "conv-layers";
 
 /// Latencies of [`explore_latency`], in milliseconds.
 #[derive(Debug, Clone)]

@@ -569,6 +569,109 @@ fn conv_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
     Ok(())
 }
 
+/// One convolution layer of a benchmark model: (name, transposed, x dims without the batch,
+/// w dims, stride, padding).
+type LayerSpec = (&'static str, bool, [usize; 3], [usize; 4], usize, usize);
+
+/// The convolutions of `dcgan64` (and `wgangp-critic64`'s critic, the same D without
+/// BatchNorm) and `cdcgan28`, as `bench/torch_bench.py --model conv-layers` lists them.
+pub const CONV_LAYERS: [(&str, &[LayerSpec]); 2] = [
+    (
+        "dcgan64",
+        &[
+            ("G convT 100->512 1->4", true, [100, 1, 1], [100, 512, 4, 4], 1, 0),
+            ("G convT 512->256 4->8", true, [512, 4, 4], [512, 256, 4, 4], 2, 1),
+            ("G convT 256->128 8->16", true, [256, 8, 8], [256, 128, 4, 4], 2, 1),
+            ("G convT 128->64 16->32", true, [128, 16, 16], [128, 64, 4, 4], 2, 1),
+            ("G convT 64->3 32->64", true, [64, 32, 32], [64, 3, 4, 4], 2, 1),
+            ("D conv 3->64 64->32", false, [3, 64, 64], [64, 3, 4, 4], 2, 1),
+            ("D conv 64->128 32->16", false, [64, 32, 32], [128, 64, 4, 4], 2, 1),
+            ("D conv 128->256 16->8", false, [128, 16, 16], [256, 128, 4, 4], 2, 1),
+            ("D conv 256->512 8->4", false, [256, 8, 8], [512, 256, 4, 4], 2, 1),
+            ("D conv 512->1 4->1", false, [512, 4, 4], [1, 512, 4, 4], 1, 0),
+        ],
+    ),
+    (
+        "cdcgan28",
+        &[
+            ("G convT 100->256 1->7 k7", true, [100, 1, 1], [100, 256, 7, 7], 1, 0),
+            ("G convT 128->64 7->14", true, [128, 7, 7], [128, 64, 4, 4], 2, 1),
+            ("G convT 64->1 14->28", true, [64, 14, 14], [64, 1, 4, 4], 2, 1),
+            ("D conv 1->64 28->14", false, [1, 28, 28], [64, 1, 4, 4], 2, 1),
+            ("D conv 64->128 14->7", false, [64, 14, 14], [128, 64, 4, 4], 2, 1),
+        ],
+    ),
+];
+
+/// `ganscope bench --model conv-layers`: every pass (forward, input gradient, weight
+/// gradient) of every convolution of the benchmark models at `batch`, the engine's kernels
+/// alone, median of `iters` runs after `warmup`; one line per pass,
+/// `layer <model> <name> <pass> ms=<median> gflops=<rate>`, the same lines
+/// `bench/torch_bench.py --model conv-layers` prints for PyTorch's convolutions. The MAC count
+/// of every pass is the forward's (column-side elements x image channels x k^2).
+pub fn conv_layers(batch: usize, iters: usize, warmup: usize) -> Result<Vec<String>> {
+    let opts = KernelBenchOptions {
+        iters: Some(iters),
+        warmup: Some(warmup),
+        ..KernelBenchOptions::default()
+    };
+    let timer = Timer { opts: &opts };
+    let mut out = Out(Vec::new());
+    let mut rng = Rng::new(7);
+    for (model, layers) in CONV_LAYERS {
+        for &(name, transposed, xd, wd, s, p) in layers {
+            let xd = [batch, xd[0], xd[1], xd[2]];
+            let x = randn(&mut rng, &xd, 0.0, 1.0)?;
+            let w = randn(&mut rng, &wd, 0.0, 1.0)?;
+            let k = wd[2];
+            let y = if transposed {
+                conv_transpose2d(&x, &w, s, p, None)?
+            } else {
+                conv2d(&x, &w, s, p, None)?
+            };
+            let gy = randn(&mut rng, y.dims(), 0.0, 1.0)?;
+            let (cols, img_c) = if transposed {
+                (x.elem_count(), wd[1])
+            } else {
+                (y.elem_count(), xd[1])
+            };
+            let gflop = 2.0 * (cols * img_c * k * k) as f64 / 1e9;
+            let op = output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p)?;
+            let passes: [(&str, Box<dyn Fn() -> Result<()>>); 3] = if transposed {
+                [
+                    ("forward", Box::new(|| done(conv_transpose2d(&x, &w, s, p, None)))),
+                    ("grad-input", Box::new(|| done(conv2d(&gy, &w, s, p, None)))),
+                    (
+                        "grad-weight",
+                        Box::new(|| done(conv2d_weight_grad(&gy, &x, s, p, k))),
+                    ),
+                ]
+            } else {
+                [
+                    ("forward", Box::new(|| done(conv2d(&x, &w, s, p, None)))),
+                    (
+                        "grad-input",
+                        Box::new(|| done(conv_transpose2d_op(&gy, &w, s, p, (op, op), None))),
+                    ),
+                    (
+                        "grad-weight",
+                        Box::new(|| done(conv2d_weight_grad(&x, &gy, s, p, k))),
+                    ),
+                ]
+            };
+            for (pass, f) in &passes {
+                let t = timer.median(warmup, iters, f.as_ref())?;
+                out.line(format!(
+                    "layer {model} {} {pass} ms={t:.3} gflops={:.1}",
+                    name.replace(' ', "_"),
+                    gflop / t * 1e3
+                ));
+            }
+        }
+    }
+    Ok(out.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,5 +689,19 @@ mod tests {
         // 2 DCGAN-28 steps.
         assert_eq!(lines.len(), 1 + 2 + 5 + 2 + 4 + 1 + 15 + 2, "{lines:#?}");
         assert!(lines[1..].iter().all(|l| l.contains(" ms")), "{lines:#?}");
+    }
+
+    /// Every layer of the conv-layers bench runs its three passes at batch 1 and prints one
+    /// parseable line each. Not a timing test.
+    #[test]
+    fn conv_layers_cover_every_pass() {
+        let lines = conv_layers(1, 1, 0).unwrap();
+        let n: usize = CONV_LAYERS.iter().map(|(_, l)| l.len()).sum();
+        assert_eq!(lines.len(), 3 * n, "{lines:#?}");
+        for l in &lines {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!((f.len(), f[0]), (6, "layer"), "{l}");
+            assert!(f[4].strip_prefix("ms=").unwrap().parse::<f64>().unwrap() > 0.0, "{l}");
+        }
     }
 }

@@ -1075,8 +1075,17 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
         .filter(|(_, c)| c.len() >= ckk * g.b * l);
     let bc = kept.map_or_else(|| g.chunk::<T>(), |(chunk, _)| chunk);
     let mut cols = Scratch::new(if kept.is_some() { 0 } else { ckk * bc * l });
-    let mut gp = Scratch::new(if bc > 1 { g.o * bc * l } else { 0 });
     let mut split = splits_sum(g.o * ckk, bc.min(g.b) * l).then(|| zeros::<T>(g.o * ckk));
+    // With few output channels and more rows of columns, dw^T (C K K, O) += cols (C K K, n)
+    // @ gy^T (n, O), every operand row-major, then one transpose: gemm runs the tall product
+    // faster than dw (O, C K K) += gy (O, n) @ cols^T with a column-major right operand
+    // (1024 x 128 x 1024: 218 against 165 GFLOP/s on 2 threads; the 64 -> 128 channel
+    // layers of dcgan64 took 27 instead of 31.5 ms). With 256 channels it gained nothing and
+    // with 512 it lost 15% (the transposes grow, gemm's own rate is already high):
+    // `ganscope bench --model conv-layers`, bench/RESULTS.md session 35.
+    let tall = split.is_none() && ckk >= g.o && g.o <= TALL_WEIGHT_GRAD_MAX_CHANNELS;
+    let mut gp = Scratch::new(if bc > 1 || tall { g.o * bc * l } else { 0 });
+    let mut dwt = if tall { zeros::<T>(ckk * g.o) } else { Vec::new() };
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
@@ -1089,6 +1098,13 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             }
         };
         let gc = &gy[b0 * g.col()..(b0 + nb) * g.col()];
+        if tall {
+            // gy^T (n, O): each sample's (O, L) transposed.
+            let gt = gp.get(g.o * n);
+            transpose_batch(gc, nb, g.o, l, gt);
+            matmul(ckk, g.o, n, &mut dwt, (g.o, 1), b0 > 0, cols, (n, 1), gt, (g.o, 1));
+            continue;
+        }
         let lhs: &[T] = if nb == 1 {
             gc
         } else {
@@ -1153,6 +1169,9 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
         for (d, s) in dw.iter_mut().zip(second) {
             *d += s;
         }
+    }
+    if tall {
+        transpose_batch(&dwt, 1, ckk, g.o, &mut dw);
     }
     dw
 }
@@ -1469,6 +1488,44 @@ fn batch_to_channel_major<T: WithDType>(src: &[T], nb: usize, m: usize, l: usize
         }
     });
 }
+
+/// `nb` row-major (rows, cols) matrices one after another -> each transposed, (cols, rows),
+/// in the same order: (nb, rows, cols) -> (nb, cols, rows). Blocks of [`TRANSPOSE_BLOCK`]
+/// output rows run in parallel.
+fn transpose_batch<T: Copy + Send + Sync>(
+    src: &[T],
+    nb: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+) {
+    let per = rows * cols;
+    if per == 0 {
+        return;
+    }
+    dst[..nb * per]
+        .par_chunks_mut(TRANSPOSE_BLOCK * rows)
+        .enumerate()
+        .for_each(|(i, d)| {
+            // Output row `out_row` is column j of sample b's source; a block may straddle
+            // two samples. The block's source columns are adjacent, so the strided reads of
+            // one output row bring in the cache lines the next rows read.
+            for (r, dr) in d.chunks_mut(rows).enumerate() {
+                let out_row = i * TRANSPOSE_BLOCK + r;
+                let (b, j) = (out_row / cols, out_row % cols);
+                let s = &src[b * per + j..];
+                for (k, v) in dr.iter_mut().enumerate() {
+                    *v = s[k * cols];
+                }
+            }
+        });
+}
+
+/// Most output channels for which [`weight_grad`] computes the transposed product.
+const TALL_WEIGHT_GRAD_MAX_CHANNELS: usize = 128;
+
+/// Output rows per parallel block of [`transpose_batch`].
+const TRANSPOSE_BLOCK: usize = 32;
 
 /// (m, nb l) -> (nb, m, l).
 fn channel_to_batch_major<T: WithDType, S: Slot<T>>(

@@ -73,6 +73,7 @@ const CONV: &[Case] = &[
     (1, 1, 1, 1, 3, 1, 1, 0),   // 1x1 spatial
     (2, 3, 2, 2, 4, 4, 1, 1),   // 2 -> 1 through padding
     (2, 3, 4, 4, 2, 4, 2, 0),   // 4 -> 1, stride 2
+    (2, 1, 8, 8, 20, 2, 2, 0),  // more output channels than im2col rows (dw not transposed)
     (2, 2, 20, 18, 3, 3, 1, 1), // stride 1, rows of 16+: im2col row by row
 ];
 
@@ -89,6 +90,7 @@ const CONV_T: &[Case] = &[
     (2, 3, 4, 5, 2, 2, 2, 0),   // 4x5 -> 8x10
     (2, 3, 3, 3, 2, 5, 3, 2),   // stride 3
     (2, 3, 1, 1, 2, 4, 1, 1),   // 1 -> 2 through padding
+    (2, 20, 4, 4, 1, 2, 2, 0),  // 4 -> 8, more input channels than im2col rows
 ];
 
 #[test]
@@ -842,4 +844,27 @@ fn activation_conv_on_the_gemm_path_matches_the_fused_op() {
     assert!(n >= 2, "{n} forwards on the gemm path");
     assert!(rel(&plain, &fused) < 1e-12);
     assert!(rel(gp.get(&w).unwrap(), gf.get(&w).unwrap()) < 1e-12);
+}
+
+/// transpose_batch against an index-by-index transpose, for blocks that straddle samples
+/// (cols not a multiple of the block) and for one matrix.
+#[test]
+fn transpose_batch_transposes_each_sample() {
+    for (nb, rows, cols) in [(3, 5, 37), (1, 70, 33), (2, 1, 1), (4, 64, 32)] {
+        let src: Vec<u32> = (0..(nb * rows * cols) as u32).collect();
+        let mut dst = vec![u32::MAX; nb * rows * cols];
+        transpose_batch(&src, nb, rows, cols, &mut dst);
+        for b in 0..nb {
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(
+                        dst[b * rows * cols + j * rows + i],
+                        src[b * rows * cols + i * cols + j],
+                        "{:?}",
+                        (nb, rows, cols, b, i, j)
+                    );
+                }
+            }
+        }
+    }
 }

@@ -575,6 +575,7 @@ type LayerSpec = (&'static str, bool, [usize; 3], [usize; 4], usize, usize);
 
 /// The convolutions of `dcgan64` (and `wgangp-critic64`'s critic, the same D without
 /// BatchNorm) and `cdcgan28`, as `bench/torch_bench.py --model conv-layers` lists them.
+#[rustfmt::skip]
 pub const CONV_LAYERS: [(&str, &[LayerSpec]); 2] = [
     (
         "dcgan64",
@@ -639,7 +640,10 @@ pub fn conv_layers(batch: usize, iters: usize, warmup: usize) -> Result<Vec<Stri
             let op = output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p)?;
             let passes: [(&str, Box<dyn Fn() -> Result<()>>); 3] = if transposed {
                 [
-                    ("forward", Box::new(|| done(conv_transpose2d(&x, &w, s, p, None)))),
+                    (
+                        "forward",
+                        Box::new(|| done(conv_transpose2d(&x, &w, s, p, None))),
+                    ),
                     ("grad-input", Box::new(|| done(conv2d(&gy, &w, s, p, None)))),
                     (
                         "grad-weight",
@@ -701,7 +705,10 @@ mod tests {
         for l in &lines {
             let f: Vec<&str> = l.split(' ').collect();
             assert_eq!((f.len(), f[0]), (6, "layer"), "{l}");
-            assert!(f[4].strip_prefix("ms=").unwrap().parse::<f64>().unwrap() > 0.0, "{l}");
+            assert!(
+                f[4].strip_prefix("ms=").unwrap().parse::<f64>().unwrap() > 0.0,
+                "{l}"
+            );
         }
     }
 }

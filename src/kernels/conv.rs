@@ -1085,7 +1085,11 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
     // `ganscope bench --model conv-layers`, bench/RESULTS.md session 35.
     let tall = split.is_none() && ckk >= g.o && g.o <= TALL_WEIGHT_GRAD_MAX_CHANNELS;
     let mut gp = Scratch::new(if bc > 1 || tall { g.o * bc * l } else { 0 });
-    let mut dwt = if tall { zeros::<T>(ckk * g.o) } else { Vec::new() };
+    let mut dwt = if tall {
+        zeros::<T>(ckk * g.o)
+    } else {
+        Vec::new()
+    };
     for b0 in (0..g.b).step_by(bc) {
         let nb = bc.min(g.b - b0);
         let n = nb * l;
@@ -1102,7 +1106,18 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             // gy^T (n, O): each sample's (O, L) transposed.
             let gt = gp.get(g.o * n);
             transpose_batch(gc, nb, g.o, l, gt);
-            matmul(ckk, g.o, n, &mut dwt, (g.o, 1), b0 > 0, cols, (n, 1), gt, (g.o, 1));
+            matmul(
+                ckk,
+                g.o,
+                n,
+                &mut dwt,
+                (g.o, 1),
+                b0 > 0,
+                cols,
+                (n, 1),
+                gt,
+                (g.o, 1),
+            );
             continue;
         }
         let lhs: &[T] = if nb == 1 {

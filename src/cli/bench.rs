@@ -6,7 +6,9 @@ pub(crate) struct BenchArgs {
     /// `explore`: the explorer's slider -> image latency (paused, then while training),
     /// `--iters` requests after `--warmup`; or `kernels`: the CPU kernels against candle's
     /// own ops, one line per case (each case's own run counts unless `--iters` / `--warmup`
-    /// are given; its linear and BN + activation cases on 2 threads unless `--threads`).
+    /// are given; its linear and BN + activation cases on 2 threads unless `--threads`); or
+    /// `conv-layers`: every pass of every convolution of dcgan64 and cdcgan28, one line each,
+    /// beside `bench/torch_bench.py --model conv-layers` (batch 64 unless `--batch`).
     #[arg(long)]
     pub(crate) model: Option<String>,
     #[arg(long)]

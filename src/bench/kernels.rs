@@ -569,6 +569,9 @@ fn conv_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
     Ok(())
 }
 
+/// One pass of a layer of [`conv_layers`]: its name and the engine's call.
+type OurPass<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
+
 /// One convolution layer of a benchmark model: (name, transposed, x dims without the batch,
 /// w dims, stride, padding).
 type LayerSpec = (&'static str, bool, [usize; 3], [usize; 4], usize, usize);
@@ -638,7 +641,7 @@ pub fn conv_layers(batch: usize, iters: usize, warmup: usize) -> Result<Vec<Stri
             };
             let gflop = 2.0 * (cols * img_c * k * k) as f64 / 1e9;
             let op = output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p)?;
-            let passes: [(&str, Box<dyn Fn() -> Result<()>>); 3] = if transposed {
+            let passes: [OurPass; 3] = if transposed {
                 [
                     (
                         "forward",

@@ -381,67 +381,18 @@ fn conv_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
         "plain matmul {m}x{k} @ {k}x{n} ({gflop:.2} GFLOP): {t:.2} ms ({:.0} GFLOP/s)",
         gflop / t * 1e3
     ));
-    // Per pass: (name, transposed, x dims, w dims, stride, padding).
-    let layers = [
-        (
-            "G convT 100->256 1->7 k7",
-            true,
-            [batch, 100, 1, 1],
-            [100, 256, 7, 7],
-            1,
-            0,
-        ),
-        (
-            "G convT 128->64 7->14",
-            true,
-            [batch, 128, 7, 7],
-            [128, 64, 4, 4],
-            2,
-            1,
-        ),
-        (
-            "G convT 64->1 14->28",
-            true,
-            [batch, 64, 14, 14],
-            [64, 1, 4, 4],
-            2,
-            1,
-        ),
-        (
-            "D conv 1->64 28->14",
-            false,
-            [batch, 1, 28, 28],
-            [64, 1, 4, 4],
-            2,
-            1,
-        ),
-        (
-            "D conv 64->128 14->7",
-            false,
-            [batch, 64, 14, 14],
-            [128, 64, 4, 4],
-            2,
-            1,
-        ),
-    ];
-    for (name, transposed, xd, wd, s, p) in layers {
-        let x = randn(&mut rng, &xd, 0.0, 1.0)?;
-        let w = randn(&mut rng, &wd, 0.0, 1.0)?;
+    // The cdcgan28 layers of `conv-layers`, each pass candle's against ours.
+    let (_, layers) = CONV_LAYERS[1];
+    for &(name, transposed, xd, wd, s, p) in layers {
+        let xd = [batch, xd[0], xd[1], xd[2]];
+        let LayerInputs {
+            x,
+            w,
+            gy,
+            gflop,
+            op,
+        } = layer_inputs(&mut rng, transposed, xd, wd, s, p)?;
         let k = wd[2];
-        let y = if transposed {
-            conv_transpose2d(&x, &w, s, p, None)?
-        } else {
-            conv2d(&x, &w, s, p, None)?
-        };
-        let gy = randn(&mut rng, y.dims(), 0.0, 1.0)?;
-        // MACs: column-side elements x image channels x k^2.
-        let (cols, img_c) = if transposed {
-            (x.elem_count(), wd[1])
-        } else {
-            (y.elem_count(), xd[1])
-        };
-        let gflop = 2.0 * (cols * img_c * k * k) as f64 / 1e9;
-        let op = output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p)?;
         // candle's passes as its backprop runs them.
         let candle_wgrad = |img: &Tensor, cols: &Tensor| -> Result<Tensor> {
             Ok(img
@@ -569,6 +520,52 @@ fn conv_cases(timer: &Timer, batch: usize, out: &mut Out) -> Result<()> {
     Ok(())
 }
 
+/// Random inputs of one convolution layer's three passes.
+struct LayerInputs {
+    x: Tensor,
+    w: Tensor,
+    /// A gradient of the forward's output.
+    gy: Tensor,
+    /// The forward's work: 2 x column-side elements x image channels x k^2, in GFLOP.
+    gflop: f64,
+    /// The output padding of a conv2d's input gradient (the transposed convolution).
+    op: usize,
+}
+
+/// x (`xd`) and w (`wd`) of N(0, 1) entries, the forward run once for its shape, then gy.
+fn layer_inputs(
+    rng: &mut Rng,
+    transposed: bool,
+    xd: [usize; 4],
+    wd: [usize; 4],
+    s: usize,
+    p: usize,
+) -> Result<LayerInputs> {
+    let x = randn(rng, &xd, 0.0, 1.0)?;
+    let w = randn(rng, &wd, 0.0, 1.0)?;
+    let k = wd[2];
+    let y = if transposed {
+        conv_transpose2d(&x, &w, s, p, None)?
+    } else {
+        conv2d(&x, &w, s, p, None)?
+    };
+    let gy = randn(rng, y.dims(), 0.0, 1.0)?;
+    let (cols, img_c) = if transposed {
+        (x.elem_count(), wd[1])
+    } else {
+        (y.elem_count(), xd[1])
+    };
+    let gflop = 2.0 * (cols * img_c * k * k) as f64 / 1e9;
+    let op = output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p)?;
+    Ok(LayerInputs {
+        x,
+        w,
+        gy,
+        gflop,
+        op,
+    })
+}
+
 /// One pass of a layer of [`conv_layers`]: its name and the engine's call.
 type OurPass<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
 
@@ -625,22 +622,14 @@ pub fn conv_layers(batch: usize, iters: usize, warmup: usize) -> Result<Vec<Stri
     for (model, layers) in CONV_LAYERS {
         for &(name, transposed, xd, wd, s, p) in layers {
             let xd = [batch, xd[0], xd[1], xd[2]];
-            let x = randn(&mut rng, &xd, 0.0, 1.0)?;
-            let w = randn(&mut rng, &wd, 0.0, 1.0)?;
+            let LayerInputs {
+                x,
+                w,
+                gy,
+                gflop,
+                op,
+            } = layer_inputs(&mut rng, transposed, xd, wd, s, p)?;
             let k = wd[2];
-            let y = if transposed {
-                conv_transpose2d(&x, &w, s, p, None)?
-            } else {
-                conv2d(&x, &w, s, p, None)?
-            };
-            let gy = randn(&mut rng, y.dims(), 0.0, 1.0)?;
-            let (cols, img_c) = if transposed {
-                (x.elem_count(), wd[1])
-            } else {
-                (y.elem_count(), xd[1])
-            };
-            let gflop = 2.0 * (cols * img_c * k * k) as f64 / 1e9;
-            let op = output_padding(y.dims()[2].max(xd[2]), y.dims()[2].min(xd[2]), k, s, p)?;
             let passes: [OurPass; 3] = if transposed {
                 [
                     (

@@ -1083,7 +1083,10 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
     // layers of dcgan64 took 27 instead of 31.5 ms). With 256 channels it gained nothing and
     // with 512 it lost 15% (the transposes grow, gemm's own rate is already high):
     // `ganscope bench --model conv-layers`, bench/RESULTS.md session 35.
-    let tall = split.is_none() && ckk >= g.o && g.o <= TALL_WEIGHT_GRAD_MAX_CHANNELS;
+    // The two single-thread halves of a split sum gain most: 45-70 GFLOP/s per thread as
+    // dw += gy @ cols^T, 90-110 as the tall product, whatever the shape's C K K against O
+    // (the 32-channel 64-px layers of the sequential preset: 32 x 512 x 1024 per half).
+    let tall = g.o <= TALL_WEIGHT_GRAD_MAX_CHANNELS && (split.is_some() || ckk >= g.o);
     let mut gp = Scratch::new(if bc > 1 || tall { g.o * bc * l } else { 0 });
     let mut dwt = if tall {
         zeros::<T>(ckk * g.o)
@@ -1106,18 +1109,47 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             // gy^T (n, O): each sample's (O, L) transposed.
             let gt = gp.get(g.o * n);
             transpose_batch(gc, nb, g.o, l, gt);
-            matmul(
-                ckk,
-                g.o,
-                n,
-                &mut dwt,
-                (g.o, 1),
-                b0 > 0,
-                cols,
-                (n, 1),
-                gt,
-                (g.o, 1),
-            );
+            let (o, acc) = (g.o, b0 > 0);
+            match split.as_mut() {
+                None => matmul(ckk, o, n, &mut dwt, (o, 1), acc, cols, (n, 1), gt, (o, 1)),
+                Some(second) => {
+                    // Positions [0, h) into dwt, [h, n) into their own sum.
+                    let h = n / 2;
+                    let gt: &[T] = gt;
+                    rayon::join(
+                        || {
+                            matmul_in(
+                                false,
+                                ckk,
+                                o,
+                                h,
+                                &mut dwt,
+                                (o, 1),
+                                acc,
+                                cols,
+                                (n, 1),
+                                gt,
+                                (o, 1),
+                            )
+                        },
+                        || {
+                            matmul_in(
+                                false,
+                                ckk,
+                                o,
+                                n - h,
+                                second,
+                                (o, 1),
+                                acc,
+                                &cols[h..],
+                                (n, 1),
+                                &gt[h * o..],
+                                (o, 1),
+                            )
+                        },
+                    );
+                }
+            }
             continue;
         }
         let lhs: &[T] = if nb == 1 {
@@ -1181,7 +1213,8 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
         }
     }
     if let Some(second) = split {
-        for (d, s) in dw.iter_mut().zip(second) {
+        let sum = if tall { &mut dwt } else { &mut dw };
+        for (d, s) in sum.iter_mut().zip(second) {
             *d += s;
         }
     }

@@ -362,21 +362,28 @@ fn first_order_gradients_match_candle() {
 }
 
 /// Weight gradients of few output elements over many positions are two half-length
-/// products summed ([`splits_sum`]); against candle's, whole and in batch chunks whose
-/// last one is shorter.
+/// products summed ([`splits_sum`]), as the tall product (at most 128 output channels) or
+/// not; against candle's, whole and in batch chunks whose last one is shorter.
 #[test]
 fn split_sum_weight_gradients_match_candle() {
     let mut rng = Rng::new(11);
     // O C K K = 16 * 3 * 4 * 4 = 768 weights; n = 8 * 16 * 16 = 2048 positions whole
     // (conv2d of 8 x 32 x 32, or conv_transpose2d from 8 x 16 x 16: the same product on
-    // its column side); chunked, 11 images of 64 x 64 in chunks of 6 and 5 (n = 6144, 5120).
-    assert!(splits_sum(768, 2048) && splits_sum(768, 6 * 1024));
+    // its column side); chunked, 11 images of 64 x 64 in chunks of 6 and 5 (n = 6144, 5120);
+    // 144 output channels (past TALL_WEIGHT_GRAD_MAX_CHANNELS): dw += gy @ cols^T halves.
+    assert!(splits_sum(768, 2048) && splits_sum(768, 6 * 1024) && splits_sum(144 * 48, 2048));
+    assert!(144 > TALL_WEIGHT_GRAD_MAX_CHANNELS);
     for dtype in [DType::F32, DType::F64] {
         let chunk_budget = 8 * 48 * 1024 * dtype.size_in_bytes();
-        for (transposed, budget) in [(false, None), (true, None), (false, Some(chunk_budget))] {
+        for (transposed, budget, o) in [
+            (false, None, 16),
+            (true, None, 16),
+            (false, Some(chunk_budget), 16),
+            (false, None, 144),
+        ] {
             let (xd, wd) = match (transposed, budget) {
                 (true, _) => ([8, 16, 16, 16], [16, 3, 4, 4]),
-                (false, None) => ([8, 3, 32, 32], [16, 3, 4, 4]),
+                (false, None) => ([8, 3, 32, 32], [o, 3, 4, 4]),
                 (false, Some(_)) => ([11, 3, 64, 64], [16, 3, 4, 4]),
             };
             let x = Var::from_tensor(&randn(&mut rng, &xd, dtype)).unwrap();
@@ -400,7 +407,7 @@ fn split_sum_weight_gradients_match_candle() {
             let e = rel(g1.get(wtt).unwrap(), g2.get(wtt).unwrap());
             assert!(
                 e < tol(dtype),
-                "{dtype:?} transposed {transposed} budget {budget:?}: {e:e}"
+                "{dtype:?} transposed {transposed} budget {budget:?} O {o}: {e:e}"
             );
         }
     }

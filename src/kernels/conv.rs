@@ -1083,10 +1083,11 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
     // layers of dcgan64 took 27 instead of 31.5 ms). With 256 channels it gained nothing and
     // with 512 it lost 15% (the transposes grow, gemm's own rate is already high):
     // `ganscope bench --model conv-layers`, bench/RESULTS.md session 35.
-    // The two single-thread halves of a split sum gain most: 45-70 GFLOP/s per thread as
-    // dw += gy @ cols^T, 90-110 as the tall product, whatever the shape's C K K against O
-    // (the 32-channel 64-px layers of the sequential preset: 32 x 512 x 1024 per half).
-    let tall = g.o <= TALL_WEIGHT_GRAD_MAX_CHANNELS && (split.is_some() || ckk >= g.o);
+    // The two single-thread halves of a split sum gain most: the 32-channel 64-px layers of
+    // the sequential preset (32 x 512 x 1024 per half) ran at 44 GFLOP/s per thread as
+    // dw += gy @ cols^T and at 108 as the tall product. With fewer rows of columns than
+    // channels (the 3- and 1-channel ends of dcgan64 and cdcgan28) it was 1.7-2x slower.
+    let tall = ckk >= g.o && g.o <= TALL_WEIGHT_GRAD_MAX_CHANNELS;
     let mut gp = Scratch::new(if bc > 1 || tall { g.o * bc * l } else { 0 });
     let mut dwt = if tall {
         zeros::<T>(ckk * g.o)

@@ -372,7 +372,7 @@ fn split_sum_weight_gradients_match_candle() {
     // its column side); chunked, 11 images of 64 x 64 in chunks of 6 and 5 (n = 6144, 5120);
     // 144 output channels (past TALL_WEIGHT_GRAD_MAX_CHANNELS): dw += gy @ cols^T halves.
     assert!(splits_sum(768, 2048) && splits_sum(768, 6 * 1024) && splits_sum(144 * 48, 2048));
-    assert!(144 > TALL_WEIGHT_GRAD_MAX_CHANNELS);
+    const { assert!(144 > TALL_WEIGHT_GRAD_MAX_CHANNELS) };
     for dtype in [DType::F32, DType::F64] {
         let chunk_budget = 8 * 48 * 1024 * dtype.size_in_bytes();
         for (transposed, budget, o) in [

@@ -582,6 +582,20 @@ impl Generator {
         let ct = Tensor::from_vec(conditions.concat(), (n, k), dev)?.to_dtype(dt)?;
         Images::from_tensor(&self.forward(&zt, &ct, Pass::eval())?)
     }
+
+    /// `iters` power iterations of every spectrally normalised layer, from its current
+    /// vector and its current weight (eval-mode forwards of one zero latent: nothing else
+    /// changes). For a generator whose spectral-norm vectors were not loaded with its weights.
+    pub fn refine_spectral_norm(&self, iters: usize) -> Result<()> {
+        let (zd, k) = (self.cfg.z_dim, self.cfg.num_conditions);
+        let (dev, dt) = (self.device(), self.store.dtype());
+        let z = Tensor::zeros((1, zd), dt, dev)?;
+        let c = Tensor::zeros((1, k), dt, dev)?;
+        for _ in 0..iters {
+            self.forward(&z, &c, Pass::eval().refining_sn())?;
+        }
+        Ok(())
+    }
 }
 
 fn onnx_not_trainable() -> String {

@@ -40,7 +40,10 @@ use crate::params::{Init, Vb};
 /// - `flops`: a counter the pass adds its FLOPs to ([`FlopCounter`]; for benchmarks);
 /// - `standing`: in a train-mode pass, every BatchNorm hands its batch statistics to this
 ///   accumulator instead of updating its running statistics, and spectral norm skips its
-///   power iteration: nothing in the network changes until [`StandingStats::apply`].
+///   power iteration: nothing in the network changes until [`StandingStats::apply`];
+/// - `refine_sn`: spectral norm runs its power iteration (and keeps the refined vector) even
+///   in an eval-mode pass ([`Pass::refining_sn`]; what a generator loaded without its
+///   spectral-norm vectors needs before it samples).
 ///
 /// `Pass::train()`, `Pass::eval()`, then `.frozen()`, `.with_grad(&mode)`, `.counting(&c)`,
 /// `.standing(&s)`.
@@ -51,6 +54,7 @@ pub struct Pass<'a> {
     pub grad: Option<&'a GradMode>,
     pub flops: Option<&'a FlopCounter>,
     pub standing: Option<&'a StandingStats>,
+    pub refine_sn: bool,
 }
 
 impl Pass<'static> {
@@ -72,6 +76,7 @@ impl Pass<'static> {
             grad: None,
             flops: None,
             standing: None,
+            refine_sn: false,
         }
     }
 }
@@ -110,10 +115,23 @@ impl<'a> Pass<'a> {
         }
     }
 
+    /// The same pass with spectral norm's power iteration on whatever the mode (see [`Pass`]).
+    pub fn refining_sn(self) -> Self {
+        Self {
+            refine_sn: true,
+            ..self
+        }
+    }
+
     /// Whether this pass updates the network's state: running statistics and spectral-norm
     /// vectors (train mode, not collecting standing statistics).
     fn updates_state(self) -> bool {
         self.train && self.standing.is_none()
+    }
+
+    /// Whether spectral norm refines its vector in this pass.
+    fn updates_sn(self) -> bool {
+        self.updates_state() || self.refine_sn
     }
 
     /// A layer's parameter as this pass should see it (detached when frozen).
@@ -286,7 +304,7 @@ impl Conv2d {
         Ok(match &self.sn {
             Some(sn) => {
                 let o = weight.dim(0)?;
-                sn.apply(&weight, &weight.reshape((o, ()))?, pass.updates_state())?
+                sn.apply(&weight, &weight.reshape((o, ()))?, pass.updates_sn())?
             }
             None => weight,
         })
@@ -369,7 +387,7 @@ impl ConvTranspose2d {
                 // PyTorch normalises ConvTranspose along dim 1 (output channels).
                 let o = weight.dim(1)?;
                 let w_mat = weight.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
-                sn.apply(&weight, &w_mat, pass.updates_state())?
+                sn.apply(&weight, &w_mat, pass.updates_sn())?
             }
             None => weight,
         };
@@ -411,7 +429,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let weight = pass.param(&self.weight);
         let w = match &self.sn {
-            Some(sn) => sn.apply(&weight, &weight, pass.updates_state())?,
+            Some(sn) => sn.apply(&weight, &weight, pass.updates_sn())?,
             None => weight,
         };
         pass.count(x.elem_count() * w.dim(0)?);

@@ -167,7 +167,7 @@ pub(crate) fn ship(a: ShipArgs) -> Result<()> {
         );
     }
     let standing = match a.standing_stats {
-        Some(rows) => Some(standing_generator(&a, &cfg, &set.paths[0], g, rows)?),
+        Some(rows) => Some(standing_generator(&a, &cfg, &set, rows)?),
         None => None,
     };
     let g = standing.as_ref().unwrap_or(g);
@@ -206,10 +206,10 @@ pub(crate) fn ship(a: ShipArgs) -> Result<()> {
 fn standing_generator(
     a: &ShipArgs,
     cfg: &ganscope::config::TrainConfig,
-    path: &std::path::Path,
-    g: &std::collections::HashMap<String, candle_core::Tensor>,
+    set: &ganscope::checkpoint::CheckpointSet,
     rows: usize,
 ) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    let (path, g) = (&set.paths[0], &set.files[0]);
     use ganscope::train::standing::{StandingOptions, standing_statistics, training_orders};
     let gen_ = ganscope::model::Generator::new(
         &cfg.model,
@@ -220,6 +220,8 @@ fn standing_generator(
     gen_.store
         .load(path, g, true)
         .with_context(|| format!("reading {}", path.display()))?;
+    // Spectral-norm vectors as sampling has them (`load_generator`), before measuring.
+    ganscope::train::restore_spectral_norm(&gen_, set)?;
     let ds = ganscope::data::open(&cfg.data, cfg.model.image_size).with_context(|| {
         format!(
             "--standing-stats measures on the run's training data ({}): it cannot be opened",

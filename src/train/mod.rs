@@ -998,7 +998,7 @@ pub const SN_REFINE_ITERS: usize = 100;
 /// [`SN_REFINE_ITERS`] power iterations on G's own weights. Without them a G with spectral
 /// norm (the `iclevr-sagan` preset's) divided each weight by its norm along a random vector
 /// and drew saturated noise outside the trainer.
-fn restore_spectral_norm(g: &Generator, set: &checkpoint::CheckpointSet) -> Result<()> {
+pub fn restore_spectral_norm(g: &Generator, set: &checkpoint::CheckpointSet) -> Result<()> {
     let wanted = g.store.shapes(false);
     if wanted.is_empty() {
         return Ok(());

@@ -1110,47 +1110,19 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             // gy^T (n, O): each sample's (O, L) transposed.
             let gt = gp.get(g.o * n);
             transpose_batch(gc, nb, g.o, l, gt);
-            let (o, acc) = (g.o, b0 > 0);
-            match split.as_mut() {
-                None => matmul(ckk, o, n, &mut dwt, (o, 1), acc, cols, (n, 1), gt, (o, 1)),
-                Some(second) => {
-                    // Positions [0, h) into dwt, [h, n) into their own sum.
-                    let h = n / 2;
-                    let gt: &[T] = gt;
-                    rayon::join(
-                        || {
-                            matmul_in(
-                                false,
-                                ckk,
-                                o,
-                                h,
-                                &mut dwt,
-                                (o, 1),
-                                acc,
-                                cols,
-                                (n, 1),
-                                gt,
-                                (o, 1),
-                            )
-                        },
-                        || {
-                            matmul_in(
-                                false,
-                                ckk,
-                                o,
-                                n - h,
-                                second,
-                                (o, 1),
-                                acc,
-                                &cols[h..],
-                                (n, 1),
-                                &gt[h * o..],
-                                (o, 1),
-                            )
-                        },
-                    );
-                }
-            }
+            // dw^T (C K K, O) += cols (C K K, n) @ gy^T (n, O).
+            let o = g.o;
+            let (lhs, rhs) = ((&cols[..], (n, 1)), (&gt[..], (o, 1)));
+            matmul_over_halves(
+                ckk,
+                o,
+                n,
+                (&mut dwt, (o, 1)),
+                split.as_mut(),
+                b0 > 0,
+                lhs,
+                rhs,
+            );
             continue;
         }
         let lhs: &[T] = if nb == 1 {
@@ -1161,57 +1133,17 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             gp
         };
         // dw (O, C K K) += lhs (O, n) @ cols^T (n, C K K).
-        match split.as_mut() {
-            None => matmul(
-                g.o,
-                ckk,
-                n,
-                &mut dw,
-                (ckk, 1),
-                b0 > 0,
-                lhs,
-                (n, 1),
-                cols,
-                (1, n),
-            ),
-            Some(second) => {
-                // The first half of the n products into dw, the second into its own sum.
-                let h = n / 2;
-                let (m, acc) = (g.o, b0 > 0);
-                rayon::join(
-                    || {
-                        matmul_in(
-                            false,
-                            m,
-                            ckk,
-                            h,
-                            &mut dw,
-                            (ckk, 1),
-                            acc,
-                            lhs,
-                            (n, 1),
-                            cols,
-                            (1, n),
-                        )
-                    },
-                    || {
-                        matmul_in(
-                            false,
-                            m,
-                            ckk,
-                            n - h,
-                            second,
-                            (ckk, 1),
-                            acc,
-                            &lhs[h..],
-                            (n, 1),
-                            &cols[h..],
-                            (1, n),
-                        )
-                    },
-                );
-            }
-        }
+        let (lhs, rhs) = ((lhs, (n, 1)), (cols, (1, n)));
+        matmul_over_halves(
+            g.o,
+            ckk,
+            n,
+            (&mut dw, (ckk, 1)),
+            split.as_mut(),
+            b0 > 0,
+            lhs,
+            rhs,
+        );
     }
     if let Some(second) = split {
         let sum = if tall { &mut dwt } else { &mut dw };
@@ -1223,6 +1155,48 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
         transpose_batch(&dwt, 1, ckk, g.o, &mut dw);
     }
     dw
+}
+
+/// dst (m, n) = lhs (m, k) @ rhs (k, n), or += with `acc`; operands as (slice, (row, column)
+/// strides). With `second`, as two half-length products over k, one per thread: the first
+/// half into dst, the second into `second` (same layout; the caller adds it to dst).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a strided product: sizes, destination, second sum, accumulate, two operands"
+)]
+fn matmul_over_halves<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_s): (&mut [T], (usize, usize)),
+    second: Option<&mut Vec<T>>,
+    acc: bool,
+    (lhs, lhs_s): (&[T], (usize, usize)),
+    (rhs, rhs_s): (&[T], (usize, usize)),
+) {
+    let Some(second) = second else {
+        return matmul(m, n, k, dst, dst_s, acc, lhs, lhs_s, rhs, rhs_s);
+    };
+    let h = k / 2;
+    let (lhs2, rhs2) = (&lhs[h * lhs_s.1..], &rhs[h * rhs_s.0..]);
+    rayon::join(
+        || matmul_in(false, m, n, h, dst, dst_s, acc, lhs, lhs_s, rhs, rhs_s),
+        || {
+            matmul_in(
+                false,
+                m,
+                n,
+                k - h,
+                second,
+                dst_s,
+                acc,
+                lhs2,
+                lhs_s,
+                rhs2,
+                rhs_s,
+            )
+        },
+    );
 }
 
 /// Largest weight gradient (elements, O C K K) that [`weight_grad`] computes as two

@@ -18,16 +18,9 @@ RUNS=${RUNS:-runs/abl64}
 BIN=${GANSCOPE:-target/release/ganscope}
 LABELS=${LABELS:-../shared/data/iclevr}
 SEEDS=${SEEDS:-5}
-ORDER=(g-only bce wgan-gp acgan sagan projection sequential)
-declare -A ARGS=(
-    [g-only]="--preset iclevr-cdcgan --set model.conditioning=g-only"
-    [bce]="--preset iclevr-cdcgan"
-    [wgan-gp]="--preset iclevr-wgan-gp"
-    [acgan]="--preset iclevr-acgan"
-    [sagan]="--preset iclevr-sagan"
-    [projection]="--preset iclevr-projection"
-    [sequential]="--preset iclevr-sequential"
-)
+# ORDER and ARGS: the seven recipes' train flags (shared with bench/gpu_check.sh).
+# shellcheck source=bench/ablation_recipes.sh
+source "$(dirname "$0")/ablation_recipes.sh"
 mkdir -p "$RUNS"
 case $MODE in
 train)

@@ -101,15 +101,8 @@ fi
 
 TRAIN_MIN=$(python3 -c "print(round(($DEADLINE_S - $(date +%s) + $t0 - 160) / 60, 2))")
 echo "== $(el) 3. ablation, $TRAIN_MIN min each, all at once"
-declare -A ARGS=(
-    [g-only]="--preset iclevr-cdcgan --set model.conditioning=g-only"
-    [bce]="--preset iclevr-cdcgan"
-    [wgan-gp]="--preset iclevr-wgan-gp"
-    [acgan]="--preset iclevr-acgan"
-    [sagan]="--preset iclevr-sagan"
-    [projection]="--preset iclevr-projection"
-    [sequential]="--preset iclevr-sequential"
-)
+# shellcheck source=bench/ablation_recipes.sh
+source "$(dirname "$0")/ablation_recipes.sh"
 runs=$WORK/abl
 pids=()
 for v in "${!ARGS[@]}"; do

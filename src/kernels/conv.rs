@@ -1112,7 +1112,7 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], gy: &[T], kept: Option<&ColsSlot>) ->
             transpose_batch(gc, nb, g.o, l, gt);
             // dw^T (C K K, O) += cols (C K K, n) @ gy^T (n, O).
             let o = g.o;
-            let (lhs, rhs) = ((&cols[..], (n, 1)), (&gt[..], (o, 1)));
+            let (lhs, rhs) = ((cols, (n, 1)), (&*gt, (o, 1)));
             matmul_over_halves(
                 ckk,
                 o,
